@@ -1,0 +1,50 @@
+# trialflow — the one entry point. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+export DATABASE_URL ?= postgres://postgres@127.0.0.1:55432/trialflow
+export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:19092
+ONLY ?=
+
+.PHONY: help up down status build migrate demo relay test test-only lint fmt bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+up: ## Start the local stack (PostgreSQL under .data/, Tansu under .tools/); idempotent
+	@scripts/stack.sh up
+
+down: ## Stop the local stack
+	@scripts/stack.sh down
+
+status: ## Show whether the local stack runs
+	@scripts/stack.sh status
+
+build: ## Build everything (debug)
+	$(CARGO) build --workspace --all-targets
+
+migrate: up ## Create or upgrade every service schema
+	$(CARGO) run -q -p trialflow -- migrate
+
+demo: up ## Run the relay on a generated workload and show what it published
+	$(CARGO) run -q --release -p trialflow -- demo
+
+relay: up ## Run one relay instance in the foreground
+	$(CARGO) run -q --release -p trialflow -- relay
+
+test: lint up ## fmt-check, clippy -D warnings, then every test against the local stack
+	$(CARGO) test --workspace --all-targets
+
+lint: ## cargo fmt --check and clippy with warnings as errors
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+bench: up ## Benchmarks with their raw baselines (`make bench ONLY=relay` for one group)
+	$(CARGO) run -q --release -p trialflow-bench -- $(if $(ONLY),--only $(ONLY),)
+
+clean: down ## Stop the stack and remove .data/ (keeps .tools/)
+	rm -rf .data

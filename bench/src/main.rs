@@ -1,0 +1,2 @@
+//! `make bench` — see docs/benchmarks.md.
+fn main() {}

@@ -1,0 +1,70 @@
+use thiserror::Error;
+
+/// Errors of the outbox writer and relay, each classified so callers know whether to retry.
+#[derive(Debug, Error)]
+pub enum OutboxError {
+    /// The database could not be reached or the statement failed for a reason that may pass
+    /// (connection lost, serialization failure, server shutting down).
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+
+    /// Applying the outbox migrations failed.
+    #[error("migrating outbox schema `{schema}` failed: {source}")]
+    Migrate {
+        schema: String,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+
+    /// A schema name that is not a plain lower-case SQL identifier.
+    #[error(
+        "invalid outbox source `{0}`: use a lower-case schema name (letters, digits, `_`, at most 63 bytes, not starting with a digit)"
+    )]
+    InvalidSchemaName(String),
+
+    /// The schema has no outbox (migrations not applied).
+    #[error("schema `{0}` has no outbox; run `trialflow migrate` first")]
+    NotMigrated(String),
+
+    /// A shard count outside 1..=1024, or a change attempted while rows are pending.
+    #[error("invalid shard count for `{schema}`: {reason}")]
+    ShardCount { schema: String, reason: String },
+
+    /// The Kafka client could not be created (bad configuration).
+    #[error("kafka client configuration: {0}")]
+    KafkaConfig(rdkafka::error::KafkaError),
+
+    /// The broker did not acknowledge a message.
+    #[error("delivery of outbox row {seq} to `{topic}` failed: {source}")]
+    Delivery {
+        seq: i64,
+        topic: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+}
+
+impl OutboxError {
+    /// Whether retrying the same operation later can succeed. Permanent errors are configuration
+    /// or programming errors that need a person.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            OutboxError::Database(e) => !matches!(
+                e,
+                sqlx::Error::Configuration(_)
+                    | sqlx::Error::ColumnNotFound(_)
+                    | sqlx::Error::ColumnDecode { .. }
+                    | sqlx::Error::Decode(_)
+                    | sqlx::Error::TypeNotFound { .. }
+            ),
+            OutboxError::Delivery { .. } => true,
+            OutboxError::Migrate { .. }
+            | OutboxError::InvalidSchemaName(_)
+            | OutboxError::NotMigrated(_)
+            | OutboxError::ShardCount { .. }
+            | OutboxError::KafkaConfig(_) => false,
+        }
+    }
+}
+
+pub type Result<T, E = OutboxError> = std::result::Result<T, E>;

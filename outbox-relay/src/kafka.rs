@@ -1,0 +1,147 @@
+//! Topic provisioning, for local runs, tests and benchmarks. In production topics are created by
+//! whoever runs the cluster (see the Helm chart and README).
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::KafkaConfig;
+use crate::error::{OutboxError, Result};
+
+/// Creates the topics that do not exist yet (`name`, `partitions`), replication factor 1.
+pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[(&str, i32)]) -> Result<()> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &kafka.bootstrap_servers);
+    for (k, v) in &kafka.producer_config {
+        config.set(k, v);
+    }
+    let admin: AdminClient<DefaultClientContext> = config.create().map_err(OutboxError::KafkaConfig)?;
+    let new: Vec<NewTopic<'_>> =
+        topics.iter().map(|(name, p)| NewTopic::new(name, *p, TopicReplication::Fixed(1))).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin.create_topics(&new, &opts).await.map_err(OutboxError::KafkaConfig)?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(OutboxError::KafkaConfig(rdkafka::error::KafkaError::AdminOp(code)))
+                    .inspect_err(|_| tracing::error!(%topic, ?code, "Cannot create topic."));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One message read back from a topic.
+#[derive(Debug, Clone)]
+pub struct ReadMessage {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: String,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl ReadMessage {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads a topic back without a consumer group (assigned partitions, nothing committed): what the
+/// demo and the tests use to check what was published.
+pub struct TopicReader {
+    consumer: rdkafka::consumer::BaseConsumer,
+}
+
+impl std::fmt::Debug for TopicReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TopicReader").finish_non_exhaustive()
+    }
+}
+
+impl TopicReader {
+    /// Starts at the current end of every partition of `topic`, or at the beginning when
+    /// `from_beginning`. The end is the broker's high watermark, which some brokers report low
+    /// (Tansu 0.6 answers the base offset of the last batch), so callers must expect a few earlier
+    /// messages and filter them out.
+    pub fn new(kafka: &KafkaConfig, topic: &str, from_beginning: bool) -> Result<Self> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::{Offset, TopicPartitionList};
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &kafka.bootstrap_servers)
+            .set("group.id", format!("trialflow-reader-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "50");
+        for (k, v) in &kafka.producer_config {
+            config.set(k, v);
+        }
+        let consumer: BaseConsumer = config.create().map_err(OutboxError::KafkaConfig)?;
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(OutboxError::KafkaConfig)?;
+        let partitions: Vec<i32> =
+            metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+        let mut assignment = TopicPartitionList::new();
+        for p in partitions {
+            let offset = if from_beginning {
+                Offset::Beginning
+            } else {
+                let (_, high) =
+                    consumer.fetch_watermarks(topic, p, timeout).map_err(OutboxError::KafkaConfig)?;
+                Offset::Offset(high)
+            };
+            assignment.add_partition_offset(topic, p, offset).map_err(OutboxError::KafkaConfig)?;
+        }
+        consumer.assign(&assignment).map_err(OutboxError::KafkaConfig)?;
+        Ok(Self { consumer })
+    }
+
+    /// Reads until `done` says so or `timeout` passes; returns what was read. Runs the blocking
+    /// poll on a blocking thread.
+    pub async fn read_until(
+        self,
+        timeout: Duration,
+        mut done: impl FnMut(&[ReadMessage]) -> bool + Send + 'static,
+    ) -> Result<Vec<ReadMessage>> {
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::Message;
+            use rdkafka::message::Headers;
+            let deadline = std::time::Instant::now() + timeout;
+            let mut out = Vec::new();
+            while !done(&out) && std::time::Instant::now() < deadline {
+                let Some(result) = self.consumer.poll(Duration::from_millis(100)) else { continue };
+                let msg = result.map_err(OutboxError::KafkaConfig)?;
+                let headers = msg
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_string(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(ReadMessage {
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    key: String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
+                    payload: msg.payload().unwrap_or_default().to_vec(),
+                    headers,
+                });
+            }
+            Ok(out)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(OutboxError::KafkaConfig(rdkafka::error::KafkaError::Canceled))
+                .inspect_err(|_| tracing::error!(%e, "Topic reader panicked."))
+        })
+    }
+}

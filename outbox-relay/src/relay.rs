@@ -1,0 +1,362 @@
+//! The relay: drains the outboxes of several service schemas into Kafka.
+//!
+//! Per source, one worker owns a share of the shards (see [`crate::shard`]), reads their rows in
+//! `(tx_id, seq)` order below the snapshot xmin, hands them to the idempotent producer in batches
+//! (at most `max_in_flight_batches` awaiting acknowledgement) and deletes a row only after the
+//! broker acknowledged it. Any failure drops the in-flight work, backs off, and starts again from
+//! the rows still in the outbox: a row may be published twice, never lost, never overtaken.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::Utc;
+use rdkafka::producer::{DeliveryFuture, FutureProducer};
+use sqlx::PgPool;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::RelayConfig;
+use crate::error::{OutboxError, Result};
+use crate::metrics as m;
+use crate::migrate::shard_count;
+use crate::publisher::{self, SendError};
+use crate::schema::SchemaName;
+use crate::shard::ShardLease;
+use crate::store::{Cursor, OutboxRow, Store};
+
+/// The channel outbox triggers notify on (payload: the schema name).
+pub const NOTIFY_CHANNEL: &str = "trialflow_outbox";
+
+/// Runs the relay until `shutdown` is cancelled; then finishes in-flight work (up to the shutdown
+/// grace) and returns. Fails only on permanent errors (bad configuration).
+pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<()> {
+    m::describe();
+    if config.sources.is_empty() {
+        return Err(OutboxError::InvalidSchemaName(String::new()));
+    }
+    let config = Arc::new(config);
+    // Lazy: a database that is down at start is retried like one that goes down later.
+    let pool = PgPoolOptions::new()
+        .max_connections(2 * config.sources.len() as u32 + 2)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy(&config.database.database_url)?;
+    let producer = publisher::build_producer(&config.kafka)?;
+
+    let wakers: Arc<HashMap<SchemaName, Arc<Notify>>> =
+        Arc::new(config.sources.iter().map(|s| (s.clone(), Arc::new(Notify::new()))).collect());
+    let mut tasks = JoinSet::new();
+    tasks.spawn(listen(pool.clone(), wakers.clone(), shutdown.clone()));
+    for source in &config.sources {
+        let worker = SourceRelay {
+            store: Store::new(source),
+            source: source.clone(),
+            config: config.clone(),
+            pool: pool.clone(),
+            producer: producer.clone(),
+            wake: wakers[source].clone(),
+            shutdown: shutdown.clone(),
+        };
+        tasks.spawn(report_stats(
+            worker.store.clone(),
+            source.clone(),
+            pool.clone(),
+            config.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(worker.run());
+    }
+    info!(sources = ?config.sources, bootstrap = %config.kafka.bootstrap_servers, "Relay started.");
+    while tasks.join_next().await.is_some() {}
+    pool.close().await;
+    info!("Relay stopped.");
+    Ok(())
+}
+
+/// Forwards outbox notifications to the worker of their source. On a lost connection every worker
+/// is woken, since notifications may have been missed meanwhile.
+async fn listen(pool: PgPool, wakers: Arc<HashMap<SchemaName, Arc<Notify>>>, shutdown: CancellationToken) {
+    let wake_all = || wakers.values().for_each(|w| w.notify_one());
+    let mut failures = 0u32;
+    while !shutdown.is_cancelled() {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(error) => {
+                debug!(%error, "Outbox listener cannot connect; relying on polling meanwhile.");
+                failures += 1;
+                sleep_or_shutdown(backoff_delay(failures, Duration::from_secs(5)), &shutdown).await;
+                continue;
+            }
+        };
+        if let Err(error) = listener.listen(NOTIFY_CHANNEL).await {
+            debug!(%error, "LISTEN failed; relying on polling meanwhile.");
+            failures += 1;
+            sleep_or_shutdown(backoff_delay(failures, Duration::from_secs(5)), &shutdown).await;
+            continue;
+        }
+        wake_all();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = listener.try_recv() => match n {
+                    Ok(Some(n)) => {
+                        failures = 0;
+                        if let Some(w) = SchemaName::new(n.payload()).ok().and_then(|s| wakers.get(&s)) {
+                            w.notify_one();
+                        }
+                    }
+                    // The connection was lost and will be re-established: catch up by polling.
+                    Ok(None) => wake_all(),
+                    Err(error) => {
+                        debug!(%error, "Outbox listener lost its connection.");
+                        failures += 1;
+                        wake_all();
+                        sleep_or_shutdown(backoff_delay(failures, Duration::from_secs(5)), &shutdown).await;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Refreshes the backlog gauges of one source.
+async fn report_stats(
+    store: Store,
+    source: SchemaName,
+    pool: PgPool,
+    config: Arc<RelayConfig>,
+    shutdown: CancellationToken,
+) {
+    let labels = [("source", source.to_string())];
+    while !shutdown.is_cancelled() {
+        match store.stats(&pool).await {
+            Ok((rows, age)) => {
+                metrics::gauge!(m::BACKLOG_ROWS, &labels).set(rows as f64);
+                metrics::gauge!(m::OLDEST_ROW_AGE_SECONDS, &labels).set(age);
+            }
+            Err(error) => debug!(%source, %error, "Cannot read outbox backlog."),
+        }
+        sleep_or_shutdown(config.stats_interval(), &shutdown).await;
+    }
+}
+
+/// The n-th delay (1-based) of an exponential backoff from 100 ms, with jitter, capped at `max`.
+fn backoff_delay(attempt: u32, max: Duration) -> Duration {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth(attempt.saturating_sub(1) as usize)
+        .unwrap_or(max)
+}
+
+async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+/// Rows handed to the producer, awaiting acknowledgement.
+struct InFlight {
+    started: Instant,
+    rows: Vec<(i64, chrono::DateTime<Utc>, DeliveryFuture)>,
+}
+
+struct SourceRelay {
+    source: SchemaName,
+    store: Store,
+    config: Arc<RelayConfig>,
+    pool: PgPool,
+    producer: FutureProducer,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+}
+
+impl SourceRelay {
+    async fn run(self) {
+        let mut failures = 0u32;
+        while !self.shutdown.is_cancelled() {
+            let error = match self.session(&mut failures).await {
+                Ok(()) => break,
+                Err(e) => e,
+            };
+            failures += 1;
+            let delay = backoff_delay(failures, self.config.max_backoff());
+            let kind = if error.is_transient() { "transient" } else { "permanent" };
+            metrics::counter!(m::ERRORS_TOTAL, "source" => self.source.to_string(), "kind" => kind)
+                .increment(1);
+            warn!(source = %self.source, %error, kind, retry_in_ms = delay.as_millis() as u64, "Relay failed; retrying.");
+            sleep_or_shutdown(delay, &self.shutdown).await;
+        }
+        metrics::gauge!(m::OWNED_SHARDS, "source" => self.source.to_string()).set(0.0);
+    }
+
+    /// One lease session: owns shards and publishes until shutdown (Ok) or a failure (Err). The
+    /// lease connection is closed on return, which releases every shard.
+    async fn session(&self, failures: &mut u32) -> Result<()> {
+        let mut lease = ShardLease::connect(&self.config.database.database_url, &self.source).await?;
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let result = self.publish_loop(&mut lease, &mut in_flight, failures).await;
+        // On failure, whatever is still in flight is abandoned: those rows stay in the outbox and
+        // are read again. librdkafka delivers queued messages in order, so a re-send can only
+        // duplicate, never overtake.
+        drop(in_flight);
+        lease.close().await;
+        result
+    }
+
+    async fn publish_loop(
+        &self,
+        lease: &mut ShardLease,
+        in_flight: &mut VecDeque<InFlight>,
+        failures: &mut u32,
+    ) -> Result<()> {
+        let max_in_flight = self.config.max_in_flight_batches as usize;
+        let mut cursor: Option<Cursor> = None;
+        let mut next_rebalance = Instant::now();
+        // After a notification that found nothing readable (an older transaction still open),
+        // look again soon rather than after the full poll interval.
+        let mut recheck: Option<Duration> = None;
+        loop {
+            if self.shutdown.is_cancelled() {
+                return self.drain(in_flight).await;
+            }
+            if Instant::now() >= next_rebalance {
+                self.drain(in_flight).await?;
+                let shards = shard_count(lease.conn(), &self.source).await?;
+                lease.rebalance(shards).await?;
+                metrics::gauge!(m::OWNED_SHARDS, "source" => self.source.to_string())
+                    .set(lease.owned().len() as f64);
+                debug!(source = %self.source, owned = ?lease.owned(), "Shard lease rebalanced.");
+                cursor = None;
+                next_rebalance = Instant::now() + self.config.rebalance_interval();
+            }
+            let owned = lease.owned();
+            let rows = if owned.is_empty() {
+                Vec::new()
+            } else {
+                self.store.read_batch(lease.conn(), &owned, cursor.as_ref(), self.config.batch_size).await?
+            };
+            let Some(last) = rows.last() else {
+                if !in_flight.is_empty() {
+                    self.complete_oldest(in_flight).await?;
+                    *failures = 0;
+                    continue;
+                }
+                let poll = self.config.poll_interval();
+                let wait =
+                    recheck.unwrap_or(poll).min(next_rebalance.saturating_duration_since(Instant::now()));
+                let notified = tokio::select! {
+                    _ = self.wake.notified() => true,
+                    _ = tokio::time::sleep(wait) => false,
+                    _ = self.shutdown.cancelled() => false,
+                };
+                recheck = if notified {
+                    Some(Duration::from_millis(5))
+                } else {
+                    recheck.map(|d| (d * 2).min(poll)).filter(|d| *d < poll)
+                };
+                continue;
+            };
+            recheck = None;
+            cursor = Some(Cursor::after(last));
+            let batch = self.send_batch(rows, in_flight).await?;
+            in_flight.push_back(batch);
+            while in_flight.len() >= max_in_flight {
+                self.complete_oldest(in_flight).await?;
+            }
+            *failures = 0;
+        }
+    }
+
+    /// Hands every row to the producer, in order. A full producer queue is waited out by
+    /// completing older batches, never by buffering more.
+    async fn send_batch(&self, rows: Vec<OutboxRow>, in_flight: &mut VecDeque<InFlight>) -> Result<InFlight> {
+        let mut batch = InFlight { started: Instant::now(), rows: Vec::with_capacity(rows.len()) };
+        for row in &rows {
+            loop {
+                match publisher::send(&self.producer, row) {
+                    Ok(delivery) => {
+                        batch.rows.push((row.seq, row.created_at, delivery));
+                        break;
+                    }
+                    Err(SendError::QueueFull) if !in_flight.is_empty() => {
+                        self.complete_oldest(in_flight).await?
+                    }
+                    Err(SendError::QueueFull) => tokio::time::sleep(Duration::from_millis(5)).await,
+                    Err(SendError::Failed(e)) => return Err(e),
+                }
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn drain(&self, in_flight: &mut VecDeque<InFlight>) -> Result<()> {
+        while !in_flight.is_empty() {
+            self.complete_oldest(in_flight).await?;
+        }
+        Ok(())
+    }
+
+    /// Awaits the acknowledgements of the oldest batch and deletes the acknowledged rows. Stops at
+    /// the first failed delivery: rows from there on stay in the outbox.
+    async fn complete_oldest(&self, in_flight: &mut VecDeque<InFlight>) -> Result<()> {
+        let Some(batch) = in_flight.pop_front() else { return Ok(()) };
+        let labels = [("source", self.source.to_string())];
+        let commit_to_ack = metrics::histogram!(m::COMMIT_TO_ACK_SECONDS, &labels);
+        let mut acked = Vec::with_capacity(batch.rows.len());
+        let mut failure = None;
+        for (seq, created_at, delivery) in batch.rows {
+            let outcome = tokio::select! {
+                outcome = delivery => outcome,
+                _ = self.grace_expired() => {
+                    failure = Some(OutboxError::Delivery {
+                        seq,
+                        topic: String::new(),
+                        source: rdkafka::error::KafkaError::Canceled,
+                    });
+                    break;
+                }
+            };
+            match outcome {
+                Ok(Ok(_)) => {
+                    let age = (Utc::now() - created_at).to_std().unwrap_or_default();
+                    commit_to_ack.record(age.as_secs_f64());
+                    acked.push(seq);
+                }
+                Ok(Err((source, message))) => {
+                    let topic = rdkafka::Message::topic(&message).to_string();
+                    failure = Some(OutboxError::Delivery { seq, topic, source });
+                    break;
+                }
+                Err(_canceled) => {
+                    failure = Some(OutboxError::Delivery {
+                        seq,
+                        topic: String::new(),
+                        source: rdkafka::error::KafkaError::Canceled,
+                    });
+                    break;
+                }
+            }
+        }
+        self.store.delete(&self.pool, &acked).await?;
+        metrics::counter!(m::PUBLISHED_TOTAL, &labels).increment(acked.len() as u64);
+        metrics::histogram!(m::BATCH_DURATION_SECONDS, &labels).record(batch.started.elapsed().as_secs_f64());
+        debug!(source = %self.source, rows = acked.len(), "Published outbox batch.");
+        failure.map_or(Ok(()), Err)
+    }
+
+    /// Resolves once shutdown was requested and the grace period has passed since.
+    async fn grace_expired(&self) {
+        self.shutdown.cancelled().await;
+        tokio::time::sleep(self.config.shutdown_grace()).await;
+    }
+}

@@ -1,0 +1,104 @@
+//! The relay's reads and deletes on one outbox table.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use sqlx::{AssertSqlSafe, FromRow, PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::error::Result;
+use crate::schema::SchemaName;
+
+/// One unpublished row.
+#[derive(Debug, Clone, FromRow)]
+pub struct OutboxRow {
+    pub seq: i64,
+    pub tx_id: String,
+    pub topic: String,
+    pub key: String,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub content_type: String,
+    pub payload: Vec<u8>,
+    pub headers: Json<BTreeMap<String, String>>,
+    pub traceparent: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Position after the last row read: `(tx_id, seq)` in commit-safe order.
+///
+/// Safe to read on from because rows are only read below the snapshot's xmin: every transaction
+/// with a smaller id has ended, and new transactions get larger ids, so no row can appear behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub tx_id: String,
+    pub seq: i64,
+}
+
+impl Cursor {
+    pub fn after(row: &OutboxRow) -> Self {
+        Self { tx_id: row.tx_id.clone(), seq: row.seq }
+    }
+}
+
+/// Prepared SQL of one source.
+#[derive(Debug, Clone)]
+pub struct Store {
+    read_sql: String,
+    delete_sql: String,
+    stats_sql: String,
+}
+
+impl Store {
+    pub fn new(schema: &SchemaName) -> Self {
+        Self {
+            read_sql: format!(
+                "SELECT seq, tx_id::text AS tx_id, topic, key, event_id, event_type, content_type,
+                        payload, headers, traceparent, created_at
+                 FROM {schema}.outbox
+                 WHERE shard = ANY($1)
+                   AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+                   AND (tx_id, seq) > ($2::text::xid8, $3)
+                 ORDER BY tx_id, seq
+                 LIMIT $4"
+            ),
+            delete_sql: format!("DELETE FROM {schema}.outbox WHERE seq = ANY($1)"),
+            stats_sql: format!(
+                "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at))::float8, 0)
+                 FROM {schema}.outbox"
+            ),
+        }
+    }
+
+    /// The next rows of `shards` after `cursor`, oldest transaction first.
+    pub async fn read_batch(
+        &self,
+        conn: &mut PgConnection,
+        shards: &[i32],
+        cursor: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Vec<OutboxRow>> {
+        let (tx_id, seq) = cursor.map_or(("0", 0), |c| (c.tx_id.as_str(), c.seq));
+        Ok(sqlx::query_as(AssertSqlSafe(self.read_sql.as_str()))
+            .bind(shards)
+            .bind(tx_id)
+            .bind(seq)
+            .bind(i64::from(limit))
+            .fetch_all(conn)
+            .await?)
+    }
+
+    /// Deletes rows the broker acknowledged.
+    pub async fn delete(&self, pool: &PgPool, seqs: &[i64]) -> Result<()> {
+        if !seqs.is_empty() {
+            sqlx::query(AssertSqlSafe(self.delete_sql.as_str())).bind(seqs).execute(pool).await?;
+        }
+        Ok(())
+    }
+
+    /// Unpublished rows and the age of the oldest, in seconds.
+    pub async fn stats(&self, pool: &PgPool) -> Result<(i64, f64)> {
+        Ok(sqlx::query_as(AssertSqlSafe(self.stats_sql.as_str())).fetch_one(pool).await?)
+    }
+}

@@ -1,0 +1,99 @@
+//! Logs, traces and metrics, set up once for every subcommand.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use opentelemetry::trace::TracerProvider;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Telemetry settings shared by every subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct TelemetryConfig {
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, global = true)]
+    pub log_format: LogFormat,
+
+    /// Address of the Prometheus `/metrics` endpoint; empty disables it.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9464", global = true)]
+    pub metrics_addr: String,
+}
+
+/// Flushes spans on drop.
+#[derive(Debug)]
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+/// Installs the tracing subscriber (filter from `RUST_LOG`, default `info`), the OTLP span
+/// exporter when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (OTLP over HTTP; the standard `OTEL_*`
+/// variables apply), and the Prometheus endpoint.
+pub fn init(config: &TelemetryConfig, service: &'static str) -> anyhow::Result<TelemetryGuard> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        Ok(endpoint) if !endpoint.is_empty() => Some(otlp_provider(service)?),
+        _ => None,
+    };
+    let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("trialflow")));
+    let (human, json) = match config.log_format {
+        LogFormat::Human => (Some(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)), None),
+        LogFormat::Json => (None, Some(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(human)
+        .with(json)
+        .with(otel)
+        .try_init()
+        .context("installing the tracing subscriber")?;
+    if provider.is_some() {
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+    }
+    install_metrics(&config.metrics_addr)?;
+    Ok(TelemetryGuard { provider })
+}
+
+fn otlp_provider(service: &'static str) -> anyhow::Result<SdkTracerProvider> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()
+        .context("building the OTLP span exporter (check OTEL_EXPORTER_OTLP_ENDPOINT)")?;
+    let resource = opentelemetry_sdk::Resource::builder().with_service_name(service).build();
+    Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
+}
+
+fn install_metrics(addr: &str) -> anyhow::Result<()> {
+    if addr.trim().is_empty() {
+        return Ok(());
+    }
+    let addr: SocketAddr = addr.parse().with_context(|| format!("METRICS_ADDR `{addr}` is not host:port"))?;
+    metrics_exporter_prometheus::PrometheusBuilder::new().with_http_listener(addr).install().with_context(
+        || {
+            format!(
+                "serving Prometheus metrics on {addr} (set METRICS_ADDR to another port, or empty to disable)"
+            )
+        },
+    )?;
+    Ok(())
+}
