@@ -7,6 +7,7 @@
 //! the rows still in the outbox: a row may be published twice, never lost, never overtaken.
 
 use std::collections::{HashMap, VecDeque};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
 use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use sqlx::PgPool;
-use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +33,9 @@ use crate::store::{Cursor, OutboxRow, Store};
 /// The channel outbox triggers notify on (payload: the schema name).
 pub const NOTIFY_CHANNEL: &str = "trialflow_outbox";
 
+/// `application_name` of the relay's database sessions (visible in `pg_stat_activity`).
+pub const APPLICATION_NAME: &str = "trialflow-relay";
+
 /// Runs the relay until `shutdown` is cancelled; then finishes in-flight work (up to the shutdown
 /// grace) and returns. Fails only on permanent errors (bad configuration).
 pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<()> {
@@ -40,11 +44,13 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<()>
         return Err(OutboxError::InvalidSchemaName(String::new()));
     }
     let config = Arc::new(config);
+    let connect_options =
+        PgConnectOptions::from_str(&config.database.database_url)?.application_name(APPLICATION_NAME);
     // Lazy: a database that is down at start is retried like one that goes down later.
     let pool = PgPoolOptions::new()
         .max_connections(2 * config.sources.len() as u32 + 2)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_lazy(&config.database.database_url)?;
+        .connect_lazy_with(connect_options.clone());
     let producer = publisher::build_producer(&config.kafka)?;
 
     let wakers: Arc<HashMap<SchemaName, Arc<Notify>>> =
@@ -53,6 +59,7 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<()>
     tasks.spawn(listen(pool.clone(), wakers.clone(), shutdown.clone()));
     for source in &config.sources {
         let worker = SourceRelay {
+            connect_options: connect_options.clone(),
             store: Store::new(source),
             source: source.clone(),
             config: config.clone(),
@@ -172,6 +179,7 @@ struct InFlight {
 
 struct SourceRelay {
     source: SchemaName,
+    connect_options: PgConnectOptions,
     store: Store,
     config: Arc<RelayConfig>,
     pool: PgPool,
@@ -202,7 +210,7 @@ impl SourceRelay {
     /// One lease session: owns shards and publishes until shutdown (Ok) or a failure (Err). The
     /// lease connection is closed on return, which releases every shard.
     async fn session(&self, failures: &mut u32) -> Result<()> {
-        let mut lease = ShardLease::connect(&self.config.database.database_url, &self.source).await?;
+        let mut lease = ShardLease::connect(&self.connect_options, &self.source).await?;
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let result = self.publish_loop(&mut lease, &mut in_flight, failures).await;
         // On failure, whatever is still in flight is abandoned: those rows stay in the outbox and

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 
 use crate::error::Result;
@@ -40,8 +41,8 @@ pub struct ShardLease {
 impl ShardLease {
     /// Connects the lease connection. Reads of the outbox also go through this connection: a read
     /// that succeeds proves the session, and so the locks, are still alive.
-    pub async fn connect(database_url: &str, schema: &SchemaName) -> Result<Self> {
-        let conn = PgConnection::connect(database_url).await?;
+    pub async fn connect(options: &PgConnectOptions, schema: &SchemaName) -> Result<Self> {
+        let conn = PgConnection::connect_with(options).await?;
         Ok(Self {
             conn,
             shard_ns: lock_namespace("outbox-shard", schema),

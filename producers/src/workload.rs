@@ -3,13 +3,13 @@
 //! service does.
 
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
+use sqlx::{AssertSqlSafe, PgPool};
 use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
 use uuid::Uuid;
 
-/// The service schema (and outbox source) of the workload.
+/// The default service schema (and outbox source) of the workload.
 pub const SCHEMA: &str = "workload";
-/// Where its events go; keyed by subject id.
+/// Where its events go by default; keyed by subject id.
 pub const TOPIC: &str = "workload.vital-signs.v1";
 pub const EVENT_TYPE: &str = "WorkloadVitalSignRecorded";
 pub const CONTENT_TYPE: &str = "application/json";
@@ -30,9 +30,10 @@ pub fn schema() -> SchemaName {
     SchemaName::new(SCHEMA).unwrap_or_else(|_| unreachable!("`workload` is a valid schema name"))
 }
 
-/// Creates the workload schema: its outbox and its own table.
-pub async fn migrate(database_url: &str) -> trialflow_outbox::Result<()> {
-    trialflow_outbox::migrate_service(database_url, &schema(), sqlx::migrate!("./migrations/workload")).await
+/// Creates a workload schema: its outbox and its own table. Tests and benchmarks use schemas
+/// of their own; the demo uses [`SCHEMA`].
+pub async fn migrate(database_url: &str, schema: &SchemaName) -> trialflow_outbox::Result<()> {
+    trialflow_outbox::migrate_service(database_url, schema, sqlx::migrate!("./migrations/workload")).await
 }
 
 /// The workload service.
@@ -40,12 +41,19 @@ pub async fn migrate(database_url: &str) -> trialflow_outbox::Result<()> {
 pub struct Workload {
     pool: PgPool,
     outbox: Outbox,
+    topic: String,
+    insert_sql: String,
 }
 
 impl Workload {
-    pub async fn open(pool: PgPool) -> trialflow_outbox::Result<Self> {
-        let outbox = Outbox::open(&pool, schema()).await?;
-        Ok(Self { pool, outbox })
+    /// The workload living in `schema`, publishing to `topic`.
+    pub async fn open(pool: PgPool, schema: SchemaName, topic: &str) -> trialflow_outbox::Result<Self> {
+        let insert_sql = format!(
+            "INSERT INTO {schema}.vital_sign (id, subject_id, subject_seq, loinc, value, unit)
+             VALUES ($1, $2, $3, $4, $5, $6)"
+        );
+        let outbox = Outbox::open(&pool, schema).await?;
+        Ok(Self { pool, outbox, topic: topic.to_string(), insert_sql })
     }
 
     /// Records one reading: the row and its event commit together or not at all.
@@ -64,28 +72,25 @@ impl Workload {
             unit: "mm[Hg]".to_string(),
         };
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO workload.vital_sign (id, subject_id, subject_seq, loinc, value, unit)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(event.event_id)
-        .bind(&event.subject_id)
-        .bind(subject_seq as i64)
-        .bind(&event.loinc)
-        .bind(event.value)
-        .bind(&event.unit)
-        .execute(&mut *tx)
-        .await?;
-        self.outbox.enqueue(&mut tx, outbox_event(&event)).await?;
+        sqlx::query(AssertSqlSafe(self.insert_sql.as_str()))
+            .bind(event.event_id)
+            .bind(&event.subject_id)
+            .bind(subject_seq as i64)
+            .bind(&event.loinc)
+            .bind(event.value)
+            .bind(&event.unit)
+            .execute(&mut *tx)
+            .await?;
+        self.outbox.enqueue(&mut tx, outbox_event(&self.topic, &event)).await?;
         tx.commit().await?;
         Ok(event.event_id)
     }
 }
 
 /// The outbox row of a workload event.
-pub fn outbox_event(event: &VitalSignEvent) -> OutboxEvent {
+pub fn outbox_event(topic: &str, event: &VitalSignEvent) -> OutboxEvent {
     OutboxEvent {
-        topic: TOPIC.to_string(),
+        topic: topic.to_string(),
         key: event.subject_id.clone(),
         event_type: EVENT_TYPE.to_string(),
         event_id: event.event_id,

@@ -54,7 +54,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 pub async fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
     let url = &args.database.database_url;
-    trialflow_producers::workload::migrate(url)
+    trialflow_producers::workload::migrate(url, &trialflow_producers::workload::schema())
         .await
         .with_context(|| format!("migrating schema `{}`", trialflow_producers::workload::SCHEMA))?;
     if let Some(shards) = args.outbox_shards {

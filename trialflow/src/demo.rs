@@ -35,7 +35,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     let url = args.relay.database.database_url.clone();
     let kafka = args.relay.kafka.clone();
     println!("== trialflow demo: {} readings over {} subjects", args.events, args.subjects);
-    workload::migrate(&url).await.context("migrating the workload schema")?;
+    workload::migrate(&url, &workload::schema()).await.context("migrating the workload schema")?;
     ensure_topics(&kafka, &[(workload::TOPIC, 6)]).await.context("creating the workload topic")?;
     let reader = TopicReader::new(&kafka, workload::TOPIC, false)?;
 
@@ -45,7 +45,7 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
     let relay = tokio::spawn(trialflow_outbox::relay::run(relay_config, relay_stop.clone()));
 
     let pool = PgPoolOptions::new().max_connections(args.writers as u32 + 2).connect(&url).await?;
-    let service = Workload::open(pool.clone()).await?;
+    let service = Workload::open(pool.clone(), workload::schema(), workload::TOPIC).await?;
     let written = Arc::new(AtomicU64::new(0));
     // Subject ids of this run carry its id: the topic may hold earlier runs' events.
     let run = format!("demo{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);

@@ -1,0 +1,135 @@
+//! Helpers shared by the integration tests. Every test gets its own service schema and its own
+//! topic on the real local stack (`make up`), so tests run in parallel without seeing each other.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{AssertSqlSafe, PgPool};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use trialflow_outbox::config::{DEFAULT_DATABASE_URL, DEFAULT_KAFKA_BOOTSTRAP_SERVERS};
+use trialflow_outbox::{DatabaseConfig, KafkaConfig, RelayConfig, SchemaName};
+use trialflow_producers::workload::{self, Workload};
+
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_string())
+}
+
+/// The broker of the local stack (or `KAFKA_BOOTSTRAP_SERVERS`).
+pub fn kafka() -> KafkaConfig {
+    KafkaConfig {
+        bootstrap_servers: std::env::var("KAFKA_BOOTSTRAP_SERVERS")
+            .unwrap_or_else(|_| DEFAULT_KAFKA_BOOTSTRAP_SERVERS.to_string()),
+        ..KafkaConfig::default()
+    }
+}
+
+/// `prefix` plus a random suffix: names that no other test run uses.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Logs of the code under test, shown for failing tests (`RUST_LOG` to change the level).
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,trialflow_outbox=info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
+/// A fresh workload service in its own schema, publishing to its own topic.
+#[derive(Debug)]
+pub struct TestService {
+    pub schema: SchemaName,
+    pub topic: String,
+    pub pool: PgPool,
+    pub workload: Workload,
+}
+
+impl TestService {
+    /// Migrates a new schema and creates a new topic on `kafka` (use `create_topic = false` when
+    /// the broker is a mock cluster that creates it itself).
+    pub async fn new(kafka: Option<&KafkaConfig>, partitions: i32) -> anyhow::Result<Self> {
+        init_logs();
+        let schema = SchemaName::new(unique("t"))?;
+        let topic = unique("test.relay").replace('_', "-");
+        let url = database_url();
+        workload::migrate(&url, &schema)
+            .await
+            .context("migrating the test schema (is `make up` running?)")?;
+        if let Some(kafka) = kafka {
+            trialflow_outbox::kafka::ensure_topics(kafka, &[(&topic, partitions)]).await?;
+        }
+        let pool = PgPoolOptions::new().max_connections(16).connect(&url).await?;
+        let workload = Workload::open(pool.clone(), schema.clone(), &topic).await?;
+        Ok(Self { schema, topic, pool, workload })
+    }
+
+    /// Unpublished rows in the outbox.
+    pub async fn outbox_len(&self) -> anyhow::Result<i64> {
+        let sql = format!("SELECT count(*) FROM {}.outbox", self.schema);
+        Ok(sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(&self.pool).await?)
+    }
+
+    /// A relay configuration for this service with short intervals, so tests finish quickly.
+    pub fn relay_config(&self, kafka: &KafkaConfig) -> RelayConfig {
+        RelayConfig {
+            database: DatabaseConfig { database_url: database_url() },
+            kafka: kafka.clone(),
+            poll_interval_ms: 100,
+            rebalance_interval_ms: 200,
+            stats_interval_ms: 500,
+            shutdown_grace_ms: 2_000,
+            max_backoff_ms: 500,
+            batch_size: 100,
+            ..RelayConfig::local(vec![self.schema.clone()])
+        }
+    }
+}
+
+/// A relay running in this process.
+#[derive(Debug)]
+pub struct RunningRelay {
+    token: CancellationToken,
+    handle: JoinHandle<trialflow_outbox::Result<()>>,
+}
+
+impl RunningRelay {
+    pub fn start(config: RelayConfig) -> Self {
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(trialflow_outbox::relay::run(config, token.clone()));
+        Self { token, handle }
+    }
+
+    /// Graceful stop: in-flight work finishes.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.token.cancel();
+        self.handle.await??;
+        Ok(())
+    }
+
+    /// A crash: the task is dropped wherever it is; its connections close, its leases go.
+    pub async fn crash(self) {
+        self.handle.abort();
+        let _ = self.handle.await;
+    }
+}
+
+/// Polls `condition` every 50 ms until it holds; fails with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
