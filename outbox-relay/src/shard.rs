@@ -28,6 +28,13 @@ fn lock_namespace(purpose: &str, schema: &SchemaName) -> i32 {
     (h & 0x7fff_ffff) as i32
 }
 
+/// The advisory-lock namespace (first key of `pg_advisory_lock(int, int)`) of the shards of
+/// `schema`; the second key is the shard. For operators: `SELECT pid, objid AS shard FROM pg_locks
+/// WHERE locktype = 'advisory' AND classid::bigint = <this>` shows who owns what.
+pub fn shard_lock_namespace(schema: &SchemaName) -> i32 {
+    lock_namespace("outbox-shard", schema)
+}
+
 /// The lease of one relay instance on the shards of one outbox source.
 #[derive(Debug)]
 pub struct ShardLease {
@@ -45,7 +52,7 @@ impl ShardLease {
         let conn = PgConnection::connect_with(options).await?;
         Ok(Self {
             conn,
-            shard_ns: lock_namespace("outbox-shard", schema),
+            shard_ns: shard_lock_namespace(schema),
             member_ns: lock_namespace("outbox-member", schema),
             member_slot: None,
             owned: BTreeSet::new(),
