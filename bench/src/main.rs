@@ -1,2 +1,279 @@
-//! `make bench` — see docs/benchmarks.md.
-fn main() {}
+//! `make bench`: throughput and latency figures, each printed as `BENCH <name>=<value> <unit>`,
+//! with the raw baseline they are compared against measured in the same run. See
+//! docs/benchmarks.md for what each figure means and the figures of record.
+
+use std::collections::VecDeque;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{AssertSqlSafe, PgPool};
+use tokio_util::sync::CancellationToken;
+use trialflow_outbox::config::{DEFAULT_DATABASE_URL, DEFAULT_KAFKA_BOOTSTRAP_SERVERS};
+use trialflow_outbox::metrics::COMMIT_TO_ACK_SECONDS;
+use trialflow_outbox::{KafkaConfig, Outbox, OutboxEvent, RelayConfig, SchemaName};
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(about = "trialflow benchmarks")]
+struct Args {
+    /// Run only this group (`relay`).
+    #[arg(long)]
+    only: Option<String>,
+
+    /// PostgreSQL URL.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    database_url: String,
+
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = DEFAULT_KAFKA_BOOTSTRAP_SERVERS)]
+    bootstrap_servers: String,
+
+    /// Rows pre-filled into the outbox for the throughput run (and messages for the baseline).
+    #[arg(long, default_value_t = 200_000)]
+    events: u64,
+
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 300)]
+    payload_bytes: usize,
+
+    /// Distinct keys (subjects).
+    #[arg(long, default_value_t = 1000)]
+    keys: u64,
+
+    /// Partitions of the benchmark topics.
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+
+    /// Steady write rate of the latency run (events/s, one event per transaction).
+    #[arg(long, default_value_t = 2000)]
+    latency_rate: u64,
+
+    /// Duration of the latency run in seconds.
+    #[arg(long, default_value_t = 10)]
+    latency_secs: u64,
+}
+
+const GROUPS: &[&str] = &["relay"];
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(only) = &args.only
+        && !GROUPS.contains(&only.as_str())
+    {
+        bail!("unknown benchmark group `{only}`; groups: {}", GROUPS.join(", "));
+    }
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let metrics = recorder.handle();
+    metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
+
+    let kafka = KafkaConfig { bootstrap_servers: args.bootstrap_servers.clone(), ..KafkaConfig::default() };
+    let pool = PgPoolOptions::new()
+        .max_connections(16)
+        .connect(&args.database_url)
+        .await
+        .with_context(|| format!("connecting to {} (is `make up` running?)", args.database_url))?;
+    if args.only.as_deref().is_none_or(|g| g == "relay") {
+        relay_group(&args, &kafka, &pool, &metrics).await?;
+    }
+    Ok(())
+}
+
+fn bench(name: &str, value: f64, unit: &str) {
+    println!("BENCH {name}={value:.1} {unit}");
+}
+
+fn progress(msg: &str) {
+    eprintln!("[bench] {msg}");
+}
+
+fn event(topic: &str, i: u64, args: &Args, payload: &[u8]) -> OutboxEvent {
+    OutboxEvent {
+        topic: topic.to_string(),
+        key: format!("subject-{:05}", i % args.keys),
+        event_type: "BenchEvent".to_string(),
+        event_id: Uuid::now_v7(),
+        content_type: "application/octet-stream".to_string(),
+        payload: payload.to_vec(),
+        headers: Default::default(),
+    }
+}
+
+async fn relay_group(
+    args: &Args,
+    kafka: &KafkaConfig,
+    pool: &PgPool,
+    metrics: &PrometheusHandle,
+) -> anyhow::Result<()> {
+    let run = &Uuid::new_v4().simple().to_string()[..8];
+    let topic = format!("bench.relay.{run}");
+    trialflow_outbox::kafka::ensure_topics(kafka, &[(&topic, args.partitions)]).await?;
+    let payload = vec![b'x'; args.payload_bytes];
+
+    // Baseline: a bare idempotent rdkafka producer, same messages, same broker.
+    progress(&format!("raw produce: {} messages of {} bytes", args.events, args.payload_bytes));
+    let raw = raw_produce(args, kafka, &topic, &payload).await?;
+    bench("raw_produce_throughput", raw, "events/s");
+
+    // Relay throughput: drain a pre-filled outbox.
+    let schema = SchemaName::from_str(&format!("bench_tp_{run}"))?;
+    trialflow_outbox::migrate(&args.database_url, &schema).await?;
+    let outbox = Outbox::open(pool, schema.clone()).await?;
+    progress(&format!("pre-filling the outbox of {schema} with {} rows", args.events));
+    let started = Instant::now();
+    for chunk_start in (0..args.events).step_by(1000) {
+        let events: Vec<OutboxEvent> = (chunk_start..(chunk_start + 1000).min(args.events))
+            .map(|i| event(&topic, i, args, &payload))
+            .collect();
+        let mut tx = pool.begin().await?;
+        outbox.enqueue_all(&mut tx, &events).await?;
+        tx.commit().await?;
+    }
+    bench("outbox_enqueue_throughput", args.events as f64 / started.elapsed().as_secs_f64(), "events/s");
+
+    progress("relay draining the outbox");
+    let stop = CancellationToken::new();
+    let relay = tokio::spawn(trialflow_outbox::relay::run(relay_config(args, kafka, &schema), stop.clone()));
+    let started = Instant::now();
+    wait_empty(pool, &schema, Duration::from_secs(600)).await?;
+    let relay_rate = args.events as f64 / started.elapsed().as_secs_f64();
+    stop.cancel();
+    relay.await??;
+    bench("relay_throughput", relay_rate, "events/s");
+    bench("relay_vs_raw_produce", 100.0 * relay_rate / raw, "%");
+
+    // Latency: commit to broker acknowledgement at a steady rate.
+    let schema = SchemaName::from_str(&format!("bench_lat_{run}"))?;
+    trialflow_outbox::migrate(&args.database_url, &schema).await?;
+    let outbox = Outbox::open(pool, schema.clone()).await?;
+    let stop = CancellationToken::new();
+    let relay = tokio::spawn(trialflow_outbox::relay::run(relay_config(args, kafka, &schema), stop.clone()));
+    progress(&format!(
+        "latency: {} events/s for {} s, one event per transaction",
+        args.latency_rate, args.latency_secs
+    ));
+    steady_writes(args, pool, &outbox, &topic, &payload).await?;
+    wait_empty(pool, &schema, Duration::from_secs(120)).await?;
+    stop.cancel();
+    relay.await??;
+    let (p50, p99) = quantiles(metrics, schema.as_str())?;
+    bench("relay_commit_to_ack_p50", p50 * 1000.0, "ms");
+    bench("relay_commit_to_ack_p99", p99 * 1000.0, "ms");
+
+    for schema in [format!("bench_tp_{run}"), format!("bench_lat_{run}")] {
+        sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(pool).await?;
+    }
+    Ok(())
+}
+
+fn relay_config(args: &Args, kafka: &KafkaConfig, schema: &SchemaName) -> RelayConfig {
+    let mut config = RelayConfig::local(vec![schema.clone()]);
+    config.database.database_url = args.database_url.clone();
+    config.kafka = kafka.clone();
+    config
+}
+
+async fn raw_produce(args: &Args, kafka: &KafkaConfig, topic: &str, payload: &[u8]) -> anyhow::Result<f64> {
+    let producer: FutureProducer =
+        trialflow_outbox::publisher::producer_config(kafka, "bench-raw").create()?;
+    let max_in_flight = 8 * 1000; // what the relay allows itself by default
+    let mut in_flight = VecDeque::with_capacity(max_in_flight);
+    let started = Instant::now();
+    for i in 0..args.events {
+        let key = format!("subject-{:05}", i % args.keys);
+        let id = Uuid::now_v7().to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "event_id", value: Some(id.as_bytes()) })
+            .insert(Header { key: "event_type", value: Some("BenchEvent".as_bytes()) })
+            .insert(Header { key: "content-type", value: Some("application/octet-stream".as_bytes()) });
+        let record = FutureRecord::to(topic).key(&key).payload(payload).headers(headers);
+        let delivery = producer.send_result(record).map_err(|(e, _)| e)?;
+        in_flight.push_back(delivery);
+        if in_flight.len() >= max_in_flight
+            && let Some(oldest) = in_flight.pop_front()
+        {
+            oldest.await?.map_err(|(e, _)| e)?;
+        }
+    }
+    for delivery in in_flight {
+        delivery.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(args.events as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Writes `latency_rate` events/s for `latency_secs`, each in its own transaction, from 8
+/// writers on a fixed schedule (a late writer catches up rather than lowering the rate).
+async fn steady_writes(
+    args: &Args,
+    pool: &PgPool,
+    outbox: &Outbox,
+    topic: &str,
+    payload: &[u8],
+) -> anyhow::Result<()> {
+    let writers = 8u64;
+    let total = args.latency_rate * args.latency_secs;
+    let interval = Duration::from_secs_f64(writers as f64 / args.latency_rate as f64);
+    let start = tokio::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
+        let (pool, outbox, topic, payload) =
+            (pool.clone(), outbox.clone(), topic.to_string(), payload.to_vec());
+        let per_writer: Vec<u64> = (0..total).filter(|i| i % writers == w).collect();
+        let key_count = args.keys;
+        tasks.spawn(async move {
+            for (n, i) in per_writer.into_iter().enumerate() {
+                tokio::time::sleep_until(start + interval * n as u32).await;
+                let e = OutboxEvent {
+                    topic: topic.clone(),
+                    key: format!("subject-{:05}", i % key_count),
+                    event_type: "BenchEvent".to_string(),
+                    event_id: Uuid::now_v7(),
+                    content_type: "application/octet-stream".to_string(),
+                    payload: payload.clone(),
+                    headers: Default::default(),
+                };
+                let mut tx = pool.begin().await?;
+                outbox.enqueue(&mut tx, e).await?;
+                tx.commit().await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let achieved = total as f64 / start.elapsed().as_secs_f64();
+    progress(&format!("latency run wrote {total} events at {achieved:.0} events/s"));
+    Ok(())
+}
+
+async fn wait_empty(pool: &PgPool, schema: &SchemaName, timeout: Duration) -> anyhow::Result<()> {
+    let sql = format!("SELECT NOT EXISTS (SELECT 1 FROM {schema}.outbox)");
+    let deadline = Instant::now() + timeout;
+    while !sqlx::query_scalar::<_, bool>(AssertSqlSafe(sql.as_str())).fetch_one(pool).await? {
+        if Instant::now() > deadline {
+            bail!("outbox {schema} not drained after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// p50 and p99 (seconds) of the relay's commit-to-ack summary for `source`.
+fn quantiles(metrics: &PrometheusHandle, source: &str) -> anyhow::Result<(f64, f64)> {
+    let text = metrics.render();
+    let find = |q: &str| {
+        let prefix = format!("{COMMIT_TO_ACK_SECONDS}{{source=\"{source}\",quantile=\"{q}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .with_context(|| format!("no {q} quantile of {COMMIT_TO_ACK_SECONDS} for {source}"))
+    };
+    Ok((find("0.5")?, find("0.99")?))
+}

@@ -171,10 +171,65 @@ async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) {
     }
 }
 
-/// Rows handed to the producer, awaiting acknowledgement.
+/// Deletes of acknowledged rows running at once, per source.
+const MAX_PENDING_DELETES: usize = 2;
+
+/// Work of one session that is not finished: batches awaiting acknowledgement (oldest first)
+/// and deletes of acknowledged rows. Dropping it abandons both; the rows stay in the outbox.
+#[derive(Default)]
+struct Pipeline {
+    batches: VecDeque<InFlight>,
+    deletes: VecDeque<tokio::task::JoinHandle<Result<()>>>,
+}
+
+async fn join_delete(delete: tokio::task::JoinHandle<Result<()>>) -> Result<()> {
+    delete.await.unwrap_or_else(|e| {
+        Err(OutboxError::Database(sqlx::Error::Protocol(format!("delete task failed: {e}"))))
+    })
+}
+
+/// A batch handed to the producer. Its acknowledgements are awaited by a task of its own, so
+/// each is observed (and its latency recorded) the moment it arrives.
 struct InFlight {
     started: Instant,
+    acks: tokio::task::JoinHandle<Acks>,
+}
+
+/// The outcome of a batch: the rows acknowledged, in order, up to the first failure.
+struct Acks {
+    acked: Vec<i64>,
+    failure: Option<OutboxError>,
+}
+
+fn canceled(seq: i64) -> OutboxError {
+    OutboxError::Delivery { seq, topic: String::new(), source: rdkafka::error::KafkaError::Canceled }
+}
+
+/// Awaits the deliveries in order, stopping at the first failure.
+async fn await_acks(
     rows: Vec<(i64, chrono::DateTime<Utc>, DeliveryFuture)>,
+    commit_to_ack: metrics::Histogram,
+) -> Acks {
+    let mut acks = Acks { acked: Vec::with_capacity(rows.len()), failure: None };
+    for (seq, created_at, delivery) in rows {
+        match delivery.await {
+            Ok(Ok(_)) => {
+                let age = (Utc::now() - created_at).to_std().unwrap_or_default();
+                commit_to_ack.record(age.as_secs_f64());
+                acks.acked.push(seq);
+            }
+            Ok(Err((source, message))) => {
+                let topic = rdkafka::Message::topic(&message).to_string();
+                acks.failure = Some(OutboxError::Delivery { seq, topic, source });
+                break;
+            }
+            Err(_canceled) => {
+                acks.failure = Some(canceled(seq));
+                break;
+            }
+        }
+    }
+    acks
 }
 
 struct SourceRelay {
@@ -211,7 +266,7 @@ impl SourceRelay {
     /// lease connection is closed on return, which releases every shard.
     async fn session(&self, failures: &mut u32) -> Result<()> {
         let mut lease = ShardLease::connect(&self.connect_options, &self.source).await?;
-        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut in_flight = Pipeline::default();
         let result = self.publish_loop(&mut lease, &mut in_flight, failures).await;
         // On failure, whatever is still in flight is abandoned: those rows stay in the outbox and
         // are read again. librdkafka delivers queued messages in order, so a re-send can only
@@ -224,7 +279,7 @@ impl SourceRelay {
     async fn publish_loop(
         &self,
         lease: &mut ShardLease,
-        in_flight: &mut VecDeque<InFlight>,
+        in_flight: &mut Pipeline,
         failures: &mut u32,
     ) -> Result<()> {
         let max_in_flight = self.config.max_in_flight_batches as usize;
@@ -239,12 +294,17 @@ impl SourceRelay {
             }
             if Instant::now() >= next_rebalance {
                 self.drain(in_flight).await?;
+                let before = lease.owned();
                 let shards = shard_count(lease.conn(), &self.source).await?;
                 lease.rebalance(shards).await?;
                 metrics::gauge!(m::OWNED_SHARDS, "source" => self.source.to_string())
                     .set(lease.owned().len() as f64);
                 debug!(source = %self.source, owned = ?lease.owned(), "Shard lease rebalanced.");
-                cursor = None;
+                // A newly owned shard may have rows behind the cursor; otherwise keep it (reading
+                // from the head again would wade through the dead tuples of deleted rows).
+                if lease.owned() != before {
+                    cursor = None;
+                }
                 next_rebalance = Instant::now() + self.config.rebalance_interval();
             }
             let owned = lease.owned();
@@ -254,7 +314,7 @@ impl SourceRelay {
                 self.store.read_batch(lease.conn(), &owned, cursor.as_ref(), self.config.batch_size).await?
             };
             let Some(last) = rows.last() else {
-                if !in_flight.is_empty() {
+                if !in_flight.batches.is_empty() {
                     self.complete_oldest(in_flight).await?;
                     *failures = 0;
                     continue;
@@ -277,8 +337,8 @@ impl SourceRelay {
             recheck = None;
             cursor = Some(Cursor::after(last));
             let batch = self.send_batch(rows, in_flight).await?;
-            in_flight.push_back(batch);
-            while in_flight.len() >= max_in_flight {
+            in_flight.batches.push_back(batch);
+            while in_flight.batches.len() >= max_in_flight {
                 self.complete_oldest(in_flight).await?;
             }
             *failures = 0;
@@ -287,16 +347,17 @@ impl SourceRelay {
 
     /// Hands every row to the producer, in order. A full producer queue is waited out by
     /// completing older batches, never by buffering more.
-    async fn send_batch(&self, rows: Vec<OutboxRow>, in_flight: &mut VecDeque<InFlight>) -> Result<InFlight> {
-        let mut batch = InFlight { started: Instant::now(), rows: Vec::with_capacity(rows.len()) };
+    async fn send_batch(&self, rows: Vec<OutboxRow>, in_flight: &mut Pipeline) -> Result<InFlight> {
+        let started = Instant::now();
+        let mut deliveries = Vec::with_capacity(rows.len());
         for row in &rows {
             loop {
                 match publisher::send(&self.producer, row) {
                     Ok(delivery) => {
-                        batch.rows.push((row.seq, row.created_at, delivery));
+                        deliveries.push((row.seq, row.created_at, delivery));
                         break;
                     }
-                    Err(SendError::QueueFull) if !in_flight.is_empty() => {
+                    Err(SendError::QueueFull) if !in_flight.batches.is_empty() => {
                         self.complete_oldest(in_flight).await?
                     }
                     Err(SendError::QueueFull) => tokio::time::sleep(Duration::from_millis(5)).await,
@@ -304,61 +365,50 @@ impl SourceRelay {
                 }
             }
         }
-        Ok(batch)
+        let commit_to_ack =
+            metrics::histogram!(m::COMMIT_TO_ACK_SECONDS, "source" => self.source.to_string());
+        Ok(InFlight { started, acks: tokio::spawn(await_acks(deliveries, commit_to_ack)) })
     }
 
-    async fn drain(&self, in_flight: &mut VecDeque<InFlight>) -> Result<()> {
-        while !in_flight.is_empty() {
+    /// Completes every batch and waits for every delete.
+    async fn drain(&self, in_flight: &mut Pipeline) -> Result<()> {
+        while !in_flight.batches.is_empty() {
             self.complete_oldest(in_flight).await?;
+        }
+        while let Some(delete) = in_flight.deletes.pop_front() {
+            join_delete(delete).await?;
         }
         Ok(())
     }
 
     /// Awaits the acknowledgements of the oldest batch and deletes the acknowledged rows. Stops at
     /// the first failed delivery: rows from there on stay in the outbox.
-    async fn complete_oldest(&self, in_flight: &mut VecDeque<InFlight>) -> Result<()> {
-        let Some(batch) = in_flight.pop_front() else { return Ok(()) };
+    async fn complete_oldest(&self, in_flight: &mut Pipeline) -> Result<()> {
+        let Some(mut batch) = in_flight.batches.pop_front() else { return Ok(()) };
         let labels = [("source", self.source.to_string())];
-        let commit_to_ack = metrics::histogram!(m::COMMIT_TO_ACK_SECONDS, &labels);
-        let mut acked = Vec::with_capacity(batch.rows.len());
-        let mut failure = None;
-        for (seq, created_at, delivery) in batch.rows {
-            let outcome = tokio::select! {
-                outcome = delivery => outcome,
-                _ = self.grace_expired() => {
-                    failure = Some(OutboxError::Delivery {
-                        seq,
-                        topic: String::new(),
-                        source: rdkafka::error::KafkaError::Canceled,
-                    });
-                    break;
-                }
-            };
-            match outcome {
-                Ok(Ok(_)) => {
-                    let age = (Utc::now() - created_at).to_std().unwrap_or_default();
-                    commit_to_ack.record(age.as_secs_f64());
-                    acked.push(seq);
-                }
-                Ok(Err((source, message))) => {
-                    let topic = rdkafka::Message::topic(&message).to_string();
-                    failure = Some(OutboxError::Delivery { seq, topic, source });
-                    break;
-                }
-                Err(_canceled) => {
-                    failure = Some(OutboxError::Delivery {
-                        seq,
-                        topic: String::new(),
-                        source: rdkafka::error::KafkaError::Canceled,
-                    });
-                    break;
-                }
+        let Acks { acked, failure } = tokio::select! {
+            acks = &mut batch.acks => acks.unwrap_or_else(|_| Acks { acked: Vec::new(), failure: Some(canceled(0)) }),
+            _ = self.grace_expired() => {
+                batch.acks.abort();
+                Acks { acked: Vec::new(), failure: Some(canceled(0)) }
+            }
+        };
+        metrics::counter!(m::PUBLISHED_TOTAL, &labels).increment(acked.len() as u64);
+        debug!(source = %self.source, rows = acked.len(), "Published outbox batch.");
+        // Deleting an acknowledged row is safe whenever it happens, so deletes run beside the next
+        // reads; a bounded number of them at once.
+        while in_flight.deletes.len() >= MAX_PENDING_DELETES {
+            if let Some(delete) = in_flight.deletes.pop_front() {
+                join_delete(delete).await?;
             }
         }
-        self.store.delete(&self.pool, &acked).await?;
-        metrics::counter!(m::PUBLISHED_TOTAL, &labels).increment(acked.len() as u64);
-        metrics::histogram!(m::BATCH_DURATION_SECONDS, &labels).record(batch.started.elapsed().as_secs_f64());
-        debug!(source = %self.source, rows = acked.len(), "Published outbox batch.");
+        let (store, pool, started) = (self.store.clone(), self.pool.clone(), batch.started);
+        let batch_duration = metrics::histogram!(m::BATCH_DURATION_SECONDS, &labels);
+        in_flight.deletes.push_back(tokio::spawn(async move {
+            store.delete(&pool, &acked).await?;
+            batch_duration.record(started.elapsed().as_secs_f64());
+            Ok(())
+        }));
         failure.map_or(Ok(()), Err)
     }
 

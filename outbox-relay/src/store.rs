@@ -14,6 +14,8 @@ use crate::schema::SchemaName;
 #[derive(Debug, Clone, FromRow)]
 pub struct OutboxRow {
     pub seq: i64,
+    /// The writing transaction's id (xid8) as text; compared in SQL only, never as text.
+    #[sqlx(rename = "tx_id_text")]
     pub tx_id: String,
     pub topic: String,
     pub key: String,
@@ -54,13 +56,14 @@ impl Store {
     pub fn new(schema: &SchemaName) -> Self {
         Self {
             read_sql: format!(
-                "SELECT seq, tx_id::text AS tx_id, topic, key, event_id, event_type, content_type,
+                "SELECT seq, tx_id::text AS tx_id_text, topic, key, event_id, event_type, content_type,
                         payload, headers, traceparent, created_at
                  FROM {schema}.outbox
                  WHERE shard = ANY($1)
                    AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
                    AND (tx_id, seq) > ($2::text::xid8, $3)
-                 ORDER BY tx_id, seq
+                 -- Qualified: ordering by the text alias would sort ids as strings ('10' < '9').
+                 ORDER BY outbox.tx_id, outbox.seq
                  LIMIT $4"
             ),
             delete_sql: format!("DELETE FROM {schema}.outbox WHERE seq = ANY($1)"),

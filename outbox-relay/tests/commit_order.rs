@@ -106,3 +106,29 @@ async fn late_commit_with_higher_tx_id_is_published_after_cursor_moved() -> anyh
         .await?;
     relay.stop().await
 }
+
+/// Transaction ids are compared as numbers: `9` before `10` (as text `10` sorts first).
+#[tokio::test]
+async fn transaction_ids_order_numerically() -> anyhow::Result<()> {
+    let svc = TestService::new(None, 1).await?;
+    let sql = format!(
+        "INSERT INTO {s}.outbox (tx_id, shard, topic, key, event_id, event_type, content_type, payload)
+         VALUES ('10'::xid8, 0, 't', 'k', gen_random_uuid(), 'E', 'x', ''),
+                ('9'::xid8, 0, 't', 'k', gen_random_uuid(), 'E', 'x', ''),
+                ('100'::xid8, 0, 't', 'k', gen_random_uuid(), 'E', 'x', '')",
+        s = svc.schema
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&svc.pool).await?;
+    let store = Store::new(&svc.schema);
+    let mut conn = sqlx::PgConnection::connect(&trialflow_testkit::database_url()).await?;
+    let rows = store.read_batch(&mut conn, &[0], None, 10).await?;
+    let tx_ids: Vec<&str> = rows.iter().map(|r| r.tx_id.as_str()).collect();
+    assert_eq!(tx_ids, ["9", "10", "100"]);
+    // And the cursor continues numerically too.
+    let rest = store
+        .read_batch(&mut conn, &[0], Some(&trialflow_outbox::store::Cursor::after(&rows[0])), 10)
+        .await?;
+    let tx_ids: Vec<&str> = rest.iter().map(|r| r.tx_id.as_str()).collect();
+    assert_eq!(tx_ids, ["10", "100"]);
+    Ok(())
+}
