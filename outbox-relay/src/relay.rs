@@ -77,7 +77,8 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<()>
         ));
         tasks.spawn(worker.run());
     }
-    info!(sources = ?config.sources, bootstrap = %config.kafka.bootstrap_servers, "Relay started.");
+    let sources: Vec<&str> = config.sources.iter().map(SchemaName::as_str).collect();
+    info!(sources = %sources.join(","), bootstrap = %config.kafka.bootstrap_servers, "Relay started.");
     while tasks.join_next().await.is_some() {}
     pool.close().await;
     info!("Relay stopped.");
