@@ -142,3 +142,44 @@ impl RelayConfig {
         Duration::from_millis(self.max_backoff_ms.max(100))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        relay: RelayConfig,
+    }
+
+    #[test]
+    fn producer_settings_parse_as_key_value_pairs() {
+        assert_eq!(parse_key_value(" acks = all "), Ok(("acks".to_string(), "all".to_string())));
+        assert_eq!(
+            parse_key_value("sasl.password=a=b"),
+            Ok(("sasl.password".to_string(), "a=b".to_string()))
+        );
+        assert!(parse_key_value("no-equals-sign").is_err());
+    }
+
+    #[test]
+    fn flags_override_defaults_and_reject_bad_values() {
+        let cli =
+            Cli::try_parse_from(["relay", "--sources", "enrollment,kit_allocation", "--batch-size", "50"])
+                .map_err(|e| e.to_string());
+        let relay = cli.map(|c| c.relay);
+        let Ok(relay) = relay else { panic!("valid flags were rejected: {relay:?}") };
+        assert_eq!(relay.batch_size, 50);
+        assert_eq!(
+            relay.sources.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            ["enrollment", "kit_allocation"]
+        );
+
+        for bad in [["relay", "--sources", "Bad-Name"], ["relay", "--batch-size", "0"]] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+}

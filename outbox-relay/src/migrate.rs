@@ -9,12 +9,22 @@ use crate::schema::SchemaName;
 /// search_path; their bookkeeping table is `<schema>._outbox_migrations`, so a service's own
 /// migrations can keep sqlx's default table in the same schema.
 pub async fn migrate(database_url: &str, schema: &SchemaName) -> Result<()> {
+    // The outbox migrations, embedded at build time, applied once per service schema.
+    run_in_schema(database_url, schema, sqlx::migrate!("./migrations"), "_outbox_migrations").await
+}
+
+/// Runs `migrator` with `schema` (created if needed) first on the search_path, keeping its
+/// bookkeeping in `<schema>.<table>`.
+async fn run_in_schema(
+    database_url: &str,
+    schema: &SchemaName,
+    mut migrator: sqlx::migrate::Migrator,
+    table: &str,
+) -> Result<()> {
     let mut conn = PgConnection::connect(database_url).await?;
     sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS {schema}"))).execute(&mut conn).await?;
     sqlx::query(AssertSqlSafe(format!("SET search_path TO {schema}"))).execute(&mut conn).await?;
-    // The outbox migrations, embedded at build time, applied once per service schema.
-    let mut migrator = sqlx::migrate!("./migrations");
-    migrator.dangerous_set_table_name(format!("{schema}._outbox_migrations"));
+    migrator.dangerous_set_table_name(format!("{schema}.{table}"));
     migrator
         .run(&mut conn)
         .await
@@ -82,16 +92,8 @@ pub async fn set_shard_count(database_url: &str, schema: &SchemaName, shards: u3
 pub async fn migrate_service(
     database_url: &str,
     schema: &SchemaName,
-    mut migrator: sqlx::migrate::Migrator,
+    migrator: sqlx::migrate::Migrator,
 ) -> Result<()> {
     migrate(database_url, schema).await?;
-    let mut conn = PgConnection::connect(database_url).await?;
-    sqlx::query(AssertSqlSafe(format!("SET search_path TO {schema}"))).execute(&mut conn).await?;
-    migrator.dangerous_set_table_name(format!("{schema}._sqlx_migrations"));
-    migrator
-        .run(&mut conn)
-        .await
-        .map_err(|source| OutboxError::Migrate { schema: schema.to_string(), source })?;
-    conn.close().await?;
-    Ok(())
+    run_in_schema(database_url, schema, migrator, "_sqlx_migrations").await
 }

@@ -419,3 +419,19 @@ impl SourceRelay {
         tokio::time::sleep(self.config.shutdown_grace()).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_stays_under_its_cap() {
+        let max = Duration::from_secs(2);
+        for attempt in 1..50 {
+            let d = backoff_delay(attempt, max);
+            // Jitter adds up to one more base delay, never more than twice the cap.
+            assert!(d >= Duration::from_millis(100) && d <= 2 * max, "attempt {attempt}: {d:?}");
+        }
+        assert!(backoff_delay(20, max) >= max, "late attempts reach the cap");
+    }
+}
