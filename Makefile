@@ -7,7 +7,7 @@ export DATABASE_URL ?= postgres://postgres@127.0.0.1:55432/trialflow
 export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:19092
 ONLY ?=
 
-.PHONY: help up down status build migrate demo relay test test-only lint fmt bench clean
+.PHONY: help up down status build migrate demo relay test lint fmt bench interop clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,11 @@ fmt: ## Format the code
 
 bench: up ## Benchmarks with their raw baselines (`make bench ONLY=relay` for one group)
 	$(CARGO) run -q --release -p trialflow-bench -- $(if $(ONLY),--only $(ONLY),)
+
+interop: ## Cross-check the Avro test vectors with the Apache Avro Python library
+	@test -x .tools/venv/bin/python || python3 -m venv .tools/venv
+	@.tools/venv/bin/pip install -q 'avro==1.12.*'
+	.tools/venv/bin/python schemas/interop/check_python.py
 
 clean: down ## Stop the stack and remove .data/ (keeps .tools/)
 	rm -rf .data
