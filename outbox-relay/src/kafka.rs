@@ -69,18 +69,9 @@ impl TopicReader {
     /// (Tansu 0.6 answers the base offset of the last batch), so callers must expect a few earlier
     /// messages and filter them out.
     pub fn new(kafka: &KafkaConfig, topic: &str, from_beginning: bool) -> Result<Self> {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::consumer::Consumer;
         use rdkafka::{Offset, TopicPartitionList};
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", &kafka.bootstrap_servers)
-            .set("group.id", format!("trialflow-reader-{}", uuid::Uuid::new_v4()))
-            .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "50");
-        for (k, v) in &kafka.producer_config {
-            config.set(k, v);
-        }
-        let consumer: BaseConsumer = config.create().map_err(OutboxError::KafkaConfig)?;
+        let consumer = Self::client(kafka)?;
         let timeout = Duration::from_secs(10);
         let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(OutboxError::KafkaConfig)?;
         let partitions: Vec<i32> =
@@ -98,6 +89,46 @@ impl TopicReader {
         }
         consumer.assign(&assignment).map_err(OutboxError::KafkaConfig)?;
         Ok(Self { consumer })
+    }
+
+    /// Starts at `offset` of one partition.
+    pub fn at(kafka: &KafkaConfig, topic: &str, partition: i32, offset: i64) -> Result<Self> {
+        use rdkafka::consumer::Consumer;
+        use rdkafka::{Offset, TopicPartitionList};
+        let consumer = Self::client(kafka)?;
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(topic, partition, Offset::Offset(offset))
+            .map_err(OutboxError::KafkaConfig)?;
+        consumer.assign(&assignment).map_err(OutboxError::KafkaConfig)?;
+        Ok(Self { consumer })
+    }
+
+    fn client(kafka: &KafkaConfig) -> Result<rdkafka::consumer::BaseConsumer> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &kafka.bootstrap_servers)
+            .set("group.id", format!("trialflow-reader-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "50");
+        for (k, v) in &kafka.producer_config {
+            config.set(k, v);
+        }
+        config.create().map_err(OutboxError::KafkaConfig)
+    }
+
+    /// Reads until no message arrived for `idle` (or `max` passed): everything currently there.
+    pub async fn read_until_idle(self, idle: Duration, max: Duration) -> Result<Vec<ReadMessage>> {
+        let mut last_len = 0;
+        let mut last_change = std::time::Instant::now();
+        self.read_until(max, move |m| {
+            if m.len() != last_len {
+                last_len = m.len();
+                last_change = std::time::Instant::now();
+            }
+            last_change.elapsed() >= idle
+        })
+        .await
     }
 
     /// Reads until `done` says so or `timeout` passes; returns what was read. Runs the blocking

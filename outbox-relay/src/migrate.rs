@@ -15,7 +15,7 @@ pub async fn migrate(database_url: &str, schema: &SchemaName) -> Result<()> {
 
 /// Runs `migrator` with `schema` (created if needed) first on the search_path, keeping its
 /// bookkeeping in `<schema>.<table>`.
-async fn run_in_schema(
+pub async fn run_in_schema(
     database_url: &str,
     schema: &SchemaName,
     mut migrator: sqlx::migrate::Migrator,

@@ -133,3 +133,61 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A TCP proxy in front of PostgreSQL that a test can take down: existing connections are cut
+/// and new ones refused until it is up again. A database outage for one client, without stopping
+/// the server other tests share.
+#[derive(Debug, Clone)]
+pub struct PgProxy {
+    pub port: u16,
+    down: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl PgProxy {
+    pub async fn start(upstream: std::net::SocketAddr) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let (down, _) = tokio::sync::watch::channel(false);
+        let down = std::sync::Arc::new(down);
+        let state = down.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut watch = state.subscribe();
+                if *watch.borrow() {
+                    continue; // refused: dropped at once
+                }
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = watch.wait_for(|down| *down) => {}
+                    }
+                });
+            }
+        });
+        Ok(Self { port, down })
+    }
+
+    /// The database URL through this proxy.
+    pub fn database_url(&self) -> String {
+        let url = database_url();
+        let (head, tail) =
+            url.rsplit_once('@').unwrap_or(("postgres://postgres", "127.0.0.1:55432/trialflow"));
+        let db = tail.split_once('/').map(|(_, db)| db).unwrap_or("trialflow");
+        format!("{head}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    pub fn set_down(&self, down: bool) {
+        // send_replace: `send` does nothing while no connection (receiver) exists.
+        self.down.send_replace(down);
+    }
+}
+
+/// The PostgreSQL address of `DATABASE_URL` (host:port).
+pub fn database_addr() -> anyhow::Result<std::net::SocketAddr> {
+    let url = database_url();
+    let host_port = url.rsplit_once('@').map(|(_, t)| t).unwrap_or(&url);
+    let host_port = host_port.split('/').next().unwrap_or("127.0.0.1:55432");
+    use std::net::ToSocketAddrs;
+    host_port.to_socket_addrs()?.next().context("DATABASE_URL has no host:port")
+}

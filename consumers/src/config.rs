@@ -1,0 +1,96 @@
+use std::time::Duration;
+
+use clap::Args;
+use trialflow_outbox::{DatabaseConfig, KafkaConfig, SchemaName};
+
+/// What a domain consumer is: fixed in code, not configuration.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    /// The consumer's name: inbox key, default group id, metric label.
+    pub name: String,
+    /// Its service schema (inbox, parked, outbox and its own tables).
+    pub schema: SchemaName,
+    /// The topics it consumes.
+    pub topics: Vec<String>,
+}
+
+/// How a consumer runs. Every field has a local default and an environment variable.
+#[derive(Debug, Clone, Args)]
+pub struct ConsumerConfig {
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+
+    /// Consumer group id; default: the consumer's name.
+    #[arg(long, env = "CONSUMER_GROUP_ID")]
+    pub group_id: Option<String>,
+
+    /// Most messages of one partition applied in one transaction.
+    #[arg(long, env = "CONSUMER_MAX_BATCH", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_batch: u32,
+
+    /// Messages buffered per partition before its fetching is paused.
+    #[arg(long, env = "CONSUMER_PARTITION_BUFFER", default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub partition_buffer: u32,
+
+    /// Longest pause between retries of a failing batch (milliseconds); from 100 ms, with jitter.
+    #[arg(long, env = "CONSUMER_MAX_BACKOFF_MS", default_value_t = 30_000)]
+    pub max_backoff_ms: u64,
+
+    /// How often parked messages are retried when no dependency wakes them (milliseconds).
+    #[arg(long, env = "CONSUMER_PARK_RETRY_MS", default_value_t = 5_000)]
+    pub park_retry_ms: u64,
+
+    /// Parked longer than this (seconds), a message goes to the dead-letter topic.
+    #[arg(long, env = "CONSUMER_PARK_MAX_AGE_SECS", default_value_t = 86_400)]
+    pub park_max_age_secs: u64,
+
+    /// Inbox rows older than this (hours) are deleted. Must exceed the longest time a message can
+    /// be redelivered (topic retention of uncommitted offsets), or a late redelivery would apply twice.
+    #[arg(long, env = "CONSUMER_INBOX_RETENTION_HOURS", default_value_t = 24 * 30)]
+    pub inbox_retention_hours: u64,
+
+    /// Kafka session timeout (milliseconds): how fast a dead member's partitions move.
+    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 6_000)]
+    pub session_timeout_ms: u64,
+
+    /// Kafka heartbeat interval (milliseconds).
+    #[arg(long, env = "KAFKA_HEARTBEAT_INTERVAL_MS", default_value_t = 500)]
+    pub heartbeat_interval_ms: u64,
+
+    /// Suffix of dead-letter topics: `<topic><suffix>`.
+    #[arg(long, env = "CONSUMER_DLQ_SUFFIX", default_value = ".dlq")]
+    pub dlq_suffix: String,
+}
+
+impl ConsumerConfig {
+    /// Defaults of every field, for in-process use.
+    pub fn local() -> Self {
+        Self {
+            database: DatabaseConfig {
+                database_url: trialflow_outbox::config::DEFAULT_DATABASE_URL.to_string(),
+            },
+            kafka: KafkaConfig::default(),
+            group_id: None,
+            max_batch: 500,
+            partition_buffer: 2_000,
+            max_backoff_ms: 30_000,
+            park_retry_ms: 5_000,
+            park_max_age_secs: 86_400,
+            inbox_retention_hours: 24 * 30,
+            session_timeout_ms: 6_000,
+            heartbeat_interval_ms: 500,
+            dlq_suffix: ".dlq".to_string(),
+        }
+    }
+
+    pub(crate) fn max_backoff(&self) -> Duration {
+        Duration::from_millis(self.max_backoff_ms.max(100))
+    }
+
+    pub(crate) fn park_retry(&self) -> Duration {
+        Duration::from_millis(self.park_retry_ms.max(10))
+    }
+}

@@ -1,0 +1,108 @@
+//! Parked messages: retried when their dependency is resolved (woken by the handler that resolved
+//! it) or on a schedule, and dead-lettered once older than the maximum parking age.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::error::HandlerError;
+use crate::handler::{Context, Handler};
+use crate::metrics as m;
+use crate::runtime::{Shared, backoff_delay, send_to_dlq};
+
+const SLICE: i64 = 100;
+
+pub(crate) async fn run<H: Handler>(shared: Arc<Shared<H>>, stop: CancellationToken) {
+    let mut failures = 0u32;
+    while !stop.is_cancelled() {
+        match retry_due(&shared).await {
+            Ok(n) if n as i64 == SLICE => continue, // more may be due
+            Ok(_) => failures = 0,
+            Err(error) => {
+                failures += 1;
+                debug!(consumer = %shared.spec.name, %error, "Parked retry failed; trying again later.");
+            }
+        }
+        let wait = if failures > 0 {
+            backoff_delay(failures, shared.config.max_backoff())
+        } else {
+            shared.config.park_retry()
+        };
+        tokio::select! {
+            _ = shared.park_wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => {}
+        }
+    }
+}
+
+/// One transaction over a slice of due parked messages; returns how many were due.
+async fn retry_due<H: Handler>(shared: &Shared<H>) -> Result<usize, HandlerError> {
+    let name = shared.spec.name.as_str();
+    let max_age = chrono::Duration::seconds(shared.config.park_max_age_secs.min(i64::MAX as u64) as i64);
+    let mut tx = shared.pool.begin().await?;
+    let due = shared.sql.due(&mut tx, name, SLICE).await?;
+    let mut resolved = Vec::new();
+    for row in &due {
+        let msg = row.message();
+        sqlx::query("SAVEPOINT parked").execute(&mut *tx).await?;
+        let mut ctx = Context::new(shared.outbox.clone());
+        match shared.handler.handle(&mut tx, &msg, &mut ctx).await {
+            Ok(()) => {
+                sqlx::query("RELEASE SAVEPOINT parked").execute(&mut *tx).await?;
+                shared.sql.unpark(&mut tx, name, row.event_id).await?;
+                shared.sql.mark_applied(&mut tx, name, row.event_id).await?;
+                resolved.extend(ctx.resolved);
+                metrics::counter!(m::MESSAGES_TOTAL, "consumer" => name.to_string(), "outcome" => "unparked")
+                    .increment(1);
+            }
+            Err(HandlerError::Transient(e)) => return Err(HandlerError::Transient(e)),
+            Err(HandlerError::NotYet { dependency, reason }) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT parked").execute(&mut *tx).await?;
+                if chrono::Utc::now() - row.parked_at > max_age {
+                    let error = HandlerError::Permanent(format!(
+                        "parked for more than {}s waiting for {dependency}: {reason}",
+                        max_age.num_seconds()
+                    ));
+                    give_up(shared, &mut tx, row, &error).await?;
+                } else {
+                    let delay = backoff_delay(row.attempts as u32 + 1, shared.config.park_retry() * 12);
+                    let delay = delay.max(shared.config.park_retry()).min(Duration::from_secs(3600));
+                    shared
+                        .sql
+                        .reschedule(&mut tx, name, row.event_id, &reason, &dependency, delay.as_secs_f64())
+                        .await?;
+                }
+            }
+            Err(error @ HandlerError::Permanent(_)) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT parked").execute(&mut *tx).await?;
+                give_up(shared, &mut tx, row, &error).await?;
+            }
+        }
+    }
+    for dependency in &resolved {
+        shared.sql.wake(&mut tx, name, dependency).await?;
+    }
+    tx.commit().await?;
+    Ok(due.len())
+}
+
+/// Dead-letters a parked message and forgets it, so that a replay after a fix is applied.
+async fn give_up<H: Handler>(
+    shared: &Shared<H>,
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    row: &crate::store::ParkedRow,
+    error: &HandlerError,
+) -> Result<(), HandlerError> {
+    let name = shared.spec.name.as_str();
+    warn!(consumer = name, event_id = %row.event_id, dependency = %row.dependency, last_reason = %row.reason,
+        "Giving up on a parked message.");
+    send_to_dlq(shared, tx, &row.message(), error, row.attempts as u32, row.parked_at).await?;
+    shared.sql.unpark(tx, name, row.event_id).await?;
+    shared.sql.forget(tx, name, row.event_id).await?;
+    metrics::counter!(m::MESSAGES_TOTAL, "consumer" => name.to_string(), "outcome" => "dead_lettered")
+        .increment(1);
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! The consumer runtime: one task per assigned partition applies its messages in offset order, in
+//! batches, each batch in one transaction with the inbox; offsets are committed only after that
+//! transaction committed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{Headers, Message as _};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use trialflow_outbox::Outbox;
+
+use crate::config::{ConsumerConfig, ConsumerSpec};
+use crate::error::{ConsumerError, HandlerError};
+use crate::handler::{Context, Handler, Message};
+use crate::metrics as m;
+use crate::store::{DeadLetter, Sql, dead_letter};
+
+type Key = (String, i32);
+
+/// A partition's worker, as the rebalance callback sees it.
+struct WorkerHandle {
+    cancel: CancellationToken,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+/// Stops the workers of revoked partitions before the revocation completes, so that they finish
+/// (or roll back) their batch and commit its offset while they still own the partition.
+struct RebalanceContext {
+    workers: Arc<Mutex<HashMap<Key, WorkerHandle>>>,
+}
+
+impl ClientContext for RebalanceContext {}
+
+impl ConsumerContext for RebalanceContext {
+    fn pre_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(revoked) = rebalance else { return };
+        let stopping: Vec<WorkerHandle> = {
+            let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+            revoked
+                .elements()
+                .iter()
+                .filter_map(|e| workers.remove(&(e.topic().to_string(), e.partition())))
+                .collect()
+        };
+        for w in &stopping {
+            w.cancel.cancel();
+        }
+        let wait = || {
+            for w in &stopping {
+                let _ = w.done.recv_timeout(Duration::from_secs(10));
+            }
+        };
+        // Blocking here is what holds the revocation until the batches are done; it needs a
+        // multi-threaded runtime (the workers run on the other threads).
+        let flavor = tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor());
+        if let Ok(tokio::runtime::RuntimeFlavor::MultiThread) = flavor {
+            tokio::task::block_in_place(wait);
+        }
+        info!(partitions = revoked.count(), "Partitions revoked.");
+    }
+
+    fn post_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(assigned) = rebalance {
+            info!(partitions = assigned.count(), "Partitions assigned.");
+        }
+    }
+}
+
+/// What every partition worker (and the parking loop) shares.
+pub(crate) struct Shared<H> {
+    pub(crate) spec: ConsumerSpec,
+    pub(crate) config: ConsumerConfig,
+    pub(crate) handler: H,
+    pub(crate) pool: PgPool,
+    pub(crate) outbox: Outbox,
+    pub(crate) sql: Sql,
+    consumer: Arc<StreamConsumer<RebalanceContext>>,
+    pub(crate) park_wake: Notify,
+}
+
+/// Runs a consumer until `shutdown`: subscribes, applies messages through `handler`, retries
+/// parked messages, expires old inbox rows. Returns after finishing in-flight batches and leaving
+/// the group.
+pub async fn run<H: Handler>(
+    spec: ConsumerSpec,
+    config: ConsumerConfig,
+    handler: H,
+    shutdown: CancellationToken,
+) -> Result<(), ConsumerError> {
+    m::describe();
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy(&config.database.database_url)?;
+    let outbox = Outbox::open(&pool, spec.schema.clone()).await?;
+    let workers: Arc<Mutex<HashMap<Key, WorkerHandle>>> = Arc::default();
+    let consumer = Arc::new(create_consumer(&spec, &config, workers.clone())?);
+    let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    let shared = Arc::new(Shared {
+        sql: Sql::new(&spec.schema),
+        spec,
+        config,
+        handler,
+        pool,
+        outbox,
+        consumer: consumer.clone(),
+        park_wake: Notify::new(),
+    });
+    info!(consumer = %shared.spec.name, topics = ?shared.spec.topics, "Consumer started.");
+
+    let background = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(crate::parking::run(shared.clone(), background.clone()));
+    tasks.spawn(expire_inbox(shared.clone(), background.clone()));
+
+    let mut channels: HashMap<Key, mpsc::Sender<Message>> = HashMap::new();
+    let mut joins = tokio::task::JoinSet::new();
+    loop {
+        let received = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = consumer.recv() => r,
+        };
+        let message = match received {
+            Ok(m) => owned(&m),
+            Err(error) => {
+                warn!(%error, "Kafka consumer error; continuing.");
+                continue;
+            }
+        };
+        let key = (message.topic.clone(), message.partition);
+        let alive = workers.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&key);
+        if !alive {
+            let (tx, rx) = mpsc::channel(shared.config.partition_buffer as usize);
+            let cancel = CancellationToken::new();
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            workers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key.clone(), WorkerHandle { cancel: cancel.clone(), done: done_rx });
+            joins.spawn(partition_worker(shared.clone(), rx, cancel, done_tx));
+            channels.insert(key.clone(), tx);
+        }
+        let Some(tx) = channels.get(&key) else { continue };
+        // A full buffer waits here: this partition's backlog stays in librdkafka (bounded by its
+        // fetch limits); the wait ends as soon as the worker takes a batch.
+        if tx.send(message).await.is_err() {
+            channels.remove(&key);
+        }
+    }
+
+    info!(consumer = %shared.spec.name, "Consumer stopping: finishing in-flight batches.");
+    let handles: Vec<WorkerHandle> =
+        workers.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, w)| w).collect();
+    for w in &handles {
+        w.cancel.cancel();
+    }
+    drop(channels);
+    while joins.join_next().await.is_some() {}
+    background.cancel();
+    while tasks.join_next().await.is_some() {}
+    if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
+        debug!(%error, "Final offset commit had nothing to do.");
+    }
+    consumer.unsubscribe();
+    info!(consumer = %shared.spec.name, "Consumer stopped.");
+    Ok(())
+}
+
+fn create_consumer(
+    spec: &ConsumerSpec,
+    config: &ConsumerConfig,
+    workers: Arc<Mutex<HashMap<Key, WorkerHandle>>>,
+) -> Result<StreamConsumer<RebalanceContext>, ConsumerError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.kafka.bootstrap_servers)
+        .set("group.id", config.group_id.clone().unwrap_or_else(|| spec.name.clone()))
+        .set("client.id", format!("trialflow-{}", spec.name))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", config.session_timeout_ms.to_string())
+        .set("heartbeat.interval.ms", config.heartbeat_interval_ms.to_string())
+        .set("enable.partition.eof", "false");
+    for (k, v) in &config.kafka.producer_config {
+        client.set(k, v);
+    }
+    Ok(client.create_with_context(RebalanceContext { workers })?)
+}
+
+fn owned(m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
+    let headers = m
+        .headers()
+        .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
+        .unwrap_or_default();
+    Message {
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec),
+        headers,
+    }
+}
+
+/// The n-th (1-based) delay of an exponential backoff from 100 ms with jitter, capped at `max`.
+pub(crate) fn backoff_delay(attempt: u32, max: Duration) -> Duration {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth(attempt.saturating_sub(1) as usize)
+        .unwrap_or(max)
+}
+
+/// Applies one partition's messages in order until cancelled (revocation or shutdown).
+async fn partition_worker<H: Handler>(
+    shared: Arc<Shared<H>>,
+    mut rx: mpsc::Receiver<Message>,
+    cancel: CancellationToken,
+    done: std::sync::mpsc::Sender<()>,
+) {
+    let labels = [("consumer", shared.spec.name.clone())];
+    'batches: loop {
+        let first = tokio::select! {
+            _ = cancel.cancelled() => break,
+            m = rx.recv() => match m { Some(m) => m, None => break },
+        };
+        let mut batch = vec![first];
+        while batch.len() < shared.config.max_batch as usize {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let mut attempt = 0u32;
+        let first_failure = chrono::Utc::now();
+        loop {
+            let started = Instant::now();
+            match apply_batch(&shared, &batch, attempt + 1, first_failure).await {
+                Ok(()) => {
+                    metrics::histogram!(m::BATCH_SECONDS, &labels).record(started.elapsed().as_secs_f64());
+                    break;
+                }
+                Err(error) => {
+                    attempt += 1;
+                    metrics::counter!(m::RETRIES_TOTAL, &labels).increment(1);
+                    let delay = backoff_delay(attempt, shared.config.max_backoff());
+                    warn!(consumer = %shared.spec.name, partition = batch[0].partition, %error, attempt,
+                        retry_in_ms = delay.as_millis() as u64, "Batch failed; rolled back, retrying.");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        // Rolled back and not committed: the next owner gets these messages again.
+                        _ = cancel.cancelled() => break 'batches,
+                    }
+                }
+            }
+        }
+        let last = &batch[batch.len() - 1];
+        commit_offset(&shared, &last.topic, last.partition, last.offset + 1);
+    }
+    let _ = done.send(());
+}
+
+fn commit_offset<H>(shared: &Shared<H>, topic: &str, partition: i32, next: i64) {
+    let mut tpl = TopicPartitionList::new();
+    if tpl.add_partition_offset(topic, partition, Offset::Offset(next)).is_ok()
+        && let Err(error) = shared.consumer.commit(&tpl, CommitMode::Async)
+    {
+        // Not fatal: the messages come again and the inbox skips them.
+        warn!(%error, topic, partition, "Offset commit failed.");
+    }
+}
+
+/// One transaction: per message a savepoint with its inbox row and the handler's effects. A
+/// permanent failure rolls back to the savepoint and dead-letters the message (through the outbox,
+/// in this transaction); "not yet" parks it; a transient failure rolls back the whole batch.
+async fn apply_batch<H: Handler>(
+    shared: &Shared<H>,
+    batch: &[Message],
+    attempts: u32,
+    first_failure: chrono::DateTime<chrono::Utc>,
+) -> Result<(), HandlerError> {
+    let name = shared.spec.name.as_str();
+    let mut tx = shared.pool.begin().await?;
+    let mut resolved = Vec::new();
+    let mut outcomes: HashMap<&'static str, u64> = HashMap::new();
+    for msg in batch {
+        let outcome = apply_one(shared, &mut tx, msg, &mut resolved, attempts, first_failure).await?;
+        *outcomes.entry(outcome).or_default() += 1;
+    }
+    for dependency in &resolved {
+        shared.sql.wake(&mut tx, name, dependency).await?;
+    }
+    tx.commit().await?;
+    for (outcome, n) in outcomes {
+        metrics::counter!(m::MESSAGES_TOTAL, "consumer" => name.to_string(), "outcome" => outcome)
+            .increment(n);
+    }
+    if !resolved.is_empty() {
+        shared.park_wake.notify_one();
+    }
+    Ok(())
+}
+
+pub(crate) async fn apply_one<H: Handler>(
+    shared: &Shared<H>,
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    msg: &Message,
+    resolved: &mut Vec<String>,
+    attempts: u32,
+    first_failure: chrono::DateTime<chrono::Utc>,
+) -> Result<&'static str, HandlerError> {
+    let name = shared.spec.name.as_str();
+    let started = Instant::now();
+    let event_id = match shared.handler.event_id(msg) {
+        Ok(id) => id,
+        Err(HandlerError::Transient(e)) => return Err(HandlerError::Transient(e)),
+        Err(e) => {
+            send_to_dlq(shared, tx, msg, &e, attempts, first_failure).await?;
+            return Ok("dead_lettered");
+        }
+    };
+    sqlx::query("SAVEPOINT message").execute(&mut **tx).await?;
+    if !shared.sql.take(tx, name, event_id, "applied", msg).await? {
+        sqlx::query("RELEASE SAVEPOINT message").execute(&mut **tx).await?;
+        return Ok("duplicate");
+    }
+    let mut ctx = Context::new(shared.outbox.clone());
+    let result = shared.handler.handle(tx, msg, &mut ctx).await;
+    metrics::histogram!(m::PROCESSING_SECONDS, "consumer" => name.to_string())
+        .record(started.elapsed().as_secs_f64());
+    match result {
+        Ok(()) => {
+            sqlx::query("RELEASE SAVEPOINT message").execute(&mut **tx).await?;
+            resolved.extend(ctx.resolved);
+            Ok("applied")
+        }
+        Err(HandlerError::Transient(e)) => Err(HandlerError::Transient(e)),
+        Err(HandlerError::NotYet { dependency, reason }) => {
+            sqlx::query("ROLLBACK TO SAVEPOINT message").execute(&mut **tx).await?;
+            let retry = shared.config.park_retry().as_secs_f64();
+            shared.sql.park(tx, name, event_id, &dependency, &reason, msg, retry).await?;
+            shared.sql.take(tx, name, event_id, "parked", msg).await?;
+            debug!(consumer = name, %event_id, dependency, reason, "Parked message.");
+            Ok("parked")
+        }
+        Err(e @ HandlerError::Permanent(_)) => {
+            sqlx::query("ROLLBACK TO SAVEPOINT message").execute(&mut **tx).await?;
+            send_to_dlq(shared, tx, msg, &e, attempts, first_failure).await?;
+            Ok("dead_lettered")
+        }
+    }
+}
+
+pub(crate) async fn send_to_dlq<H: Handler>(
+    shared: &Shared<H>,
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    msg: &Message,
+    error: &HandlerError,
+    attempts: u32,
+    first_failure: chrono::DateTime<chrono::Utc>,
+) -> Result<(), HandlerError> {
+    let reason = match error {
+        HandlerError::Permanent(r) | HandlerError::Transient(r) => r.clone(),
+        HandlerError::NotYet { reason, .. } => reason.clone(),
+    };
+    warn!(consumer = %shared.spec.name, topic = %msg.topic, partition = msg.partition, offset = msg.offset,
+        %reason, "Dead-lettering message.");
+    let letter = DeadLetter {
+        consumer: &shared.spec.name,
+        class: error.class(),
+        reason,
+        attempts: attempts as i32,
+        first_failure_at: first_failure,
+    };
+    let topic = format!("{}{}", msg.topic, shared.config.dlq_suffix);
+    dead_letter(tx, &shared.outbox, topic, msg, letter).await?;
+    Ok(())
+}
+
+/// Deletes inbox rows past the retention window, a slice at a time, every few minutes.
+async fn expire_inbox<H: Handler>(shared: Arc<Shared<H>>, stop: CancellationToken) {
+    let hours = shared.config.inbox_retention_hours.min(i32::MAX as u64) as i32;
+    while !stop.is_cancelled() {
+        match shared.pool.acquire().await {
+            Ok(mut conn) => loop {
+                match shared.sql.expire(&mut conn, &shared.spec.name, hours).await {
+                    Ok(n) if n > 0 => debug!(consumer = %shared.spec.name, rows = n, "Expired inbox rows."),
+                    Ok(_) => break,
+                    Err(error) => {
+                        debug!(%error, "Inbox expiry failed; trying again later.");
+                        break;
+                    }
+                }
+            },
+            Err(error) => debug!(%error, "Inbox expiry cannot connect; trying again later."),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(300)) => {}
+            _ = stop.cancelled() => {}
+        }
+    }
+}

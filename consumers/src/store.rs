@@ -1,0 +1,311 @@
+//! SQL of the runtime on a consumer's schema: inbox, parked messages, dead letters (through the
+//! consumer's outbox, so a dead letter is written in the same transaction that moves on).
+
+use std::collections::BTreeMap;
+
+use sqlx::{AssertSqlSafe, FromRow, PgConnection};
+use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
+use uuid::Uuid;
+
+use crate::handler::Message;
+
+/// Dead-letter header names (besides the original message's own headers).
+pub mod dlq_headers {
+    pub const CONSUMER: &str = "dlq.consumer";
+    pub const ERROR_CLASS: &str = "dlq.error_class";
+    pub const REASON: &str = "dlq.reason";
+    pub const ORIGINAL_TOPIC: &str = "dlq.original_topic";
+    pub const ORIGINAL_PARTITION: &str = "dlq.original_partition";
+    pub const ORIGINAL_OFFSET: &str = "dlq.original_offset";
+    pub const ATTEMPTS: &str = "dlq.attempts";
+    pub const FIRST_FAILURE_AT: &str = "dlq.first_failure_at";
+    /// Prefix of every dead-letter header; `dlq replay` strips them.
+    pub const PREFIX: &str = "dlq.";
+}
+
+/// Why and how a message is dead-lettered.
+#[derive(Debug)]
+pub(crate) struct DeadLetter<'a> {
+    pub consumer: &'a str,
+    pub class: &'a str,
+    pub reason: String,
+    pub attempts: i32,
+    pub first_failure_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Sql {
+    insert_inbox: String,
+    mark_applied: String,
+    delete_inbox: String,
+    insert_parked: String,
+    due_parked: String,
+    reschedule_parked: String,
+    delete_parked: String,
+    wake_parked: String,
+    expire_inbox: String,
+}
+
+/// A parked message as stored.
+#[derive(Debug, FromRow)]
+pub(crate) struct ParkedRow {
+    pub(crate) event_id: Uuid,
+    pub(crate) dependency: String,
+    pub(crate) reason: String,
+    pub(crate) topic: String,
+    pub(crate) kafka_partition: i32,
+    pub(crate) kafka_offset: i64,
+    pub(crate) key: Option<Vec<u8>>,
+    pub(crate) payload: Option<Vec<u8>>,
+    pub(crate) headers: sqlx::types::Json<Vec<(String, Vec<u8>)>>,
+    pub(crate) attempts: i32,
+    pub(crate) parked_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl ParkedRow {
+    pub(crate) fn message(&self) -> Message {
+        Message {
+            topic: self.topic.clone(),
+            partition: self.kafka_partition,
+            offset: self.kafka_offset,
+            key: self.key.clone(),
+            payload: self.payload.clone(),
+            headers: self.headers.0.clone(),
+        }
+    }
+}
+
+impl Sql {
+    pub(crate) fn new(schema: &SchemaName) -> Self {
+        Self {
+            insert_inbox: format!(
+                "INSERT INTO {schema}.inbox (consumer, event_id, outcome, topic, kafka_partition, kafka_offset)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING"
+            ),
+            mark_applied: format!(
+                "UPDATE {schema}.inbox SET outcome = 'applied', processed_at = now() WHERE consumer = $1 AND event_id = $2"
+            ),
+            delete_inbox: format!("DELETE FROM {schema}.inbox WHERE consumer = $1 AND event_id = $2"),
+            insert_parked: format!(
+                "INSERT INTO {schema}.parked (consumer, event_id, dependency, reason, topic, kafka_partition,
+                     kafka_offset, key, payload, headers, next_attempt_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + make_interval(secs => $11))
+                 ON CONFLICT DO NOTHING"
+            ),
+            due_parked: format!(
+                "SELECT event_id, dependency, reason, topic, kafka_partition, kafka_offset, key, payload, headers,
+                        attempts, parked_at
+                 FROM {schema}.parked WHERE consumer = $1 AND next_attempt_at <= now()
+                 ORDER BY parked_at, kafka_offset LIMIT $2 FOR UPDATE SKIP LOCKED"
+            ),
+            reschedule_parked: format!(
+                "UPDATE {schema}.parked SET attempts = attempts + 1, reason = $3, dependency = $4,
+                     next_attempt_at = now() + make_interval(secs => $5)
+                 WHERE consumer = $1 AND event_id = $2"
+            ),
+            delete_parked: format!("DELETE FROM {schema}.parked WHERE consumer = $1 AND event_id = $2"),
+            wake_parked: format!(
+                "UPDATE {schema}.parked SET next_attempt_at = now() WHERE consumer = $1 AND dependency = $2"
+            ),
+            expire_inbox: format!(
+                "DELETE FROM {schema}.inbox WHERE ctid IN (SELECT ctid FROM {schema}.inbox
+                     WHERE consumer = $1 AND outcome = 'applied' AND processed_at < now() - make_interval(hours => $2)
+                     LIMIT 10000)"
+            ),
+        }
+    }
+
+    /// Records the event; false when it was recorded before (a redelivery).
+    pub(crate) async fn take(
+        &self,
+        conn: &mut PgConnection,
+        consumer: &str,
+        event_id: Uuid,
+        outcome: &str,
+        msg: &Message,
+    ) -> sqlx::Result<bool> {
+        let done = sqlx::query(AssertSqlSafe(self.insert_inbox.as_str()))
+            .bind(consumer)
+            .bind(event_id)
+            .bind(outcome)
+            .bind(&msg.topic)
+            .bind(msg.partition)
+            .bind(msg.offset)
+            .execute(conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub(crate) async fn mark_applied(
+        &self,
+        conn: &mut PgConnection,
+        consumer: &str,
+        event_id: Uuid,
+    ) -> sqlx::Result<()> {
+        sqlx::query(AssertSqlSafe(self.mark_applied.as_str()))
+            .bind(consumer)
+            .bind(event_id)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn forget(
+        &self,
+        conn: &mut PgConnection,
+        consumer: &str,
+        event_id: Uuid,
+    ) -> sqlx::Result<()> {
+        sqlx::query(AssertSqlSafe(self.delete_inbox.as_str()))
+            .bind(consumer)
+            .bind(event_id)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn park(
+        &self,
+        conn: &mut PgConnection,
+        consumer: &str,
+        event_id: Uuid,
+        dependency: &str,
+        reason: &str,
+        msg: &Message,
+        retry_in_secs: f64,
+    ) -> sqlx::Result<()> {
+        sqlx::query(AssertSqlSafe(self.insert_parked.as_str()))
+            .bind(consumer)
+            .bind(event_id)
+            .bind(dependency)
+            .bind(reason)
+            .bind(&msg.topic)
+            .bind(msg.partition)
+            .bind(msg.offset)
+            .bind(msg.key.as_deref())
+            .bind(msg.payload.as_deref())
+            .bind(sqlx::types::Json(&msg.headers))
+            .bind(retry_in_secs)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn due(
+        &self,
+        conn: &mut PgConnection,
+        consumer: &str,
+        limit: i64,
+    ) -> sqlx::Result<Vec<ParkedRow>> {
+        sqlx::query_as(AssertSqlSafe(self.due_parked.as_str()))
+            .bind(consumer)
+            .bind(limit)
+            .fetch_all(conn)
+            .await
+    }
+
+    pub(crate) async fn reschedule(
+        &self,
+        conn: &mut PgConnection,
+        consumer: &str,
+        event_id: Uuid,
+        reason: &str,
+        dependency: &str,
+        retry_in_secs: f64,
+    ) -> sqlx::Result<()> {
+        sqlx::query(AssertSqlSafe(self.reschedule_parked.as_str()))
+            .bind(consumer)
+            .bind(event_id)
+            .bind(reason)
+            .bind(dependency)
+            .bind(retry_in_secs)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn unpark(
+        &self,
+        conn: &mut PgConnection,
+        consumer: &str,
+        event_id: Uuid,
+    ) -> sqlx::Result<()> {
+        sqlx::query(AssertSqlSafe(self.delete_parked.as_str()))
+            .bind(consumer)
+            .bind(event_id)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn wake(
+        &self,
+        conn: &mut PgConnection,
+        consumer: &str,
+        dependency: &str,
+    ) -> sqlx::Result<u64> {
+        Ok(sqlx::query(AssertSqlSafe(self.wake_parked.as_str()))
+            .bind(consumer)
+            .bind(dependency)
+            .execute(conn)
+            .await?
+            .rows_affected())
+    }
+
+    /// Deletes a slice of expired inbox rows; returns how many.
+    pub(crate) async fn expire(
+        &self,
+        conn: &mut PgConnection,
+        consumer: &str,
+        hours: i32,
+    ) -> sqlx::Result<u64> {
+        Ok(sqlx::query(AssertSqlSafe(self.expire_inbox.as_str()))
+            .bind(consumer)
+            .bind(hours)
+            .execute(conn)
+            .await?
+            .rows_affected())
+    }
+}
+
+/// Enqueues `msg` to its dead-letter topic through the consumer's outbox: the original key,
+/// payload and headers, plus `dlq.*` headers saying who failed it, why, and where it was.
+pub(crate) async fn dead_letter(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    outbox: &Outbox,
+    dlq_topic: String,
+    msg: &Message,
+    letter: DeadLetter<'_>,
+) -> Result<(), trialflow_outbox::OutboxError> {
+    use dlq_headers as h;
+    let standard = ["event_id", "event_type", "content-type"];
+    let mut headers: BTreeMap<String, String> = msg
+        .headers
+        .iter()
+        .filter(|(k, _)| !standard.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+        .collect();
+    headers.insert(h::CONSUMER.into(), letter.consumer.to_string());
+    headers.insert(h::ERROR_CLASS.into(), letter.class.to_string());
+    headers.insert(h::REASON.into(), letter.reason);
+    headers.insert(h::ORIGINAL_TOPIC.into(), msg.topic.clone());
+    headers.insert(h::ORIGINAL_PARTITION.into(), msg.partition.to_string());
+    headers.insert(h::ORIGINAL_OFFSET.into(), msg.offset.to_string());
+    headers.insert(h::ATTEMPTS.into(), letter.attempts.to_string());
+    headers.insert(h::FIRST_FAILURE_AT.into(), letter.first_failure_at.to_rfc3339());
+    let event = OutboxEvent {
+        topic: dlq_topic,
+        key: msg.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+        // The original event id, so that a replay is still deduplicated against it.
+        event_id: msg
+            .header_str("event_id")
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .unwrap_or_else(Uuid::now_v7),
+        event_type: msg.header_str("event_type").unwrap_or("unknown").to_string(),
+        content_type: msg.header_str("content-type").unwrap_or("application/octet-stream").to_string(),
+        payload: msg.payload.clone().unwrap_or_default(),
+        headers,
+    };
+    outbox.enqueue(tx, event).await
+}
