@@ -25,10 +25,11 @@ pub(crate) async fn run<H: Handler>(shared: Arc<Shared<H>>, stop: CancellationTo
                 debug!(consumer = %shared.spec.name, %error, "Parked retry failed; trying again later.");
             }
         }
+        // Rows carry their own next_attempt_at; look for due ones every second (an indexed query).
         let wait = if failures > 0 {
             backoff_delay(failures, shared.config.max_backoff())
         } else {
-            shared.config.park_retry()
+            shared.config.park_retry().min(Duration::from_secs(1))
         };
         tokio::select! {
             _ = shared.park_wake.notified() => {}
@@ -44,6 +45,10 @@ async fn retry_due<H: Handler>(shared: &Shared<H>) -> Result<usize, HandlerError
     let max_age = chrono::Duration::seconds(shared.config.park_max_age_secs.min(i64::MAX as u64) as i64);
     let mut tx = shared.pool.begin().await?;
     let due = shared.sql.due(&mut tx, name, SLICE).await?;
+    if !due.is_empty() {
+        let dependencies: Vec<&str> = due.iter().map(|r| r.dependency.as_str()).collect();
+        debug!(consumer = name, ?dependencies, "Retrying parked messages.");
+    }
     let mut resolved = Vec::new();
     for row in &due {
         let msg = row.message();
@@ -61,7 +66,7 @@ async fn retry_due<H: Handler>(shared: &Shared<H>) -> Result<usize, HandlerError
             Err(HandlerError::Transient(e)) => return Err(HandlerError::Transient(e)),
             Err(HandlerError::NotYet { dependency, reason }) => {
                 sqlx::query("ROLLBACK TO SAVEPOINT parked").execute(&mut *tx).await?;
-                if chrono::Utc::now() - row.parked_at > max_age {
+                if chrono::Utc::now() - row.parked_at >= max_age {
                     let error = HandlerError::Permanent(format!(
                         "parked for more than {}s waiting for {dependency}: {reason}",
                         max_age.num_seconds()
@@ -70,9 +75,10 @@ async fn retry_due<H: Handler>(shared: &Shared<H>) -> Result<usize, HandlerError
                 } else {
                     let delay = backoff_delay(row.attempts as u32 + 1, shared.config.park_retry() * 12);
                     let delay = delay.max(shared.config.park_retry()).min(Duration::from_secs(3600));
+                    let (retry, limit) = (delay.as_secs_f64(), max_age.num_seconds() as f64);
                     shared
                         .sql
-                        .reschedule(&mut tx, name, row.event_id, &reason, &dependency, delay.as_secs_f64())
+                        .reschedule(&mut tx, name, row.event_id, &reason, &dependency, retry, limit)
                         .await?;
                 }
             }

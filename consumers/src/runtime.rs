@@ -351,7 +351,8 @@ pub(crate) async fn apply_one<H: Handler>(
         Err(HandlerError::NotYet { dependency, reason }) => {
             sqlx::query("ROLLBACK TO SAVEPOINT message").execute(&mut **tx).await?;
             let retry = shared.config.park_retry().as_secs_f64();
-            shared.sql.park(tx, name, event_id, &dependency, &reason, msg, retry).await?;
+            let max_age = shared.config.park_max_age_secs as f64;
+            shared.sql.park(tx, name, event_id, &dependency, &reason, msg, retry, max_age).await?;
             shared.sql.take(tx, name, event_id, "parked", msg).await?;
             debug!(consumer = name, %event_id, dependency, reason, "Parked message.");
             Ok("parked")

@@ -89,7 +89,7 @@ impl Sql {
             insert_parked: format!(
                 "INSERT INTO {schema}.parked (consumer, event_id, dependency, reason, topic, kafka_partition,
                      kafka_offset, key, payload, headers, next_attempt_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + make_interval(secs => $11))
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now() + make_interval(secs => least($11, $12)))
                  ON CONFLICT DO NOTHING"
             ),
             due_parked: format!(
@@ -100,7 +100,7 @@ impl Sql {
             ),
             reschedule_parked: format!(
                 "UPDATE {schema}.parked SET attempts = attempts + 1, reason = $3, dependency = $4,
-                     next_attempt_at = now() + make_interval(secs => $5)
+                     next_attempt_at = least(now() + make_interval(secs => $5), parked_at + make_interval(secs => $6))
                  WHERE consumer = $1 AND event_id = $2"
             ),
             delete_parked: format!("DELETE FROM {schema}.parked WHERE consumer = $1 AND event_id = $2"),
@@ -174,6 +174,7 @@ impl Sql {
         reason: &str,
         msg: &Message,
         retry_in_secs: f64,
+        max_age_secs: f64,
     ) -> sqlx::Result<()> {
         sqlx::query(AssertSqlSafe(self.insert_parked.as_str()))
             .bind(consumer)
@@ -187,6 +188,7 @@ impl Sql {
             .bind(msg.payload.as_deref())
             .bind(sqlx::types::Json(&msg.headers))
             .bind(retry_in_secs)
+            .bind(max_age_secs)
             .execute(conn)
             .await?;
         Ok(())
@@ -205,6 +207,7 @@ impl Sql {
             .await
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn reschedule(
         &self,
         conn: &mut PgConnection,
@@ -213,6 +216,7 @@ impl Sql {
         reason: &str,
         dependency: &str,
         retry_in_secs: f64,
+        max_age_secs: f64,
     ) -> sqlx::Result<()> {
         sqlx::query(AssertSqlSafe(self.reschedule_parked.as_str()))
             .bind(consumer)
@@ -220,6 +224,7 @@ impl Sql {
             .bind(reason)
             .bind(dependency)
             .bind(retry_in_secs)
+            .bind(max_age_secs)
             .execute(conn)
             .await?;
         Ok(())

@@ -20,8 +20,8 @@ use uuid::Uuid;
 const WAIT: Duration = Duration::from_secs(90);
 
 /// Logs every application and emits one outbox event per message. Payloads: `ok:<text>`,
-/// `needs:<config name>` (permanent failure until that config row exists), anything not UTF-8
-/// is undecodable.
+/// `needs:<name>` (permanent failure until config row `name` exists), `waits:<name>` ("not yet"
+/// until it exists), `provides:<name>` (creates it); anything not UTF-8 is undecodable.
 #[derive(Debug, Clone)]
 struct Recorder {
     schema: SchemaName,
@@ -37,7 +37,20 @@ impl Handler for Recorder {
         {
             let text = std::str::from_utf8(msg.payload.as_deref().unwrap_or_default())
                 .map_err(|e| HandlerError::permanent(format!("undecodable payload: {e}")))?;
-            if let Some(name) = text.strip_prefix("needs:") {
+            if let Some(name) = text.strip_prefix("waits:") {
+                let sql = format!("SELECT count(*) FROM {}.config WHERE name = $1", self.schema);
+                let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql)).bind(name).fetch_one(&mut **tx).await?;
+                if n == 0 {
+                    return Err(HandlerError::not_yet(
+                        format!("config:{name}"),
+                        format!("configuration `{name}` not seen yet"),
+                    ));
+                }
+            } else if let Some(name) = text.strip_prefix("provides:") {
+                let sql = format!("INSERT INTO {}.config VALUES ($1) ON CONFLICT DO NOTHING", self.schema);
+                sqlx::query(AssertSqlSafe(sql)).bind(name).execute(&mut **tx).await?;
+                ctx.resolve(format!("config:{name}"));
+            } else if let Some(name) = text.strip_prefix("needs:") {
                 let sql = format!("SELECT count(*) FROM {}.config WHERE name = $1", self.schema);
                 let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql)).bind(name).fetch_one(&mut **tx).await?;
                 if n == 0 {
@@ -345,4 +358,49 @@ async fn two_instances_with_rebalances_apply_every_event_exactly_once() -> anyho
     stop_b.cancel();
     handle_b.await??;
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_messages_apply_when_their_dependency_arrives_or_expire_to_the_dlq() -> anyhow::Result<()> {
+    let fx = Fixture::new(2).await?;
+    let dlq_topic = format!("{}.dlq", fx.topic);
+    trialflow_outbox::kafka::ensure_topics(&kafka(), &[(&dlq_topic, 1), (&format!("{}.out", fx.topic), 1)])
+        .await?;
+    let mut relay_config = trialflow_outbox::RelayConfig::local(vec![fx.schema.clone()]);
+    relay_config.kafka = kafka();
+    relay_config.poll_interval_ms = 100;
+    let relay = RunningRelay::start(relay_config);
+    let mut config = fx.config(database_url());
+    config.park_retry_ms = 60_000; // only a resolved dependency (or the expiry below) retries soon
+    config.park_max_age_secs = 3;
+    let (stop, handle) = fx.start(config);
+
+    // Different keys, so possibly different partitions: the dependency arrives on another path.
+    let (waiting, provider, orphan) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    fx.produce("subject-1", waiting, b"waits:site-9").await?;
+    fx.produce("subject-2", orphan, b"waits:never").await?;
+    wait_until("two parked", WAIT, || async {
+        let sql = format!("SELECT count(*) FROM {}.parked", fx.schema);
+        Ok(sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql)).fetch_one(&fx.pool).await? == 2)
+    })
+    .await?;
+    assert!(fx.applied().await?.is_empty());
+
+    fx.produce("subject-3", provider, b"provides:site-9").await?;
+    wait_until("parked message applied once its dependency arrived", WAIT, || async {
+        fx.applied_once(waiting).await
+    })
+    .await?;
+
+    // The orphan outlives the maximum parking age: dead-lettered with the reason.
+    let letters = trialflow_outbox::kafka::TopicReader::new(&kafka(), &dlq_topic, true)?
+        .read_until(WAIT, |m| !m.is_empty())
+        .await?;
+    assert_eq!(letters[0].header("event_id"), Some(orphan.to_string().as_str()));
+    let reason = letters[0].header("dlq.reason").unwrap_or_default();
+    assert!(reason.contains("parked for more than") && reason.contains("config:never"), "{reason}");
+    assert_eq!(fx.applied().await?.get(&orphan), None);
+    stop.cancel();
+    handle.await??;
+    relay.stop().await
 }
