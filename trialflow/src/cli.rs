@@ -24,6 +24,9 @@ pub enum Command {
     Relay(RelayConfig),
     /// Run the pipeline on a generated workload and report what was published.
     Demo(demo::DemoArgs),
+    /// Inspect and replay dead letters.
+    #[command(subcommand)]
+    Dlq(crate::dlq::DlqCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -49,6 +52,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             trialflow_outbox::relay::run(config, shutdown::on_signal()).await.context("relay")
         }
         Command::Demo(args) => demo::run(args, shutdown::on_signal()).await,
+        Command::Dlq(command) => crate::dlq::run(command).await,
     }
 }
 

@@ -3,5 +3,6 @@
 
 pub mod cli;
 pub mod demo;
+pub mod dlq;
 pub mod shutdown;
 pub mod telemetry;
