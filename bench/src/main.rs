@@ -19,10 +19,12 @@ use trialflow_outbox::metrics::COMMIT_TO_ACK_SECONDS;
 use trialflow_outbox::{KafkaConfig, Outbox, OutboxEvent, RelayConfig, SchemaName};
 use uuid::Uuid;
 
+mod consumer;
+
 #[derive(Debug, Parser)]
 #[command(about = "trialflow benchmarks")]
 struct Args {
-    /// Run only this group (`relay`).
+    /// Run only this group (`relay` or `consumer`).
     #[arg(long)]
     only: Option<String>,
 
@@ -67,7 +69,7 @@ struct Args {
     latency_secs: u64,
 }
 
-const GROUPS: &[&str] = &["relay"];
+const GROUPS: &[&str] = &["relay", "consumer"];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -90,14 +92,17 @@ async fn main() -> anyhow::Result<()> {
     if args.only.as_deref().is_none_or(|g| g == "relay") {
         relay_group(&args, &kafka, &pool, &metrics).await?;
     }
+    if args.only.as_deref().is_none_or(|g| g == "consumer") {
+        consumer::group(&args.database_url, &kafka, &pool, args.events).await?;
+    }
     Ok(())
 }
 
-fn bench(name: &str, value: f64, unit: &str) {
+pub(crate) fn bench(name: &str, value: f64, unit: &str) {
     println!("BENCH {name}={value:.1} {unit}");
 }
 
-fn progress(msg: &str) {
+pub(crate) fn progress(msg: &str) {
     eprintln!("[bench] {msg}");
 }
 

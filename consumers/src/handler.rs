@@ -1,6 +1,7 @@
 //! What a domain consumer implements, and what it is given.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use sqlx::{Postgres, Transaction};
 use trialflow_outbox::Outbox;
@@ -37,12 +38,12 @@ impl Message {
 #[derive(Debug)]
 pub struct Context {
     /// The consumer's own outbox: events enqueued here commit with the handler's effects.
-    pub outbox: Outbox,
+    pub outbox: Arc<Outbox>,
     pub(crate) resolved: Vec<String>,
 }
 
 impl Context {
-    pub(crate) fn new(outbox: Outbox) -> Self {
+    pub(crate) fn new(outbox: Arc<Outbox>) -> Self {
         Self { outbox, resolved: Vec::new() }
     }
 

@@ -80,7 +80,7 @@ pub(crate) struct Shared<H> {
     pub(crate) config: ConsumerConfig,
     pub(crate) handler: H,
     pub(crate) pool: PgPool,
-    pub(crate) outbox: Outbox,
+    pub(crate) outbox: Arc<Outbox>,
     pub(crate) sql: Sql,
     consumer: Arc<StreamConsumer<RebalanceContext>>,
     pub(crate) park_wake: Notify,
@@ -100,7 +100,7 @@ pub async fn run<H: Handler>(
         .max_connections(8)
         .acquire_timeout(Duration::from_secs(10))
         .connect_lazy(&config.database.database_url)?;
-    let outbox = Outbox::open(&pool, spec.schema.clone()).await?;
+    let outbox = Arc::new(Outbox::open(&pool, spec.schema.clone()).await?);
     let workers: Arc<Mutex<HashMap<Key, WorkerHandle>>> = Arc::default();
     let consumer = Arc::new(create_consumer(&spec, &config, workers.clone())?);
     let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
@@ -283,21 +283,110 @@ fn commit_offset<H>(shared: &Shared<H>, topic: &str, partition: i32, next: i64) 
     }
 }
 
-/// One transaction: per message a savepoint with its inbox row and the handler's effects. A
-/// permanent failure rolls back to the savepoint and dead-letters the message (through the outbox,
-/// in this transaction); "not yet" parks it; a transient failure rolls back the whole batch.
+/// Why a batch did not commit.
+enum BatchError {
+    /// Roll back, back off, retry the batch.
+    Transient(HandlerError),
+    /// Roll back and run the batch again without applying the message at this offset (it is
+    /// dead-lettered or parked instead).
+    Exclude(i64, HandlerError),
+}
+
+impl From<sqlx::Error> for BatchError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Transient(HandlerError::Transient(e.to_string()))
+    }
+}
+
+impl From<HandlerError> for BatchError {
+    fn from(e: HandlerError) -> Self {
+        Self::Transient(e)
+    }
+}
+
+/// Applies a batch until it commits or fails transiently. A message that fails permanently (or
+/// says "not yet") makes the batch roll back and run again with that message set aside: no
+/// savepoints per message on the happy path, and no partial batch is ever committed.
 async fn apply_batch<H: Handler>(
     shared: &Shared<H>,
     batch: &[Message],
     attempts: u32,
     first_failure: chrono::DateTime<chrono::Utc>,
 ) -> Result<(), HandlerError> {
+    let mut excluded: HashMap<i64, HandlerError> = HashMap::new();
+    loop {
+        match try_batch(shared, batch, &excluded, attempts, first_failure).await {
+            Ok(()) => return Ok(()),
+            Err(BatchError::Transient(e)) => return Err(e),
+            Err(BatchError::Exclude(offset, e)) => {
+                excluded.insert(offset, e);
+            }
+        }
+    }
+}
+
+/// One transaction: the inbox rows of the whole batch in one statement (a conflict means already
+/// taken), then the handler per new message in offset order, dead letters and parked messages of
+/// the set-aside ones, dependency wake-ups; commit.
+async fn try_batch<H: Handler>(
+    shared: &Shared<H>,
+    batch: &[Message],
+    excluded: &HashMap<i64, HandlerError>,
+    attempts: u32,
+    first_failure: chrono::DateTime<chrono::Utc>,
+) -> Result<(), BatchError> {
     let name = shared.spec.name.as_str();
+    let mut ids = Vec::with_capacity(batch.len());
+    for msg in batch {
+        match shared.handler.event_id(msg) {
+            Ok(id) => ids.push(Ok(id)),
+            Err(HandlerError::Transient(e)) => return Err(BatchError::Transient(HandlerError::Transient(e))),
+            Err(e) => ids.push(Err(e)),
+        }
+    }
     let mut tx = shared.pool.begin().await?;
+    let (take_ids, take_offsets): (Vec<uuid::Uuid>, Vec<i64>) = batch
+        .iter()
+        .zip(&ids)
+        .filter(|(m, _)| !excluded.contains_key(&m.offset))
+        .filter_map(|(m, id)| id.as_ref().ok().map(|id| (*id, m.offset)))
+        .unzip();
+    let mut new = shared.sql.take_all(&mut tx, name, &batch[0], &take_ids, &take_offsets).await?;
+
     let mut resolved = Vec::new();
     let mut outcomes: HashMap<&'static str, u64> = HashMap::new();
-    for msg in batch {
-        let outcome = apply_one(shared, &mut tx, msg, &mut resolved, attempts, first_failure).await?;
+    let processing = metrics::histogram!(m::PROCESSING_SECONDS, "consumer" => name.to_string());
+    for (msg, id) in batch.iter().zip(&ids) {
+        let outcome = match (id, excluded.get(&msg.offset)) {
+            (Err(e), _) | (Ok(_), Some(e @ HandlerError::Permanent(_))) => {
+                send_to_dlq(shared, &mut tx, msg, e, attempts, first_failure).await?;
+                "dead_lettered"
+            }
+            (Ok(id), Some(HandlerError::NotYet { dependency, reason })) => {
+                park(shared, &mut tx, msg, *id, dependency, reason).await?;
+                "parked"
+            }
+            (Ok(_), Some(HandlerError::Transient(e))) => {
+                return Err(BatchError::Transient(HandlerError::Transient(e.clone())));
+            }
+            (Ok(id), None) if !new.remove(id) => "duplicate",
+            (Ok(_), None) => {
+                let started = Instant::now();
+                let mut ctx = Context::new(shared.outbox.clone());
+                let result = shared.handler.handle(&mut tx, msg, &mut ctx).await;
+                processing.record(started.elapsed().as_secs_f64());
+                match result {
+                    Ok(()) => {
+                        resolved.extend(ctx.resolved);
+                        "applied"
+                    }
+                    Err(HandlerError::Transient(e)) => {
+                        return Err(BatchError::Transient(HandlerError::Transient(e)));
+                    }
+                    Err(e) => return Err(BatchError::Exclude(msg.offset, e)),
+                }
+            }
+        };
         *outcomes.entry(outcome).or_default() += 1;
     }
     for dependency in &resolved {
@@ -314,55 +403,21 @@ async fn apply_batch<H: Handler>(
     Ok(())
 }
 
-pub(crate) async fn apply_one<H: Handler>(
+async fn park<H: Handler>(
     shared: &Shared<H>,
     tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
     msg: &Message,
-    resolved: &mut Vec<String>,
-    attempts: u32,
-    first_failure: chrono::DateTime<chrono::Utc>,
-) -> Result<&'static str, HandlerError> {
+    event_id: uuid::Uuid,
+    dependency: &str,
+    reason: &str,
+) -> Result<(), HandlerError> {
     let name = shared.spec.name.as_str();
-    let started = Instant::now();
-    let event_id = match shared.handler.event_id(msg) {
-        Ok(id) => id,
-        Err(HandlerError::Transient(e)) => return Err(HandlerError::Transient(e)),
-        Err(e) => {
-            send_to_dlq(shared, tx, msg, &e, attempts, first_failure).await?;
-            return Ok("dead_lettered");
-        }
-    };
-    sqlx::query("SAVEPOINT message").execute(&mut **tx).await?;
-    if !shared.sql.take(tx, name, event_id, "applied", msg).await? {
-        sqlx::query("RELEASE SAVEPOINT message").execute(&mut **tx).await?;
-        return Ok("duplicate");
-    }
-    let mut ctx = Context::new(shared.outbox.clone());
-    let result = shared.handler.handle(tx, msg, &mut ctx).await;
-    metrics::histogram!(m::PROCESSING_SECONDS, "consumer" => name.to_string())
-        .record(started.elapsed().as_secs_f64());
-    match result {
-        Ok(()) => {
-            sqlx::query("RELEASE SAVEPOINT message").execute(&mut **tx).await?;
-            resolved.extend(ctx.resolved);
-            Ok("applied")
-        }
-        Err(HandlerError::Transient(e)) => Err(HandlerError::Transient(e)),
-        Err(HandlerError::NotYet { dependency, reason }) => {
-            sqlx::query("ROLLBACK TO SAVEPOINT message").execute(&mut **tx).await?;
-            let retry = shared.config.park_retry().as_secs_f64();
-            let max_age = shared.config.park_max_age_secs as f64;
-            shared.sql.park(tx, name, event_id, &dependency, &reason, msg, retry, max_age).await?;
-            shared.sql.take(tx, name, event_id, "parked", msg).await?;
-            debug!(consumer = name, %event_id, dependency, reason, "Parked message.");
-            Ok("parked")
-        }
-        Err(e @ HandlerError::Permanent(_)) => {
-            sqlx::query("ROLLBACK TO SAVEPOINT message").execute(&mut **tx).await?;
-            send_to_dlq(shared, tx, msg, &e, attempts, first_failure).await?;
-            Ok("dead_lettered")
-        }
-    }
+    let retry = shared.config.park_retry().as_secs_f64();
+    let max_age = shared.config.park_max_age_secs as f64;
+    shared.sql.park(tx, name, event_id, dependency, reason, msg, retry, max_age).await?;
+    shared.sql.take(tx, name, event_id, "parked", msg).await?;
+    debug!(consumer = name, %event_id, dependency, reason, "Parked message.");
+    Ok(())
 }
 
 pub(crate) async fn send_to_dlq<H: Handler>(

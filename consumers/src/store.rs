@@ -36,6 +36,7 @@ pub(crate) struct DeadLetter<'a> {
 #[derive(Debug, Clone)]
 pub(crate) struct Sql {
     insert_inbox: String,
+    insert_inbox_all: String,
     mark_applied: String,
     delete_inbox: String,
     insert_parked: String,
@@ -81,6 +82,11 @@ impl Sql {
             insert_inbox: format!(
                 "INSERT INTO {schema}.inbox (consumer, event_id, outcome, topic, kafka_partition, kafka_offset)
                  VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING"
+            ),
+            insert_inbox_all: format!(
+                "INSERT INTO {schema}.inbox (consumer, event_id, outcome, topic, kafka_partition, kafka_offset)
+                 SELECT $1, e, 'applied', $2, $3, o FROM unnest($4::uuid[], $5::bigint[]) AS u(e, o)
+                 ON CONFLICT DO NOTHING RETURNING event_id"
             ),
             mark_applied: format!(
                 "UPDATE {schema}.inbox SET outcome = 'applied', processed_at = now() WHERE consumer = $1 AND event_id = $2"
@@ -134,6 +140,29 @@ impl Sql {
             .execute(conn)
             .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Records the events of one partition's batch; returns those not recorded before.
+    pub(crate) async fn take_all(
+        &self,
+        conn: &mut PgConnection,
+        consumer: &str,
+        first: &Message,
+        event_ids: &[Uuid],
+        offsets: &[i64],
+    ) -> sqlx::Result<std::collections::HashSet<Uuid>> {
+        if event_ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let rows: Vec<Uuid> = sqlx::query_scalar(AssertSqlSafe(self.insert_inbox_all.as_str()))
+            .bind(consumer)
+            .bind(&first.topic)
+            .bind(first.partition)
+            .bind(event_ids)
+            .bind(offsets)
+            .fetch_all(conn)
+            .await?;
+        Ok(rows.into_iter().collect())
     }
 
     pub(crate) async fn mark_applied(

@@ -1,0 +1,158 @@
+//! Group `consumer`: the consumer runtime applying 200,000 events (6 partitions, one instance) with
+//! a trivial handler that writes one row per event, against PostgreSQL's raw rate for the same
+//! inserts batched the same way (transactions of `max_batch` rows, one writer per partition).
+
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
+use tokio_util::sync::CancellationToken;
+use trialflow_consumers::{ConsumerConfig, ConsumerSpec, Context, Handler, HandlerError, Message};
+use trialflow_outbox::{KafkaConfig, SchemaName};
+use uuid::Uuid;
+
+use crate::{bench, progress};
+
+const PARTITIONS: i32 = 6;
+
+struct RowWriter {
+    insert: String,
+}
+
+impl Handler for RowWriter {
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        msg: &Message,
+        _ctx: &mut Context,
+    ) -> Result<(), HandlerError> {
+        let event_id = self.event_id(msg)?;
+        sqlx::query(AssertSqlSafe(self.insert.as_str()))
+            .bind(event_id)
+            .bind(msg.partition)
+            .bind(msg.offset)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+pub(crate) async fn group(
+    database_url: &str,
+    kafka: &KafkaConfig,
+    pool: &PgPool,
+    events: u64,
+) -> anyhow::Result<()> {
+    let run = &Uuid::new_v4().simple().to_string()[..8];
+    let schema = SchemaName::new(format!("bench_consumer_{run}"))?;
+    let topic = format!("bench.consumer.{run}");
+    trialflow_consumers::migrate(database_url, &schema, Some(sqlx::migrate!("./migrations"))).await?;
+    trialflow_outbox::kafka::ensure_topics(kafka, &[(&topic, PARTITIONS)]).await?;
+    let config = ConsumerConfig {
+        database: trialflow_outbox::DatabaseConfig { database_url: database_url.to_string() },
+        kafka: kafka.clone(),
+        ..ConsumerConfig::local()
+    };
+    let insert =
+        format!("INSERT INTO {schema}.bench_rows (event_id, partition, \"offset\") VALUES ($1, $2, $3)");
+
+    // Baseline: the same inserts, same batching, straight into PostgreSQL.
+    let raw = raw_inserts(pool, &insert, events, config.max_batch as u64).await?;
+    bench("raw_insert_throughput", raw, "events/s");
+    sqlx::query(AssertSqlSafe(format!("TRUNCATE {schema}.bench_rows"))).execute(pool).await?;
+
+    progress(&format!("producing {events} events to {topic}"));
+    produce(kafka, &topic, events).await?;
+
+    progress("consumer applying them");
+    let stop = CancellationToken::new();
+    let spec = ConsumerSpec { name: format!("bench-{run}"), schema: schema.clone(), topics: vec![topic] };
+    let consumer =
+        tokio::spawn(trialflow_consumers::runtime::run(spec, config, RowWriter { insert }, stop.clone()));
+    // Timed from the first applied row: joining the group is not throughput.
+    let count_sql = format!("SELECT count(*) FROM {schema}.bench_rows");
+    let count =
+        || async { sqlx::query_scalar::<_, i64>(AssertSqlSafe(count_sql.as_str())).fetch_one(pool).await };
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let (mut started, mut first) = (None, 0i64);
+    loop {
+        let n = count().await?;
+        if started.is_none() && n > 0 {
+            started = Some(Instant::now());
+            first = n;
+        }
+        if n as u64 >= events {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("consumer applied {n} of {events} events in 15 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(f64::NAN);
+    let rate = (events as i64 - first) as f64 / elapsed;
+    stop.cancel();
+    consumer.await??;
+    bench("consumer_throughput", rate, "events/s");
+    bench("consumer_vs_raw_insert", 100.0 * rate / raw, "%");
+    sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(pool).await?;
+    Ok(())
+}
+
+async fn raw_inserts(pool: &PgPool, insert: &str, events: u64, batch: u64) -> anyhow::Result<f64> {
+    progress(&format!("raw inserts: {events} rows, {batch} per transaction, {PARTITIONS} writers"));
+    let started = Instant::now();
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..PARTITIONS as u64 {
+        let (pool, insert) = (pool.clone(), insert.to_string());
+        let mine = events / PARTITIONS as u64 + u64::from(w < events % PARTITIONS as u64);
+        writers.spawn(async move {
+            let mut done = 0;
+            while done < mine {
+                let mut tx = pool.begin().await?;
+                for i in 0..batch.min(mine - done) {
+                    sqlx::query(AssertSqlSafe(insert.as_str()))
+                        .bind(Uuid::now_v7())
+                        .bind(w as i32)
+                        .bind((done + i) as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                done += batch.min(mine - done);
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(r) = writers.join_next().await {
+        r??;
+    }
+    Ok(events as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn produce(kafka: &KafkaConfig, topic: &str, events: u64) -> anyhow::Result<()> {
+    let producer: FutureProducer =
+        trialflow_outbox::publisher::producer_config(kafka, "bench-consumer").create()?;
+    let mut in_flight = std::collections::VecDeque::new();
+    for i in 0..events {
+        let id = Uuid::now_v7().to_string();
+        let key = format!("subject-{:05}", i % 1000);
+        let headers = OwnedHeaders::new().insert(Header { key: "event_id", value: Some(id.as_bytes()) });
+        in_flight.push_back(
+            producer
+                .send_result(FutureRecord::to(topic).key(&key).payload("x").headers(headers))
+                .map_err(|(e, _)| e)?,
+        );
+        if in_flight.len() >= 10_000
+            && let Some(d) = in_flight.pop_front()
+        {
+            d.await?.map_err(|(e, _)| e)?;
+        }
+    }
+    for d in in_flight {
+        d.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
