@@ -44,6 +44,7 @@ pub(crate) async fn group(
     kafka: &KafkaConfig,
     pool: &PgPool,
     events: u64,
+    metrics_handle: Option<&metrics_exporter_prometheus::PrometheusHandle>,
 ) -> anyhow::Result<()> {
     let run = &Uuid::new_v4().simple().to_string()[..8];
     let schema = SchemaName::new(format!("bench_consumer_{run}"))?;
@@ -65,6 +66,14 @@ pub(crate) async fn group(
 
     progress(&format!("producing {events} events to {topic}"));
     produce(kafka, &topic, events).await?;
+
+    // Informational: how fast a bare librdkafka consumer reads the same topic from this broker.
+    let started = Instant::now();
+    let n = events as usize;
+    let read = trialflow_outbox::kafka::TopicReader::new(kafka, &topic, true)?
+        .read_until(Duration::from_secs(300), move |m| m.len() >= n)
+        .await?;
+    bench("raw_consume_throughput", read.len() as f64 / started.elapsed().as_secs_f64(), "events/s");
 
     progress("consumer applying them");
     let stop = CancellationToken::new();
@@ -96,6 +105,14 @@ pub(crate) async fn group(
     stop.cancel();
     consumer.await??;
     bench("consumer_throughput", rate, "events/s");
+    if let Some(handle) = metrics_handle {
+        for line in handle.render().lines().filter(|l| {
+            l.starts_with("trialflow_consumer_")
+                && (l.contains("quantile=\"0.5\"") || l.contains("_sum") || l.contains("_count"))
+        }) {
+            progress(line);
+        }
+    }
     bench("consumer_vs_raw_insert", 100.0 * rate / raw, "%");
     sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(pool).await?;
     Ok(())

@@ -93,7 +93,7 @@ async fn main() -> anyhow::Result<()> {
         relay_group(&args, &kafka, &pool, &metrics).await?;
     }
     if args.only.as_deref().is_none_or(|g| g == "consumer") {
-        consumer::group(&args.database_url, &kafka, &pool, args.events).await?;
+        consumer::group(&args.database_url, &kafka, &pool, args.events, Some(&metrics)).await?;
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ pub const MESSAGES_TOTAL: &str = "trialflow_consumer_messages_total";
 pub const RETRIES_TOTAL: &str = "trialflow_consumer_batch_retries_total";
 pub const PROCESSING_SECONDS: &str = "trialflow_consumer_processing_seconds";
 pub const BATCH_SECONDS: &str = "trialflow_consumer_batch_seconds";
+pub const BATCH_SIZE: &str = "trialflow_consumer_batch_size";
 pub const LAG_MESSAGES: &str = "trialflow_consumer_lag_messages";
 
 pub fn describe() {

@@ -2,7 +2,7 @@
 //! batches, each batch in one transaction with the inbox; offsets are committed only after that
 //! transaction committed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -74,6 +74,61 @@ impl ConsumerContext for RebalanceContext {
     }
 }
 
+/// The main loop's side of one partition: the worker's channel, and messages held back while it
+/// is full. A full partition is paused rather than waited for, so one slow partition never holds
+/// up the others; what librdkafka had already fetched for it waits here (bounded by its fetch
+/// queue settings).
+struct Feed {
+    tx: mpsc::Sender<Message>,
+    overflow: VecDeque<Message>,
+    paused: bool,
+}
+
+impl Feed {
+    fn push(&mut self, message: Message, consumer: &StreamConsumer<RebalanceContext>, key: &Key) {
+        if !self.overflow.is_empty() {
+            self.overflow.push_back(message);
+            return;
+        }
+        match self.tx.try_send(message) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(message)) => {
+                self.overflow.push_back(message);
+                self.set_paused(true, consumer, key);
+            }
+            // The worker stopped (revoked): the partition's messages come again to its next owner.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    fn flush(&mut self, consumer: &StreamConsumer<RebalanceContext>, key: &Key) {
+        while let Some(message) = self.overflow.pop_front() {
+            match self.tx.try_send(message) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(message)) => {
+                    self.overflow.push_front(message);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => self.overflow.clear(),
+            }
+        }
+        self.set_paused(false, consumer, key);
+    }
+
+    fn set_paused(&mut self, paused: bool, consumer: &StreamConsumer<RebalanceContext>, key: &Key) {
+        if self.paused == paused {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&key.0, key.1);
+        let result = if paused { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
+        match result {
+            Ok(()) => self.paused = paused,
+            Err(error) => debug!(%error, topic = %key.0, partition = key.1, paused, "Pause/resume failed."),
+        }
+    }
+}
+
 /// What every partition worker (and the parking loop) shares.
 pub(crate) struct Shared<H> {
     pub(crate) spec: ConsumerSpec,
@@ -84,6 +139,8 @@ pub(crate) struct Shared<H> {
     pub(crate) sql: Sql,
     consumer: Arc<StreamConsumer<RebalanceContext>>,
     pub(crate) park_wake: Notify,
+    /// Signalled by a worker each time it takes a batch from its channel.
+    drained: Notify,
 }
 
 /// Runs a consumer until `shutdown`: subscribes, applies messages through `handler`, retries
@@ -114,6 +171,7 @@ pub async fn run<H: Handler>(
         outbox,
         consumer: consumer.clone(),
         park_wake: Notify::new(),
+        drained: Notify::new(),
     });
     info!(consumer = %shared.spec.name, topics = ?shared.spec.topics, "Consumer started.");
 
@@ -122,11 +180,19 @@ pub async fn run<H: Handler>(
     tasks.spawn(crate::parking::run(shared.clone(), background.clone()));
     tasks.spawn(expire_inbox(shared.clone(), background.clone()));
 
-    let mut channels: HashMap<Key, mpsc::Sender<Message>> = HashMap::new();
+    let mut feeds: HashMap<Key, Feed> = HashMap::new();
     let mut joins = tokio::task::JoinSet::new();
     loop {
+        let backlog = feeds.values().any(|f| !f.overflow.is_empty());
         let received = tokio::select! {
             _ = shutdown.cancelled() => break,
+            // A worker took a batch: move held-back messages on, resume drained partitions.
+            _ = shared.drained.notified(), if backlog => {
+                for (key, feed) in feeds.iter_mut() {
+                    feed.flush(&consumer, key);
+                }
+                continue;
+            }
             r = consumer.recv() => r,
         };
         let message = match received {
@@ -139,6 +205,8 @@ pub async fn run<H: Handler>(
         let key = (message.topic.clone(), message.partition);
         let alive = workers.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&key);
         if !alive {
+            // New, or re-assigned after a revocation: a fresh worker, and nothing held back from
+            // the previous assignment (librdkafka fetches again from the committed offset).
             let (tx, rx) = mpsc::channel(shared.config.partition_buffer as usize);
             let cancel = CancellationToken::new();
             let (done_tx, done_rx) = std::sync::mpsc::channel();
@@ -147,13 +215,10 @@ pub async fn run<H: Handler>(
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(key.clone(), WorkerHandle { cancel: cancel.clone(), done: done_rx });
             joins.spawn(partition_worker(shared.clone(), rx, cancel, done_tx));
-            channels.insert(key.clone(), tx);
+            feeds.insert(key.clone(), Feed { tx, overflow: VecDeque::new(), paused: false });
         }
-        let Some(tx) = channels.get(&key) else { continue };
-        // A full buffer waits here: this partition's backlog stays in librdkafka (bounded by its
-        // fetch limits); the wait ends as soon as the worker takes a batch.
-        if tx.send(message).await.is_err() {
-            channels.remove(&key);
+        if let Some(feed) = feeds.get_mut(&key) {
+            feed.push(message, &consumer, &key);
         }
     }
 
@@ -163,7 +228,7 @@ pub async fn run<H: Handler>(
     for w in &handles {
         w.cancel.cancel();
     }
-    drop(channels);
+    drop(feeds);
     while joins.join_next().await.is_some() {}
     background.cancel();
     while tasks.join_next().await.is_some() {}
@@ -244,6 +309,8 @@ async fn partition_worker<H: Handler>(
                 Err(_) => break,
             }
         }
+        shared.drained.notify_one();
+        metrics::histogram!(m::BATCH_SIZE, &labels).record(batch.len() as f64);
         let mut attempt = 0u32;
         let first_failure = chrono::Utc::now();
         loop {
