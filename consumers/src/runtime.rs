@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::StreamExt;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
@@ -182,6 +183,8 @@ pub async fn run<H: Handler>(
 
     let mut feeds: HashMap<Key, Feed> = HashMap::new();
     let mut joins = tokio::task::JoinSet::new();
+    // One stream for the whole run: `recv()` would build (and register) a new one per message.
+    let mut stream = consumer.stream();
     loop {
         let backlog = feeds.values().any(|f| !f.overflow.is_empty());
         let received = tokio::select! {
@@ -193,7 +196,10 @@ pub async fn run<H: Handler>(
                 }
                 continue;
             }
-            r = consumer.recv() => r,
+            r = stream.next() => match r {
+                Some(r) => r,
+                None => break,
+            },
         };
         let message = match received {
             Ok(m) => owned(&m),
