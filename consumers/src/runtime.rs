@@ -180,6 +180,7 @@ pub async fn run<H: Handler>(
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(crate::parking::run(shared.clone(), background.clone()));
     tasks.spawn(expire_inbox(shared.clone(), background.clone()));
+    tasks.spawn(report_lag(shared.clone(), background.clone()));
 
     let mut feeds: HashMap<Key, Feed> = HashMap::new();
     let mut joins = tokio::task::JoinSet::new();
@@ -517,6 +518,34 @@ pub(crate) async fn send_to_dlq<H: Handler>(
     let topic = format!("{}{}", msg.topic, shared.config.dlq_suffix);
     dead_letter(tx, &shared.outbox, topic, msg, letter).await?;
     Ok(())
+}
+
+/// Every 10 s: messages between each assigned partition's position and its end, summed per topic.
+async fn report_lag<H: Handler>(shared: Arc<Shared<H>>, stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = stop.cancelled() => return,
+        }
+        let consumer = shared.consumer.clone();
+        // Watermark queries block: keep them off the async threads.
+        let lag = tokio::task::spawn_blocking(move || {
+            let mut lag: HashMap<String, i64> = HashMap::new();
+            let Ok(position) = consumer.position() else { return lag };
+            for e in position.elements() {
+                let Offset::Offset(pos) = e.offset() else { continue };
+                if let Ok((_, high)) = consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2)) {
+                    *lag.entry(e.topic().to_string()).or_default() += (high - pos).max(0);
+                }
+            }
+            lag
+        })
+        .await
+        .unwrap_or_default();
+        for (topic, n) in lag {
+            metrics::gauge!(m::LAG_MESSAGES, "consumer" => shared.spec.name.clone(), "topic" => topic).set(n as f64);
+        }
+    }
 }
 
 /// Deletes inbox rows past the retention window, a slice at a time, every few minutes.
