@@ -6,7 +6,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers, Message as _};
@@ -284,17 +283,7 @@ fn owned(m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
     }
 }
 
-/// The n-th (1-based) delay of an exponential backoff from 100 ms with jitter, capped at `max`.
-pub(crate) fn backoff_delay(attempt: u32, max: Duration) -> Duration {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(max)
-        .with_jitter()
-        .without_max_times()
-        .build()
-        .nth(attempt.saturating_sub(1) as usize)
-        .unwrap_or(max)
-}
+pub(crate) use trialflow_outbox::relay::backoff_delay;
 
 /// Applies one partition's messages in order until cancelled (revocation or shutdown).
 async fn partition_worker<H: Handler>(
@@ -534,7 +523,9 @@ async fn report_lag<H: Handler>(shared: Arc<Shared<H>>, stop: CancellationToken)
             let Ok(position) = consumer.position() else { return lag };
             for e in position.elements() {
                 let Offset::Offset(pos) = e.offset() else { continue };
-                if let Ok((_, high)) = consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2)) {
+                if let Ok((_, high)) =
+                    consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2))
+                {
                     *lag.entry(e.topic().to_string()).or_default() += (high - pos).max(0);
                 }
             }
@@ -543,7 +534,8 @@ async fn report_lag<H: Handler>(shared: Arc<Shared<H>>, stop: CancellationToken)
         .await
         .unwrap_or_default();
         for (topic, n) in lag {
-            metrics::gauge!(m::LAG_MESSAGES, "consumer" => shared.spec.name.clone(), "topic" => topic).set(n as f64);
+            metrics::gauge!(m::LAG_MESSAGES, "consumer" => shared.spec.name.clone(), "topic" => topic)
+                .set(n as f64);
         }
     }
 }

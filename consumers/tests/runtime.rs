@@ -141,6 +141,19 @@ impl Fixture {
         (stop, handle)
     }
 
+    /// A relay for the consumer's outbox (dead letters and the handler's events leave through it),
+    /// and the dead-letter topic.
+    async fn start_relay(&self) -> anyhow::Result<(String, RunningRelay)> {
+        let dlq_topic = format!("{}.dlq", self.topic);
+        let out_topic = format!("{}.out", self.topic);
+        trialflow_outbox::kafka::ensure_topics(&kafka(), &[(&dlq_topic, 1), (&out_topic, 1)]).await?;
+        let mut relay_config = trialflow_outbox::RelayConfig::local(vec![self.schema.clone()]);
+        relay_config.kafka = kafka();
+        relay_config.database.database_url = database_url();
+        relay_config.poll_interval_ms = 100;
+        Ok((dlq_topic, RunningRelay::start(relay_config)))
+    }
+
     async fn produce(&self, key: &str, event_id: Uuid, payload: &[u8]) -> anyhow::Result<(i32, i64)> {
         let id = event_id.to_string();
         let headers = OwnedHeaders::new().insert(Header { key: "event_id", value: Some(id.as_bytes()) });
@@ -263,14 +276,7 @@ async fn a_database_outage_is_retried_and_everything_applied_once() -> anyhow::R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_goes_to_the_dlq_and_a_fixed_message_replays_once() -> anyhow::Result<()> {
     let fx = Fixture::new(1).await?;
-    let dlq_topic = format!("{}.dlq", fx.topic);
-    trialflow_outbox::kafka::ensure_topics(&kafka(), &[(&dlq_topic, 1), (&format!("{}.out", fx.topic), 1)])
-        .await?;
-    let mut relay_config = trialflow_outbox::RelayConfig::local(vec![fx.schema.clone()]);
-    relay_config.kafka = kafka();
-    relay_config.database.database_url = database_url();
-    relay_config.poll_interval_ms = 100;
-    let relay = RunningRelay::start(relay_config);
+    let (dlq_topic, relay) = fx.start_relay().await?;
     let (stop, handle) = fx.start(fx.config(database_url()));
 
     let (before, garbage, needs, after) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
@@ -363,13 +369,7 @@ async fn two_instances_with_rebalances_apply_every_event_exactly_once() -> anyho
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_messages_apply_when_their_dependency_arrives_or_expire_to_the_dlq() -> anyhow::Result<()> {
     let fx = Fixture::new(2).await?;
-    let dlq_topic = format!("{}.dlq", fx.topic);
-    trialflow_outbox::kafka::ensure_topics(&kafka(), &[(&dlq_topic, 1), (&format!("{}.out", fx.topic), 1)])
-        .await?;
-    let mut relay_config = trialflow_outbox::RelayConfig::local(vec![fx.schema.clone()]);
-    relay_config.kafka = kafka();
-    relay_config.poll_interval_ms = 100;
-    let relay = RunningRelay::start(relay_config);
+    let (dlq_topic, relay) = fx.start_relay().await?;
     let mut config = fx.config(database_url());
     config.park_retry_ms = 60_000; // only a resolved dependency (or the expiry below) retries soon
     config.park_max_age_secs = 3;

@@ -153,8 +153,9 @@ async fn report_stats(
     }
 }
 
-/// The n-th delay (1-based) of an exponential backoff from 100 ms, with jitter, capped at `max`.
-fn backoff_delay(attempt: u32, max: Duration) -> Duration {
+/// The n-th delay (1-based) of an exponential backoff from 100 ms, with jitter, capped at `max`
+/// (`backon`). Shared by everything in trialflow that retries.
+pub fn backoff_delay(attempt: u32, max: Duration) -> Duration {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(max)
