@@ -31,10 +31,6 @@ pub struct ConsumerConfig {
     #[arg(long, env = "CONSUMER_MAX_BATCH", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_batch: u32,
 
-    /// Messages buffered per partition before its fetching is paused.
-    #[arg(long, env = "CONSUMER_PARTITION_BUFFER", default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    pub partition_buffer: u32,
-
     /// Longest pause between retries of a failing batch (milliseconds); from 100 ms, with jitter.
     #[arg(long, env = "CONSUMER_MAX_BACKOFF_MS", default_value_t = 30_000)]
     pub max_backoff_ms: u64,
@@ -75,7 +71,6 @@ impl ConsumerConfig {
             kafka: KafkaConfig::default(),
             group_id: None,
             max_batch: 500,
-            partition_buffer: 2_000,
             max_backoff_ms: 30_000,
             park_retry_ms: 5_000,
             park_max_age_secs: 86_400,

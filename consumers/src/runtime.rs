@@ -2,11 +2,11 @@
 //! batches, each batch in one transaction with the inbox; offsets are committed only after that
 //! transaction committed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
@@ -35,7 +35,12 @@ struct WorkerHandle {
 /// (or roll back) their batch and commit its offset while they still own the partition.
 struct RebalanceContext {
     workers: Arc<Mutex<HashMap<Key, WorkerHandle>>>,
+    /// Set right after the consumer is created; used to split assigned partitions.
+    consumer: std::sync::OnceLock<std::sync::Weak<StreamConsumer<RebalanceContext>>>,
+    assigned: mpsc::UnboundedSender<(Key, PartitionQueue)>,
 }
+
+type PartitionQueue = rdkafka::consumer::stream_consumer::StreamPartitionQueue<RebalanceContext>;
 
 impl ClientContext for RebalanceContext {}
 
@@ -67,65 +72,21 @@ impl ConsumerContext for RebalanceContext {
         info!(partitions = revoked.count(), "Partitions revoked.");
     }
 
+    /// Gives every assigned partition its own queue, split off right after the assignment and so
+    /// before anything is fetched for it: partitions are then fetched and drained independently
+    /// (a broker that returns one partition's backlog at a time cannot starve the other workers).
     fn post_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(assigned) = rebalance {
-            info!(partitions = assigned.count(), "Partitions assigned.");
-        }
-    }
-}
-
-/// The main loop's side of one partition: the worker's channel, and messages held back while it
-/// is full. A full partition is paused rather than waited for, so one slow partition never holds
-/// up the others; what librdkafka had already fetched for it waits here (bounded by its fetch
-/// queue settings).
-struct Feed {
-    tx: mpsc::Sender<Message>,
-    overflow: VecDeque<Message>,
-    paused: bool,
-}
-
-impl Feed {
-    fn push(&mut self, message: Message, consumer: &StreamConsumer<RebalanceContext>, key: &Key) {
-        if !self.overflow.is_empty() {
-            self.overflow.push_back(message);
-            return;
-        }
-        match self.tx.try_send(message) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(message)) => {
-                self.overflow.push_back(message);
-                self.set_paused(true, consumer, key);
-            }
-            // The worker stopped (revoked): the partition's messages come again to its next owner.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-        }
-    }
-
-    fn flush(&mut self, consumer: &StreamConsumer<RebalanceContext>, key: &Key) {
-        while let Some(message) = self.overflow.pop_front() {
-            match self.tx.try_send(message) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(message)) => {
-                    self.overflow.push_front(message);
-                    return;
+        let Rebalance::Assign(assigned) = rebalance else { return };
+        let Some(consumer) = self.consumer.get().and_then(std::sync::Weak::upgrade) else { return };
+        for e in assigned.elements() {
+            match consumer.split_partition_queue(e.topic(), e.partition()) {
+                Some(queue) => {
+                    let _ = self.assigned.send(((e.topic().to_string(), e.partition()), queue));
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => self.overflow.clear(),
+                None => warn!(topic = e.topic(), partition = e.partition(), "Cannot split partition queue."),
             }
         }
-        self.set_paused(false, consumer, key);
-    }
-
-    fn set_paused(&mut self, paused: bool, consumer: &StreamConsumer<RebalanceContext>, key: &Key) {
-        if self.paused == paused {
-            return;
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&key.0, key.1);
-        let result = if paused { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
-        match result {
-            Ok(()) => self.paused = paused,
-            Err(error) => debug!(%error, topic = %key.0, partition = key.1, paused, "Pause/resume failed."),
-        }
+        info!(partitions = assigned.count(), "Partitions assigned.");
     }
 }
 
@@ -139,8 +100,6 @@ pub(crate) struct Shared<H> {
     pub(crate) sql: Sql,
     consumer: Arc<StreamConsumer<RebalanceContext>>,
     pub(crate) park_wake: Notify,
-    /// Signalled by a worker each time it takes a batch from its channel.
-    drained: Notify,
 }
 
 /// Runs a consumer until `shutdown`: subscribes, applies messages through `handler`, retries
@@ -159,7 +118,9 @@ pub async fn run<H: Handler>(
         .connect_lazy(&config.database.database_url)?;
     let outbox = Arc::new(Outbox::open(&pool, spec.schema.clone()).await?);
     let workers: Arc<Mutex<HashMap<Key, WorkerHandle>>> = Arc::default();
-    let consumer = Arc::new(create_consumer(&spec, &config, workers.clone())?);
+    let (assigned_tx, mut assigned) = mpsc::unbounded_channel();
+    let consumer = Arc::new(create_consumer(&spec, &config, workers.clone(), assigned_tx)?);
+    let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
     let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     let shared = Arc::new(Shared {
@@ -171,7 +132,6 @@ pub async fn run<H: Handler>(
         outbox,
         consumer: consumer.clone(),
         park_wake: Notify::new(),
-        drained: Notify::new(),
     });
     info!(consumer = %shared.spec.name, topics = ?shared.spec.topics, "Consumer started.");
 
@@ -181,52 +141,38 @@ pub async fn run<H: Handler>(
     tasks.spawn(expire_inbox(shared.clone(), background.clone()));
     tasks.spawn(report_lag(shared.clone(), background.clone()));
 
-    let mut feeds: HashMap<Key, Feed> = HashMap::new();
     let mut joins = tokio::task::JoinSet::new();
-    // One stream for the whole run: `recv()` would build (and register) a new one per message.
+    // The main queue only serves events (rebalances, errors): every partition has its own queue.
     let mut stream = consumer.stream();
+    let mut outcome = Ok(());
     loop {
-        let backlog = feeds.values().any(|f| !f.overflow.is_empty());
-        let received = tokio::select! {
+        tokio::select! {
             _ = shutdown.cancelled() => break,
-            // A worker took a batch: move held-back messages on, resume drained partitions.
-            _ = shared.drained.notified(), if backlog => {
-                for (key, feed) in feeds.iter_mut() {
-                    feed.flush(&consumer, key);
-                }
-                continue;
+            Some((key, queue)) = assigned.recv() => {
+                let cancel = CancellationToken::new();
+                let (done_tx, done_rx) = std::sync::mpsc::channel();
+                workers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, WorkerHandle { cancel: cancel.clone(), done: done_rx });
+                joins.spawn(partition_worker(shared.clone(), queue, cancel, done_tx));
             }
-            r = stream.next() => match r {
-                Some(r) => r,
+            received = stream.next() => match received {
+                Some(Ok(m)) => {
+                    // Fetched before its partition was split: applying it now could overtake
+                    // messages already taken from the partition queue. Stop without committing
+                    // it; the next start fetches it again from the committed offset.
+                    warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(),
+                        "Message on the main queue; restarting the consumer to keep partition order.");
+                    outcome = Err(ConsumerError::Kafka(rdkafka::error::KafkaError::Canceled));
+                    break;
+                }
+                Some(Err(error)) => warn!(%error, "Kafka consumer error; continuing."),
                 None => break,
             },
-        };
-        let message = match received {
-            Ok(m) => owned(&m),
-            Err(error) => {
-                warn!(%error, "Kafka consumer error; continuing.");
-                continue;
-            }
-        };
-        let key = (message.topic.clone(), message.partition);
-        let alive = workers.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&key);
-        if !alive {
-            // New, or re-assigned after a revocation: a fresh worker, and nothing held back from
-            // the previous assignment (librdkafka fetches again from the committed offset).
-            let (tx, rx) = mpsc::channel(shared.config.partition_buffer as usize);
-            let cancel = CancellationToken::new();
-            let (done_tx, done_rx) = std::sync::mpsc::channel();
-            workers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(key.clone(), WorkerHandle { cancel: cancel.clone(), done: done_rx });
-            joins.spawn(partition_worker(shared.clone(), rx, cancel, done_tx));
-            feeds.insert(key.clone(), Feed { tx, overflow: VecDeque::new(), paused: false });
-        }
-        if let Some(feed) = feeds.get_mut(&key) {
-            feed.push(message, &consumer, &key);
         }
     }
+    drop(stream);
 
     info!(consumer = %shared.spec.name, "Consumer stopping: finishing in-flight batches.");
     let handles: Vec<WorkerHandle> =
@@ -234,7 +180,6 @@ pub async fn run<H: Handler>(
     for w in &handles {
         w.cancel.cancel();
     }
-    drop(feeds);
     while joins.join_next().await.is_some() {}
     background.cancel();
     while tasks.join_next().await.is_some() {}
@@ -243,13 +188,14 @@ pub async fn run<H: Handler>(
     }
     consumer.unsubscribe();
     info!(consumer = %shared.spec.name, "Consumer stopped.");
-    Ok(())
+    outcome
 }
 
 fn create_consumer(
     spec: &ConsumerSpec,
     config: &ConsumerConfig,
     workers: Arc<Mutex<HashMap<Key, WorkerHandle>>>,
+    assigned: mpsc::UnboundedSender<(Key, PartitionQueue)>,
 ) -> Result<StreamConsumer<RebalanceContext>, ConsumerError> {
     let mut client = ClientConfig::new();
     client
@@ -265,7 +211,8 @@ fn create_consumer(
     for (k, v) in &config.kafka.producer_config {
         client.set(k, v);
     }
-    Ok(client.create_with_context(RebalanceContext { workers })?)
+    let context = RebalanceContext { workers, consumer: std::sync::OnceLock::new(), assigned };
+    Ok(client.create_with_context(context)?)
 }
 
 fn owned(m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
@@ -288,24 +235,31 @@ pub(crate) use trialflow_outbox::relay::backoff_delay;
 /// Applies one partition's messages in order until cancelled (revocation or shutdown).
 async fn partition_worker<H: Handler>(
     shared: Arc<Shared<H>>,
-    mut rx: mpsc::Receiver<Message>,
+    queue: PartitionQueue,
     cancel: CancellationToken,
     done: std::sync::mpsc::Sender<()>,
 ) {
+    let mut rx = queue.stream();
     let labels = [("consumer", shared.spec.name.clone())];
     'batches: loop {
         let first = tokio::select! {
             _ = cancel.cancelled() => break,
-            m = rx.recv() => match m { Some(m) => m, None => break },
+            m = rx.next() => match m {
+                Some(Ok(m)) => owned(&m),
+                Some(Err(error)) => {
+                    warn!(%error, "Kafka partition queue error; continuing.");
+                    continue;
+                }
+                None => break,
+            },
         };
         let mut batch = vec![first];
         while batch.len() < shared.config.max_batch as usize {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
+            match rx.next().now_or_never() {
+                Some(Some(Ok(m))) => batch.push(owned(&m)),
+                _ => break,
             }
         }
-        shared.drained.notify_one();
         metrics::histogram!(m::BATCH_SIZE, &labels).record(batch.len() as f64);
         let mut attempt = 0u32;
         let first_failure = chrono::Utc::now();
