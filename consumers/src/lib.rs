@@ -7,8 +7,10 @@
 
 pub mod config;
 pub mod dlq;
+pub mod enrollment;
 pub mod error;
 pub mod handler;
+pub mod kit_allocation;
 pub mod metrics;
 mod parking;
 pub mod runtime;

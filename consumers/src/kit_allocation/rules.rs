@@ -1,0 +1,163 @@
+//! Dispensing rules (sources: `shared/brief/domain-rules.md`).
+//!
+//! * Do-Not-Dispense: a kit is dispensable only while `today < expiry − DND days`, so it lasts until
+//!   the next dispensing visit (Oracle IRT).
+//! * Default choice: the lowest *sequence* number among dispensable kits of the subject's arm, the
+//!   closest usable expiry breaking ties (choosing by lowest kit number risks partial unblinding;
+//!   Oracle Clinical One). A kit of another arm is never chosen.
+//! * Low stock: countable kits (before the Do-Not-Count buffer) of an arm at a site falling below the
+//!   threshold signals resupply once per crossing, not on every allocation.
+
+use chrono::NaiveDate;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KitStatus {
+    Available,
+    Allocated,
+    Quarantined,
+    Damaged,
+    Lost,
+    Expired,
+}
+
+/// A kit at a site, as the inventory knows it (the arm is unblinded data).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kit {
+    pub kit_number: String,
+    pub sequence_number: i64,
+    pub kit_type: String,
+    pub arm_code: String,
+    pub expiry: NaiveDate,
+    pub status: KitStatus,
+}
+
+/// Whether `kit` may be dispensed on `today` with a Do-Not-Dispense buffer of `dnd_days`.
+pub fn dispensable(kit: &Kit, today: NaiveDate, dnd_days: u32) -> bool {
+    kit.status == KitStatus::Available
+        && kit
+            .expiry
+            .checked_sub_days(chrono::Days::new(u64::from(dnd_days)))
+            .is_some_and(|last| today < last)
+}
+
+/// Whether `kit` still counts as stock on `today` with a Do-Not-Count buffer of `dnc_days`.
+pub fn countable(kit: &Kit, today: NaiveDate, dnc_days: u32) -> bool {
+    dispensable(kit, today, dnc_days)
+}
+
+/// The kit to allocate for a subject of `arm_code` needing `kit_type`, if any.
+pub fn choose<'a>(
+    kits: &'a [Kit],
+    arm_code: &str,
+    kit_type: &str,
+    today: NaiveDate,
+    dnd_days: u32,
+) -> Option<&'a Kit> {
+    kits.iter()
+        .filter(|k| k.arm_code == arm_code && k.kit_type == kit_type && dispensable(k, today, dnd_days))
+        .min_by_key(|k| (k.sequence_number, k.expiry))
+}
+
+/// Countable kits of an arm and kit type.
+pub fn countable_stock(
+    kits: &[Kit],
+    arm_code: &str,
+    kit_type: &str,
+    today: NaiveDate,
+    dnc_days: u32,
+) -> usize {
+    kits.iter()
+        .filter(|k| k.arm_code == arm_code && k.kit_type == kit_type && countable(k, today, dnc_days))
+        .count()
+}
+
+/// True when stock went from at/above `threshold` to below it: signal resupply once per crossing.
+pub fn crossed_low_stock(before: usize, after: usize, threshold: usize) -> bool {
+    before >= threshold && after < threshold
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn day(y: i32, m: u32, d: u32) -> NaiveDate {
+        NaiveDate::from_ymd_opt(y, m, d).unwrap_or_default()
+    }
+
+    fn kit(number: &str, sequence: i64, arm: &str, expiry: NaiveDate) -> Kit {
+        Kit {
+            kit_number: number.into(),
+            sequence_number: sequence,
+            kit_type: "BOTTLE-30".into(),
+            arm_code: arm.into(),
+            expiry,
+            status: KitStatus::Available,
+        }
+    }
+
+    #[test]
+    fn the_do_not_dispense_boundary_is_exclusive() {
+        let k = kit("K1", 1, "PBO", day(2027, 3, 31));
+        // expiry − 30 days = 2027-03-01: dispensable only strictly before that day.
+        assert!(dispensable(&k, day(2027, 2, 28), 30));
+        assert!(!dispensable(&k, day(2027, 3, 1), 30));
+        assert!(!dispensable(&k, day(2027, 3, 2), 30));
+        assert!(dispensable(&k, day(2027, 3, 30), 0));
+        assert!(!dispensable(&k, day(2027, 3, 31), 0), "never on its expiry day");
+    }
+
+    #[test]
+    fn the_lowest_sequence_of_the_right_arm_is_chosen() {
+        let kits = vec![
+            kit("K-900", 3, "XAN_HI", day(2028, 1, 1)),
+            kit("K-100", 7, "XAN_HI", day(2028, 1, 1)), // lower kit number, higher sequence
+            kit("K-500", 1, "PBO", day(2028, 1, 1)),    // lowest sequence, wrong arm
+        ];
+        let chosen = choose(&kits, "XAN_HI", "BOTTLE-30", day(2027, 1, 1), 30);
+        assert_eq!(chosen.map(|k| k.kit_number.as_str()), Some("K-900"));
+    }
+
+    #[test]
+    fn closest_expiry_breaks_a_sequence_tie() {
+        let kits = vec![kit("A", 5, "PBO", day(2028, 6, 1)), kit("B", 5, "PBO", day(2027, 6, 1))];
+        assert_eq!(
+            choose(&kits, "PBO", "BOTTLE-30", day(2027, 1, 1), 30).map(|k| k.kit_number.as_str()),
+            Some("B")
+        );
+    }
+
+    #[test]
+    fn a_kit_of_another_arm_or_type_or_status_is_never_chosen() {
+        let mut kits = vec![kit("K1", 1, "PBO", day(2028, 1, 1)), kit("K2", 2, "PBO", day(2028, 1, 1))];
+        kits[0].status = KitStatus::Allocated;
+        kits[1].kit_type = "BOTTLE-90".into();
+        assert_eq!(choose(&kits, "PBO", "BOTTLE-30", day(2027, 1, 1), 30), None);
+        assert_eq!(choose(&kits, "XAN_LO", "BOTTLE-90", day(2027, 1, 1), 30), None);
+        for status in [KitStatus::Quarantined, KitStatus::Damaged, KitStatus::Lost, KitStatus::Expired] {
+            let k = Kit { status, ..kit("K", 1, "PBO", day(2028, 1, 1)) };
+            assert!(!dispensable(&k, day(2027, 1, 1), 0), "{status:?}");
+        }
+    }
+
+    #[test]
+    fn expiring_kits_are_skipped_for_a_later_usable_one() {
+        let kits = vec![kit("OLD", 1, "PBO", day(2027, 1, 20)), kit("NEW", 2, "PBO", day(2028, 1, 1))];
+        assert_eq!(
+            choose(&kits, "PBO", "BOTTLE-30", day(2027, 1, 1), 30).map(|k| k.kit_number.as_str()),
+            Some("NEW")
+        );
+    }
+
+    #[test]
+    fn low_stock_signals_once_per_crossing() {
+        assert!(crossed_low_stock(3, 2, 3));
+        assert!(!crossed_low_stock(2, 1, 3), "already below: no new signal");
+        assert!(!crossed_low_stock(5, 4, 3));
+        let kits = vec![kit("A", 1, "PBO", day(2027, 1, 10)), kit("B", 2, "PBO", day(2028, 1, 1))];
+        assert_eq!(
+            countable_stock(&kits, "PBO", "BOTTLE-30", day(2027, 1, 1), 15),
+            1,
+            "A is inside do-not-count"
+        );
+    }
+}
