@@ -30,6 +30,26 @@ pub struct OutboxEvent {
     pub headers: BTreeMap<String, String>,
 }
 
+impl OutboxEvent {
+    /// An event of the catalogue, Avro single-object encoded, to `topic` (the deployed name of
+    /// `E::TOPIC`, see [`trialflow_schemas::topics::TopicNames`]) under `key`.
+    pub fn avro<E: trialflow_schemas::Event>(
+        event: &E,
+        topic: String,
+        key: impl Into<String>,
+    ) -> std::result::Result<Self, trialflow_schemas::CodecError> {
+        Ok(Self {
+            topic,
+            key: key.into(),
+            event_type: E::NAME.to_string(),
+            event_id: event.envelope().event_id,
+            content_type: trialflow_schemas::CONTENT_TYPE.to_string(),
+            payload: trialflow_schemas::encode(event)?,
+            headers: BTreeMap::new(),
+        })
+    }
+}
+
 /// The outbox of one service schema.
 #[derive(Debug, Clone)]
 pub struct Outbox {

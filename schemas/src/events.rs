@@ -96,6 +96,8 @@ macro_rules! events {
 }
 
 events! {
+    StudyConfigured => topics::STUDY_CONFIGURATION,
+    RandomizationListLow => topics::RANDOMIZATION_LISTS,
     SubjectScreened => topics::SUBJECT_LIFECYCLE,
     ConsentSigned => topics::SUBJECT_LIFECYCLE,
     EligibilityAssessed => topics::SUBJECT_LIFECYCLE,
@@ -121,6 +123,65 @@ events! {
     AlertResolved => topics::ALERTS,
     NotificationDelivered => topics::NOTIFICATIONS,
     NotificationFailed => topics::NOTIFICATIONS,
+}
+
+// ---- study set-up ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct StudyArm {
+    pub arm_code: String,
+    pub name: String,
+    pub ratio: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct StratificationFactor {
+    pub factor: String,
+    pub values: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct RandomizationSettings {
+    /// CONCEALED.
+    pub seed: i64,
+    pub block_multiples: Vec<i32>,
+    pub slots_per_stratum: i32,
+    pub warn_slots_left: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct KitTypeSettings {
+    pub kit_type: String,
+    pub do_not_dispense_days: i32,
+    pub do_not_count_days: i32,
+    pub low_stock_threshold: i32,
+}
+
+/// RESTRICTED (seed, arms): restricted study-configuration topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct StudyConfigured {
+    pub envelope: Envelope,
+    pub config_version: i32,
+    pub arms: Vec<StudyArm>,
+    pub stratification_factors: Vec<StratificationFactor>,
+    pub randomization: RandomizationSettings,
+    pub kit_types: Vec<KitTypeSettings>,
+    pub enrollment_kit_type: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct RandomizationListLow {
+    pub envelope: Envelope,
+    pub randomization_list_id: String,
+    pub stratum: String,
+    pub slots_left: i32,
+    pub slots_total: i32,
 }
 
 // ---- subject lifecycle -------------------------------------------------------------------

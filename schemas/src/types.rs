@@ -69,6 +69,40 @@ pub struct Envelope {
     pub causation_id: Option<Uuid>,
 }
 
+impl Envelope {
+    /// The envelope of a new event: a fresh (time-ordered) id, recorded now, schema version 1.
+    pub fn new(event_type: &str, study_id: &str, source_system: &str, occurred_at: Timestamp) -> Self {
+        Self {
+            event_id: Uuid::now_v7(),
+            event_type: event_type.to_string(),
+            schema_version: 1,
+            study_id: study_id.to_string(),
+            site_id: None,
+            subject_id: None,
+            occurred_at,
+            recorded_at: Timestamp::now(),
+            source_system: source_system.to_string(),
+            actor: None,
+            correlation_id: None,
+            causation_id: None,
+        }
+    }
+
+    /// The envelope of an event that `cause` caused: same study, site and subject, same flow
+    /// (correlation: the cause's, or the cause itself when it starts the flow), causation = the
+    /// cause, and the cause's effective time (so a replay on a virtual clock stays on it).
+    pub fn caused_by(cause: &Envelope, event_type: &str, source_system: &str) -> Self {
+        Self {
+            site_id: cause.site_id.clone(),
+            subject_id: cause.subject_id.clone(),
+            actor: Some(source_system.to_string()),
+            correlation_id: Some(cause.correlation_id.unwrap_or(cause.event_id)),
+            causation_id: Some(cause.event_id),
+            ..Self::new(event_type, &cause.study_id, source_system, cause.occurred_at)
+        }
+    }
+}
+
 /// Finest unit a partial date-time carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]

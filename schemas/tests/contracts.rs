@@ -61,6 +61,8 @@ fn every_event_embeds_the_common_envelope_first() {
 #[test]
 fn every_event_names_its_topic_in_the_schema_doc() {
     let sample_topics = [
+        (StudyConfigured::NAME, StudyConfigured::TOPIC),
+        (RandomizationListLow::NAME, RandomizationListLow::TOPIC),
         (SubjectScreened::NAME, SubjectScreened::TOPIC),
         (TreatmentAssigned::NAME, TreatmentAssigned::TOPIC),
         (KitsReceived::NAME, KitsReceived::TOPIC),
