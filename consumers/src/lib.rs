@@ -9,6 +9,7 @@ pub mod config;
 pub mod dlq;
 pub mod enrollment;
 pub mod error;
+pub mod events;
 pub mod handler;
 pub mod kit_allocation;
 pub mod metrics;

@@ -74,17 +74,22 @@ impl TestService {
 
     /// A relay configuration for this service with short intervals, so tests finish quickly.
     pub fn relay_config(&self, kafka: &KafkaConfig) -> RelayConfig {
-        RelayConfig {
-            database: DatabaseConfig { database_url: database_url() },
-            kafka: kafka.clone(),
-            poll_interval_ms: 100,
-            rebalance_interval_ms: 200,
-            stats_interval_ms: 500,
-            shutdown_grace_ms: 2_000,
-            max_backoff_ms: 500,
-            batch_size: 100,
-            ..RelayConfig::local(vec![self.schema.clone()])
-        }
+        relay_config(kafka, vec![self.schema.clone()])
+    }
+}
+
+/// A relay configuration for `sources` with short intervals, so tests finish quickly.
+pub fn relay_config(kafka: &KafkaConfig, sources: Vec<SchemaName>) -> RelayConfig {
+    RelayConfig {
+        database: DatabaseConfig { database_url: database_url() },
+        kafka: kafka.clone(),
+        poll_interval_ms: 100,
+        rebalance_interval_ms: 200,
+        stats_interval_ms: 500,
+        shutdown_grace_ms: 2_000,
+        max_backoff_ms: 500,
+        batch_size: 100,
+        ..RelayConfig::local(sources)
     }
 }
 

@@ -71,9 +71,15 @@ pub fn countable_stock(
         .count()
 }
 
-/// True when stock went from at/above `threshold` to below it: signal resupply once per crossing.
-pub fn crossed_low_stock(before: usize, after: usize, threshold: usize) -> bool {
-    before >= threshold && after < threshold
+/// Whether countable stock is under the resupply threshold.
+pub fn is_low(countable: usize, threshold: usize) -> bool {
+    countable < threshold
+}
+
+/// Whether to signal low stock: only on the transition into "low" (once per crossing, not on
+/// every allocation while it stays low). Stock back at or above threshold re-arms the signal.
+pub fn signal_low_stock(was_low: bool, countable: usize, threshold: usize) -> bool {
+    !was_low && is_low(countable, threshold)
 }
 
 #[cfg(test)]
@@ -150,9 +156,11 @@ mod tests {
 
     #[test]
     fn low_stock_signals_once_per_crossing() {
-        assert!(crossed_low_stock(3, 2, 3));
-        assert!(!crossed_low_stock(2, 1, 3), "already below: no new signal");
-        assert!(!crossed_low_stock(5, 4, 3));
+        assert!(signal_low_stock(false, 2, 3), "fell under the threshold");
+        assert!(!signal_low_stock(true, 1, 3), "already low: no new signal");
+        assert!(!signal_low_stock(false, 3, 3), "at the threshold is not under it");
+        assert!(!signal_low_stock(false, 0, 0), "threshold 0 never signals");
+        assert!(!is_low(4, 3), "a shipment that lifts stock to the threshold re-arms the signal");
         let kits = vec![kit("A", 1, "PBO", day(2027, 1, 10)), kit("B", 2, "PBO", day(2028, 1, 1))];
         assert_eq!(
             countable_stock(&kits, "PBO", "BOTTLE-30", day(2027, 1, 1), 15),

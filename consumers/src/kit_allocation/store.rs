@@ -1,0 +1,393 @@
+//! The kit-allocation consumer's SQL. Every function runs inside the handler's transaction.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::{AssertSqlSafe, PgConnection, Row};
+use trialflow_outbox::SchemaName;
+use trialflow_schemas::{KitsReceived, StudyConfigured};
+use uuid::Uuid;
+
+use super::rules::{Kit, KitStatus};
+use crate::error::HandlerError;
+
+/// What the consumer keeps of a study's configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct StudySettings {
+    pub(crate) enrollment_kit_type: String,
+    pub(crate) arm_codes: Vec<String>,
+    pub(crate) kit_types: Vec<KitTypeSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct KitTypeSettings {
+    pub(crate) kit_type: String,
+    pub(crate) do_not_dispense_days: u32,
+    pub(crate) do_not_count_days: u32,
+    pub(crate) low_stock_threshold: usize,
+}
+
+impl StudySettings {
+    pub(crate) fn kit_type(&self, kit_type: &str) -> Result<&KitTypeSettings, HandlerError> {
+        self.kit_types
+            .iter()
+            .find(|k| k.kit_type == kit_type)
+            .ok_or_else(|| HandlerError::permanent(format!("kit type `{kit_type}` is not configured")))
+    }
+}
+
+/// A subject waiting for a kit (or being allocated one now).
+#[derive(Debug, Clone)]
+pub(crate) struct Request {
+    pub(crate) study_id: String,
+    pub(crate) site_id: String,
+    pub(crate) subject_id: String,
+    pub(crate) randomization_number: String,
+    pub(crate) arm_code: String,
+    pub(crate) kit_type: String,
+    pub(crate) correlation_id: Option<Uuid>,
+}
+
+fn non_negative(value: i32, what: &str) -> Result<u32, HandlerError> {
+    u32::try_from(value).map_err(|_| HandlerError::permanent(format!("{what} is negative: {value}")))
+}
+
+/// Stores a study's settings unless a newer version is already stored. Returns whether it did.
+pub(crate) async fn save_study(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    e: &StudyConfigured,
+) -> Result<bool, HandlerError> {
+    let study_id = &e.envelope.study_id;
+    let arms: Vec<&str> = e.arms.iter().map(|a| a.arm_code.as_str()).collect();
+    let sql = format!(
+        "INSERT INTO {schema}.study (study_id, config_version, enrollment_kit_type, arm_codes)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (study_id) DO UPDATE SET config_version = excluded.config_version,
+             enrollment_kit_type = excluded.enrollment_kit_type, arm_codes = excluded.arm_codes
+         WHERE study.config_version < excluded.config_version"
+    );
+    let done = sqlx::query(AssertSqlSafe(sql))
+        .bind(study_id)
+        .bind(e.config_version)
+        .bind(&e.enrollment_kit_type)
+        .bind(&arms)
+        .execute(&mut *conn)
+        .await?;
+    if done.rows_affected() == 0 {
+        return Ok(false);
+    }
+    let sql = format!(
+        "INSERT INTO {schema}.kit_type
+             (study_id, kit_type, do_not_dispense_days, do_not_count_days, low_stock_threshold)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (study_id, kit_type) DO UPDATE SET
+             do_not_dispense_days = excluded.do_not_dispense_days,
+             do_not_count_days = excluded.do_not_count_days,
+             low_stock_threshold = excluded.low_stock_threshold"
+    );
+    for k in &e.kit_types {
+        non_negative(k.do_not_dispense_days, "do_not_dispense_days")?;
+        non_negative(k.do_not_count_days, "do_not_count_days")?;
+        non_negative(k.low_stock_threshold, "low_stock_threshold")?;
+        sqlx::query(AssertSqlSafe(sql.as_str()))
+            .bind(study_id)
+            .bind(&k.kit_type)
+            .bind(k.do_not_dispense_days)
+            .bind(k.do_not_count_days)
+            .bind(k.low_stock_threshold)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(true)
+}
+
+pub(crate) async fn study(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    study_id: &str,
+) -> Result<Option<StudySettings>, HandlerError> {
+    let sql = format!("SELECT enrollment_kit_type, arm_codes FROM {schema}.study WHERE study_id = $1");
+    let Some(row) = sqlx::query(AssertSqlSafe(sql)).bind(study_id).fetch_optional(&mut *conn).await? else {
+        return Ok(None);
+    };
+    let sql = format!(
+        "SELECT kit_type, do_not_dispense_days, do_not_count_days, low_stock_threshold
+         FROM {schema}.kit_type WHERE study_id = $1 ORDER BY kit_type"
+    );
+    let kit_types = sqlx::query(AssertSqlSafe(sql))
+        .bind(study_id)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| {
+            Ok(KitTypeSettings {
+                kit_type: r.try_get(0)?,
+                do_not_dispense_days: non_negative(r.try_get(1)?, "do_not_dispense_days")?,
+                do_not_count_days: non_negative(r.try_get(2)?, "do_not_count_days")?,
+                low_stock_threshold: non_negative(r.try_get(3)?, "low_stock_threshold")? as usize,
+            })
+        })
+        .collect::<Result<Vec<_>, HandlerError>>()?;
+    Ok(Some(StudySettings { enrollment_kit_type: row.try_get(0)?, arm_codes: row.try_get(1)?, kit_types }))
+}
+
+/// Takes the site's inventory lock (creating the site's row on first use) until the transaction
+/// ends: one writer per site at a time.
+pub(crate) async fn lock_site(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    study_id: &str,
+    site_id: &str,
+) -> Result<(), HandlerError> {
+    let sql = format!(
+        "INSERT INTO {schema}.site_inventory (study_id, site_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+    );
+    sqlx::query(AssertSqlSafe(sql)).bind(study_id).bind(site_id).execute(&mut *conn).await?;
+    let sql =
+        format!("SELECT 1 FROM {schema}.site_inventory WHERE study_id = $1 AND site_id = $2 FOR UPDATE");
+    sqlx::query(AssertSqlSafe(sql)).bind(study_id).bind(site_id).fetch_one(&mut *conn).await?;
+    Ok(())
+}
+
+/// Stores a shipment's kits; a kit number already known is kept as it was. Returns how many
+/// kits were new.
+pub(crate) async fn receive_kits(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    e: &KitsReceived,
+    site_id: &str,
+    received_at: DateTime<Utc>,
+) -> Result<u64, HandlerError> {
+    let sql = format!(
+        "INSERT INTO {schema}.kit (study_id, kit_number, site_id, shipment_id, sequence_number, kit_type,
+                                   lot, expiry_date, arm_code, received_at)
+         SELECT $1, k.kit_number, $2, $3, k.sequence_number, k.kit_type, k.lot, k.expiry_date, k.arm_code, $4
+         FROM unnest($5::text[], $6::bigint[], $7::text[], $8::text[], $9::date[], $10::text[])
+              AS k(kit_number, sequence_number, kit_type, lot, expiry_date, arm_code)
+         ON CONFLICT (study_id, kit_number) DO NOTHING"
+    );
+    let expiry = e
+        .kits
+        .iter()
+        .map(|k| {
+            k.expiry_date.to_naive().ok_or_else(|| {
+                HandlerError::permanent(format!("kit {}: expiry date out of range", k.kit_number))
+            })
+        })
+        .collect::<Result<Vec<NaiveDate>, _>>()?;
+    let done = sqlx::query(AssertSqlSafe(sql))
+        .bind(&e.envelope.study_id)
+        .bind(site_id)
+        .bind(&e.shipment_id)
+        .bind(received_at)
+        .bind(e.kits.iter().map(|k| k.kit_number.as_str()).collect::<Vec<_>>())
+        .bind(e.kits.iter().map(|k| k.sequence_number).collect::<Vec<_>>())
+        .bind(e.kits.iter().map(|k| k.kit_type.as_str()).collect::<Vec<_>>())
+        .bind(e.kits.iter().map(|k| k.lot.as_str()).collect::<Vec<_>>())
+        .bind(expiry)
+        .bind(e.kits.iter().map(|k| k.arm_code.as_str()).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+/// Available kits of one kit type and arm at a site.
+pub(crate) async fn available_kits(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    study_id: &str,
+    site_id: &str,
+    kit_type: &str,
+    arm_code: &str,
+) -> Result<Vec<Kit>, HandlerError> {
+    let sql = format!(
+        "SELECT kit_number, sequence_number, expiry_date FROM {schema}.kit
+         WHERE study_id = $1 AND site_id = $2 AND kit_type = $3 AND arm_code = $4 AND status = 'available'
+         ORDER BY sequence_number"
+    );
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(study_id)
+        .bind(site_id)
+        .bind(kit_type)
+        .bind(arm_code)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(Kit {
+                kit_number: r.try_get(0)?,
+                sequence_number: r.try_get(1)?,
+                kit_type: kit_type.to_string(),
+                arm_code: arm_code.to_string(),
+                expiry: r.try_get(2)?,
+                status: KitStatus::Available,
+            })
+        })
+        .collect()
+}
+
+/// Marks `kit` allocated to the request's subject. The primary key of `allocation` makes a second
+/// allocation of the same kit impossible whatever the code above did.
+pub(crate) async fn allocate(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    kit: &Kit,
+    request: &Request,
+    today: NaiveDate,
+    caused_by: Uuid,
+) -> Result<(), HandlerError> {
+    let sql = format!(
+        "UPDATE {schema}.kit SET status = 'allocated'
+         WHERE study_id = $1 AND kit_number = $2 AND status = 'available'"
+    );
+    let done = sqlx::query(AssertSqlSafe(sql))
+        .bind(&request.study_id)
+        .bind(&kit.kit_number)
+        .execute(&mut *conn)
+        .await?;
+    if done.rows_affected() != 1 {
+        // Cannot happen under the site lock; if it does, retrying re-reads the inventory.
+        return Err(HandlerError::transient(format!("kit {} is no longer available", kit.kit_number)));
+    }
+    let sql = format!(
+        "INSERT INTO {schema}.allocation
+             (study_id, kit_number, randomization_number, subject_id, site_id, allocated_on, caused_by)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)"
+    );
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(&request.study_id)
+        .bind(&kit.kit_number)
+        .bind(&request.randomization_number)
+        .bind(&request.subject_id)
+        .bind(&request.site_id)
+        .bind(today)
+        .bind(caused_by)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Whether the randomization already has a kit or is already waiting for one.
+pub(crate) async fn known_request(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    study_id: &str,
+    randomization_number: &str,
+) -> Result<bool, HandlerError> {
+    let sql = format!(
+        "SELECT EXISTS (SELECT 1 FROM {schema}.allocation WHERE study_id = $1 AND randomization_number = $2)
+             OR EXISTS (SELECT 1 FROM {schema}.pending_allocation
+                        WHERE study_id = $1 AND randomization_number = $2)"
+    );
+    Ok(sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(study_id)
+        .bind(randomization_number)
+        .fetch_one(&mut *conn)
+        .await?)
+}
+
+pub(crate) async fn add_pending(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    request: &Request,
+    since: DateTime<Utc>,
+) -> Result<(), HandlerError> {
+    let sql = format!(
+        "INSERT INTO {schema}.pending_allocation (study_id, randomization_number, subject_id, site_id,
+                                                  arm_code, kit_type, correlation_id, waiting_since)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING"
+    );
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(&request.study_id)
+        .bind(&request.randomization_number)
+        .bind(&request.subject_id)
+        .bind(&request.site_id)
+        .bind(&request.arm_code)
+        .bind(&request.kit_type)
+        .bind(request.correlation_id)
+        .bind(since)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Subjects waiting for a kit at a site, longest waiting first.
+pub(crate) async fn pending_at(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    study_id: &str,
+    site_id: &str,
+) -> Result<Vec<Request>, HandlerError> {
+    let sql = format!(
+        "SELECT subject_id, randomization_number, arm_code, kit_type, correlation_id
+         FROM {schema}.pending_allocation WHERE study_id = $1 AND site_id = $2
+         ORDER BY waiting_since, randomization_number"
+    );
+    let rows = sqlx::query(AssertSqlSafe(sql)).bind(study_id).bind(site_id).fetch_all(&mut *conn).await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(Request {
+                study_id: study_id.to_string(),
+                site_id: site_id.to_string(),
+                subject_id: r.try_get(0)?,
+                randomization_number: r.try_get(1)?,
+                arm_code: r.try_get(2)?,
+                kit_type: r.try_get(3)?,
+                correlation_id: r.try_get(4)?,
+            })
+        })
+        .collect()
+}
+
+pub(crate) async fn remove_pending(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    study_id: &str,
+    randomization_number: &str,
+) -> Result<(), HandlerError> {
+    let sql =
+        format!("DELETE FROM {schema}.pending_allocation WHERE study_id = $1 AND randomization_number = $2");
+    sqlx::query(AssertSqlSafe(sql)).bind(study_id).bind(randomization_number).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// A withdrawn subject stops waiting for a kit. Returns whether they were waiting.
+pub(crate) async fn withdraw(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    study_id: &str,
+    subject_id: &str,
+) -> Result<bool, HandlerError> {
+    let sql = format!("DELETE FROM {schema}.pending_allocation WHERE study_id = $1 AND subject_id = $2");
+    let done = sqlx::query(AssertSqlSafe(sql)).bind(study_id).bind(subject_id).execute(&mut *conn).await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Records the stock of (kit type, arm) at a site; returns whether it was low before.
+pub(crate) async fn record_stock(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    key: (&str, &str, &str, &str),
+    countable: usize,
+    low: bool,
+) -> Result<bool, HandlerError> {
+    let (study_id, site_id, kit_type, arm_code) = key;
+    // The old value comes from a CTE over the row as it was before this statement.
+    let sql = format!(
+        "WITH old AS (SELECT low FROM {schema}.stock_level
+                      WHERE study_id = $1 AND site_id = $2 AND kit_type = $3 AND arm_code = $4)
+         INSERT INTO {schema}.stock_level (study_id, site_id, kit_type, arm_code, countable, low)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (study_id, site_id, kit_type, arm_code)
+             DO UPDATE SET countable = excluded.countable, low = excluded.low
+         RETURNING coalesce((SELECT low FROM old), false)"
+    );
+    Ok(sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(study_id)
+        .bind(site_id)
+        .bind(kit_type)
+        .bind(arm_code)
+        .bind(i32::try_from(countable).unwrap_or(i32::MAX))
+        .bind(low)
+        .fetch_one(&mut *conn)
+        .await?)
+}

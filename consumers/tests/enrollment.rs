@@ -1,0 +1,479 @@
+//! The enrollment saga over the real stack: the enrollment and kit-allocation consumers, the relay
+//! publishing their outboxes, PostgreSQL and the broker over TCP. A plain outbox stands in for
+//! the site API (its own tests live with it), so each test states exactly which events arrive.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use sqlx::{AssertSqlSafe, PgPool};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use trialflow_consumers::enrollment::{self, Enrollment};
+use trialflow_consumers::kit_allocation::{self, KitAllocation};
+use trialflow_consumers::{ConsumerConfig, ConsumerError};
+use trialflow_outbox::kafka::TopicReader;
+use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
+use trialflow_schemas::topics::{self, TopicNames};
+use trialflow_schemas::*;
+use trialflow_testkit::{RunningRelay, database_url, init_logs, kafka, relay_config, unique, wait_until};
+
+const WAIT: Duration = Duration::from_secs(120);
+const STUDY: &str = "TF-PILOT";
+const ARMS: [&str; 3] = ["PBO", "XAN_LO", "XAN_HI"];
+const KIT_TYPE: &str = "BOTTLE-30";
+
+type Running = (CancellationToken, JoinHandle<Result<(), ConsumerError>>);
+
+/// A private pipeline: its own topics (behind a prefix), schemas, relay and consumers.
+struct Trial {
+    topics: TopicNames,
+    enrollment: SchemaName,
+    kits: SchemaName,
+    pool: PgPool,
+    outbox: Outbox,
+    relay: Option<RunningRelay>,
+    consumers: Vec<Running>,
+}
+
+impl Trial {
+    async fn new(partitions: i32) -> anyhow::Result<Self> {
+        init_logs();
+        let topics = TopicNames::new(format!("{}.", unique("e").replace('_', "-")));
+        let mut wanted: Vec<(String, i32)> = topics.all().into_iter().map(|t| (t, partitions)).collect();
+        wanted.extend(topics.all().into_iter().map(|t| (format!("{t}.dlq"), 1)));
+        let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
+        trialflow_outbox::kafka::ensure_topics(&kafka(), &refs).await?;
+        let url = database_url();
+        let source = SchemaName::new(unique("src"))?;
+        let enrollment = SchemaName::new(unique("enr"))?;
+        let kits = SchemaName::new(unique("kit"))?;
+        trialflow_outbox::migrate(&url, &source).await?;
+        enrollment::migrate(&url, &enrollment).await?;
+        kit_allocation::migrate(&url, &kits).await?;
+        let pool = PgPool::connect(&url).await?;
+        let outbox = Outbox::open(&pool, source.clone()).await?;
+        let relay = RunningRelay::start(relay_config(
+            &kafka(),
+            vec![source.clone(), enrollment.clone(), kits.clone()],
+        ));
+        Ok(Self { topics, enrollment, kits, pool, outbox, relay: Some(relay), consumers: Vec::new() })
+    }
+
+    fn config(&self, group: String) -> ConsumerConfig {
+        let mut config = ConsumerConfig::local();
+        config.database.database_url = database_url();
+        config.kafka = kafka();
+        config.group_id = Some(group);
+        config.max_backoff_ms = 500;
+        config.park_retry_ms = 200;
+        config
+    }
+
+    /// Starts one more enrollment consumer instance (same group as the others).
+    fn start_enrollment(&mut self) {
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(trialflow_consumers::runtime::run(
+            enrollment::spec(self.enrollment.clone(), &self.topics),
+            self.config(format!("enrollment-{}", self.enrollment)),
+            Enrollment::new(self.enrollment.clone(), self.topics.clone()),
+            stop.clone(),
+        ));
+        self.consumers.push((stop, handle));
+    }
+
+    /// Starts one more kit-allocation consumer instance (same group as the others).
+    fn start_kit_allocation(&mut self) {
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(trialflow_consumers::runtime::run(
+            kit_allocation::spec(self.kits.clone(), &self.topics),
+            self.config(format!("kits-{}", self.kits)),
+            KitAllocation::new(self.kits.clone(), self.topics.clone()),
+            stop.clone(),
+        ));
+        self.consumers.push((stop, handle));
+    }
+
+    /// Publishes events the way a service does: one transaction through the outbox.
+    async fn send(&self, events: Vec<OutboxEvent>) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        self.outbox.enqueue_all(&mut tx, &events).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    fn event<E: Event>(&self, event: &E, key: &str) -> anyhow::Result<OutboxEvent> {
+        Ok(OutboxEvent::avro(event, self.topics.of::<E>(), key)?)
+    }
+
+    async fn count(&self, sql: &str) -> anyhow::Result<i64> {
+        let sql = sql.replace("{enr}", self.enrollment.as_str()).replace("{kit}", self.kits.as_str());
+        Ok(sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(&self.pool).await?)
+    }
+
+    async fn wait_count(&self, what: &str, sql: &str, expected: i64) -> anyhow::Result<()> {
+        let waited = wait_until(what, WAIT, || async { Ok(self.count(sql).await? == expected) }).await;
+        if let Err(e) = waited {
+            anyhow::bail!("{e} (last count: {:?})", self.count(sql).await.ok());
+        }
+        Ok(())
+    }
+
+    /// Every catalogue event on `topic` (catalogue name), read from the beginning.
+    async fn published(&self, topic: &str, expected: usize) -> anyhow::Result<Vec<AnyEvent>> {
+        let reader = TopicReader::new(&kafka(), &self.topics.name(topic), true)?;
+        let messages = reader.read_until(WAIT, move |m| m.len() >= expected).await?;
+        Ok(messages.iter().filter_map(|m| decode_any(&m.payload).ok()).collect())
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        for (stop, _) in &self.consumers {
+            stop.cancel();
+        }
+        for (_, handle) in self.consumers.drain(..) {
+            handle.await??;
+        }
+        if let Some(relay) = self.relay.take() {
+            relay.stop().await?;
+        }
+        Ok(())
+    }
+}
+
+fn envelope<E: Event>(site: Option<&str>, subject: Option<&str>) -> Envelope {
+    let mut e = Envelope::new(E::NAME, STUDY, "test-site-api", Timestamp::now());
+    e.site_id = site.map(str::to_string);
+    e.subject_id = subject.map(str::to_string);
+    e
+}
+
+fn study(slots_per_stratum: i32, low_stock_threshold: i32) -> StudyConfigured {
+    StudyConfigured {
+        envelope: envelope::<StudyConfigured>(None, None),
+        config_version: 1,
+        arms: ARMS
+            .iter()
+            .map(|a| StudyArm { arm_code: a.to_string(), name: a.to_string(), ratio: 1 })
+            .collect(),
+        stratification_factors: vec![StratificationFactor {
+            factor: "AGEGRP".into(),
+            values: vec!["<65".into(), ">=65".into()],
+        }],
+        randomization: RandomizationSettings {
+            seed: 20_261_122,
+            block_multiples: vec![1, 2],
+            slots_per_stratum,
+            warn_slots_left: 3,
+        },
+        kit_types: vec![KitTypeSettings {
+            kit_type: KIT_TYPE.into(),
+            do_not_dispense_days: 30,
+            do_not_count_days: 15,
+            low_stock_threshold,
+        }],
+        enrollment_kit_type: KIT_TYPE.into(),
+    }
+}
+
+/// `per_arm` kits of every arm, sequence numbers from `first_sequence`, expiring in two years.
+fn shipment(site: &str, shipment_id: &str, per_arm: i64, first_sequence: i64) -> KitsReceived {
+    let expiry = Date::from(chrono::Utc::now().date_naive() + chrono::Days::new(730));
+    let mut kits = Vec::new();
+    for (a, arm) in ARMS.iter().enumerate() {
+        for i in 0..per_arm {
+            let sequence = first_sequence + a as i64 * per_arm + i;
+            kits.push(ReceivedKit {
+                kit_number: format!("K-{site}-{sequence:05}"),
+                sequence_number: sequence,
+                kit_type: KIT_TYPE.into(),
+                lot: "LOT-1".into(),
+                expiry_date: expiry,
+                arm_code: arm.to_string(),
+            });
+        }
+    }
+    KitsReceived {
+        envelope: envelope::<KitsReceived>(Some(site), None),
+        shipment_id: shipment_id.into(),
+        kits,
+    }
+}
+
+/// A subject's screening, consent, eligibility and enrollment request, in lifecycle order.
+fn subject_flow(
+    trial: &Trial,
+    site: &str,
+    subject: &str,
+    age_group: &str,
+) -> anyhow::Result<Vec<OutboxEvent>> {
+    let s = Some(subject);
+    Ok(vec![
+        trial.event(
+            &SubjectScreened {
+                envelope: envelope::<SubjectScreened>(Some(site), s),
+                screening_number: format!("SCR-{subject}"),
+                time_zone: "Europe/Berlin".into(),
+                age_years: Some(if age_group == "<65" { 50 } else { 70 }),
+                sex: Some("F".into()),
+            },
+            subject,
+        )?,
+        trial.event(
+            &ConsentSigned {
+                envelope: envelope::<ConsentSigned>(Some(site), s),
+                consent_version: "v1.0".into(),
+                signed_at: PartialDateTime::parse("2026-11-20"),
+            },
+            subject,
+        )?,
+        trial.event(
+            &EligibilityAssessed {
+                envelope: envelope::<EligibilityAssessed>(Some(site), s),
+                eligible: true,
+                criteria: vec![CriterionResult { criterion_id: "AGE".into(), met: true, detail: None }],
+            },
+            subject,
+        )?,
+        enrollment_request(trial, site, subject, age_group)?,
+    ])
+}
+
+fn enrollment_request(
+    trial: &Trial,
+    site: &str,
+    subject: &str,
+    age_group: &str,
+) -> anyhow::Result<OutboxEvent> {
+    trial.event(
+        &EnrollmentRequested {
+            envelope: envelope::<EnrollmentRequested>(Some(site), Some(subject)),
+            strata: vec![StratumValue { factor: "AGEGRP".into(), value: age_group.into() }],
+        },
+        subject,
+    )
+}
+
+/// (subject, stratum, sequence, arm) of every used slot, from the concealed lists.
+async fn used_slots(trial: &Trial) -> anyhow::Result<Vec<(String, String, i32, String)>> {
+    let sql = format!(
+        "SELECT subject_id, stratum, sequence, arm_code FROM {}.randomization_slot
+         WHERE subject_id IS NOT NULL ORDER BY stratum, sequence",
+        trial.enrollment
+    );
+    Ok(sqlx::query_as(AssertSqlSafe(sql)).fetch_all(&trial.pool).await?)
+}
+
+/// Every stratum's used slots are exactly 1..=n: no number twice, none skipped.
+fn assert_dense(slots: &[(String, String, i32, String)]) {
+    let mut by_stratum: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
+    for (_, stratum, sequence, _) in slots {
+        by_stratum.entry(stratum).or_default().push(*sequence);
+    }
+    for (stratum, sequences) in by_stratum {
+        assert_eq!(sequences, (1..=sequences.len() as i32).collect::<Vec<_>>(), "stratum {stratum}");
+    }
+    let subjects: BTreeSet<&str> = slots.iter().map(|s| s.0.as_str()).collect();
+    assert_eq!(subjects.len(), slots.len(), "one slot per subject");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_study_with_two_sites_and_40_subjects_enrolls_fully() -> anyhow::Result<()> {
+    let mut trial = Trial::new(3).await?;
+    trial.start_enrollment();
+    trial.start_kit_allocation();
+    let mut events = vec![trial.event(&study(30, 2), STUDY)?];
+    for site in ["701", "702"] {
+        events.push(trial.event(&shipment(site, &format!("SH-{site}"), 10, 1), site)?);
+    }
+    trial.send(events).await?;
+    for i in 0..40 {
+        let site = if i % 2 == 0 { "701" } else { "702" };
+        let age = if i % 3 == 0 { ">=65" } else { "<65" };
+        trial.send(subject_flow(&trial, site, &format!("S-{i:03}"), age)?).await?;
+    }
+    trial
+        .wait_count(
+            "40 subjects enrolled",
+            "SELECT count(*) FROM {enr}.subject WHERE status = 'enrolled'",
+            40,
+        )
+        .await?;
+
+    let slots = used_slots(&trial).await?;
+    assert_eq!(slots.len(), 40);
+    assert_dense(&slots);
+    // Every subject got a kit of its own arm, at its own site, and no kit went twice.
+    let mismatched = trial
+        .count(
+            "SELECT count(*) FROM {enr}.randomization_slot s
+             JOIN {enr}.subject j ON j.study_id = s.study_id AND j.subject_id = s.subject_id
+             JOIN {kit}.allocation a ON a.study_id = s.study_id AND a.randomization_number = s.randomization_number
+             JOIN {kit}.kit k ON k.study_id = a.study_id AND k.kit_number = a.kit_number
+             WHERE k.arm_code <> s.arm_code OR k.site_id <> j.site_id OR j.kit_number <> k.kit_number",
+        )
+        .await?;
+    assert_eq!(mismatched, 0, "kit arm, site and number match the randomization");
+    assert_eq!(trial.count("SELECT count(DISTINCT kit_number) FROM {kit}.allocation").await?, 40);
+
+    let lifecycle = trial.published(topics::SUBJECT_LIFECYCLE, 40 * 4 + 40 * 2).await?;
+    let enrolled: BTreeSet<&str> = lifecycle
+        .iter()
+        .filter_map(|e| match e {
+            AnyEvent::SubjectEnrolled(e) => e.envelope.subject_id.as_deref(),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(enrolled.len(), 40, "one SubjectEnrolled per subject on the blinded topic");
+    trial.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_without_stock_holds_subjects_and_enrolls_them_after_a_shipment() -> anyhow::Result<()> {
+    let mut trial = Trial::new(2).await?;
+    trial.start_enrollment();
+    trial.start_kit_allocation();
+    trial.send(vec![trial.event(&study(30, 3), STUDY)?]).await?;
+    for i in 0..4 {
+        trial.send(subject_flow(&trial, "703", &format!("H-{i}"), "<65")?).await?;
+    }
+    trial
+        .wait_count(
+            "4 subjects on hold without a kit",
+            "SELECT count(*) FROM {enr}.subject WHERE status = 'on_hold' AND hold_reason_code = 'NO_KIT_AVAILABLE'",
+            4,
+        )
+        .await?;
+    let numbers_before =
+        trial.count("SELECT count(DISTINCT randomization_number) FROM {enr}.subject").await?;
+    assert_eq!(numbers_before, 4, "the randomization stays while on hold");
+    let held_arms: BTreeSet<String> = used_slots(&trial).await?.into_iter().map(|s| s.3).collect();
+
+    trial.send(vec![trial.event(&shipment("703", "SH-703", 4, 100), "703")?]).await?;
+    trial
+        .wait_count("4 subjects enrolled", "SELECT count(*) FROM {enr}.subject WHERE status = 'enrolled'", 4)
+        .await?;
+    let slots = used_slots(&trial).await?;
+    assert_eq!(slots.len(), 4, "no new randomization: the same numbers are kept");
+    assert_dense(&slots);
+
+    let holds = trial.published(topics::SUBJECT_LIFECYCLE, 4 * 4 + 4 * 3).await?;
+    let on_hold = holds
+        .iter()
+        .filter(|e| matches!(e, AnyEvent::EnrollmentOnHold(h) if h.randomization_number.is_some()))
+        .count();
+    assert_eq!(on_hold, 4, "each subject held once, with its randomization number");
+    // Low stock fires once per arm that went under the threshold, not per allocation.
+    let inventory = trial.published(topics::KIT_INVENTORY, 1 + held_arms.len()).await?;
+    let low: Vec<&SiteStockLow> = inventory
+        .iter()
+        .filter_map(|e| match e {
+            AnyEvent::SiteStockLow(l) => Some(l),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(low.iter().map(|l| l.arm_code.clone()).collect::<BTreeSet<_>>(), held_arms);
+    assert_eq!(low.len(), held_arms.len(), "one signal per crossing");
+    trial.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_enrollment_request_twice_randomizes_once() -> anyhow::Result<()> {
+    let mut trial = Trial::new(2).await?;
+    trial.start_enrollment();
+    trial.start_kit_allocation();
+    trial
+        .send(vec![trial.event(&study(30, 0), STUDY)?, trial.event(&shipment("701", "SH", 5, 1), "701")?])
+        .await?;
+    let flow = subject_flow(&trial, "701", "D-1", "<65")?;
+    let request = flow[3].clone();
+    trial.send(flow).await?;
+    // Redelivery of the same event, and a second request (new event id) from an impatient user.
+    trial.send(vec![request.clone(), enrollment_request(&trial, "701", "D-1", "<65")?]).await?;
+    trial.send(vec![request]).await?;
+    // A marker on the same key (same partition): once it is taken, so is everything before it.
+    let marker = subject_flow(&trial, "701", "D-1", "<65")?.swap_remove(1);
+    trial.send(vec![marker]).await?;
+    trial
+        .wait_count("subject enrolled", "SELECT count(*) FROM {enr}.subject WHERE status = 'enrolled'", 1)
+        .await?;
+    // Distinct lifecycle events: 4 of the flow, the second request, the marker, and the
+    // consumer's own SubjectRandomized and SubjectEnrolled coming back; the redeliveries add none.
+    let inbox = "SELECT count(*) FROM {enr}.inbox WHERE topic LIKE '%subject-lifecycle%'";
+    trial.wait_count("every lifecycle message taken", inbox, 4 + 1 + 1 + 2).await?;
+    assert_eq!(used_slots(&trial).await?.len(), 1);
+    assert_eq!(trial.count("SELECT sum(slots_used)::bigint FROM {enr}.randomization_list").await?, 1);
+    assert_eq!(trial.count("SELECT count(*) FROM {kit}.allocation").await?, 1);
+    trial.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_for_one_stratum_never_share_a_number() -> anyhow::Result<()> {
+    // Subjects on 4 partitions, two enrollment instances: requests in one stratum race for its list.
+    let mut trial = Trial::new(4).await?;
+    trial.start_enrollment();
+    trial.start_enrollment();
+    trial.start_kit_allocation();
+    trial
+        .send(vec![trial.event(&study(60, 0), STUDY)?, trial.event(&shipment("701", "SH", 30, 1), "701")?])
+        .await?;
+    let mut all = Vec::new();
+    for i in 0..60 {
+        all.extend(subject_flow(&trial, "701", &format!("C-{i:03}"), "<65")?);
+    }
+    trial.send(all).await?;
+    trial
+        .wait_count(
+            "60 subjects enrolled",
+            "SELECT count(*) FROM {enr}.subject WHERE status = 'enrolled'",
+            60,
+        )
+        .await?;
+    let slots = used_slots(&trial).await?;
+    assert_eq!(slots.len(), 60);
+    assert_dense(&slots);
+    let numbers = trial.count("SELECT count(DISTINCT randomization_number) FROM {enr}.subject").await?;
+    assert_eq!(numbers, 60, "no randomization number shared");
+    trial.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kits_are_never_allocated_twice_under_concurrency() -> anyhow::Result<()> {
+    // 80 treatment assignments at one site over 4 partitions and two instances, 20 kits per arm.
+    let mut trial = Trial::new(4).await?;
+    trial.start_kit_allocation();
+    trial.start_kit_allocation();
+    trial
+        .send(vec![trial.event(&study(100, 0), STUDY)?, trial.event(&shipment("701", "SH", 20, 1), "701")?])
+        .await?;
+    let mut assignments = Vec::new();
+    for i in 0..80 {
+        let subject = format!("A-{i:03}");
+        let assigned = TreatmentAssigned {
+            envelope: envelope::<TreatmentAssigned>(Some("701"), Some(&subject)),
+            randomization_number: format!("R-{i:03}"),
+            randomization_list_id: "test".into(),
+            arm_code: ARMS[i % 3].into(),
+        };
+        assignments.push(trial.event(&assigned, &subject)?);
+    }
+    trial.send(assignments).await?;
+    let taken =
+        "SELECT (SELECT count(*) FROM {kit}.allocation) + (SELECT count(*) FROM {kit}.pending_allocation)";
+    trial.wait_count("every assignment allocated or waiting", taken, 80).await?;
+    // 27/27/26 subjects per arm for 20 kits each: every kit goes, once, to a subject of its arm.
+    assert_eq!(trial.count("SELECT count(*) FROM {kit}.allocation").await?, 60);
+    assert_eq!(trial.count("SELECT count(DISTINCT kit_number) FROM {kit}.allocation").await?, 60);
+    assert_eq!(trial.count("SELECT count(*) FROM {kit}.kit WHERE status = 'available'").await?, 0);
+    assert_eq!(trial.count("SELECT count(*) FROM {kit}.pending_allocation").await?, 20);
+
+    // The database, not only the code, refuses a second allocation of a kit.
+    let sql = format!(
+        "INSERT INTO {kit}.allocation (study_id, kit_number, randomization_number, subject_id, site_id,
+                                       allocated_on, caused_by)
+         SELECT study_id, kit_number, 'R-NEW', 'X', site_id, allocated_on, caused_by FROM {kit}.allocation LIMIT 1",
+        kit = trial.kits
+    );
+    let err = sqlx::query(AssertSqlSafe(sql)).execute(&trial.pool).await.err();
+    let code = err.as_ref().and_then(|e| e.as_database_error()).and_then(|e| e.code()).map(|c| c.to_string());
+    assert_eq!(code.as_deref(), Some("23505"), "unique violation: {err:?}");
+    trial.stop().await
+}
