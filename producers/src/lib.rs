@@ -1,7 +1,11 @@
 //! Services that accept commands and data from upstream systems and write domain rows plus outbox
 //! events in one transaction.
 //!
-//! For now this holds [`workload`], a synthetic service that exercises the outbox end to end; the
-//! site API and the ingestion gateway come with their issues.
+//! * [`site_api`]: the HTTP API of sites and EDC integrations (study and site set-up, subject
+//!   screening, consent, enrollment requests, withdrawal, kit shipments).
+//! * [`workload`]: a synthetic service that exercises the outbox end to end (demo, benchmarks).
+//!
+//! The ingestion gateway comes with its issue.
 
+pub mod site_api;
 pub mod workload;

@@ -1,6 +1,11 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use trialflow_consumers::enrollment::{self, Enrollment};
+use trialflow_consumers::kit_allocation::{self, KitAllocation};
+use trialflow_consumers::{ConsumerConfig, runtime};
 use trialflow_outbox::{DatabaseConfig, RelayConfig, SchemaName};
+use trialflow_producers::site_api;
+use trialflow_schemas::topics::TopicNames;
 
 use crate::telemetry::{self, TelemetryConfig};
 use crate::{demo, shutdown};
@@ -22,6 +27,10 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Publish outbox rows to Kafka (run one or more instances).
     Relay(RelayConfig),
+    /// Serve the site API (studies, sites, kit shipments, screening, consent, enrollment requests).
+    SiteApi(SiteApiArgs),
+    /// Run one domain consumer (migrates its schema first).
+    Consume(ConsumeArgs),
     /// Run the pipeline on a generated workload and report what was published.
     Demo(demo::DemoArgs),
     /// Inspect and replay dead letters.
@@ -39,9 +48,83 @@ pub struct MigrateArgs {
     pub outbox_shards: Option<u32>,
 }
 
-/// The service schemas this build knows, each with its outbox.
+#[derive(Debug, clap::Args)]
+pub struct ConsumeArgs {
+    /// Which consumer.
+    #[arg(value_enum)]
+    pub consumer: ConsumerKind,
+
+    #[command(flatten)]
+    pub config: ConsumerConfig,
+
+    /// Prefix of every topic name, e.g. `staging.` (several environments on one cluster).
+    #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
+    pub topic_prefix: String,
+}
+
+/// The domain consumers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConsumerKind {
+    Enrollment,
+    KitAllocation,
+}
+
+/// The service schemas this build knows, each with its outbox: the relay's sources.
 pub fn service_schemas() -> Vec<SchemaName> {
-    vec![trialflow_producers::workload::schema()]
+    vec![
+        trialflow_producers::workload::schema(),
+        site_api::schema(),
+        enrollment::schema(),
+        kit_allocation::schema(),
+    ]
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SiteApiArgs {
+    /// Accept the local demo tokens (admin-token, site-token, pharmacist-token, researcher-token)
+    /// when SITE_API_TOKENS is not set. Never in a shared environment.
+    #[arg(long, env = "SITE_API_DEMO_TOKENS")]
+    pub demo_tokens: bool,
+}
+
+/// Serves the site API configured from `SITE_API_*` (see the README) until `shutdown`.
+pub async fn serve_site_api(
+    args: SiteApiArgs,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let mut config = site_api::SiteApiConfig::from_env().context("site API configuration")?;
+    if config.tokens.is_empty() {
+        anyhow::ensure!(
+            args.demo_tokens,
+            "no caller can be authenticated: set SITE_API_TOKENS (token=role:user,...) or pass --demo-tokens"
+        );
+        config.tokens = site_api::SiteApiConfig::local().tokens;
+    }
+    site_api::migrate(&config.database_url, &config.schema).await.context("migrating the site-api schema")?;
+    site_api::describe_metrics();
+    let api = site_api::SiteApi::bind(config).await.context("starting the site API")?;
+    tracing::info!(addr = %api.local_addr(), "Site API listening.");
+    api.run(shutdown).await.context("site API")
+}
+
+pub async fn consume(args: ConsumeArgs, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    let topics = TopicNames::new(args.topic_prefix);
+    let url = args.config.database.database_url.clone();
+    match args.consumer {
+        ConsumerKind::Enrollment => {
+            let schema = enrollment::schema();
+            enrollment::migrate(&url, &schema).await.context("migrating the enrollment schema")?;
+            let handler = Enrollment::new(schema.clone(), topics.clone());
+            runtime::run(enrollment::spec(schema, &topics), args.config, handler, shutdown).await?;
+        }
+        ConsumerKind::KitAllocation => {
+            let schema = kit_allocation::schema();
+            kit_allocation::migrate(&url, &schema).await.context("migrating the kit-allocation schema")?;
+            let handler = KitAllocation::new(schema.clone(), topics.clone());
+            runtime::run(kit_allocation::spec(schema, &topics), args.config, handler, shutdown).await?;
+        }
+    }
+    Ok(())
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -51,6 +134,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Relay(config) => {
             trialflow_outbox::relay::run(config, shutdown::on_signal()).await.context("relay")
         }
+        Command::SiteApi(args) => serve_site_api(args, shutdown::on_signal()).await,
+        Command::Consume(args) => consume(args, shutdown::on_signal()).await,
         Command::Demo(args) => demo::run(args, shutdown::on_signal()).await,
         Command::Dlq(command) => crate::dlq::run(command).await,
     }
@@ -61,6 +146,11 @@ pub async fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
     trialflow_producers::workload::migrate(url, &trialflow_producers::workload::schema())
         .await
         .with_context(|| format!("migrating schema `{}`", trialflow_producers::workload::SCHEMA))?;
+    site_api::migrate(url, &site_api::schema()).await.context("migrating the site-api schema")?;
+    enrollment::migrate(url, &enrollment::schema()).await.context("migrating the enrollment schema")?;
+    kit_allocation::migrate(url, &kit_allocation::schema())
+        .await
+        .context("migrating the kit-allocation schema")?;
     if let Some(shards) = args.outbox_shards {
         for schema in service_schemas() {
             trialflow_outbox::set_shard_count(url, &schema, shards)

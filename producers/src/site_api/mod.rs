@@ -1,0 +1,376 @@
+//! The site API: the HTTP service site staff, pharmacists and EDC integrations use to set up studies
+//! and sites, screen subjects, record consent, request enrollment, withdraw subjects and receive kit
+//! shipments.
+//!
+//! Every command (a POST) writes its rows and its outbox events in ONE transaction, together with
+//! its `Idempotency-Key` and the response (see [`idempotency`]), and answers 201 with the ids it
+//! created. The API records what sites report; the consumers decide what follows (an enrollment
+//! request with missing strata or without consent is recorded, and the enrollment consumer puts the
+//! subject on hold with a reason).
+//!
+//! | route | roles | writes | events (topic, key) |
+//! |-------|-------|--------|---------------------|
+//! | `POST /v1/studies` | admin | study, arms, factors, criteria, kit types | StudyConfigured (`studies.configuration.v1`, study id) |
+//! | `GET /v1/studies/{study_id}` | any | – | – |
+//! | `POST /v1/studies/{study_id}/sites` | admin | site | none: there is no site event; consumers learn a site from the events that name it |
+//! | `POST /v1/studies/{study_id}/sites/{site_id}/shipments` | pharmacist, admin | shipment, kits | KitsReceived (`supply.kit-inventory.v1`, site id) |
+//! | `GET /v1/studies/{study_id}/sites/{site_id}/kits` | site_staff, pharmacist, admin | – | – |
+//! | `POST /v1/studies/{study_id}/subjects` | site_staff, admin | subject, eligibility results | SubjectScreened, EligibilityAssessed (`enrollment.subject-lifecycle.v1`, subject id) |
+//! | `POST .../subjects/{subject_id}/consent` | site_staff, admin | consent | ConsentSigned (same) |
+//! | `POST .../subjects/{subject_id}/enrollment-requests` | site_staff, admin | enrollment request | EnrollmentRequested (same) |
+//! | `POST .../subjects/{subject_id}/withdrawal` | site_staff, admin | subject | SubjectWithdrawn (same) |
+//!
+//! `GET /healthz` (liveness, no auth) and `GET /readyz` (database reachable, no auth) are for probes.
+//!
+//! **Blinding.** Site staff and researchers are blinded: they never get arms, ratios or a kit's arm
+//! (the keys are left out of the JSON, not nulled). The randomization seed is concealed from every
+//! role; it leaves the service only in StudyConfigured on the restricted topic.
+//!
+//! **Time.** A command may carry `occurred_at` (RFC 3339), the envelope's `occurred_at`, so replays
+//! can run on a virtual clock; it defaults to now. `recorded_at` is always the real clock.
+//!
+//! **Errors** are `{"error": {"code", "message", "field"?}}`, see [`error::ApiError`]: 400
+//! `invalid_json` / `idempotency_key_required`, 401 `unauthenticated`, 403 `forbidden`, 404
+//! `not_found`, 409 conflicts, 422 `validation_failed` / `idempotency_key_reused`, 503
+//! `unavailable` (retry with the same key), 500 `internal`.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod idempotency;
+pub mod kits;
+pub mod studies;
+pub mod subjects;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, MatchedPath, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use trialflow_outbox::{Outbox, SchemaName};
+use trialflow_schemas::Timestamp;
+use trialflow_schemas::topics::TopicNames;
+
+pub use auth::{Role, TokenGrant};
+pub use config::SiteApiConfig;
+pub use error::{ApiError, SiteApiError};
+
+/// The default service schema (and outbox source) of the site API.
+pub const SCHEMA: &str = "site_api";
+/// `source_system` of every event the API writes.
+pub const SOURCE_SYSTEM: &str = "site-api";
+
+/// Requests answered, by route template and status.
+pub const REQUESTS_TOTAL: &str = "trialflow_site_api_requests_total";
+/// Time to answer a request, by route template.
+pub const REQUEST_DURATION_SECONDS: &str = "trialflow_site_api_request_duration_seconds";
+
+/// How long a request waits for a database connection before answering 503.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn schema() -> SchemaName {
+    SchemaName::new(SCHEMA).unwrap_or_else(|_| unreachable!("`site_api` is a valid schema name"))
+}
+
+/// Creates the site API's schema: its outbox and its tables. Idempotent.
+pub async fn migrate(database_url: &str, schema: &SchemaName) -> trialflow_outbox::Result<()> {
+    trialflow_outbox::migrate_service(database_url, schema, sqlx::migrate!("./migrations/site_api")).await
+}
+
+/// Registers the API's metric descriptions with the installed recorder.
+pub fn describe_metrics() {
+    metrics::describe_counter!(REQUESTS_TOTAL, "Requests answered by the site API, by route and status.");
+    metrics::describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Time the site API took to answer a request, by route."
+    );
+}
+
+/// What every handler shares.
+#[derive(Debug)]
+pub(crate) struct Api {
+    pub(crate) pool: PgPool,
+    pub(crate) outbox: Outbox,
+    pub(crate) schema: SchemaName,
+    pub(crate) topics: TopicNames,
+    pub(crate) tokens: auth::Tokens,
+}
+
+/// The site API, bound to its address and connected to its database; [`SiteApi::run`] serves it.
+#[derive(Debug)]
+pub struct SiteApi {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    router: Router,
+    pool: PgPool,
+}
+
+impl SiteApi {
+    /// Binds the listener (port 0 picks a free one) and connects the database pool. Fails when
+    /// the schema is not migrated.
+    pub async fn bind(config: SiteApiConfig) -> Result<Self, SiteApiError> {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = config.tokens.iter().find(|g| !seen.insert(g.token.as_str())) {
+            return Err(SiteApiError::Config(format!("a token of `{}` is given twice", dup.user)));
+        }
+        if config.tokens.is_empty() {
+            tracing::warn!("No API tokens configured: every request except the probes will get 401.");
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| SiteApiError::Bind { addr: config.listen, source })?;
+        let local_addr =
+            listener.local_addr().map_err(|source| SiteApiError::Bind { addr: config.listen, source })?;
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections.max(1))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect(&config.database_url)
+            .await?;
+        let outbox = Outbox::open(&pool, config.schema.clone()).await?;
+        describe_metrics();
+        let api = Arc::new(Api {
+            pool: pool.clone(),
+            outbox,
+            schema: config.schema,
+            topics: config.topics,
+            tokens: auth::Tokens::new(&config.tokens),
+        });
+        Ok(Self { listener, local_addr, router: router(api), pool })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` is cancelled, then lets requests in flight finish and closes the
+    /// pool. A request cut off by a crash instead rolls back: nothing half-written remains.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), SiteApiError> {
+        tracing::info!(addr = %self.local_addr, "Site API listening.");
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .map_err(SiteApiError::Serve)?;
+        self.pool.close().await;
+        tracing::info!("Site API stopped.");
+        Ok(())
+    }
+}
+
+fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .route("/v1/studies", post(studies::create_study))
+        .route("/v1/studies/{study_id}", get(studies::get_study))
+        .route("/v1/studies/{study_id}/sites", post(studies::create_site))
+        .route("/v1/studies/{study_id}/sites/{site_id}/shipments", post(kits::receive_shipment))
+        .route("/v1/studies/{study_id}/sites/{site_id}/kits", get(kits::list_kits))
+        .route("/v1/studies/{study_id}/subjects", post(subjects::screen_subject))
+        .route("/v1/studies/{study_id}/subjects/{subject_id}/consent", post(subjects::sign_consent))
+        .route(
+            "/v1/studies/{study_id}/subjects/{subject_id}/enrollment-requests",
+            post(subjects::request_enrollment),
+        )
+        .route("/v1/studies/{study_id}/subjects/{subject_id}/withdrawal", post(subjects::withdraw_subject))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(middleware::from_fn(track))
+        .with_state(api)
+}
+
+async fn ready(State(api): State<Arc<Api>>) -> Result<StatusCode, ApiError> {
+    sqlx::query("SELECT 1").execute(&api.pool).await?;
+    Ok(StatusCode::OK)
+}
+
+/// Request metrics and the request span (whose trace context the outbox rows carry).
+async fn track(request: Request, next: Next) -> Response {
+    // The route template, not the path: bounded label values, never a subject id.
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
+    let span = tracing::info_span!("site_api_request", method = %request.method(), route);
+    let started = Instant::now();
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status().as_u16();
+    metrics::counter!(REQUESTS_TOTAL, "route" => route.clone(), "status" => status.to_string()).increment(1);
+    metrics::histogram!(REQUEST_DURATION_SECONDS, "route" => route).record(started.elapsed().as_secs_f64());
+    span.in_scope(|| tracing::debug!(status, "Answered request."));
+    response
+}
+
+/// The raw parts of a command: its headers (caller, key), method and path, and the body bytes,
+/// kept as sent because the idempotency hash covers them.
+#[derive(Debug)]
+pub(crate) struct CommandRequest {
+    headers: HeaderMap,
+    method: Method,
+    path: String,
+    body: Bytes,
+}
+
+impl<S: Send + Sync> FromRequest<S> for CommandRequest {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Response> {
+        let headers = request.headers().clone();
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let body = Bytes::from_request(request, state).await.map_err(IntoResponse::into_response)?;
+        Ok(Self { headers, method, path, body })
+    }
+}
+
+impl CommandRequest {
+    /// The `Idempotency-Key` (400 without one).
+    pub(crate) fn key(&self) -> Result<String, ApiError> {
+        idempotency::key(&self.headers)
+    }
+
+    /// The body as `T` (400 naming the field that does not fit).
+    pub(crate) fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        parse_json(&self.body)
+    }
+
+    pub(crate) fn hash(&self) -> String {
+        idempotency::request_hash(&self.method, &self.path, &self.body)
+    }
+}
+
+/// Deserializes `body`, naming the path of the first value that does not fit (`arms[1].ratio`).
+pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| ApiError::invalid_json(field_path(e.path()), e.inner().to_string()))?;
+    de.end().map_err(|e| ApiError::invalid_json(None, e.to_string()))?;
+    Ok(value)
+}
+
+/// `arms[1].ratio` from a deserializer path, up to the first segment it could not name (the
+/// syntax error cases); `None` for the document itself.
+fn field_path(path: &serde_path_to_error::Path) -> Option<String> {
+    use serde_path_to_error::Segment;
+    let mut field = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => field.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !field.is_empty() {
+                    field.push('.');
+                }
+                field.push_str(key);
+            }
+            Segment::Unknown => break,
+        }
+    }
+    (!field.is_empty()).then_some(field)
+}
+
+/// The envelope's `occurred_at`: the request's (RFC 3339), or now.
+pub(crate) fn occurred_at(given: Option<&str>) -> Result<Timestamp, ApiError> {
+    match given {
+        None => Ok(Timestamp::now()),
+        Some(text) => {
+            chrono::DateTime::parse_from_rfc3339(text).map(|t| Timestamp::from(t.to_utc())).map_err(|e| {
+                ApiError::validation("occurred_at", format!("`{text}` is not an RFC 3339 date-time: {e}"))
+            })
+        }
+    }
+}
+
+/// Ids of studies, sites, subjects, shipments and kits: `^[A-Za-z0-9._-]{1,64}$`, so they are
+/// safe in paths, Kafka keys and logs.
+pub(crate) fn check_id(field: &str, value: &str) -> Result<(), ApiError> {
+    let valid = (1..=64).contains(&value.len())
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::validation(
+            field,
+            format!("`{value}` is not a valid id: use 1 to 64 letters, digits, `.`, `_` or `-`"),
+        ))
+    }
+}
+
+/// A required free-text value: not blank, at most `max` characters.
+pub(crate) fn check_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    if value.trim().is_empty() {
+        return Err(ApiError::validation(field, "must not be empty"));
+    }
+    if value.chars().count() > max {
+        return Err(ApiError::validation(field, format!("must be at most {max} characters")));
+    }
+    Ok(())
+}
+
+/// An IANA time zone name (`Europe/Berlin`).
+pub(crate) fn check_time_zone(field: &str, value: &str) -> Result<(), ApiError> {
+    value.parse::<chrono_tz::Tz>().map(|_| ()).map_err(|_| {
+        ApiError::validation(field, format!("`{value}` is not an IANA time zone (e.g. `Europe/Berlin`)"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Outer {
+        items: Vec<Inner>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        ratio: i32,
+    }
+
+    #[test]
+    fn json_errors_name_the_field() {
+        let err = parse_json::<Outer>(br#"{"items":[{"ratio":1},{"ratio":"x"}]}"#).err();
+        assert_eq!(
+            err.map(|e| (e.code, e.field)),
+            Some(("invalid_json", Some("items[1].ratio".to_string())))
+        );
+        let err = parse_json::<Outer>(br#"{"items":[], "extra": 1}"#).err();
+        assert_eq!(err.map(|e| e.status), Some(StatusCode::BAD_REQUEST));
+        let err = parse_json::<Outer>(b"{").err();
+        assert_eq!(err.map(|e| (e.code, e.field)), Some(("invalid_json", None)));
+        let err = parse_json::<Outer>(br#"{"items":[{"ratio":1},{"rat"#).err();
+        assert_eq!(err.and_then(|e| e.field), Some("items[1]".to_string()));
+        assert!(parse_json::<Outer>(br#"{"items":[]} trailing"#).is_err());
+    }
+
+    #[test]
+    fn ids_zones_and_times_are_checked() {
+        assert!(check_id("subject_id", "01-701-1015").is_ok());
+        assert!(check_id("study_id", "CDISCPILOT01").is_ok());
+        for bad in ["", "a b", "a/b", &"x".repeat(65)] {
+            assert_eq!(check_id("study_id", bad).err().and_then(|e| e.field).as_deref(), Some("study_id"));
+        }
+        assert!(check_time_zone("time_zone", "America/New_York").is_ok());
+        assert!(check_time_zone("time_zone", "Mars/Olympus").is_err());
+        assert_eq!(
+            occurred_at(Some("2014-01-02T10:30:00+01:00"))
+                .ok()
+                .and_then(|t| t.to_datetime())
+                .map(|t| t.to_rfc3339()),
+            Some("2014-01-02T09:30:00+00:00".to_string())
+        );
+        assert!(occurred_at(Some("2014-01-02")).is_err());
+    }
+}
