@@ -70,7 +70,12 @@ pub struct RelayConfig {
     pub kafka: KafkaConfig,
 
     /// Outbox sources: the service schemas whose outboxes this relay publishes (comma-separated).
-    #[arg(long = "sources", env = "OUTBOX_SOURCES", value_delimiter = ',', default_value = "workload")]
+    #[arg(
+        long = "sources",
+        env = "OUTBOX_SOURCES",
+        value_delimiter = ',',
+        default_value = "site_api,enrollment,kit_allocation,workload"
+    )]
     pub sources: Vec<SchemaName>,
 
     /// Most rows read and published per batch.

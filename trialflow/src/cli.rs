@@ -27,6 +27,8 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Publish outbox rows to Kafka (run one or more instances).
     Relay(RelayConfig),
+    /// Run every component in this process (site API, relay, consumers) until interrupted.
+    Run(RunArgs),
     /// Serve the site API (studies, sites, kit shipments, screening, consent, enrollment requests).
     SiteApi(SiteApiArgs),
     /// Run one domain consumer (migrates its schema first).
@@ -77,6 +79,33 @@ pub fn service_schemas() -> Vec<SchemaName> {
         enrollment::schema(),
         kit_allocation::schema(),
     ]
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+
+    #[command(flatten)]
+    pub kafka: trialflow_outbox::KafkaConfig,
+
+    /// Do not create missing topics (a cluster whose topics its operators provision).
+    #[arg(long, env = "NO_CREATE_TOPICS")]
+    pub no_create_topics: bool,
+
+    /// Partitions of each topic created.
+    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
+    pub partitions: i32,
+}
+
+/// Every component in one process.
+pub async fn run_all(args: RunArgs, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    let mut config = crate::pipeline::PipelineConfig::local(&args.database.database_url, &args.kafka);
+    config.create_topics = !args.no_create_topics;
+    config.partitions = args.partitions;
+    let pipeline = crate::pipeline::Pipeline::start(config, &shutdown).await?;
+    println!("trialflow is running; site API on http://{} (Ctrl-C to stop)", pipeline.site_api_addr());
+    pipeline.wait().await
 }
 
 #[derive(Debug, clap::Args)]
@@ -134,6 +163,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Relay(config) => {
             trialflow_outbox::relay::run(config, shutdown::on_signal()).await.context("relay")
         }
+        Command::Run(args) => run_all(args, shutdown::on_signal()).await,
         Command::SiteApi(args) => serve_site_api(args, shutdown::on_signal()).await,
         Command::Consume(args) => consume(args, shutdown::on_signal()).await,
         Command::Demo(args) => demo::run(args, shutdown::on_signal()).await,

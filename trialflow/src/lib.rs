@@ -4,5 +4,6 @@
 pub mod cli;
 pub mod demo;
 pub mod dlq;
+pub mod pipeline;
 pub mod shutdown;
 pub mod telemetry;

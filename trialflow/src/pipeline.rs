@@ -1,0 +1,160 @@
+//! Every component in one process, for local runs (`trialflow run`), the demo and end-to-end
+//! tests: the site API, one relay over every service outbox, and the domain consumers. In
+//! production each runs as its own process (`trialflow relay`, `trialflow consume ...`,
+//! `trialflow site-api`); nothing here is needed for that.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use trialflow_consumers::enrollment::{self, Enrollment};
+use trialflow_consumers::kit_allocation::{self, KitAllocation};
+use trialflow_consumers::{ConsumerConfig, runtime};
+use trialflow_outbox::{KafkaConfig, RelayConfig, SchemaName};
+use trialflow_producers::site_api::{self, SiteApi, SiteApiConfig};
+use trialflow_schemas::topics::TopicNames;
+
+/// The service schemas of one pipeline (tests use fresh ones; local runs the defaults).
+#[derive(Debug, Clone)]
+pub struct Schemas {
+    pub site_api: SchemaName,
+    pub enrollment: SchemaName,
+    pub kit_allocation: SchemaName,
+}
+
+impl Default for Schemas {
+    fn default() -> Self {
+        Self {
+            site_api: site_api::schema(),
+            enrollment: enrollment::schema(),
+            kit_allocation: kit_allocation::schema(),
+        }
+    }
+}
+
+impl Schemas {
+    /// Every schema with an outbox: the relay's sources.
+    pub fn sources(&self) -> Vec<SchemaName> {
+        vec![self.site_api.clone(), self.enrollment.clone(), self.kit_allocation.clone()]
+    }
+}
+
+/// How the in-process pipeline runs.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub schemas: Schemas,
+    pub topics: TopicNames,
+    pub relay: RelayConfig,
+    pub consumer: ConsumerConfig,
+    pub site_api: SiteApiConfig,
+    /// Create missing topics (with `partitions` each, and their dead-letter topics) at start.
+    /// Off against a cluster whose topics are provisioned by its operators.
+    pub create_topics: bool,
+    pub partitions: i32,
+}
+
+impl PipelineConfig {
+    /// Local defaults for every component, on `database_url` and `kafka`.
+    pub fn local(database_url: &str, kafka: &KafkaConfig) -> Self {
+        let schemas = Schemas::default();
+        let mut relay = RelayConfig::local(schemas.sources());
+        relay.database.database_url = database_url.to_string();
+        relay.kafka = kafka.clone();
+        let mut consumer = ConsumerConfig::local();
+        consumer.database.database_url = database_url.to_string();
+        consumer.kafka = kafka.clone();
+        let mut site_api = SiteApiConfig::local();
+        site_api.database_url = database_url.to_string();
+        let topics = site_api.topics.clone();
+        Self { schemas, topics, relay, consumer, site_api, create_topics: true, partitions: 6 }
+    }
+}
+
+/// A running pipeline.
+#[derive(Debug)]
+pub struct Pipeline {
+    site_api_addr: SocketAddr,
+    stop: CancellationToken,
+    tasks: JoinSet<anyhow::Result<()>>,
+}
+
+impl Pipeline {
+    /// Migrates every schema, creates the topics if asked, and starts every component.
+    pub async fn start(mut config: PipelineConfig, shutdown: &CancellationToken) -> anyhow::Result<Self> {
+        let url = config.relay.database.database_url.clone();
+        let s = &config.schemas;
+        site_api::migrate(&url, &s.site_api).await.context("migrating the site-api schema")?;
+        enrollment::migrate(&url, &s.enrollment).await.context("migrating the enrollment schema")?;
+        kit_allocation::migrate(&url, &s.kit_allocation)
+            .await
+            .context("migrating the kit-allocation schema")?;
+        if config.create_topics {
+            let topics = config.topics.all();
+            let mut wanted: Vec<(String, i32)> =
+                topics.iter().map(|t| (t.clone(), config.partitions)).collect();
+            wanted.extend(topics.iter().map(|t| (format!("{t}{}", config.consumer.dlq_suffix), 1)));
+            let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
+            trialflow_outbox::kafka::ensure_topics(&config.relay.kafka, &refs)
+                .await
+                .context("creating topics")?;
+        }
+        let stop = shutdown.child_token();
+        let mut tasks = JoinSet::new();
+        config.relay.sources = s.sources();
+        let relay_stop = stop.clone();
+        let relay = config.relay.clone();
+        tasks.spawn(async move { trialflow_outbox::relay::run(relay, relay_stop).await.context("relay") });
+
+        let topics = config.topics.clone();
+        // Group ids follow the topic prefix, so prefixed environments on one cluster stay apart.
+        let group = |name: &str| ConsumerConfig {
+            group_id: Some(format!("{}{name}", topics.prefix())),
+            ..config.consumer.clone()
+        };
+        let schema = s.enrollment.clone();
+        let handler = Enrollment::new(schema.clone(), topics.clone());
+        let run =
+            runtime::run(enrollment::spec(schema, &topics), group(enrollment::NAME), handler, stop.clone());
+        tasks.spawn(async move { run.await.context("enrollment consumer") });
+        let schema = s.kit_allocation.clone();
+        let handler = KitAllocation::new(schema.clone(), topics.clone());
+        let spec = kit_allocation::spec(schema, &topics);
+        let run = runtime::run(spec, group(kit_allocation::NAME), handler, stop.clone());
+        tasks.spawn(async move { run.await.context("kit-allocation consumer") });
+
+        config.site_api.schema = s.site_api.clone();
+        config.site_api.topics = topics;
+        site_api::describe_metrics();
+        let api = SiteApi::bind(config.site_api).await.context("starting the site API")?;
+        let site_api_addr = api.local_addr();
+        let api_stop = stop.clone();
+        tasks.spawn(async move { api.run(api_stop).await.context("site API") });
+        Ok(Self { site_api_addr, stop, tasks })
+    }
+
+    pub fn site_api_addr(&self) -> SocketAddr {
+        self.site_api_addr
+    }
+
+    /// Runs until shutdown or until a component fails (then stops the others).
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let mut first_error = None;
+        while let Some(done) = self.tasks.join_next().await {
+            let result = done.context("component panicked").and_then(|r| r);
+            if let Err(e) = result {
+                tracing::error!(error = %format!("{e:#}"), "Component failed; stopping the pipeline.");
+                first_error.get_or_insert(e);
+            }
+            // Whatever ended, the pipeline is incomplete without it.
+            self.stop.cancel();
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Stops every component gracefully.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.wait().await
+    }
+}

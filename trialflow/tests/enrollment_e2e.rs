@@ -1,0 +1,162 @@
+//! The enrollment saga end to end, driven the way a site drives it: HTTP calls to the site API,
+//! then the relay, the broker over TCP, and the enrollment and kit-allocation consumers, all
+//! started in this process by `trialflow::pipeline` on private schemas and topics.
+
+use std::time::Duration;
+
+use reqwest::{Client, StatusCode};
+use serde_json::{Value, json};
+use sqlx::{AssertSqlSafe, PgPool};
+use tokio_util::sync::CancellationToken;
+use trialflow::pipeline::{Pipeline, PipelineConfig, Schemas};
+use trialflow_outbox::SchemaName;
+use trialflow_schemas::topics::TopicNames;
+use trialflow_testkit::{database_url, init_logs, kafka, unique, wait_until};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+struct Site {
+    http: Client,
+    base: String,
+    study: String,
+}
+
+impl Site {
+    /// POSTs `body` as `token` with a fresh idempotency key; the created resource.
+    async fn post(&self, token: &str, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .post(format!("{}/v1/studies{path}", self.base))
+            .bearer_auth(token)
+            .header("Idempotency-Key", uuid::Uuid::new_v4().to_string())
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        anyhow::ensure!(status == StatusCode::CREATED, "POST {path}: {status} {body}");
+        Ok(body)
+    }
+
+    async fn shipment(&self, site: &str, per_arm: usize, first_sequence: usize) -> anyhow::Result<Value> {
+        let kits: Vec<Value> = ["PBO", "XAN_LO", "XAN_HI"]
+            .iter()
+            .enumerate()
+            .flat_map(|(a, arm)| {
+                (0..per_arm).map(move |i| {
+                    let sequence = first_sequence + a * per_arm + i;
+                    json!({"kit_number": format!("K{site}-{sequence:04}"), "sequence_number": sequence,
+                           "kit_type": "TTS", "lot": "L1", "expiry_date": "2030-12-31", "arm_code": arm})
+                })
+            })
+            .collect();
+        let shipment = json!({"shipment_id": format!("SH-{site}-{first_sequence}"), "kits": kits});
+        self.post("pharmacist-token", &format!("/{}/sites/{site}/shipments", self.study), &shipment).await
+    }
+
+    /// Screens, consents and requests enrollment; the subject id.
+    async fn enroll(&self, site: &str, number: usize, age: i32, strata: Value) -> anyhow::Result<String> {
+        let subject = format!("{site}-{number:04}");
+        let screening = json!({"site_id": site, "screening_number": format!("SCR-{subject}"),
+                               "subject_id": subject, "age_years": age, "sex": "M",
+                               "criteria": {"INC01": true}});
+        self.post("site-token", &format!("/{}/subjects", self.study), &screening).await?;
+        let path = format!("/{}/subjects/{subject}", self.study);
+        let consent = json!({"consent_version": "v1", "signed_at": "2026-11-20"});
+        self.post("site-token", &format!("{path}/consent"), &consent).await?;
+        self.post("site-token", &format!("{path}/enrollment-requests"), &json!({ "strata": strata })).await?;
+        Ok(subject)
+    }
+}
+
+async fn count(pool: &PgPool, schema: &SchemaName, condition: &str) -> anyhow::Result<i64> {
+    let sql = format!("SELECT count(*) FROM {schema}.subject WHERE {condition}");
+    Ok(sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(pool).await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sites_enroll_subjects_through_the_api_and_a_shipment_releases_the_held_ones() -> anyhow::Result<()> {
+    init_logs();
+    let prefix = format!("{}.", unique("e2e").replace('_', "-"));
+    let mut config = PipelineConfig::local(&database_url(), &kafka());
+    config.schemas = Schemas {
+        site_api: SchemaName::new(unique("sa"))?,
+        enrollment: SchemaName::new(unique("enr"))?,
+        kit_allocation: SchemaName::new(unique("kit"))?,
+    };
+    config.topics = TopicNames::new(prefix);
+    config.partitions = 3;
+    config.site_api.listen = "127.0.0.1:0".parse()?;
+    config.relay.poll_interval_ms = 100;
+    config.consumer.park_retry_ms = 200;
+    config.consumer.max_backoff_ms = 500;
+    let enrollment = config.schemas.enrollment.clone();
+    let shutdown = CancellationToken::new();
+    let pipeline = Pipeline::start(config, &shutdown).await?;
+    let site = Site {
+        http: Client::new(),
+        base: format!("http://{}", pipeline.site_api_addr()),
+        study: "E2E".into(),
+    };
+
+    let study = json!({
+        "study_id": "E2E", "title": "End-to-end",
+        "arms": [{"arm_code": "PBO", "name": "Placebo", "ratio": 1},
+                 {"arm_code": "XAN_LO", "name": "Low dose", "ratio": 1},
+                 {"arm_code": "XAN_HI", "name": "High dose", "ratio": 1}],
+        "stratification_factors": [{"factor": "AGEGR", "values": ["<65", ">=65"]}],
+        "eligibility": {"min_age_years": 50, "max_age_years": 89,
+                        "criteria": [{"criterion_id": "INC01", "description": "Probable Alzheimer's disease"}]},
+        "randomization": {"seed": 42, "block_multiples": [1, 2], "slots_per_stratum": 30, "warn_slots_left": 3},
+        "kit_types": [{"kit_type": "TTS", "do_not_dispense_days": 14, "do_not_count_days": 7,
+                       "low_stock_threshold": 1}],
+        "enrollment_kit_type": "TTS"
+    });
+    site.post("admin-token", "", &study).await?;
+    for id in ["701", "702"] {
+        let body = json!({"site_id": id, "name": format!("Site {id}"), "time_zone": "America/New_York"});
+        site.post("admin-token", "/E2E/sites", &body).await?;
+    }
+    site.shipment("701", 4, 1).await?;
+    // Site 701 has stock, 702 has none yet; one subject too old, one without strata.
+    for i in 0..12 {
+        let (id, age) = if i % 2 == 0 { ("701", 60) } else { ("702", 70) };
+        let group = if age < 65 { "<65" } else { ">=65" };
+        site.enroll(id, i, age, json!({ "AGEGR": group })).await?;
+    }
+    site.enroll("701", 100, 95, json!({"AGEGR": ">=65"})).await?;
+    site.enroll("701", 101, 60, json!({})).await?;
+
+    let pool = PgPool::connect(&database_url()).await?;
+    wait_until("701 enrolled, 702 on hold", WAIT, || async {
+        Ok(count(&pool, &enrollment, "status = 'enrolled'").await? == 6
+            && count(&pool, &enrollment, "hold_reason_code = 'NO_KIT_AVAILABLE'").await? == 6)
+    })
+    .await?;
+    assert_eq!(count(&pool, &enrollment, "subject_id = '701-0100' AND status = 'ineligible'").await?, 1);
+    assert_eq!(
+        count(&pool, &enrollment, "subject_id = '701-0101' AND hold_reason_code = 'STRATUM_MISSING'").await?,
+        1
+    );
+
+    site.shipment("702", 4, 100).await?;
+    wait_until("every eligible subject enrolled", WAIT, || async {
+        Ok(count(&pool, &enrollment, "status = 'enrolled'").await? == 12)
+    })
+    .await?;
+    let numbers = count(&pool, &enrollment, "randomization_number IS NOT NULL").await?;
+    assert_eq!(numbers, 12, "held subjects kept their randomization; nobody else was randomized");
+
+    // A blinded caller sees the kits of a site without their treatment.
+    let kits: Value = site
+        .http
+        .get(format!("{}/v1/studies/E2E/sites/702/kits", site.base))
+        .bearer_auth("site-token")
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert!(!kits.to_string().contains("arm_code"), "{kits}");
+    shutdown.cancel();
+    pipeline.wait().await
+}
