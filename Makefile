@@ -7,7 +7,7 @@ export DATABASE_URL ?= postgres://postgres@127.0.0.1:55432/trialflow
 export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:19092
 ONLY ?=
 
-.PHONY: help up down status build migrate demo relay test lint fmt bench interop clean
+.PHONY: help up down status build migrate demo run relay test lint fmt bench interop clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ migrate: up ## Create or upgrade every service schema
 
 demo: up ## Run the relay on a generated workload and show what it published
 	$(CARGO) run -q --release -p trialflow -- demo
+
+run: up ## Run every component (site API, relay, consumers) in the foreground
+	$(CARGO) run -q --release -p trialflow -- run
 
 relay: up ## Run one relay instance in the foreground
 	$(CARGO) run -q --release -p trialflow -- relay
