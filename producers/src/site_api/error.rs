@@ -162,6 +162,16 @@ pub(crate) fn unique_violation(e: &sqlx::Error) -> Option<&str> {
     }
 }
 
+/// Maps the error of a write that a concurrent request can beat: a violation of `constraint` is
+/// answered `conflict()`, as the command's pre-check would have had it seen the other request;
+/// any other error as usual.
+pub(crate) fn conflict_on(
+    constraint: &'static str,
+    conflict: impl FnOnce() -> ApiError,
+) -> impl FnOnce(sqlx::Error) -> ApiError {
+    move |e| if unique_violation(&e) == Some(constraint) { conflict() } else { e.into() }
+}
+
 /// Why the site API could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum SiteApiError {

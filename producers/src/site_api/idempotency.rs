@@ -15,10 +15,12 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
+use trialflow_outbox::OutboxEvent;
+use trialflow_schemas::Event;
 
-use super::Api;
 use super::auth::Principal;
 use super::error::ApiError;
+use super::{Api, CommandRequest};
 
 pub const HEADER: &str = "idempotency-key";
 /// Set to `true` on a response that answers a retry from the stored first response.
@@ -57,31 +59,33 @@ pub(crate) fn request_hash(method: &Method, path: &str, body: &[u8]) -> String {
     hex::encode(hash.finalize())
 }
 
-/// A command that holds its key: its transaction, to write rows and events in, then
-/// [`Command::finish`].
+/// A command that holds its key: its transaction, to write rows in and queue events on
+/// ([`Command::emit`]), then [`Command::finish`]. It keeps the [`Api`] so that neither needs it
+/// passed again.
 #[derive(Debug)]
-pub(crate) struct Command {
+pub(crate) struct Command<'a> {
     pub(crate) tx: Transaction<'static, Postgres>,
+    api: &'a Api,
     principal: String,
     key: String,
 }
 
 /// What [`start`] found.
 #[derive(Debug)]
-pub(crate) enum Started {
+enum Started<'a> {
     /// The key is new: run the command.
-    Run(Command),
+    Run(Command<'a>),
     /// The key was used before for this very request: answer with the stored response.
     Replay(Response),
 }
 
 /// Opens the command's transaction and claims `key` for `principal` in it.
-pub(crate) async fn start(
-    api: &Api,
+async fn start<'a>(
+    api: &'a Api,
     principal: &Principal,
     key: String,
     request_hash: String,
-) -> Result<Started, ApiError> {
+) -> Result<Started<'a>, ApiError> {
     let s = &api.schema;
     let mut tx = api.pool.begin().await?;
     sqlx::query(AssertSqlSafe(format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")))
@@ -105,7 +109,7 @@ pub(crate) async fn start(
     .rows_affected()
         == 1;
     if claimed {
-        return Ok(Started::Run(Command { tx, principal: principal.user.clone(), key }));
+        return Ok(Started::Run(Command { tx, api, principal: principal.user.clone(), key }));
     }
 
     let stored: Option<(String, Option<i32>, Option<serde_json::Value>)> = sqlx::query_as(AssertSqlSafe(
@@ -143,15 +147,49 @@ pub(crate) async fn start(
     Ok(Started::Replay(response))
 }
 
-impl Command {
-    /// Stores the response under the key and commits: rows, events and the key all at once.
-    pub(crate) async fn finish(
-        mut self,
-        api: &Api,
-        status: StatusCode,
-        body: serde_json::Value,
+impl Api {
+    /// Runs a command once per `Idempotency-Key`: claims the key (or answers a retry with the
+    /// stored response), lets `run` write rows and events in the command's transaction, and
+    /// answers 201 with the body `run` returns, stored under the key in the same commit. An error
+    /// from `run` rolls everything back, the key included, so the client may retry.
+    pub(crate) async fn run_once(
+        &self,
+        principal: &Principal,
+        key: String,
+        request: &CommandRequest,
+        run: impl AsyncFnOnce(&mut Command<'_>) -> Result<serde_json::Value, ApiError>,
     ) -> Result<Response, ApiError> {
-        let s = &api.schema;
+        let mut command = match start(self, principal, key, request.hash()).await? {
+            Started::Run(command) => command,
+            Started::Replay(response) => return Ok(response),
+        };
+        let body = run(&mut command).await?;
+        command.finish(StatusCode::CREATED, body).await
+    }
+
+    /// `event` as an outbox row: encoded with its schema, to the deployed topic of its type.
+    pub(crate) fn outbox_event<E: Event>(&self, event: &E, key: &str) -> Result<OutboxEvent, ApiError> {
+        Ok(OutboxEvent::avro(event, self.topics.of::<E>(), key)?)
+    }
+}
+
+impl Command<'_> {
+    /// Queues `event` (on its type's topic, under `key`) in the command's transaction, so it is
+    /// published if and only if the command commits.
+    pub(crate) async fn emit<E: Event>(&mut self, event: &E, key: &str) -> Result<(), ApiError> {
+        let event = self.api.outbox_event(event, key)?;
+        self.emit_all(std::slice::from_ref(&event)).await
+    }
+
+    /// Queues several events, in order, with one statement (see [`Command::emit`]).
+    pub(crate) async fn emit_all(&mut self, events: &[OutboxEvent]) -> Result<(), ApiError> {
+        self.api.outbox.enqueue_all(&mut self.tx, events).await?;
+        Ok(())
+    }
+
+    /// Stores the response under the key and commits: rows, events and the key all at once.
+    async fn finish(mut self, status: StatusCode, body: serde_json::Value) -> Result<Response, ApiError> {
+        let s = &self.api.schema;
         sqlx::query(AssertSqlSafe(format!(
             "UPDATE {s}.idempotency SET status = $3, body = $4 WHERE principal = $1 AND key = $2"
         )))

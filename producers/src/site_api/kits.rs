@@ -9,18 +9,16 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
-use sqlx::AssertSqlSafe;
-use trialflow_outbox::OutboxEvent;
-use trialflow_schemas::{Date, Envelope, Event, KitsReceived, ReceivedKit};
+use sqlx::{AssertSqlSafe, PgConnection};
+use trialflow_outbox::SchemaName;
+use trialflow_schemas::{Date, Envelope, Event, KitsReceived, ReceivedKit, Timestamp};
 
 use super::auth::{Principal, Role};
-use super::error::{ApiError, unique_violation};
-use super::idempotency::{self, Started};
-use super::studies::{StudySetup, study_exists};
+use super::error::{ApiError, conflict_on};
+use super::studies::{StudySetup, require_site, require_study};
 use super::{Api, CommandRequest, SOURCE_SYSTEM, check_id, check_text, occurred_at};
 
 /// Most kits one shipment may carry (one request, one transaction, one event).
@@ -113,6 +111,7 @@ pub fn validate_shipment(req: &ReceiveShipment) -> Result<Vec<NaiveDate>, ApiErr
     }
     Ok(expiry)
 }
+// ---- handlers ----------------------------------------------------------------------------------
 
 pub(crate) async fn receive_shipment(
     State(api): State<Arc<Api>>,
@@ -121,153 +120,33 @@ pub(crate) async fn receive_shipment(
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
     principal.require(&[Role::Pharmacist, Role::Admin])?;
-    let key = request.key()?;
-    let req: ReceiveShipment = request.json()?;
+    let (key, req): (_, ReceiveShipment) = request.parse()?;
     let expiry = validate_shipment(&req)?;
     let occurred_at = occurred_at(req.occurred_at.as_deref())?;
-    let mut command = match idempotency::start(&api, &principal, key, request.hash()).await? {
-        Started::Run(command) => command,
-        Started::Replay(response) => return Ok(response),
-    };
-    let tx = &mut command.tx;
-    let s = &api.schema;
-
-    let Some(setup) = StudySetup::load(tx, s, &study_id).await? else {
-        return Err(ApiError::not_found(format!("no study `{study_id}`")));
-    };
-    let site: Option<i32> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT 1 FROM {s}.site WHERE study_id = $1 AND site_id = $2"
-    )))
-    .bind(&study_id)
-    .bind(&site_id)
-    .fetch_optional(&mut **tx)
-    .await?;
-    if site.is_none() {
-        return Err(ApiError::not_found(format!("no site `{site_id}` in study `{study_id}`")));
-    }
-    for (i, kit) in req.kits.iter().enumerate() {
-        if !setup.kit_types.iter().any(|k| k.kit_type == kit.kit_type) {
-            return Err(ApiError::validation(
-                format!("kits[{i}].kit_type"),
-                format!("`{}` is not a kit type of study `{study_id}`", kit.kit_type),
-            ));
-        }
-        if !setup.arms.iter().any(|a| a.arm_code == kit.arm_code) {
-            return Err(ApiError::validation(
-                format!("kits[{i}].arm_code"),
-                format!("`{}` is not an arm of study `{study_id}`", kit.arm_code),
-            ));
-        }
-    }
-
-    let shipment_exists = || {
-        ApiError::conflict(
-            "shipment_exists",
-            format!("shipment `{}` was already received in study `{study_id}`", req.shipment_id),
-        )
-        .with_field("shipment_id")
-    };
-    let kit_number_exists = |i: Option<usize>| {
-        let field = i.map_or_else(|| "kits".to_string(), |i| format!("kits[{i}].kit_number"));
-        let which = i.and_then(|i| req.kits.get(i)).map_or("a kit", |k| k.kit_number.as_str());
-        ApiError::conflict(
-            "kit_number_exists",
-            format!("kit `{which}` was already received in study `{study_id}`"),
-        )
-        .with_field(field)
-    };
-    let shipment: Option<i32> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT 1 FROM {s}.shipment WHERE study_id = $1 AND shipment_id = $2"
-    )))
-    .bind(&study_id)
-    .bind(&req.shipment_id)
-    .fetch_optional(&mut **tx)
-    .await?;
-    if shipment.is_some() {
-        return Err(shipment_exists());
-    }
-    let numbers: Vec<&str> = req.kits.iter().map(|k| k.kit_number.as_str()).collect();
-    let known: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT kit_number FROM {s}.kit WHERE study_id = $1 AND kit_number = ANY($2)"
-    )))
-    .bind(&study_id)
-    .bind(&numbers)
-    .fetch_all(&mut **tx)
-    .await?;
-    if let Some(i) = numbers.iter().position(|n| known.iter().any(|k| k == n)) {
-        return Err(kit_number_exists(Some(i)));
-    }
-
-    let mut envelope = Envelope::new(KitsReceived::NAME, &study_id, SOURCE_SYSTEM, occurred_at);
-    envelope.site_id = Some(site_id.clone());
-    envelope.actor = Some(principal.user.clone());
-    let event = KitsReceived {
-        envelope,
-        shipment_id: req.shipment_id.clone(),
-        kits: req
-            .kits
-            .iter()
-            .zip(&expiry)
-            .map(|(k, expiry)| ReceivedKit {
-                kit_number: k.kit_number.clone(),
-                sequence_number: k.sequence_number,
-                kit_type: k.kit_type.clone(),
-                lot: k.lot.clone(),
-                expiry_date: Date::from(*expiry),
-                arm_code: k.arm_code.clone(),
-            })
-            .collect(),
-    };
-    let event_id = event.envelope.event_id;
-
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {s}.shipment (study_id, shipment_id, site_id, received_by, received_at, event_id)
-         VALUES ($1, $2, $3, $4, $5, $6)"
-    )))
-    .bind(&study_id)
-    .bind(&req.shipment_id)
-    .bind(&site_id)
-    .bind(&principal.user)
-    .bind(occurred_at.to_datetime().unwrap_or_default())
-    .bind(event_id)
-    .execute(&mut **tx)
+    api.run_once(&principal, key, &request, async |command| {
+        let s = &api.schema;
+        let setup = StudySetup::require(&mut command.tx, s, &study_id).await?;
+        require_site(&mut command.tx, s, &study_id, &site_id).await?;
+        check_kits_against_study(&req, &setup)?;
+        refuse_received(&mut command.tx, s, &study_id, &req).await?;
+        let event = kits_received(&study_id, &site_id, &req, &expiry, &principal, occurred_at);
+        insert_shipment(&mut command.tx, s, &event)
+            .await
+            .map_err(conflict_on("shipment_pk", || shipment_exists(&study_id, &req)))?;
+        // A concurrent shipment with one of these kits may have committed first.
+        insert_kits(&mut command.tx, s, &event, &expiry)
+            .await
+            .map_err(conflict_on("kit_number_unique", || kit_number_exists(&study_id, &req, None)))?;
+        command.emit(&event, &site_id).await?;
+        let kits = req.kits.len();
+        tracing::info!(study_id, site_id, shipment_id = %req.shipment_id, kits, "Received kit shipment.");
+        Ok(serde_json::json!({
+            "shipment_id": req.shipment_id,
+            "kit_numbers": kit_numbers(&req),
+            "event_ids": [event.envelope.event_id],
+        }))
+    })
     .await
-    .map_err(|e| if unique_violation(&e) == Some("shipment_pk") { shipment_exists() } else { e.into() })?;
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {s}.kit (study_id, kit_number, site_id, shipment_id, sequence_number, kit_type, lot,
-                             expiry_date, arm_code)
-         SELECT $1, n, $2, $3, q, t, l, e, a
-         FROM unnest($4::text[], $5::bigint[], $6::text[], $7::text[], $8::date[], $9::text[])
-              AS u(n, q, t, l, e, a)"
-    )))
-    .bind(&study_id)
-    .bind(&site_id)
-    .bind(&req.shipment_id)
-    .bind(&numbers)
-    .bind(req.kits.iter().map(|k| k.sequence_number).collect::<Vec<_>>())
-    .bind(req.kits.iter().map(|k| k.kit_type.as_str()).collect::<Vec<_>>())
-    .bind(req.kits.iter().map(|k| k.lot.as_str()).collect::<Vec<_>>())
-    .bind(&expiry)
-    .bind(req.kits.iter().map(|k| k.arm_code.as_str()).collect::<Vec<_>>())
-    .execute(&mut **tx)
-    .await
-    // A concurrent shipment with one of these kits committed first.
-    .map_err(|e| match unique_violation(&e) {
-        Some("kit_number_unique") => kit_number_exists(None),
-        _ => e.into(),
-    })?;
-
-    api.outbox
-        .enqueue(tx, OutboxEvent::avro(&event, api.topics.of::<KitsReceived>(), site_id.clone())?)
-        .await?;
-    let kits = req.kits.len();
-    tracing::info!(study_id, site_id, shipment_id = %req.shipment_id, kits, "Received kit shipment.");
-    let body = serde_json::json!({
-        "shipment_id": req.shipment_id,
-        "kit_numbers": numbers,
-        "event_ids": [event_id],
-    });
-    command.finish(&api, StatusCode::CREATED, body).await
 }
 
 pub(crate) async fn list_kits(
@@ -278,19 +157,8 @@ pub(crate) async fn list_kits(
     principal.require(&[Role::SiteStaff, Role::Pharmacist, Role::Admin])?;
     let s = &api.schema;
     let mut conn = api.pool.acquire().await?;
-    if !study_exists(&mut conn, s, &study_id).await? {
-        return Err(ApiError::not_found(format!("no study `{study_id}`")));
-    }
-    let site: Option<i32> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT 1 FROM {s}.site WHERE study_id = $1 AND site_id = $2"
-    )))
-    .bind(&study_id)
-    .bind(&site_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if site.is_none() {
-        return Err(ApiError::not_found(format!("no site `{site_id}` in study `{study_id}`")));
-    }
+    require_study(&mut conn, s, &study_id).await?;
+    require_site(&mut conn, s, &study_id, &site_id).await?;
     let rows: Vec<(String, i64, String, String, NaiveDate, String, String)> =
         sqlx::query_as(AssertSqlSafe(format!(
             "SELECT kit_number, sequence_number, kit_type, lot, expiry_date, shipment_id, arm_code
@@ -314,6 +182,167 @@ pub(crate) async fn list_kits(
         })
         .collect();
     Ok(axum::Json(KitList { study_id, site_id, kits }))
+}
+
+// ---- the shipment's checks, event and rows -----------------------------------------------------
+
+fn kit_numbers(req: &ReceiveShipment) -> Vec<&str> {
+    req.kits.iter().map(|k| k.kit_number.as_str()).collect()
+}
+
+/// Every kit's type and arm must be the study's: a kit of another study cannot be dispensed here.
+fn check_kits_against_study(req: &ReceiveShipment, setup: &StudySetup) -> Result<(), ApiError> {
+    let study_id = &setup.study_id;
+    for (i, kit) in req.kits.iter().enumerate() {
+        if !setup.kit_types.iter().any(|k| k.kit_type == kit.kit_type) {
+            return Err(ApiError::validation(
+                format!("kits[{i}].kit_type"),
+                format!("`{}` is not a kit type of study `{study_id}`", kit.kit_type),
+            ));
+        }
+        if !setup.arms.iter().any(|a| a.arm_code == kit.arm_code) {
+            return Err(ApiError::validation(
+                format!("kits[{i}].arm_code"),
+                format!("`{}` is not an arm of study `{study_id}`", kit.arm_code),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn shipment_exists(study_id: &str, req: &ReceiveShipment) -> ApiError {
+    ApiError::conflict(
+        "shipment_exists",
+        format!("shipment `{}` was already received in study `{study_id}`", req.shipment_id),
+    )
+    .with_field("shipment_id")
+}
+
+/// 409 for kit `i` of the shipment, or for some kit of it when the database does not say which
+/// (a concurrent shipment's).
+fn kit_number_exists(study_id: &str, req: &ReceiveShipment, i: Option<usize>) -> ApiError {
+    let field = i.map_or_else(|| "kits".to_string(), |i| format!("kits[{i}].kit_number"));
+    let which = i.and_then(|i| req.kits.get(i)).map_or("a kit", |k| k.kit_number.as_str());
+    ApiError::conflict(
+        "kit_number_exists",
+        format!("kit `{which}` was already received in study `{study_id}`"),
+    )
+    .with_field(field)
+}
+
+/// Refuses (409) a shipment the study already received, or one with a kit it already has: kit
+/// numbers are unique within a study, whatever the site.
+async fn refuse_received(
+    conn: &mut PgConnection,
+    s: &SchemaName,
+    study_id: &str,
+    req: &ReceiveShipment,
+) -> Result<(), ApiError> {
+    let shipment: Option<i32> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT 1 FROM {s}.shipment WHERE study_id = $1 AND shipment_id = $2"
+    )))
+    .bind(study_id)
+    .bind(&req.shipment_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if shipment.is_some() {
+        return Err(shipment_exists(study_id, req));
+    }
+    let numbers = kit_numbers(req);
+    let known: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT kit_number FROM {s}.kit WHERE study_id = $1 AND kit_number = ANY($2)"
+    )))
+    .bind(study_id)
+    .bind(&numbers)
+    .fetch_all(&mut *conn)
+    .await?;
+    match numbers.iter().position(|n| known.iter().any(|k| k == n)) {
+        Some(i) => Err(kit_number_exists(study_id, req, Some(i))),
+        None => Ok(()),
+    }
+}
+
+/// The KitsReceived event of a shipment; its rows are written from it.
+fn kits_received(
+    study_id: &str,
+    site_id: &str,
+    req: &ReceiveShipment,
+    expiry: &[NaiveDate],
+    principal: &Principal,
+    occurred_at: Timestamp,
+) -> KitsReceived {
+    let mut envelope = Envelope::new(KitsReceived::NAME, study_id, SOURCE_SYSTEM, occurred_at);
+    envelope.site_id = Some(site_id.to_string());
+    envelope.actor = Some(principal.user.clone());
+    KitsReceived {
+        envelope,
+        shipment_id: req.shipment_id.clone(),
+        kits: req
+            .kits
+            .iter()
+            .zip(expiry)
+            .map(|(k, expiry)| ReceivedKit {
+                kit_number: k.kit_number.clone(),
+                sequence_number: k.sequence_number,
+                kit_type: k.kit_type.clone(),
+                lot: k.lot.clone(),
+                expiry_date: Date::from(*expiry),
+                arm_code: k.arm_code.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// The shipment's row, as its event tells it (study, site, receiver, time); the error is left raw
+/// so the caller can tell a concurrent duplicate (`shipment_pk`) from other failures.
+async fn insert_shipment(
+    conn: &mut PgConnection,
+    s: &SchemaName,
+    event: &KitsReceived,
+) -> Result<(), sqlx::Error> {
+    let e = &event.envelope;
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {s}.shipment (study_id, shipment_id, site_id, received_by, received_at, event_id)
+         VALUES ($1, $2, $3, $4, $5, $6)"
+    )))
+    .bind(&e.study_id)
+    .bind(&event.shipment_id)
+    .bind(&e.site_id)
+    .bind(&e.actor)
+    .bind(e.occurred_at.to_datetime().unwrap_or_default())
+    .bind(e.event_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// One row per kit of the event, with one statement; `expiry` holds the kits' dates in order.
+async fn insert_kits(
+    conn: &mut PgConnection,
+    s: &SchemaName,
+    event: &KitsReceived,
+    expiry: &[NaiveDate],
+) -> Result<(), sqlx::Error> {
+    let kits = &event.kits;
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {s}.kit (study_id, kit_number, site_id, shipment_id, sequence_number, kit_type, lot,
+                             expiry_date, arm_code)
+         SELECT $1, n, $2, $3, q, t, l, e, a
+         FROM unnest($4::text[], $5::bigint[], $6::text[], $7::text[], $8::date[], $9::text[])
+              AS u(n, q, t, l, e, a)"
+    )))
+    .bind(&event.envelope.study_id)
+    .bind(&event.envelope.site_id)
+    .bind(&event.shipment_id)
+    .bind(kits.iter().map(|k| k.kit_number.as_str()).collect::<Vec<_>>())
+    .bind(kits.iter().map(|k| k.sequence_number).collect::<Vec<_>>())
+    .bind(kits.iter().map(|k| k.kit_type.as_str()).collect::<Vec<_>>())
+    .bind(kits.iter().map(|k| k.lot.as_str()).collect::<Vec<_>>())
+    .bind(expiry)
+    .bind(kits.iter().map(|k| k.arm_code.as_str()).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]

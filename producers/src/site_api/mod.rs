@@ -77,6 +77,9 @@ pub const REQUESTS_TOTAL: &str = "trialflow_site_api_requests_total";
 /// Time to answer a request, by route template.
 pub const REQUEST_DURATION_SECONDS: &str = "trialflow_site_api_request_duration_seconds";
 
+/// A statement with some of its parameters bound, for helpers that bind the shared ones.
+pub(crate) type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
 /// How long a request waits for a database connection before answering 503.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -240,6 +243,13 @@ impl CommandRequest {
     /// The body as `T` (400 naming the field that does not fit).
     pub(crate) fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
         parse_json(&self.body)
+    }
+
+    /// The key, then the body as `T`: in this order, so a request that lacks a key is told so
+    /// whatever its body.
+    pub(crate) fn parse<T: DeserializeOwned>(&self) -> Result<(String, T), ApiError> {
+        let key = self.key()?;
+        Ok((key, self.json()?))
     }
 
     pub(crate) fn hash(&self) -> String {

@@ -9,19 +9,19 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, PgConnection};
-use trialflow_outbox::OutboxEvent;
+use trialflow_outbox::SchemaName;
 use trialflow_schemas::{
     Envelope, Event, KitTypeSettings, RandomizationSettings, StratificationFactor, StudyArm, StudyConfigured,
 };
 
 use super::auth::{Principal, Role};
-use super::error::{ApiError, unique_violation};
-use super::idempotency::{self, Started};
-use super::{Api, CommandRequest, SOURCE_SYSTEM, check_id, check_text, check_time_zone, occurred_at};
+use super::error::{ApiError, conflict_on};
+use super::{
+    Api, CommandRequest, PgQuery, SOURCE_SYSTEM, check_id, check_text, check_time_zone, occurred_at,
+};
 
 /// The configuration version a new study starts with.
 pub const FIRST_CONFIG_VERSION: i32 = 1;
@@ -322,153 +322,34 @@ pub(crate) async fn create_study(
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
     principal.require(&[Role::Admin])?;
-    let key = request.key()?;
-    let study: CreateStudy = request.json()?;
+    let (key, study): (_, CreateStudy) = request.parse()?;
     validate_study(&study)?;
     let occurred_at = occurred_at(study.occurred_at.as_deref())?;
-    let mut command = match idempotency::start(&api, &principal, key, request.hash()).await? {
-        Started::Run(command) => command,
-        Started::Replay(response) => return Ok(response),
-    };
-    let tx = &mut command.tx;
-    let s = &api.schema;
-    let already_exists = || {
-        ApiError::conflict("study_exists", format!("study `{}` already exists", study.study_id))
-            .with_field("study_id")
-    };
-
-    if study_exists(tx, s, &study.study_id).await? {
-        return Err(already_exists());
-    }
-    let e = &study.eligibility;
-    let r = &study.randomization;
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {s}.study (study_id, title, config_version, min_age_years, max_age_years, seed,
-                               block_multiples, slots_per_stratum, warn_slots_left, enrollment_kit_type,
-                               created_by)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-    )))
-    .bind(&study.study_id)
-    .bind(&study.title)
-    .bind(FIRST_CONFIG_VERSION)
-    .bind(e.min_age_years)
-    .bind(e.max_age_years)
-    .bind(r.seed)
-    .bind(&r.block_multiples)
-    .bind(r.slots_per_stratum)
-    .bind(r.warn_slots_left)
-    .bind(&study.enrollment_kit_type)
-    .bind(&principal.user)
-    .execute(&mut **tx)
+    api.run_once(&principal, key, &request, async |command| {
+        let s = &api.schema;
+        let already_exists = || {
+            ApiError::conflict("study_exists", format!("study `{}` already exists", study.study_id))
+                .with_field("study_id")
+        };
+        if study_exists(&mut command.tx, s, &study.study_id).await? {
+            return Err(already_exists());
+        }
+        // A concurrent request for the same study may have committed first.
+        insert_study(&mut command.tx, s, &study, &principal.user)
+            .await
+            .map_err(conflict_on("study_pk", already_exists))?;
+        insert_study_setup(&mut command.tx, s, &study).await?;
+        let event = study_configured(&study, &principal, occurred_at);
+        let event_id = event.envelope.event_id;
+        command.emit(&event, &study.study_id).await?;
+        tracing::info!(study_id = %study.study_id, user = %principal.user, %event_id, "Configured study.");
+        Ok(serde_json::json!({
+            "study_id": study.study_id,
+            "config_version": FIRST_CONFIG_VERSION,
+            "event_ids": [event_id],
+        }))
+    })
     .await
-    // A concurrent request for the same study committed first.
-    .map_err(|e| if unique_violation(&e) == Some("study_pk") { already_exists() } else { e.into() })?;
-
-    for (position, arm) in study.arms.iter().enumerate() {
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {s}.study_arm (study_id, arm_code, name, ratio, position)
-             VALUES ($1, $2, $3, $4, $5)"
-        )))
-        .bind(&study.study_id)
-        .bind(&arm.arm_code)
-        .bind(&arm.name)
-        .bind(arm.ratio)
-        .bind(position as i32)
-        .execute(&mut **tx)
-        .await?;
-    }
-    for (position, f) in study.stratification_factors.iter().enumerate() {
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {s}.stratification_factor (study_id, factor, factor_values, position)
-             VALUES ($1, $2, $3, $4)"
-        )))
-        .bind(&study.study_id)
-        .bind(&f.factor)
-        .bind(&f.values)
-        .bind(position as i32)
-        .execute(&mut **tx)
-        .await?;
-    }
-    for (position, c) in e.criteria.iter().enumerate() {
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {s}.eligibility_criterion (study_id, criterion_id, description, position)
-             VALUES ($1, $2, $3, $4)"
-        )))
-        .bind(&study.study_id)
-        .bind(&c.criterion_id)
-        .bind(&c.description)
-        .bind(position as i32)
-        .execute(&mut **tx)
-        .await?;
-    }
-    for (position, k) in study.kit_types.iter().enumerate() {
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {s}.kit_type (study_id, kit_type, do_not_dispense_days, do_not_count_days,
-                                      low_stock_threshold, position)
-             VALUES ($1, $2, $3, $4, $5, $6)"
-        )))
-        .bind(&study.study_id)
-        .bind(&k.kit_type)
-        .bind(k.do_not_dispense_days)
-        .bind(k.do_not_count_days)
-        .bind(k.low_stock_threshold)
-        .bind(position as i32)
-        .execute(&mut **tx)
-        .await?;
-    }
-
-    let event = study_configured(&study, &principal, occurred_at);
-    let event_id = event.envelope.event_id;
-    let outbox_event = OutboxEvent::avro(&event, api.topics.of::<StudyConfigured>(), study.study_id.clone())?;
-    api.outbox.enqueue(tx, outbox_event).await?;
-    tracing::info!(study_id = %study.study_id, user = %principal.user, %event_id, "Configured study.");
-    let body = serde_json::json!({
-        "study_id": study.study_id,
-        "config_version": FIRST_CONFIG_VERSION,
-        "event_ids": [event_id],
-    });
-    command.finish(&api, StatusCode::CREATED, body).await
-}
-
-/// The StudyConfigured event of a new study.
-fn study_configured(
-    study: &CreateStudy,
-    principal: &Principal,
-    occurred_at: trialflow_schemas::Timestamp,
-) -> StudyConfigured {
-    let mut envelope = Envelope::new(StudyConfigured::NAME, &study.study_id, SOURCE_SYSTEM, occurred_at);
-    envelope.actor = Some(principal.user.clone());
-    StudyConfigured {
-        envelope,
-        config_version: FIRST_CONFIG_VERSION,
-        arms: study
-            .arms
-            .iter()
-            .map(|a| StudyArm { arm_code: a.arm_code.clone(), name: a.name.clone(), ratio: a.ratio })
-            .collect(),
-        stratification_factors: study
-            .stratification_factors
-            .iter()
-            .map(|f| StratificationFactor { factor: f.factor.clone(), values: f.values.clone() })
-            .collect(),
-        randomization: RandomizationSettings {
-            seed: study.randomization.seed,
-            block_multiples: study.randomization.block_multiples.clone(),
-            slots_per_stratum: study.randomization.slots_per_stratum,
-            warn_slots_left: study.randomization.warn_slots_left,
-        },
-        kit_types: study
-            .kit_types
-            .iter()
-            .map(|k| KitTypeSettings {
-                kit_type: k.kit_type.clone(),
-                do_not_dispense_days: k.do_not_dispense_days,
-                do_not_count_days: k.do_not_count_days,
-                low_stock_threshold: k.low_stock_threshold,
-            })
-            .collect(),
-        enrollment_kit_type: study.enrollment_kit_type.clone(),
-    }
 }
 
 pub(crate) async fn create_site(
@@ -478,51 +359,39 @@ pub(crate) async fn create_site(
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
     principal.require(&[Role::Admin])?;
-    let key = request.key()?;
-    let site: CreateSite = request.json()?;
+    let (key, site): (_, CreateSite) = request.parse()?;
     validate_site(&site)?;
-    let mut command = match idempotency::start(&api, &principal, key, request.hash()).await? {
-        Started::Run(command) => command,
-        Started::Replay(response) => return Ok(response),
-    };
-    let tx = &mut command.tx;
-    let s = &api.schema;
-    let site_exists = || {
-        ApiError::conflict(
-            "site_exists",
-            format!("site `{}` already exists in study `{study_id}`", site.site_id),
-        )
-        .with_field("site_id")
-    };
-    if !study_exists(tx, s, &study_id).await? {
-        return Err(ApiError::not_found(format!("no study `{study_id}`")));
-    }
-    let exists: Option<i32> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT 1 FROM {s}.site WHERE study_id = $1 AND site_id = $2"
-    )))
-    .bind(&study_id)
-    .bind(&site.site_id)
-    .fetch_optional(&mut **tx)
-    .await?;
-    if exists.is_some() {
-        return Err(site_exists());
-    }
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {s}.site (study_id, site_id, name, country, time_zone, created_by)
-         VALUES ($1, $2, $3, $4, $5, $6)"
-    )))
-    .bind(&study_id)
-    .bind(&site.site_id)
-    .bind(&site.name)
-    .bind(&site.country)
-    .bind(&site.time_zone)
-    .bind(&principal.user)
-    .execute(&mut **tx)
+    api.run_once(&principal, key, &request, async |command| {
+        let s = &api.schema;
+        let site_exists = || {
+            ApiError::conflict(
+                "site_exists",
+                format!("site `{}` already exists in study `{study_id}`", site.site_id),
+            )
+            .with_field("site_id")
+        };
+        require_study(&mut command.tx, s, &study_id).await?;
+        if site_time_zone(&mut command.tx, s, &study_id, &site.site_id).await?.is_some() {
+            return Err(site_exists());
+        }
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {s}.site (study_id, site_id, name, country, time_zone, created_by)
+             VALUES ($1, $2, $3, $4, $5, $6)"
+        )))
+        .bind(&study_id)
+        .bind(&site.site_id)
+        .bind(&site.name)
+        .bind(&site.country)
+        .bind(&site.time_zone)
+        .bind(&principal.user)
+        .execute(&mut *command.tx)
+        .await
+        // A concurrent request for the same site may have committed first.
+        .map_err(conflict_on("site_pk", site_exists))?;
+        tracing::info!(study_id, site_id = %site.site_id, user = %principal.user, "Added site.");
+        Ok(serde_json::json!({"study_id": study_id, "site_id": site.site_id}))
+    })
     .await
-    .map_err(|e| if unique_violation(&e) == Some("site_pk") { site_exists() } else { e.into() })?;
-    tracing::info!(study_id, site_id = %site.site_id, user = %principal.user, "Added site.");
-    let body = serde_json::json!({"study_id": study_id, "site_id": site.site_id});
-    command.finish(&api, StatusCode::CREATED, body).await
 }
 
 pub(crate) async fn get_study(
@@ -532,9 +401,7 @@ pub(crate) async fn get_study(
 ) -> Result<axum::Json<StudyView>, ApiError> {
     let s = &api.schema;
     let mut conn = api.pool.acquire().await?;
-    let Some(setup) = StudySetup::load(&mut conn, s, &study_id).await? else {
-        return Err(ApiError::not_found(format!("no study `{study_id}`")));
-    };
+    let setup = StudySetup::require(&mut conn, s, &study_id).await?;
     let (title, config_version, block_multiples, slots_per_stratum, warn_slots_left): (
         String,
         i32,
@@ -580,11 +447,183 @@ pub(crate) async fn get_study(
     }))
 }
 
-pub(crate) async fn study_exists(
+// ---- the new study's event and rows ------------------------------------------------------------
+
+/// The StudyConfigured event of a new study.
+fn study_configured(
+    study: &CreateStudy,
+    principal: &Principal,
+    occurred_at: trialflow_schemas::Timestamp,
+) -> StudyConfigured {
+    let mut envelope = Envelope::new(StudyConfigured::NAME, &study.study_id, SOURCE_SYSTEM, occurred_at);
+    envelope.actor = Some(principal.user.clone());
+    StudyConfigured {
+        envelope,
+        config_version: FIRST_CONFIG_VERSION,
+        arms: study
+            .arms
+            .iter()
+            .map(|a| StudyArm { arm_code: a.arm_code.clone(), name: a.name.clone(), ratio: a.ratio })
+            .collect(),
+        stratification_factors: study
+            .stratification_factors
+            .iter()
+            .map(|f| StratificationFactor { factor: f.factor.clone(), values: f.values.clone() })
+            .collect(),
+        randomization: RandomizationSettings {
+            seed: study.randomization.seed,
+            block_multiples: study.randomization.block_multiples.clone(),
+            slots_per_stratum: study.randomization.slots_per_stratum,
+            warn_slots_left: study.randomization.warn_slots_left,
+        },
+        kit_types: study
+            .kit_types
+            .iter()
+            .map(|k| KitTypeSettings {
+                kit_type: k.kit_type.clone(),
+                do_not_dispense_days: k.do_not_dispense_days,
+                do_not_count_days: k.do_not_count_days,
+                low_stock_threshold: k.low_stock_threshold,
+            })
+            .collect(),
+        enrollment_kit_type: study.enrollment_kit_type.clone(),
+    }
+}
+
+/// The study's own row (config version 1); the error is left raw so the caller can tell a
+/// concurrent duplicate (`study_pk`) from other failures.
+async fn insert_study(
     conn: &mut PgConnection,
-    s: &trialflow_outbox::SchemaName,
+    s: &SchemaName,
+    study: &CreateStudy,
+    user: &str,
+) -> Result<(), sqlx::Error> {
+    let e = &study.eligibility;
+    let r = &study.randomization;
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {s}.study (study_id, title, config_version, min_age_years, max_age_years, seed,
+                               block_multiples, slots_per_stratum, warn_slots_left, enrollment_kit_type,
+                               created_by)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+    )))
+    .bind(&study.study_id)
+    .bind(&study.title)
+    .bind(FIRST_CONFIG_VERSION)
+    .bind(e.min_age_years)
+    .bind(e.max_age_years)
+    .bind(r.seed)
+    .bind(&r.block_multiples)
+    .bind(r.slots_per_stratum)
+    .bind(r.warn_slots_left)
+    .bind(&study.enrollment_kit_type)
+    .bind(user)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The study's arms, factors, criteria and kit types, each kept in the order the request gave.
+async fn insert_study_setup(
+    conn: &mut PgConnection,
+    s: &SchemaName,
+    study: &CreateStudy,
+) -> Result<(), ApiError> {
+    let id = study.study_id.as_str();
+    let sql = format!(
+        "INSERT INTO {s}.study_arm (study_id, arm_code, name, ratio, position) VALUES ($1, $2, $3, $4, $5)"
+    );
+    insert_in_order(conn, &sql, id, &study.arms, |q, a| q.bind(&a.arm_code).bind(&a.name).bind(a.ratio))
+        .await?;
+    let sql = format!(
+        "INSERT INTO {s}.stratification_factor (study_id, factor, factor_values, position) VALUES ($1, $2, $3, $4)"
+    );
+    insert_in_order(conn, &sql, id, &study.stratification_factors, |q, f| q.bind(&f.factor).bind(&f.values))
+        .await?;
+    let sql = format!(
+        "INSERT INTO {s}.eligibility_criterion (study_id, criterion_id, description, position)
+         VALUES ($1, $2, $3, $4)"
+    );
+    let criteria = &study.eligibility.criteria;
+    insert_in_order(conn, &sql, id, criteria, |q, c| q.bind(&c.criterion_id).bind(&c.description)).await?;
+    let sql = format!(
+        "INSERT INTO {s}.kit_type (study_id, kit_type, do_not_dispense_days, do_not_count_days,
+                                  low_stock_threshold, position)
+         VALUES ($1, $2, $3, $4, $5, $6)"
+    );
+    insert_in_order(conn, &sql, id, &study.kit_types, |q, k| {
+        q.bind(&k.kit_type).bind(k.do_not_dispense_days).bind(k.do_not_count_days).bind(k.low_stock_threshold)
+    })
+    .await
+}
+
+/// Runs `sql` once per item: `$1` is the study id, then what `bind` binds of the item, last its
+/// position, which reads order by so they list items as the request gave them.
+async fn insert_in_order<'q, T>(
+    conn: &mut PgConnection,
+    sql: &str,
+    study_id: &'q str,
+    items: &'q [T],
+    bind: impl Fn(PgQuery<'q>, &'q T) -> PgQuery<'q>,
+) -> Result<(), ApiError> {
+    for (position, item) in items.iter().enumerate() {
+        let query = sqlx::query(AssertSqlSafe(sql.to_string())).bind(study_id);
+        bind(query, item).bind(position as i32).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+// ---- lookups ----------------------------------------------------------------------------------
+
+/// 404 for a study id that names no study: every route below `/v1/studies/{study_id}` answers
+/// it alike.
+fn no_study(study_id: &str) -> ApiError {
+    ApiError::not_found(format!("no study `{study_id}`"))
+}
+
+/// 404 for a site its study does not have.
+pub(crate) fn no_site(study_id: &str, site_id: &str) -> ApiError {
+    ApiError::not_found(format!("no site `{site_id}` in study `{study_id}`"))
+}
+
+/// That `study_id` names a study (404 otherwise), for commands that need no more of it.
+pub(crate) async fn require_study(
+    conn: &mut PgConnection,
+    s: &SchemaName,
     study_id: &str,
-) -> Result<bool, ApiError> {
+) -> Result<(), ApiError> {
+    if study_exists(conn, s, study_id).await? { Ok(()) } else { Err(no_study(study_id)) }
+}
+
+/// The time zone of site `site_id` of the study, `None` when the study has no such site.
+pub(crate) async fn site_time_zone(
+    conn: &mut PgConnection,
+    s: &SchemaName,
+    study_id: &str,
+    site_id: &str,
+) -> Result<Option<String>, ApiError> {
+    Ok(sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT time_zone FROM {s}.site WHERE study_id = $1 AND site_id = $2"
+    )))
+    .bind(study_id)
+    .bind(site_id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// That the study has site `site_id` (404 otherwise), for routes that name the site in the path.
+pub(crate) async fn require_site(
+    conn: &mut PgConnection,
+    s: &SchemaName,
+    study_id: &str,
+    site_id: &str,
+) -> Result<(), ApiError> {
+    match site_time_zone(conn, s, study_id, site_id).await? {
+        Some(_) => Ok(()),
+        None => Err(no_site(study_id, site_id)),
+    }
+}
+
+async fn study_exists(conn: &mut PgConnection, s: &SchemaName, study_id: &str) -> Result<bool, ApiError> {
     let found: Option<i32> =
         sqlx::query_scalar(AssertSqlSafe(format!("SELECT 1 FROM {s}.study WHERE study_id = $1")))
             .bind(study_id)
@@ -610,12 +649,17 @@ pub(crate) struct StudySetup {
 }
 
 impl StudySetup {
-    /// The set-up of `study_id`, or `None` when there is no such study.
-    pub(crate) async fn load(
+    /// The set-up of `study_id`, 404 when there is no such study.
+    pub(crate) async fn require(
         conn: &mut PgConnection,
-        s: &trialflow_outbox::SchemaName,
+        s: &SchemaName,
         study_id: &str,
-    ) -> Result<Option<Self>, ApiError> {
+    ) -> Result<Self, ApiError> {
+        Self::load(conn, s, study_id).await?.ok_or_else(|| no_study(study_id))
+    }
+
+    /// The set-up of `study_id`, or `None` when there is no such study.
+    async fn load(conn: &mut PgConnection, s: &SchemaName, study_id: &str) -> Result<Option<Self>, ApiError> {
         let study: Option<(Option<i32>, Option<i32>, String)> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT min_age_years, max_age_years, enrollment_kit_type FROM {s}.study WHERE study_id = $1"
         )))
@@ -678,6 +722,8 @@ impl StudySetup {
 
 #[cfg(test)]
 mod tests {
+    use axum::http::StatusCode;
+
     use super::*;
 
     pub(crate) fn study() -> CreateStudy {

@@ -11,12 +11,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, PgConnection};
-use trialflow_outbox::{OutboxEvent, SchemaName};
+use trialflow_outbox::SchemaName;
 use trialflow_schemas::{
     ConsentSigned, CriterionResult, DateTimePrecision, EligibilityAssessed, EnrollmentRequested, Envelope,
     Event, PartialDateTime, StratumValue, SubjectScreened, SubjectWithdrawn, Timestamp,
@@ -25,9 +24,10 @@ use uuid::Uuid;
 
 use super::auth::{Principal, Role};
 use super::error::{ApiError, unique_violation};
-use super::idempotency::{self, Started};
-use super::studies::{AGE_CRITERION, Eligibility, Factor, StudySetup};
-use super::{Api, CommandRequest, SOURCE_SYSTEM, check_id, check_text, check_time_zone, occurred_at};
+use super::studies::{AGE_CRITERION, Eligibility, Factor, StudySetup, no_site, site_time_zone};
+use super::{
+    Api, CommandRequest, PgQuery, SOURCE_SYSTEM, check_id, check_text, check_time_zone, occurred_at,
+};
 
 /// Who may record what happens to a subject.
 const SUBJECT_ROLES: &[Role] = &[Role::SiteStaff, Role::Admin];
@@ -200,172 +200,8 @@ fn generated_subject_id(site_id: &str) -> String {
     format!("{site_id}-{}", &id[id.len() - 12..])
 }
 
-// ---- handlers ------------------------------------------------------------------------------------
-
-pub(crate) async fn screen_subject(
-    State(api): State<Arc<Api>>,
-    principal: Principal,
-    Path(study_id): Path<String>,
-    request: CommandRequest,
-) -> Result<Response, ApiError> {
-    principal.require(SUBJECT_ROLES)?;
-    let key = request.key()?;
-    let req: ScreenSubject = request.json()?;
-    validate_screening(&req)?;
-    let occurred_at = occurred_at(req.occurred_at.as_deref())?;
-    let mut command = match idempotency::start(&api, &principal, key, request.hash()).await? {
-        Started::Run(command) => command,
-        Started::Replay(response) => return Ok(response),
-    };
-    let tx = &mut command.tx;
-    let s = &api.schema;
-
-    let Some(setup) = StudySetup::load(tx, s, &study_id).await? else {
-        return Err(ApiError::not_found(format!("no study `{study_id}`")));
-    };
-    let site_zone: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT time_zone FROM {s}.site WHERE study_id = $1 AND site_id = $2"
-    )))
-    .bind(&study_id)
-    .bind(&req.site_id)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some(site_zone) = site_zone else {
-        return Err(ApiError::not_found(format!("no site `{}` in study `{study_id}`", req.site_id))
-            .with_field("site_id"));
-    };
-    let rules = Eligibility {
-        min_age_years: setup.min_age_years,
-        max_age_years: setup.max_age_years,
-        criteria: setup.criteria,
-    };
-    let (eligible, results) = assess_eligibility(&rules, req.age_years, &req.criteria)?;
-    let subject_id = req.subject_id.clone().unwrap_or_else(|| generated_subject_id(&req.site_id));
-    let time_zone = req.time_zone.clone().unwrap_or(site_zone);
-
-    let subject_exists = || {
-        ApiError::conflict(
-            "subject_exists",
-            format!("subject `{subject_id}` already exists in study `{study_id}`"),
-        )
-        .with_field("subject_id")
-    };
-    let screening_number_exists = || {
-        ApiError::conflict(
-            "screening_number_exists",
-            format!("screening number `{}` is already used in study `{study_id}`", req.screening_number),
-        )
-        .with_field("screening_number")
-    };
-    let taken: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT subject_id, screening_number FROM {s}.subject
-         WHERE study_id = $1 AND (subject_id = $2 OR screening_number = $3)"
-    )))
-    .bind(&study_id)
-    .bind(&subject_id)
-    .bind(&req.screening_number)
-    .fetch_all(&mut **tx)
-    .await?;
-    if taken.iter().any(|(id, _)| *id == subject_id) {
-        return Err(subject_exists());
-    }
-    if !taken.is_empty() {
-        return Err(screening_number_exists());
-    }
-
-    let mut envelope = subject_envelope(
-        SubjectScreened::NAME,
-        &study_id,
-        &req.site_id,
-        &subject_id,
-        &principal,
-        occurred_at,
-        None,
-    );
-    // The screening starts the subject's flow: every later event of the subject carries its id.
-    envelope.correlation_id = Some(envelope.event_id);
-    let screened = SubjectScreened {
-        envelope,
-        screening_number: req.screening_number.clone(),
-        time_zone: time_zone.clone(),
-        age_years: req.age_years,
-        sex: req.sex.clone(),
-    };
-    let screening_event_id = screened.envelope.event_id;
-    let mut envelope = subject_envelope(
-        EligibilityAssessed::NAME,
-        &study_id,
-        &req.site_id,
-        &subject_id,
-        &principal,
-        occurred_at,
-        Some(screening_event_id),
-    );
-    envelope.causation_id = Some(screening_event_id);
-    let assessed = EligibilityAssessed { envelope, eligible, criteria: results };
-
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {s}.subject (study_id, subject_id, site_id, screening_number, age_years, sex, time_zone,
-                                 eligible, screened_by, screened_at, screening_event_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-    )))
-    .bind(&study_id)
-    .bind(&subject_id)
-    .bind(&req.site_id)
-    .bind(&req.screening_number)
-    .bind(req.age_years)
-    .bind(&req.sex)
-    .bind(&time_zone)
-    .bind(eligible)
-    .bind(&principal.user)
-    .bind(to_datetime(occurred_at))
-    .bind(screening_event_id)
-    .execute(&mut **tx)
-    .await
-    // A concurrent screening committed first.
-    .map_err(|e| match unique_violation(&e) {
-        Some("subject_pk") => subject_exists(),
-        Some("subject_screening_number_unique") => screening_number_exists(),
-        _ => e.into(),
-    })?;
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {s}.eligibility_result (study_id, subject_id, criterion_id, met, detail, position)
-         SELECT $1, $2, c, m, d, (o - 1)::int
-         FROM unnest($3::text[], $4::boolean[], $5::text[]) WITH ORDINALITY AS u(c, m, d, o)"
-    )))
-    .bind(&study_id)
-    .bind(&subject_id)
-    .bind(assessed.criteria.iter().map(|c| c.criterion_id.as_str()).collect::<Vec<_>>())
-    .bind(assessed.criteria.iter().map(|c| c.met).collect::<Vec<_>>())
-    .bind(assessed.criteria.iter().map(|c| c.detail.as_deref()).collect::<Vec<_>>())
-    .execute(&mut **tx)
-    .await?;
-
-    let topic = api.topics.of::<SubjectScreened>();
-    let events = [
-        OutboxEvent::avro(&screened, topic.clone(), subject_id.clone())?,
-        OutboxEvent::avro(&assessed, topic, subject_id.clone())?,
-    ];
-    api.outbox.enqueue_all(tx, &events).await?;
-    let site_id = &req.site_id;
-    tracing::info!(study_id, site_id, subject_id, eligible, user = %principal.user, "Screened subject.");
-    let body = serde_json::json!({
-        "subject_id": subject_id,
-        "eligible": eligible,
-        "event_ids": [screening_event_id, assessed.envelope.event_id],
-    });
-    command.finish(&api, StatusCode::CREATED, body).await
-}
-
-pub(crate) async fn sign_consent(
-    State(api): State<Arc<Api>>,
-    principal: Principal,
-    Path((study_id, subject_id)): Path<(String, String)>,
-    request: CommandRequest,
-) -> Result<Response, ApiError> {
-    principal.require(SUBJECT_ROLES)?;
-    let key = request.key()?;
-    let req: SignConsent = request.json()?;
+/// The consent's signing date, after checking the consent version.
+fn check_consent(req: &SignConsent) -> Result<PartialDateTime, ApiError> {
     check_text("consent_version", &req.consent_version, 64)?;
     let signed_at = PartialDateTime::parse(&req.signed_at);
     if signed_at.precision == DateTimePrecision::Unknown {
@@ -377,44 +213,88 @@ pub(crate) async fn sign_consent(
             ),
         ));
     }
-    let occurred_at = occurred_at(req.occurred_at.as_deref())?;
-    let mut command = match idempotency::start(&api, &principal, key, request.hash()).await? {
-        Started::Run(command) => command,
-        Started::Replay(response) => return Ok(response),
-    };
-    let tx = &mut command.tx;
-    let s = &api.schema;
-    let subject = Subject::lock(tx, s, &study_id, &subject_id).await?;
-    subject.refuse_if_withdrawn()?;
+    Ok(signed_at)
+}
 
-    let envelope = subject.envelope(ConsentSigned::NAME, &study_id, &subject_id, &principal, occurred_at);
-    let event = ConsentSigned {
-        envelope,
-        consent_version: req.consent_version.clone(),
-        signed_at: signed_at.clone(),
-    };
-    let event_id = event.envelope.event_id;
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {s}.consent (event_id, study_id, subject_id, consent_version, signed_at_raw, signed_at,
-                                 recorded_by, recorded_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-    )))
-    .bind(event_id)
-    .bind(&study_id)
-    .bind(&subject_id)
-    .bind(&req.consent_version)
-    .bind(&signed_at.raw)
-    .bind(signed_at.earliest.and_then(Timestamp::to_datetime))
-    .bind(&principal.user)
-    .bind(to_datetime(occurred_at))
-    .execute(&mut **tx)
-    .await?;
-    api.outbox
-        .enqueue(tx, OutboxEvent::avro(&event, api.topics.of::<ConsentSigned>(), subject_id.clone())?)
-        .await?;
-    tracing::info!(study_id, subject_id, consent_version = %req.consent_version, "Recorded consent.");
-    let body = serde_json::json!({"subject_id": subject_id, "event_ids": [event_id]});
-    command.finish(&api, StatusCode::CREATED, body).await
+fn check_withdrawal(req: &WithdrawSubject) -> Result<(), ApiError> {
+    check_text("reason_code", &req.reason_code, 64)?;
+    if let Some(reason) = &req.reason {
+        check_text("reason", reason, 2000)?;
+    }
+    Ok(())
+}
+
+// ---- handlers ------------------------------------------------------------------------------------
+
+pub(crate) async fn screen_subject(
+    State(api): State<Arc<Api>>,
+    principal: Principal,
+    Path(study_id): Path<String>,
+    request: CommandRequest,
+) -> Result<Response, ApiError> {
+    principal.require(SUBJECT_ROLES)?;
+    let (key, req): (_, ScreenSubject) = request.parse()?;
+    validate_screening(&req)?;
+    let occurred_at = occurred_at(req.occurred_at.as_deref())?;
+    api.run_once(&principal, key, &request, async |command| {
+        let s = &api.schema;
+        let setup = StudySetup::require(&mut command.tx, s, &study_id).await?;
+        let site_zone = site_time_zone(&mut command.tx, s, &study_id, &req.site_id)
+            .await?
+            .ok_or_else(|| no_site(&study_id, &req.site_id).with_field("site_id"))?;
+        let rules = Eligibility {
+            min_age_years: setup.min_age_years,
+            max_age_years: setup.max_age_years,
+            criteria: setup.criteria,
+        };
+        let assessment = assess_eligibility(&rules, req.age_years, &req.criteria)?;
+        let subject_id = req.subject_id.clone().unwrap_or_else(|| generated_subject_id(&req.site_id));
+        let time_zone = req.time_zone.clone().unwrap_or(site_zone);
+        let ids = ScreeningIds {
+            study_id: &study_id,
+            subject_id: &subject_id,
+            screening_number: &req.screening_number,
+        };
+        ids.refuse_taken(&mut command.tx, s).await?;
+
+        let (screened, assessed) =
+            screening_events(&ids, &req, time_zone, &principal, occurred_at, assessment);
+        insert_subject(&mut command.tx, s, &screened, assessed.eligible)
+            .await
+            .map_err(|e| ids.on_insert_error(e))?;
+        insert_eligibility_results(&mut command.tx, s, &assessed).await?;
+        command
+            .emit_all(&[api.outbox_event(&screened, &subject_id)?, api.outbox_event(&assessed, &subject_id)?])
+            .await?;
+        let (site_id, eligible) = (&req.site_id, assessed.eligible);
+        tracing::info!(study_id, site_id, subject_id, eligible, user = %principal.user, "Screened subject.");
+        Ok(serde_json::json!({
+            "subject_id": subject_id,
+            "eligible": eligible,
+            "event_ids": [screened.envelope.event_id, assessed.envelope.event_id],
+        }))
+    })
+    .await
+}
+
+pub(crate) async fn sign_consent(
+    State(api): State<Arc<Api>>,
+    principal: Principal,
+    Path((study_id, subject_id)): Path<(String, String)>,
+    request: CommandRequest,
+) -> Result<Response, ApiError> {
+    principal.require(SUBJECT_ROLES)?;
+    let (key, req): (_, SignConsent) = request.parse()?;
+    let signed_at = check_consent(&req)?;
+    let occurred_at = occurred_at(req.occurred_at.as_deref())?;
+    on_active_subject(&api, &principal, key, &request, (&study_id, &subject_id), async |tx, subject| {
+        let envelope = subject.envelope(ConsentSigned::NAME, &principal, occurred_at);
+        let event = ConsentSigned { envelope, consent_version: req.consent_version.clone(), signed_at };
+        insert_consent(tx, &api.schema, &event).await?;
+        tracing::info!(study_id, subject_id, consent_version = %req.consent_version, "Recorded consent.");
+        Ok(event)
+    })
+    .await
 }
 
 pub(crate) async fn request_enrollment(
@@ -424,51 +304,25 @@ pub(crate) async fn request_enrollment(
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
     principal.require(SUBJECT_ROLES)?;
-    let key = request.key()?;
-    let req: RequestEnrollment = request.json()?;
+    let (key, req): (_, RequestEnrollment) = request.parse()?;
     let occurred_at = occurred_at(req.occurred_at.as_deref())?;
-    let mut command = match idempotency::start(&api, &principal, key, request.hash()).await? {
-        Started::Run(command) => command,
-        Started::Replay(response) => return Ok(response),
-    };
-    let tx = &mut command.tx;
-    let s = &api.schema;
-    let subject = Subject::lock(tx, s, &study_id, &subject_id).await?;
-    subject.refuse_if_withdrawn()?;
-    let Some(setup) = StudySetup::load(tx, s, &study_id).await? else {
-        return Err(ApiError::not_found(format!("no study `{study_id}`")));
-    };
-    let strata = strata_in_factor_order(&setup.factors, &req.strata)?;
-
-    let envelope =
-        subject.envelope(EnrollmentRequested::NAME, &study_id, &subject_id, &principal, occurred_at);
-    let event = EnrollmentRequested { envelope, strata };
-    let event_id = event.envelope.event_id;
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {s}.enrollment_request
-             (event_id, study_id, subject_id, strata, requested_by, requested_at)
-         VALUES ($1, $2, $3, $4, $5, $6)"
-    )))
-    .bind(event_id)
-    .bind(&study_id)
-    .bind(&subject_id)
-    .bind(Json(&event.strata))
-    .bind(&principal.user)
-    .bind(to_datetime(occurred_at))
-    .execute(&mut **tx)
-    .await?;
-    let missing: Vec<&str> = setup
-        .factors
-        .iter()
-        .filter(|f| !req.strata.contains_key(&f.factor))
-        .map(|f| f.factor.as_str())
-        .collect();
-    api.outbox
-        .enqueue(tx, OutboxEvent::avro(&event, api.topics.of::<EnrollmentRequested>(), subject_id.clone())?)
-        .await?;
-    tracing::info!(study_id, subject_id, ?missing, "Recorded enrollment request.");
-    let body = serde_json::json!({"subject_id": subject_id, "event_ids": [event_id]});
-    command.finish(&api, StatusCode::CREATED, body).await
+    on_active_subject(&api, &principal, key, &request, (&study_id, &subject_id), async |tx, subject| {
+        let s = &api.schema;
+        let setup = StudySetup::require(tx, s, &study_id).await?;
+        let strata = strata_in_factor_order(&setup.factors, &req.strata)?;
+        let envelope = subject.envelope(EnrollmentRequested::NAME, &principal, occurred_at);
+        let event = EnrollmentRequested { envelope, strata };
+        insert_enrollment_request(tx, s, &event).await?;
+        let missing: Vec<&str> = setup
+            .factors
+            .iter()
+            .filter(|f| !req.strata.contains_key(&f.factor))
+            .map(|f| f.factor.as_str())
+            .collect();
+        tracing::info!(study_id, subject_id, ?missing, "Recorded enrollment request.");
+        Ok(event)
+    })
+    .await
 }
 
 pub(crate) async fn withdraw_subject(
@@ -478,43 +332,246 @@ pub(crate) async fn withdraw_subject(
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
     principal.require(SUBJECT_ROLES)?;
-    let key = request.key()?;
-    let req: WithdrawSubject = request.json()?;
-    check_text("reason_code", &req.reason_code, 64)?;
-    if let Some(reason) = &req.reason {
-        check_text("reason", reason, 2000)?;
-    }
+    let (key, req): (_, WithdrawSubject) = request.parse()?;
+    check_withdrawal(&req)?;
     let occurred_at = occurred_at(req.occurred_at.as_deref())?;
-    let mut command = match idempotency::start(&api, &principal, key, request.hash()).await? {
-        Started::Run(command) => command,
-        Started::Replay(response) => return Ok(response),
-    };
-    let tx = &mut command.tx;
-    let s = &api.schema;
-    let subject = Subject::lock(tx, s, &study_id, &subject_id).await?;
-    subject.refuse_if_withdrawn()?;
+    on_active_subject(&api, &principal, key, &request, (&study_id, &subject_id), async |tx, subject| {
+        let envelope = subject.envelope(SubjectWithdrawn::NAME, &principal, occurred_at);
+        let event =
+            SubjectWithdrawn { envelope, reason_code: req.reason_code.clone(), reason: req.reason.clone() };
+        record_withdrawal(tx, &api.schema, &event).await?;
+        tracing::info!(study_id, subject_id, reason_code = %req.reason_code, "Withdrew subject.");
+        Ok(event)
+    })
+    .await
+}
 
-    let envelope = subject.envelope(SubjectWithdrawn::NAME, &study_id, &subject_id, &principal, occurred_at);
-    let event =
-        SubjectWithdrawn { envelope, reason_code: req.reason_code.clone(), reason: req.reason.clone() };
-    let event_id = event.envelope.event_id;
+/// The frame of consent, enrollment requests and withdrawal: commands on a screened subject that
+/// is still in the study. Locks the subject (404 without one, 409 once withdrawn), lets `record`
+/// check what needs the database, write its row and return its event, queues the event on the
+/// subject's key and answers with the subject and the event id.
+async fn on_active_subject<E: Event>(
+    api: &Api,
+    principal: &Principal,
+    key: String,
+    request: &CommandRequest,
+    (study_id, subject_id): (&str, &str),
+    record: impl AsyncFnOnce(&mut PgConnection, &Subject) -> Result<E, ApiError>,
+) -> Result<Response, ApiError> {
+    api.run_once(principal, key, request, async |command| {
+        let subject = Subject::lock_active(&mut command.tx, &api.schema, study_id, subject_id).await?;
+        let event = record(&mut command.tx, &subject).await?;
+        command.emit(&event, subject_id).await?;
+        Ok(serde_json::json!({"subject_id": subject_id, "event_ids": [event.envelope().event_id]}))
+    })
+    .await
+}
+
+// ---- screening -----------------------------------------------------------------------------------
+
+/// What a screening must not reuse within its study: the subject id and the screening number.
+#[derive(Debug)]
+struct ScreeningIds<'a> {
+    study_id: &'a str,
+    subject_id: &'a str,
+    screening_number: &'a str,
+}
+
+impl ScreeningIds<'_> {
+    fn subject_exists(&self) -> ApiError {
+        let (study_id, subject_id) = (self.study_id, self.subject_id);
+        ApiError::conflict(
+            "subject_exists",
+            format!("subject `{subject_id}` already exists in study `{study_id}`"),
+        )
+        .with_field("subject_id")
+    }
+
+    fn screening_number_exists(&self) -> ApiError {
+        let (study_id, number) = (self.study_id, self.screening_number);
+        ApiError::conflict(
+            "screening_number_exists",
+            format!("screening number `{number}` is already used in study `{study_id}`"),
+        )
+        .with_field("screening_number")
+    }
+
+    /// Refuses (409) ids the study already has, the subject id first.
+    async fn refuse_taken(&self, conn: &mut PgConnection, s: &SchemaName) -> Result<(), ApiError> {
+        let taken: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT subject_id, screening_number FROM {s}.subject
+             WHERE study_id = $1 AND (subject_id = $2 OR screening_number = $3)"
+        )))
+        .bind(self.study_id)
+        .bind(self.subject_id)
+        .bind(self.screening_number)
+        .fetch_all(conn)
+        .await?;
+        if taken.iter().any(|(id, _)| id == self.subject_id) {
+            return Err(self.subject_exists());
+        }
+        if !taken.is_empty() {
+            return Err(self.screening_number_exists());
+        }
+        Ok(())
+    }
+
+    /// The same answers when a concurrent screening committed first and the insert hit its key.
+    fn on_insert_error(&self, e: sqlx::Error) -> ApiError {
+        match unique_violation(&e) {
+            Some("subject_pk") => self.subject_exists(),
+            Some("subject_screening_number_unique") => self.screening_number_exists(),
+            _ => e.into(),
+        }
+    }
+}
+
+/// The events of a screening: SubjectScreened, which starts the subject's flow (its event id is
+/// the correlation id of every later event of the subject), and EligibilityAssessed, caused by it.
+fn screening_events(
+    ids: &ScreeningIds<'_>,
+    req: &ScreenSubject,
+    time_zone: String,
+    principal: &Principal,
+    occurred_at: Timestamp,
+    (eligible, criteria): (bool, Vec<CriterionResult>),
+) -> (SubjectScreened, EligibilityAssessed) {
+    let envelope = |event_type, correlation_id| {
+        subject_envelope(
+            event_type,
+            ids.study_id,
+            &req.site_id,
+            ids.subject_id,
+            principal,
+            occurred_at,
+            correlation_id,
+        )
+    };
+    let mut screening = envelope(SubjectScreened::NAME, None);
+    screening.correlation_id = Some(screening.event_id);
+    let screened = SubjectScreened {
+        envelope: screening,
+        screening_number: req.screening_number.clone(),
+        time_zone,
+        age_years: req.age_years,
+        sex: req.sex.clone(),
+    };
+    let cause = screened.envelope.event_id;
+    let mut assessment = envelope(EligibilityAssessed::NAME, Some(cause));
+    assessment.causation_id = Some(cause);
+    (screened, EligibilityAssessed { envelope: assessment, eligible, criteria })
+}
+
+// ---- rows, written from the events they record ------------------------------------------------
+
+/// A statement that records a subject's event: `$1` to `$5` are bound from its envelope (event
+/// id, study, subject, actor, time), so that every row says what its event says; the caller binds
+/// the rest, from `$6`.
+fn subject_event_query(sql: String, e: &Envelope) -> PgQuery<'_> {
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(e.event_id)
+        .bind(&e.study_id)
+        .bind(&e.subject_id)
+        .bind(&e.actor)
+        .bind(to_datetime(e.occurred_at))
+}
+
+/// The subject's row; the error is left raw for [`ScreeningIds::on_insert_error`].
+async fn insert_subject(
+    conn: &mut PgConnection,
+    s: &SchemaName,
+    screened: &SubjectScreened,
+    eligible: bool,
+) -> Result<(), sqlx::Error> {
+    let sql = format!(
+        "INSERT INTO {s}.subject (screening_event_id, study_id, subject_id, screened_by, screened_at,
+                                 site_id, screening_number, age_years, sex, time_zone, eligible)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+    );
+    subject_event_query(sql, &screened.envelope)
+        .bind(&screened.envelope.site_id)
+        .bind(&screened.screening_number)
+        .bind(screened.age_years)
+        .bind(&screened.sex)
+        .bind(&screened.time_zone)
+        .bind(eligible)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// One row per criterion, in the assessment's order, with one statement.
+async fn insert_eligibility_results(
+    conn: &mut PgConnection,
+    s: &SchemaName,
+    assessed: &EligibilityAssessed,
+) -> Result<(), ApiError> {
+    let criteria = &assessed.criteria;
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {s}.eligibility_result (study_id, subject_id, criterion_id, met, detail, position)
+         SELECT $1, $2, c, m, d, (o - 1)::int
+         FROM unnest($3::text[], $4::boolean[], $5::text[]) WITH ORDINALITY AS u(c, m, d, o)"
+    )))
+    .bind(&assessed.envelope.study_id)
+    .bind(&assessed.envelope.subject_id)
+    .bind(criteria.iter().map(|c| c.criterion_id.as_str()).collect::<Vec<_>>())
+    .bind(criteria.iter().map(|c| c.met).collect::<Vec<_>>())
+    .bind(criteria.iter().map(|c| c.detail.as_deref()).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn insert_consent(
+    conn: &mut PgConnection,
+    s: &SchemaName,
+    event: &ConsentSigned,
+) -> Result<(), ApiError> {
+    let sql = format!(
+        "INSERT INTO {s}.consent (event_id, study_id, subject_id, recorded_by, recorded_at,
+                                 consent_version, signed_at_raw, signed_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+    );
+    subject_event_query(sql, &event.envelope)
+        .bind(&event.consent_version)
+        .bind(&event.signed_at.raw)
+        .bind(event.signed_at.earliest.and_then(Timestamp::to_datetime))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+async fn insert_enrollment_request(
+    conn: &mut PgConnection,
+    s: &SchemaName,
+    event: &EnrollmentRequested,
+) -> Result<(), ApiError> {
+    let sql = format!(
+        "INSERT INTO {s}.enrollment_request (event_id, study_id, subject_id, requested_by, requested_at, strata)
+         VALUES ($1, $2, $3, $4, $5, $6)"
+    );
+    subject_event_query(sql, &event.envelope).bind(Json(&event.strata)).execute(conn).await?;
+    Ok(())
+}
+
+async fn record_withdrawal(
+    conn: &mut PgConnection,
+    s: &SchemaName,
+    event: &SubjectWithdrawn,
+) -> Result<(), ApiError> {
+    let e = &event.envelope;
     sqlx::query(AssertSqlSafe(format!(
         "UPDATE {s}.subject SET withdrawn_at = $3, withdrawal_reason_code = $4, withdrawal_reason = $5
          WHERE study_id = $1 AND subject_id = $2"
     )))
-    .bind(&study_id)
-    .bind(&subject_id)
-    .bind(to_datetime(occurred_at))
-    .bind(&req.reason_code)
-    .bind(&req.reason)
-    .execute(&mut **tx)
+    .bind(&e.study_id)
+    .bind(&e.subject_id)
+    .bind(to_datetime(e.occurred_at))
+    .bind(&event.reason_code)
+    .bind(&event.reason)
+    .execute(conn)
     .await?;
-    api.outbox
-        .enqueue(tx, OutboxEvent::avro(&event, api.topics.of::<SubjectWithdrawn>(), subject_id.clone())?)
-        .await?;
-    tracing::info!(study_id, subject_id, reason_code = %req.reason_code, "Withdrew subject.");
-    let body = serde_json::json!({"subject_id": subject_id, "event_ids": [event_id]});
-    command.finish(&api, StatusCode::CREATED, body).await
+    Ok(())
 }
 
 // ---- the stored subject --------------------------------------------------------------------------
@@ -522,15 +579,17 @@ pub(crate) async fn withdraw_subject(
 /// A subject as later commands need it, its row locked until the command ends.
 #[derive(Debug)]
 struct Subject {
+    study_id: String,
+    subject_id: String,
     site_id: String,
     screening_event_id: Uuid,
-    withdrawn: bool,
 }
 
 impl Subject {
     /// Locks the subject's row (commands on one subject run one after the other, so a withdrawal
-    /// and an enrollment request cannot both pass the withdrawn check), 404 when there is none.
-    async fn lock(
+    /// and an enrollment request cannot both pass the withdrawn check): 404 when there is none,
+    /// 409 when it has been withdrawn, as nothing more may be recorded for it.
+    async fn lock_active(
         conn: &mut PgConnection,
         s: &SchemaName,
         study_id: &str,
@@ -546,32 +605,23 @@ impl Subject {
         .await?;
         let (site_id, screening_event_id, withdrawn) = row
             .ok_or_else(|| ApiError::not_found(format!("no subject `{subject_id}` in study `{study_id}`")))?;
-        Ok(Self { site_id, screening_event_id, withdrawn })
-    }
-
-    fn refuse_if_withdrawn(&self) -> Result<(), ApiError> {
-        if self.withdrawn {
+        if withdrawn {
             return Err(ApiError::conflict(
                 "subject_withdrawn",
                 "the subject has been withdrawn from the study",
             ));
         }
-        Ok(())
+        let (study_id, subject_id) = (study_id.to_string(), subject_id.to_string());
+        Ok(Self { study_id, subject_id, site_id, screening_event_id })
     }
 
-    fn envelope(
-        &self,
-        event_type: &str,
-        study_id: &str,
-        subject_id: &str,
-        principal: &Principal,
-        occurred_at: Timestamp,
-    ) -> Envelope {
+    /// The envelope of a later event of the subject, correlated with its screening.
+    fn envelope(&self, event_type: &str, principal: &Principal, occurred_at: Timestamp) -> Envelope {
         subject_envelope(
             event_type,
-            study_id,
+            &self.study_id,
             &self.site_id,
-            subject_id,
+            &self.subject_id,
             principal,
             occurred_at,
             Some(self.screening_event_id),
@@ -602,6 +652,8 @@ fn to_datetime(t: Timestamp) -> chrono::DateTime<chrono::Utc> {
 
 #[cfg(test)]
 mod tests {
+    use axum::http::StatusCode;
+
     use super::*;
     use crate::site_api::studies::Criterion;
 
