@@ -8,6 +8,7 @@
 pub mod config;
 pub mod dlq;
 pub mod enrollment;
+pub mod epro;
 pub mod error;
 pub mod events;
 pub mod handler;

@@ -1,0 +1,285 @@
+//! The epro-validation consumer: decides on every questionnaire submission patient apps publish to
+//! the ingestion topic (producers we do not control: duplicates, late offline syncs, wrong
+//! versions, missing answers, garbage bytes).
+//!
+//! ```text
+//! epro.submissions.v1 ─▶ same submission id seen? ── same content ─▶ acknowledged, nothing new
+//!                              │                    └─ other content ─▶ Rejected CONFLICTING_DUPLICATE
+//!                              ▼
+//!                        subject enrolled? ── not yet ─▶ parked until SubjectEnrolled
+//!                              ▼
+//!                        rules (validate.rs) ─▶ QuestionnaireResponseAccepted (score, band, flags,
+//!                                               window in the subject's zone, late-sync flag)
+//!                                            └▶ QuestionnaireResponseRejected (every reason, coded)
+//! enrollment.subject-lifecycle.v1 ─▶ subject's zone, enrollment time, withdrawal time
+//! ```
+//!
+//! Bytes that are not an event go to the dead-letter topic (consumer runtime). Accepted responses
+//! are stored with their answers and score (`response`), every decision by submission id
+//! (`submission`).
+
+pub mod catalogue;
+pub mod questionnaire;
+pub mod schedule;
+mod store;
+pub mod validate;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sqlx::{Postgres, Transaction};
+use tracing::debug;
+use trialflow_outbox::SchemaName;
+use trialflow_schemas::topics::{self, TopicNames};
+use trialflow_schemas::{
+    AnyEvent, Envelope, Event, QuestionnaireResponseAccepted, QuestionnaireResponseRejected,
+    QuestionnaireResponseSubmitted, RejectionReason,
+};
+use uuid::Uuid;
+
+use self::catalogue::Catalogue;
+use self::store::SubjectFact;
+use self::validate::{Accepted, CONFLICTING_DUPLICATE, DUPLICATE_OCCURRENCE, reason};
+use crate::config::ConsumerSpec;
+use crate::error::HandlerError;
+use crate::events::{decode, emit, subject_of};
+use crate::handler::{Context, Handler, Message};
+
+/// Consumer name (inbox key, default group id, metric label) and `source_system` of its events.
+pub const NAME: &str = "epro-validation";
+/// Its default service schema.
+pub const SCHEMA: &str = "epro";
+/// Kafka header the ingestion gateway sets: when the submission reached us (RFC 3339).
+pub const RECEIVED_AT_HEADER: &str = "received_at";
+
+const OUTCOMES_TOTAL: &str = "trialflow_epro_submissions_total";
+const REJECTION_REASONS_TOTAL: &str = "trialflow_epro_rejection_reasons_total";
+
+pub fn schema() -> SchemaName {
+    SchemaName::new(SCHEMA).unwrap_or_else(|_| unreachable!("`{SCHEMA}` is a valid schema name"))
+}
+
+/// Creates the consumer's schema: outbox, inbox, parked and its own tables.
+pub async fn migrate(database_url: &str, schema: &SchemaName) -> trialflow_outbox::Result<()> {
+    crate::migrate(database_url, schema, Some(sqlx::migrate!("./migrations/epro"))).await
+}
+
+/// What it consumes.
+pub fn spec(schema: SchemaName, topics: &TopicNames) -> ConsumerSpec {
+    ConsumerSpec {
+        name: NAME.to_string(),
+        schema,
+        topics: [topics::EPRO_SUBMISSIONS, topics::SUBJECT_LIFECYCLE]
+            .iter()
+            .map(|t| topics.name(t))
+            .collect(),
+    }
+}
+
+fn enrolled_dependency(study_id: &str, subject_id: &str) -> String {
+    format!("enrolled:{study_id}/{subject_id}")
+}
+
+/// The handler.
+#[derive(Debug, Clone)]
+pub struct EproValidation {
+    schema: SchemaName,
+    topics: TopicNames,
+    catalogue: Arc<Catalogue>,
+}
+
+impl EproValidation {
+    pub fn new(schema: SchemaName, topics: TopicNames, catalogue: Catalogue) -> Self {
+        use metrics::{Unit, describe_counter};
+        describe_counter!(
+            OUTCOMES_TOTAL,
+            Unit::Count,
+            "Submissions by outcome (accepted, rejected, duplicate)."
+        );
+        describe_counter!(REJECTION_REASONS_TOTAL, Unit::Count, "Rejection reasons by code.");
+        Self { schema, topics, catalogue: Arc::new(catalogue) }
+    }
+
+    async fn lifecycle(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        event: AnyEvent,
+        ctx: &mut Context,
+    ) -> Result<(), HandlerError> {
+        let envelope = event.envelope().clone();
+        let at = || instant(&envelope);
+        let fact = match &event {
+            AnyEvent::SubjectScreened(e) => SubjectFact::Screened { time_zone: &e.time_zone },
+            AnyEvent::SubjectEnrolled(_) => SubjectFact::Enrolled { at: at()? },
+            AnyEvent::SubjectWithdrawn(_) => SubjectFact::Withdrawn { at: at()? },
+            _ => return Ok(()),
+        };
+        let subject_id = subject_of(&envelope)?;
+        store::record_subject(tx, &self.schema, &envelope.study_id, subject_id, fact).await?;
+        if matches!(fact, SubjectFact::Enrolled { .. }) {
+            ctx.resolve(enrolled_dependency(&envelope.study_id, subject_id));
+        }
+        Ok(())
+    }
+
+    async fn submission(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        message: &Message,
+        s: &QuestionnaireResponseSubmitted,
+        ctx: &mut Context,
+    ) -> Result<(), HandlerError> {
+        let subject_id = subject_of(&s.envelope)?;
+        let study_id = &s.envelope.study_id;
+        let hash = validate::content_hash(s);
+        if let Some(earlier) = store::earlier_submission(tx, &self.schema, s.submission_id).await? {
+            if earlier == hash {
+                metrics::counter!(OUTCOMES_TOTAL, "outcome" => "duplicate").increment(1);
+                debug!(submission_id = %s.submission_id, "Exact duplicate acknowledged.");
+                return Ok(());
+            }
+            let conflict = reason(
+                CONFLICTING_DUPLICATE,
+                None,
+                format!(
+                    "submission {} was received before with other content; the first one stands",
+                    s.submission_id
+                ),
+            );
+            return self.reject(tx, ctx, s, subject_id, vec![conflict]).await;
+        }
+        let Some(subject) = store::enrolled_subject(tx, &self.schema, study_id, subject_id).await? else {
+            return Err(HandlerError::not_yet(
+                enrolled_dependency(study_id, subject_id),
+                format!("subject {subject_id} of study {study_id} is not enrolled (yet)"),
+            ));
+        };
+        let received_at = received_at(message, &s.envelope)?;
+        let mut decision = validate::decide(&self.catalogue, s, &subject, received_at);
+        if decision.is_ok()
+            && s.status == trialflow_schemas::ResponseStatus::Completed
+            && store::occurrence_completed(tx, &self.schema, s, subject_id).await?
+        {
+            let detail = format!(
+                "{} already has a completed response for {}; send status AMENDED to correct it",
+                s.questionnaire,
+                s.scheduled_occurrence.as_deref().unwrap_or_default()
+            );
+            decision = Err(vec![reason(DUPLICATE_OCCURRENCE, None, detail)]);
+        }
+        match decision {
+            Ok(accepted) => self.accept(tx, ctx, s, subject_id, &hash, received_at, accepted).await,
+            Err(reasons) => {
+                if !store::record_decision(tx, &self.schema, s, subject_id, &hash, &reasons).await? {
+                    return Err(HandlerError::transient("submission recorded concurrently; deciding again"));
+                }
+                self.reject(tx, ctx, s, subject_id, reasons).await
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn accept(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        ctx: &Context,
+        s: &QuestionnaireResponseSubmitted,
+        subject_id: &str,
+        hash: &str,
+        received_at: DateTime<Utc>,
+        accepted: Accepted,
+    ) -> Result<(), HandlerError> {
+        if !store::record_decision(tx, &self.schema, s, subject_id, hash, &[]).await? {
+            return Err(HandlerError::transient("submission recorded concurrently; deciding again"));
+        }
+        store::store_response(tx, &self.schema, s, subject_id, received_at, &accepted).await?;
+        let event = QuestionnaireResponseAccepted {
+            envelope: Envelope::caused_by(&s.envelope, QuestionnaireResponseAccepted::NAME, NAME),
+            submission_id: s.submission_id,
+            questionnaire: s.questionnaire.clone(),
+            questionnaire_version: s.questionnaire_version.clone(),
+            scheduled_occurrence: s.scheduled_occurrence.clone(),
+            authored_at: s.authored_at,
+            total_score: accepted.scored.total,
+            severity_band: accepted.scored.band,
+            flagged_items: accepted.scored.flagged,
+            window_status: accepted.window,
+            late_sync: accepted.late_sync,
+        };
+        emit(tx, ctx, &self.topics, &event, subject_id).await?;
+        metrics::counter!(OUTCOMES_TOTAL, "outcome" => "accepted").increment(1);
+        Ok(())
+    }
+
+    /// Emits the rejection (the decision is recorded by the caller, except for a conflicting
+    /// duplicate, whose id belongs to the first submission).
+    async fn reject(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        ctx: &Context,
+        s: &QuestionnaireResponseSubmitted,
+        subject_id: &str,
+        reasons: Vec<RejectionReason>,
+    ) -> Result<(), HandlerError> {
+        for r in &reasons {
+            metrics::counter!(REJECTION_REASONS_TOTAL, "code" => r.code.clone()).increment(1);
+        }
+        let event = QuestionnaireResponseRejected {
+            envelope: Envelope::caused_by(&s.envelope, QuestionnaireResponseRejected::NAME, NAME),
+            submission_id: s.submission_id,
+            questionnaire: s.questionnaire.clone(),
+            questionnaire_version: s.questionnaire_version.clone(),
+            reasons,
+        };
+        emit(tx, ctx, &self.topics, &event, subject_id).await?;
+        metrics::counter!(OUTCOMES_TOTAL, "outcome" => "rejected").increment(1);
+        Ok(())
+    }
+}
+
+impl Handler for EproValidation {
+    /// Apps may publish without an `event_id` header: then the envelope's event id is used.
+    fn event_id(&self, message: &Message) -> Result<Uuid, HandlerError> {
+        if let Some(id) = message.header_str("event_id").and_then(|h| Uuid::parse_str(h).ok()) {
+            return Ok(id);
+        }
+        Ok(decode(message)?.envelope().event_id)
+    }
+
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        message: &Message,
+        ctx: &mut Context,
+    ) -> Result<(), HandlerError> {
+        let event = decode(message)?;
+        if message.topic == self.topics.name(topics::EPRO_SUBMISSIONS) {
+            let AnyEvent::QuestionnaireResponseSubmitted(s) = event else {
+                return Err(HandlerError::permanent(format!(
+                    "{} on the ingestion topic; only QuestionnaireResponseSubmitted belongs there",
+                    event.name()
+                )));
+            };
+            return self.submission(tx, message, &s, ctx).await;
+        }
+        self.lifecycle(tx, event, ctx).await
+    }
+}
+
+fn instant(envelope: &Envelope) -> Result<DateTime<Utc>, HandlerError> {
+    envelope
+        .occurred_at
+        .to_datetime()
+        .ok_or_else(|| HandlerError::permanent(format!("{}: occurred_at out of range", envelope.event_type)))
+}
+
+/// When the submission reached us: the gateway's `received_at` header, else the app's
+/// `recorded_at` (when it sent it).
+fn received_at(message: &Message, envelope: &Envelope) -> Result<DateTime<Utc>, HandlerError> {
+    if let Some(at) =
+        message.header_str(RECEIVED_AT_HEADER).and_then(|h| DateTime::parse_from_rfc3339(h).ok())
+    {
+        return Ok(at.to_utc());
+    }
+    envelope.recorded_at.to_datetime().ok_or_else(|| HandlerError::permanent("recorded_at out of range"))
+}
