@@ -20,11 +20,13 @@ use trialflow_outbox::{KafkaConfig, Outbox, OutboxEvent, RelayConfig, SchemaName
 use uuid::Uuid;
 
 mod consumer;
+mod epro;
+mod epro_gateway;
 
 #[derive(Debug, Parser)]
 #[command(about = "trialflow benchmarks")]
 struct Args {
-    /// Run only this group (`relay` or `consumer`).
+    /// Run only this group (`relay`, `consumer` or `epro`).
     #[arg(long)]
     only: Option<String>,
 
@@ -69,7 +71,7 @@ struct Args {
     latency_secs: u64,
 }
 
-const GROUPS: &[&str] = &["relay", "consumer"];
+const GROUPS: &[&str] = &["relay", "consumer", "epro"];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -94,6 +96,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.only.as_deref().is_none_or(|g| g == "consumer") {
         consumer::group(&args.database_url, &kafka, &pool, args.events, Some(&metrics)).await?;
+    }
+    if args.only.as_deref().is_none_or(|g| g == "epro") {
+        epro::group(&args.database_url, &kafka, &pool, Some(&metrics)).await?;
     }
     Ok(())
 }

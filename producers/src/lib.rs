@@ -3,9 +3,11 @@
 //!
 //! * [`site_api`]: the HTTP API of sites and EDC integrations (study and site set-up, subject
 //!   screening, consent, enrollment requests, withdrawal, kit shipments).
+//! * [`epro_gateway`]: the HTTP gateway patient apps submit questionnaire responses to; it
+//!   publishes each straight to Kafka and answers once the broker acknowledged (no database, no
+//!   outbox: the broker's acknowledgement is the commit).
 //! * [`workload`]: a synthetic service that exercises the outbox end to end (demo, benchmarks).
-//!
-//! The ingestion gateway comes with its issue.
 
+pub mod epro_gateway;
 pub mod site_api;
 pub mod workload;

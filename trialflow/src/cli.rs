@@ -1,10 +1,11 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use trialflow_consumers::enrollment::{self, Enrollment};
+use trialflow_consumers::epro::{self, EproValidation, catalogue::Catalogue};
 use trialflow_consumers::kit_allocation::{self, KitAllocation};
 use trialflow_consumers::{ConsumerConfig, runtime};
 use trialflow_outbox::{DatabaseConfig, RelayConfig, SchemaName};
-use trialflow_producers::site_api;
+use trialflow_producers::{epro_gateway, site_api};
 use trialflow_schemas::topics::TopicNames;
 
 use crate::telemetry::{self, TelemetryConfig};
@@ -31,6 +32,8 @@ pub enum Command {
     Run(RunArgs),
     /// Serve the site API (studies, sites, kit shipments, screening, consent, enrollment requests).
     SiteApi(SiteApiArgs),
+    /// Serve the ePRO ingestion gateway (HTTP → ingestion topic, 202 once the broker acknowledged).
+    EproGateway(EproGatewayArgs),
     /// Run one domain consumer (migrates its schema first).
     Consume(ConsumeArgs),
     /// Run the pipeline on a generated workload and report what was published.
@@ -62,6 +65,11 @@ pub struct ConsumeArgs {
     /// Prefix of every topic name, e.g. `staging.` (several environments on one cluster).
     #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
     pub topic_prefix: String,
+
+    /// epro-validation: a folder of questionnaire definitions and schedules (`*.json`) added to,
+    /// or replacing, the built-in ones.
+    #[arg(long, env = "EPRO_CONFIG_DIR")]
+    pub epro_config_dir: Option<std::path::PathBuf>,
 }
 
 /// The domain consumers.
@@ -69,6 +77,7 @@ pub struct ConsumeArgs {
 pub enum ConsumerKind {
     Enrollment,
     KitAllocation,
+    EproValidation,
 }
 
 /// The service schemas this build knows, each with its outbox: the relay's sources.
@@ -78,6 +87,7 @@ pub fn service_schemas() -> Vec<SchemaName> {
         site_api::schema(),
         enrollment::schema(),
         kit_allocation::schema(),
+        epro::schema(),
     ]
 }
 
@@ -96,6 +106,10 @@ pub struct RunArgs {
     /// Partitions of each topic created.
     #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
     pub partitions: i32,
+
+    /// A folder of questionnaire definitions and schedules (`*.json`) beyond the built-in ones.
+    #[arg(long, env = "EPRO_CONFIG_DIR")]
+    pub epro_config_dir: Option<std::path::PathBuf>,
 }
 
 /// Every component in one process.
@@ -103,9 +117,41 @@ pub async fn run_all(args: RunArgs, shutdown: tokio_util::sync::CancellationToke
     let mut config = crate::pipeline::PipelineConfig::local(&args.database.database_url, &args.kafka);
     config.create_topics = !args.no_create_topics;
     config.partitions = args.partitions;
+    config.epro_config_dir = args.epro_config_dir;
     let pipeline = crate::pipeline::Pipeline::start(config, &shutdown).await?;
-    println!("trialflow is running; site API on http://{} (Ctrl-C to stop)", pipeline.site_api_addr());
+    println!(
+        "trialflow is running; site API on http://{}, ePRO gateway on http://{} (Ctrl-C to stop)",
+        pipeline.site_api_addr(),
+        pipeline.epro_gateway_addr()
+    );
     pipeline.wait().await
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EproGatewayArgs {
+    /// Accept the local demo app token (`app-token`) when EPRO_GATEWAY_TOKENS is not set. Never in
+    /// a shared environment.
+    #[arg(long, env = "EPRO_GATEWAY_DEMO_TOKENS")]
+    pub demo_tokens: bool,
+}
+
+/// Serves the ePRO ingestion gateway configured from `EPRO_GATEWAY_*`, `KAFKA_*` and `TOPIC_PREFIX`.
+pub async fn serve_epro_gateway(
+    args: EproGatewayArgs,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let mut config = epro_gateway::EproGatewayConfig::from_env().context("ePRO gateway configuration")?;
+    if config.tokens.is_empty() {
+        anyhow::ensure!(
+            args.demo_tokens,
+            "no app can be authenticated: set EPRO_GATEWAY_TOKENS (comma-separated) or pass --demo-tokens"
+        );
+        config.tokens = epro_gateway::EproGatewayConfig::local().tokens;
+    }
+    epro_gateway::describe_metrics();
+    let gateway = epro_gateway::EproGateway::bind(config).await.context("starting the ePRO gateway")?;
+    tracing::info!(addr = %gateway.local_addr(), "ePRO gateway listening.");
+    gateway.run(shutdown).await.context("ePRO gateway")
 }
 
 #[derive(Debug, clap::Args)]
@@ -152,6 +198,15 @@ pub async fn consume(args: ConsumeArgs, shutdown: tokio_util::sync::Cancellation
             let handler = KitAllocation::new(schema.clone(), topics.clone());
             runtime::run(kit_allocation::spec(schema, &topics), args.config, handler, shutdown).await?;
         }
+        ConsumerKind::EproValidation => {
+            let schema = epro::schema();
+            epro::migrate(&url, &schema).await.context("migrating the epro schema")?;
+            let catalogue =
+                Catalogue::load(args.epro_config_dir.as_deref()).context("questionnaire catalogue")?;
+            tracing::info!(questionnaires = ?catalogue.versions(), "Questionnaires loaded.");
+            let handler = EproValidation::new(schema.clone(), topics.clone(), catalogue);
+            runtime::run(epro::spec(schema, &topics), args.config, handler, shutdown).await?;
+        }
     }
     Ok(())
 }
@@ -165,6 +220,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run(args) => run_all(args, shutdown::on_signal()).await,
         Command::SiteApi(args) => serve_site_api(args, shutdown::on_signal()).await,
+        Command::EproGateway(args) => serve_epro_gateway(args, shutdown::on_signal()).await,
         Command::Consume(args) => consume(args, shutdown::on_signal()).await,
         Command::Demo(args) => demo::run(args, shutdown::on_signal()).await,
         Command::Dlq(command) => crate::dlq::run(command).await,
@@ -181,6 +237,7 @@ pub async fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
     kit_allocation::migrate(url, &kit_allocation::schema())
         .await
         .context("migrating the kit-allocation schema")?;
+    epro::migrate(url, &epro::schema()).await.context("migrating the epro schema")?;
     if let Some(shards) = args.outbox_shards {
         for schema in service_schemas() {
             trialflow_outbox::set_shard_count(url, &schema, shards)

@@ -1,5 +1,6 @@
 //! Every component in one process, for local runs (`trialflow run`), the demo and end-to-end
-//! tests: the site API, one relay over every service outbox, and the domain consumers. In
+//! tests: the site API, the ePRO ingestion gateway, one relay over every service outbox, and the
+//! domain consumers. In
 //! production each runs as its own process (`trialflow relay`, `trialflow consume ...`,
 //! `trialflow site-api`); nothing here is needed for that.
 
@@ -9,9 +10,11 @@ use anyhow::Context;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use trialflow_consumers::enrollment::{self, Enrollment};
+use trialflow_consumers::epro::{self, EproValidation, catalogue::Catalogue};
 use trialflow_consumers::kit_allocation::{self, KitAllocation};
 use trialflow_consumers::{ConsumerConfig, runtime};
 use trialflow_outbox::{KafkaConfig, RelayConfig, SchemaName};
+use trialflow_producers::epro_gateway::{self, EproGateway, EproGatewayConfig};
 use trialflow_producers::site_api::{self, SiteApi, SiteApiConfig};
 use trialflow_schemas::topics::TopicNames;
 
@@ -21,6 +24,7 @@ pub struct Schemas {
     pub site_api: SchemaName,
     pub enrollment: SchemaName,
     pub kit_allocation: SchemaName,
+    pub epro: SchemaName,
 }
 
 impl Default for Schemas {
@@ -29,6 +33,7 @@ impl Default for Schemas {
             site_api: site_api::schema(),
             enrollment: enrollment::schema(),
             kit_allocation: kit_allocation::schema(),
+            epro: epro::schema(),
         }
     }
 }
@@ -36,7 +41,7 @@ impl Default for Schemas {
 impl Schemas {
     /// Every schema with an outbox: the relay's sources.
     pub fn sources(&self) -> Vec<SchemaName> {
-        vec![self.site_api.clone(), self.enrollment.clone(), self.kit_allocation.clone()]
+        vec![self.site_api.clone(), self.enrollment.clone(), self.kit_allocation.clone(), self.epro.clone()]
     }
 }
 
@@ -48,6 +53,9 @@ pub struct PipelineConfig {
     pub relay: RelayConfig,
     pub consumer: ConsumerConfig,
     pub site_api: SiteApiConfig,
+    pub epro_gateway: EproGatewayConfig,
+    /// Questionnaire definitions and schedules beyond the built-in ones.
+    pub epro_config_dir: Option<std::path::PathBuf>,
     /// Create missing topics (with `partitions` each, and their dead-letter topics) at start.
     /// Off against a cluster whose topics are provisioned by its operators.
     pub create_topics: bool,
@@ -67,7 +75,19 @@ impl PipelineConfig {
         let mut site_api = SiteApiConfig::local();
         site_api.database_url = database_url.to_string();
         let topics = site_api.topics.clone();
-        Self { schemas, topics, relay, consumer, site_api, create_topics: true, partitions: 6 }
+        let mut epro_gateway = EproGatewayConfig::local();
+        epro_gateway.kafka = kafka.clone();
+        Self {
+            schemas,
+            topics,
+            relay,
+            consumer,
+            site_api,
+            epro_gateway,
+            epro_config_dir: None,
+            create_topics: true,
+            partitions: 6,
+        }
     }
 }
 
@@ -75,6 +95,7 @@ impl PipelineConfig {
 #[derive(Debug)]
 pub struct Pipeline {
     site_api_addr: SocketAddr,
+    epro_gateway_addr: SocketAddr,
     stop: CancellationToken,
     tasks: JoinSet<anyhow::Result<()>>,
 }
@@ -89,6 +110,9 @@ impl Pipeline {
         kit_allocation::migrate(&url, &s.kit_allocation)
             .await
             .context("migrating the kit-allocation schema")?;
+        epro::migrate(&url, &s.epro).await.context("migrating the epro schema")?;
+        let catalogue =
+            Catalogue::load(config.epro_config_dir.as_deref()).context("questionnaire catalogue")?;
         if config.create_topics {
             let topics = config.topics.all();
             let mut wanted: Vec<(String, i32)> =
@@ -122,19 +146,33 @@ impl Pipeline {
         let spec = kit_allocation::spec(schema, &topics);
         let run = runtime::run(spec, group(kit_allocation::NAME), handler, stop.clone());
         tasks.spawn(async move { run.await.context("kit-allocation consumer") });
+        let schema = s.epro.clone();
+        let handler = EproValidation::new(schema.clone(), topics.clone(), catalogue);
+        let run = runtime::run(epro::spec(schema, &topics), group(epro::NAME), handler, stop.clone());
+        tasks.spawn(async move { run.await.context("epro-validation consumer") });
 
         config.site_api.schema = s.site_api.clone();
-        config.site_api.topics = topics;
+        config.site_api.topics = topics.clone();
+        config.epro_gateway.topics = topics;
+        epro_gateway::describe_metrics();
+        let gateway = EproGateway::bind(config.epro_gateway).await.context("starting the ePRO gateway")?;
+        let epro_gateway_addr = gateway.local_addr();
+        let gateway_stop = stop.clone();
+        tasks.spawn(async move { gateway.run(gateway_stop).await.context("ePRO gateway") });
         site_api::describe_metrics();
         let api = SiteApi::bind(config.site_api).await.context("starting the site API")?;
         let site_api_addr = api.local_addr();
         let api_stop = stop.clone();
         tasks.spawn(async move { api.run(api_stop).await.context("site API") });
-        Ok(Self { site_api_addr, stop, tasks })
+        Ok(Self { site_api_addr, epro_gateway_addr, stop, tasks })
     }
 
     pub fn site_api_addr(&self) -> SocketAddr {
         self.site_api_addr
+    }
+
+    pub fn epro_gateway_addr(&self) -> SocketAddr {
+        self.epro_gateway_addr
     }
 
     /// Runs until shutdown or until a component fails (then stops the others).

@@ -1,6 +1,7 @@
 //! The enrollment saga end to end, driven the way a site drives it: HTTP calls to the site API,
 //! then the relay, the broker over TCP, and the enrollment and kit-allocation consumers, all
-//! started in this process by `trialflow::pipeline` on private schemas and topics.
+//! started in this process by `trialflow::pipeline` on private schemas and topics. Then an enrolled
+//! subject's app submits a questionnaire through the ePRO gateway and it is validated.
 
 use std::time::Duration;
 
@@ -83,14 +84,17 @@ async fn sites_enroll_subjects_through_the_api_and_a_shipment_releases_the_held_
         site_api: SchemaName::new(unique("sa"))?,
         enrollment: SchemaName::new(unique("enr"))?,
         kit_allocation: SchemaName::new(unique("kit"))?,
+        epro: SchemaName::new(unique("epro"))?,
     };
     config.topics = TopicNames::new(prefix);
     config.partitions = 3;
     config.site_api.listen = "127.0.0.1:0".parse()?;
+    config.epro_gateway.listen = "127.0.0.1:0".parse()?;
     config.relay.poll_interval_ms = 100;
     config.consumer.park_retry_ms = 200;
     config.consumer.max_backoff_ms = 500;
     let enrollment = config.schemas.enrollment.clone();
+    let epro_schema = config.schemas.epro.clone();
     let shutdown = CancellationToken::new();
     let pipeline = Pipeline::start(config, &shutdown).await?;
     let site = Site {
@@ -157,6 +161,54 @@ async fn sites_enroll_subjects_through_the_api_and_a_shipment_releases_the_held_
         .json()
         .await?;
     assert!(!kits.to_string().contains("arm_code"), "{kits}");
+
+    // An enrolled subject's app sends a PHQ-9 through the ingestion gateway; it is validated.
+    let submission = phq9_submission("701-0000");
+    let response = site
+        .http
+        .post(format!("http://{}/v1/submissions", pipeline.epro_gateway_addr()))
+        .bearer_auth("app-token")
+        .json(&serde_json::to_value(&submission)?)
+        .send()
+        .await?;
+    assert_eq!(response.status(), StatusCode::ACCEPTED, "{}", response.text().await?);
+    let accepted = format!(
+        "SELECT count(*) FROM {}.response WHERE submission_id = '{}' AND total_score = 9",
+        epro_schema, submission.submission_id
+    );
+    wait_until("the submission accepted", WAIT, || async {
+        Ok(sqlx::query_scalar::<_, i64>(AssertSqlSafe(accepted.as_str())).fetch_one(&pool).await? == 1)
+    })
+    .await?;
     shutdown.cancel();
     pipeline.wait().await
+}
+
+fn phq9_submission(subject: &str) -> trialflow_schemas::QuestionnaireResponseSubmitted {
+    use trialflow_schemas::{Answer, Envelope, QuestionnaireResponseSubmitted, ResponseStatus, Timestamp};
+    let items =
+        ["44250-9", "44255-8", "44259-0", "44254-1", "44251-7", "44258-2", "44252-5", "44253-3", "44260-8"];
+    let answer = |link_id: &str| Answer {
+        link_id: link_id.into(),
+        value_integer: Some(1),
+        value_decimal: None,
+        value_string: None,
+        value_boolean: None,
+    };
+    let mut answers: Vec<Answer> = items.iter().map(|l| answer(l)).collect();
+    answers.push(answer("69722-7"));
+    let authored = Timestamp::now();
+    let mut envelope = Envelope::new("QuestionnaireResponseSubmitted", "E2E", "epro-app", authored);
+    envelope.subject_id = Some(subject.into());
+    QuestionnaireResponseSubmitted {
+        envelope,
+        submission_id: uuid::Uuid::new_v4(),
+        questionnaire: "PHQ-9".into(),
+        questionnaire_version: "1.0".into(),
+        scheduled_occurrence: None,
+        status: ResponseStatus::Completed,
+        authored_at: authored,
+        device_time_zone: "America/New_York".into(),
+        items: answers,
+    }
 }

@@ -132,7 +132,8 @@ impl EproValidation {
         let subject_id = subject_of(&s.envelope)?;
         let study_id = &s.envelope.study_id;
         let hash = validate::content_hash(s);
-        if let Some(earlier) = store::earlier_submission(tx, &self.schema, s.submission_id).await? {
+        let known = store::known(tx, &self.schema, s.submission_id, study_id, subject_id).await?;
+        if let Some(earlier) = known.earlier {
             if earlier == hash {
                 metrics::counter!(OUTCOMES_TOTAL, "outcome" => "duplicate").increment(1);
                 debug!(submission_id = %s.submission_id, "Exact duplicate acknowledged.");
@@ -148,7 +149,7 @@ impl EproValidation {
             );
             return self.reject(tx, ctx, s, subject_id, vec![conflict]).await;
         }
-        let Some(subject) = store::enrolled_subject(tx, &self.schema, study_id, subject_id).await? else {
+        let Some(subject) = known.subject else {
             return Err(HandlerError::not_yet(
                 enrolled_dependency(study_id, subject_id),
                 format!("subject {subject_id} of study {study_id} is not enrolled (yet)"),
@@ -189,10 +190,9 @@ impl EproValidation {
         received_at: DateTime<Utc>,
         accepted: Accepted,
     ) -> Result<(), HandlerError> {
-        if !store::record_decision(tx, &self.schema, s, subject_id, hash, &[]).await? {
+        if !store::record_accepted(tx, &self.schema, s, subject_id, hash, received_at, &accepted).await? {
             return Err(HandlerError::transient("submission recorded concurrently; deciding again"));
         }
-        store::store_response(tx, &self.schema, s, subject_id, received_at, &accepted).await?;
         let event = QuestionnaireResponseAccepted {
             envelope: Envelope::caused_by(&s.envelope, QuestionnaireResponseAccepted::NAME, NAME),
             submission_id: s.submission_id,

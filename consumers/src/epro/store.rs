@@ -44,38 +44,47 @@ pub(crate) async fn record_subject(
     Ok(())
 }
 
-/// The subject if enrolled. An unknown or invalid zone falls back to UTC (logged).
-pub(crate) async fn enrolled_subject(
-    conn: &mut PgConnection,
-    schema: &SchemaName,
-    study_id: &str,
-    subject_id: &str,
-) -> Result<Option<Subject>, HandlerError> {
-    let sql = format!(
-        "SELECT time_zone, enrolled_at, withdrawn_at FROM {schema}.subject
-         WHERE study_id = $1 AND subject_id = $2 AND enrolled_at IS NOT NULL"
-    );
-    let Some(row) =
-        sqlx::query(AssertSqlSafe(sql)).bind(study_id).bind(subject_id).fetch_optional(&mut *conn).await?
-    else {
-        return Ok(None);
-    };
-    let zone: Option<String> = row.try_get(0)?;
-    let zone = zone.as_deref().unwrap_or("UTC").parse::<Tz>().unwrap_or_else(|_| {
-        tracing::warn!(study_id, subject_id, ?zone, "Subject time zone unknown; windows in UTC.");
-        Tz::UTC
-    });
-    Ok(Some(Subject { zone, enrolled_at: row.try_get(1)?, withdrawn_at: row.try_get(2)? }))
+/// What the validator needs before deciding, in one round trip: the content hash of an earlier
+/// submission with this id, and the subject if enrolled.
+#[derive(Debug)]
+pub(crate) struct Known {
+    pub(crate) earlier: Option<String>,
+    pub(crate) subject: Option<Subject>,
 }
 
-/// The content hash of an earlier submission with this id, if any.
-pub(crate) async fn earlier_submission(
+pub(crate) async fn known(
     conn: &mut PgConnection,
     schema: &SchemaName,
     submission_id: Uuid,
-) -> Result<Option<String>, HandlerError> {
-    let sql = format!("SELECT content_hash FROM {schema}.submission WHERE submission_id = $1");
-    Ok(sqlx::query_scalar(AssertSqlSafe(sql)).bind(submission_id).fetch_optional(&mut *conn).await?)
+    study_id: &str,
+    subject_id: &str,
+) -> Result<Known, HandlerError> {
+    let sql = format!(
+        "SELECT (SELECT content_hash FROM {schema}.submission WHERE submission_id = $1),
+                s.time_zone, s.enrolled_at, s.withdrawn_at
+         FROM (SELECT 1) AS one
+         LEFT JOIN {schema}.subject s ON s.study_id = $2 AND s.subject_id = $3 AND s.enrolled_at IS NOT NULL"
+    );
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(submission_id)
+        .bind(study_id)
+        .bind(subject_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    let earlier: Option<String> = row.try_get(0)?;
+    let enrolled_at: Option<DateTime<Utc>> = row.try_get(2)?;
+    let subject = match enrolled_at {
+        None => None,
+        Some(enrolled_at) => {
+            let zone: Option<String> = row.try_get(1)?;
+            let zone = zone.as_deref().unwrap_or("UTC").parse::<Tz>().unwrap_or_else(|_| {
+                tracing::warn!(study_id, subject_id, ?zone, "Subject time zone unknown; windows in UTC.");
+                Tz::UTC
+            });
+            Some(Subject { zone, enrolled_at, withdrawn_at: row.try_get(3)? })
+        }
+    };
+    Ok(Known { earlier, subject })
 }
 
 /// Whether the occurrence already has a completed response.
@@ -99,7 +108,7 @@ pub(crate) async fn occurrence_completed(
         .await?)
 }
 
-/// Records the decision. Returns false if a submission with this id was recorded meanwhile
+/// Records a rejected submission. Returns false if a submission with this id was recorded meanwhile
 /// (another partition got there first): the caller retries and then sees it as a duplicate.
 pub(crate) async fn record_decision(
     conn: &mut PgConnection,
@@ -113,7 +122,7 @@ pub(crate) async fn record_decision(
         "INSERT INTO {schema}.submission (submission_id, study_id, subject_id, content_hash, outcome, reasons)
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (submission_id) DO NOTHING"
     );
-    let outcome = if reasons.is_empty() { "accepted" } else { "rejected" };
+    let outcome = "rejected";
     let done = sqlx::query(AssertSqlSafe(sql))
         .bind(s.submission_id)
         .bind(&s.envelope.study_id)
@@ -136,26 +145,32 @@ fn window_code(w: WindowStatus) -> &'static str {
     }
 }
 
-/// Stores an accepted response with its answers and computed score.
-pub(crate) async fn store_response(
+/// Records an accepted submission and stores its response (answers and computed score) in one
+/// statement. Returns false if a submission with this id was recorded meanwhile.
+pub(crate) async fn record_accepted(
     conn: &mut PgConnection,
     schema: &SchemaName,
     s: &QuestionnaireResponseSubmitted,
     subject_id: &str,
+    hash: &str,
     received_at: DateTime<Utc>,
     accepted: &Accepted,
-) -> Result<(), HandlerError> {
+) -> Result<bool, HandlerError> {
     let sql = format!(
-        "INSERT INTO {schema}.response (submission_id, study_id, subject_id, questionnaire, questionnaire_version,
+        "WITH decided AS (
+             INSERT INTO {schema}.submission (submission_id, study_id, subject_id, content_hash, outcome)
+             VALUES ($1, $2, $3, $17, 'accepted') ON CONFLICT (submission_id) DO NOTHING
+             RETURNING submission_id)
+         INSERT INTO {schema}.response (submission_id, study_id, subject_id, questionnaire, questionnaire_version,
              scheduled_occurrence, status, authored_at, received_at, device_time_zone, answers, total_score,
              severity_band, flagged_items, window_status, late_sync)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+         SELECT submission_id, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16 FROM decided"
     );
     let status =
         serde_json::to_value(s.status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
     let authored =
         s.authored_at.to_datetime().ok_or_else(|| HandlerError::permanent("authored_at out of range"))?;
-    sqlx::query(AssertSqlSafe(sql))
+    let done = sqlx::query(AssertSqlSafe(sql))
         .bind(s.submission_id)
         .bind(&s.envelope.study_id)
         .bind(subject_id)
@@ -172,7 +187,8 @@ pub(crate) async fn store_response(
         .bind(&accepted.scored.flagged)
         .bind(window_code(accepted.window))
         .bind(accepted.late_sync)
+        .bind(hash)
         .execute(&mut *conn)
         .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }

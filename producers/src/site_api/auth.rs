@@ -144,16 +144,22 @@ impl Tokens {
     }
 
     pub(crate) fn principal(&self, authorization: Option<&str>) -> Option<&Principal> {
-        let value = authorization?.trim();
-        let (scheme, token) = value.split_once(' ')?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return None;
-        }
-        self.0.get(&digest(token.trim()))
+        self.0.get(&bearer_digest(authorization)?)
     }
 }
 
-fn digest(token: &str) -> [u8; 32] {
+/// The digest of the token in an `Authorization: Bearer <token>` value; `None` for any other
+/// value. Shared with the ePRO gateway, whose app tokens are looked up the same way.
+pub(crate) fn bearer_digest(authorization: Option<&str>) -> Option<[u8; 32]> {
+    let value = authorization?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    Some(digest(token.trim()))
+}
+
+pub(crate) fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 

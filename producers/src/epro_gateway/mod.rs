@@ -1,0 +1,188 @@
+//! The ePRO ingestion gateway: how patient apps, which cannot speak Kafka, put questionnaire
+//! responses on the event log.
+//!
+//! | route | auth | answers |
+//! |-------|------|---------|
+//! | `POST /v1/submissions` | `Authorization: Bearer <app token>` | 202 once the broker acknowledged |
+//! | `GET /healthz` | none | 200 (liveness; the broker is not probed) |
+//!
+//! **The contract.** The body is the JSON form of `QuestionnaireResponseSubmitted`
+//! (`schemas/avro/epro/QuestionnaireResponseSubmitted.avsc`): the schema's field names, the
+//! `envelope` included; timestamps as Avro `timestamp-micros` integers (microseconds since the Unix
+//! epoch, UTC); `status` as one of the schema's symbols (`COMPLETED`, ...); ids as hyphenated
+//! UUIDs. `submission_id` and `envelope.event_id` are the app's: a resubmission carries the same
+//! ones. At most [`MAX_BODY_BYTES`] (256 KiB). The event is published, Avro single-object encoded,
+//! to `epro.submissions.v1` (behind `TOPIC_PREFIX`), keyed by `envelope.subject_id`, with the
+//! headers `event_id`, `event_type`, `content-type`, [`RECEIVED_AT_HEADER`] (when the gateway
+//! received it, RFC 3339 UTC with microseconds: the validation consumer compares it with
+//! `authored_at` to recognise late offline syncs) and `traceparent` when the request is traced.
+//! The answer is `202 {"submission_id", "event_id", "partition", "offset"}`.
+//!
+//! **What is checked here, and what is not.** The gateway checks shape only, what it needs to key,
+//! route and encode the event: the JSON fits the type (400 `invalid_json` naming the field path),
+//! and (422 `validation_failed` naming the field) `envelope.event_type` is
+//! `QuestionnaireResponseSubmitted`; `envelope.study_id`, `envelope.subject_id` (the key),
+//! `questionnaire` and `questionnaire_version` are not empty; `device_time_zone` is an IANA zone;
+//! every `items[i].link_id` is not empty and every answer has exactly one `value_*`. It does NOT
+//! check that the study, subject or questionnaire exist, that answers are in range, that the
+//! response is within its window or that it is not a duplicate: those need the study's state and
+//! are the ePRO validation consumer's, which accepts or rejects each submission with a reason
+//! (`QuestionnaireResponseAccepted` / `Rejected`). A 202 means "safely on the log", not "valid".
+//!
+//! **Why 202 only after the acknowledgement.** An app may delete its local copy once it has a
+//! 202. Answering before the broker acknowledged (`acks=all`, idempotent producer) would lose the
+//! response if the gateway then crashed, so the gateway keeps nothing: no queue, no disk, no
+//! database. When the broker does not acknowledge within the ack timeout the answer is 503, and
+//! retrying is safe even if the record did land: the validation consumer treats a resubmission
+//! with the same ids as an exact duplicate. A full local producer queue is also 503, at once: the
+//! gateway sheds load rather than buffer without bound.
+//!
+//! **Errors** are the site API's body, `{"error": {"code", "message", "field"?}}` (see
+//! [`ApiError`]): 400 `invalid_json` / `invalid_body`, 401 `unauthenticated`, 404 `not_found`, 413
+//! `payload_too_large`, 422 `validation_failed`, 503 `unavailable` (with `Retry-After`; retry the
+//! same submission), 500 `internal`.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod publish;
+pub mod submission;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use rdkafka::producer::{FutureProducer, Producer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use config::EproGatewayConfig;
+pub use error::EproGatewayError;
+pub use publish::producer_config;
+
+use crate::site_api::ApiError;
+
+/// The largest body `POST /v1/submissions` takes (413 beyond).
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+/// Kafka header with the instant the gateway received a submission (RFC 3339 UTC, microseconds).
+pub const RECEIVED_AT_HEADER: &str = "received_at";
+
+/// Submissions answered, by status.
+pub const REQUESTS_TOTAL: &str = "trialflow_epro_gateway_requests_total";
+/// Time from handing a submission to the producer to the broker's acknowledgement.
+pub const ACK_SECONDS: &str = "trialflow_epro_gateway_ack_seconds";
+
+/// Registers the gateway's metric descriptions with the installed recorder.
+pub fn describe_metrics() {
+    metrics::describe_counter!(REQUESTS_TOTAL, "Submissions answered by the ePRO gateway, by status.");
+    metrics::describe_histogram!(
+        ACK_SECONDS,
+        metrics::Unit::Seconds,
+        "Time from producing a submission to the broker's acknowledgement (acknowledged ones only)."
+    );
+}
+
+/// What every handler shares.
+#[derive(Debug)]
+pub(crate) struct Gateway {
+    pub(crate) tokens: auth::AppTokens,
+    pub(crate) publisher: publish::Publisher,
+}
+
+/// The gateway, bound to its address with its producer created; [`EproGateway::run`] serves it.
+pub struct EproGateway {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    router: Router,
+    producer: FutureProducer,
+    ack_timeout: Duration,
+}
+
+impl std::fmt::Debug for EproGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EproGateway").field("local_addr", &self.local_addr).finish_non_exhaustive()
+    }
+}
+
+impl EproGateway {
+    /// Binds the listener (port 0 picks a free one) and creates the producer. The broker is not
+    /// contacted yet: a gateway whose broker is away starts, and answers 503.
+    pub async fn bind(config: EproGatewayConfig) -> Result<Self, EproGatewayError> {
+        if config.ack_timeout_ms == 0 {
+            return Err(EproGatewayError::Config("ack_timeout_ms must be at least 1".to_string()));
+        }
+        if config.tokens.is_empty() {
+            tracing::warn!("No app tokens configured: every submission will get 401.");
+        }
+        let producer: FutureProducer =
+            producer_config(&config).create().map_err(EproGatewayError::Producer)?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| EproGatewayError::Bind { addr: config.listen, source })?;
+        let local_addr =
+            listener.local_addr().map_err(|source| EproGatewayError::Bind { addr: config.listen, source })?;
+        describe_metrics();
+        let gateway = Arc::new(Gateway {
+            tokens: auth::AppTokens::new(&config.tokens),
+            publisher: publish::Publisher::new(producer.clone(), &config),
+        });
+        Ok(Self {
+            listener,
+            local_addr,
+            router: router(gateway),
+            producer,
+            ack_timeout: Duration::from_millis(config.ack_timeout_ms),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` is cancelled, then lets requests in flight finish (each waits at
+    /// most the ack timeout) and flushes what the producer still holds, the records of requests
+    /// whose client hung up.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), EproGatewayError> {
+        tracing::info!(addr = %self.local_addr, "ePRO gateway listening.");
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .map_err(EproGatewayError::Serve)?;
+        let (producer, timeout) = (self.producer, self.ack_timeout);
+        match tokio::task::spawn_blocking(move || producer.flush(timeout)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "Records left unacknowledged at shutdown."),
+            Err(error) => tracing::warn!(%error, "Producer flush did not finish."),
+        }
+        tracing::info!("ePRO gateway stopped.");
+        Ok(())
+    }
+}
+
+fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/v1/submissions", post(submission::submit))
+        // Only submissions are counted: probes would swamp the figures.
+        .route_layer(middleware::from_fn(track))
+        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(gateway)
+}
+
+/// Request metrics and the request span (whose trace context the published record carries).
+async fn track(request: Request, next: Next) -> Response {
+    let span = tracing::info_span!("epro_gateway_request", method = %request.method());
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status().as_u16();
+    metrics::counter!(REQUESTS_TOTAL, "status" => status.to_string()).increment(1);
+    span.in_scope(|| tracing::debug!(status, "Answered submission."));
+    response
+}

@@ -1,0 +1,179 @@
+//! `POST /v1/submissions`: a questionnaire response in, an acknowledged Kafka record out.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use serde::Serialize;
+use trialflow_schemas::{Answer, Event, QuestionnaireResponseSubmitted};
+use uuid::Uuid;
+
+use super::auth::App;
+use super::{Gateway, MAX_BODY_BYTES};
+use crate::site_api::{ApiError, check_time_zone, parse_json};
+
+/// The 202 body: the ids the app sent, and where the broker stored the event.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Accepted {
+    submission_id: Uuid,
+    event_id: Uuid,
+    partition: i32,
+    offset: i64,
+}
+
+pub(crate) async fn submit(
+    State(gateway): State<Arc<Gateway>>,
+    _app: App,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let received_at = chrono::Utc::now();
+    let body = body.map_err(body_error)?;
+    let submission: QuestionnaireResponseSubmitted = parse_json(&body)?;
+    let subject_id = check_shape(&submission)?;
+    let ack = gateway.publisher.publish(&submission, subject_id, received_at).await?;
+    let accepted = Accepted {
+        submission_id: submission.submission_id,
+        event_id: submission.envelope.event_id,
+        partition: ack.partition,
+        offset: ack.offset,
+    };
+    Ok((StatusCode::ACCEPTED, Json(accepted)))
+}
+
+fn body_error(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("a submission is at most {} KiB", MAX_BODY_BYTES / 1024),
+        )
+    } else {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", rejection.body_text())
+    }
+}
+
+/// The checks that need no knowledge of the study: the submission can be keyed, routed and read.
+/// Returns the subject id, the record's key. Whether the questionnaire exists, the answers are in
+/// range, the window is right or the submission is a duplicate is the validation consumer's call.
+pub(crate) fn check_shape(submission: &QuestionnaireResponseSubmitted) -> Result<&str, ApiError> {
+    let envelope = &submission.envelope;
+    if envelope.event_type != QuestionnaireResponseSubmitted::NAME {
+        return Err(ApiError::validation(
+            "envelope.event_type",
+            format!(
+                "is `{}`; this endpoint takes `{}`",
+                envelope.event_type,
+                QuestionnaireResponseSubmitted::NAME
+            ),
+        ));
+    }
+    not_blank("envelope.study_id", &envelope.study_id)?;
+    let subject_id = envelope.subject_id.as_deref().ok_or_else(|| {
+        ApiError::validation("envelope.subject_id", "is required: submissions are keyed by subject")
+    })?;
+    not_blank("envelope.subject_id", subject_id)?;
+    not_blank("questionnaire", &submission.questionnaire)?;
+    not_blank("questionnaire_version", &submission.questionnaire_version)?;
+    check_time_zone("device_time_zone", &submission.device_time_zone)?;
+    for (i, answer) in submission.items.iter().enumerate() {
+        not_blank(&format!("items[{i}].link_id"), &answer.link_id)?;
+        let values = value_count(answer);
+        if values != 1 {
+            return Err(ApiError::validation(
+                format!("items[{i}]"),
+                format!(
+                    "has {values} values; an answer has exactly one of value_integer, value_decimal, \
+                     value_string, value_boolean"
+                ),
+            ));
+        }
+    }
+    Ok(subject_id)
+}
+
+fn not_blank(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.trim().is_empty() { Err(ApiError::validation(field, "must not be empty")) } else { Ok(()) }
+}
+
+fn value_count(answer: &Answer) -> usize {
+    [
+        answer.value_integer.is_some(),
+        answer.value_decimal.is_some(),
+        answer.value_string.is_some(),
+        answer.value_boolean.is_some(),
+    ]
+    .into_iter()
+    .filter(|set| *set)
+    .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use trialflow_schemas::{Envelope, ResponseStatus, Timestamp};
+
+    use super::*;
+
+    fn answer(link_id: &str, value: i32) -> Answer {
+        Answer {
+            link_id: link_id.to_string(),
+            value_integer: Some(value),
+            value_decimal: None,
+            value_string: None,
+            value_boolean: None,
+        }
+    }
+
+    fn submission() -> QuestionnaireResponseSubmitted {
+        let mut envelope =
+            Envelope::new(QuestionnaireResponseSubmitted::NAME, "CDISCPILOT01", "epro-app", Timestamp(0));
+        envelope.subject_id = Some("01-701-1015".to_string());
+        QuestionnaireResponseSubmitted {
+            envelope,
+            submission_id: Uuid::new_v4(),
+            questionnaire: "http://loinc.org/44249-1".to_string(),
+            questionnaire_version: "1.0".to_string(),
+            scheduled_occurrence: Some("DAY-28".to_string()),
+            status: ResponseStatus::Completed,
+            authored_at: Timestamp(1_700_000_000_000_000),
+            device_time_zone: "Europe/Berlin".to_string(),
+            items: vec![answer("q1", 2), answer("q2", 0)],
+        }
+    }
+
+    fn field_of(s: &QuestionnaireResponseSubmitted) -> Option<String> {
+        check_shape(s).err().filter(|e| e.status == StatusCode::UNPROCESSABLE_ENTITY).and_then(|e| e.field)
+    }
+
+    #[test]
+    fn a_well_formed_submission_is_keyed_by_its_subject() {
+        let s = submission();
+        assert_eq!(check_shape(&s).ok(), Some("01-701-1015"));
+        let s = QuestionnaireResponseSubmitted { items: vec![], ..submission() };
+        assert!(check_shape(&s).is_ok(), "an empty response is the consumer's call");
+    }
+
+    #[test]
+    fn each_shape_check_names_its_field() {
+        type Break = fn(&mut QuestionnaireResponseSubmitted);
+        let cases: [(&str, Break); 10] = [
+            ("envelope.event_type", |s| s.envelope.event_type = "SubjectScreened".into()),
+            ("envelope.study_id", |s| s.envelope.study_id = " ".into()),
+            ("envelope.subject_id", |s| s.envelope.subject_id = None),
+            ("envelope.subject_id", |s| s.envelope.subject_id = Some(String::new())),
+            ("questionnaire", |s| s.questionnaire = String::new()),
+            ("questionnaire_version", |s| s.questionnaire_version = String::new()),
+            ("device_time_zone", |s| s.device_time_zone = "Mars/Olympus".into()),
+            ("items[1].link_id", |s| s.items[1].link_id = String::new()),
+            ("items[1]", |s| s.items[1].value_integer = None),
+            ("items[0]", |s| s.items[0].value_boolean = Some(true)),
+        ];
+        for (field, break_it) in cases {
+            let mut s = submission();
+            break_it(&mut s);
+            assert_eq!(field_of(&s).as_deref(), Some(field));
+        }
+    }
+}

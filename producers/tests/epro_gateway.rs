@@ -1,0 +1,316 @@
+//! The ePRO gateway over HTTP against the local broker (`make up`): each test binds the gateway on
+//! a free port with its own token and topic prefix, posts submissions, and reads back what reached
+//! the topic.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use reqwest::StatusCode;
+use reqwest::header::HeaderMap;
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use trialflow_outbox::KafkaConfig;
+use trialflow_outbox::kafka::{ReadMessage, TopicReader};
+use trialflow_producers::epro_gateway::{EproGateway, EproGatewayConfig, EproGatewayError};
+use trialflow_schemas::topics::TopicNames;
+use trialflow_schemas::{
+    Answer, CONTENT_TYPE, Envelope, Event, QuestionnaireResponseSubmitted, ResponseStatus, Timestamp,
+};
+use trialflow_testkit::{init_logs, kafka, unique};
+use uuid::Uuid;
+
+const SUBJECT: &str = "01-701-1015";
+
+struct TestGateway {
+    base: String,
+    kafka: KafkaConfig,
+    topic: String,
+    token: String,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+    server: JoinHandle<Result<(), EproGatewayError>>,
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Value,
+}
+
+impl Reply {
+    fn error(&self) -> (&str, Option<&str>) {
+        let error = &self.body["error"];
+        (error["code"].as_str().unwrap_or_default(), error["field"].as_str())
+    }
+}
+
+impl TestGateway {
+    /// A gateway on the local broker, its topic created.
+    async fn start() -> anyhow::Result<Self> {
+        let kafka = kafka();
+        let gateway = Self::start_with(kafka.clone(), 10_000).await?;
+        trialflow_outbox::kafka::ensure_topics(&kafka, &[(&gateway.topic, 3)])
+            .await
+            .context("creating the test topic (is `make up` running?)")?;
+        Ok(gateway)
+    }
+
+    async fn start_with(kafka: KafkaConfig, ack_timeout_ms: u64) -> anyhow::Result<Self> {
+        init_logs();
+        let topics = TopicNames::new(format!("{}.", unique("gw").replace('_', "-")));
+        let token = unique("app");
+        let config = EproGatewayConfig {
+            listen: "127.0.0.1:0".parse()?,
+            kafka: kafka.clone(),
+            topics: topics.clone(),
+            tokens: vec![unique("other-app"), token.clone()],
+            ack_timeout_ms,
+        };
+        let gateway = EproGateway::bind(config).await?;
+        let base = format!("http://{}", gateway.local_addr());
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(gateway.run(shutdown.clone()));
+        Ok(Self {
+            base,
+            kafka,
+            topic: topics.of::<QuestionnaireResponseSubmitted>(),
+            token,
+            http: reqwest::Client::new(),
+            shutdown,
+            server,
+        })
+    }
+
+    async fn post_with(
+        &self,
+        authorization: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> anyhow::Result<Reply> {
+        let mut request = self
+            .http
+            .post(format!("{}/v1/submissions", self.base))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(value) = authorization {
+            request = request.header("authorization", value);
+        }
+        let response = request.send().await?;
+        let (status, headers) = (response.status(), response.headers().clone());
+        let text = response.text().await?;
+        let body = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).context(text)? };
+        Ok(Reply { status, headers, body })
+    }
+
+    async fn post(&self, body: &Value) -> anyhow::Result<Reply> {
+        self.post_with(Some(&format!("Bearer {}", self.token)), body.to_string()).await
+    }
+
+    /// Everything on the topic, read from the beginning until nothing new came for `idle`.
+    async fn published(&self, idle: Duration) -> anyhow::Result<Vec<ReadMessage>> {
+        let reader = TopicReader::new(&self.kafka, &self.topic, true)?;
+        Ok(reader.read_until_idle(idle, Duration::from_secs(20)).await?)
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.server.await??;
+        Ok(())
+    }
+}
+
+fn submission() -> QuestionnaireResponseSubmitted {
+    let answer = |link_id: &str| Answer {
+        link_id: link_id.to_string(),
+        value_integer: None,
+        value_decimal: None,
+        value_string: None,
+        value_boolean: None,
+    };
+    let mut envelope = Envelope::new(
+        QuestionnaireResponseSubmitted::NAME,
+        "CDISCPILOT01",
+        "epro-app",
+        Timestamp(1_767_000_000_123_456),
+    );
+    envelope.site_id = Some("701".to_string());
+    envelope.subject_id = Some(SUBJECT.to_string());
+    QuestionnaireResponseSubmitted {
+        envelope,
+        submission_id: Uuid::new_v4(),
+        questionnaire: "http://loinc.org/44249-1".to_string(),
+        questionnaire_version: "2.1".to_string(),
+        scheduled_occurrence: Some("DAY-28".to_string()),
+        status: ResponseStatus::Completed,
+        authored_at: Timestamp(1_767_000_000_123_456),
+        device_time_zone: "America/New_York".to_string(),
+        items: vec![
+            Answer { value_integer: Some(2), ..answer("phq9-1") },
+            Answer { value_decimal: Some(7.5), ..answer("pain-nrs") },
+            Answer { value_string: Some("LA6568-5".to_string()), ..answer("phq9-10") },
+            Answer { value_boolean: Some(false), ..answer("selfharm") },
+        ],
+    }
+}
+
+fn json_of(s: &QuestionnaireResponseSubmitted) -> anyhow::Result<Value> {
+    Ok(serde_json::to_value(s)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_submission_is_on_the_topic_as_posted() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let posted = submission();
+    let body = json_of(&posted)?;
+    assert_eq!(body["authored_at"], json!(1_767_000_000_123_456_i64), "timestamps are micros");
+    assert_eq!(body["status"], json!("COMPLETED"));
+
+    let before = chrono::Utc::now();
+    let reply = gw.post(&body).await?;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    assert_eq!(reply.body["submission_id"], json!(posted.submission_id.to_string()));
+    assert_eq!(reply.body["event_id"], json!(posted.envelope.event_id.to_string()));
+    let (Some(partition), Some(offset)) = (reply.body["partition"].as_i64(), reply.body["offset"].as_i64())
+    else {
+        bail!("no partition and offset in {}", reply.body);
+    };
+
+    let messages = gw.published(Duration::from_secs(1)).await?;
+    let [message] = messages.as_slice() else { bail!("expected one message, read {}", messages.len()) };
+    assert_eq!((i64::from(message.partition), message.offset), (partition, offset));
+    assert_eq!(message.key, SUBJECT);
+    let event_id = posted.envelope.event_id.to_string();
+    assert_eq!(message.header("event_id"), Some(event_id.as_str()));
+    assert_eq!(message.header("event_type"), Some("QuestionnaireResponseSubmitted"));
+    assert_eq!(message.header("content-type"), Some(CONTENT_TYPE));
+    let received_at = message.header("received_at").context("no received_at header")?;
+    let parsed = chrono::DateTime::parse_from_rfc3339(received_at)?.to_utc();
+    assert!(
+        received_at.ends_with('Z') && received_at.len() == "2026-01-01T00:00:00.000000Z".len(),
+        "{received_at}"
+    );
+    assert!(parsed >= before - chrono::Duration::seconds(1) && parsed <= chrono::Utc::now(), "{received_at}");
+    assert_eq!(message.header("traceparent"), None, "no trace exporter in tests");
+    let decoded = trialflow_schemas::decode::<QuestionnaireResponseSubmitted>(&message.payload)?;
+    assert_eq!(decoded, posted);
+
+    let health = gw.http.get(format!("{}/healthz", gw.base)).send().await?;
+    assert_eq!(health.status(), StatusCode::OK);
+    gw.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_that_do_not_fit_the_type_are_400_naming_the_path() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let auth = format!("Bearer {}", gw.token);
+    for text in ["{", "not json", "", "[]"] {
+        let reply = gw.post_with(Some(&auth), text).await?;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{text:?}: {}", reply.body);
+        assert_eq!(reply.error().0, "invalid_json", "{text:?}");
+    }
+
+    type Break = fn(&mut Value);
+    let cases: [(&str, Break); 7] = [
+        ("authored_at", |b| b["authored_at"] = json!("2026-01-01T00:00:00Z")),
+        ("status", |b| b["status"] = json!("DONE")),
+        ("items[2].value_integer", |b| b["items"][2]["value_integer"] = json!("three")),
+        ("items[1].link_id", |b| b["items"][1]["link_id"] = json!(7)),
+        ("envelope.event_id", |b| b["envelope"]["event_id"] = json!("not-a-uuid")),
+        ("envelope.occurred_at", |b| b["envelope"]["occurred_at"] = json!(1.5)),
+        ("submission_id", |b| b["submission_id"] = Value::Null),
+    ];
+    for (field, break_it) in cases {
+        let mut body = json_of(&submission())?;
+        break_it(&mut body);
+        let reply = gw.post(&body).await?;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{field}: {}", reply.body);
+        assert_eq!(reply.error(), ("invalid_json", Some(field)), "{}", reply.body);
+    }
+
+    // A missing field is named in the message, at the record that lacks it.
+    let mut body = json_of(&submission())?;
+    if let Some(envelope) = body["envelope"].as_object_mut() {
+        envelope.remove("study_id");
+    }
+    let reply = gw.post(&body).await?;
+    assert_eq!(reply.error(), ("invalid_json", Some("envelope")), "{}", reply.body);
+    assert!(
+        reply.body["error"]["message"].as_str().is_some_and(|m| m.contains("study_id")),
+        "{}",
+        reply.body
+    );
+
+    let too_big = "x".repeat(256 * 1024 + 1);
+    let reply = gw.post_with(Some(&auth), too_big).await?;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(reply.error().0, "payload_too_large");
+
+    assert!(gw.published(Duration::from_millis(500)).await?.is_empty(), "nothing may be published");
+    gw.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_shape_check_is_422_naming_its_field() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    type Break = fn(&mut QuestionnaireResponseSubmitted);
+    let cases: [(&str, Break); 11] = [
+        ("envelope.event_type", |s| s.envelope.event_type = "QuestionnaireResponseAccepted".into()),
+        ("envelope.study_id", |s| s.envelope.study_id = String::new()),
+        ("envelope.subject_id", |s| s.envelope.subject_id = None),
+        ("envelope.subject_id", |s| s.envelope.subject_id = Some(" ".into())),
+        ("questionnaire", |s| s.questionnaire = String::new()),
+        ("questionnaire_version", |s| s.questionnaire_version = String::new()),
+        ("device_time_zone", |s| s.device_time_zone = "EST5EDT-ish".into()),
+        ("items[3].link_id", |s| s.items[3].link_id = String::new()),
+        ("items[0]", |s| s.items[0].value_integer = None),
+        ("items[1]", |s| s.items[1].value_string = Some("also".into())),
+        ("items[2]", |s| s.items[2].value_boolean = Some(true)),
+    ];
+    for (field, break_it) in cases {
+        let mut s = submission();
+        break_it(&mut s);
+        let reply = gw.post(&json_of(&s)?).await?;
+        assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY, "{field}: {}", reply.body);
+        assert_eq!(reply.error(), ("validation_failed", Some(field)), "{}", reply.body);
+    }
+    assert!(gw.published(Duration::from_millis(500)).await?.is_empty(), "nothing may be published");
+    gw.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submissions_need_an_app_token() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let body = json_of(&submission())?.to_string();
+    let token = gw.token.clone();
+    for authorization in
+        [None, Some("Bearer nope".to_string()), Some(token.clone()), Some(format!("Basic {token}"))]
+    {
+        let reply = gw.post_with(authorization.as_deref(), body.clone()).await?;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{authorization:?}");
+        assert_eq!(reply.error().0, "unauthenticated");
+        assert_eq!(reply.headers.get("www-authenticate").and_then(|v| v.to_str().ok()), Some("Bearer"));
+    }
+    // The token is checked before the body is looked at.
+    let reply = gw.post_with(None, "{").await?;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert!(gw.published(Duration::from_millis(500)).await?.is_empty(), "nothing may be published");
+    gw.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_is_503_with_retry_after_in_bounded_time() -> anyhow::Result<()> {
+    let unreachable = KafkaConfig { bootstrap_servers: "127.0.0.1:1".to_string(), ..KafkaConfig::default() };
+    let gw = TestGateway::start_with(unreachable, 1_500).await?;
+    let started = Instant::now();
+    let reply = gw.post(&json_of(&submission())?).await?;
+    let took = started.elapsed();
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{}", reply.body);
+    assert_eq!(reply.error().0, "unavailable");
+    assert!(reply.headers.contains_key("retry-after"));
+    assert!(took >= Duration::from_millis(1_400) && took < Duration::from_secs(5), "answered after {took:?}");
+
+    let stopping = Instant::now();
+    gw.stop().await?;
+    assert!(stopping.elapsed() < Duration::from_secs(5), "stop took {:?}", stopping.elapsed());
+    Ok(())
+}
