@@ -46,7 +46,7 @@ lint: ## cargo fmt --check and clippy with warnings as errors
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
-bench: up ## Benchmarks with their raw baselines (`make bench ONLY=relay` for one group)
+bench: up ## Benchmarks with their raw baselines (`make bench ONLY=relay|consumer|epro` for one group)
 	$(CARGO) run -q --release -p trialflow-bench -- $(if $(ONLY),--only $(ONLY),)
 
 interop: ## Cross-check the Avro test vectors with the Apache Avro Python library
