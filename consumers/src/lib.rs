@@ -14,6 +14,7 @@ pub mod events;
 pub mod handler;
 pub mod kit_allocation;
 pub mod metrics;
+pub mod monitoring;
 mod parking;
 pub mod runtime;
 pub mod store;
