@@ -7,7 +7,7 @@ export DATABASE_URL ?= postgres://postgres@127.0.0.1:55432/trialflow
 export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:19092
 ONLY ?=
 
-.PHONY: help up down status build migrate demo run relay test lint fmt bench interop clean
+.PHONY: help up down status build migrate demo run relay test browser lint fmt bench interop clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,8 +36,11 @@ run: up ## Run every component (site API, relay, consumers) in the foreground
 relay: up ## Run one relay instance in the foreground
 	$(CARGO) run -q --release -p trialflow -- relay
 
-test: lint up ## fmt-check, clippy -D warnings, then every test against the local stack
+test: lint up browser ## fmt-check, clippy -D warnings, then every test against the local stack
 	$(CARGO) test --workspace --all-targets
+
+browser: ## Install headless Chromium and chromedriver (Debian packages) for the inbox page test
+	@scripts/chromium.sh >/dev/null
 
 lint: ## cargo fmt --check and clippy with warnings as errors
 	$(CARGO) fmt --all --check

@@ -19,6 +19,7 @@ use trialflow_outbox::metrics::COMMIT_TO_ACK_SECONDS;
 use trialflow_outbox::{KafkaConfig, Outbox, OutboxEvent, RelayConfig, SchemaName};
 use uuid::Uuid;
 
+mod alerts;
 mod consumer;
 mod epro;
 mod epro_gateway;
@@ -26,7 +27,7 @@ mod epro_gateway;
 #[derive(Debug, Parser)]
 #[command(about = "trialflow benchmarks")]
 struct Args {
-    /// Run only this group (`relay`, `consumer` or `epro`).
+    /// Run only this group (`relay`, `consumer`, `epro` or `alerts`).
     #[arg(long)]
     only: Option<String>,
 
@@ -71,7 +72,7 @@ struct Args {
     latency_secs: u64,
 }
 
-const GROUPS: &[&str] = &["relay", "consumer", "epro"];
+const GROUPS: &[&str] = &["relay", "consumer", "epro", "alerts"];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -99,6 +100,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.only.as_deref().is_none_or(|g| g == "epro") {
         epro::group(&args.database_url, &kafka, &pool, Some(&metrics)).await?;
+    }
+    if args.only.as_deref().is_none_or(|g| g == "alerts") {
+        alerts::group(&args.database_url, &kafka, 1_000, 15).await?;
     }
     Ok(())
 }

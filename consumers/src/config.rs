@@ -56,6 +56,12 @@ pub struct ConsumerConfig {
     #[arg(long, env = "KAFKA_HEARTBEAT_INTERVAL_MS", default_value_t = 500)]
     pub heartbeat_interval_ms: u64,
 
+    /// Longest time the broker may hold a fetch when there is nothing new (librdkafka
+    /// `fetch.wait.max.ms`): an upper bound on the delivery delay of a broker that answers fetches
+    /// only at this deadline instead of as soon as data arrives.
+    #[arg(long, env = "CONSUMER_FETCH_WAIT_MS", default_value_t = 50)]
+    pub fetch_wait_ms: u64,
+
     /// Suffix of dead-letter topics: `<topic><suffix>`.
     #[arg(long, env = "CONSUMER_DLQ_SUFFIX", default_value = ".dlq")]
     pub dlq_suffix: String,
@@ -77,6 +83,7 @@ impl ConsumerConfig {
             inbox_retention_hours: 24 * 30,
             session_timeout_ms: 6_000,
             heartbeat_interval_ms: 500,
+            fetch_wait_ms: 50,
             dlq_suffix: ".dlq".to_string(),
         }
     }

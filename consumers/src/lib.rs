@@ -15,6 +15,7 @@ pub mod handler;
 pub mod kit_allocation;
 pub mod metrics;
 pub mod monitoring;
+pub mod notifier;
 mod parking;
 pub mod runtime;
 pub mod store;

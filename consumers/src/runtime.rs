@@ -207,7 +207,8 @@ fn create_consumer(
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", config.session_timeout_ms.to_string())
         .set("heartbeat.interval.ms", config.heartbeat_interval_ms.to_string())
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", config.fetch_wait_ms.to_string());
     for (k, v) in &config.kafka.producer_config {
         client.set(k, v);
     }

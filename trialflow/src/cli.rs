@@ -3,6 +3,9 @@ use clap::{Parser, Subcommand};
 use trialflow_consumers::enrollment::{self, Enrollment};
 use trialflow_consumers::epro::{self, EproValidation, catalogue::Catalogue};
 use trialflow_consumers::kit_allocation::{self, KitAllocation};
+use trialflow_consumers::monitoring::api::{AlertApi, AlertApiConfig};
+use trialflow_consumers::monitoring::{self, rules::RuleBook};
+use trialflow_consumers::notifier::{self, NotifierConfig};
 use trialflow_consumers::{ConsumerConfig, runtime};
 use trialflow_outbox::{DatabaseConfig, RelayConfig, SchemaName};
 use trialflow_producers::{epro_gateway, site_api};
@@ -34,6 +37,8 @@ pub enum Command {
     SiteApi(SiteApiArgs),
     /// Serve the ePRO ingestion gateway (HTTP → ingestion topic, 202 once the broker acknowledged).
     EproGateway(EproGatewayArgs),
+    /// Serve the researchers' alert API and inbox page (part of the monitoring service).
+    AlertApi(AlertApiArgs),
     /// Run one domain consumer (migrates its schema first).
     Consume(ConsumeArgs),
     /// Run the pipeline on a generated workload and report what was published.
@@ -66,6 +71,10 @@ pub struct ConsumeArgs {
     #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
     pub topic_prefix: String,
 
+    /// monitoring: a folder of per-study rule sets (`*.json`) added to, or replacing, the default.
+    #[arg(long, env = "MONITORING_RULES_DIR")]
+    pub monitoring_rules_dir: Option<std::path::PathBuf>,
+
     /// epro-validation: a folder of questionnaire definitions and schedules (`*.json`) added to,
     /// or replacing, the built-in ones.
     #[arg(long, env = "EPRO_CONFIG_DIR")]
@@ -78,6 +87,8 @@ pub enum ConsumerKind {
     Enrollment,
     KitAllocation,
     EproValidation,
+    Monitoring,
+    Notifier,
 }
 
 /// The service schemas this build knows, each with its outbox: the relay's sources.
@@ -88,6 +99,8 @@ pub fn service_schemas() -> Vec<SchemaName> {
         enrollment::schema(),
         kit_allocation::schema(),
         epro::schema(),
+        monitoring::schema(),
+        notifier::schema(),
     ]
 }
 
@@ -110,6 +123,10 @@ pub struct RunArgs {
     /// A folder of questionnaire definitions and schedules (`*.json`) beyond the built-in ones.
     #[arg(long, env = "EPRO_CONFIG_DIR")]
     pub epro_config_dir: Option<std::path::PathBuf>,
+
+    /// A folder of per-study monitoring rule sets (`*.json`) beyond the default one.
+    #[arg(long, env = "MONITORING_RULES_DIR")]
+    pub monitoring_rules_dir: Option<std::path::PathBuf>,
 }
 
 /// Every component in one process.
@@ -118,13 +135,47 @@ pub async fn run_all(args: RunArgs, shutdown: tokio_util::sync::CancellationToke
     config.create_topics = !args.no_create_topics;
     config.partitions = args.partitions;
     config.epro_config_dir = args.epro_config_dir;
+    config.monitoring_rules_dir = args.monitoring_rules_dir;
+    config.notifier = NotifierConfig::from_env().context("notifier configuration")?;
     let pipeline = crate::pipeline::Pipeline::start(config, &shutdown).await?;
     println!(
-        "trialflow is running; site API on http://{}, ePRO gateway on http://{} (Ctrl-C to stop)",
+        "trialflow is running; site API on http://{}, ePRO gateway on http://{}, researcher inbox on \
+         http://{}/inbox?token=researcher-token (Ctrl-C to stop)",
         pipeline.site_api_addr(),
-        pipeline.epro_gateway_addr()
+        pipeline.epro_gateway_addr(),
+        pipeline.alert_api_addr()
     );
     pipeline.wait().await
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AlertApiArgs {
+    /// Accept the local demo token (`researcher-token`) when ALERT_API_TOKENS is not set. Never
+    /// in a shared environment.
+    #[arg(long, env = "ALERT_API_DEMO_TOKENS")]
+    pub demo_tokens: bool,
+}
+
+/// Serves the alert API configured from `ALERT_API_*`, `DATABASE_URL` and `TOPIC_PREFIX`.
+pub async fn serve_alert_api(
+    args: AlertApiArgs,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let mut config = AlertApiConfig::from_env().context("alert API configuration")?;
+    if config.tokens.is_empty() {
+        anyhow::ensure!(
+            args.demo_tokens,
+            "no researcher can be authenticated: set ALERT_API_TOKENS (token=role:user,...) or pass --demo-tokens"
+        );
+        config.tokens = AlertApiConfig::local().tokens;
+    }
+    monitoring::migrate(&config.database_url, &config.schema)
+        .await
+        .context("migrating the monitoring schema")?;
+    monitoring::api::describe_metrics();
+    let api = AlertApi::bind(config).await.context("starting the alert API")?;
+    tracing::info!(addr = %api.local_addr(), "Alert API listening.");
+    api.run(shutdown).await.context("alert API")
 }
 
 #[derive(Debug, clap::Args)]
@@ -207,6 +258,18 @@ pub async fn consume(args: ConsumeArgs, shutdown: tokio_util::sync::Cancellation
             let handler = EproValidation::new(schema.clone(), topics.clone(), catalogue);
             runtime::run(epro::spec(schema, &topics), args.config, handler, shutdown).await?;
         }
+        ConsumerKind::Monitoring => {
+            let schema = monitoring::schema();
+            monitoring::migrate(&url, &schema).await.context("migrating the monitoring schema")?;
+            let rules = RuleBook::load(args.monitoring_rules_dir.as_deref()).map_err(anyhow::Error::msg)?;
+            monitoring::run(monitoring::spec(schema, &topics), args.config, rules, topics, shutdown).await?;
+        }
+        ConsumerKind::Notifier => {
+            let schema = notifier::schema();
+            notifier::migrate(&url, &schema).await.context("migrating the notifier schema")?;
+            let config = NotifierConfig::from_env().context("notifier configuration")?;
+            notifier::run(notifier::spec(schema, &topics), args.config, config, topics, shutdown).await?;
+        }
     }
     Ok(())
 }
@@ -220,6 +283,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run(args) => run_all(args, shutdown::on_signal()).await,
         Command::SiteApi(args) => serve_site_api(args, shutdown::on_signal()).await,
+        Command::AlertApi(args) => serve_alert_api(args, shutdown::on_signal()).await,
         Command::EproGateway(args) => serve_epro_gateway(args, shutdown::on_signal()).await,
         Command::Consume(args) => consume(args, shutdown::on_signal()).await,
         Command::Demo(args) => demo::run(args, shutdown::on_signal()).await,
@@ -238,6 +302,8 @@ pub async fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
         .await
         .context("migrating the kit-allocation schema")?;
     epro::migrate(url, &epro::schema()).await.context("migrating the epro schema")?;
+    monitoring::migrate(url, &monitoring::schema()).await.context("migrating the monitoring schema")?;
+    notifier::migrate(url, &notifier::schema()).await.context("migrating the notifier schema")?;
     if let Some(shards) = args.outbox_shards {
         for schema in service_schemas() {
             trialflow_outbox::set_shard_count(url, &schema, shards)

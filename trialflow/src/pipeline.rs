@@ -12,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 use trialflow_consumers::enrollment::{self, Enrollment};
 use trialflow_consumers::epro::{self, EproValidation, catalogue::Catalogue};
 use trialflow_consumers::kit_allocation::{self, KitAllocation};
+use trialflow_consumers::monitoring::api::{AlertApi, AlertApiConfig};
+use trialflow_consumers::monitoring::{self, rules::RuleBook};
+use trialflow_consumers::notifier::{self, NotifierConfig};
 use trialflow_consumers::{ConsumerConfig, runtime};
 use trialflow_outbox::{KafkaConfig, RelayConfig, SchemaName};
 use trialflow_producers::epro_gateway::{self, EproGateway, EproGatewayConfig};
@@ -25,6 +28,8 @@ pub struct Schemas {
     pub enrollment: SchemaName,
     pub kit_allocation: SchemaName,
     pub epro: SchemaName,
+    pub monitoring: SchemaName,
+    pub notifier: SchemaName,
 }
 
 impl Default for Schemas {
@@ -34,6 +39,8 @@ impl Default for Schemas {
             enrollment: enrollment::schema(),
             kit_allocation: kit_allocation::schema(),
             epro: epro::schema(),
+            monitoring: monitoring::schema(),
+            notifier: notifier::schema(),
         }
     }
 }
@@ -41,7 +48,14 @@ impl Default for Schemas {
 impl Schemas {
     /// Every schema with an outbox: the relay's sources.
     pub fn sources(&self) -> Vec<SchemaName> {
-        vec![self.site_api.clone(), self.enrollment.clone(), self.kit_allocation.clone(), self.epro.clone()]
+        vec![
+            self.site_api.clone(),
+            self.enrollment.clone(),
+            self.kit_allocation.clone(),
+            self.epro.clone(),
+            self.monitoring.clone(),
+            self.notifier.clone(),
+        ]
     }
 }
 
@@ -54,8 +68,13 @@ pub struct PipelineConfig {
     pub consumer: ConsumerConfig,
     pub site_api: SiteApiConfig,
     pub epro_gateway: EproGatewayConfig,
+    pub alert_api: AlertApiConfig,
+    /// Who the notifier notifies (empty: alerts are recorded, nobody is paged).
+    pub notifier: NotifierConfig,
     /// Questionnaire definitions and schedules beyond the built-in ones.
     pub epro_config_dir: Option<std::path::PathBuf>,
+    /// Per-study monitoring rule sets beyond the default one.
+    pub monitoring_rules_dir: Option<std::path::PathBuf>,
     /// Create missing topics (with `partitions` each, and their dead-letter topics) at start.
     /// Off against a cluster whose topics are provisioned by its operators.
     pub create_topics: bool,
@@ -75,6 +94,8 @@ impl PipelineConfig {
         let mut site_api = SiteApiConfig::local();
         site_api.database_url = database_url.to_string();
         let topics = site_api.topics.clone();
+        let mut alert_api = AlertApiConfig::local();
+        alert_api.database_url = database_url.to_string();
         let mut epro_gateway = EproGatewayConfig::local();
         epro_gateway.kafka = kafka.clone();
         Self {
@@ -84,7 +105,10 @@ impl PipelineConfig {
             consumer,
             site_api,
             epro_gateway,
+            alert_api,
+            notifier: NotifierConfig::default(),
             epro_config_dir: None,
+            monitoring_rules_dir: None,
             create_topics: true,
             partitions: 6,
         }
@@ -96,6 +120,7 @@ impl PipelineConfig {
 pub struct Pipeline {
     site_api_addr: SocketAddr,
     epro_gateway_addr: SocketAddr,
+    alert_api_addr: SocketAddr,
     stop: CancellationToken,
     tasks: JoinSet<anyhow::Result<()>>,
 }
@@ -111,6 +136,9 @@ impl Pipeline {
             .await
             .context("migrating the kit-allocation schema")?;
         epro::migrate(&url, &s.epro).await.context("migrating the epro schema")?;
+        monitoring::migrate(&url, &s.monitoring).await.context("migrating the monitoring schema")?;
+        notifier::migrate(&url, &s.notifier).await.context("migrating the notifier schema")?;
+        let rules = RuleBook::load(config.monitoring_rules_dir.as_deref()).map_err(anyhow::Error::msg)?;
         let catalogue =
             Catalogue::load(config.epro_config_dir.as_deref()).context("questionnaire catalogue")?;
         if config.create_topics {
@@ -150,10 +178,23 @@ impl Pipeline {
         let handler = EproValidation::new(schema.clone(), topics.clone(), catalogue);
         let run = runtime::run(epro::spec(schema, &topics), group(epro::NAME), handler, stop.clone());
         tasks.spawn(async move { run.await.context("epro-validation consumer") });
+        let spec = monitoring::spec(s.monitoring.clone(), &topics);
+        let run = monitoring::run(spec, group(monitoring::NAME), rules, topics.clone(), stop.clone());
+        tasks.spawn(async move { run.await.context("monitoring consumer") });
+        let spec = notifier::spec(s.notifier.clone(), &topics);
+        let run = notifier::run(spec, group(notifier::NAME), config.notifier, topics.clone(), stop.clone());
+        tasks.spawn(async move { run.await.context("notifier") });
 
         config.site_api.schema = s.site_api.clone();
         config.site_api.topics = topics.clone();
-        config.epro_gateway.topics = topics;
+        config.epro_gateway.topics = topics.clone();
+        config.alert_api.schema = s.monitoring.clone();
+        config.alert_api.topics = topics;
+        monitoring::api::describe_metrics();
+        let alert_api = AlertApi::bind(config.alert_api).await.context("starting the alert API")?;
+        let alert_api_addr = alert_api.local_addr();
+        let alert_stop = stop.clone();
+        tasks.spawn(async move { alert_api.run(alert_stop).await.context("alert API") });
         epro_gateway::describe_metrics();
         let gateway = EproGateway::bind(config.epro_gateway).await.context("starting the ePRO gateway")?;
         let epro_gateway_addr = gateway.local_addr();
@@ -164,7 +205,7 @@ impl Pipeline {
         let site_api_addr = api.local_addr();
         let api_stop = stop.clone();
         tasks.spawn(async move { api.run(api_stop).await.context("site API") });
-        Ok(Self { site_api_addr, epro_gateway_addr, stop, tasks })
+        Ok(Self { site_api_addr, epro_gateway_addr, alert_api_addr, stop, tasks })
     }
 
     pub fn site_api_addr(&self) -> SocketAddr {
@@ -173,6 +214,10 @@ impl Pipeline {
 
     pub fn epro_gateway_addr(&self) -> SocketAddr {
         self.epro_gateway_addr
+    }
+
+    pub fn alert_api_addr(&self) -> SocketAddr {
+        self.alert_api_addr
     }
 
     /// Runs until shutdown or until a component fails (then stops the others).

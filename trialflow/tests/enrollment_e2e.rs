@@ -85,11 +85,14 @@ async fn sites_enroll_subjects_through_the_api_and_a_shipment_releases_the_held_
         enrollment: SchemaName::new(unique("enr"))?,
         kit_allocation: SchemaName::new(unique("kit"))?,
         epro: SchemaName::new(unique("epro"))?,
+        monitoring: SchemaName::new(unique("mon"))?,
+        notifier: SchemaName::new(unique("ntf"))?,
     };
     config.topics = TopicNames::new(prefix);
     config.partitions = 3;
     config.site_api.listen = "127.0.0.1:0".parse()?;
     config.epro_gateway.listen = "127.0.0.1:0".parse()?;
+    config.alert_api.listen = "127.0.0.1:0".parse()?;
     config.relay.poll_interval_ms = 100;
     config.consumer.park_retry_ms = 200;
     config.consumer.max_backoff_ms = 500;

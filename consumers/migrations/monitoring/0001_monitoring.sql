@@ -15,7 +15,8 @@ CREATE TABLE observation (
 );
 CREATE INDEX observation_series ON observation (study_id, subject_id, code, effective_at);
 
--- One row per episode. At most one episode per (study, site, subject, rule) is not resolved.
+-- One row per episode. At most one episode per (study, subject — or site, for site-level rules —,
+-- rule) is not resolved.
 CREATE TABLE alert (
     alert_id        uuid PRIMARY KEY,
     study_id        text NOT NULL,
@@ -31,6 +32,7 @@ CREATE TABLE alert (
     effective_at    timestamptz NOT NULL,            -- effective time of the first evidence
     raised_at       timestamptz NOT NULL DEFAULT now(),
     escalate_at     timestamptz,                     -- next escalation due while open and unacknowledged
+    escalation_secs integer NOT NULL DEFAULT 3600,   -- the rule's escalation time, per level
     acknowledged_at timestamptz,
     acknowledged_by text,
     ack_reason      text,
@@ -40,7 +42,7 @@ CREATE TABLE alert (
     updated_at      timestamptz NOT NULL DEFAULT now()
 );
 CREATE UNIQUE INDEX alert_one_open_episode
-    ON alert (study_id, coalesce(site_id, ''), coalesce(subject_id, ''), rule_id) WHERE status <> 'resolved';
+    ON alert (study_id, (coalesce(subject_id, 'site:' || site_id)), rule_id) WHERE status <> 'resolved';
 CREATE INDEX alert_due ON alert (escalate_at) WHERE status = 'open' AND escalate_at IS NOT NULL;
 CREATE INDEX alert_listing ON alert (study_id, status, severity, raised_at DESC);
 

@@ -1,6 +1,14 @@
 //! The monitoring service: the monitoring consumer (per-study rules over vital signs, adverse
 //! events, accepted ePRO responses and supply/enrollment problems → alert episodes with escalation)
-//! and, sharing its schema, the researchers' alert API (`producers/src/alert_api/`).
+//! and, sharing its schema, the researchers' alert API (`api`).
+
+pub mod api;
+mod consumer;
+mod episodes;
+pub mod rules;
+
+pub use consumer::{Monitoring, run, spec};
+pub use episodes::MAX_LEVEL;
 
 use trialflow_outbox::SchemaName;
 

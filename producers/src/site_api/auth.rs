@@ -131,10 +131,10 @@ impl Principal {
 /// Accepted tokens, looked up by their sha256 digest: the lookup time then says nothing useful
 /// about how much of a guessed token was right, and the tokens themselves are not kept.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Tokens(HashMap<[u8; 32], Principal>);
+pub struct Tokens(HashMap<[u8; 32], Principal>);
 
 impl Tokens {
-    pub(crate) fn new(grants: &[TokenGrant]) -> Self {
+    pub fn new(grants: &[TokenGrant]) -> Self {
         Self(
             grants
                 .iter()
@@ -143,7 +143,8 @@ impl Tokens {
         )
     }
 
-    pub(crate) fn principal(&self, authorization: Option<&str>) -> Option<&Principal> {
+    /// The caller of an `Authorization` header value (`Bearer <token>`); `None` for any other value.
+    pub fn principal(&self, authorization: Option<&str>) -> Option<&Principal> {
         self.0.get(&bearer_digest(authorization)?)
     }
 }

@@ -258,7 +258,7 @@ impl CommandRequest {
 }
 
 /// Deserializes `body`, naming the path of the first value that does not fit (`arms[1].ratio`).
-pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let value: T = serde_path_to_error::deserialize(&mut de)
         .map_err(|e| ApiError::invalid_json(field_path(e.path()), e.inner().to_string()))?;
@@ -300,7 +300,7 @@ pub(crate) fn occurred_at(given: Option<&str>) -> Result<Timestamp, ApiError> {
 
 /// Ids of studies, sites, subjects, shipments and kits: `^[A-Za-z0-9._-]{1,64}$`, so they are
 /// safe in paths, Kafka keys and logs.
-pub(crate) fn check_id(field: &str, value: &str) -> Result<(), ApiError> {
+pub fn check_id(field: &str, value: &str) -> Result<(), ApiError> {
     let valid = (1..=64).contains(&value.len())
         && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if valid {
@@ -314,7 +314,7 @@ pub(crate) fn check_id(field: &str, value: &str) -> Result<(), ApiError> {
 }
 
 /// A required free-text value: not blank, at most `max` characters.
-pub(crate) fn check_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+pub fn check_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
     if value.trim().is_empty() {
         return Err(ApiError::validation(field, "must not be empty"));
     }

@@ -1,0 +1,292 @@
+//! The researchers' alert API and inbox page: the HTTP side of the monitoring service. It reads
+//! the alert episodes the monitoring consumer writes to the monitoring schema and records the two
+//! decisions researchers take on them.
+//!
+//! | route | roles | writes | events (topic, key) |
+//! |-------|-------|--------|---------------------|
+//! | `GET /v1/alerts?study_id=&site_id=&severity=&status=&limit=` | researcher, admin | – | – |
+//! | `GET /v1/alerts/{alert_id}` (with `evidence` and `timeline`) | researcher, admin | – | – |
+//! | `POST /v1/alerts/{alert_id}/acknowledge` `{"reason"}` | researcher, admin | alert, alert_history | AlertAcknowledged (`monitoring.alerts.v1`, alert id) |
+//! | `POST /v1/alerts/{alert_id}/resolve` `{"reason"}` | researcher, admin | alert, alert_history | AlertResolved (same) |
+//! | `GET /v1/alerts/stream` (server-sent events) | researcher, admin | – | – |
+//! | `GET /` and `GET /inbox`: the inbox page (no data, no auth) | – | – | – |
+//!
+//! `GET /healthz` (liveness) and `GET /readyz` (database reachable) are for probes, without auth.
+//!
+//! A decision writes the alert row, its `alert_history` entry and its event in ONE transaction:
+//! the event is published if and only if the decision is recorded. The monitoring consumer sees
+//! the new status the next time it touches the episode (no escalation of an acknowledged alert, a
+//! new episode after a resolved one).
+//!
+//! **Stream.** `alert_history` has a trigger that notifies channel `trialflow_alerts` with
+//! `<schema>:<history id>` on every insert, whoever inserts. One listener per API process turns
+//! the notifications of its schema into stream events (see [`stream`]).
+//!
+//! **Errors** are the site API's: `{"error": {"code", "message", "field"?}}` (see
+//! [`ApiError`]): 400 `invalid_json`, 401 `unauthenticated`, 403 `forbidden`, 404 `not_found`,
+//! 409 `already_acknowledged` / `already_resolved`, 422 `validation_failed` (a filter or the
+//! reason), 503 `unavailable`, 500 `internal`.
+
+mod alerts;
+mod config;
+mod stream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::http::header::{self, AUTHORIZATION, HeaderName, HeaderValue};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use sqlx::PgPool;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use trialflow_outbox::{Outbox, SchemaName};
+use trialflow_producers::site_api::auth::{Principal, Tokens};
+use trialflow_producers::site_api::{ApiError, Role};
+use trialflow_schemas::topics::TopicNames;
+
+pub use config::{AlertApiConfig, DEFAULT_LISTEN, DEMO_TOKENS};
+
+/// `source_system` of the events the API writes.
+pub const SOURCE_SYSTEM: &str = "alert-api";
+/// Requests answered, by route template and status.
+pub const REQUESTS_TOTAL: &str = "trialflow_alert_api_requests_total";
+
+/// Who may use the API. Researchers are blinded; nothing here shows an arm.
+const ROLES: &[Role] = &[Role::Researcher, Role::Admin];
+/// Database connections of one API process (streams hold none between their reads).
+const MAX_CONNECTIONS: u32 = 10;
+/// How long a request waits for a database connection before answering 503.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The inbox page: static, no build step, all data rendered as text by its script.
+const INBOX_HTML: &str = include_str!("inbox.html");
+
+/// Why the alert API could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AlertApiError {
+    /// A setting that cannot be used (environment variable or config field).
+    #[error("invalid alert API configuration: {0}")]
+    Config(String),
+
+    /// The listen address is taken or not ours.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The database could not be reached when starting.
+    #[error("cannot connect to the alert API database: {0}")]
+    Database(#[from] sqlx::Error),
+
+    /// The outbox could not be opened (e.g. schema not migrated: run `trialflow migrate`).
+    #[error(transparent)]
+    Outbox(#[from] trialflow_outbox::OutboxError),
+
+    /// The HTTP server failed while running.
+    #[error("alert API server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Registers the API's metric descriptions with the installed recorder.
+pub fn describe_metrics() {
+    metrics::describe_counter!(REQUESTS_TOTAL, "Requests answered by the alert API, by route and status.");
+}
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+struct AlertState(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
+    pool: PgPool,
+    outbox: Outbox,
+    schema: SchemaName,
+    topics: TopicNames,
+    tokens: Tokens,
+    /// Changes of this schema's alerts, from the one listener to every stream.
+    changes: broadcast::Sender<stream::Signal>,
+    /// Cancelled on shutdown: ends the streams, which would otherwise keep the server open.
+    stop: CancellationToken,
+}
+
+impl std::ops::Deref for AlertState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// A caller allowed to use the API: a researcher or an admin (401 without a valid bearer token,
+/// 403 for other roles).
+#[derive(Debug)]
+struct Researcher(Principal);
+
+impl FromRequestParts<AlertState> for Researcher {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, api: &AlertState) -> Result<Self, ApiError> {
+        let authorization = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+        api.authorize(authorization).map(Researcher)
+    }
+}
+
+impl Shared {
+    /// The caller of an `Authorization` header value, if it may use the API.
+    fn authorize(&self, authorization: Option<&str>) -> Result<Principal, ApiError> {
+        let principal =
+            self.tokens.principal(authorization).cloned().ok_or_else(ApiError::unauthenticated)?;
+        principal.require(ROLES)?;
+        Ok(principal)
+    }
+}
+
+/// The alert API, bound to its address, connected to its database and listening for alert
+/// changes; [`AlertApi::run`] serves it.
+#[derive(Debug)]
+pub struct AlertApi {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    router: Router,
+    state: AlertState,
+    notifications: PgListener,
+    database_url: String,
+}
+
+impl AlertApi {
+    /// Binds the listener (port 0 picks a free one), connects the database pool and starts
+    /// listening on `trialflow_alerts`, so a stream opened once this returns misses no change.
+    /// Fails when the schema is not migrated.
+    pub async fn bind(config: AlertApiConfig) -> Result<Self, AlertApiError> {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = config.tokens.iter().find(|g| !seen.insert(g.token.as_str())) {
+            return Err(AlertApiError::Config(format!("a token of `{}` is given twice", dup.user)));
+        }
+        if config.tokens.is_empty() {
+            tracing::warn!("No alert API tokens configured: every request except the probes will get 401.");
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| AlertApiError::Bind { addr: config.listen, source })?;
+        let local_addr =
+            listener.local_addr().map_err(|source| AlertApiError::Bind { addr: config.listen, source })?;
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect(&config.database_url)
+            .await?;
+        let outbox = Outbox::open(&pool, config.schema.clone()).await?;
+        let notifications = stream::listen(&config.database_url).await?;
+        describe_metrics();
+        let (changes, _) = broadcast::channel(stream::BROADCAST_CAPACITY);
+        let state = AlertState(Arc::new(Shared {
+            pool,
+            outbox,
+            schema: config.schema,
+            topics: config.topics,
+            tokens: Tokens::new(&config.tokens),
+            changes,
+            stop: CancellationToken::new(),
+        }));
+        Ok(Self {
+            listener,
+            local_addr,
+            router: router(state.clone()),
+            state,
+            notifications,
+            database_url: config.database_url,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` is cancelled, then ends the streams, lets requests in flight
+    /// finish and closes the pool. A decision cut off by a crash rolls back as a whole.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AlertApiError> {
+        tracing::info!(addr = %self.local_addr, schema = %self.state.schema, "Alert API listening.");
+        let stop = self.state.stop.clone();
+        let forwarder =
+            tokio::spawn(stream::forward(self.notifications, self.database_url, self.state.clone()));
+        let served = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move {
+                shutdown.cancelled().await;
+                stop.cancel();
+            })
+            .await;
+        // Also when serving failed: the forwarder and the streams end with `stop`.
+        self.state.stop.cancel();
+        if let Err(e) = forwarder.await {
+            tracing::error!(error = %e, "Alert change forwarder panicked.");
+        }
+        self.state.pool.close().await;
+        served.map_err(AlertApiError::Serve)?;
+        tracing::info!("Alert API stopped.");
+        Ok(())
+    }
+}
+
+fn router(state: AlertState) -> Router {
+    Router::new()
+        .route("/", get(inbox))
+        .route("/inbox", get(inbox))
+        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route("/readyz", get(ready))
+        .route("/v1/alerts", get(alerts::list_alerts))
+        .route("/v1/alerts/stream", get(stream::stream))
+        .route("/v1/alerts/{alert_id}", get(alerts::get_alert))
+        .route("/v1/alerts/{alert_id}/acknowledge", post(alerts::acknowledge))
+        .route("/v1/alerts/{alert_id}/resolve", post(alerts::resolve))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(middleware::from_fn(track))
+        .with_state(state)
+}
+
+async fn ready(State(api): State<AlertState>) -> Result<StatusCode, ApiError> {
+    sqlx::query("SELECT 1").execute(&api.pool).await?;
+    Ok(StatusCode::OK)
+}
+
+/// The inbox page. It carries no data: it asks the API with the token the researcher gives it.
+async fn inbox() -> Response {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // Only its own inline script and style, only this origin to talk to. The token may be in the
+    // page's URL, so no referrer leaves the page.
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        ),
+    );
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(HeaderName::from_static("x-content-type-options"), HeaderValue::from_static("nosniff"));
+    (headers, INBOX_HTML).into_response()
+}
+
+/// Request metrics and the request span.
+async fn track(request: Request, next: Next) -> Response {
+    // The route template, not the path: bounded label values, never an alert id. The query
+    // (which may carry a stream's token) is never logged.
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
+    let span = tracing::info_span!("alert_api_request", method = %request.method(), route);
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status().as_u16();
+    metrics::counter!(REQUESTS_TOTAL, "route" => route, "status" => status.to_string()).increment(1);
+    span.in_scope(|| tracing::debug!(status, "Answered request."));
+    response
+}

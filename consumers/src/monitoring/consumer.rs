@@ -1,0 +1,446 @@
+//! The monitoring consumer: inputs → rules → episodes; and the escalation timer beside it.
+//!
+//! Inputs are judged by their **effective** time (when the reading was taken, the AE began, the
+//! questionnaire was authored), not by arrival: readings are kept (`observation`) so that a late
+//! one joins the right visit mean or persistence run, and a late input whose time falls inside a
+//! resolved episode adds evidence to that episode instead of opening a new one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Row, Transaction};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use trialflow_outbox::{Outbox, SchemaName};
+use trialflow_schemas::topics::{self, TopicNames};
+use trialflow_schemas::{
+    AdverseEventReported, AnyEvent, EnrollmentOnHold, Envelope, Evidence, QuestionnaireResponseAccepted,
+    SiteStockLow, Timestamp, VitalSignRecorded,
+};
+
+use super::NAME;
+use super::episodes::{self, Outcome, Signal};
+use super::rules::{Reading, Rule, RuleBook, RuleInput, judge};
+use crate::config::{ConsumerConfig, ConsumerSpec};
+use crate::error::{ConsumerError, HandlerError};
+use crate::events::{decode, site_of, subject_of};
+use crate::handler::{Context, Handler, Message};
+
+const SIGNALS_TOTAL: &str = "trialflow_monitoring_signals_total";
+
+/// What it consumes.
+pub fn spec(schema: SchemaName, topics: &TopicNames) -> ConsumerSpec {
+    ConsumerSpec {
+        name: NAME.to_string(),
+        schema,
+        topics: [
+            topics::CLINICAL_OBSERVATIONS,
+            topics::ADVERSE_EVENTS,
+            topics::EPRO_RESPONSES,
+            topics::SUBJECT_LIFECYCLE,
+            topics::KIT_INVENTORY,
+        ]
+        .iter()
+        .map(|t| topics.name(t))
+        .collect(),
+    }
+}
+
+/// The handler.
+#[derive(Debug, Clone)]
+pub struct Monitoring {
+    schema: SchemaName,
+    topics: TopicNames,
+    rules: Arc<RuleBook>,
+}
+
+/// Runs the consumer and the escalation timer until `shutdown`.
+pub async fn run(
+    spec: ConsumerSpec,
+    config: ConsumerConfig,
+    rules: RuleBook,
+    topics: TopicNames,
+    shutdown: CancellationToken,
+) -> Result<(), ConsumerError> {
+    let handler = Monitoring::new(spec.schema.clone(), topics.clone(), rules);
+    let pool = PgPool::connect(&config.database.database_url).await?;
+    let outbox = Outbox::open(&pool, spec.schema.clone()).await?;
+    let timer = tokio::spawn(escalation_timer(pool, spec.schema.clone(), outbox, topics, shutdown.clone()));
+    let result = crate::runtime::run(spec, config, handler, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = timer.await;
+    result
+}
+
+/// Checks for due escalations every 500 ms (at most that late; the due time is in the database).
+async fn escalation_timer(
+    pool: PgPool,
+    schema: SchemaName,
+    outbox: Outbox,
+    topics: TopicNames,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match episodes::escalate_due(&pool, &schema, &outbox, &topics).await {
+            Ok(0) => {}
+            Ok(n) => info!(escalated = n, "Alerts escalated."),
+            Err(error) => warn!(%error, "Escalation check failed; retrying."),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+fn effective(envelope: &Envelope, partial: Option<Timestamp>) -> Result<DateTime<Utc>, HandlerError> {
+    partial.or(Some(envelope.occurred_at)).and_then(Timestamp::to_datetime).ok_or_else(|| {
+        HandlerError::permanent(format!("{}: effective time out of range", envelope.event_type))
+    })
+}
+
+impl Monitoring {
+    pub fn new(schema: SchemaName, topics: TopicNames, rules: RuleBook) -> Self {
+        metrics::describe_counter!(SIGNALS_TOTAL, metrics::Unit::Count, "Rule matches, by outcome.");
+        Self { schema, topics, rules: Arc::new(rules) }
+    }
+
+    async fn signal(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        ctx: &Context,
+        signal: Signal<'_>,
+    ) -> Result<(), HandlerError> {
+        let outcome = episodes::apply(tx, &self.schema, &ctx.outbox, &self.topics, &signal).await?;
+        let label = match outcome {
+            Outcome::Raised => "raised",
+            Outcome::Updated => "updated",
+            Outcome::Unchanged => "unchanged",
+        };
+        metrics::counter!(SIGNALS_TOTAL, "outcome" => label).increment(1);
+        Ok(())
+    }
+
+    async fn vital(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        ctx: &Context,
+        e: &VitalSignRecorded,
+    ) -> Result<(), HandlerError> {
+        let subject_id = subject_of(&e.envelope)?.to_string();
+        let study_id = &e.envelope.study_id;
+        let current = Reading {
+            event_id: e.envelope.event_id,
+            code: e.loinc_code.clone(),
+            value: e.value,
+            unit: e.unit.clone(),
+            effective_at: effective(&e.envelope, e.effective.earliest)?,
+            visit: e.visit.clone(),
+        };
+        let store = format!(
+            "INSERT INTO {}.observation (event_id, study_id, subject_id, code, value, unit, effective_at, visit)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+            self.schema
+        );
+        sqlx::query(AssertSqlSafe(store))
+            .bind(current.event_id)
+            .bind(study_id)
+            .bind(&subject_id)
+            .bind(&current.code)
+            .bind(current.value)
+            .bind(&current.unit)
+            .bind(current.effective_at)
+            .bind(&current.visit)
+            .execute(&mut **tx)
+            .await?;
+        let mut series: Option<Vec<Reading>> = None;
+        for rule in self.rules.rules(study_id) {
+            let RuleInput::Vital { any, aggregation } = &rule.input else { continue };
+            for condition in any.iter().filter(|c| c.code == current.code) {
+                if condition.unit != current.unit {
+                    warn!(rule = %rule.rule_id, unit = %current.unit, expected = %condition.unit, "Reading in another unit; rule not applied.");
+                    continue;
+                }
+                if series.is_none() {
+                    series = Some(self.series(tx, study_id, &subject_id, &current.code).await?);
+                }
+                let Some(readings) =
+                    judge(condition, *aggregation, &current, series.as_deref().unwrap_or_default())
+                else {
+                    continue;
+                };
+                let evidence: Vec<Evidence> =
+                    readings.iter().map(|r| reading_evidence(r, &condition.name)).collect();
+                let summary = vital_summary(rule, &condition.name, &readings, *aggregation);
+                let signal = Signal {
+                    rule,
+                    cause: &e.envelope,
+                    subject_id: Some(subject_id.clone()),
+                    site_id: e.envelope.site_id.clone(),
+                    effective_at: readings
+                        .iter()
+                        .map(|r| r.effective_at)
+                        .min()
+                        .unwrap_or(current.effective_at),
+                    summary,
+                    evidence,
+                };
+                self.signal(tx, ctx, signal).await?;
+                break; // one signal per rule and reading
+            }
+        }
+        Ok(())
+    }
+
+    async fn series(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        study_id: &str,
+        subject_id: &str,
+        code: &str,
+    ) -> Result<Vec<Reading>, HandlerError> {
+        let sql = format!(
+            "SELECT event_id, value, unit, effective_at, visit FROM {}.observation
+             WHERE study_id = $1 AND subject_id = $2 AND code = $3 ORDER BY effective_at",
+            self.schema
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(study_id)
+            .bind(subject_id)
+            .bind(code)
+            .fetch_all(&mut **tx)
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(Reading {
+                    event_id: r.try_get(0)?,
+                    code: code.to_string(),
+                    value: r.try_get(1)?,
+                    unit: r.try_get(2)?,
+                    effective_at: r.try_get(3)?,
+                    visit: r.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn adverse_event(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        ctx: &Context,
+        e: &AdverseEventReported,
+    ) -> Result<(), HandlerError> {
+        let subject_id = subject_of(&e.envelope)?.to_string();
+        let at = effective(&e.envelope, e.onset.earliest)?;
+        for rule in self.rules.rules(&e.envelope.study_id) {
+            let RuleInput::AdverseEvent { serious, min_grade } = &rule.input else { continue };
+            let fires = serious.is_some_and(|s| s && e.serious)
+                || min_grade.is_some_and(|g| e.ctcae_grade.is_some_and(|grade| grade >= g));
+            if !fires {
+                continue;
+            }
+            let grade = e.ctcae_grade.map_or(String::new(), |g| format!(", grade {g}"));
+            let serious = if e.serious {
+                format!(", serious ({})", e.seriousness_criteria.join(", "))
+            } else {
+                String::new()
+            };
+            let description = format!("AE {} {}{grade}{serious}, onset {}", e.ae_id, e.term, e.onset.raw);
+            let evidence = vec![Evidence {
+                event_id: e.envelope.event_id,
+                observed_at: Timestamp::from(at),
+                description: description.clone(),
+                value: e.ctcae_grade.map(f64::from),
+                unit: None,
+            }];
+            let signal = Signal {
+                rule,
+                cause: &e.envelope,
+                subject_id: Some(subject_id.clone()),
+                site_id: e.envelope.site_id.clone(),
+                effective_at: at,
+                summary: format!("{}: {description}", rule.title),
+                evidence,
+            };
+            self.signal(tx, ctx, signal).await?;
+        }
+        Ok(())
+    }
+
+    async fn epro(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        ctx: &Context,
+        e: &QuestionnaireResponseAccepted,
+    ) -> Result<(), HandlerError> {
+        let subject_id = subject_of(&e.envelope)?.to_string();
+        let at = effective(&e.envelope, Some(e.authored_at))?;
+        for rule in self.rules.rules(&e.envelope.study_id) {
+            let RuleInput::Epro { questionnaire, flag, min_total } = &rule.input else { continue };
+            if *questionnaire != e.questionnaire {
+                continue;
+            }
+            let flagged = flag.as_ref().is_some_and(|f| e.flagged_items.contains(f));
+            let high = min_total.is_some_and(|m| e.total_score.is_some_and(|t| t >= m));
+            if !flagged && !high {
+                continue;
+            }
+            let description = format!(
+                "{} submission {} total {} ({}){}",
+                e.questionnaire,
+                e.submission_id,
+                e.total_score.map_or("-".to_string(), |t| t.to_string()),
+                e.severity_band.as_deref().unwrap_or("-"),
+                if flagged {
+                    format!(", item {} above 0", flag.as_deref().unwrap_or_default())
+                } else {
+                    String::new()
+                }
+            );
+            let evidence = vec![Evidence {
+                event_id: e.envelope.event_id,
+                observed_at: e.authored_at,
+                description: description.clone(),
+                value: e.total_score.map(f64::from),
+                unit: None,
+            }];
+            let signal = Signal {
+                rule,
+                cause: &e.envelope,
+                subject_id: Some(subject_id.clone()),
+                site_id: e.envelope.site_id.clone(),
+                effective_at: at,
+                summary: format!("{}: {description}", rule.title),
+                evidence,
+            };
+            self.signal(tx, ctx, signal).await?;
+        }
+        Ok(())
+    }
+
+    async fn hold(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        ctx: &Context,
+        e: &EnrollmentOnHold,
+    ) -> Result<(), HandlerError> {
+        let subject_id = subject_of(&e.envelope)?.to_string();
+        let at = effective(&e.envelope, None)?;
+        for rule in self.rules.rules(&e.envelope.study_id) {
+            let RuleInput::EnrollmentHold { reason_code } = &rule.input else { continue };
+            if !e.reason_code.split(',').any(|c| c == reason_code) {
+                continue;
+            }
+            let description = format!("on hold ({}): {}", e.reason_code, e.reason);
+            let evidence = vec![Evidence {
+                event_id: e.envelope.event_id,
+                observed_at: Timestamp::from(at),
+                description: description.clone(),
+                value: None,
+                unit: None,
+            }];
+            let signal = Signal {
+                rule,
+                cause: &e.envelope,
+                subject_id: Some(subject_id.clone()),
+                site_id: e.envelope.site_id.clone(),
+                effective_at: at,
+                summary: format!("{}: subject {subject_id} {description}", rule.title),
+                evidence,
+            };
+            self.signal(tx, ctx, signal).await?;
+        }
+        Ok(())
+    }
+
+    /// Site stock is read from the restricted inventory topic; the alert never names the arm.
+    async fn stock_low(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        ctx: &Context,
+        e: &SiteStockLow,
+    ) -> Result<(), HandlerError> {
+        let site_id = site_of(&e.envelope)?.to_string();
+        let at = effective(&e.envelope, None)?;
+        for rule in self.rules.rules(&e.envelope.study_id) {
+            let RuleInput::SiteStockLow = &rule.input else { continue };
+            let description =
+                format!("site {site_id}: {} kits of one treatment below the resupply threshold", e.kit_type);
+            let evidence = vec![Evidence {
+                event_id: e.envelope.event_id,
+                observed_at: Timestamp::from(at),
+                description: description.clone(),
+                value: None,
+                unit: None,
+            }];
+            let signal = Signal {
+                rule,
+                cause: &e.envelope,
+                subject_id: None,
+                site_id: Some(site_id.clone()),
+                effective_at: at,
+                summary: format!("{}: {description}", rule.title),
+                evidence,
+            };
+            self.signal(tx, ctx, signal).await?;
+        }
+        Ok(())
+    }
+}
+
+fn reading_evidence(r: &Reading, name: &str) -> Evidence {
+    let visit = r.visit.as_deref().map_or(String::new(), |v| format!(" at {v}"));
+    Evidence {
+        event_id: r.event_id,
+        observed_at: Timestamp::from(r.effective_at),
+        description: format!("{name} {} {}{visit}", r.value, r.unit),
+        value: Some(r.value),
+        unit: Some(r.unit.clone()),
+    }
+}
+
+fn vital_summary(
+    rule: &Rule,
+    name: &str,
+    readings: &[Reading],
+    aggregation: super::rules::Aggregation,
+) -> String {
+    use super::rules::Aggregation;
+    let unit = readings.first().map_or("", |r| r.unit.as_str());
+    match aggregation {
+        Aggregation::VisitMean { .. } => {
+            let mean = readings.iter().map(|r| r.value).sum::<f64>() / readings.len().max(1) as f64;
+            let visit = readings.first().and_then(|r| r.visit.as_deref()).unwrap_or("-");
+            format!(
+                "{}: {name} mean {mean:.1} {unit} over {} readings at {visit}",
+                rule.title,
+                readings.len()
+            )
+        }
+        Aggregation::Persistence { minutes, .. } => {
+            format!("{}: {name} for more than {} h ({} readings)", rule.title, minutes / 60, readings.len())
+        }
+        Aggregation::Single => {
+            format!("{}: {name} {} {unit}", rule.title, readings.first().map_or(0.0, |r| r.value))
+        }
+    }
+}
+
+impl Handler for Monitoring {
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        message: &Message,
+        ctx: &mut Context,
+    ) -> Result<(), HandlerError> {
+        match decode(message)? {
+            AnyEvent::VitalSignRecorded(e) => self.vital(tx, ctx, &e).await,
+            AnyEvent::AdverseEventReported(e) => self.adverse_event(tx, ctx, &e).await,
+            AnyEvent::QuestionnaireResponseAccepted(e) => self.epro(tx, ctx, &e).await,
+            AnyEvent::EnrollmentOnHold(e) => self.hold(tx, ctx, &e).await,
+            AnyEvent::SiteStockLow(e) => self.stock_low(tx, ctx, &e).await,
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! Monitoring rules as per-study configuration (JSON, versioned), and how a rule judges its input
+//! (pure, no IO). Sources: `shared/brief/domain-rules.md` (CTCAE v5.0 where it gives numbers,
+//! "protocol" where the limit is a protocol choice).
+//!
+//! A vital-sign rule has conditions on LOINC codes (any may match: systolic ≥ 160 **or** diastolic
+//! ≥ 100), each with a comparator, a threshold in a UCUM unit (and an optional inclusive upper
+//! bound for ranges such as fever grade 1, 38.0–39.0 °C), and an aggregation:
+//! * `single` — each reading on its own;
+//! * `visit_mean` — the mean of the readings of one visit (three positions of one blood pressure
+//!   measurement), so one visit is one judgement;
+//! * `persistence` — matching readings that follow each other (by effective time, no
+//!   non-matching reading between them) for longer than the given duration.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use trialflow_schemas::AlertSeverity;
+use uuid::Uuid;
+
+const BUILTIN: &str = include_str!("../../rules/default.json");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSet {
+    /// `*`: the default for studies without their own.
+    pub study_id: String,
+    pub version: i32,
+    #[serde(default)]
+    pub doc: Option<String>,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub rule_id: String,
+    pub version: i32,
+    pub title: String,
+    pub severity: AlertSeverity,
+    /// Where the limit comes from: "CTCAE v5.0 grade 3", or "protocol".
+    pub source_label: String,
+    /// Unacknowledged this long after raising (and after each escalation), an alert escalates.
+    pub escalation_seconds: u32,
+    pub input: RuleInput,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RuleInput {
+    Vital {
+        any: Vec<VitalCondition>,
+        aggregation: Aggregation,
+    },
+    AdverseEvent {
+        #[serde(default)]
+        serious: Option<bool>,
+        #[serde(default)]
+        min_grade: Option<i32>,
+    },
+    Epro {
+        questionnaire: String,
+        #[serde(default)]
+        flag: Option<String>,
+        #[serde(default)]
+        min_total: Option<i32>,
+    },
+    EnrollmentHold {
+        reason_code: String,
+    },
+    SiteStockLow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Aggregation {
+    Single,
+    /// Judged once the visit has `min_readings` readings, and again with each further one.
+    VisitMean {
+        #[serde(default = "one")]
+        min_readings: u32,
+    },
+    /// Matching readings no more than `max_gap_minutes` apart, spanning more than `minutes`.
+    Persistence {
+        minutes: u32,
+        max_gap_minutes: u32,
+    },
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Gt,
+    Ge,
+    Lt,
+    Le,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VitalCondition {
+    /// LOINC code of the reading.
+    pub code: String,
+    pub name: String,
+    pub op: Op,
+    pub value: f64,
+    /// Inclusive upper bound, for ranges.
+    #[serde(default)]
+    pub max: Option<f64>,
+    /// UCUM unit the threshold is in; readings in another unit do not match (and are logged).
+    pub unit: String,
+}
+
+impl VitalCondition {
+    pub fn matches_value(&self, value: f64) -> bool {
+        let above = match self.op {
+            Op::Gt => value > self.value,
+            Op::Ge => value >= self.value,
+            Op::Lt => value < self.value,
+            Op::Le => value <= self.value,
+        };
+        above && self.max.is_none_or(|max| value <= max)
+    }
+
+    pub fn matches(&self, r: &Reading) -> bool {
+        r.code == self.code && r.unit == self.unit && self.matches_value(r.value)
+    }
+}
+
+/// One vital-sign reading, as the rules see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    pub event_id: Uuid,
+    pub code: String,
+    pub value: f64,
+    pub unit: String,
+    pub effective_at: DateTime<Utc>,
+    pub visit: Option<String>,
+}
+
+/// The readings that make `current` trigger the condition under `aggregation`, or `None`.
+/// `series` holds the subject's readings of the condition's code (with `current`), any order.
+pub fn judge(
+    condition: &VitalCondition,
+    aggregation: Aggregation,
+    current: &Reading,
+    series: &[Reading],
+) -> Option<Vec<Reading>> {
+    if current.code != condition.code || current.unit != condition.unit {
+        return None;
+    }
+    match aggregation {
+        Aggregation::Single => condition.matches(current).then(|| vec![current.clone()]),
+        Aggregation::VisitMean { min_readings } => {
+            let Some(visit) = &current.visit else {
+                return condition.matches(current).then(|| vec![current.clone()]);
+            };
+            let readings: Vec<Reading> = series
+                .iter()
+                .filter(|r| {
+                    r.visit.as_ref() == Some(visit) && r.code == condition.code && r.unit == condition.unit
+                })
+                .cloned()
+                .collect();
+            if readings.len() < min_readings.max(1) as usize {
+                return None;
+            }
+            let mean = readings.iter().map(|r| r.value).sum::<f64>() / readings.len() as f64;
+            condition.matches_value(mean).then_some(readings)
+        }
+        Aggregation::Persistence { minutes, max_gap_minutes } => {
+            if !condition.matches(current) {
+                return None;
+            }
+            let mut sorted: Vec<&Reading> = series.iter().filter(|r| r.code == condition.code).collect();
+            sorted.sort_by_key(|r| (r.effective_at, r.event_id));
+            let at = sorted.iter().position(|r| r.event_id == current.event_id)?;
+            let gap = chrono::Duration::minutes(i64::from(max_gap_minutes));
+            let joined =
+                |a: &Reading, b: &Reading| condition.matches(a) && b.effective_at - a.effective_at <= gap;
+            let mut first = at;
+            while first > 0 && joined(sorted[first - 1], sorted[first]) {
+                first -= 1;
+            }
+            let mut last = at;
+            while last + 1 < sorted.len()
+                && joined(sorted[last], sorted[last + 1])
+                && condition.matches(sorted[last + 1])
+            {
+                last += 1;
+            }
+            let span = sorted[last].effective_at - sorted[first].effective_at;
+            (span > chrono::Duration::minutes(i64::from(minutes)))
+                .then(|| sorted[first..=last].iter().map(|r| (*r).clone()).collect())
+        }
+    }
+}
+
+/// The rule sets the monitoring consumer applies: built-in defaults plus per-study sets from a
+/// folder (`MONITORING_RULES_DIR`).
+#[derive(Debug, Clone, Default)]
+pub struct RuleBook {
+    sets: BTreeMap<String, RuleSet>,
+}
+
+impl RuleBook {
+    pub fn load(dir: Option<&Path>) -> Result<Self, String> {
+        let mut book = Self::default();
+        book.add("rules/default.json", BUILTIN)?;
+        if let Some(dir) = dir {
+            let mut files: Vec<_> = std::fs::read_dir(dir)
+                .map_err(|e| format!("reading {}: {e}", dir.display()))?
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "json"))
+                .collect();
+            files.sort();
+            for path in files {
+                let text =
+                    std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+                book.add(&path.display().to_string(), &text)?;
+            }
+        }
+        Ok(book)
+    }
+
+    fn add(&mut self, file: &str, text: &str) -> Result<(), String> {
+        let set: RuleSet = serde_json::from_str(text).map_err(|e| format!("{file}: {e}"))?;
+        let mut ids = std::collections::BTreeSet::new();
+        for rule in &set.rules {
+            if !ids.insert(rule.rule_id.as_str()) {
+                return Err(format!("{file}: rule {} appears twice", rule.rule_id));
+            }
+            if let RuleInput::Vital { any, .. } = &rule.input
+                && any.is_empty()
+            {
+                return Err(format!("{file}: rule {} has no condition", rule.rule_id));
+            }
+        }
+        self.sets.insert(set.study_id.clone(), set);
+        Ok(())
+    }
+
+    /// The study's rules (its own set, or the default one).
+    pub fn rules(&self, study_id: &str) -> &[Rule] {
+        self.sets.get(study_id).or_else(|| self.sets.get("*")).map_or(&[], |s| s.rules.as_slice())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(minutes: i64) -> DateTime<Utc> {
+        DateTime::<Utc>::from_timestamp(1_780_000_000, 0).unwrap_or_default()
+            + chrono::Duration::minutes(minutes)
+    }
+
+    fn reading(code: &str, value: f64, unit: &str, minutes: i64, visit: Option<&str>) -> Reading {
+        Reading {
+            event_id: Uuid::new_v4(),
+            code: code.into(),
+            value,
+            unit: unit.into(),
+            effective_at: at(minutes),
+            visit: visit.map(str::to_string),
+        }
+    }
+
+    fn rule(id: &str) -> Rule {
+        let book = RuleBook::load(None).unwrap_or_default();
+        book.rules("ANY").iter().find(|r| r.rule_id == id).cloned().unwrap_or_else(|| panic!("no rule {id}"))
+    }
+
+    fn vital(id: &str) -> (Vec<VitalCondition>, Aggregation) {
+        match rule(id).input {
+            RuleInput::Vital { any, aggregation } => (any, aggregation),
+            _ => panic!("{id} is not a vital rule"),
+        }
+    }
+
+    #[test]
+    fn the_default_rule_set_loads_with_every_required_rule() {
+        let book = RuleBook::load(None).unwrap_or_default();
+        let ids: Vec<&str> = book.rules("S").iter().map(|r| r.rule_id.as_str()).collect();
+        for id in [
+            "CTCAE-HTN-G3",
+            "PROTOCOL-HTN-SEVERE",
+            "CTCAE-FEVER-G1",
+            "CTCAE-FEVER-G4",
+            "CTCAE-HYPOXIA-G3",
+            "PROTOCOL-HR-HIGH",
+            "SAE",
+            "AE-GRADE-3",
+            "PHQ9-ITEM9",
+            "PHQ9-SEVERE",
+            "HOLD-NO-KIT",
+            "SITE-LOW-STOCK",
+        ] {
+            assert!(ids.contains(&id), "{id}");
+        }
+        assert_eq!(rule("PROTOCOL-HTN-SEVERE").source_label, "protocol", "not labelled as CTCAE");
+    }
+
+    #[test]
+    fn hypertension_grade_3_at_its_boundaries() {
+        let (any, agg) = vital("CTCAE-HTN-G3");
+        let fires = |code: &str, v: f64| {
+            let r = reading(code, v, "mm[Hg]", 0, None);
+            any.iter().any(|c| judge(c, agg, &r, std::slice::from_ref(&r)).is_some())
+        };
+        assert!(fires("8480-6", 160.0) && !fires("8480-6", 159.0));
+        assert!(fires("8462-4", 100.0) && !fires("8462-4", 99.0));
+        let kpa = reading("8480-6", 200.0, "kPa", 0, None);
+        assert!(judge(&any[0], agg, &kpa, std::slice::from_ref(&kpa)).is_none(), "other unit: no match");
+    }
+
+    #[test]
+    fn fever_grades_are_ranges_that_do_not_overlap() {
+        let grade = |v: f64| -> Vec<String> {
+            ["CTCAE-FEVER-G1", "CTCAE-FEVER-G2", "CTCAE-FEVER-G3"]
+                .iter()
+                .filter(|id| {
+                    let (any, agg) = vital(id);
+                    let r = reading("8310-5", v, "Cel", 0, None);
+                    judge(&any[0], agg, &r, std::slice::from_ref(&r)).is_some()
+                })
+                .map(|id| id.to_string())
+                .collect()
+        };
+        assert!(grade(37.9).is_empty());
+        assert_eq!(grade(38.0), vec!["CTCAE-FEVER-G1"]);
+        assert_eq!(grade(39.0), vec!["CTCAE-FEVER-G1"]);
+        assert_eq!(grade(39.1), vec!["CTCAE-FEVER-G2"]);
+        assert_eq!(grade(40.0), vec!["CTCAE-FEVER-G2"]);
+        assert_eq!(grade(40.1), vec!["CTCAE-FEVER-G3"]);
+    }
+
+    #[test]
+    fn the_mean_of_a_visit_decides_not_each_position() {
+        let (any, agg) = vital("PROTOCOL-HTN-SEVERE");
+        let series = [
+            reading("8480-6", 185.0, "mm[Hg]", 0, Some("WEEK 2")),
+            reading("8480-6", 170.0, "mm[Hg]", 2, Some("WEEK 2")),
+            reading("8480-6", 179.0, "mm[Hg]", 4, Some("WEEK 2")),
+            reading("8480-6", 200.0, "mm[Hg]", 10_000, Some("WEEK 4")),
+        ];
+        // 185 alone is above 180 but one reading is not a visit; the visit's mean (178) is not.
+        assert!(judge(&any[0], agg, &series[0], &series[..1]).is_none(), "waits for the visit's 3 readings");
+        assert!(judge(&any[0], agg, &series[2], &series).is_none());
+        assert!(
+            judge(&any[0], agg, &series[3], &series).is_none(),
+            "a single reading at week 4 is not judged"
+        );
+        let high = [
+            reading("8480-6", 181.0, "mm[Hg]", 0, Some("V1")),
+            reading("8480-6", 180.0, "mm[Hg]", 2, Some("V1")),
+            reading("8480-6", 179.0, "mm[Hg]", 4, Some("V1")),
+        ];
+        assert_eq!(judge(&any[0], agg, &high[2], &high).map(|e| e.len()), Some(3), "mean exactly 180");
+    }
+
+    #[test]
+    fn persistence_needs_an_unbroken_run_longer_than_the_duration() {
+        let (any, agg) = vital("CTCAE-FEVER-G4");
+        let day = 24 * 60;
+        let run = [
+            reading("8310-5", 40.5, "Cel", 0, None),
+            reading("8310-5", 40.2, "Cel", day / 3, None),
+            reading("8310-5", 40.6, "Cel", 2 * day / 3, None),
+            reading("8310-5", 40.3, "Cel", day, None),
+            reading("8310-5", 40.4, "Cel", day + 1, None),
+        ];
+        assert!(judge(&any[0], agg, &run[3], &run[..4]).is_none(), "exactly 24 h is not more than 24 h");
+        assert_eq!(judge(&any[0], agg, &run[4], &run).map(|e| e.len()), Some(5));
+        // Two high readings days apart are not a persistent fever: the gap breaks the run.
+        let apart = [reading("8310-5", 40.5, "Cel", 0, None), reading("8310-5", 40.5, "Cel", 3 * day, None)];
+        assert!(judge(&any[0], agg, &apart[1], &apart).is_none());
+        // A normal reading in between breaks the run; a late reading fills in by effective time.
+        let mut broken = run.to_vec();
+        broken.push(reading("8310-5", 37.0, "Cel", day / 4, None));
+        assert!(judge(&any[0], agg, &run[4], &broken).is_none());
+        let late = reading("8310-5", 37.0, "Cel", day + 60, None);
+        let mut with_late = run.to_vec();
+        with_late.push(late);
+        assert!(
+            judge(&any[0], agg, &run[4], &with_late).is_some(),
+            "a reading after the run does not break it"
+        );
+    }
+
+    #[test]
+    fn a_study_set_replaces_the_default_for_that_study() -> Result<(), String> {
+        let dir = std::env::temp_dir().join(format!("trialflow-rules-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let set = r#"{"study_id": "S1", "version": 2, "rules": [{"rule_id": "HR", "version": 2, "title": "t",
+            "severity": "HIGH", "source_label": "protocol", "escalation_seconds": 60,
+            "input": {"kind": "vital", "aggregation": {"kind": "single"},
+                      "any": [{"code": "8867-4", "name": "Heart rate", "op": "gt", "value": 100, "unit": "/min"}]}}]}"#;
+        std::fs::write(dir.join("s1.json"), set).map_err(|e| e.to_string())?;
+        let book = RuleBook::load(Some(&dir))?;
+        assert_eq!(book.rules("S1").len(), 1);
+        assert!(book.rules("S2").len() > 1);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+}

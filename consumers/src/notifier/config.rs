@@ -1,0 +1,345 @@
+//! Who is notified of what, and how hard the worker tries.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use thiserror::Error;
+use trialflow_schemas::{AlertSeverity, NotificationChannel};
+
+/// Subscription wildcard: every study.
+pub const ALL_STUDIES: &str = "*";
+
+/// A configuration the notifier cannot start with.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read NOTIFIER_SUBSCRIPTIONS_FILE `{}`: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{origin} is not a JSON array of subscriptions: {source}")]
+    Json { origin: String, source: serde_json::Error },
+    #[error("subscription #{index} (recipient `{recipient_id}`): {reason}")]
+    Invalid { index: usize, recipient_id: String, reason: String },
+    #[error("{var}=`{value}`: {reason}")]
+    Env { var: &'static str, value: String, reason: String },
+}
+
+/// How a recipient is reached. Only webhooks for now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    Webhook,
+}
+
+impl Channel {
+    /// As stored and in the idempotency key.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Webhook => "webhook",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "webhook" => Some(Self::Webhook),
+            _ => None,
+        }
+    }
+
+    /// As named in the notification events.
+    pub fn event_channel(self) -> NotificationChannel {
+        match self {
+            Self::Webhook => NotificationChannel::Webhook,
+        }
+    }
+}
+
+/// A shared secret. Never printed: `Debug` shows `Secret(***)`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// One recipient's wish to hear about alerts of a study (or all) from a severity up.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscription {
+    /// Who: a stable id of the person or team (part of the idempotency key).
+    pub recipient_id: String,
+    /// Which study's alerts; `*` for every study.
+    #[serde(default = "all_studies")]
+    pub study_id: String,
+    /// The lowest severity notified (`INFO`, `WARNING`, `HIGH`, `CRITICAL`; any case).
+    #[serde(deserialize_with = "severity")]
+    pub min_severity: AlertSeverity,
+    /// How: `webhook`.
+    pub channel: Channel,
+    /// Where the webhook is POSTed (http or https).
+    pub url: String,
+    /// Key of the `X-Trialflow-Signature` HMAC.
+    pub secret: Secret,
+}
+
+fn all_studies() -> String {
+    ALL_STUDIES.to_string()
+}
+
+fn severity<'de, D: Deserializer<'de>>(d: D) -> Result<AlertSeverity, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_severity(&text).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "unknown severity `{text}`; expected INFO, WARNING, HIGH or CRITICAL"
+        ))
+    })
+}
+
+fn parse_severity(text: &str) -> Option<AlertSeverity> {
+    match text.to_ascii_uppercase().as_str() {
+        "INFO" => Some(AlertSeverity::Info),
+        "WARNING" => Some(AlertSeverity::Warning),
+        "HIGH" => Some(AlertSeverity::High),
+        "CRITICAL" => Some(AlertSeverity::Critical),
+        _ => None,
+    }
+}
+
+impl Subscription {
+    /// Whether an alert of `study_id` at `severity` is for this subscription.
+    pub fn matches(&self, study_id: &str, severity: AlertSeverity) -> bool {
+        (self.study_id == ALL_STUDIES || self.study_id == study_id) && severity >= self.min_severity
+    }
+}
+
+/// The subscriptions an alert goes to: one per (recipient, channel) — the first matching one in
+/// configuration order — since a recipient gets an alert level once per channel however many of
+/// their subscriptions match.
+pub fn recipients<'a>(
+    subscriptions: &'a [Subscription],
+    study_id: &str,
+    severity: AlertSeverity,
+) -> Vec<&'a Subscription> {
+    let mut picked: Vec<&Subscription> = Vec::new();
+    for s in subscriptions.iter().filter(|s| s.matches(study_id, severity)) {
+        if !picked.iter().any(|p| p.recipient_id == s.recipient_id && p.channel == s.channel) {
+            picked.push(s);
+        }
+    }
+    picked
+}
+
+/// Parses and checks a JSON array of subscriptions; `origin` names it in errors.
+pub fn parse_subscriptions(json: &str, origin: &str) -> Result<Vec<Subscription>, ConfigError> {
+    let subscriptions: Vec<Subscription> = serde_json::from_str(json)
+        .map_err(|source| ConfigError::Json { origin: origin.to_string(), source })?;
+    check(&subscriptions)?;
+    Ok(subscriptions)
+}
+
+fn check(subscriptions: &[Subscription]) -> Result<(), ConfigError> {
+    let mut secrets: HashMap<(&str, Channel, &str), &Secret> = HashMap::new();
+    for (index, s) in subscriptions.iter().enumerate() {
+        let invalid =
+            |reason: String| ConfigError::Invalid { index, recipient_id: s.recipient_id.clone(), reason };
+        if s.recipient_id.trim().is_empty() {
+            return Err(invalid("recipient_id is empty".into()));
+        }
+        if s.study_id.trim().is_empty() {
+            return Err(invalid("study_id is empty; use `*` for every study".into()));
+        }
+        if s.secret.expose().is_empty() {
+            return Err(invalid("secret is empty; webhooks are always signed".into()));
+        }
+        match reqwest::Url::parse(&s.url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {}
+            Ok(url) => return Err(invalid(format!("url `{url}` is not an http(s) URL with a host"))),
+            Err(e) => return Err(invalid(format!("url `{}` does not parse: {e}", s.url))),
+        }
+        // The worker finds a delivery's secret by (recipient, channel, url): it must be one.
+        let earlier = secrets.entry((&s.recipient_id, s.channel, &s.url)).or_insert(&s.secret);
+        if **earlier != s.secret {
+            return Err(invalid(format!(
+                "another subscription of this recipient to `{}` has another secret",
+                s.url
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The notifier's configuration. Every field has a local default and an environment variable.
+#[derive(Debug, Clone)]
+pub struct NotifierConfig {
+    /// Who hears about what: `NOTIFIER_SUBSCRIPTIONS_FILE` (a JSON file) or `NOTIFIER_SUBSCRIPTIONS`
+    /// (the JSON inline), an array of [`Subscription`]s. Default: none (nothing is sent).
+    pub subscriptions: Vec<Subscription>,
+    /// Longest one POST may take, connection included (`NOTIFIER_ATTEMPT_TIMEOUT_MS`, 5000).
+    pub max_attempt_timeout_ms: u64,
+    /// A delivery still failing this long after it was created is given up: `NotificationFailed`
+    /// (`NOTIFIER_GIVE_UP_SECS`, 3600).
+    pub give_up_after_secs: u64,
+    /// Longest pause between attempts of one delivery; from 100 ms, doubling, with jitter
+    /// (`NOTIFIER_MAX_BACKOFF_MS`, 60000).
+    pub max_backoff_ms: u64,
+    /// How often the worker looks for due deliveries when no notification wakes it
+    /// (`NOTIFIER_POLL_INTERVAL_MS`, 1000).
+    pub poll_interval_ms: u64,
+}
+
+impl Default for NotifierConfig {
+    fn default() -> Self {
+        Self {
+            subscriptions: Vec::new(),
+            max_attempt_timeout_ms: 5_000,
+            give_up_after_secs: 3_600,
+            max_backoff_ms: 60_000,
+            poll_interval_ms: 1_000,
+        }
+    }
+}
+
+impl NotifierConfig {
+    /// The defaults overridden by the environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let mut config = Self::default();
+        if let Some(path) = std::env::var_os("NOTIFIER_SUBSCRIPTIONS_FILE").filter(|p| !p.is_empty()) {
+            let path = PathBuf::from(path);
+            let json = std::fs::read_to_string(&path)
+                .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+            config.subscriptions = parse_subscriptions(&json, &path.display().to_string())?;
+        } else if let Ok(json) = std::env::var("NOTIFIER_SUBSCRIPTIONS") {
+            config.subscriptions = parse_subscriptions(&json, "NOTIFIER_SUBSCRIPTIONS")?;
+        }
+        config.max_attempt_timeout_ms =
+            env_u64("NOTIFIER_ATTEMPT_TIMEOUT_MS", config.max_attempt_timeout_ms)?;
+        config.give_up_after_secs = env_u64("NOTIFIER_GIVE_UP_SECS", config.give_up_after_secs)?;
+        config.max_backoff_ms = env_u64("NOTIFIER_MAX_BACKOFF_MS", config.max_backoff_ms)?;
+        config.poll_interval_ms = env_u64("NOTIFIER_POLL_INTERVAL_MS", config.poll_interval_ms)?;
+        Ok(config)
+    }
+
+    pub(crate) fn attempt_timeout(&self) -> Duration {
+        Duration::from_millis(self.max_attempt_timeout_ms.max(100))
+    }
+
+    pub(crate) fn max_backoff(&self) -> Duration {
+        Duration::from_millis(self.max_backoff_ms.max(100))
+    }
+
+    pub(crate) fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms.max(10))
+    }
+
+    /// The secret of the subscription a delivery was made for, if it is still configured.
+    pub(crate) fn secret(&self, recipient_id: &str, channel: Channel, url: &str) -> Option<&Secret> {
+        self.subscriptions
+            .iter()
+            .find(|s| s.recipient_id == recipient_id && s.channel == channel && s.url == url)
+            .map(|s| &s.secret)
+    }
+}
+
+fn env_u64(var: &'static str, default: u64) -> Result<u64, ConfigError> {
+    match std::env::var(var) {
+        Err(_) => Ok(default),
+        Ok(value) => value.trim().parse().map_err(|e: std::num::ParseIntError| ConfigError::Env {
+            var,
+            value,
+            reason: format!("not a whole number: {e}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subscriptions() -> Vec<Subscription> {
+        let json = r#"[
+            {"recipient_id": "safety-desk", "study_id": "*", "min_severity": "HIGH",
+             "channel": "webhook", "url": "https://hooks.example.org/safety", "secret": "k1"},
+            {"recipient_id": "pi-001", "study_id": "CARDIO-3", "min_severity": "warning",
+             "channel": "webhook", "url": "http://127.0.0.1:9000/pi", "secret": "k2"},
+            {"recipient_id": "pi-001", "min_severity": "CRITICAL",
+             "channel": "webhook", "url": "http://127.0.0.1:9000/pi-all", "secret": "k3"}
+        ]"#;
+        match parse_subscriptions(json, "test") {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn ids(subs: &[&Subscription]) -> Vec<(String, String)> {
+        subs.iter().map(|s| (s.recipient_id.clone(), s.url.clone())).collect()
+    }
+
+    #[test]
+    fn matching_follows_study_and_minimum_severity() {
+        let subs = subscriptions();
+        let warning = recipients(&subs, "CARDIO-3", AlertSeverity::Warning);
+        assert_eq!(ids(&warning), [("pi-001".into(), "http://127.0.0.1:9000/pi".into())]);
+        let high = recipients(&subs, "CARDIO-3", AlertSeverity::High);
+        assert_eq!(high.len(), 2, "the HIGH-only desk and the study's PI");
+        assert!(recipients(&subs, "ONCO-1", AlertSeverity::Warning).is_empty());
+        assert!(recipients(&subs, "CARDIO-3", AlertSeverity::Info).is_empty());
+        let other_study = recipients(&subs, "ONCO-1", AlertSeverity::High);
+        assert_eq!(ids(&other_study), [("safety-desk".into(), "https://hooks.example.org/safety".into())]);
+    }
+
+    #[test]
+    fn a_recipient_matched_twice_on_one_channel_is_notified_once() {
+        let subs = subscriptions();
+        let critical = recipients(&subs, "CARDIO-3", AlertSeverity::Critical);
+        assert_eq!(critical.len(), 2);
+        let pi: Vec<_> = critical.iter().filter(|s| s.recipient_id == "pi-001").collect();
+        assert_eq!(pi.len(), 1);
+        assert_eq!(pi[0].url, "http://127.0.0.1:9000/pi", "first in configuration order");
+        let elsewhere = recipients(&subs, "ONCO-1", AlertSeverity::Critical);
+        assert!(elsewhere.iter().any(|s| s.url == "http://127.0.0.1:9000/pi-all"));
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let text = format!("{:?}", subscriptions());
+        assert!(!text.contains("k1") && !text.contains("k2"), "{text}");
+        assert!(text.contains("Secret(***)"));
+    }
+
+    #[test]
+    fn bad_subscriptions_are_refused_with_the_reason() {
+        let bad =
+            |json: &str| parse_subscriptions(json, "test").err().map(|e| e.to_string()).unwrap_or_default();
+        let base = |field: &str| {
+            format!(
+                r#"[{{"recipient_id": "r", "min_severity": "HIGH", "channel": "webhook",
+                   "url": "http://h/x", "secret": "s", {field}}}]"#
+            )
+        };
+        assert!(bad(&base(r#""extra": 1"#)).contains("unknown field"));
+        assert!(bad(&base(r#""study_id": """#)).contains("study_id is empty"));
+        assert!(bad(r#"[{"recipient_id": "r", "min_severity": "SEVERE", "channel": "webhook", "url": "http://h/x", "secret": "s"}]"#).contains("unknown severity"));
+        assert!(bad(r#"[{"recipient_id": "r", "min_severity": "HIGH", "channel": "sms", "url": "http://h/x", "secret": "s"}]"#).contains("unknown variant"));
+        assert!(bad(r#"[{"recipient_id": "r", "min_severity": "HIGH", "channel": "webhook", "url": "ftp://h/x", "secret": "s"}]"#).contains("not an http(s) URL"));
+        assert!(bad(r#"[{"recipient_id": "r", "min_severity": "HIGH", "channel": "webhook", "url": "http://h/x", "secret": ""}]"#).contains("secret is empty"));
+        let conflicting = r#"[
+            {"recipient_id": "r", "min_severity": "HIGH", "channel": "webhook", "url": "http://h/x", "secret": "a"},
+            {"recipient_id": "r", "study_id": "S", "min_severity": "INFO", "channel": "webhook", "url": "http://h/x", "secret": "b"}
+        ]"#;
+        assert!(bad(conflicting).contains("another secret"));
+    }
+}

@@ -1,0 +1,850 @@
+//! The researchers' alert API over HTTP against the local PostgreSQL (`make up`): each test
+//! migrates its own monitoring schema, plays the monitoring consumer by inserting alerts with SQL
+//! ([`raise`]), and checks the answers, the rows and the outbox events of the decisions, the
+//! event stream, and (in headless Chromium) the inbox page.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use fantoccini::{Client, ClientBuilder, Locator};
+use reqwest::StatusCode;
+use reqwest::header::HeaderMap;
+use serde_json::{Value, json};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{AssertSqlSafe, PgPool};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use trialflow_consumers::monitoring::{self, api::AlertApi, api::AlertApiConfig, api::AlertApiError};
+use trialflow_outbox::SchemaName;
+use trialflow_producers::site_api::{Role, TokenGrant};
+use trialflow_schemas::topics::TopicNames;
+use trialflow_schemas::{AlertAcknowledged, AlertResolved, Event};
+use trialflow_testkit::{database_url, init_logs, unique, wait_until};
+use uuid::Uuid;
+
+/// How long a change may take to reach a stream or the page.
+const LIVE: Duration = Duration::from_secs(10);
+
+/// An alert as the monitoring consumer would raise it.
+#[derive(Debug, Clone)]
+struct Alert<'a> {
+    study_id: &'a str,
+    site_id: Option<&'a str>,
+    subject_id: Option<&'a str>,
+    rule_id: &'a str,
+    severity: &'a str,
+    summary: &'a str,
+    /// Readings, as minutes before now they were observed (in insertion order).
+    evidence_minutes_ago: &'a [i64],
+}
+
+impl Default for Alert<'_> {
+    fn default() -> Self {
+        Self {
+            study_id: "CDISCPILOT01",
+            site_id: Some("701"),
+            subject_id: Some("01-701-1015"),
+            rule_id: "vs.sysbp.high",
+            severity: "HIGH",
+            summary: "Systolic blood pressure 182 mmHg",
+            evidence_minutes_ago: &[30],
+        }
+    }
+}
+
+/// Inserts an alert, its evidence and its `raised` history row in one transaction, as the
+/// monitoring consumer does; the history trigger notifies the API.
+async fn raise(pool: &PgPool, s: &SchemaName, alert: &Alert<'_>) -> anyhow::Result<Uuid> {
+    let alert_id = Uuid::now_v7();
+    let mut tx = pool.begin().await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {s}.alert (alert_id, study_id, site_id, subject_id, rule_id, rule_version, severity,
+                                source_label, summary, effective_at, escalate_at)
+         VALUES ($1, $2, $3, $4, $5, 3, $6, 'Vital signs', $7, now() - interval '1 hour',
+                 now() + interval '1 hour')"
+    )))
+    .bind(alert_id)
+    .bind(alert.study_id)
+    .bind(alert.site_id)
+    .bind(alert.subject_id)
+    .bind(alert.rule_id)
+    .bind(alert.severity)
+    .bind(alert.summary)
+    .execute(&mut *tx)
+    .await?;
+    for (i, minutes) in alert.evidence_minutes_ago.iter().enumerate() {
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {s}.alert_evidence (alert_id, event_id, observed_at, description, value, unit)
+             VALUES ($1, $2, now() - make_interval(mins => $3::int), $4, $5, 'mm[Hg]')"
+        )))
+        .bind(alert_id)
+        .bind(Uuid::new_v4())
+        .bind(*minutes as i32)
+        .bind(format!("reading {i}"))
+        .bind(180.0 + i as f64)
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {s}.alert_history (alert_id, kind, actor, detail) VALUES ($1, 'raised', 'monitoring', $2)"
+    )))
+    .bind(alert_id)
+    .bind(json!({"rule_version": 3}))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(alert_id)
+}
+
+struct TestApi {
+    base: String,
+    schema: SchemaName,
+    pool: PgPool,
+    topics: TopicNames,
+    http: reqwest::Client,
+    researcher: String,
+    admin: String,
+    site_staff: String,
+    shutdown: CancellationToken,
+    server: JoinHandle<Result<(), AlertApiError>>,
+}
+
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Value,
+    text: String,
+}
+
+impl Answer {
+    /// `(status, error code, field)`, for error answers.
+    fn error(&self) -> (StatusCode, &str, Option<&str>) {
+        let error = &self.body["error"];
+        (self.status, error["code"].as_str().unwrap_or(""), error["field"].as_str())
+    }
+}
+
+/// One outbox row, as the relay would publish it.
+#[derive(Debug)]
+struct Row {
+    topic: String,
+    key: String,
+    event_type: String,
+    payload: Vec<u8>,
+}
+
+impl TestApi {
+    async fn start() -> anyhow::Result<Self> {
+        init_logs();
+        let schema = SchemaName::new(unique("alerts"))?;
+        let url = database_url();
+        monitoring::migrate(&url, &schema)
+            .await
+            .context("migrating the test schema (is `make up` running?)")?;
+        let topics = TopicNames::new(unique("t") + ".");
+        let token = |role: Role, user: &str| TokenGrant { token: unique(user), role, user: user.to_string() };
+        let tokens =
+            vec![token(Role::Researcher, "rita"), token(Role::Admin, "ada"), token(Role::SiteStaff, "sam")];
+        let config = AlertApiConfig {
+            listen: "127.0.0.1:0".parse()?,
+            database_url: url.clone(),
+            schema: schema.clone(),
+            tokens: tokens.clone(),
+            topics: topics.clone(),
+        };
+        let api = AlertApi::bind(config).await?;
+        let base = format!("http://{}", api.local_addr());
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(api.run(shutdown.clone()));
+        let pool = PgPoolOptions::new().max_connections(2).connect(&url).await?;
+        let [researcher, admin, site_staff] = [0, 1, 2].map(|i| tokens[i].token.clone());
+        Ok(Self {
+            base,
+            schema,
+            pool,
+            topics,
+            http: reqwest::Client::new(),
+            researcher,
+            admin,
+            site_staff,
+            shutdown,
+            server,
+        })
+    }
+
+    /// Stops the API; it must stop promptly also with streams open.
+    async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.server).await.context("API did not stop")???;
+        Ok(())
+    }
+
+    async fn raise(&self, alert: &Alert<'_>) -> anyhow::Result<Uuid> {
+        raise(&self.pool, &self.schema, alert).await
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Answer> {
+        let response = request.send().await?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = response.text().await?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Ok(Answer { status, headers, body, text })
+    }
+
+    async fn get(&self, token: &str, path: &str) -> anyhow::Result<Answer> {
+        self.send(self.http.get(format!("{}{path}", self.base)).bearer_auth(token)).await
+    }
+
+    async fn post(&self, token: &str, path: &str, body: &Value) -> anyhow::Result<Answer> {
+        let request = self.http.post(format!("{}{path}", self.base)).bearer_auth(token).json(body);
+        self.send(request).await
+    }
+
+    /// The alert ids a list answers, in order.
+    async fn list(&self, query: &str) -> anyhow::Result<Vec<String>> {
+        let answer = self.get(&self.researcher, &format!("/v1/alerts{query}")).await?;
+        ensure!(
+            answer.status == StatusCode::OK,
+            "GET /v1/alerts{query} answered {}: {}",
+            answer.status,
+            answer.text
+        );
+        let alerts = answer.body["alerts"].as_array().context("no `alerts` array")?;
+        Ok(alerts.iter().map(|a| a["alert_id"].as_str().unwrap_or_default().to_string()).collect())
+    }
+
+    async fn detail(&self, id: Uuid) -> anyhow::Result<Value> {
+        let answer = self.get(&self.researcher, &format!("/v1/alerts/{id}")).await?;
+        ensure!(answer.status == StatusCode::OK, "GET alert answered {}: {}", answer.status, answer.text);
+        Ok(answer.body)
+    }
+
+    async fn outbox(&self) -> anyhow::Result<Vec<Row>> {
+        let rows: Vec<(String, String, String, Vec<u8>)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT topic, key, event_type, payload FROM {}.outbox ORDER BY tx_id, seq",
+            self.schema
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(topic, key, event_type, payload)| Row { topic, key, event_type, payload })
+            .collect())
+    }
+
+    /// The one outbox event `E` keyed `key`, decoded, after checking its topic.
+    async fn event<E: Event>(&self, key: Uuid) -> anyhow::Result<E> {
+        let rows = self.outbox().await?;
+        let matching: Vec<&Row> =
+            rows.iter().filter(|r| r.event_type == E::NAME && r.key == key.to_string()).collect();
+        let [row] = matching.as_slice() else { bail!("expected one {} for {key}, got {rows:?}", E::NAME) };
+        ensure!(row.topic == self.topics.of::<E>(), "{} went to {}", E::NAME, row.topic);
+        Ok(trialflow_schemas::decode::<E>(&row.payload)?)
+    }
+
+    async fn open_stream(&self, last_event_id: Option<&str>) -> anyhow::Result<SseReader> {
+        let mut request =
+            self.http.get(format!("{}/v1/alerts/stream", self.base)).bearer_auth(&self.researcher);
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request.send().await?;
+        ensure!(response.status() == StatusCode::OK, "stream answered {}", response.status());
+        let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok());
+        ensure!(content_type == Some("text/event-stream"), "stream content type {content_type:?}");
+        Ok(SseReader { response, buffer: String::new() })
+    }
+}
+
+// ---- list, detail ---------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_alerts_newest_first_with_filters() -> anyhow::Result<()> {
+    let api = TestApi::start().await?;
+    let first = api
+        .raise(&Alert { severity: "WARNING", evidence_minutes_ago: &[20, 10], ..Alert::default() })
+        .await?;
+    let second = api
+        .raise(&Alert {
+            site_id: Some("702"),
+            subject_id: Some("01-702-1001"),
+            severity: "CRITICAL",
+            ..Alert::default()
+        })
+        .await?;
+    let third = api.raise(&Alert { study_id: "OTHER01", severity: "INFO", ..Alert::default() }).await?;
+    let [first, second, third] = [first, second, third].map(|id| id.to_string());
+    let [first, second, third] = [first.as_str(), second.as_str(), third.as_str()];
+
+    assert_eq!(api.list("").await?, [third, second, first]);
+    assert_eq!(api.list("?study_id=CDISCPILOT01").await?, [second, first]);
+    assert_eq!(api.list("?study_id=CDISCPILOT01&site_id=701").await?, [first]);
+    assert_eq!(api.list("?severity=critical,warning").await?, [second, first]);
+    assert_eq!(api.list("?status=open&limit=1").await?, [third]);
+    assert!(api.list("?status=acknowledged,resolved").await?.is_empty());
+
+    let answer = api.get(&api.researcher, "/v1/alerts?site_id=701&study_id=CDISCPILOT01").await?;
+    let alert = &answer.body["alerts"][0];
+    assert_eq!(alert["evidence_count"], 2, "{alert}");
+    for (field, value) in [
+        ("study_id", json!("CDISCPILOT01")),
+        ("site_id", json!("701")),
+        ("subject_id", json!("01-701-1015")),
+        ("rule_id", json!("vs.sysbp.high")),
+        ("rule_version", json!(3)),
+        ("severity", json!("WARNING")),
+        ("source_label", json!("Vital signs")),
+        ("status", json!("open")),
+        ("level", json!(0)),
+        ("acknowledged_at", Value::Null),
+        ("acknowledged_by", Value::Null),
+        ("resolved_at", Value::Null),
+        ("resolved_by", Value::Null),
+    ] {
+        assert_eq!(alert[field], value, "{field} of {alert}");
+    }
+    for field in ["effective_at", "raised_at"] {
+        let text = alert[field].as_str().unwrap_or_default();
+        assert!(chrono::DateTime::parse_from_rfc3339(text).is_ok(), "{field} = {text:?}");
+    }
+
+    for (query, field) in [
+        ("severity=SEVERE", "severity"),
+        ("status=closed", "status"),
+        ("limit=0", "limit"),
+        ("limit=many", "limit"),
+        ("study_id=a%20b", "study_id"),
+        ("colour=red", "colour"),
+    ] {
+        let answer = api.get(&api.researcher, &format!("/v1/alerts?{query}")).await?;
+        assert_eq!(
+            answer.error(),
+            (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", Some(field)),
+            "{query}"
+        );
+    }
+    api.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detail_shows_evidence_in_time_order_and_the_timeline() -> anyhow::Result<()> {
+    let api = TestApi::start().await?;
+    let id = api.raise(&Alert { evidence_minutes_ago: &[10, 30, 20], ..Alert::default() }).await?;
+
+    let detail = api.detail(id).await?;
+    assert_eq!(detail["alert_id"], id.to_string());
+    assert_eq!(detail["evidence_count"], 3);
+    let evidence = detail["evidence"].as_array().context("no evidence")?;
+    let descriptions: Vec<&str> = evidence.iter().map(|e| e["description"].as_str().unwrap_or("")).collect();
+    assert_eq!(descriptions, ["reading 1", "reading 2", "reading 0"], "ordered by observed_at");
+    assert_eq!(evidence[0]["value"], 181.0);
+    assert_eq!(evidence[0]["unit"], "mm[Hg]");
+    let timeline = detail["timeline"].as_array().context("no timeline")?;
+    assert_eq!(timeline.len(), 1, "{timeline:?}");
+    assert_eq!((&timeline[0]["kind"], &timeline[0]["actor"]), (&json!("raised"), &json!("monitoring")));
+    assert_eq!(timeline[0]["detail"], json!({"rule_version": 3}));
+    assert!(timeline[0]["at"].is_string());
+
+    for path in [format!("/v1/alerts/{}", Uuid::new_v4()), "/v1/alerts/not-an-id".to_string()] {
+        let answer = api.get(&api.researcher, &path).await?;
+        assert_eq!(answer.error(), (StatusCode::NOT_FOUND, "not_found", None), "{path}");
+    }
+    api.stop().await
+}
+
+// ---- decisions ------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledging_records_the_decision_and_its_event_once() -> anyhow::Result<()> {
+    let api = TestApi::start().await?;
+    let id = api.raise(&Alert::default()).await?;
+    let path = format!("/v1/alerts/{id}/acknowledge");
+
+    for (body, expected) in [
+        (json!({}), (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", Some("reason"))),
+        (json!({"reason": "  "}), (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", Some("reason"))),
+        (json!({"reason": 7}), (StatusCode::BAD_REQUEST, "invalid_json", Some("reason"))),
+        (json!({"reason": "x", "extra": 1}), (StatusCode::BAD_REQUEST, "invalid_json", Some("extra"))),
+    ] {
+        let answer = api.post(&api.researcher, &path, &body).await?;
+        assert_eq!(answer.error(), expected, "{body}");
+    }
+    assert!(api.outbox().await?.is_empty(), "a refused decision wrote an event");
+
+    let answer =
+        api.post(&api.researcher, &path, &json!({"reason": "Called the site; repeat reading"})).await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+    assert_eq!(answer.body["status"], "acknowledged");
+    assert_eq!(answer.body["acknowledged_by"], "rita");
+    assert_eq!(answer.body["ack_reason"], "Called the site; repeat reading");
+    assert!(answer.body["acknowledged_at"].is_string());
+
+    let (status, escalate_at): (String, Option<chrono::DateTime<chrono::Utc>>) = sqlx::query_as(
+        AssertSqlSafe(format!("SELECT status, escalate_at FROM {}.alert WHERE alert_id = $1", api.schema)),
+    )
+    .bind(id)
+    .fetch_one(&api.pool)
+    .await?;
+    assert_eq!((status.as_str(), escalate_at), ("acknowledged", None), "escalation stops");
+
+    let timeline = api.detail(id).await?["timeline"].clone();
+    assert_eq!(timeline[1]["kind"], "acknowledged");
+    assert_eq!(timeline[1]["actor"], "rita");
+    assert_eq!(timeline[1]["detail"], json!({"reason": "Called the site; repeat reading"}));
+
+    let event: AlertAcknowledged = api.event(id).await?;
+    assert_eq!(event.alert_id, id);
+    assert_eq!(event.reason, "Called the site; repeat reading");
+    let envelope = &event.envelope;
+    assert_eq!(envelope.event_type, AlertAcknowledged::NAME);
+    assert_eq!(envelope.study_id, "CDISCPILOT01");
+    assert_eq!(envelope.site_id.as_deref(), Some("701"));
+    assert_eq!(envelope.subject_id.as_deref(), Some("01-701-1015"));
+    assert_eq!(envelope.actor.as_deref(), Some("rita"));
+    assert_eq!(envelope.source_system, "alert-api");
+
+    let again = api.post(&api.admin, &path, &json!({"reason": "me too"})).await?;
+    assert_eq!(again.error(), (StatusCode::CONFLICT, "already_acknowledged", None));
+    assert_eq!(api.outbox().await?.len(), 1, "a refused decision wrote an event");
+
+    let unknown = api
+        .post(&api.researcher, &format!("/v1/alerts/{}/acknowledge", Uuid::new_v4()), &json!({"reason": "x"}))
+        .await?;
+    assert_eq!(unknown.error(), (StatusCode::NOT_FOUND, "not_found", None));
+    api.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolving_works_from_open_and_acknowledged_once() -> anyhow::Result<()> {
+    let api = TestApi::start().await?;
+    let open = api.raise(&Alert::default()).await?;
+    let acknowledged = api.raise(&Alert { subject_id: Some("01-701-1028"), ..Alert::default() }).await?;
+    let answer = api
+        .post(&api.researcher, &format!("/v1/alerts/{acknowledged}/acknowledge"), &json!({"reason": "on it"}))
+        .await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+
+    for id in [open, acknowledged] {
+        let path = format!("/v1/alerts/{id}/resolve");
+        let answer = api.post(&api.admin, &path, &json!({"reason": "Repeat reading normal"})).await?;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+        assert_eq!(answer.body["status"], "resolved");
+        assert_eq!(answer.body["resolved_by"], "ada");
+        assert_eq!(answer.body["resolve_reason"], "Repeat reading normal");
+
+        let event: AlertResolved = api.event(id).await?;
+        assert_eq!((event.alert_id, event.reason.as_str()), (id, "Repeat reading normal"));
+        assert_eq!(event.envelope.actor.as_deref(), Some("ada"));
+
+        let again = api.post(&api.researcher, &path, &json!({"reason": "again"})).await?;
+        assert_eq!(again.error(), (StatusCode::CONFLICT, "already_resolved", None));
+        let ack = api
+            .post(&api.researcher, &format!("/v1/alerts/{id}/acknowledge"), &json!({"reason": "late"}))
+            .await?;
+        assert_eq!(ack.error(), (StatusCode::CONFLICT, "already_resolved", None));
+    }
+    let kinds: Vec<Value> = api.detail(acknowledged).await?["timeline"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| e["kind"].clone())
+        .collect();
+    assert_eq!(kinds, [json!("raised"), json!("acknowledged"), json!("resolved")]);
+    assert_eq!(api.outbox().await?.len(), 3);
+    assert_eq!(api.list("?status=resolved").await?.len(), 2);
+    api.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_researchers_and_admins_get_in() -> anyhow::Result<()> {
+    let api = TestApi::start().await?;
+    let id = api.raise(&Alert::default()).await?;
+
+    let anonymous = api.send(api.http.get(format!("{}/v1/alerts", api.base))).await?;
+    assert_eq!(anonymous.error(), (StatusCode::UNAUTHORIZED, "unauthenticated", None));
+    assert_eq!(anonymous.headers.get("www-authenticate").and_then(|v| v.to_str().ok()), Some("Bearer"));
+    assert_eq!(api.get("not-a-token", "/v1/alerts").await?.status, StatusCode::UNAUTHORIZED);
+    let post =
+        api.post(&api.site_staff, &format!("/v1/alerts/{id}/acknowledge"), &json!({"reason": "x"})).await?;
+    assert_eq!(post.error(), (StatusCode::FORBIDDEN, "forbidden", None));
+    assert_eq!(api.get(&api.site_staff, &format!("/v1/alerts/{id}")).await?.status, StatusCode::FORBIDDEN);
+    assert_eq!(api.get(&api.admin, "/v1/alerts").await?.status, StatusCode::OK);
+
+    // The query token is for EventSource, on the stream only.
+    let query_token = format!("{}/v1/alerts?access_token={}", api.base, api.researcher);
+    assert_eq!(api.send(api.http.get(query_token)).await?.status, StatusCode::UNAUTHORIZED);
+    let stream =
+        api.http.get(format!("{}/v1/alerts/stream?access_token={}", api.base, api.researcher)).send().await?;
+    assert_eq!(stream.status(), StatusCode::OK);
+    drop(stream);
+    let stream =
+        api.http.get(format!("{}/v1/alerts/stream?access_token={}", api.base, api.site_staff)).send().await?;
+    assert_eq!(stream.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        api.send(api.http.get(format!("{}/v1/alerts/stream", api.base))).await?.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // The page itself carries no data.
+    let page = api.send(api.http.get(format!("{}/", api.base))).await?;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.text.contains("id=\"alert-rows\""));
+    api.stop().await
+}
+
+// ---- stream ---------------------------------------------------------------------------------------
+
+/// One server-sent event.
+#[derive(Debug, Clone, PartialEq)]
+struct Sse {
+    id: Option<String>,
+    event: String,
+    data: Value,
+}
+
+/// Reads server-sent events off a response, skipping comments (keep-alives).
+struct SseReader {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl SseReader {
+    async fn next(&mut self, timeout: Duration) -> anyhow::Result<Sse> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            while let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let (mut id, mut event, mut data) = (None, "message".to_string(), String::new());
+                for line in block.lines() {
+                    let (name, value) = line.split_once(':').unwrap_or((line, ""));
+                    let value = value.strip_prefix(' ').unwrap_or(value);
+                    match name {
+                        "id" => id = Some(value.to_string()),
+                        "event" => event = value.to_string(),
+                        "data" => data.push_str(value),
+                        _ => {}
+                    }
+                }
+                if !data.is_empty() {
+                    return Ok(Sse { id, event, data: serde_json::from_str(&data)? });
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let chunk = tokio::time::timeout(left, self.response.chunk())
+                .await
+                .with_context(|| format!("no event within {timeout:?}"))??
+                .context("the stream ended")?;
+            self.buffer.push_str(std::str::from_utf8(&chunk)?);
+        }
+    }
+
+    /// The events before `ready`, and the id `ready` carries (the end of the catch-up).
+    async fn until_ready(&mut self) -> anyhow::Result<(Vec<Sse>, i64)> {
+        let mut events = Vec::new();
+        loop {
+            let event = self.next(LIVE).await?;
+            if event.event == "ready" {
+                let id = event.id.as_deref().and_then(|id| id.parse().ok()).context("`ready` has an id")?;
+                return Ok((events, id));
+            }
+            events.push(event);
+        }
+    }
+
+    /// The next event with an id above `floor`. A change committed just before the stream
+    /// started may come once more after the catch-up (at least once, never lost).
+    async fn next_after(&mut self, floor: i64) -> anyhow::Result<Sse> {
+        loop {
+            let event = self.next(LIVE).await?;
+            let id: i64 = event.id.as_deref().and_then(|id| id.parse().ok()).context("events carry ids")?;
+            if id > floor {
+                return Ok(event);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_sends_changes_live_and_resumes_after_last_event_id() -> anyhow::Result<()> {
+    let api = TestApi::start().await?;
+    let before = api.raise(&Alert::default()).await?;
+    let resolved = api.raise(&Alert { subject_id: Some("01-701-1033"), ..Alert::default() }).await?;
+    let answer =
+        api.post(&api.researcher, &format!("/v1/alerts/{resolved}/resolve"), &json!({"reason": "x"})).await?;
+    assert_eq!(answer.status, StatusCode::OK);
+
+    // A new client gets the alerts still to act on, not the history.
+    let mut stream = api.open_stream(None).await?;
+    let (snapshot, caught_up) = stream.until_ready().await?;
+    let ids: Vec<&Value> = snapshot.iter().map(|e| &e.data["alert_id"]).collect();
+    assert_eq!(ids, [&json!(before.to_string())], "{snapshot:?}");
+    assert_eq!(snapshot[0].event, "raised");
+
+    let started = Instant::now();
+    let live = api
+        .raise(&Alert { subject_id: Some("01-701-1047"), severity: "CRITICAL", ..Alert::default() })
+        .await?;
+    let raised = stream.next_after(caught_up).await?;
+    assert_eq!((raised.event.as_str(), &raised.data["alert_id"]), ("raised", &json!(live.to_string())));
+    assert_eq!(raised.data["severity"], "CRITICAL");
+    assert_eq!(raised.data["evidence_count"], 1);
+    eprintln!("raised alert reached the stream in {:?}", started.elapsed());
+
+    let answer = api
+        .post(&api.researcher, &format!("/v1/alerts/{before}/acknowledge"), &json!({"reason": "on it"}))
+        .await?;
+    assert_eq!(answer.status, StatusCode::OK);
+    let acknowledged = stream.next(LIVE).await?;
+    assert_eq!(acknowledged.event, "acknowledged");
+    assert_eq!(acknowledged.data["alert_id"], before.to_string());
+    assert_eq!(acknowledged.data["acknowledged_by"], "rita");
+    drop(stream);
+
+    // Reconnecting after the `raised` event: only what followed it, then live again.
+    let last_seen = raised.id.clone().context("events carry ids")?;
+    let mut resumed = api.open_stream(Some(&last_seen)).await?;
+    let (missed, _) = resumed.until_ready().await?;
+    assert_eq!(missed, std::slice::from_ref(&acknowledged), "only the events after Last-Event-ID");
+    let later = api.raise(&Alert { subject_id: Some("01-701-1061"), ..Alert::default() }).await?;
+    let event = resumed.next(LIVE).await?;
+    assert_eq!((event.event.as_str(), &event.data["alert_id"]), ("raised", &json!(later.to_string())));
+
+    let bad = api.http.get(format!("{}/v1/alerts/stream", api.base)).bearer_auth(&api.researcher);
+    let bad = api.send(bad.header("Last-Event-ID", "yesterday")).await?;
+    assert_eq!(bad.error(), (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", Some("Last-Event-ID")));
+    // Open streams do not keep the API from stopping.
+    api.stop().await
+}
+
+// ---- the inbox page in a browser ------------------------------------------------------------------
+
+/// An executable on PATH (or at `$var`).
+fn executable(var: &str, names: &[&str]) -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(var).map(PathBuf::from).filter(|p| p.is_file()) {
+        return Some(path);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).flat_map(|dir| names.iter().map(move |n| dir.join(n))).find(|p| p.is_file())
+}
+
+/// chromedriver on a free port, stopped when dropped.
+struct Driver {
+    url: String,
+    process: tokio::process::Child,
+}
+
+impl Driver {
+    async fn start(chromedriver: &Path) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let process = tokio::process::Command::new(chromedriver)
+            .arg(format!("--port={port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", chromedriver.display()))?;
+        let url = format!("http://127.0.0.1:{port}");
+        let status = format!("{url}/status");
+        let http = reqwest::Client::new();
+        wait_until("chromedriver is ready", Duration::from_secs(20), || async {
+            let Ok(response) = http.get(&status).send().await else { return Ok(false) };
+            Ok(response.json::<Value>().await.is_ok_and(|s| s["value"]["ready"] == true))
+        })
+        .await?;
+        Ok(Self { url, process })
+    }
+
+    async fn stop(mut self) {
+        let _ = self.process.kill().await;
+    }
+}
+
+async fn headless_chromium(driver: &Driver, chromium: &Path) -> anyhow::Result<Client> {
+    let options = json!({
+        "binary": chromium.to_string_lossy(),
+        "args": [
+            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+            "--window-size=1280,900",
+        ],
+    });
+    let mut capabilities = serde_json::Map::new();
+    capabilities.insert("browserName".into(), json!("chrome"));
+    capabilities.insert("goog:chromeOptions".into(), options);
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    let mut builder = ClientBuilder::new(connector);
+    let session = builder.capabilities(capabilities).connect(&driver.url);
+    Ok(tokio::time::timeout(Duration::from_secs(60), session).await.context("Chromium did not start")??)
+}
+
+/// The page's row of `id`.
+fn row(id: Uuid) -> String {
+    format!("tr[data-alert-id=\"{id}\"]")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_page_shows_new_alerts_live_and_acknowledges_them() -> anyhow::Result<()> {
+    let (Some(chromium), Some(chromedriver)) = (
+        executable("CHROMIUM", &["chromium", "chromium-browser"]),
+        executable("CHROMEDRIVER", &["chromedriver"]),
+    ) else {
+        bail!(
+            "the inbox's browser test needs headless Chromium and chromedriver: run scripts/chromium.sh \
+             (installs Debian's chromium and chromium-driver)"
+        );
+    };
+    let started = Instant::now();
+    let api = TestApi::start().await?;
+    let driver = Driver::start(&chromedriver).await?;
+    let browser = match headless_chromium(&driver, &chromium).await {
+        Ok(browser) => browser,
+        Err(e) => {
+            driver.stop().await;
+            return Err(e);
+        }
+    };
+    let outcome = acknowledge_in_the_browser(&api, &browser).await;
+    // Close the browser whatever happened, so no Chromium outlives the test.
+    let closed = browser.close().await;
+    driver.stop().await;
+    outcome?;
+    closed?;
+    api.stop().await?;
+    eprintln!("browser test took {:?}", started.elapsed());
+    Ok(())
+}
+
+async fn acknowledge_in_the_browser(api: &TestApi, browser: &Client) -> anyhow::Result<()> {
+    browser.goto(&format!("{}/inbox?token={}", api.base, api.researcher)).await?;
+    browser
+        .wait()
+        .at_most(LIVE)
+        .for_element(Locator::Css("#connection[data-state=\"live\"]"))
+        .await
+        .context("the page did not connect its stream")?;
+    let url = browser.current_url().await?;
+    assert!(!url.as_str().contains("token="), "the token stays out of the address bar: {url}");
+
+    // A heart rate of 140/min from the EDC, through the monitoring consumer, while the page is
+    // open: the alert it raises appears without a reload.
+    let (stop, monitor) = monitoring_consumer(api).await?;
+    let subject = "VS-0001";
+    let found = format!("SELECT alert_id FROM {}.alert WHERE subject_id = '{subject}'", api.schema);
+    // A new consumer group starts at the earliest offset: a reading produced before it joined
+    // is still judged.
+    produce_heart_rate(api, subject, 140.0).await?;
+    wait_until("the vital sign raises an alert", Duration::from_secs(60), || async {
+        Ok(sqlx::query_scalar::<_, Uuid>(AssertSqlSafe(found.as_str()))
+            .fetch_optional(&api.pool)
+            .await?
+            .is_some())
+    })
+    .await?;
+    let vital_alert: Uuid = sqlx::query_scalar(AssertSqlSafe(found.as_str())).fetch_one(&api.pool).await?;
+    let vital_row = browser
+        .wait()
+        .at_most(LIVE)
+        .for_element(Locator::Css(&row(vital_alert)))
+        .await
+        .context("the alert raised by the vital sign did not appear on the page")?;
+    assert_eq!(vital_row.find(Locator::Css(".subject")).await?.text().await?, subject);
+    assert!(vital_row.find(Locator::Css(".summary")).await?.text().await?.contains("Heart rate 140"));
+    stop.cancel();
+    monitor.await??;
+
+    // Raised only now that the page is open: it must appear without a reload.
+    let summary = "Systolic BP 182 mmHg <img src=x onerror=\"document.title='pwned'\">";
+    let id = api.raise(&Alert { summary, evidence_minutes_ago: &[15, 5], ..Alert::default() }).await?;
+    let tr = browser
+        .wait()
+        .at_most(LIVE)
+        .for_element(Locator::Css(&row(id)))
+        .await
+        .context("the new alert did not appear on the page")?;
+    assert_eq!(tr.find(Locator::Css(".summary")).await?.text().await?, summary, "shown as text");
+    assert!(tr.find(Locator::Css(".summary img")).await.is_err(), "data must not become markup");
+    assert_eq!(tr.find(Locator::Css(".status")).await?.text().await?, "open");
+    assert_eq!(tr.find(Locator::Css(".evidence-count")).await?.text().await?, "2");
+    assert_eq!(tr.find(Locator::Css(".subject")).await?.text().await?, "01-701-1015");
+    assert!(tr.find(Locator::Css(".severity")).await?.text().await?.contains("HIGH"));
+
+    let reason = "Site called, repeat measurement booked";
+    tr.find(Locator::Css("input.reason")).await?.send_keys(reason).await?;
+    tr.find(Locator::Css("button.ack")).await?.click().await?;
+
+    wait_until("the API shows the alert acknowledged", LIVE, || async {
+        Ok(api.detail(id).await?["status"] == "acknowledged")
+    })
+    .await?;
+    let detail = api.detail(id).await?;
+    assert_eq!(detail["acknowledged_by"], "rita");
+    assert_eq!(detail["ack_reason"], reason);
+    let last = detail["timeline"].as_array().and_then(|t| t.last()).cloned().unwrap_or_default();
+    assert_eq!(
+        (&last["kind"], &last["actor"], &last["detail"]["reason"]),
+        (&json!("acknowledged"), &json!("rita"), &json!(reason))
+    );
+
+    let status = format!("{} .status", row(id));
+    wait_until("the page shows the alert acknowledged", LIVE, || async {
+        Ok(browser.find(Locator::Css(&status)).await?.text().await? == "acknowledged")
+    })
+    .await?;
+    assert_ne!(browser.title().await?, "pwned");
+    Ok(())
+}
+
+/// The monitoring consumer on the test's schema and topics (default rules).
+async fn monitoring_consumer(
+    api: &TestApi,
+) -> anyhow::Result<(CancellationToken, JoinHandle<Result<(), trialflow_consumers::ConsumerError>>)> {
+    let kafka = trialflow_testkit::kafka();
+    let wanted: Vec<(String, i32)> = api.topics.all().into_iter().map(|t| (t, 1)).collect();
+    let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
+    trialflow_outbox::kafka::ensure_topics(&kafka, &refs).await?;
+    let mut config = trialflow_consumers::ConsumerConfig::local();
+    config.database.database_url = database_url();
+    config.kafka = kafka;
+    config.group_id = Some(format!("mon-{}", api.schema));
+    let rules = monitoring::rules::RuleBook::load(None).map_err(anyhow::Error::msg)?;
+    let stop = CancellationToken::new();
+    let spec = monitoring::spec(api.schema.clone(), &api.topics);
+    let handle = tokio::spawn(monitoring::run(spec, config, rules, api.topics.clone(), stop.clone()));
+    Ok((stop, handle))
+}
+
+/// A heart-rate reading as an EDC publishes it: straight to the clinical topic.
+async fn produce_heart_rate(api: &TestApi, subject: &str, value: f64) -> anyhow::Result<()> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use trialflow_schemas::{Envelope, PartialDateTime, Timestamp, VitalSignRecorded};
+    let now = chrono::Utc::now();
+    let mut envelope = Envelope::new(VitalSignRecorded::NAME, "CDISCPILOT01", "edc", Timestamp::from(now));
+    envelope.subject_id = Some(subject.into());
+    envelope.site_id = Some("701".into());
+    let event = VitalSignRecorded {
+        envelope,
+        observation_id: Uuid::new_v4().to_string(),
+        loinc_code: "8867-4".into(),
+        value,
+        unit: "/min".into(),
+        position: Some("SITTING".into()),
+        effective: PartialDateTime::parse(&now.format("%Y-%m-%dT%H:%M:%S").to_string()),
+        visit: Some("WEEK 2".into()),
+        visit_day: Some(15),
+    };
+    let payload = trialflow_schemas::encode(&event)?;
+    let id = event.envelope.event_id.to_string();
+    let producer: FutureProducer =
+        trialflow_outbox::publisher::producer_config(&trialflow_testkit::kafka(), "test-edc").create()?;
+    let topic = api.topics.of::<VitalSignRecorded>();
+    let headers = OwnedHeaders::new().insert(Header { key: "event_id", value: Some(id.as_str()) });
+    let record = FutureRecord::to(&topic).key(subject).payload(&payload).headers(headers);
+    producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
+    Ok(())
+}

@@ -1,0 +1,280 @@
+//! The monitoring consumer over the real stack: a stream of vital signs for 50 subjects (three
+//! positions per blood-pressure measurement, temperatures), some published twice, produces exactly
+//! the alert episodes the test computes on its own from the same readings; escalation fires after
+//! its time and stops once acknowledged.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sqlx::{AssertSqlSafe, PgPool};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use trialflow_consumers::monitoring::{self, rules::RuleBook};
+use trialflow_consumers::{ConsumerConfig, ConsumerError};
+use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
+use trialflow_schemas::topics::TopicNames;
+use trialflow_schemas::*;
+use trialflow_testkit::{RunningRelay, database_url, init_logs, kafka, relay_config, unique, wait_until};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(120);
+const SBP: &str = "8480-6";
+const DBP: &str = "8462-4";
+const TEMP: &str = "8310-5";
+
+struct Fixture {
+    schema: SchemaName,
+    names: TopicNames,
+    pool: PgPool,
+    outbox: Outbox,
+    relay: Option<RunningRelay>,
+    stop: CancellationToken,
+    consumer: Option<JoinHandle<Result<(), ConsumerError>>>,
+}
+
+impl Fixture {
+    async fn start(rules_dir: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        init_logs();
+        let names = TopicNames::new(format!("{}.", unique("mon").replace('_', "-")));
+        let mut wanted: Vec<(String, i32)> = names.all().into_iter().map(|t| (t, 4)).collect();
+        wanted.extend(names.all().into_iter().map(|t| (format!("{t}.dlq"), 1)));
+        let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
+        trialflow_outbox::kafka::ensure_topics(&kafka(), &refs).await?;
+        let url = database_url();
+        let (source, schema) = (SchemaName::new(unique("src"))?, SchemaName::new(unique("mon"))?);
+        trialflow_outbox::migrate(&url, &source).await?;
+        monitoring::migrate(&url, &schema).await?;
+        let pool = PgPool::connect(&url).await?;
+        let outbox = Outbox::open(&pool, source.clone()).await?;
+        let relay = RunningRelay::start(relay_config(&kafka(), vec![source, schema.clone()]));
+        let mut config = ConsumerConfig::local();
+        config.database.database_url = url;
+        config.kafka = kafka();
+        config.group_id = Some(format!("mon-{schema}"));
+        config.max_backoff_ms = 500;
+        let stop = CancellationToken::new();
+        let consumer = tokio::spawn(monitoring::run(
+            monitoring::spec(schema.clone(), &names),
+            config,
+            RuleBook::load(rules_dir).map_err(anyhow::Error::msg)?,
+            names.clone(),
+            stop.clone(),
+        ));
+        Ok(Self { schema, names, pool, outbox, relay: Some(relay), stop, consumer: Some(consumer) })
+    }
+
+    async fn send(&self, events: &[OutboxEvent]) -> anyhow::Result<()> {
+        let mut tx = self.pool.begin().await?;
+        self.outbox.enqueue_all(&mut tx, events).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn scalar(&self, sql: &str) -> anyhow::Result<i64> {
+        let sql = sql.replace("{s}", self.schema.as_str());
+        Ok(sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(&self.pool).await?)
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        if let Some(c) = self.consumer.take() {
+            c.await??;
+        }
+        if let Some(r) = self.relay.take() {
+            r.stop().await?;
+        }
+        Ok(())
+    }
+}
+
+/// One reading of the test's stream.
+#[derive(Debug, Clone)]
+struct Obs {
+    subject: String,
+    code: &'static str,
+    value: f64,
+    unit: &'static str,
+    at: DateTime<Utc>,
+    visit: String,
+}
+
+fn vital(study: &str, o: &Obs) -> VitalSignRecorded {
+    let mut envelope = Envelope::new("VitalSignRecorded", study, "edc", Timestamp::from(o.at));
+    envelope.subject_id = Some(o.subject.clone());
+    envelope.site_id = Some("701".into());
+    VitalSignRecorded {
+        envelope,
+        observation_id: Uuid::new_v4().to_string(),
+        loinc_code: o.code.into(),
+        value: o.value,
+        unit: o.unit.into(),
+        position: None,
+        effective: PartialDateTime::parse(&o.at.format("%Y-%m-%dT%H:%M:%S").to_string()),
+        visit: Some(o.visit.clone()),
+        visit_day: None,
+    }
+}
+
+/// The episodes the default rules must open, computed here from the readings alone:
+/// (subject, rule) → evidence count.
+fn expected(stream: &[Obs]) -> BTreeMap<(String, String), usize> {
+    let mut out: BTreeMap<(String, String), usize> = BTreeMap::new();
+    let mut add = |subject: &str, rule: &str, n: usize| {
+        *out.entry((subject.to_string(), rule.to_string())).or_default() += n;
+    };
+    for o in stream {
+        let v = o.value;
+        match o.code {
+            SBP if v >= 160.0 => add(&o.subject, "CTCAE-HTN-G3", 1),
+            DBP if v >= 100.0 => add(&o.subject, "CTCAE-HTN-G3", 1),
+            TEMP if (38.0..=39.0).contains(&v) => add(&o.subject, "CTCAE-FEVER-G1", 1),
+            TEMP if v > 39.0 && v <= 40.0 => add(&o.subject, "CTCAE-FEVER-G2", 1),
+            TEMP if v > 40.0 => add(&o.subject, "CTCAE-FEVER-G3", 1),
+            _ => {}
+        }
+    }
+    // Severe hypertension: the mean of a visit's three readings of one measure.
+    let mut visits: BTreeMap<(String, String, &str), Vec<f64>> = BTreeMap::new();
+    for o in stream.iter().filter(|o| o.code == SBP || o.code == DBP) {
+        visits.entry((o.subject.clone(), o.visit.clone(), o.code)).or_default().push(o.value);
+    }
+    let mut severe: BTreeMap<String, usize> = BTreeMap::new();
+    for ((subject, _, code), values) in &visits {
+        let mean = values.iter().sum::<f64>() / values.len() as f64;
+        let limit = if *code == SBP { 180.0 } else { 110.0 };
+        if values.len() >= 3 && mean >= limit {
+            *severe.entry(subject.clone()).or_default() += values.len();
+        }
+    }
+    for (subject, n) in severe {
+        add(&subject, "PROTOCOL-HTN-SEVERE", n);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vitals_of_50_subjects_raise_exactly_the_expected_episodes() -> anyhow::Result<()> {
+    let fx = Fixture::start(None).await?;
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let start = Utc::now() - chrono::Duration::days(60);
+    let mut stream = Vec::new();
+    for s in 0..50 {
+        let subject = format!("701-{s:03}");
+        let (bp_shift, fever) = (rng.random_range(-25.0..35.0), rng.random_bool(0.3));
+        for visit in 0..4 {
+            let at = start + chrono::Duration::days(14 * visit) + chrono::Duration::minutes(s);
+            let name = format!("WEEK {}", 2 * visit);
+            for position in 0..3 {
+                let t = at + chrono::Duration::minutes(2 * position);
+                let sbp = (135.0 + bp_shift + rng.random_range(-12.0..12.0_f64)).round();
+                let dbp = (82.0 + bp_shift / 2.0 + rng.random_range(-8.0..8.0_f64)).round();
+                stream.push(Obs {
+                    subject: subject.clone(),
+                    code: SBP,
+                    value: sbp,
+                    unit: "mm[Hg]",
+                    at: t,
+                    visit: name.clone(),
+                });
+                stream.push(Obs {
+                    subject: subject.clone(),
+                    code: DBP,
+                    value: dbp,
+                    unit: "mm[Hg]",
+                    at: t,
+                    visit: name.clone(),
+                });
+            }
+            let temp =
+                if fever { rng.random_range(37.0..41.0_f64) } else { rng.random_range(36.0..37.5_f64) };
+            let temp = (temp * 10.0).round() / 10.0;
+            stream.push(Obs {
+                subject: subject.clone(),
+                code: TEMP,
+                value: temp,
+                unit: "Cel",
+                at,
+                visit: name,
+            });
+        }
+    }
+    let events: Vec<OutboxEvent> = stream
+        .iter()
+        .map(|o| {
+            OutboxEvent::avro(&vital("MON-IT", o), fx.names.of::<VitalSignRecorded>(), o.subject.clone())
+        })
+        .collect::<Result<_, _>>()?;
+    fx.send(&events).await?;
+    // Redelivery of every tenth reading (same event): nothing may change.
+    let again: Vec<OutboxEvent> = events.iter().step_by(10).cloned().collect();
+    fx.send(&again).await?;
+
+    let n = stream.len() as i64;
+    wait_until("every reading taken", WAIT, || async {
+        Ok(fx.scalar("SELECT count(*) FROM {s}.observation").await? == n
+            && fx.scalar("SELECT count(*) FROM {s}.inbox").await? >= n)
+    })
+    .await?;
+    let want = expected(&stream);
+    let sql = format!(
+        "SELECT a.subject_id, a.rule_id, count(e.event_id) FROM {s}.alert a
+         JOIN {s}.alert_evidence e USING (alert_id) GROUP BY a.alert_id, a.subject_id, a.rule_id",
+        s = fx.schema
+    );
+    let got_rows: Vec<(String, String, i64)> = sqlx::query_as(AssertSqlSafe(sql)).fetch_all(&fx.pool).await?;
+    let got: BTreeMap<(String, String), usize> =
+        got_rows.iter().map(|(s, r, n)| ((s.clone(), r.clone()), *n as usize)).collect();
+    assert_eq!(got_rows.len(), got.len(), "one episode per subject and rule");
+    assert_eq!(got, want, "episodes and their evidence");
+    let raised = fx.scalar("SELECT count(*) FROM {s}.alert_history WHERE kind = 'raised'").await?;
+    assert_eq!(raised as usize, want.len());
+    let rules: BTreeSet<&str> = want.keys().map(|(_, r)| r.as_str()).collect();
+    assert!(rules.len() >= 4, "the stream exercises several rules: {rules:?}");
+    fx.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unacknowledged_alert_escalates_after_its_time_and_stops_when_acknowledged() -> anyhow::Result<()>
+{
+    let dir = std::env::temp_dir().join(format!("trialflow-mon-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    let rules = r#"{"study_id": "ESC", "version": 1, "rules": [{"rule_id": "HR-FAST", "version": 1,
+        "title": "Heart rate above 120/min", "severity": "HIGH", "source_label": "protocol", "escalation_seconds": 2,
+        "input": {"kind": "vital", "aggregation": {"kind": "single"},
+                  "any": [{"code": "8867-4", "name": "Heart rate", "op": "gt", "value": 120, "unit": "/min"}]}}]}"#;
+    std::fs::write(dir.join("esc.json"), rules)?;
+    let fx = Fixture::start(Some(&dir)).await?;
+    let o = Obs {
+        subject: "ESC-1".into(),
+        code: "8867-4",
+        value: 140.0,
+        unit: "/min",
+        at: Utc::now(),
+        visit: "DAY 1".into(),
+    };
+    fx.send(&[OutboxEvent::avro(&vital("ESC", &o), fx.names.of::<VitalSignRecorded>(), "ESC-1")?]).await?;
+    wait_until("raised", WAIT, || async { Ok(fx.scalar("SELECT count(*) FROM {s}.alert").await? == 1) })
+        .await?;
+    assert_eq!(fx.scalar("SELECT count(*) FROM {s}.alert WHERE level = 0").await?, 1, "not before its time");
+    wait_until("escalated to level 1", Duration::from_secs(20), || async {
+        Ok(fx.scalar("SELECT count(*) FROM {s}.alert WHERE level >= 1").await? == 1)
+    })
+    .await?;
+    // Acknowledged (as the alert API does it): no further escalation.
+    let ack = format!(
+        "UPDATE {}.alert SET status = 'acknowledged', acknowledged_at = now(), acknowledged_by = 'dr-a',
+                ack_reason = 'called the site', escalate_at = NULL",
+        fx.schema
+    );
+    sqlx::query(AssertSqlSafe(ack)).execute(&fx.pool).await?;
+    let level = fx.scalar("SELECT max(level)::bigint FROM {s}.alert").await?;
+    tokio::time::sleep(Duration::from_secs(3)).await; // longer than the escalation time: nothing may happen
+    assert_eq!(fx.scalar("SELECT max(level)::bigint FROM {s}.alert").await?, level);
+    let escalations = fx.scalar("SELECT count(*) FROM {s}.alert_history WHERE kind = 'escalated'").await?;
+    assert_eq!(escalations, level, "one history row and event per level");
+    let _ = std::fs::remove_dir_all(&dir);
+    fx.stop().await
+}
