@@ -73,6 +73,13 @@ impl Fixture {
         Ok(())
     }
 
+    /// Publishes one reading of `study`.
+    async fn reading(&self, study: &str, o: &Obs) -> anyhow::Result<()> {
+        let event =
+            OutboxEvent::avro(&vital(study, o), self.names.of::<VitalSignRecorded>(), o.subject.clone())?;
+        self.send(&[event]).await
+    }
+
     async fn scalar(&self, sql: &str) -> anyhow::Result<i64> {
         let sql = sql.replace("{s}", self.schema.as_str());
         Ok(sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(&self.pool).await?)
@@ -276,5 +283,53 @@ async fn an_unacknowledged_alert_escalates_after_its_time_and_stops_when_acknowl
     let escalations = fx.scalar("SELECT count(*) FROM {s}.alert_history WHERE kind = 'escalated'").await?;
     assert_eq!(escalations, level, "one history row and event per level");
     let _ = std::fs::remove_dir_all(&dir);
+    fx.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_after_resolution_opens_a_new_episode_and_a_late_one_joins_the_old() -> anyhow::Result<()> {
+    let fx = Fixture::start(None).await?;
+    let t0 = Utc::now() - chrono::Duration::hours(3);
+    let reading = |minutes: i64| Obs {
+        subject: "EP-1".into(),
+        code: "8867-4",
+        value: 135.0,
+        unit: "/min",
+        at: t0 + chrono::Duration::minutes(minutes),
+        visit: format!("T{minutes}"),
+    };
+    fx.reading("EPI", &reading(0)).await?;
+    fx.reading("EPI", &reading(10)).await?;
+    let evidence = "SELECT count(*) FROM {s}.alert_evidence";
+    wait_until("two readings, one episode", WAIT, || async { Ok(fx.scalar(evidence).await? == 2) }).await?;
+    assert_eq!(fx.scalar("SELECT count(*) FROM {s}.alert").await?, 1);
+
+    // Resolved by a researcher an hour after the first reading.
+    let resolve = format!(
+        "UPDATE {}.alert SET status = 'resolved', resolved_at = $1, resolved_by = 'dr-a',
+                resolve_reason = 'rate normal on recheck', escalate_at = NULL",
+        fx.schema
+    );
+    sqlx::query(AssertSqlSafe(resolve)).bind(t0 + chrono::Duration::minutes(60)).execute(&fx.pool).await?;
+    // A reading taken after the resolution: a new episode.
+    fx.reading("EPI", &reading(120)).await?;
+    wait_until("a new episode", WAIT, || async {
+        Ok(fx.scalar("SELECT count(*) FROM {s}.alert").await? == 2)
+    })
+    .await?;
+    // A reading taken before the resolution that arrives only now: evidence of the old episode.
+    fx.reading("EPI", &reading(30)).await?;
+    wait_until("the late reading joins the resolved episode", WAIT, || async {
+        Ok(fx
+            .scalar(
+                "SELECT count(*) FROM {s}.alert_evidence e JOIN {s}.alert a USING (alert_id)
+                      WHERE a.status = 'resolved'",
+            )
+            .await?
+            == 3)
+    })
+    .await?;
+    assert_eq!(fx.scalar("SELECT count(*) FROM {s}.alert").await?, 2, "no third episode");
+    assert_eq!(fx.scalar("SELECT count(*) FROM {s}.alert WHERE status = 'open'").await?, 1);
     fx.stop().await
 }

@@ -72,7 +72,9 @@ pub(crate) async fn apply(
         "SELECT alert_id FROM {schema}.alert
          WHERE study_id = $1 AND coalesce(subject_id, 'site:' || site_id) = $2 AND rule_id = $3
            AND (status <> 'resolved' OR (effective_at <= $4 AND resolved_at >= $4))
-         ORDER BY (status <> 'resolved') DESC, raised_at DESC LIMIT 1 FOR UPDATE"
+         -- A resolved episode whose span holds the input's time claims it (a late input); else
+         -- the open one.
+         ORDER BY (status = 'resolved') DESC, raised_at DESC LIMIT 1 FOR UPDATE"
     );
     let existing: Option<Uuid> = sqlx::query_scalar(AssertSqlSafe(find))
         .bind(&signal.cause.study_id)
