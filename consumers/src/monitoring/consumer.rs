@@ -231,7 +231,7 @@ impl Monitoring {
         ctx: &Context,
         e: &AdverseEventReported,
     ) -> Result<(), HandlerError> {
-        let subject_id = subject_of(&e.envelope)?.to_string();
+        subject_of(&e.envelope)?; // a subject-level input must name its subject
         let at = effective(&e.envelope, e.onset.earliest)?;
         for rule in self.rules.rules(&e.envelope.study_id) {
             let RuleInput::AdverseEvent { serious, min_grade } = &rule.input else { continue };
@@ -247,22 +247,7 @@ impl Monitoring {
                 String::new()
             };
             let description = format!("AE {} {}{grade}{serious}, onset {}", e.ae_id, e.term, e.onset.raw);
-            let evidence = vec![Evidence {
-                event_id: e.envelope.event_id,
-                observed_at: Timestamp::from(at),
-                description: description.clone(),
-                value: e.ctcae_grade.map(f64::from),
-                unit: None,
-            }];
-            let signal = Signal {
-                rule,
-                cause: &e.envelope,
-                subject_id: Some(subject_id.clone()),
-                site_id: e.envelope.site_id.clone(),
-                effective_at: at,
-                summary: format!("{}: {description}", rule.title),
-                evidence,
-            };
+            let signal = event_signal(rule, &e.envelope, at, description, e.ctcae_grade.map(f64::from));
             self.signal(tx, ctx, signal).await?;
         }
         Ok(())
@@ -274,7 +259,7 @@ impl Monitoring {
         ctx: &Context,
         e: &QuestionnaireResponseAccepted,
     ) -> Result<(), HandlerError> {
-        let subject_id = subject_of(&e.envelope)?.to_string();
+        subject_of(&e.envelope)?;
         let at = effective(&e.envelope, Some(e.authored_at))?;
         for rule in self.rules.rules(&e.envelope.study_id) {
             let RuleInput::Epro { questionnaire, flag, min_total } = &rule.input else { continue };
@@ -298,22 +283,7 @@ impl Monitoring {
                     String::new()
                 }
             );
-            let evidence = vec![Evidence {
-                event_id: e.envelope.event_id,
-                observed_at: e.authored_at,
-                description: description.clone(),
-                value: e.total_score.map(f64::from),
-                unit: None,
-            }];
-            let signal = Signal {
-                rule,
-                cause: &e.envelope,
-                subject_id: Some(subject_id.clone()),
-                site_id: e.envelope.site_id.clone(),
-                effective_at: at,
-                summary: format!("{}: {description}", rule.title),
-                evidence,
-            };
+            let signal = event_signal(rule, &e.envelope, at, description, e.total_score.map(f64::from));
             self.signal(tx, ctx, signal).await?;
         }
         Ok(())
@@ -332,23 +302,8 @@ impl Monitoring {
             if !e.reason_code.split(',').any(|c| c == reason_code) {
                 continue;
             }
-            let description = format!("on hold ({}): {}", e.reason_code, e.reason);
-            let evidence = vec![Evidence {
-                event_id: e.envelope.event_id,
-                observed_at: Timestamp::from(at),
-                description: description.clone(),
-                value: None,
-                unit: None,
-            }];
-            let signal = Signal {
-                rule,
-                cause: &e.envelope,
-                subject_id: Some(subject_id.clone()),
-                site_id: e.envelope.site_id.clone(),
-                effective_at: at,
-                summary: format!("{}: subject {subject_id} {description}", rule.title),
-                evidence,
-            };
+            let description = format!("subject {subject_id} on hold ({}): {}", e.reason_code, e.reason);
+            let signal = event_signal(rule, &e.envelope, at, description, None);
             self.signal(tx, ctx, signal).await?;
         }
         Ok(())
@@ -367,25 +322,35 @@ impl Monitoring {
             let RuleInput::SiteStockLow = &rule.input else { continue };
             let description =
                 format!("site {site_id}: {} kits of one treatment below the resupply threshold", e.kit_type);
-            let evidence = vec![Evidence {
-                event_id: e.envelope.event_id,
-                observed_at: Timestamp::from(at),
-                description: description.clone(),
-                value: None,
-                unit: None,
-            }];
-            let signal = Signal {
-                rule,
-                cause: &e.envelope,
-                subject_id: None,
-                site_id: Some(site_id.clone()),
-                effective_at: at,
-                summary: format!("{}: {description}", rule.title),
-                evidence,
-            };
+            let signal = event_signal(rule, &e.envelope, at, description, None);
             self.signal(tx, ctx, signal).await?;
         }
         Ok(())
+    }
+}
+
+/// A signal whose evidence is the input event itself, at `at`.
+fn event_signal<'a>(
+    rule: &'a Rule,
+    cause: &'a Envelope,
+    at: DateTime<Utc>,
+    description: String,
+    value: Option<f64>,
+) -> Signal<'a> {
+    Signal {
+        rule,
+        cause,
+        subject_id: cause.subject_id.clone(),
+        site_id: cause.site_id.clone(),
+        effective_at: at,
+        summary: format!("{}: {description}", rule.title),
+        evidence: vec![Evidence {
+            event_id: cause.event_id,
+            observed_at: Timestamp::from(at),
+            description,
+            value,
+            unit: None,
+        }],
     }
 }
 
