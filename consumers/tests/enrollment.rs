@@ -314,15 +314,22 @@ async fn a_study_with_two_sites_and_40_subjects_enrolls_fully() -> anyhow::Resul
     assert_eq!(mismatched, 0, "kit arm, site and number match the randomization");
     assert_eq!(trial.count("SELECT count(DISTINCT kit_number) FROM {kit}.allocation").await?, 40);
 
-    let lifecycle = trial.published(topics::SUBJECT_LIFECYCLE, 40 * 4 + 40 * 2).await?;
-    let enrolled: BTreeSet<&str> = lifecycle
-        .iter()
-        .filter_map(|e| match e {
-            AnyEvent::SubjectEnrolled(e) => e.envelope.subject_id.as_deref(),
-            _ => None,
+    // Read until every subject's SubjectEnrolled is in (how many other events there are depends on
+    // whether some assignments reached kit allocation before the shipments: a hold, then a retry).
+    let reader = TopicReader::new(&kafka(), &trial.topics.name(topics::SUBJECT_LIFECYCLE), true)?;
+    let messages = reader
+        .read_until(WAIT, |m| {
+            m.iter().filter(|m| m.header("event_type") == Some(SubjectEnrolled::NAME)).count() >= 40
         })
-        .collect();
-    assert_eq!(enrolled.len(), 40, "one SubjectEnrolled per subject on the blinded topic");
+        .await?;
+    let mut enrolled: BTreeMap<String, usize> = BTreeMap::new();
+    for m in &messages {
+        if let AnyEvent::SubjectEnrolled(e) = decode_any(&m.payload)? {
+            *enrolled.entry(e.envelope.subject_id.unwrap_or_default()).or_default() += 1;
+        }
+    }
+    assert_eq!(enrolled.len(), 40, "every subject enrolled on the blinded topic");
+    assert!(enrolled.values().all(|n| *n == 1), "once each: {enrolled:?}");
     trial.stop().await
 }
 
