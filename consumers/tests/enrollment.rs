@@ -281,8 +281,10 @@ async fn a_study_with_two_sites_and_40_subjects_enrolls_fully() -> anyhow::Resul
     trial.start_enrollment();
     trial.start_kit_allocation();
     let mut events = vec![trial.event(&study(30, 2), STUDY)?];
+    // 20 kits per arm and site: which arm a site's 20 subjects get depends on the order in which
+    // parallel partitions take slots, so a site may need up to 20 kits of one arm.
     for site in ["701", "702"] {
-        events.push(trial.event(&shipment(site, &format!("SH-{site}"), 10, 1), site)?);
+        events.push(trial.event(&shipment(site, &format!("SH-{site}"), 20, 1), site)?);
     }
     trial.send(events).await?;
     for i in 0..40 {
