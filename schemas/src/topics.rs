@@ -75,8 +75,13 @@ impl TopicNames {
         self.name(E::TOPIC)
     }
 
+    /// The deployed names of catalogue topics `topics`.
+    pub fn names(&self, topics: &[&str]) -> Vec<String> {
+        topics.iter().map(|t| self.name(t)).collect()
+    }
+
     /// Every deployed topic name.
     pub fn all(&self) -> Vec<String> {
-        ALL.iter().map(|t| self.name(t)).collect()
+        self.names(ALL)
     }
 }

@@ -62,10 +62,11 @@ pub fn spec(schema: SchemaName, topics: &TopicNames) -> ConsumerSpec {
     ConsumerSpec {
         name: NAME.to_string(),
         schema,
-        topics: [topics::STUDY_CONFIGURATION, topics::SUBJECT_LIFECYCLE, topics::KIT_ALLOCATIONS]
-            .iter()
-            .map(|t| topics.name(t))
-            .collect(),
+        topics: topics.names(&[
+            topics::STUDY_CONFIGURATION,
+            topics::SUBJECT_LIFECYCLE,
+            topics::KIT_ALLOCATIONS,
+        ]),
     }
 }
 

@@ -69,10 +69,7 @@ pub fn spec(schema: SchemaName, topics: &TopicNames) -> ConsumerSpec {
     ConsumerSpec {
         name: NAME.to_string(),
         schema,
-        topics: [topics::EPRO_SUBMISSIONS, topics::SUBJECT_LIFECYCLE]
-            .iter()
-            .map(|t| topics.name(t))
-            .collect(),
+        topics: topics.names(&[topics::EPRO_SUBMISSIONS, topics::SUBJECT_LIFECYCLE]),
     }
 }
 

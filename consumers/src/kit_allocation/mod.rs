@@ -55,15 +55,12 @@ pub fn spec(schema: SchemaName, topics: &TopicNames) -> ConsumerSpec {
     ConsumerSpec {
         name: NAME.to_string(),
         schema,
-        topics: [
+        topics: topics.names(&[
             topics::STUDY_CONFIGURATION,
             topics::KIT_INVENTORY,
             topics::TREATMENT_ASSIGNMENTS,
             topics::SUBJECT_LIFECYCLE,
-        ]
-        .iter()
-        .map(|t| topics.name(t))
-        .collect(),
+        ]),
     }
 }
 

@@ -34,16 +34,13 @@ pub fn spec(schema: SchemaName, topics: &TopicNames) -> ConsumerSpec {
     ConsumerSpec {
         name: NAME.to_string(),
         schema,
-        topics: [
+        topics: topics.names(&[
             topics::CLINICAL_OBSERVATIONS,
             topics::ADVERSE_EVENTS,
             topics::EPRO_RESPONSES,
             topics::SUBJECT_LIFECYCLE,
             topics::KIT_INVENTORY,
-        ]
-        .iter()
-        .map(|t| topics.name(t))
-        .collect(),
+        ]),
     }
 }
 
