@@ -50,6 +50,7 @@ pub(crate) async fn group(kafka: &KafkaConfig, rate: u64, seconds: u64) -> anyho
         topics,
         tokens: vec![token.clone()],
         ack_timeout_ms: DEFAULT_ACK_TIMEOUT_MS,
+        clock: Default::default(),
     };
     let total = usize::try_from(rate * seconds)?;
     let submissions: Vec<QuestionnaireResponseSubmitted> =

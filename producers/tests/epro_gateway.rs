@@ -66,6 +66,7 @@ impl TestGateway {
             topics: topics.clone(),
             tokens: vec![unique("other-app"), token.clone()],
             ack_timeout_ms,
+            clock: Default::default(),
         };
         let gateway = EproGateway::bind(config).await?;
         let base = format!("http://{}", gateway.local_addr());

@@ -8,6 +8,7 @@ use trialflow_outbox::KafkaConfig;
 use trialflow_schemas::topics::TopicNames;
 
 use super::error::EproGatewayError;
+use crate::clock::Clock;
 
 /// Where the gateway listens by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8082";
@@ -30,6 +31,9 @@ pub struct EproGatewayConfig {
     /// How long a submission waits for the broker's acknowledgement before it is answered 503
     /// (`EPRO_GATEWAY_ACK_TIMEOUT_MS`, default 10000; librdkafka `message.timeout.ms`).
     pub ack_timeout_ms: u64,
+    /// Where `received_at` comes from: the system clock, or a replay's virtual clock (set in
+    /// code only, by an in-process replay; never from the environment).
+    pub clock: Clock,
 }
 
 /// `Debug` never shows the tokens.
@@ -41,6 +45,7 @@ impl fmt::Debug for EproGatewayConfig {
             .field("topics", &self.topics)
             .field("tokens", &format_args!("<{} redacted>", self.tokens.len()))
             .field("ack_timeout_ms", &self.ack_timeout_ms)
+            .field("clock", &self.clock)
             .finish()
     }
 }
@@ -100,6 +105,7 @@ impl EproGatewayConfig {
             topics: TopicNames::from_env(),
             tokens: vec![DEMO_TOKEN.to_string()],
             ack_timeout_ms: DEFAULT_ACK_TIMEOUT_MS,
+            clock: Clock::System,
         }
     }
 }

@@ -94,6 +94,7 @@ pub fn describe_metrics() {
 pub(crate) struct Gateway {
     pub(crate) tokens: auth::AppTokens,
     pub(crate) publisher: publish::Publisher,
+    pub(crate) clock: crate::clock::Clock,
 }
 
 /// The gateway, bound to its address with its producer created; [`EproGateway::run`] serves it.
@@ -132,6 +133,7 @@ impl EproGateway {
         let gateway = Arc::new(Gateway {
             tokens: auth::AppTokens::new(&config.tokens),
             publisher: publish::Publisher::new(producer.clone(), &config),
+            clock: config.clock.clone(),
         });
         Ok(Self {
             listener,

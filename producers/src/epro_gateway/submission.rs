@@ -29,7 +29,7 @@ pub(crate) async fn submit(
     _app: App,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let received_at = chrono::Utc::now();
+    let received_at = gateway.clock.now();
     let body = body.map_err(body_error)?;
     let submission: QuestionnaireResponseSubmitted = parse_json(&body)?;
     let subject_id = check_shape(&submission)?;

@@ -62,7 +62,8 @@ pub struct ScreenSubject {
 #[serde(deny_unknown_fields)]
 pub struct SignConsent {
     pub consent_version: String,
-    /// ISO 8601 date or date-time, possibly partial (`2014-01`, `2014-01-02T10:30`).
+    /// ISO 8601 date or date-time, possibly partial (`2014-01`, `2014-01-02T10:30`); empty when
+    /// the source did not record the date (kept with precision `UNKNOWN`).
     pub signed_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub occurred_at: Option<String>,
@@ -204,7 +205,9 @@ fn generated_subject_id(site_id: &str) -> String {
 fn check_consent(req: &SignConsent) -> Result<PartialDateTime, ApiError> {
     check_text("consent_version", &req.consent_version, 64)?;
     let signed_at = PartialDateTime::parse(&req.signed_at);
-    if signed_at.precision == DateTimePrecision::Unknown {
+    // An empty date says the source did not record it (the CDISC pilot's RFICDTC): kept as
+    // unknown, never invented. Text that is not a date is a mistake.
+    if signed_at.precision == DateTimePrecision::Unknown && !req.signed_at.is_empty() {
         return Err(ApiError::validation(
             "signed_at",
             format!(

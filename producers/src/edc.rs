@@ -1,0 +1,68 @@
+//! An upstream EDC: publishes clinical records (vital signs, adverse events) straight to their
+//! topics, as an external system integrated over Kafka would — no outbox of ours in between (the
+//! EDC's own database is its source of truth). The record carries the producer's event id, so a
+//! re-sent record is one the consumers already know.
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use trialflow_outbox::KafkaConfig;
+use trialflow_outbox::publisher::{headers, producer_config};
+use trialflow_schemas::topics::TopicNames;
+use trialflow_schemas::{CONTENT_TYPE, CodecError, Event};
+
+/// `client.id` of the EDC producer.
+pub const CLIENT_ID: &str = "trialflow-edc";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EdcError {
+    #[error("creating the EDC producer: {0}")]
+    Producer(KafkaError),
+    #[error("encoding {0}")]
+    Encode(#[from] CodecError),
+    #[error("the event has no subject id to key it by")]
+    NoKey,
+    #[error("producing: {0}")]
+    Produce(KafkaError),
+}
+
+/// Produces events to their topics, keyed by subject (the consumers' ordering unit).
+pub struct EdcPublisher {
+    producer: FutureProducer,
+    topics: TopicNames,
+}
+
+impl std::fmt::Debug for EdcPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdcPublisher").field("topics", &self.topics).finish_non_exhaustive()
+    }
+}
+
+impl EdcPublisher {
+    /// An idempotent producer (`acks=all`): the broker keeps each record once and per subject in
+    /// order, whatever librdkafka retries.
+    pub fn new(kafka: &KafkaConfig, topics: TopicNames) -> Result<Self, EdcError> {
+        let producer = producer_config(kafka, CLIENT_ID).create().map_err(EdcError::Producer)?;
+        Ok(Self { producer, topics })
+    }
+
+    /// Hands `event` to the producer; the future resolves when the broker acknowledged it. When
+    /// the local queue is full, returns `Ok(None)`: await earlier deliveries, then send again.
+    pub fn send<E: Event>(&self, event: &E) -> Result<Option<DeliveryFuture>, EdcError> {
+        let envelope = event.envelope();
+        let key = envelope.subject_id.as_deref().ok_or(EdcError::NoKey)?;
+        let payload = trialflow_schemas::encode(event)?;
+        let event_id = envelope.event_id.to_string();
+        let record_headers = OwnedHeaders::new_with_capacity(3)
+            .insert(Header { key: headers::EVENT_ID, value: Some(event_id.as_bytes()) })
+            .insert(Header { key: headers::EVENT_TYPE, value: Some(E::NAME) })
+            .insert(Header { key: headers::CONTENT_TYPE, value: Some(CONTENT_TYPE) });
+        let topic = self.topics.of::<E>();
+        let record = FutureRecord::to(&topic).key(key).payload(&payload).headers(record_headers);
+        match self.producer.send_result(record) {
+            Ok(delivery) => Ok(Some(delivery)),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Ok(None),
+            Err((e, _)) => Err(EdcError::Produce(e)),
+        }
+    }
+}
