@@ -43,6 +43,8 @@ pub struct ReadMessage {
     pub key: String,
     pub payload: Vec<u8>,
     pub headers: Vec<(String, String)>,
+    /// The record's timestamp (the producer's create time), milliseconds since the Unix epoch.
+    pub timestamp_ms: Option<i64>,
 }
 
 impl ReadMessage {
@@ -165,6 +167,7 @@ impl TopicReader {
                     key: String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
                     payload: msg.payload().unwrap_or_default().to_vec(),
                     headers,
+                    timestamp_ms: msg.timestamp().to_millis(),
                 });
             }
             Ok(out)

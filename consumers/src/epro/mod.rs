@@ -16,7 +16,8 @@
 //!
 //! Bytes that are not an event go to the dead-letter topic (consumer runtime). Accepted responses
 //! are stored with their answers and score (`response`), every decision by submission id
-//! (`submission`).
+//! (`submission`), and rejected resubmissions with other content by event id
+//! (`conflicting_submission`).
 
 pub mod catalogue;
 pub mod questionnaire;
@@ -144,7 +145,9 @@ impl EproValidation {
                     s.submission_id
                 ),
             );
-            return self.reject(tx, ctx, s, subject_id, vec![conflict]).await;
+            let reasons = vec![conflict];
+            store::record_conflict(tx, &self.schema, s, subject_id, &hash, &reasons).await?;
+            return self.reject(tx, ctx, s, subject_id, reasons).await;
         }
         let Some(subject) = known.subject else {
             return Err(HandlerError::not_yet(

@@ -135,6 +135,33 @@ pub(crate) async fn record_decision(
     Ok(done.rows_affected() == 1)
 }
 
+/// Records a resubmission of `s.submission_id` with other content (rejected; the first stands),
+/// once per event.
+pub(crate) async fn record_conflict(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    s: &QuestionnaireResponseSubmitted,
+    subject_id: &str,
+    hash: &str,
+    reasons: &[RejectionReason],
+) -> Result<(), HandlerError> {
+    let sql = format!(
+        "INSERT INTO {schema}.conflicting_submission (event_id, submission_id, study_id, subject_id,
+                                                     content_hash, reasons)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING"
+    );
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(s.envelope.event_id)
+        .bind(s.submission_id)
+        .bind(&s.envelope.study_id)
+        .bind(subject_id)
+        .bind(hash)
+        .bind(Json(reasons))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 fn window_code(w: WindowStatus) -> &'static str {
     match w {
         WindowStatus::InWindow => "IN_WINDOW",
