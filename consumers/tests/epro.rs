@@ -330,6 +330,10 @@ async fn a_thousand_submissions_each_end_in_exactly_one_outcome() -> anyhow::Res
     let stored = format!("SELECT count(*) FROM {schema}.response WHERE total_score IS NOT NULL");
     let n: i64 = sqlx::query_scalar(AssertSqlSafe(stored)).fetch_one(&pool).await?;
     assert_eq!(n, expected_accepted as i64);
+    // Every rejected resubmission with other content has its row (the first submission stands).
+    let conflicts = format!("SELECT count(*) FROM {schema}.conflicting_submission");
+    let n: i64 = sqlx::query_scalar(AssertSqlSafe(conflicts)).fetch_one(&pool).await?;
+    assert_eq!(n, expected_rejections.get("CONFLICTING_DUPLICATE").copied().unwrap_or(0) as i64);
 
     // Only the garbage reached the dead-letter topic.
     let dlq = TopicReader::new(&kafka(), &format!("{ingestion}.dlq"), true)?

@@ -681,6 +681,21 @@ mod tests {
     }
 
     #[test]
+    fn a_consent_date_is_partial_or_unrecorded_but_never_text_that_is_no_date() {
+        let consent = |signed_at: &str| SignConsent {
+            consent_version: "v1".into(),
+            signed_at: signed_at.into(),
+            occurred_at: None,
+        };
+        let unknown = check_consent(&consent("")).map(|d| (d.raw, d.precision, d.earliest));
+        assert_eq!(unknown.ok(), Some((String::new(), DateTimePrecision::Unknown, None)));
+        let month = check_consent(&consent("2014-01")).map(|d| d.precision);
+        assert_eq!(month.ok(), Some(DateTimePrecision::Month));
+        assert!(check_consent(&consent("last week")).is_err());
+        assert!(check_consent(&consent(" ")).is_err(), "blank is not the same as not recorded");
+    }
+
+    #[test]
     fn age_limits_are_inclusive() {
         assert_eq!(age_met(Some(50), Some(89), Some(50)), Some(true));
         assert_eq!(age_met(Some(50), Some(89), Some(89)), Some(true));
