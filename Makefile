@@ -27,7 +27,7 @@ build: ## Build everything (debug)
 migrate: up ## Create or upgrade every service schema
 	$(CARGO) run -q -p trialflow -- migrate
 
-demo: up ## Run the relay on a generated workload and show what it published
+demo: up ## Replay the CDISC pilot study through every component, print the summary, keep serving
 	$(CARGO) run -q --release -p trialflow -- demo
 
 run: up ## Run every component (site API, ePRO gateway, alert API, relay, consumers) in the foreground
@@ -49,7 +49,7 @@ lint: ## cargo fmt --check and clippy with warnings as errors
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
-bench: up ## Benchmarks with their raw baselines (`make bench ONLY=relay|consumer|epro|alerts` for one group)
+bench: up ## Benchmarks with their raw baselines (`make bench ONLY=relay|consumer|epro|alerts|load` for one group)
 	$(CARGO) run -q --release -p trialflow-bench -- $(if $(ONLY),--only $(ONLY),)
 
 interop: ## Cross-check the Avro test vectors with the Apache Avro Python library

@@ -23,11 +23,12 @@ mod alerts;
 mod consumer;
 mod epro;
 mod epro_gateway;
+mod load;
 
 #[derive(Debug, Parser)]
 #[command(about = "trialflow benchmarks")]
 struct Args {
-    /// Run only this group (`relay`, `consumer`, `epro` or `alerts`).
+    /// Run only this group (`relay`, `consumer`, `epro`, `alerts` or `load`).
     #[arg(long)]
     only: Option<String>,
 
@@ -72,7 +73,7 @@ struct Args {
     latency_secs: u64,
 }
 
-const GROUPS: &[&str] = &["relay", "consumer", "epro", "alerts"];
+const GROUPS: &[&str] = &["relay", "consumer", "epro", "alerts", "load"];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -103,6 +104,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.only.as_deref().is_none_or(|g| g == "alerts") {
         alerts::group(&args.database_url, &kafka, 1_000, 15).await?;
+    }
+    if args.only.as_deref().is_none_or(|g| g == "load") {
+        load::group(&args.database_url, &kafka, &pool).await?;
     }
     Ok(())
 }

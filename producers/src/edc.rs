@@ -13,6 +13,8 @@ use trialflow_schemas::{CONTENT_TYPE, CodecError, Event};
 
 /// `client.id` of the EDC producer.
 pub const CLIENT_ID: &str = "trialflow-edc";
+/// How long a record may wait for the broker's acknowledgement unless configured otherwise.
+pub const DEFAULT_DELIVERY_TIMEOUT_MS: u64 = 30_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EdcError {
@@ -40,9 +42,15 @@ impl std::fmt::Debug for EdcPublisher {
 
 impl EdcPublisher {
     /// An idempotent producer (`acks=all`): the broker keeps each record once and per subject in
-    /// order, whatever librdkafka retries.
+    /// order, whatever librdkafka retries. Unlike the relay it gives up on a record after
+    /// `KAFKA_DELIVERY_TIMEOUT_MS`, or [`DEFAULT_DELIVERY_TIMEOUT_MS`] when that is 0 (never): an
+    /// upstream system reports the failure (its own store still has the record) rather than wait.
     pub fn new(kafka: &KafkaConfig, topics: TopicNames) -> Result<Self, EdcError> {
-        let producer = producer_config(kafka, CLIENT_ID).create().map_err(EdcError::Producer)?;
+        let mut config = producer_config(kafka, CLIENT_ID);
+        if kafka.delivery_timeout_ms == 0 {
+            config.set("message.timeout.ms", DEFAULT_DELIVERY_TIMEOUT_MS.to_string());
+        }
+        let producer = config.create().map_err(EdcError::Producer)?;
         Ok(Self { producer, topics })
     }
 

@@ -49,6 +49,8 @@ pub enum Command {
     /// Inspect and replay dead letters.
     #[command(subcommand)]
     Dlq(crate::dlq::DlqCommand),
+    /// Generate synthetic load against a running pipeline (site API, ePRO gateway, clinical topic).
+    Load(crate::load::LoadArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -277,7 +279,12 @@ pub async fn consume(args: ConsumeArgs, shutdown: tokio_util::sync::Cancellation
     Ok(())
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+pub async fn run(mut cli: Cli) -> anyhow::Result<()> {
+    // The load generator is a client of a running pipeline: it serves no metrics (and so never
+    // competes for the pipeline's metrics port).
+    if matches!(cli.command, Command::Load(_)) {
+        cli.telemetry.metrics_addr.clear();
+    }
     // The demo and the replay draw progress bars and a summary: only warnings and errors log.
     let quiet = matches!(cli.command, Command::Demo(_) | Command::Replay(_));
     let filter = if quiet { "warn,sqlx=error" } else { telemetry::DEFAULT_LOG_FILTER };
@@ -295,6 +302,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args, shutdown::on_signal()).await,
         Command::Replay(command) => demo::replay(command, shutdown::on_signal()).await,
         Command::Dlq(command) => crate::dlq::run(command).await,
+        Command::Load(args) => crate::load::run(args, shutdown::on_signal()).await,
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod demo;
 pub mod dlq;
+pub mod load;
 pub mod pipeline;
 pub mod replay;
 pub mod settle;
