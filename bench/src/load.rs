@@ -15,10 +15,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
 use trialflow::load::{LoadConfig, run_load};
-use trialflow::pipeline::{Pipeline, PipelineConfig, Schemas};
+use trialflow::pipeline::{Pipeline, PipelineConfig};
+use trialflow_outbox::KafkaConfig;
 use trialflow_outbox::kafka::{ReadMessage, TopicReader};
-use trialflow_outbox::{KafkaConfig, SchemaName};
-use trialflow_schemas::topics::{self, TopicNames};
+use trialflow_schemas::topics;
 use uuid::Uuid;
 
 use crate::{bench, progress};
@@ -84,29 +84,16 @@ fn quantiles(mut ms: Vec<f64>) -> (f64, f64) {
 }
 
 pub(crate) async fn group(database_url: &str, kafka: &KafkaConfig, pool: &PgPool) -> anyhow::Result<()> {
+    let mut config = PipelineConfig::isolated("bench_load", database_url, kafka)?;
+    config.partitions = PARTITIONS;
+    let names = config.topics.clone();
     let run = &Uuid::new_v4().simple().to_string()[..8];
-    let names = TopicNames::new(format!("bench-load-{run}."));
 
     // Baseline first, so the pipeline does not share the machine with it.
     let raw_topic = names.name("raw");
     trialflow_outbox::kafka::ensure_topics(kafka, &[(&raw_topic, PARTITIONS)]).await?;
     let (raw_p50, raw_p99) = raw_hop(kafka, &raw_topic).await?;
 
-    let mut config = PipelineConfig::local(database_url, kafka);
-    let schema = |name: &str| SchemaName::new(format!("bench_load_{name}_{run}"));
-    config.schemas = Schemas {
-        site_api: schema("sa")?,
-        enrollment: schema("enr")?,
-        kit_allocation: schema("kit")?,
-        epro: schema("epro")?,
-        monitoring: schema("mon")?,
-        notifier: schema("ntf")?,
-    };
-    config.topics = names.clone();
-    config.partitions = PARTITIONS;
-    config.site_api.listen = "127.0.0.1:0".parse()?;
-    config.epro_gateway.listen = "127.0.0.1:0".parse()?;
-    config.alert_api.listen = "127.0.0.1:0".parse()?;
     let schemas = config.schemas.sources();
     let shutdown = CancellationToken::new();
     let pipeline = Pipeline::start(config, &shutdown).await.context("starting the pipeline")?;

@@ -139,6 +139,35 @@ pub fn consumer_groups(config: &PipelineConfig) -> Vec<ConsumerGroup> {
     .collect()
 }
 
+impl PipelineConfig {
+    /// Like [`PipelineConfig::local`], but on private schemas and topics (`<name>_<12 hex>` and the
+    /// prefix `<name>-<12 hex>.`) and free ports, with quick retries: a pipeline for one test or
+    /// benchmark that shares the database and broker with others.
+    pub fn isolated(name: &str, database_url: &str, kafka: &KafkaConfig) -> anyhow::Result<Self> {
+        let run = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let schema = |service: &str| SchemaName::new(format!("{name}_{service}_{run}"));
+        let mut config = Self::local(database_url, kafka);
+        config.schemas = Schemas {
+            site_api: schema("sa")?,
+            enrollment: schema("enr")?,
+            kit_allocation: schema("kit")?,
+            epro: schema("epro")?,
+            monitoring: schema("mon")?,
+            notifier: schema("ntf")?,
+        };
+        config.topics = TopicNames::new(format!("{}-{run}.", name.replace('_', "-")));
+        config.partitions = 3;
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.site_api.listen = any_port;
+        config.epro_gateway.listen = any_port;
+        config.alert_api.listen = any_port;
+        config.relay.poll_interval_ms = 100;
+        config.consumer.park_retry_ms = 200;
+        config.consumer.max_backoff_ms = 500;
+        Ok(config)
+    }
+}
+
 /// A running pipeline.
 #[derive(Debug)]
 pub struct Pipeline {

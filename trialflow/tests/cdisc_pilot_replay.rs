@@ -9,13 +9,11 @@ use std::time::Duration;
 
 use chrono::NaiveDate;
 use tokio_util::sync::CancellationToken;
-use trialflow::pipeline::{PipelineConfig, Schemas};
+use trialflow::pipeline::PipelineConfig;
 use trialflow::replay::{self, DemoSummary, ReplayOptions};
-use trialflow_outbox::SchemaName;
 use trialflow_producers::cdisc_pilot::data::{self, Domains, Row};
 use trialflow_producers::cdisc_pilot::plan::{Action, Delivery, Plan};
-use trialflow_schemas::topics::TopicNames;
-use trialflow_testkit::{database_url, init_logs, kafka, unique};
+use trialflow_testkit::{database_url, init_logs, kafka};
 
 /// Small sites with screen failures, partial AE onset dates, serious AEs and hypertensive
 /// readings between them.
@@ -23,27 +21,6 @@ const SITES: &[&str] = &["706", "707", "711", "718"];
 
 fn data_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.data/cdisc-pilot")
-}
-
-fn config() -> anyhow::Result<PipelineConfig> {
-    let mut config = PipelineConfig::local(&database_url(), &kafka());
-    config.schemas = Schemas {
-        site_api: SchemaName::new(unique("sa"))?,
-        enrollment: SchemaName::new(unique("enr"))?,
-        kit_allocation: SchemaName::new(unique("kit"))?,
-        epro: SchemaName::new(unique("epro"))?,
-        monitoring: SchemaName::new(unique("mon"))?,
-        notifier: SchemaName::new(unique("ntf"))?,
-    };
-    config.topics = TopicNames::new(format!("{}.", unique("pilot").replace('_', "-")));
-    config.partitions = 3;
-    config.site_api.listen = "127.0.0.1:0".parse()?;
-    config.epro_gateway.listen = "127.0.0.1:0".parse()?;
-    config.alert_api.listen = "127.0.0.1:0".parse()?;
-    config.relay.poll_interval_ms = 100;
-    config.consumer.park_retry_ms = 200;
-    config.consumer.max_backoff_ms = 500;
-    Ok(config)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,8 +34,13 @@ async fn a_slice_of_the_pilot_replays_to_the_expected_outcome_and_a_second_repla
     let expected = Expected::compute(&source, &plan);
 
     let shutdown = CancellationToken::new();
-    let (pipeline, clock, config) =
-        replay::start_pipeline(config()?, &data_dir(), replay::first_instant(&plan), &shutdown).await?;
+    let (pipeline, clock, config) = replay::start_pipeline(
+        PipelineConfig::isolated("pilot", &database_url(), &kafka())?,
+        &data_dir(),
+        replay::first_instant(&plan),
+        &shutdown,
+    )
+    .await?;
     let options = ReplayOptions {
         data_dir: data_dir(),
         sites: sites.clone(),

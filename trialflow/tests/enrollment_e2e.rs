@@ -9,10 +9,9 @@ use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
-use trialflow::pipeline::{Pipeline, PipelineConfig, Schemas};
+use trialflow::pipeline::{Pipeline, PipelineConfig};
 use trialflow_outbox::SchemaName;
-use trialflow_schemas::topics::TopicNames;
-use trialflow_testkit::{database_url, init_logs, kafka, unique, wait_until};
+use trialflow_testkit::{database_url, init_logs, kafka, wait_until};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -78,24 +77,7 @@ async fn count(pool: &PgPool, schema: &SchemaName, condition: &str) -> anyhow::R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sites_enroll_subjects_through_the_api_and_a_shipment_releases_the_held_ones() -> anyhow::Result<()> {
     init_logs();
-    let prefix = format!("{}.", unique("e2e").replace('_', "-"));
-    let mut config = PipelineConfig::local(&database_url(), &kafka());
-    config.schemas = Schemas {
-        site_api: SchemaName::new(unique("sa"))?,
-        enrollment: SchemaName::new(unique("enr"))?,
-        kit_allocation: SchemaName::new(unique("kit"))?,
-        epro: SchemaName::new(unique("epro"))?,
-        monitoring: SchemaName::new(unique("mon"))?,
-        notifier: SchemaName::new(unique("ntf"))?,
-    };
-    config.topics = TopicNames::new(prefix);
-    config.partitions = 3;
-    config.site_api.listen = "127.0.0.1:0".parse()?;
-    config.epro_gateway.listen = "127.0.0.1:0".parse()?;
-    config.alert_api.listen = "127.0.0.1:0".parse()?;
-    config.relay.poll_interval_ms = 100;
-    config.consumer.park_retry_ms = 200;
-    config.consumer.max_backoff_ms = 500;
+    let config = PipelineConfig::isolated("e2e", &database_url(), &kafka())?;
     let enrollment = config.schemas.enrollment.clone();
     let epro_schema = config.schemas.epro.clone();
     let shutdown = CancellationToken::new();

@@ -10,12 +10,12 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
 use trialflow::load::{EPRO_EVERY, Input, LoadConfig, run_load};
-use trialflow::pipeline::{Pipeline, PipelineConfig, Schemas};
+use trialflow::pipeline::{Pipeline, PipelineConfig};
 use trialflow_consumers::{epro, monitoring};
-use trialflow_outbox::{KafkaConfig, SchemaName};
+use trialflow_outbox::KafkaConfig;
 use trialflow_schemas::topics::TopicNames;
 use trialflow_schemas::{QuestionnaireResponseSubmitted, VitalSignRecorded};
-use trialflow_testkit::{database_url, init_logs, kafka, unique, wait_until};
+use trialflow_testkit::{database_url, init_logs, kafka, wait_until};
 
 const WAIT: Duration = Duration::from_secs(120);
 const STUDY: &str = "LOADTEST";
@@ -58,24 +58,8 @@ async fn caught_up(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_enrolls_every_subject_and_a_rerun_of_its_study_creates_nothing() -> anyhow::Result<()> {
     init_logs();
-    let prefix = format!("{}.", unique("load").replace('_', "-"));
-    let mut config = PipelineConfig::local(&database_url(), &kafka());
-    config.schemas = Schemas {
-        site_api: SchemaName::new(unique("sa"))?,
-        enrollment: SchemaName::new(unique("enr"))?,
-        kit_allocation: SchemaName::new(unique("kit"))?,
-        epro: SchemaName::new(unique("epro"))?,
-        monitoring: SchemaName::new(unique("mon"))?,
-        notifier: SchemaName::new(unique("ntf"))?,
-    };
-    config.topics = TopicNames::new(prefix.clone());
-    config.partitions = 3;
-    config.site_api.listen = "127.0.0.1:0".parse()?;
-    config.epro_gateway.listen = "127.0.0.1:0".parse()?;
-    config.alert_api.listen = "127.0.0.1:0".parse()?;
-    config.relay.poll_interval_ms = 100;
-    config.consumer.park_retry_ms = 200;
-    config.consumer.max_backoff_ms = 500;
+    let config = PipelineConfig::isolated("load", &database_url(), &kafka())?;
+    let prefix = config.topics.prefix().to_string();
     let s = config.schemas.clone();
     let shutdown = CancellationToken::new();
     let pipeline = Pipeline::start(config, &shutdown).await?;

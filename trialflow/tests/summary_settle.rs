@@ -19,8 +19,7 @@ use trialflow::summary::{
     self, AlertSummary, ArmSubjects, DeadLetters, EproSummary, HoldReason, KitSummary, ReasonCount,
     RuleAlerts, SiteKits, SiteSubjects, StudySummary, SubjectSummary, WindowCount,
 };
-use trialflow_outbox::SchemaName;
-use trialflow_schemas::topics::{self, TopicNames};
+use trialflow_schemas::topics;
 use trialflow_schemas::{
     Answer, Envelope, Event, PartialDateTime, QuestionnaireResponseSubmitted, ResponseStatus, Timestamp,
     VitalSignRecorded,
@@ -186,24 +185,7 @@ async fn settled(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_summary_after_settling_counts_exactly_what_the_scenario_sent() -> anyhow::Result<()> {
     init_logs();
-    let prefix = format!("{}.", unique("sum").replace('_', "-"));
-    let mut config = PipelineConfig::local(&database_url(), &kafka());
-    config.schemas = Schemas {
-        site_api: SchemaName::new(unique("sa"))?,
-        enrollment: SchemaName::new(unique("enr"))?,
-        kit_allocation: SchemaName::new(unique("kit"))?,
-        epro: SchemaName::new(unique("epro"))?,
-        monitoring: SchemaName::new(unique("mon"))?,
-        notifier: SchemaName::new(unique("ntf"))?,
-    };
-    config.topics = TopicNames::new(prefix);
-    config.partitions = 3;
-    config.site_api.listen = "127.0.0.1:0".parse()?;
-    config.epro_gateway.listen = "127.0.0.1:0".parse()?;
-    config.alert_api.listen = "127.0.0.1:0".parse()?;
-    config.relay.poll_interval_ms = 100;
-    config.consumer.park_retry_ms = 200;
-    config.consumer.max_backoff_ms = 500;
+    let config = PipelineConfig::isolated("sum", &database_url(), &kafka())?;
     let groups = pipeline::consumer_groups(&config);
     let (schemas, names, dlq_suffix) =
         (config.schemas.clone(), config.topics.clone(), config.consumer.dlq_suffix.clone());
