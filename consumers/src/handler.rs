@@ -67,6 +67,25 @@ pub trait Handler: Send + Sync + 'static {
             .map_err(|e| HandlerError::permanent(format!("event_id header `{text}` is not a uuid: {e}")))
     }
 
+    /// Runs once per batch transaction, before the inbox rows and before any [`Handler::handle`],
+    /// with every message of the batch (duplicates and set-aside ones included). It is where a
+    /// handler takes, in one fixed order, the row locks its messages will take one by one: two
+    /// batches of different partitions that need the same rows then queue instead of deadlocking
+    /// (PostgreSQL needs `deadlock_timeout` to notice and rolls one batch back). A row lock held
+    /// by the transaction is taken again by `handle` without waiting.
+    ///
+    /// It must ignore messages it cannot decode (`handle` dead-letters them), must not commit or
+    /// roll back `tx`, and an error rolls the batch back and retries it, as a transient failure.
+    /// Default: nothing.
+    fn prepare<'a>(
+        &'a self,
+        tx: &'a mut Transaction<'static, Postgres>,
+        batch: &'a [Message],
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a {
+        let _ = (tx, batch);
+        async { Ok(()) }
+    }
+
     /// Applies one message. Must not commit or roll back `tx`.
     fn handle<'a>(
         &'a self,

@@ -49,9 +49,12 @@ async fn retry_due<H: Handler>(shared: &Shared<H>) -> Result<usize, HandlerError
         let dependencies: Vec<&str> = due.iter().map(|r| r.dependency.as_str()).collect();
         debug!(consumer = name, ?dependencies, "Retrying parked messages.");
     }
+    // The same lock order as a live batch (see `Handler::prepare`), or parked messages released
+    // together could deadlock with one.
+    let messages: Vec<_> = due.iter().map(|row| row.message()).collect();
+    shared.handler.prepare(&mut tx, &messages).await?;
     let mut resolved = Vec::new();
-    for row in &due {
-        let msg = row.message();
+    for (row, msg) in due.iter().zip(messages) {
         sqlx::query("SAVEPOINT parked").execute(&mut *tx).await?;
         let mut ctx = Context::new(shared.outbox.clone());
         match shared.handler.handle(&mut tx, &msg, &mut ctx).await {

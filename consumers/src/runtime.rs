@@ -343,9 +343,10 @@ async fn apply_batch<H: Handler>(
     }
 }
 
-/// One transaction: the inbox rows of the whole batch in one statement (a conflict means already
-/// taken), then the handler per new message in offset order, dead letters and parked messages of
-/// the set-aside ones, dependency wake-ups; commit.
+/// One transaction: the handler's batch-wide locks ([`Handler::prepare`]), the inbox rows of the
+/// whole batch in one statement (a conflict means already taken), then the handler per new
+/// message in offset order, dead letters and parked messages of the set-aside ones, dependency
+/// wake-ups; commit.
 async fn try_batch<H: Handler>(
     shared: &Shared<H>,
     batch: &[Message],
@@ -363,6 +364,11 @@ async fn try_batch<H: Handler>(
         }
     }
     let mut tx = shared.pool.begin().await?;
+    // Whatever `prepare` says, the batch is retried whole: it runs before any message is applied,
+    // so no single message can be set aside for it.
+    if let Err(e) = shared.handler.prepare(&mut tx, batch).await {
+        return Err(BatchError::Transient(HandlerError::Transient(format!("preparing the batch: {e}"))));
+    }
     let (take_ids, take_offsets): (Vec<uuid::Uuid>, Vec<i64>) = batch
         .iter()
         .zip(&ids)

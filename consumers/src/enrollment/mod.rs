@@ -14,10 +14,22 @@
 //! refuses a second slot for one subject); a number, once taken, stays taken even if the subject
 //! is put on hold or withdraws. Lists are generated from the study's seed when the study is
 //! configured ([`randomization::generate`]) and never leave this service's schema.
+//!
+//! Lock order: a batch (one partition's messages, one transaction) that holds any
+//! `EnrollmentRequested` first locks every randomization list of the studies those requests are
+//! about, ordered by (study, stratum) ([`Handler::prepare`]); taking a slot then locks nothing new.
+//! Without that, a batch taking stratum F then M and another taking M then F deadlock, and
+//! PostgreSQL breaks the tie only after `deadlock_timeout` (1 s) by rolling one back. The price:
+//! batches with requests for the same study are serialized even when their strata differ.
+//! Enrollment requests are few next to the other events and a batch holds the lists for
+//! milliseconds, so the lost parallelism does not matter; a deadlock per pair of batches did.
+//! The runtime's parking loop calls `prepare` too, on each slice of parked messages it retries.
 
 pub mod gates;
 pub mod randomization;
 mod store;
+
+use std::collections::BTreeSet;
 
 use sqlx::{Postgres, Transaction};
 use tracing::{debug, info, warn};
@@ -360,6 +372,28 @@ impl Enrollment {
 }
 
 impl Handler for Enrollment {
+    /// Locks the randomization lists of every study with an `EnrollmentRequested` in the batch (see
+    /// the module documentation); a batch without one locks nothing. Undecodable messages are
+    /// skipped here and dead-lettered by `handle`.
+    async fn prepare(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        batch: &[Message],
+    ) -> Result<(), HandlerError> {
+        let studies: BTreeSet<String> = batch
+            .iter()
+            .filter_map(|message| match decode(message) {
+                Ok(AnyEvent::EnrollmentRequested(e)) => Some(e.envelope.study_id),
+                _ => None,
+            })
+            .collect();
+        if studies.is_empty() {
+            return Ok(());
+        }
+        let studies: Vec<&str> = studies.iter().map(String::as_str).collect();
+        store::lock_lists(tx, &self.schema, &studies).await
+    }
+
     async fn handle(
         &self,
         tx: &mut Transaction<'static, Postgres>,

@@ -252,6 +252,23 @@ pub(crate) async fn set_eligibility(
     Ok(())
 }
 
+/// Locks every randomization list of `study_ids` until the transaction ends, in one order
+/// (study, stratum) for every caller: the batch-wide form of the lock [`take_slot`] takes, in
+/// the same mode (`NO KEY UPDATE`, what an `UPDATE` of non-key columns takes), so that it blocks
+/// exactly what `take_slot` blocks.
+pub(crate) async fn lock_lists(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    study_ids: &[&str],
+) -> Result<(), HandlerError> {
+    let sql = format!(
+        "SELECT 1 FROM {schema}.randomization_list WHERE study_id = ANY($1)
+         ORDER BY study_id, stratum FOR NO KEY UPDATE"
+    );
+    sqlx::query(AssertSqlSafe(sql)).bind(study_ids).fetch_all(&mut *conn).await?;
+    Ok(())
+}
+
 /// Takes the next slot of the stratum's list for the subject, or `None` when the list is used up.
 ///
 /// The `UPDATE` of the list row is the list's lock: a concurrent randomization in the same

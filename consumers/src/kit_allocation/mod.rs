@@ -10,9 +10,23 @@
 //!
 //! "Today" for the expiry buffers is the date (UTC) of the event being applied, so a replay on a
 //! virtual clock dispenses the same kits as the original run.
+//!
+//! Lock order: every change to a site's inventory (a shipment, an assignment) holds the site's
+//! row of `site_inventory` until its transaction ends. A batch (one partition's messages, one
+//! transaction) takes the rows of all the sites its `KitsReceived` and `TreatmentAssigned` name
+//! before applying any message, ordered by (study, site) ([`Handler::prepare`]); otherwise a
+//! batch taking site A then B and another taking B then A deadlock, and PostgreSQL breaks the tie
+//! only after `deadlock_timeout` (1 s) by rolling one back. A site's first row is created there
+//! too (a row being inserted is as exclusive as a locked one), for the sites of configured
+//! studies; only a study configured by another batch between `prepare` and the message leaves
+//! its sites' first rows to the messages, outside that order: at worst a retried batch, once, at
+//! study set-up. The runtime's parking loop calls `prepare` too, on each slice of parked
+//! messages it retries.
 
 pub mod rules;
 mod store;
+
+use std::collections::BTreeSet;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{PgConnection, Postgres, Transaction};
@@ -273,6 +287,30 @@ impl KitAllocation {
 }
 
 impl Handler for KitAllocation {
+    /// Locks the inventory of every site a shipment or an assignment of the batch is for (see the
+    /// module documentation). Undecodable messages and messages without a site are skipped here;
+    /// `handle` dead-letters them.
+    async fn prepare(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        batch: &[Message],
+    ) -> Result<(), HandlerError> {
+        let envelopes: Vec<Envelope> = batch
+            .iter()
+            .filter_map(|message| match decode(message) {
+                Ok(AnyEvent::KitsReceived(e)) => Some(e.envelope),
+                Ok(AnyEvent::TreatmentAssigned(e)) => Some(e.envelope),
+                _ => None,
+            })
+            .collect();
+        let sites: BTreeSet<(&str, &str)> =
+            envelopes.iter().filter_map(|e| Some((e.study_id.as_str(), e.site_id.as_deref()?))).collect();
+        if sites.is_empty() {
+            return Ok(());
+        }
+        store::lock_sites(tx, &self.schema, &sites).await
+    }
+
     async fn handle(
         &self,
         tx: &mut Transaction<'static, Postgres>,

@@ -1,5 +1,7 @@
 //! The kit-allocation consumer's SQL. Every function runs inside the handler's transaction.
 
+use std::collections::BTreeSet;
+
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 use trialflow_outbox::SchemaName;
@@ -145,6 +147,38 @@ pub(crate) async fn lock_site(
     let sql =
         format!("SELECT 1 FROM {schema}.site_inventory WHERE study_id = $1 AND site_id = $2 FOR UPDATE");
     sqlx::query(AssertSqlSafe(sql)).bind(study_id).bind(site_id).fetch_one(&mut *conn).await?;
+    Ok(())
+}
+
+/// Takes the inventory locks of several sites at once (creating the rows of configured studies'
+/// sites on first use), in one order, (study, site), for every caller: the batch-wide form of
+/// [`lock_site`], after which `lock_site` waits for nothing.
+///
+/// Two statements, each in that order: first the missing rows are inserted, then all rows are
+/// locked. A row one transaction inserts and another needs makes the second wait in its insert
+/// (before it locks anything), and inserts go in ascending order too, so no two transactions ever
+/// wait for each other in opposite orders. Sites of studies not configured yet are skipped: their
+/// messages park (and the foreign key to `study` would refuse the row).
+pub(crate) async fn lock_sites(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    sites: &BTreeSet<(&str, &str)>,
+) -> Result<(), HandlerError> {
+    let (study_ids, site_ids): (Vec<&str>, Vec<&str>) = sites.iter().copied().unzip();
+    let sql = format!(
+        "INSERT INTO {schema}.site_inventory (study_id, site_id)
+         SELECT w.study_id, w.site_id FROM unnest($1::text[], $2::text[]) AS w(study_id, site_id)
+         JOIN {schema}.study USING (study_id)
+         ORDER BY w.study_id, w.site_id
+         ON CONFLICT DO NOTHING"
+    );
+    sqlx::query(AssertSqlSafe(sql)).bind(&study_ids).bind(&site_ids).execute(&mut *conn).await?;
+    let sql = format!(
+        "SELECT 1 FROM {schema}.site_inventory
+         WHERE (study_id, site_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+         ORDER BY study_id, site_id FOR UPDATE"
+    );
+    sqlx::query(AssertSqlSafe(sql)).bind(&study_ids).bind(&site_ids).fetch_all(&mut *conn).await?;
     Ok(())
 }
 
