@@ -11,22 +11,18 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
-use sqlx::{AssertSqlSafe, PgPool};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use trialflow_consumers::enrollment::{self, Enrollment};
-use trialflow_consumers::kit_allocation::{self, KitAllocation};
+use sqlx::AssertSqlSafe;
 use trialflow_consumers::metrics::RETRIES_TOTAL;
-use trialflow_consumers::{ConsumerConfig, ConsumerError, ConsumerSpec};
-use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
-use trialflow_schemas::topics::TopicNames;
+use trialflow_outbox::OutboxEvent;
 use trialflow_schemas::*;
-use trialflow_testkit::{RunningRelay, database_url, init_logs, kafka, relay_config, unique, wait_until};
 
-const WAIT: Duration = Duration::from_secs(180);
+mod common;
+
+use common::Trial;
+
 const STUDY: &str = "TF-LOCKS";
 const ARMS: [&str; 3] = ["PBO", "XAN_LO", "XAN_HI"];
 const KIT_TYPE: &str = "BOTTLE-30";
@@ -77,133 +73,6 @@ impl Recorder for RetryCounts {
 
     fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
         Histogram::noop()
-    }
-}
-
-type Running = (CancellationToken, JoinHandle<Result<(), ConsumerError>>);
-
-/// A private pipeline: its own topics, schemas, relay and consumers, whose names are unique to
-/// the test (metric label and inbox key).
-struct Trial {
-    topics: TopicNames,
-    enrollment: SchemaName,
-    kits: SchemaName,
-    pool: PgPool,
-    outbox: Outbox,
-    relay: Option<RunningRelay>,
-    consumers: Vec<Running>,
-}
-
-impl Trial {
-    async fn new(partitions: i32) -> anyhow::Result<Self> {
-        init_logs();
-        RetryCounts::installed();
-        let topics = TopicNames::new(format!("{}.", unique("l").replace('_', "-")));
-        let mut wanted: Vec<(String, i32)> = topics.all().into_iter().map(|t| (t, partitions)).collect();
-        wanted.extend(topics.all().into_iter().map(|t| (format!("{t}.dlq"), 1)));
-        let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
-        trialflow_outbox::kafka::ensure_topics(&kafka(), &refs).await?;
-        let url = database_url();
-        let source = SchemaName::new(unique("src"))?;
-        let enrollment = SchemaName::new(unique("enr"))?;
-        let kits = SchemaName::new(unique("kit"))?;
-        trialflow_outbox::migrate(&url, &source).await?;
-        enrollment::migrate(&url, &enrollment).await?;
-        kit_allocation::migrate(&url, &kits).await?;
-        let pool = PgPool::connect(&url).await?;
-        let outbox = Outbox::open(&pool, source.clone()).await?;
-        let relay = RunningRelay::start(relay_config(
-            &kafka(),
-            vec![source.clone(), enrollment.clone(), kits.clone()],
-        ));
-        Ok(Self { topics, enrollment, kits, pool, outbox, relay: Some(relay), consumers: Vec::new() })
-    }
-
-    /// The enrollment consumer's name in this test.
-    fn enrollment_name(&self) -> String {
-        format!("{}-{}", enrollment::NAME, self.enrollment)
-    }
-
-    fn kit_allocation_name(&self) -> String {
-        format!("{}-{}", kit_allocation::NAME, self.kits)
-    }
-
-    fn config(&self, group: String) -> ConsumerConfig {
-        let mut config = ConsumerConfig::local();
-        config.database.database_url = database_url();
-        config.kafka = kafka();
-        config.group_id = Some(group);
-        config.max_backoff_ms = 500;
-        config.park_retry_ms = 200;
-        config
-    }
-
-    /// Starts one more enrollment consumer instance (same group as the others).
-    fn start_enrollment(&mut self) {
-        let name = self.enrollment_name();
-        let spec =
-            ConsumerSpec { name: name.clone(), ..enrollment::spec(self.enrollment.clone(), &self.topics) };
-        let stop = CancellationToken::new();
-        let handle = tokio::spawn(trialflow_consumers::runtime::run(
-            spec,
-            self.config(name),
-            Enrollment::new(self.enrollment.clone(), self.topics.clone()),
-            stop.clone(),
-        ));
-        self.consumers.push((stop, handle));
-    }
-
-    /// Starts one more kit-allocation consumer instance (same group as the others).
-    fn start_kit_allocation(&mut self) {
-        let name = self.kit_allocation_name();
-        let spec =
-            ConsumerSpec { name: name.clone(), ..kit_allocation::spec(self.kits.clone(), &self.topics) };
-        let stop = CancellationToken::new();
-        let handle = tokio::spawn(trialflow_consumers::runtime::run(
-            spec,
-            self.config(name),
-            KitAllocation::new(self.kits.clone(), self.topics.clone()),
-            stop.clone(),
-        ));
-        self.consumers.push((stop, handle));
-    }
-
-    /// Publishes events the way a service does: one transaction through the outbox.
-    async fn send(&self, events: Vec<OutboxEvent>) -> anyhow::Result<()> {
-        let mut tx = self.pool.begin().await?;
-        self.outbox.enqueue_all(&mut tx, &events).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    fn event<E: Event>(&self, event: &E, key: &str) -> anyhow::Result<OutboxEvent> {
-        Ok(OutboxEvent::avro(event, self.topics.of::<E>(), key)?)
-    }
-
-    async fn count(&self, sql: &str) -> anyhow::Result<i64> {
-        let sql = sql.replace("{enr}", self.enrollment.as_str()).replace("{kit}", self.kits.as_str());
-        Ok(sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(&self.pool).await?)
-    }
-
-    async fn wait_count(&self, what: &str, sql: &str, expected: i64) -> anyhow::Result<()> {
-        let waited = wait_until(what, WAIT, || async { Ok(self.count(sql).await? == expected) }).await;
-        if let Err(e) = waited {
-            anyhow::bail!("{e} (last count: {:?})", self.count(sql).await.ok());
-        }
-        Ok(())
-    }
-
-    async fn stop(mut self) -> anyhow::Result<()> {
-        for (stop, _) in &self.consumers {
-            stop.cancel();
-        }
-        for (_, handle) in self.consumers.drain(..) {
-            handle.await??;
-        }
-        if let Some(relay) = self.relay.take() {
-            relay.stop().await?;
-        }
-        Ok(())
     }
 }
 
@@ -304,6 +173,7 @@ async fn enrollment_batches_alternating_strata_randomize_without_deadlock() -> a
     // Requests alternate between the two strata and are spread over 4 partitions and two
     // instances: without one lock order, two batches take the lists' rows as F then M and M then F.
     const SUBJECTS: usize = 240;
+    RetryCounts::installed();
     let mut trial = Trial::new(4).await?;
     trial.start_enrollment();
     trial.start_enrollment();
@@ -360,6 +230,7 @@ async fn kit_allocation_batches_over_many_sites_allocate_without_deadlock() -> a
     const SITES: [&str; 8] = ["801", "802", "803", "804", "805", "806", "807", "808"];
     const STOCKED: usize = 6;
     const PER_ARM: i64 = 10;
+    RetryCounts::installed();
     let mut trial = Trial::new(4).await?;
     trial.start_kit_allocation();
     trial.start_kit_allocation();

@@ -3,141 +3,21 @@
 //! the site API (its own tests live with it), so each test states exactly which events arrive.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
-use sqlx::{AssertSqlSafe, PgPool};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use trialflow_consumers::enrollment::{self, Enrollment};
-use trialflow_consumers::kit_allocation::{self, KitAllocation};
-use trialflow_consumers::{ConsumerConfig, ConsumerError};
+use sqlx::AssertSqlSafe;
+use trialflow_outbox::OutboxEvent;
 use trialflow_outbox::kafka::TopicReader;
-use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
-use trialflow_schemas::topics::{self, TopicNames};
+use trialflow_schemas::topics::{self};
 use trialflow_schemas::*;
-use trialflow_testkit::{RunningRelay, database_url, init_logs, kafka, relay_config, unique, wait_until};
+use trialflow_testkit::kafka;
 
-const WAIT: Duration = Duration::from_secs(120);
+mod common;
+
+use common::{Trial, WAIT};
+
 const STUDY: &str = "TF-PILOT";
 const ARMS: [&str; 3] = ["PBO", "XAN_LO", "XAN_HI"];
 const KIT_TYPE: &str = "BOTTLE-30";
-
-type Running = (CancellationToken, JoinHandle<Result<(), ConsumerError>>);
-
-/// A private pipeline: its own topics (behind a prefix), schemas, relay and consumers.
-struct Trial {
-    topics: TopicNames,
-    enrollment: SchemaName,
-    kits: SchemaName,
-    pool: PgPool,
-    outbox: Outbox,
-    relay: Option<RunningRelay>,
-    consumers: Vec<Running>,
-}
-
-impl Trial {
-    async fn new(partitions: i32) -> anyhow::Result<Self> {
-        init_logs();
-        let topics = TopicNames::new(format!("{}.", unique("e").replace('_', "-")));
-        let mut wanted: Vec<(String, i32)> = topics.all().into_iter().map(|t| (t, partitions)).collect();
-        wanted.extend(topics.all().into_iter().map(|t| (format!("{t}.dlq"), 1)));
-        let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
-        trialflow_outbox::kafka::ensure_topics(&kafka(), &refs).await?;
-        let url = database_url();
-        let source = SchemaName::new(unique("src"))?;
-        let enrollment = SchemaName::new(unique("enr"))?;
-        let kits = SchemaName::new(unique("kit"))?;
-        trialflow_outbox::migrate(&url, &source).await?;
-        enrollment::migrate(&url, &enrollment).await?;
-        kit_allocation::migrate(&url, &kits).await?;
-        let pool = PgPool::connect(&url).await?;
-        let outbox = Outbox::open(&pool, source.clone()).await?;
-        let relay = RunningRelay::start(relay_config(
-            &kafka(),
-            vec![source.clone(), enrollment.clone(), kits.clone()],
-        ));
-        Ok(Self { topics, enrollment, kits, pool, outbox, relay: Some(relay), consumers: Vec::new() })
-    }
-
-    fn config(&self, group: String) -> ConsumerConfig {
-        let mut config = ConsumerConfig::local();
-        config.database.database_url = database_url();
-        config.kafka = kafka();
-        config.group_id = Some(group);
-        config.max_backoff_ms = 500;
-        config.park_retry_ms = 200;
-        config
-    }
-
-    /// Starts one more enrollment consumer instance (same group as the others).
-    fn start_enrollment(&mut self) {
-        let stop = CancellationToken::new();
-        let handle = tokio::spawn(trialflow_consumers::runtime::run(
-            enrollment::spec(self.enrollment.clone(), &self.topics),
-            self.config(format!("enrollment-{}", self.enrollment)),
-            Enrollment::new(self.enrollment.clone(), self.topics.clone()),
-            stop.clone(),
-        ));
-        self.consumers.push((stop, handle));
-    }
-
-    /// Starts one more kit-allocation consumer instance (same group as the others).
-    fn start_kit_allocation(&mut self) {
-        let stop = CancellationToken::new();
-        let handle = tokio::spawn(trialflow_consumers::runtime::run(
-            kit_allocation::spec(self.kits.clone(), &self.topics),
-            self.config(format!("kits-{}", self.kits)),
-            KitAllocation::new(self.kits.clone(), self.topics.clone()),
-            stop.clone(),
-        ));
-        self.consumers.push((stop, handle));
-    }
-
-    /// Publishes events the way a service does: one transaction through the outbox.
-    async fn send(&self, events: Vec<OutboxEvent>) -> anyhow::Result<()> {
-        let mut tx = self.pool.begin().await?;
-        self.outbox.enqueue_all(&mut tx, &events).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    fn event<E: Event>(&self, event: &E, key: &str) -> anyhow::Result<OutboxEvent> {
-        Ok(OutboxEvent::avro(event, self.topics.of::<E>(), key)?)
-    }
-
-    async fn count(&self, sql: &str) -> anyhow::Result<i64> {
-        let sql = sql.replace("{enr}", self.enrollment.as_str()).replace("{kit}", self.kits.as_str());
-        Ok(sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(&self.pool).await?)
-    }
-
-    async fn wait_count(&self, what: &str, sql: &str, expected: i64) -> anyhow::Result<()> {
-        let waited = wait_until(what, WAIT, || async { Ok(self.count(sql).await? == expected) }).await;
-        if let Err(e) = waited {
-            anyhow::bail!("{e} (last count: {:?})", self.count(sql).await.ok());
-        }
-        Ok(())
-    }
-
-    /// Every catalogue event on `topic` (catalogue name), read from the beginning.
-    async fn published(&self, topic: &str, expected: usize) -> anyhow::Result<Vec<AnyEvent>> {
-        let reader = TopicReader::new(&kafka(), &self.topics.name(topic), true)?;
-        let messages = reader.read_until(WAIT, move |m| m.len() >= expected).await?;
-        Ok(messages.iter().filter_map(|m| decode_any(&m.payload).ok()).collect())
-    }
-
-    async fn stop(mut self) -> anyhow::Result<()> {
-        for (stop, _) in &self.consumers {
-            stop.cancel();
-        }
-        for (_, handle) in self.consumers.drain(..) {
-            handle.await??;
-        }
-        if let Some(relay) = self.relay.take() {
-            relay.stop().await?;
-        }
-        Ok(())
-    }
-}
 
 fn envelope<E: Event>(site: Option<&str>, subject: Option<&str>) -> Envelope {
     let mut e = Envelope::new(E::NAME, STUDY, "test-site-api", Timestamp::now());
