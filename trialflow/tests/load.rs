@@ -110,7 +110,13 @@ async fn a_load_enrolls_every_subject_and_a_rerun_of_its_study_creates_nothing()
     .await?;
     let accepted = format!("{decided} AND outcome = 'accepted'");
     assert_eq!(count(&pool, &accepted).await?, submissions as i64, "every PHQ-9 is valid");
-    let alerts = format!("SELECT count(*) FROM {}.alert WHERE study_id = '{STUDY}'", s.monitoring);
+    // No vital sign or PHQ-9 alert: every generated value is normal. (Supply alerts can be
+    // legitimate here: an assignment may reach kit allocation before its site's shipment, which
+    // travels on another topic, and the subject is held — `HOLD-NO-KIT` — until it arrives.)
+    let alerts = format!(
+        "SELECT count(*) FROM {}.alert WHERE study_id = '{STUDY}' AND rule_id NOT IN ('HOLD-NO-KIT', 'SITE-LOW-STOCK')",
+        s.monitoring
+    );
     assert_eq!(count(&pool, &alerts).await?, 0, "every generated value is normal");
 
     // The same study again: every site API command is answered from the first run, and the
