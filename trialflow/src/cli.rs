@@ -329,3 +329,23 @@ pub async fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
     tracing::info!(schemas = ?service_schemas(), "Migrations applied.");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent_and_the_replay_commands_parse() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["trialflow", "replay", "cdisc-pilot", "--sites", "701,703"]);
+        let Ok(Cli { command: Command::Replay(replay), .. }) = cli else { panic!("{cli:?}") };
+        assert_eq!(replay.args.sites, ["701", "703"]);
+        assert_eq!(replay.args.days_per_second, None, "the command's own default applies");
+        let cli = Cli::try_parse_from(["trialflow", "demo", "--then", "exit", "--days-per-second", "5"]);
+        let Ok(Cli { command: Command::Demo(demo), .. }) = cli else { panic!("{cli:?}") };
+        assert_eq!((demo.then, demo.replay.days_per_second), (demo::Then::Exit, Some(5.0)));
+        assert!(Cli::try_parse_from(["trialflow", "replay", "some-other-trial"]).is_err());
+    }
+}
