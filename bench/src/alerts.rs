@@ -250,23 +250,7 @@ async fn raw_baseline(kafka: &KafkaConfig, topic: &str, rate: u64, seconds: u64)
     let warmup = FutureRecord::to(topic).key("raw-warmup").payload(&payload);
     producer.send(warmup, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
     tokio::time::timeout(Duration::from_secs(60), ready_rx).await??;
-    let started = Instant::now();
-    let mut sent = Vec::with_capacity(total);
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..total {
-        let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
-        tokio::time::sleep_until(due.into()).await;
-        let key = format!("raw-{i}");
-        sent.push((key.clone(), due));
-        let (producer, topic, payload) = (producer.clone(), topic.to_string(), payload.clone());
-        tasks.spawn(async move {
-            let record = FutureRecord::to(&topic).key(&key).payload(&payload);
-            producer.send(record, Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e)
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done??;
-    }
+    let sent = crate::paced_produce(&producer, topic, &payload, rate as f64, total).await?;
     let got = reader.await?;
     let mut latencies: Vec<f64> = sent
         .iter()

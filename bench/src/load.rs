@@ -196,23 +196,7 @@ async fn raw_hop(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<(f64, f64)>
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let started = Instant::now();
-    let mut sent = Vec::with_capacity(total);
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..total {
-        let due = started + Duration::from_secs_f64(i as f64 / f64::from(RATE));
-        tokio::time::sleep_until(due.into()).await;
-        let key = format!("raw-{i}");
-        sent.push((key.clone(), due));
-        let (producer, topic, payload) = (producer.clone(), topic.to_string(), payload.clone());
-        tasks.spawn(async move {
-            let record = FutureRecord::to(&topic).key(&key).payload(&payload);
-            producer.send(record, Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e)
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done??;
-    }
+    let sent = crate::paced_produce(&producer, topic, &payload, f64::from(RATE), total).await?;
     reader.await?;
     let arrived = arrivals_of(&arrived, "");
     let ms: Vec<f64> = sent

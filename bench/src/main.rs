@@ -115,6 +115,36 @@ pub(crate) fn bench(name: &str, value: f64, unit: &str) {
     println!("BENCH {name}={value:.1} {unit}");
 }
 
+/// The raw baselines' sender: produces `total` copies of `payload` keyed `raw-<i>` at `rate` per
+/// second from now, each on its own schedule (a late one does not delay the next); returns each
+/// key with its scheduled send, the instant latencies count from.
+pub(crate) async fn paced_produce(
+    producer: &FutureProducer,
+    topic: &str,
+    payload: &[u8],
+    rate: f64,
+    total: usize,
+) -> anyhow::Result<Vec<(String, Instant)>> {
+    let started = Instant::now();
+    let mut sent = Vec::with_capacity(total);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..total {
+        let due = started + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        let key = format!("raw-{i}");
+        sent.push((key.clone(), due));
+        let (producer, topic, payload) = (producer.clone(), topic.to_string(), payload.to_vec());
+        tasks.spawn(async move {
+            let record = FutureRecord::to(&topic).key(&key).payload(&payload);
+            producer.send(record, Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e)
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(sent)
+}
+
 pub(crate) fn progress(msg: &str) {
     eprintln!("[bench] {msg}");
 }

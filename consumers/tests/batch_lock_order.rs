@@ -113,25 +113,10 @@ fn study(slots_per_stratum: i32) -> StudyConfigured {
 
 /// `per_arm` kits of every arm, expiring in two years.
 fn shipment(site: &str, per_arm: i64) -> KitsReceived {
-    let expiry = Date::from(chrono::Utc::now().date_naive() + chrono::Days::new(730));
-    let mut kits = Vec::new();
-    for (a, arm) in ARMS.iter().enumerate() {
-        for i in 0..per_arm {
-            let sequence = 1 + a as i64 * per_arm + i;
-            kits.push(ReceivedKit {
-                kit_number: format!("K-{site}-{sequence:05}"),
-                sequence_number: sequence,
-                kit_type: KIT_TYPE.into(),
-                lot: "LOT-1".into(),
-                expiry_date: expiry,
-                arm_code: arm.to_string(),
-            });
-        }
-    }
     KitsReceived {
         envelope: envelope::<KitsReceived>(Some(site), None),
         shipment_id: format!("SH-{site}"),
-        kits,
+        kits: common::kits(site, &ARMS, KIT_TYPE, per_arm, 1),
     }
 }
 

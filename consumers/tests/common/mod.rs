@@ -15,7 +15,7 @@ use trialflow_consumers::{ConsumerConfig, ConsumerError, ConsumerSpec};
 use trialflow_outbox::kafka::TopicReader;
 use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
 use trialflow_schemas::topics::TopicNames;
-use trialflow_schemas::{AnyEvent, Event, decode_any};
+use trialflow_schemas::{AnyEvent, Date, Event, ReceivedKit, decode_any};
 use trialflow_testkit::{RunningRelay, database_url, init_logs, kafka, relay_config, unique, wait_until};
 
 /// How long a test waits for the pipeline to reach a state.
@@ -152,4 +152,31 @@ impl Trial {
         }
         Ok(())
     }
+}
+
+/// `per_arm` kits of each of `arms` (in that order), sequence numbers from `first_sequence`,
+/// expiring in two years: the kits of a test shipment.
+pub(crate) fn kits(
+    site: &str,
+    arms: &[&str],
+    kit_type: &str,
+    per_arm: i64,
+    first_sequence: i64,
+) -> Vec<ReceivedKit> {
+    let expiry = Date::from(chrono::Utc::now().date_naive() + chrono::Days::new(730));
+    let mut kits = Vec::new();
+    for (a, arm) in arms.iter().enumerate() {
+        for i in 0..per_arm {
+            let sequence = first_sequence + a as i64 * per_arm + i;
+            kits.push(ReceivedKit {
+                kit_number: format!("K-{site}-{sequence:05}"),
+                sequence_number: sequence,
+                kit_type: kit_type.into(),
+                lot: "LOT-1".into(),
+                expiry_date: expiry,
+                arm_code: arm.to_string(),
+            });
+        }
+    }
+    kits
 }
