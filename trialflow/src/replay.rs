@@ -12,7 +12,7 @@
 //! Every id is deterministic: site commands carry an `Idempotency-Key` derived from their natural
 //! key, EDC records and submissions a UUIDv5 event id. A second replay changes nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -213,7 +213,18 @@ pub async fn replay(
     let watcher = Watcher::start(kafka, topics)?;
     let progress = Progress::new(plan, options.progress);
     let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&config.relay.database.database_url)
+        .await
+        .context("connecting to the database")?;
     let mut driver = Driver {
+        pool: pool.clone(),
+        enrolled_sql: format!(
+            "SELECT count(*) FROM {}.subject WHERE study_id = $1 AND subject_id = $2 AND enrolled_at IS NOT NULL",
+            config.schemas.epro
+        ),
+        apps_started: HashSet::new(),
         http,
         site_api: format!("http://{}", pipeline.site_api_addr()),
         gateway: format!("http://{}", pipeline.epro_gateway_addr()),
@@ -225,11 +236,6 @@ pub async fn replay(
 
     progress.say("Setting the study up (study, sites, kit shipments) through the site API.");
     driver.set_up(plan).await?;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&config.relay.database.database_url)
-        .await
-        .context("connecting to the database")?;
     wait_for_kits(&pool, config, plan, shutdown).await?;
 
     let pace = Pace::new(options.days_per_second, plan.steps.first().map(|s| s.at));
@@ -376,6 +382,11 @@ struct SentAt {
 }
 
 struct Driver {
+    pool: sqlx::PgPool,
+    /// Whether the validator knows a subject's enrollment (1) or not yet (0).
+    enrolled_sql: String,
+    /// Subjects whose app has submitted already.
+    apps_started: HashSet<String>,
     http: reqwest::Client,
     site_api: String,
     gateway: String,
@@ -507,12 +518,41 @@ impl Driver {
         Ok(())
     }
 
+    /// Waits until the validator knows that `subject` is enrolled. On the study's timeline two
+    /// weeks pass between enrollment and the first questionnaire; compressed, the questionnaire
+    /// would overtake the enrollment, be parked, and its duplicate (sent a study day later) could be
+    /// decided first and judged by its own, later, arrival. Live, that cannot happen; so the
+    /// replay keeps the order the timeline implies.
+    async fn wait_until_enrolled(&self, subject: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut every = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            every.tick().await;
+            let known: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(self.enrolled_sql.as_str()))
+                .bind(pilot::STUDY_ID)
+                .bind(subject)
+                .fetch_one(&self.pool)
+                .await
+                .context("asking the validator's database about an enrollment")?;
+            if known > 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the ePRO validator did not learn of {subject}'s enrollment within 120 s");
+            }
+        }
+    }
+
     async fn submit(
         &mut self,
         submission: &QuestionnaireResponseSubmitted,
         delivery: Delivery,
         resend: bool,
     ) -> anyhow::Result<()> {
+        let subject = submission.envelope.subject_id.clone().unwrap_or_default();
+        if self.apps_started.insert(subject.clone()) {
+            self.wait_until_enrolled(&subject).await?;
+        }
         if !resend {
             self.sent_at.submissions.insert(submission.submission_id, now_ms());
         }
