@@ -122,9 +122,12 @@ kafka_up() {
 down() {
   if kafka_running; then log "stopping Tansu"; kill "$(kafka_pid)"; fi
   rm -f "$DATA/tansu.pid"
-  if [ -f "$PG_DIR/PG_VERSION" ] && as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR" status >/dev/null 2>&1; then
+  # The real path: .data/pg may link to the fallback under /var/tmp, and postgres may not be
+  # able to traverse the checkout's path to follow the link.
+  local pg_real; pg_real="$(readlink -f "$PG_DIR")"
+  if [ -f "$pg_real/PG_VERSION" ] && as_pg "$PG_BIN/pg_ctl" -D "$pg_real" status >/dev/null 2>&1; then
     log "stopping PostgreSQL"
-    as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR" -m fast -w stop >/dev/null
+    as_pg "$PG_BIN/pg_ctl" -D "$pg_real" -m fast -w stop >/dev/null
   fi
 }
 
@@ -133,7 +136,7 @@ case "${1:-}" in
       log "ready: DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/$PG_DB KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_PORT" ;;
   down) down ;;
   status)
-    as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR" status >/dev/null 2>&1 && echo "postgres: running on $PG_PORT" || echo "postgres: stopped"
+    as_pg "$PG_BIN/pg_ctl" -D "$(readlink -f "$PG_DIR")" status >/dev/null 2>&1 && echo "postgres: running on $PG_PORT" || echo "postgres: stopped"
     kafka_running && echo "kafka: running on $KAFKA_PORT (pid $(kafka_pid))" || echo "kafka: stopped" ;;
   *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
 esac
