@@ -1,7 +1,8 @@
 //! The monitoring consumer over the real stack: a stream of vital signs for 50 subjects (three
 //! positions per blood-pressure measurement, temperatures), some published twice, produces exactly
 //! the alert episodes the test computes on its own from the same readings; escalation fires after
-//! its time and stops once acknowledged.
+//! its time and stops once acknowledged; readings without a visit, or too few of one visit, never
+//! make a visit mean.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -105,7 +106,7 @@ struct Obs {
     value: f64,
     unit: &'static str,
     at: DateTime<Utc>,
-    visit: String,
+    visit: Option<String>,
 }
 
 fn vital(study: &str, o: &Obs) -> VitalSignRecorded {
@@ -120,7 +121,7 @@ fn vital(study: &str, o: &Obs) -> VitalSignRecorded {
         unit: o.unit.into(),
         position: None,
         effective: PartialDateTime::parse(&o.at.format("%Y-%m-%dT%H:%M:%S").to_string()),
-        visit: Some(o.visit.clone()),
+        visit: o.visit.clone(),
         visit_day: None,
     }
 }
@@ -143,10 +144,11 @@ fn expected(stream: &[Obs]) -> BTreeMap<(String, String), usize> {
             _ => {}
         }
     }
-    // Severe hypertension: the mean of a visit's three readings of one measure.
+    // Severe hypertension: the mean of a visit's three readings of one measure (no visit, no mean).
     let mut visits: BTreeMap<(String, String, &str), Vec<f64>> = BTreeMap::new();
     for o in stream.iter().filter(|o| o.code == SBP || o.code == DBP) {
-        visits.entry((o.subject.clone(), o.visit.clone(), o.code)).or_default().push(o.value);
+        let Some(visit) = &o.visit else { continue };
+        visits.entry((o.subject.clone(), visit.clone(), o.code)).or_default().push(o.value);
     }
     let mut severe: BTreeMap<String, usize> = BTreeMap::new();
     for ((subject, _, code), values) in &visits {
@@ -184,7 +186,7 @@ async fn vitals_of_50_subjects_raise_exactly_the_expected_episodes() -> anyhow::
                     value: sbp,
                     unit: "mm[Hg]",
                     at: t,
-                    visit: name.clone(),
+                    visit: Some(name.clone()),
                 });
                 stream.push(Obs {
                     subject: subject.clone(),
@@ -192,7 +194,7 @@ async fn vitals_of_50_subjects_raise_exactly_the_expected_episodes() -> anyhow::
                     value: dbp,
                     unit: "mm[Hg]",
                     at: t,
-                    visit: name.clone(),
+                    visit: Some(name.clone()),
                 });
             }
             let temp =
@@ -204,7 +206,7 @@ async fn vitals_of_50_subjects_raise_exactly_the_expected_episodes() -> anyhow::
                 value: temp,
                 unit: "Cel",
                 at,
-                visit: name,
+                visit: Some(name),
             });
         }
     }
@@ -260,7 +262,7 @@ async fn an_unacknowledged_alert_escalates_after_its_time_and_stops_when_acknowl
         value: 140.0,
         unit: "/min",
         at: Utc::now(),
-        visit: "DAY 1".into(),
+        visit: Some("DAY 1".into()),
     };
     fx.send(&[OutboxEvent::avro(&vital("ESC", &o), fx.names.of::<VitalSignRecorded>(), "ESC-1")?]).await?;
     wait_until("raised", WAIT, || async { Ok(fx.scalar("SELECT count(*) FROM {s}.alert").await? == 1) })
@@ -296,7 +298,7 @@ async fn a_reading_after_resolution_opens_a_new_episode_and_a_late_one_joins_the
         value: 135.0,
         unit: "/min",
         at: t0 + chrono::Duration::minutes(minutes),
-        visit: format!("T{minutes}"),
+        visit: Some(format!("T{minutes}")),
     };
     fx.reading("EPI", &reading(0)).await?;
     fx.reading("EPI", &reading(10)).await?;
@@ -331,5 +333,68 @@ async fn a_reading_after_resolution_opens_a_new_episode_and_a_late_one_joins_the
     .await?;
     assert_eq!(fx.scalar("SELECT count(*) FROM {s}.alert").await?, 2, "no third episode");
     assert_eq!(fx.scalar("SELECT count(*) FROM {s}.alert WHERE status = 'open'").await?, 1);
+    fx.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_without_a_visit_or_too_few_of_one_visit_never_make_a_visit_mean() -> anyhow::Result<()> {
+    let fx = Fixture::start(None).await?;
+    let t0 = Utc::now() - chrono::Duration::days(30);
+    let sbp = |subject: &str, minutes: i64, visit: Option<&str>| Obs {
+        subject: subject.into(),
+        code: SBP,
+        value: 200.0,
+        unit: "mm[Hg]",
+        at: t0 + chrono::Duration::minutes(minutes),
+        visit: visit.map(str::to_string),
+    };
+    // The reproduced case and more: systolic 200 without a visit, three times (NV-1); two at
+    // WEEK 2 and one at WEEK 4 (NV-2). Each is grade 3 hypertension on its own; none is a visit
+    // mean of three readings.
+    let first = [
+        sbp("NV-1", 0, None),
+        sbp("NV-1", 2, None),
+        sbp("NV-1", 4, None),
+        sbp("NV-2", 0, Some("WEEK 2")),
+        sbp("NV-2", 2, Some("WEEK 2")),
+        sbp("NV-2", 20_160, Some("WEEK 4")),
+    ];
+    for o in &first {
+        fx.reading("NOVISIT", o).await?;
+    }
+    let evidence = |rule: &str| {
+        format!(
+            "SELECT count(*) FROM {{s}}.alert_evidence e JOIN {{s}}.alert a USING (alert_id) WHERE a.rule_id = '{rule}'"
+        )
+    };
+    wait_until("every reading judged", WAIT, || async {
+        Ok(fx.scalar(&evidence("CTCAE-HTN-G3")).await? == 6)
+    })
+    .await?;
+    // Evidence is written in each reading's own transaction: every reading has been judged.
+    assert_eq!(fx.scalar("SELECT count(*) FROM {s}.alert WHERE rule_id = 'PROTOCOL-HTN-SEVERE'").await?, 0);
+    assert_eq!(fx.scalar("SELECT count(*) FROM {s}.alert WHERE rule_id = 'CTCAE-HTN-G3'").await?, 2);
+
+    // The third reading of WEEK 2: now the visit's mean is judged, on exactly its three readings.
+    fx.reading("NOVISIT", &sbp("NV-2", 4, Some("WEEK 2"))).await?;
+    wait_until("the visit mean fires", WAIT, || async {
+        Ok(fx.scalar(&evidence("PROTOCOL-HTN-SEVERE")).await? == 3)
+    })
+    .await?;
+    let summary: String = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT summary FROM {}.alert WHERE rule_id = 'PROTOCOL-HTN-SEVERE'",
+        fx.schema
+    )))
+    .fetch_one(&fx.pool)
+    .await?;
+    assert!(summary.contains("over 3 readings at WEEK 2"), "{summary}");
+    assert_eq!(
+        fx.scalar(
+            "SELECT count(*) FROM {s}.alert WHERE rule_id = 'PROTOCOL-HTN-SEVERE' AND subject_id = 'NV-2'"
+        )
+        .await?,
+        1,
+        "only NV-2, whose WEEK 2 has its three readings"
+    );
     fx.stop().await
 }

@@ -3,7 +3,9 @@
 //! Inputs are judged by their **effective** time (when the reading was taken, the AE began, the
 //! questionnaire was authored), not by arrival: readings are kept (`observation`) so that a late
 //! one joins the right visit mean or persistence run, and a late input whose time falls inside a
-//! resolved episode adds evidence to that episode instead of opening a new one.
+//! resolved episode adds evidence to that episode instead of opening a new one. A reading without
+//! a visit is kept too (a persistence run is judged by time), but never makes or joins a visit
+//! mean ([`judge`]).
 
 use std::sync::Arc;
 use std::time::Duration;

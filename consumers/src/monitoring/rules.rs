@@ -10,6 +10,11 @@
 //!   measurement), so one visit is one judgement;
 //! * `persistence` — matching readings that follow each other (by effective time, no
 //!   non-matching reading between them) for longer than the given duration.
+//!
+//! A rule never fires on less evidence than it declares: a visit mean with a minimum of N readings
+//! needs N distinct readings of **one** visit, and a reading without a visit (or with a blank one)
+//! is never a visit of its own, so it is judged by `single` rules (and by `persistence`, which
+//! needs effective times, not visits) but never by `visit_mean` ones.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -92,6 +97,14 @@ fn one() -> u32 {
     1
 }
 
+impl Aggregation {
+    /// Whether the aggregation judges readings by their visit, so a reading without one has no
+    /// place in it.
+    pub fn needs_visit(self) -> bool {
+        matches!(self, Self::VisitMean { .. })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Op {
@@ -143,6 +156,13 @@ pub struct Reading {
     pub visit: Option<String>,
 }
 
+impl Reading {
+    /// The visit the reading was taken at; a blank name is no visit.
+    pub fn visit(&self) -> Option<&str> {
+        self.visit.as_deref().map(str::trim).filter(|v| !v.is_empty())
+    }
+}
+
 /// The readings that make `current` trigger the condition under `aggregation`, or `None`.
 /// `series` holds the subject's readings of the condition's code (with `current`), any order.
 pub fn judge(
@@ -154,17 +174,22 @@ pub fn judge(
     if current.code != condition.code || current.unit != condition.unit {
         return None;
     }
+    if aggregation.needs_visit() && current.visit().is_none() {
+        // One reading without a visit is not "the mean of a visit" (it once raised a CRITICAL
+        // severe hypertension "over 1 readings at -"): single-reading rules judge it.
+        return None;
+    }
     match aggregation {
         Aggregation::Single => condition.matches(current).then(|| vec![current.clone()]),
         Aggregation::VisitMean { min_readings } => {
-            let Some(visit) = &current.visit else {
-                return condition.matches(current).then(|| vec![current.clone()]);
-            };
+            let visit = current.visit();
+            let mut seen = std::collections::BTreeSet::new();
+            // Each reading counts once (by event id), `current` too even if `series` lacks it.
             let readings: Vec<Reading> = series
                 .iter()
-                .filter(|r| {
-                    r.visit.as_ref() == Some(visit) && r.code == condition.code && r.unit == condition.unit
-                })
+                .chain(std::iter::once(current))
+                .filter(|r| r.visit() == visit && r.code == condition.code && r.unit == condition.unit)
+                .filter(|r| seen.insert(r.event_id))
                 .cloned()
                 .collect();
             if readings.len() < min_readings.max(1) as usize {
@@ -363,6 +388,54 @@ mod tests {
             reading("8480-6", 179.0, "mm[Hg]", 4, Some("V1")),
         ];
         assert_eq!(judge(&any[0], agg, &high[2], &high).map(|e| e.len()), Some(3), "mean exactly 180");
+    }
+
+    #[test]
+    fn a_reading_without_a_visit_is_judged_by_single_rules_only() {
+        let (severe, mean) = vital("PROTOCOL-HTN-SEVERE");
+        let (grade3, single) = vital("CTCAE-HTN-G3");
+        // The reproduced case: one systolic 200 without a visit.
+        let lone = reading("8480-6", 200.0, "mm[Hg]", 0, None);
+        assert!(judge(&severe[0], mean, &lone, std::slice::from_ref(&lone)).is_none(), "no visit mean");
+        assert_eq!(judge(&grade3[0], single, &lone, std::slice::from_ref(&lone)).map(|e| e.len()), Some(1));
+        // Three of them are no visit either, nor are blank visit names.
+        let three: Vec<Reading> = (0..3).map(|i| reading("8480-6", 200.0, "mm[Hg]", i, None)).collect();
+        assert!(three.iter().all(|r| judge(&severe[0], mean, r, &three).is_none()));
+        let blank: Vec<Reading> = (0..3).map(|i| reading("8480-6", 200.0, "mm[Hg]", i, Some(" "))).collect();
+        assert!(blank.iter().all(|r| judge(&severe[0], mean, r, &blank).is_none()), "a blank visit");
+        // Visit-less readings do not fill up a visit.
+        let mut mixed = three.clone();
+        mixed.push(reading("8480-6", 200.0, "mm[Hg]", 5, Some("WEEK 2")));
+        assert!(judge(&severe[0], mean, &mixed[3], &mixed).is_none(), "1 reading of WEEK 2, not 4");
+        assert!(mean.needs_visit() && !single.needs_visit());
+    }
+
+    #[test]
+    fn a_visit_mean_fires_only_with_its_minimum_of_distinct_readings_of_one_visit() {
+        let (any, agg) = vital("PROTOCOL-HTN-SEVERE");
+        assert_eq!(agg, Aggregation::VisitMean { min_readings: 3 });
+        let series = [
+            reading("8480-6", 200.0, "mm[Hg]", 0, Some("WEEK 2")),
+            reading("8480-6", 200.0, "mm[Hg]", 2, Some("WEEK 2")),
+            reading("8480-6", 200.0, "mm[Hg]", 10_000, Some("WEEK 4")),
+        ];
+        for current in &series {
+            assert!(judge(&any[0], agg, current, &series).is_none(), "2 + 1 readings are not 3 of one visit");
+        }
+        // The same reading twice (a redelivery, a repeated row) is one reading.
+        let repeated = [series[0].clone(), series[1].clone(), series[1].clone()];
+        assert!(judge(&any[0], agg, &series[1], &repeated).is_none(), "a duplicate is not a third reading");
+        // A third of WEEK 2: now the visit is judged, on exactly its three readings.
+        let third = reading("8480-6", 200.0, "mm[Hg]", 4, Some("WEEK 2"));
+        let full = [series[0].clone(), series[1].clone(), series[2].clone(), third.clone()];
+        let evidence = judge(&any[0], agg, &third, &full).unwrap_or_default();
+        assert_eq!(evidence.len(), 3);
+        assert!(evidence.iter().all(|r| r.visit() == Some("WEEK 2")));
+        // `current` counts even when the caller's series does not hold it yet.
+        assert_eq!(judge(&any[0], agg, &third, &series[..2]).map(|e| e.len()), Some(3));
+        // Other units and codes do not count toward the visit.
+        let mixed = [series[0].clone(), series[1].clone(), reading("8480-6", 26.7, "kPa", 3, Some("WEEK 2"))];
+        assert!(judge(&any[0], agg, &series[1], &mixed).is_none());
     }
 
     #[test]
