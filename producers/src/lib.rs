@@ -8,11 +8,14 @@
 //!   outbox: the broker's acknowledgement is the commit).
 //! * [`edc`]: an upstream EDC publishing clinical records straight to their topics.
 //! * [`cdisc_pilot`]: the CDISC pilot study's data and its replay plan.
+//! * [`input`]: what the HTTP services accept (strings, bodies, instants), shared with the ePRO
+//!   validation consumer.
 //! * [`workload`]: a synthetic service that exercises the outbox end to end (demo, benchmarks).
 
 pub mod cdisc_pilot;
 pub mod clock;
 pub mod edc;
 pub mod epro_gateway;
+pub mod input;
 pub mod site_api;
 pub mod workload;

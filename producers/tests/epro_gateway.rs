@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use trialflow_outbox::KafkaConfig;
 use trialflow_outbox::kafka::{ReadMessage, TopicReader};
+use trialflow_producers::clock::Clock;
 use trialflow_producers::epro_gateway::{EproGateway, EproGatewayConfig, EproGatewayError};
 use trialflow_schemas::topics::TopicNames;
 use trialflow_schemas::{
@@ -48,15 +49,20 @@ impl Reply {
 impl TestGateway {
     /// A gateway on the local broker, its topic created.
     async fn start() -> anyhow::Result<Self> {
+        Self::start_on(Clock::System).await
+    }
+
+    /// A gateway on the local broker whose `received_at` and "now" come from `clock`.
+    async fn start_on(clock: Clock) -> anyhow::Result<Self> {
         let kafka = kafka();
-        let gateway = Self::start_with(kafka.clone(), 10_000).await?;
+        let gateway = Self::start_with(kafka.clone(), 10_000, clock).await?;
         trialflow_outbox::kafka::ensure_topics(&kafka, &[(&gateway.topic, 3)])
             .await
             .context("creating the test topic (is `make up` running?)")?;
         Ok(gateway)
     }
 
-    async fn start_with(kafka: KafkaConfig, ack_timeout_ms: u64) -> anyhow::Result<Self> {
+    async fn start_with(kafka: KafkaConfig, ack_timeout_ms: u64, clock: Clock) -> anyhow::Result<Self> {
         init_logs();
         let topics = TopicNames::new(format!("{}.", unique("gw").replace('_', "-")));
         let token = unique("app");
@@ -66,7 +72,8 @@ impl TestGateway {
             topics: topics.clone(),
             tokens: vec![unique("other-app"), token.clone()],
             ack_timeout_ms,
-            clock: Default::default(),
+            clock,
+            max_future_skew_secs: trialflow_producers::input::DEFAULT_MAX_FUTURE_SKEW_SECS,
         };
         let gateway = EproGateway::bind(config).await?;
         let base = format!("http://{}", gateway.local_addr());
@@ -301,7 +308,7 @@ async fn submissions_need_an_app_token() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_broker_is_503_with_retry_after_in_bounded_time() -> anyhow::Result<()> {
     let unreachable = KafkaConfig { bootstrap_servers: "127.0.0.1:1".to_string(), ..KafkaConfig::default() };
-    let gw = TestGateway::start_with(unreachable, 1_500).await?;
+    let gw = TestGateway::start_with(unreachable, 1_500, Clock::System).await?;
     let started = Instant::now();
     let reply = gw.post(&json_of(&submission())?).await?;
     let took = started.elapsed();
@@ -314,4 +321,93 @@ async fn an_unreachable_broker_is_503_with_retry_after_in_bounded_time() -> anyh
     gw.stop().await?;
     assert!(stopping.elapsed() < Duration::from_secs(5), "stop took {:?}", stopping.elapsed());
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strings_that_cannot_be_stored_and_future_instants_are_422_and_nothing_is_published()
+-> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let in_an_hour = Timestamp::from(chrono::Utc::now() + chrono::Duration::hours(1));
+    type Break = fn(&mut QuestionnaireResponseSubmitted);
+    let cases: [(&str, &str, Break); 9] = [
+        ("invalid_characters", "envelope.subject_id", |s| s.envelope.subject_id = Some("01-701\u{0}".into())),
+        ("invalid_characters", "envelope.study_id", |s| s.envelope.study_id = "CDISC\u{85}PILOT01".into()),
+        ("invalid_characters", "items[0].link_id", |s| s.items[0].link_id = "phq9\t1".into()),
+        ("invalid_characters", "items[2].value_string", |s| {
+            s.items[2].value_string = Some("bell\u{7}".into())
+        }),
+        ("too_long", "questionnaire", |s| s.questionnaire = format!("http://loinc.org/{}", "9".repeat(300))),
+        ("too_long", "envelope.subject_id", |s| s.envelope.subject_id = Some("1".repeat(65))),
+        ("too_long", "items[2].value_string", |s| s.items[2].value_string = Some("w".repeat(2_001))),
+        ("in_the_future", "authored_at", |s| {
+            s.authored_at = Timestamp(s.authored_at.0 + 400_000_000_000_000)
+        }),
+        ("in_the_future", "envelope.recorded_at", |s| s.envelope.recorded_at = Timestamp(i64::MAX / 2)),
+    ];
+    for (code, field, break_it) in cases {
+        let mut s = submission();
+        break_it(&mut s);
+        let reply = gw.post(&json_of(&s)?).await?;
+        assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY, "{field}: {}", reply.body);
+        assert_eq!(reply.error(), (code, Some(field)), "{}", reply.body);
+    }
+    let mut future = submission();
+    future.authored_at = in_an_hour;
+    future.envelope.occurred_at = in_an_hour;
+    let reply = gw.post(&json_of(&future)?).await?;
+    assert_eq!(reply.error(), ("in_the_future", Some("authored_at")), "{}", reply.body);
+
+    let auth = format!("Bearer {}", gw.token);
+    let body = json_of(&submission())?.to_string();
+    let twice = body.replacen("{", r#"{"questionnaire":"GAD-7","#, 1);
+    let reply = gw.post_with(Some(&auth), twice).await?;
+    assert_eq!(
+        (reply.status, reply.error()),
+        (StatusCode::BAD_REQUEST, ("duplicate_key", Some("questionnaire")))
+    );
+    let query = gw
+        .http
+        .post(format!("{}/v1/submissions?app=%00", gw.base))
+        .header("authorization", &auth)
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(query.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(query.json::<Value>().await?["error"]["code"], "invalid_characters");
+    assert!(gw.published(Duration::from_millis(500)).await?.is_empty(), "nothing may be published");
+
+    // A free-text answer may break lines; an instant within the skew is fine.
+    let mut fine = submission();
+    fine.items[2].value_string = Some("slept badly\r\n\tmost nights".into());
+    fine.authored_at = Timestamp::from(chrono::Utc::now() + chrono::Duration::minutes(2));
+    let reply = gw.post(&json_of(&fine)?).await?;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    let published = gw.published(Duration::from_secs(1)).await?;
+    let [message] = published.as_slice() else { bail!("expected one message, read {}", published.len()) };
+    assert_eq!(trialflow_schemas::decode::<QuestionnaireResponseSubmitted>(&message.payload)?, fine);
+    gw.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replays_virtual_clock_judges_the_future() -> anyhow::Result<()> {
+    let at = |rfc3339: &str| chrono::DateTime::parse_from_rfc3339(rfc3339).map(|t| t.to_utc());
+    let clock = Clock::virtual_at(at("2014-01-02T18:00:00Z")?);
+    let gw = TestGateway::start_on(clock.clone()).await?;
+    let authored = |rfc3339: &str| -> anyhow::Result<QuestionnaireResponseSubmitted> {
+        let mut s = submission();
+        s.authored_at = Timestamp::from(at(rfc3339)?);
+        s.envelope.occurred_at = s.authored_at;
+        s.envelope.recorded_at = s.authored_at;
+        Ok(s)
+    };
+    // Long past on the wall clock, but ahead of the replay's: refused, as live.
+    let early = authored("2014-01-02T18:10:00Z")?;
+    let reply = gw.post(&json_of(&early)?).await?;
+    assert_eq!(reply.error(), ("in_the_future", Some("authored_at")), "{}", reply.body);
+    let reply = gw.post(&json_of(&authored("2014-01-02T18:04:00Z")?)?).await?;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "within the skew: {}", reply.body);
+    clock.set(at("2014-01-02T18:10:00Z")?);
+    let reply = gw.post(&json_of(&early)?).await?;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "once the replay got there: {}", reply.body);
+    gw.stop().await
 }

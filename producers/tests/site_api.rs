@@ -75,6 +75,7 @@ impl TestApi {
             tokens: tokens.clone(),
             topics: topics.clone(),
             max_connections: 8,
+            max_future_skew_secs: trialflow_producers::input::DEFAULT_MAX_FUTURE_SKEW_SECS,
         };
         let api = SiteApi::bind(config).await?;
         let base = format!("http://{}", api.local_addr());
@@ -634,5 +635,136 @@ async fn a_request_stuck_behind_its_key_answers_503_and_can_be_retried() -> anyh
     let answer = api.post_raw(Some(&api.site), path, Some("stuck-key"), &body).await?;
     assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.text);
     assert_eq!(api.count("subject").await?, 1);
+    api.stop().await
+}
+
+/// `(status, code, field)` of an answer, to compare in one line.
+fn refusal(answer: &Answer) -> (StatusCode, String, String) {
+    let error = &answer.body["error"];
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    (answer.status, text(&error["code"]), text(&error["field"]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strings_that_cannot_be_stored_and_future_instants_are_refused_writing_nothing() -> anyhow::Result<()>
+{
+    let api = TestApi::start().await?;
+    api.study_with_site("OK").await?;
+    api.created(&api.site, "/v1/studies/OK/subjects", &screening("01-701-4001", "S-4001", 60)).await?;
+    let subject = "/v1/studies/OK/subjects/01-701-4001";
+    let (rows, keys) = (api.outbox().await?.len(), api.count("idempotency").await?);
+    let soon = |minutes: i64| (chrono::Utc::now() + chrono::Duration::minutes(minutes)).to_rfc3339();
+    let unprocessable = StatusCode::UNPROCESSABLE_ENTITY;
+
+    type Edit = fn(&mut Value);
+    let edits: [(Edit, &str, &str); 6] = [
+        (|s| s["title"] = json!("Xanomeline\u{0}TTS"), "invalid_characters", "title"),
+        (|s| s["title"] = json!("two\nlines"), "invalid_characters", "title"),
+        (|s| s["arms"][0]["name"] = json!("Placebo\u{7f}"), "invalid_characters", "arms[0].name"),
+        (
+            |s| s["eligibility"]["criteria"][1]["description"] = json!("a\u{1b}[2J"),
+            "invalid_characters",
+            "eligibility.criteria[1].description",
+        ),
+        (
+            |s| s["eligibility"]["criteria"][0]["description"] = json!("d".repeat(2_001)),
+            "too_long",
+            "eligibility.criteria[0].description",
+        ),
+        (
+            |s| s["stratification_factors"][0]["values"][0] = json!("x".repeat(100_000)),
+            "too_long",
+            "stratification_factors[0].values[0]",
+        ),
+    ];
+    for (edit, code, field) in edits {
+        let mut body = study("NEW");
+        edit(&mut body);
+        let answer = api.post(&api.admin, "/v1/studies", &body).await?;
+        assert_eq!(refusal(&answer), (unprocessable, code.into(), field.into()), "{}", answer.text);
+    }
+
+    let mut criterion_key = screening("01-701-4002", "S-4002", 60);
+    criterion_key["criteria"] = json!({"INC01\u{1}": true, "EXC01": true});
+    let mut future = screening("01-701-4002", "S-4002", 60);
+    future["occurred_at"] = json!(soon(60));
+    let cases: Vec<(String, Value, (StatusCode, &str, &str))> = vec![
+        (
+            "/v1/studies/OK/subjects".into(),
+            criterion_key,
+            (unprocessable, "invalid_characters", "criteria.INC01\\u{1}"),
+        ),
+        ("/v1/studies/OK/subjects".into(), future, (unprocessable, "in_the_future", "occurred_at")),
+        (
+            format!("{subject}/consent"),
+            json!({"consent_version": "v1", "signed_at": (chrono::Utc::now() + chrono::Duration::days(2)).format("%Y-%m-%d").to_string()}),
+            (unprocessable, "in_the_future", "signed_at"),
+        ),
+        (
+            format!("{subject}/consent"),
+            json!({"consent_version": "v1\u{0}", "signed_at": "2014-01-02"}),
+            (unprocessable, "invalid_characters", "consent_version"),
+        ),
+        (
+            format!("{subject}/withdrawal"),
+            json!({"reason_code": "ADVERSE EVENT", "reason": "r".repeat(2_001)}),
+            (unprocessable, "too_long", "reason"),
+        ),
+        (
+            format!("{subject}/withdrawal"),
+            json!({"reason_code": "ADVERSE\tEVENT"}),
+            (unprocessable, "invalid_characters", "reason_code"),
+        ),
+        (
+            "/v1/studies/%00K/sites".into(),
+            json!({"site_id": "702", "name": "Site 702", "time_zone": "Europe/Berlin"}),
+            (unprocessable, "invalid_characters", "study_id"),
+        ),
+        (
+            format!("/v1/studies/OK/subjects/{}/consent", "9".repeat(200)),
+            json!({"consent_version": "v1", "signed_at": "2014-01-02"}),
+            (unprocessable, "too_long", "subject_id"),
+        ),
+        (
+            "/v1/studies/OK/subjects/01-701-%FF%FE/consent".into(),
+            json!({"consent_version": "v1", "signed_at": "2014-01-02"}),
+            (unprocessable, "invalid_characters", "subject_id"),
+        ),
+    ];
+    for (path, body, (status, code, field)) in cases {
+        let answer = api.post(&api.site, &path, &body).await?;
+        assert_eq!(refusal(&answer), (status, code.into(), field.into()), "{path}: {}", answer.text);
+    }
+    // Keys given twice would silently keep the last one.
+    let body = r#"{"strata": {"AGEGR": "<65", "AGEGR": ">80"}}"#;
+    let path = format!("{subject}/enrollment-requests");
+    let answer = api.post_raw(Some(&api.site), &path, Some(&unique("key")), body).await?;
+    assert_eq!(refusal(&answer), (StatusCode::BAD_REQUEST, "duplicate_key".into(), "strata.AGEGR".into()));
+    let answer = api.post_raw(Some(&api.admin), "/v1/studies", Some("k"), &"x".repeat(3 << 20)).await?;
+    assert_eq!(refusal(&answer).0, StatusCode::PAYLOAD_TOO_LARGE, "{}", answer.text);
+    assert_eq!(answer.body["error"]["code"], "payload_too_large");
+    for path in ["/v1/studies/O%01K", "/v1/studies/OK/sites/701/kits?colour=%00"] {
+        let answer = api.get(&api.admin, path).await?;
+        assert_eq!(
+            (answer.status, answer.body["error"]["code"].as_str()),
+            (unprocessable, Some("invalid_characters")),
+            "{path}"
+        );
+    }
+    assert_eq!((api.outbox().await?.len(), api.count("idempotency").await?), (rows, keys), "nothing written");
+
+    // What is allowed: line breaks and tabs in free text, a clock a little behind the caller's.
+    let mut multiline = study("LINES");
+    multiline["eligibility"]["criteria"][0]["description"] =
+        json!("Probable AD:\n\t* NINCDS\r\n\t* MMSE 10-23");
+    multiline["occurred_at"] = json!(soon(2));
+    api.created(&api.admin, "/v1/studies", &multiline).await?;
+    let withdrawal = json!({"reason_code": "ADVERSE EVENT", "reason": "Rash.\nSee the AE form."});
+    api.created(&api.site, &format!("{subject}/withdrawal"), &withdrawal).await?;
+    let study = api.get(&api.admin, "/v1/studies/LINES").await?;
+    assert_eq!(
+        study.body["eligibility"]["criteria"][0]["description"],
+        "Probable AD:\n\t* NINCDS\r\n\t* MMSE 10-23"
+    );
     api.stop().await
 }

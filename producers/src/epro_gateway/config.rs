@@ -9,11 +9,15 @@ use trialflow_schemas::topics::TopicNames;
 
 use super::error::EproGatewayError;
 use crate::clock::Clock;
+use crate::input::DEFAULT_MAX_FUTURE_SKEW_SECS;
 
 /// Where the gateway listens by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8082";
 /// How long a submission waits for the broker's acknowledgement by default.
 pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 10_000;
+/// Largest accepted `EPRO_GATEWAY_MAX_FUTURE_SKEW_SECS` (a day).
+pub const MAX_FUTURE_SKEW_SECS: u64 = 86_400;
+const SKEW_VAR: &str = "EPRO_GATEWAY_MAX_FUTURE_SKEW_SECS";
 /// The app token of the local demo. Never use it beyond a local machine.
 pub const DEMO_TOKEN: &str = "app-token";
 
@@ -34,6 +38,10 @@ pub struct EproGatewayConfig {
     /// Where `received_at` comes from: the system clock, or a replay's virtual clock (set in
     /// code only, by an in-process replay; never from the environment).
     pub clock: Clock,
+    /// How far a submission's `authored_at`, `occurred_at` or `recorded_at` may lie ahead of
+    /// `clock` before it is refused (`EPRO_GATEWAY_MAX_FUTURE_SKEW_SECS`, default 300, at most a
+    /// day).
+    pub max_future_skew_secs: u64,
 }
 
 /// `Debug` never shows the tokens.
@@ -46,6 +54,7 @@ impl fmt::Debug for EproGatewayConfig {
             .field("tokens", &format_args!("<{} redacted>", self.tokens.len()))
             .field("ack_timeout_ms", &self.ack_timeout_ms)
             .field("clock", &self.clock)
+            .field("max_future_skew_secs", &self.max_future_skew_secs)
             .finish()
     }
 }
@@ -77,6 +86,12 @@ impl EproGatewayConfig {
                 Err(e) => warn("EPRO_GATEWAY_ACK_TIMEOUT_MS", e),
             }
         }
+        if let Some(v) = env(SKEW_VAR) {
+            match parse_skew(&v) {
+                Ok(secs) => config.max_future_skew_secs = secs,
+                Err(e) => warn(SKEW_VAR, e),
+            }
+        }
         config
     }
 
@@ -95,6 +110,9 @@ impl EproGatewayConfig {
         if let Some(v) = env("EPRO_GATEWAY_ACK_TIMEOUT_MS") {
             config.ack_timeout_ms = parse_ack_timeout(&v).map_err(EproGatewayError::Config)?;
         }
+        if let Some(v) = env(SKEW_VAR) {
+            config.max_future_skew_secs = parse_skew(&v).map_err(EproGatewayError::Config)?;
+        }
         Ok(config)
     }
 
@@ -106,6 +124,7 @@ impl EproGatewayConfig {
             tokens: vec![DEMO_TOKEN.to_string()],
             ack_timeout_ms: DEFAULT_ACK_TIMEOUT_MS,
             clock: Clock::System,
+            max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
         }
     }
 }
@@ -139,6 +158,16 @@ where
     value.trim().parse().map_err(|e| format!("{var}=`{value}`: {e}"))
 }
 
+/// A skew beyond a day would let through what it is meant to stop.
+fn parse_skew(value: &str) -> Result<u64, String> {
+    match parse::<u64>(SKEW_VAR, value)? {
+        secs if secs > MAX_FUTURE_SKEW_SECS => {
+            Err(format!("{SKEW_VAR} must be at most {MAX_FUTURE_SKEW_SECS}"))
+        }
+        secs => Ok(secs),
+    }
+}
+
 /// librdkafka reads a `message.timeout.ms` of 0 as "never": a request would then wait forever.
 fn parse_ack_timeout(value: &str) -> Result<u64, String> {
     match parse::<u64>("EPRO_GATEWAY_ACK_TIMEOUT_MS", value)? {
@@ -163,6 +192,14 @@ mod tests {
     fn tokens_are_comma_separated() {
         assert_eq!(parse_tokens(" a, b ,,c"), ["a", "b", "c"]);
         assert!(parse_tokens(" , ").is_empty());
+    }
+
+    #[test]
+    fn future_skews_are_bounded() {
+        assert_eq!(EproGatewayConfig::defaults().max_future_skew_secs, 300);
+        assert_eq!(parse_skew("60"), Ok(60));
+        assert!(parse_skew("86401").is_err());
+        assert!(parse_skew("-1").is_err());
     }
 
     #[test]

@@ -19,8 +19,16 @@
 //! The answer is `202 {"submission_id", "event_id", "partition", "offset"}`.
 //!
 //! **What is checked here, and what is not.** The gateway checks shape only, what it needs to key,
-//! route and encode the event: the JSON fits the type (400 `invalid_json` naming the field path),
-//! and (422 `validation_failed` naming the field) `envelope.event_type` is
+//! route, encode and store the event: the JSON fits the type (400 `invalid_json` naming the field
+//! path; a key given twice is 400 `duplicate_key`); every string passes
+//! [`crate::input::submission_problems`] (422 `invalid_characters`: no control character, except
+//! tabs and line breaks in `items[i].value_string`; 422 `too_long`: ids 64 characters, the
+//! questionnaire 256, codes and link ids 64, a free-text answer 2,000 — the validation consumer
+//! rejects what breaks them with `INVALID_CHARACTERS` / `TEXT_TOO_LONG` when an app publishes
+//! directly); `authored_at`, `envelope.occurred_at` and `envelope.recorded_at` lie at most
+//! `EPRO_GATEWAY_MAX_FUTURE_SKEW_SECS` (default 300) ahead of the gateway's clock — a replay's
+//! virtual clock when one drives it (422 `in_the_future`); and (422 `validation_failed` naming
+//! the field) `envelope.event_type` is
 //! `QuestionnaireResponseSubmitted`; `envelope.study_id`, `envelope.subject_id` (the key),
 //! `questionnaire` and `questionnaire_version` are not empty; `device_time_zone` is an IANA zone;
 //! every `items[i].link_id` is not empty and every answer has exactly one `value_*`. It does NOT
@@ -38,9 +46,10 @@
 //! gateway sheds load rather than buffer without bound.
 //!
 //! **Errors** are the site API's body, `{"error": {"code", "message", "field"?}}` (see
-//! [`ApiError`]): 400 `invalid_json` / `invalid_body`, 401 `unauthenticated`, 404 `not_found`, 413
-//! `payload_too_large`, 422 `validation_failed`, 503 `unavailable` (with `Retry-After`; retry the
-//! same submission), 500 `internal`.
+//! [`ApiError`]): 400 `invalid_json` / `duplicate_key` / `invalid_body`, 401 `unauthenticated`,
+//! 404 `not_found`, 413 `payload_too_large`, 422 `validation_failed` / `invalid_characters` /
+//! `too_long` / `in_the_future`, 503 `unavailable` (with `Retry-After`; retry the same
+//! submission), 500 `internal`.
 
 pub mod auth;
 pub mod config;
@@ -67,7 +76,11 @@ pub use config::EproGatewayConfig;
 pub use error::EproGatewayError;
 pub use publish::producer_config;
 
+use crate::input;
 use crate::site_api::ApiError;
+
+/// Every route the router serves (method, template), for documentation and the hostile-HTTP test.
+pub const ROUTES: &[(&str, &str)] = &[("POST", "/v1/submissions"), ("GET", "/healthz")];
 
 /// The largest body `POST /v1/submissions` takes (413 beyond).
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
@@ -95,6 +108,8 @@ pub(crate) struct Gateway {
     pub(crate) tokens: auth::AppTokens,
     pub(crate) publisher: publish::Publisher,
     pub(crate) clock: crate::clock::Clock,
+    /// How far a stated instant may lead `clock`.
+    pub(crate) max_future_skew: chrono::Duration,
 }
 
 /// The gateway, bound to its address with its producer created; [`EproGateway::run`] serves it.
@@ -134,6 +149,9 @@ impl EproGateway {
             tokens: auth::AppTokens::new(&config.tokens),
             publisher: publish::Publisher::new(producer.clone(), &config),
             clock: config.clock.clone(),
+            max_future_skew: chrono::Duration::seconds(
+                i64::try_from(config.max_future_skew_secs).unwrap_or(i64::MAX / 1_000_000),
+            ),
         });
         Ok(Self {
             listener,
@@ -175,6 +193,7 @@ fn router(gateway: Arc<Gateway>) -> Router {
         .route_layer(middleware::from_fn(track))
         .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(middleware::from_fn(input::guard_request))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(gateway)
 }

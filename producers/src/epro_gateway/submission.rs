@@ -7,13 +7,15 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use trialflow_schemas::{Answer, Event, QuestionnaireResponseSubmitted};
 use uuid::Uuid;
 
 use super::auth::App;
 use super::{Gateway, MAX_BODY_BYTES};
-use crate::site_api::{ApiError, check_time_zone, parse_json};
+use crate::input::{self, SUBMISSION_BODY};
+use crate::site_api::{ApiError, check_time_zone};
 
 /// The 202 body: the ids the app sent, and where the broker stored the event.
 #[derive(Debug, Clone, Serialize)]
@@ -30,9 +32,10 @@ pub(crate) async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let received_at = gateway.clock.now();
-    let body = body.map_err(body_error)?;
-    let submission: QuestionnaireResponseSubmitted = parse_json(&body)?;
+    let body = body.map_err(|rejection| input::body_error(rejection, MAX_BODY_BYTES))?;
+    let submission: QuestionnaireResponseSubmitted = input::parse_body(&body, &SUBMISSION_BODY)?;
     let subject_id = check_shape(&submission)?;
+    check_not_future(&submission, received_at, gateway.max_future_skew)?;
     let ack = gateway.publisher.publish(&submission, subject_id, received_at).await?;
     let accepted = Accepted {
         submission_id: submission.submission_id,
@@ -43,22 +46,15 @@ pub(crate) async fn submit(
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
-fn body_error(rejection: BytesRejection) -> ApiError {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("a submission is at most {} KiB", MAX_BODY_BYTES / 1024),
-        )
-    } else {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", rejection.body_text())
-    }
-}
-
-/// The checks that need no knowledge of the study: the submission can be keyed, routed and read.
-/// Returns the subject id, the record's key. Whether the questionnaire exists, the answers are in
-/// range, the window is right or the submission is a duplicate is the validation consumer's call.
+/// The checks that need no knowledge of the study: the submission can be keyed, routed, read and
+/// stored (every string within [`input::submission_problems`]' rules, which the validation consumer
+/// applies too). Returns the subject id, the record's key. Whether the questionnaire exists, the
+/// answers are in range, the window is right or the submission is a duplicate is the validation
+/// consumer's call.
 pub(crate) fn check_shape(submission: &QuestionnaireResponseSubmitted) -> Result<&str, ApiError> {
+    if let Some((field, problem)) = input::submission_problems(submission).into_iter().next() {
+        return Err(input::refusal(&field, problem));
+    }
     let envelope = &submission.envelope;
     if envelope.event_type != QuestionnaireResponseSubmitted::NAME {
         return Err(ApiError::validation(
@@ -92,6 +88,24 @@ pub(crate) fn check_shape(submission: &QuestionnaireResponseSubmitted) -> Result
         }
     }
     Ok(subject_id)
+}
+
+/// The instants the app states may lead the gateway's clock (a replay's virtual clock, when one
+/// drives it) by the skew at most: what the validation consumer would reject as authored in the
+/// future is refused here, where the app is still listening.
+fn check_not_future(
+    s: &QuestionnaireResponseSubmitted,
+    now: DateTime<Utc>,
+    max_skew: chrono::Duration,
+) -> Result<(), ApiError> {
+    for (field, at) in [
+        ("authored_at", s.authored_at),
+        ("envelope.occurred_at", s.envelope.occurred_at),
+        ("envelope.recorded_at", s.envelope.recorded_at),
+    ] {
+        input::check_timestamp_not_future(field, at, now, max_skew)?;
+    }
+    Ok(())
 }
 
 fn not_blank(field: &str, value: &str) -> Result<(), ApiError> {
@@ -148,6 +162,29 @@ mod tests {
     }
 
     #[test]
+    fn free_text_answers_may_break_lines() {
+        let mut s = submission();
+        s.items[0].value_integer = None;
+        s.items[0].value_string = Some("line one\r\nline two\tend".into());
+        assert!(check_shape(&s).is_ok());
+    }
+
+    #[test]
+    fn stated_instants_may_lead_the_clock_by_the_skew_only() {
+        let mut s = submission();
+        s.envelope.recorded_at = s.authored_at;
+        let authored = s.authored_at.to_datetime().unwrap_or_default();
+        let skew = chrono::Duration::minutes(5);
+        assert!(check_not_future(&s, authored - skew, skew).is_ok());
+        let err = check_not_future(&s, authored - skew - chrono::Duration::seconds(1), skew).err();
+        assert_eq!(err.and_then(|e| e.field).as_deref(), Some("authored_at"));
+        let mut late = s.clone();
+        late.envelope.recorded_at = Timestamp(late.authored_at.0 + 3_600_000_000);
+        let err = check_not_future(&late, authored, skew).err();
+        assert_eq!(err.and_then(|e| e.field).as_deref(), Some("envelope.recorded_at"));
+    }
+
+    #[test]
     fn a_well_formed_submission_is_keyed_by_its_subject() {
         let s = submission();
         assert_eq!(check_shape(&s).ok(), Some("01-701-1015"));
@@ -158,7 +195,7 @@ mod tests {
     #[test]
     fn each_shape_check_names_its_field() {
         type Break = fn(&mut QuestionnaireResponseSubmitted);
-        let cases: [(&str, Break); 10] = [
+        let cases: [(&str, Break); 15] = [
             ("envelope.event_type", |s| s.envelope.event_type = "SubjectScreened".into()),
             ("envelope.study_id", |s| s.envelope.study_id = " ".into()),
             ("envelope.subject_id", |s| s.envelope.subject_id = None),
@@ -169,6 +206,14 @@ mod tests {
             ("items[1].link_id", |s| s.items[1].link_id = String::new()),
             ("items[1]", |s| s.items[1].value_integer = None),
             ("items[0]", |s| s.items[0].value_boolean = Some(true)),
+            ("envelope.subject_id", |s| s.envelope.subject_id = Some("01\u{0}701".into())),
+            ("envelope.study_id", |s| s.envelope.study_id = "S".repeat(65)),
+            ("questionnaire", |s| s.questionnaire = "PHQ-9\n".into()),
+            ("items[1].link_id", |s| s.items[1].link_id = "q\u{7f}".into()),
+            ("items[0].value_string", |s| {
+                s.items[0].value_integer = None;
+                s.items[0].value_string = Some("fine\tbut \u{1b}[31m not this".into());
+            }),
         ];
         for (field, break_it) in cases {
             let mut s = submission();

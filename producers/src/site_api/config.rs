@@ -9,11 +9,15 @@ use trialflow_schemas::topics::TopicNames;
 
 use super::auth::{TokenGrant, parse_tokens};
 use super::error::SiteApiError;
+use crate::input::DEFAULT_MAX_FUTURE_SKEW_SECS;
 
 /// Where the API listens by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8081";
 /// Database connections of one API process by default.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
+/// Largest accepted `SITE_API_MAX_FUTURE_SKEW_SECS` (a day).
+pub const MAX_FUTURE_SKEW_SECS: u64 = 86_400;
+const SKEW_VAR: &str = "SITE_API_MAX_FUTURE_SKEW_SECS";
 /// Tokens of the local demo, one per role. Never use them beyond a local machine.
 pub const DEMO_TOKENS: &str = "admin-token=admin:admin,site-token=site_staff:site-staff,\
                                pharmacist-token=pharmacist:pharmacist,researcher-token=researcher:researcher";
@@ -34,6 +38,9 @@ pub struct SiteApiConfig {
     pub topics: TopicNames,
     /// Size of the database pool (`SITE_API_MAX_CONNECTIONS`, default 10).
     pub max_connections: u32,
+    /// How far a stated `occurred_at` or `signed_at` may lie ahead of the server's clock before
+    /// the command is refused (`SITE_API_MAX_FUTURE_SKEW_SECS`, default 300, at most a day).
+    pub max_future_skew_secs: u64,
 }
 
 impl SiteApiConfig {
@@ -71,6 +78,12 @@ impl SiteApiConfig {
                 Err(e) => warn("SITE_API_MAX_CONNECTIONS", e),
             }
         }
+        if let Some(v) = env(SKEW_VAR) {
+            match parse_skew(&v) {
+                Ok(secs) => config.max_future_skew_secs = secs,
+                Err(e) => warn(SKEW_VAR, e),
+            }
+        }
         config
     }
 
@@ -96,6 +109,9 @@ impl SiteApiConfig {
         if let Some(v) = env("SITE_API_MAX_CONNECTIONS") {
             config.max_connections = parse_connections(&v).map_err(SiteApiError::Config)?;
         }
+        if let Some(v) = env(SKEW_VAR) {
+            config.max_future_skew_secs = parse_skew(&v).map_err(SiteApiError::Config)?;
+        }
         Ok(config)
     }
 
@@ -107,6 +123,7 @@ impl SiteApiConfig {
             tokens: parse_tokens(DEMO_TOKENS).unwrap_or_default(),
             topics: TopicNames::from_env(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
         }
     }
 }
@@ -120,6 +137,16 @@ where
     T::Err: std::fmt::Display,
 {
     value.trim().parse().map_err(|e| format!("{var}=`{value}`: {e}"))
+}
+
+/// A skew beyond a day would let through what it is meant to stop.
+fn parse_skew(value: &str) -> Result<u64, String> {
+    match parse::<u64>(SKEW_VAR, value)? {
+        secs if secs > MAX_FUTURE_SKEW_SECS => {
+            Err(format!("{SKEW_VAR} must be at most {MAX_FUTURE_SKEW_SECS}"))
+        }
+        secs => Ok(secs),
+    }
 }
 
 fn parse_connections(value: &str) -> Result<u32, String> {
@@ -149,6 +176,14 @@ mod tests {
                 ("researcher-token", Role::Researcher),
             ]
         );
+    }
+
+    #[test]
+    fn future_skews_are_bounded() {
+        assert_eq!(SiteApiConfig::defaults().max_future_skew_secs, 300);
+        assert_eq!(parse_skew(" 0 "), Ok(0));
+        assert!(parse_skew("86401").is_err());
+        assert!(parse_skew("soon").is_err());
     }
 
     #[test]

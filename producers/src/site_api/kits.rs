@@ -20,6 +20,7 @@ use super::auth::{Principal, Role};
 use super::error::{ApiError, conflict_on};
 use super::studies::{StudySetup, require_site, require_study};
 use super::{Api, CommandRequest, SOURCE_SYSTEM, check_id, check_text, occurred_at};
+use crate::input::MAX_CODE_CHARS;
 
 /// Most kits one shipment may carry (one request, one transaction, one event).
 pub const MAX_KITS_PER_SHIPMENT: usize = 5_000;
@@ -96,7 +97,7 @@ pub fn validate_shipment(req: &ReceiveShipment) -> Result<Vec<NaiveDate>, ApiErr
             return Err(ApiError::validation(field("sequence_number"), "must not be negative"));
         }
         check_id(&field("kit_type"), &kit.kit_type)?;
-        check_text(&field("lot"), &kit.lot, 64)?;
+        check_text(&field("lot"), &kit.lot, MAX_CODE_CHARS)?;
         check_id(&field("arm_code"), &kit.arm_code)?;
         let date = NaiveDate::parse_from_str(&kit.expiry_date, "%Y-%m-%d").map_err(|_| {
             ApiError::validation(
@@ -122,7 +123,7 @@ pub(crate) async fn receive_shipment(
     principal.require(&[Role::Pharmacist, Role::Admin])?;
     let (key, req): (_, ReceiveShipment) = request.parse()?;
     let expiry = validate_shipment(&req)?;
-    let occurred_at = occurred_at(req.occurred_at.as_deref())?;
+    let occurred_at = api.occurred_at(req.occurred_at.as_deref())?;
     api.run_once(&principal, key, &request, async |command| {
         let s = &api.schema;
         let setup = StudySetup::require(&mut command.tx, s, &study_id).await?;

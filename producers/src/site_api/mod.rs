@@ -29,10 +29,20 @@
 //! **Time.** A command may carry `occurred_at` (RFC 3339), the envelope's `occurred_at`, so replays
 //! can run on a virtual clock; it defaults to now. `recorded_at` is always the real clock.
 //!
+//! A stated `occurred_at` (and a consent's `signed_at`) may lie at most
+//! `SITE_API_MAX_FUTURE_SKEW_SECS` (default 300) ahead of the server's clock.
+//!
+//! **What is refused before anything is written** (see [`crate::input`]): control characters in
+//! any string of a body, path segment or query parameter (free text — a criterion's description,
+//! a withdrawal's reason — may hold tabs and line breaks), strings beyond their limit, a key given
+//! twice in one object, bodies beyond [`MAX_BODY_BYTES`], instants too far in the future.
+//!
 //! **Errors** are `{"error": {"code", "message", "field"?}}`, see [`error::ApiError`]: 400
-//! `invalid_json` / `idempotency_key_required`, 401 `unauthenticated`, 403 `forbidden`, 404
-//! `not_found`, 409 conflicts, 422 `validation_failed` / `idempotency_key_reused`, 503
-//! `unavailable` (retry with the same key), 500 `internal`.
+//! `invalid_json` / `duplicate_key` / `invalid_body` / `idempotency_key_required`, 401
+//! `unauthenticated`, 403 `forbidden`, 404 `not_found`, 409 conflicts, 413 `payload_too_large`
+//! (a body beyond [`MAX_BODY_BYTES`], or events too large for the event log), 422
+//! `validation_failed` / `invalid_characters` / `too_long` / `in_the_future` /
+//! `idempotency_key_reused`, 503 `unavailable` (retry with the same key), 500 `internal`.
 
 pub mod auth;
 pub mod config;
@@ -48,7 +58,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -67,6 +77,8 @@ pub use auth::{Role, TokenGrant};
 pub use config::SiteApiConfig;
 pub use error::{ApiError, SiteApiError};
 
+use crate::input::{self, BodyRules, Text};
+
 /// The default service schema (and outbox source) of the site API.
 pub const SCHEMA: &str = "site_api";
 /// `source_system` of every event the API writes.
@@ -82,6 +94,31 @@ pub(crate) type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postg
 
 /// How long a request waits for a database connection before answering 503.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The largest body a command takes (413 beyond): a shipment of
+/// [`kits::MAX_KITS_PER_SHIPMENT`] kits fits.
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+/// Longest study title.
+pub const MAX_TITLE_CHARS: usize = input::MAX_LINE_CHARS;
+/// Longest sex as the source codes it (`F`, `M`, `UNDIFFERENTIATED`).
+pub const MAX_SEX_CHARS: usize = 32;
+/// The free-text fields of the bodies; every other string is single-line.
+pub const BODY_RULES: BodyRules = BodyRules { free_text: &["eligibility.criteria[].description", "reason"] };
+
+/// Every route the router serves (method, template), for documentation and the hostile-HTTP test.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("POST", "/v1/studies"),
+    ("GET", "/v1/studies/{study_id}"),
+    ("POST", "/v1/studies/{study_id}/sites"),
+    ("POST", "/v1/studies/{study_id}/sites/{site_id}/shipments"),
+    ("GET", "/v1/studies/{study_id}/sites/{site_id}/kits"),
+    ("POST", "/v1/studies/{study_id}/subjects"),
+    ("POST", "/v1/studies/{study_id}/subjects/{subject_id}/consent"),
+    ("POST", "/v1/studies/{study_id}/subjects/{subject_id}/enrollment-requests"),
+    ("POST", "/v1/studies/{study_id}/subjects/{subject_id}/withdrawal"),
+];
 
 pub fn schema() -> SchemaName {
     SchemaName::new(SCHEMA).unwrap_or_else(|_| unreachable!("`site_api` is a valid schema name"))
@@ -110,6 +147,25 @@ pub(crate) struct Api {
     pub(crate) schema: SchemaName,
     pub(crate) topics: TopicNames,
     pub(crate) tokens: auth::Tokens,
+    /// How far a stated instant may lead the server's clock.
+    pub(crate) max_future_skew: chrono::Duration,
+}
+
+impl Api {
+    /// The envelope's `occurred_at`: the request's (RFC 3339, at most the skew ahead of now), or
+    /// now.
+    pub(crate) fn occurred_at(&self, given: Option<&str>) -> Result<Timestamp, ApiError> {
+        let at = occurred_at(given)?;
+        if given.is_some() {
+            self.not_in_future("occurred_at", at)?;
+        }
+        Ok(at)
+    }
+
+    /// 422 `in_the_future` when `at` leads the server's clock by more than the skew.
+    pub(crate) fn not_in_future(&self, field: &str, at: Timestamp) -> Result<(), ApiError> {
+        input::check_timestamp_not_future(field, at, chrono::Utc::now(), self.max_future_skew)
+    }
 }
 
 /// The site API, bound to its address and connected to its database; [`SiteApi::run`] serves it.
@@ -150,6 +206,9 @@ impl SiteApi {
             schema: config.schema,
             topics: config.topics,
             tokens: auth::Tokens::new(&config.tokens),
+            max_future_skew: chrono::Duration::seconds(
+                i64::try_from(config.max_future_skew_secs).unwrap_or(i64::MAX / 1_000_000),
+            ),
         });
         Ok(Self { listener, local_addr, router: router(api), pool })
     }
@@ -189,6 +248,8 @@ fn router(api: Arc<Api>) -> Router {
         )
         .route("/v1/studies/{study_id}/subjects/{subject_id}/withdrawal", post(subjects::withdraw_subject))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(middleware::from_fn(input::guard_request))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(track))
         .with_state(api)
 }
@@ -229,7 +290,9 @@ impl<S: Send + Sync> FromRequest<S> for CommandRequest {
         let headers = request.headers().clone();
         let method = request.method().clone();
         let path = request.uri().path().to_string();
-        let body = Bytes::from_request(request, state).await.map_err(IntoResponse::into_response)?;
+        let body = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| input::body_error(rejection, MAX_BODY_BYTES).into_response())?;
         Ok(Self { headers, method, path, body })
     }
 }
@@ -240,9 +303,10 @@ impl CommandRequest {
         idempotency::key(&self.headers)
     }
 
-    /// The body as `T` (400 naming the field that does not fit).
+    /// The body as `T` (see [`input::parse_body`]: 422 for a string that cannot be taken, 400
+    /// naming the field that does not fit).
     pub(crate) fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
-        parse_json(&self.body)
+        input::parse_body(&self.body, &BODY_RULES)
     }
 
     /// The key, then the body as `T`: in this order, so a request that lacks a key is told so
@@ -255,35 +319,6 @@ impl CommandRequest {
     pub(crate) fn hash(&self) -> String {
         idempotency::request_hash(&self.method, &self.path, &self.body)
     }
-}
-
-/// Deserializes `body`, naming the path of the first value that does not fit (`arms[1].ratio`).
-pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let value: T = serde_path_to_error::deserialize(&mut de)
-        .map_err(|e| ApiError::invalid_json(field_path(e.path()), e.inner().to_string()))?;
-    de.end().map_err(|e| ApiError::invalid_json(None, e.to_string()))?;
-    Ok(value)
-}
-
-/// `arms[1].ratio` from a deserializer path, up to the first segment it could not name (the
-/// syntax error cases); `None` for the document itself.
-fn field_path(path: &serde_path_to_error::Path) -> Option<String> {
-    use serde_path_to_error::Segment;
-    let mut field = String::new();
-    for segment in path.iter() {
-        match segment {
-            Segment::Seq { index } => field.push_str(&format!("[{index}]")),
-            Segment::Map { key } | Segment::Enum { variant: key } => {
-                if !field.is_empty() {
-                    field.push('.');
-                }
-                field.push_str(key);
-            }
-            Segment::Unknown => break,
-        }
-    }
-    (!field.is_empty()).then_some(field)
 }
 
 /// The envelope's `occurred_at`: the request's (RFC 3339), or now.
@@ -301,7 +336,8 @@ pub(crate) fn occurred_at(given: Option<&str>) -> Result<Timestamp, ApiError> {
 /// Ids of studies, sites, subjects, shipments and kits: `^[A-Za-z0-9._-]{1,64}$`, so they are
 /// safe in paths, Kafka keys and logs.
 pub fn check_id(field: &str, value: &str) -> Result<(), ApiError> {
-    let valid = (1..=64).contains(&value.len())
+    input::check(field, value, Text::Line, input::MAX_ID_CHARS)?;
+    let valid = (1..=input::MAX_ID_CHARS).contains(&value.len())
         && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if valid {
         Ok(())
@@ -313,15 +349,23 @@ pub fn check_id(field: &str, value: &str) -> Result<(), ApiError> {
     }
 }
 
-/// A required free-text value: not blank, at most `max` characters.
+/// A required single-line value (a name, a code): not blank, no control character, at most
+/// `max` characters.
 pub fn check_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    check_required(field, value, Text::Line, max)
+}
+
+/// A required free-text value (a reason, a description): not blank, no control character but
+/// tabs and line breaks, at most `max` characters.
+pub fn check_free_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    check_required(field, value, Text::FreeText, max)
+}
+
+fn check_required(field: &str, value: &str, text: Text, max: usize) -> Result<(), ApiError> {
     if value.trim().is_empty() {
         return Err(ApiError::validation(field, "must not be empty"));
     }
-    if value.chars().count() > max {
-        return Err(ApiError::validation(field, format!("must be at most {max} characters")));
-    }
-    Ok(())
+    input::check(field, value, text, max)
 }
 
 /// An IANA time zone name (`Europe/Berlin`).
@@ -334,36 +378,6 @@ pub(crate) fn check_time_zone(field: &str, value: &str) -> Result<(), ApiError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(Debug, serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    #[allow(dead_code)]
-    struct Outer {
-        items: Vec<Inner>,
-    }
-
-    #[derive(Debug, serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    #[allow(dead_code)]
-    struct Inner {
-        ratio: i32,
-    }
-
-    #[test]
-    fn json_errors_name_the_field() {
-        let err = parse_json::<Outer>(br#"{"items":[{"ratio":1},{"ratio":"x"}]}"#).err();
-        assert_eq!(
-            err.map(|e| (e.code, e.field)),
-            Some(("invalid_json", Some("items[1].ratio".to_string())))
-        );
-        let err = parse_json::<Outer>(br#"{"items":[], "extra": 1}"#).err();
-        assert_eq!(err.map(|e| e.status), Some(StatusCode::BAD_REQUEST));
-        let err = parse_json::<Outer>(b"{").err();
-        assert_eq!(err.map(|e| (e.code, e.field)), Some(("invalid_json", None)));
-        let err = parse_json::<Outer>(br#"{"items":[{"ratio":1},{"rat"#).err();
-        assert_eq!(err.and_then(|e| e.field), Some("items[1]".to_string()));
-        assert!(parse_json::<Outer>(br#"{"items":[]} trailing"#).is_err());
-    }
 
     #[test]
     fn ids_zones_and_times_are_checked() {

@@ -20,8 +20,10 @@ use trialflow_schemas::{
 use super::auth::{Principal, Role};
 use super::error::{ApiError, conflict_on};
 use super::{
-    Api, CommandRequest, PgQuery, SOURCE_SYSTEM, check_id, check_text, check_time_zone, occurred_at,
+    Api, CommandRequest, MAX_TITLE_CHARS, PgQuery, SOURCE_SYSTEM, check_free_text, check_id, check_text,
+    check_time_zone, occurred_at,
 };
+use crate::input::{MAX_CODE_CHARS, MAX_FREE_TEXT_CHARS, MAX_NAME_CHARS};
 
 /// The configuration version a new study starts with.
 pub const FIRST_CONFIG_VERSION: i32 = 1;
@@ -160,7 +162,7 @@ pub struct SiteView {
 /// Checks a study set-up; the error names the first offending field.
 pub fn validate_study(study: &CreateStudy) -> Result<(), ApiError> {
     check_id("study_id", &study.study_id)?;
-    check_text("title", &study.title, 500)?;
+    check_text("title", &study.title, MAX_TITLE_CHARS)?;
 
     if study.arms.len() < 2 {
         return Err(ApiError::validation("arms", "a randomized study needs at least 2 arms"));
@@ -174,7 +176,7 @@ pub fn validate_study(study: &CreateStudy) -> Result<(), ApiError> {
                 format!("arm code `{}` is given twice", arm.arm_code),
             ));
         }
-        check_text(&format!("arms[{i}].name"), &arm.name, 200)?;
+        check_text(&format!("arms[{i}].name"), &arm.name, MAX_NAME_CHARS)?;
         if arm.ratio < 1 {
             return Err(ApiError::validation(format!("arms[{i}].ratio"), "must be at least 1"));
         }
@@ -195,7 +197,7 @@ pub fn validate_study(study: &CreateStudy) -> Result<(), ApiError> {
         }
         let mut values = HashSet::new();
         for (j, v) in f.values.iter().enumerate() {
-            check_text(&format!("{field}.values[{j}]"), v, 64)?;
+            check_text(&format!("{field}.values[{j}]"), v, MAX_CODE_CHARS)?;
             if !values.insert(v.as_str()) {
                 return Err(ApiError::validation(
                     format!("{field}.values[{j}]"),
@@ -237,7 +239,11 @@ pub fn validate_study(study: &CreateStudy) -> Result<(), ApiError> {
                 format!("criterion `{}` is given twice", c.criterion_id),
             ));
         }
-        check_text(&format!("eligibility.criteria[{i}].description"), &c.description, 2000)?;
+        check_free_text(
+            &format!("eligibility.criteria[{i}].description"),
+            &c.description,
+            MAX_FREE_TEXT_CHARS,
+        )?;
     }
 
     let r = &study.randomization;
@@ -298,7 +304,7 @@ pub fn validate_study(study: &CreateStudy) -> Result<(), ApiError> {
 /// Checks a site; the error names the first offending field.
 pub fn validate_site(site: &CreateSite) -> Result<(), ApiError> {
     check_id("site_id", &site.site_id)?;
-    check_text("name", &site.name, 200)?;
+    check_text("name", &site.name, MAX_NAME_CHARS)?;
     if let Some(country) = &site.country
         && !((2..=3).contains(&country.len()) && country.bytes().all(|b| b.is_ascii_uppercase()))
     {
@@ -324,7 +330,7 @@ pub(crate) async fn create_study(
     principal.require(&[Role::Admin])?;
     let (key, study): (_, CreateStudy) = request.parse()?;
     validate_study(&study)?;
-    let occurred_at = occurred_at(study.occurred_at.as_deref())?;
+    let occurred_at = api.occurred_at(study.occurred_at.as_deref())?;
     api.run_once(&principal, key, &request, async |command| {
         let s = &api.schema;
         let already_exists = || {
@@ -361,6 +367,7 @@ pub(crate) async fn create_site(
     principal.require(&[Role::Admin])?;
     let (key, site): (_, CreateSite) = request.parse()?;
     validate_site(&site)?;
+    api.occurred_at(site.occurred_at.as_deref())?;
     api.run_once(&principal, key, &request, async |command| {
         let s = &api.schema;
         let site_exists = || {

@@ -26,8 +26,10 @@ use super::auth::{Principal, Role};
 use super::error::{ApiError, unique_violation};
 use super::studies::{AGE_CRITERION, Eligibility, Factor, StudySetup, no_site, site_time_zone};
 use super::{
-    Api, CommandRequest, PgQuery, SOURCE_SYSTEM, check_id, check_text, check_time_zone, occurred_at,
+    Api, CommandRequest, MAX_SEX_CHARS, PgQuery, SOURCE_SYSTEM, check_free_text, check_id, check_text,
+    check_time_zone,
 };
+use crate::input::{MAX_CODE_CHARS, MAX_FREE_TEXT_CHARS};
 
 /// Who may record what happens to a subject.
 const SUBJECT_ROLES: &[Role] = &[Role::SiteStaff, Role::Admin];
@@ -105,7 +107,7 @@ pub fn validate_screening(req: &ScreenSubject) -> Result<(), ApiError> {
         return Err(ApiError::validation("age_years", "must be between 0 and 150"));
     }
     if let Some(sex) = &req.sex {
-        check_text("sex", sex, 32)?;
+        check_text("sex", sex, MAX_SEX_CHARS)?;
     }
     if let Some(zone) = &req.time_zone {
         check_time_zone("time_zone", zone)?;
@@ -203,7 +205,7 @@ fn generated_subject_id(site_id: &str) -> String {
 
 /// The consent's signing date, after checking the consent version.
 fn check_consent(req: &SignConsent) -> Result<PartialDateTime, ApiError> {
-    check_text("consent_version", &req.consent_version, 64)?;
+    check_text("consent_version", &req.consent_version, MAX_CODE_CHARS)?;
     let signed_at = PartialDateTime::parse(&req.signed_at);
     // An empty date says the source did not record it (the CDISC pilot's RFICDTC): kept as
     // unknown, never invented. Text that is not a date is a mistake.
@@ -220,9 +222,9 @@ fn check_consent(req: &SignConsent) -> Result<PartialDateTime, ApiError> {
 }
 
 fn check_withdrawal(req: &WithdrawSubject) -> Result<(), ApiError> {
-    check_text("reason_code", &req.reason_code, 64)?;
+    check_text("reason_code", &req.reason_code, MAX_CODE_CHARS)?;
     if let Some(reason) = &req.reason {
-        check_text("reason", reason, 2000)?;
+        check_free_text("reason", reason, MAX_FREE_TEXT_CHARS)?;
     }
     Ok(())
 }
@@ -238,7 +240,7 @@ pub(crate) async fn screen_subject(
     principal.require(SUBJECT_ROLES)?;
     let (key, req): (_, ScreenSubject) = request.parse()?;
     validate_screening(&req)?;
-    let occurred_at = occurred_at(req.occurred_at.as_deref())?;
+    let occurred_at = api.occurred_at(req.occurred_at.as_deref())?;
     api.run_once(&principal, key, &request, async |command| {
         let s = &api.schema;
         let setup = StudySetup::require(&mut command.tx, s, &study_id).await?;
@@ -289,7 +291,10 @@ pub(crate) async fn sign_consent(
     principal.require(SUBJECT_ROLES)?;
     let (key, req): (_, SignConsent) = request.parse()?;
     let signed_at = check_consent(&req)?;
-    let occurred_at = occurred_at(req.occurred_at.as_deref())?;
+    if let Some(earliest) = signed_at.earliest {
+        api.not_in_future("signed_at", earliest)?;
+    }
+    let occurred_at = api.occurred_at(req.occurred_at.as_deref())?;
     on_active_subject(&api, &principal, key, &request, (&study_id, &subject_id), async |tx, subject| {
         let envelope = subject.envelope(ConsentSigned::NAME, &principal, occurred_at);
         let event = ConsentSigned { envelope, consent_version: req.consent_version.clone(), signed_at };
@@ -308,7 +313,7 @@ pub(crate) async fn request_enrollment(
 ) -> Result<Response, ApiError> {
     principal.require(SUBJECT_ROLES)?;
     let (key, req): (_, RequestEnrollment) = request.parse()?;
-    let occurred_at = occurred_at(req.occurred_at.as_deref())?;
+    let occurred_at = api.occurred_at(req.occurred_at.as_deref())?;
     on_active_subject(&api, &principal, key, &request, (&study_id, &subject_id), async |tx, subject| {
         let s = &api.schema;
         let setup = StudySetup::require(tx, s, &study_id).await?;
@@ -337,7 +342,7 @@ pub(crate) async fn withdraw_subject(
     principal.require(SUBJECT_ROLES)?;
     let (key, req): (_, WithdrawSubject) = request.parse()?;
     check_withdrawal(&req)?;
-    let occurred_at = occurred_at(req.occurred_at.as_deref())?;
+    let occurred_at = api.occurred_at(req.occurred_at.as_deref())?;
     on_active_subject(&api, &principal, key, &request, (&study_id, &subject_id), async |tx, subject| {
         let envelope = subject.envelope(SubjectWithdrawn::NAME, &principal, occurred_at);
         let event =

@@ -5,25 +5,28 @@ use std::collections::HashMap;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize, Serializer};
 use sqlx::{AssertSqlSafe, PgConnection};
 use trialflow_outbox::{OutboxEvent, SchemaName};
+use trialflow_producers::input::{self, BodyRules, MAX_FREE_TEXT_CHARS};
 use trialflow_producers::site_api::auth::Principal;
-use trialflow_producers::site_api::{ApiError, check_id, check_text, parse_json};
+use trialflow_producers::site_api::{ApiError, check_free_text, check_id};
 use trialflow_schemas::topics::TopicNames;
 use trialflow_schemas::{AlertAcknowledged, AlertResolved, Envelope, Event, Timestamp};
 use uuid::Uuid;
 
-use super::{AlertState, Researcher, SOURCE_SYSTEM};
+use super::{AlertState, MAX_BODY_BYTES, Researcher, SOURCE_SYSTEM};
 
 /// Alerts a list answers by default, and at most.
 const DEFAULT_LIMIT: i64 = 100;
 const MAX_LIMIT: i64 = 500;
-/// Longest reason a decision may carry.
-const MAX_REASON_CHARS: usize = 2_000;
+/// Longest reason a decision may carry (free text: tabs and line breaks allowed).
+const MAX_REASON_CHARS: usize = MAX_FREE_TEXT_CHARS;
+/// The decisions' body: its reason is free text.
+const DECISION_BODY: BodyRules = BodyRules { free_text: &["reason"] };
 
 const SEVERITIES: [&str; 4] = ["INFO", "WARNING", "HIGH", "CRITICAL"];
 const STATUSES: [&str; 3] = ["open", "acknowledged", "resolved"];
@@ -365,8 +368,9 @@ pub(super) async fn acknowledge(
     State(api): State<AlertState>,
     Researcher(principal): Researcher,
     Path(raw_id): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Alert>, ApiError> {
+    let body = body.map_err(|rejection| input::body_error(rejection, MAX_BODY_BYTES))?;
     decide(&api, &principal, &raw_id, &body, Decision::Acknowledge).await
 }
 
@@ -374,8 +378,9 @@ pub(super) async fn resolve(
     State(api): State<AlertState>,
     Researcher(principal): Researcher,
     Path(raw_id): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Alert>, ApiError> {
+    let body = body.map_err(|rejection| input::body_error(rejection, MAX_BODY_BYTES))?;
     decide(&api, &principal, &raw_id, &body, Decision::Resolve).await
 }
 
@@ -390,9 +395,9 @@ async fn decide(
     decision: Decision,
 ) -> Result<Json<Alert>, ApiError> {
     let id = alert_id(raw_id)?;
-    let request: DecisionRequest = parse_json(body)?;
+    let request: DecisionRequest = input::parse_body(body, &DECISION_BODY)?;
     let reason = request.reason.ok_or_else(|| ApiError::validation("reason", "is required"))?;
-    check_text("reason", &reason, MAX_REASON_CHARS)?;
+    check_free_text("reason", &reason, MAX_REASON_CHARS)?;
     let reason = reason.trim().to_string();
     let s = &api.schema;
 

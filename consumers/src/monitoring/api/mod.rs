@@ -22,10 +22,17 @@
 //! `<schema>:<history id>` on every insert, whoever inserts. One listener per API process turns
 //! the notifications of its schema into stream events (see [`stream`]).
 //!
+//! **Refused before anything is read or written** (the rules of
+//! [`trialflow_producers::input`], shared with the site API and the ePRO gateway): control
+//! characters in a path segment, a query parameter or any string of a body (the reason may hold
+//! tabs and line breaks), strings beyond their limit (a reason 2,000 characters, a query value
+//! 2,048), a key given twice, bodies beyond [`MAX_BODY_BYTES`].
+//!
 //! **Errors** are the site API's: `{"error": {"code", "message", "field"?}}` (see
-//! [`ApiError`]): 400 `invalid_json`, 401 `unauthenticated`, 403 `forbidden`, 404 `not_found`,
-//! 409 `already_acknowledged` / `already_resolved`, 422 `validation_failed` (a filter or the
-//! reason), 503 `unavailable`, 500 `internal`.
+//! [`ApiError`]): 400 `invalid_json` / `duplicate_key` / `invalid_body`, 401 `unauthenticated`,
+//! 403 `forbidden`, 404 `not_found`, 409 `already_acknowledged` / `already_resolved`, 413
+//! `payload_too_large`, 422 `validation_failed` (a filter or the reason) / `invalid_characters` /
+//! `too_long`, 503 `unavailable`, 500 `internal`.
 
 mod alerts;
 mod config;
@@ -36,7 +43,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Request, State};
 use axum::http::header::{self, AUTHORIZATION, HeaderName, HeaderValue};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
@@ -50,6 +57,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use trialflow_outbox::{Outbox, SchemaName};
+use trialflow_producers::input;
 use trialflow_producers::site_api::auth::{Principal, Tokens};
 use trialflow_producers::site_api::{ApiError, Role};
 use trialflow_schemas::topics::TopicNames;
@@ -60,6 +68,21 @@ pub use config::{AlertApiConfig, DEFAULT_LISTEN, DEMO_TOKENS};
 pub const SOURCE_SYSTEM: &str = "alert-api";
 /// Requests answered, by route template and status.
 pub const REQUESTS_TOTAL: &str = "trialflow_alert_api_requests_total";
+/// The largest body a decision takes (413 beyond): a reason of 2,000 characters, escaped, fits.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Every route the router serves (method, template), for documentation and the hostile-HTTP test.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/"),
+    ("GET", "/inbox"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/v1/alerts"),
+    ("GET", "/v1/alerts/stream"),
+    ("GET", "/v1/alerts/{alert_id}"),
+    ("POST", "/v1/alerts/{alert_id}/acknowledge"),
+    ("POST", "/v1/alerts/{alert_id}/resolve"),
+];
 
 /// Who may use the API. Researchers are blinded; nothing here shows an arm.
 const ROLES: &[Role] = &[Role::Researcher, Role::Admin];
@@ -250,6 +273,8 @@ fn router(state: AlertState) -> Router {
         .route("/v1/alerts/{alert_id}/acknowledge", post(alerts::acknowledge))
         .route("/v1/alerts/{alert_id}/resolve", post(alerts::resolve))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(middleware::from_fn(input::guard_request))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(track))
         .with_state(state)
 }
