@@ -460,6 +460,86 @@ async fn resolving_works_from_open_and_acknowledged_once() -> anyhow::Result<()>
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_is_refused_naming_the_field_and_decides_nothing() -> anyhow::Result<()> {
+    let api = TestApi::start().await?;
+    let id = api.raise(&Alert::default()).await?;
+    let acknowledge = format!("/v1/alerts/{id}/acknowledge");
+    let raw = |path: &str, body: &'static [u8]| {
+        api.http.post(format!("{}{path}", api.base)).bearer_auth(&api.researcher).body(body)
+    };
+    let unprocessable = StatusCode::UNPROCESSABLE_ENTITY;
+    let cases: Vec<(reqwest::RequestBuilder, (StatusCode, &str, Option<&str>))> = vec![
+        (
+            raw(&acknowledge, br#"{"reason": "on it\u0000"}"#),
+            (unprocessable, "invalid_characters", Some("reason")),
+        ),
+        (
+            raw(&acknowledge, br#"{"reason": "on it\u001b[31m"}"#),
+            (unprocessable, "invalid_characters", Some("reason")),
+        ),
+        (
+            raw(&acknowledge, br#"{"reason": "a", "reason": "b"}"#),
+            (StatusCode::BAD_REQUEST, "duplicate_key", Some("reason")),
+        ),
+        (
+            raw(&acknowledge, br#"{"reason": "\ud800"}"#),
+            (StatusCode::BAD_REQUEST, "invalid_json", Some("reason")),
+        ),
+        (
+            raw(&acknowledge, b"{\"reason\": \"\xff\"}"),
+            (StatusCode::BAD_REQUEST, "invalid_json", Some("reason")),
+        ),
+        (
+            raw(&acknowledge, br#"{"reason": 1e400}"#),
+            (StatusCode::BAD_REQUEST, "invalid_json", Some("reason")),
+        ),
+        (raw(&acknowledge, b""), (StatusCode::BAD_REQUEST, "invalid_json", None)),
+        (
+            raw("/v1/alerts/%00/acknowledge", br#"{"reason": "x"}"#),
+            (unprocessable, "invalid_characters", Some("alert_id")),
+        ),
+        (
+            raw("/v1/alerts/%C3%28/resolve", br#"{"reason": "x"}"#),
+            (unprocessable, "invalid_characters", Some("alert_id")),
+        ),
+        (
+            api.http.get(format!("{}/v1/alerts?study_id=CDISC%00", api.base)).bearer_auth(&api.researcher),
+            (unprocessable, "invalid_characters", Some("study_id")),
+        ),
+        (
+            api.http
+                .get(format!("{}/v1/alerts?site_id={}", api.base, "7".repeat(3_000)))
+                .bearer_auth(&api.researcher),
+            (unprocessable, "too_long", Some("site_id")),
+        ),
+        (
+            api.http.get(format!("{}/v1/alerts/{id}%07", api.base)).bearer_auth(&api.researcher),
+            (unprocessable, "invalid_characters", Some("alert_id")),
+        ),
+    ];
+    for (request, expected) in cases {
+        let answer = api.send(request).await?;
+        assert_eq!(answer.error(), expected, "{}", answer.text);
+    }
+    let long = json!({ "reason": "r".repeat(2_001) });
+    assert_eq!(
+        api.post(&api.researcher, &acknowledge, &long).await?.error(),
+        (unprocessable, "too_long", Some("reason"))
+    );
+    let huge = api.send(raw(&acknowledge, &[b' '; 100 * 1024])).await?;
+    assert_eq!(huge.error(), (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None), "{}", huge.text);
+    assert!(api.outbox().await?.is_empty(), "no decision was recorded");
+    assert_eq!(api.detail(id).await?["status"], "open");
+
+    // A reason may run over several lines.
+    let reason = "Called the site.\r\n\tBP re-measured: 150/95.";
+    let answer = api.post(&api.researcher, &acknowledge, &json!({ "reason": reason })).await?;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+    assert_eq!(api.event::<AlertAcknowledged>(id).await?.reason, reason);
+    api.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_researchers_and_admins_get_in() -> anyhow::Result<()> {
     let api = TestApi::start().await?;
     let id = api.raise(&Alert::default()).await?;
