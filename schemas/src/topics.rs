@@ -28,6 +28,63 @@ pub const NOTIFICATIONS: &str = "monitoring.notifications.v1";
 /// Topics that carry unblinded data: only unblinded roles and services may read them.
 pub const RESTRICTED: &[&str] = &[STUDY_CONFIGURATION, TREATMENT_ASSIGNMENTS, KIT_INVENTORY];
 
+/// Suffix of a dead-letter topic, `<topic>.dlq` (the consumer runtime's default `CONSUMER_DLQ_SUFFIX`).
+pub const DLQ_SUFFIX: &str = ".dlq";
+
+/// The dead-letter topics of [`RESTRICTED`] (default suffix). A dead letter is the original
+/// message, payload and headers, so it carries the arm or the seed exactly as its topic did: it is
+/// restricted like its topic. Provision their read ACLs with the restricted topics'.
+pub const RESTRICTED_DLQ: &[&str] = &[
+    "studies.configuration.v1.dlq",
+    "enrollment.treatment-assignments.v1.dlq",
+    "supply.kit-inventory.v1.dlq",
+];
+
+/// Who may read each restricted topic (its read ACL): the consumers (by consumer name) that need the
+/// unblinded data. Every other consumer and service reads blinded topics only. Nothing consumes a
+/// restricted topic's dead letters; operators of unblinded roles inspect them (`trialflow dlq`).
+pub const RESTRICTED_READERS: &[(&str, &[&str])] = &[
+    (STUDY_CONFIGURATION, &["enrollment", "kit-allocation"]),
+    (TREATMENT_ASSIGNMENTS, &["kit-allocation"]),
+    // Monitoring raises the blinded SITE-LOW-STOCK alert from `SiteStockLow`; the alert never
+    // names the arm.
+    (KIT_INVENTORY, &["kit-allocation", "monitoring"]),
+];
+
+/// Whether catalogue topic `topic` carries unblinded data: a restricted topic or a dead-letter
+/// topic (default suffix, at any depth) of one.
+pub fn is_restricted(topic: &str) -> bool {
+    is_restricted_with(topic, DLQ_SUFFIX)
+}
+
+/// [`is_restricted`] with dead-letter suffix `dlq_suffix` (the consumers' `CONSUMER_DLQ_SUFFIX`).
+pub fn is_restricted_with(topic: &str, dlq_suffix: &str) -> bool {
+    RESTRICTED.contains(&dead_lettered(topic, dlq_suffix))
+}
+
+/// The topic whose dead letters `topic` holds (`topic` itself if it is not a dead-letter topic).
+pub fn dead_lettered<'a>(topic: &'a str, dlq_suffix: &str) -> &'a str {
+    let mut original = topic;
+    if !dlq_suffix.is_empty() {
+        while let Some(shorter) = original.strip_suffix(dlq_suffix) {
+            original = shorter;
+        }
+    }
+    original
+}
+
+/// The consumers allowed to read catalogue topic `topic`: `None` when it is blinded (anyone may),
+/// an empty list for a restricted topic's dead letters (operators only, no consumer).
+pub fn restricted_readers(topic: &str, dlq_suffix: &str) -> Option<&'static [&'static str]> {
+    if !is_restricted_with(topic, dlq_suffix) {
+        return None;
+    }
+    if dead_lettered(topic, dlq_suffix) != topic {
+        return Some(&[]);
+    }
+    RESTRICTED_READERS.iter().find(|(t, _)| *t == topic).map(|(_, readers)| *readers).or(Some(&[]))
+}
+
 /// Every topic.
 pub const ALL: &[&str] = &[
     STUDY_CONFIGURATION,
@@ -83,5 +140,22 @@ impl TopicNames {
     /// Every deployed topic name.
     pub fn all(&self) -> Vec<String> {
         self.names(ALL)
+    }
+
+    /// The deployed name of the dead-letter topic of catalogue topic `topic`.
+    pub fn dead_letter(&self, topic: &str, dlq_suffix: &str) -> String {
+        format!("{}{topic}{dlq_suffix}", self.prefix)
+    }
+
+    /// The deployed names of every restricted topic and of its dead-letter topic: what the read
+    /// ACLs of unblinded roles cover, and nobody else's.
+    pub fn restricted(&self, dlq_suffix: &str) -> Vec<String> {
+        RESTRICTED.iter().flat_map(|t| [self.name(t), self.dead_letter(t, dlq_suffix)]).collect()
+    }
+
+    /// Whether deployed topic `deployed` (of this prefix) is restricted, its dead-letter topics
+    /// included. A name without this prefix is not one of ours and is judged as a catalogue name.
+    pub fn is_restricted(&self, deployed: &str, dlq_suffix: &str) -> bool {
+        is_restricted_with(deployed.strip_prefix(self.prefix.as_str()).unwrap_or(deployed), dlq_suffix)
     }
 }

@@ -98,7 +98,7 @@ fn blinded_topics_never_carry_an_arm() {
             .unwrap_or_default()
             .trim_end_matches('.')
             .to_string();
-        if topics::RESTRICTED.contains(&topic.as_str()) {
+        if topics::is_restricted(&topic) {
             continue;
         }
         assert!(
@@ -106,6 +106,51 @@ fn blinded_topics_never_carry_an_arm() {
             "{path} is on blinded topic {topic} but has an arm field"
         );
     }
+}
+
+#[test]
+fn dead_letters_of_restricted_topics_are_restricted() {
+    // A dead letter is the original message (payload and headers): the arm or the seed goes with
+    // it, so `<restricted>.dlq` is as restricted as its topic, under any deployed prefix.
+    for topic in topics::ALL {
+        let dlq = format!("{topic}{}", topics::DLQ_SUFFIX);
+        let restricted = topics::RESTRICTED.contains(topic);
+        assert_eq!(topics::is_restricted(topic), restricted, "{topic}");
+        assert_eq!(topics::is_restricted(&dlq), restricted, "{dlq}");
+        assert_eq!(topics::RESTRICTED_DLQ.contains(&dlq.as_str()), restricted, "{dlq} in RESTRICTED_DLQ");
+        assert_eq!(topics::is_restricted(&format!("{dlq}{}", topics::DLQ_SUFFIX)), restricted, "{dlq}.dlq");
+        assert_eq!(topics::is_restricted_with(&format!("{topic}-dead"), "-dead"), restricted, "other suffix");
+    }
+    assert_eq!(topics::RESTRICTED_DLQ.len(), topics::RESTRICTED.len());
+    assert!(!topics::is_restricted("supply.kit-inventory.v1.dlq.x"), "only a suffix marks a dead letter");
+    assert!(!topics::is_restricted_with(topics::KIT_ALLOCATIONS, ""), "an empty suffix strips nothing");
+
+    let names = topics::TopicNames::new("env-a.");
+    let restricted = names.restricted(".dlq");
+    assert_eq!(restricted.len(), 2 * topics::RESTRICTED.len());
+    assert!(restricted.contains(&"env-a.supply.kit-inventory.v1.dlq".to_string()));
+    for deployed in names.all() {
+        let dlq = names.dead_letter(deployed.trim_start_matches("env-a."), ".dlq");
+        assert_eq!(dlq, format!("{deployed}.dlq"));
+        let expected = restricted.contains(&deployed);
+        assert_eq!(names.is_restricted(&deployed, ".dlq"), expected, "{deployed}");
+        assert_eq!(names.is_restricted(&dlq, ".dlq"), expected, "{dlq}");
+        assert_eq!(restricted.contains(&dlq), expected, "{dlq} in the restricted ACL list");
+    }
+}
+
+#[test]
+fn only_named_consumers_read_restricted_topics_and_none_their_dead_letters() {
+    for topic in topics::RESTRICTED {
+        let readers = topics::restricted_readers(topic, topics::DLQ_SUFFIX).unwrap_or_default();
+        assert!(!readers.is_empty(), "{topic}: a restricted topic names its readers");
+        let dlq = format!("{topic}{}", topics::DLQ_SUFFIX);
+        assert_eq!(topics::restricted_readers(&dlq, topics::DLQ_SUFFIX), Some(&[][..]), "{dlq}: no consumer");
+    }
+    for topic in topics::ALL.iter().filter(|t| !topics::RESTRICTED.contains(t)) {
+        assert_eq!(topics::restricted_readers(topic, topics::DLQ_SUFFIX), None, "{topic} is blinded");
+    }
+    assert!(topics::RESTRICTED_READERS.iter().all(|(t, _)| topics::RESTRICTED.contains(t)));
 }
 
 fn vital_sign() -> VitalSignRecorded {
