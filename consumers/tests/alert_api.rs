@@ -468,7 +468,8 @@ async fn hostile_input_is_refused_naming_the_field_and_decides_nothing() -> anyh
         api.http.post(format!("{}{path}", api.base)).bearer_auth(&api.researcher).body(body)
     };
     let unprocessable = StatusCode::UNPROCESSABLE_ENTITY;
-    let cases: Vec<(reqwest::RequestBuilder, (StatusCode, &str, Option<&str>))> = vec![
+    type Refusal = (StatusCode, &'static str, Option<&'static str>);
+    let cases: Vec<(reqwest::RequestBuilder, Refusal)> = vec![
         (
             raw(&acknowledge, br#"{"reason": "on it\u0000"}"#),
             (unprocessable, "invalid_characters", Some("reason")),

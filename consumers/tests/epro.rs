@@ -4,6 +4,8 @@
 //! the relay publishing its outbox. Every submission must end in exactly one outcome.
 
 use std::collections::{BTreeMap, HashSet};
+
+use anyhow::Context as _;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -355,4 +357,135 @@ fn subject_index(s: &QuestionnaireResponseSubmitted) -> usize {
         .and_then(|id| id.strip_prefix("701-"))
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unstorable_strings_are_rejected_and_the_submission_behind_them_is_accepted() -> anyhow::Result<()> {
+    init_logs();
+    // One partition: everything below is in one order, behind the submissions it must not block.
+    let names = TopicNames::new(format!("{}.", unique("epro-nul").replace('_', "-")));
+    let mut wanted: Vec<(String, i32)> = names.all().into_iter().map(|t| (t, 1)).collect();
+    wanted.extend(names.all().into_iter().map(|t| (format!("{t}.dlq"), 1)));
+    let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
+    trialflow_outbox::kafka::ensure_topics(&kafka(), &refs).await?;
+    let url = database_url();
+    let (source, schema) = (SchemaName::new(unique("src"))?, SchemaName::new(unique("epro"))?);
+    trialflow_outbox::migrate(&url, &source).await?;
+    epro::migrate(&url, &schema).await?;
+    let pool = PgPool::connect(&url).await?;
+    let outbox = Outbox::open(&pool, source.clone()).await?;
+    let relay = RunningRelay::start(relay_config(&kafka(), vec![source.clone(), schema.clone()]));
+    let stop = CancellationToken::new();
+    let mut config = ConsumerConfig::local();
+    config.database.database_url = url.clone();
+    config.kafka = kafka();
+    config.group_id = Some(format!("epro-{schema}"));
+    config.max_backoff_ms = 500;
+    let consumer = tokio::spawn(trialflow_consumers::runtime::run(
+        epro::spec(schema.clone(), &names),
+        config,
+        EproValidation::new(schema.clone(), names.clone(), Catalogue::load(None)?),
+        stop.clone(),
+    ));
+
+    let subject = "701-001";
+    let enrolled_at = Utc::now() - chrono::Duration::days(30);
+    let enrolled = SubjectEnrolled {
+        envelope: envelope::<SubjectEnrolled>(subject, enrolled_at),
+        randomization_number: "R001-0001".into(),
+        kit_number: "K1".into(),
+    };
+    let mut tx = pool.begin().await?;
+    outbox.enqueue(&mut tx, OutboxEvent::avro(&enrolled, names.of::<SubjectEnrolled>(), subject)?).await?;
+    tx.commit().await?;
+
+    let authored = enrolled_at + chrono::Duration::days(1);
+    let submission = |tweak: fn(&mut QuestionnaireResponseSubmitted)| {
+        let mut s = QuestionnaireResponseSubmitted {
+            envelope: envelope::<QuestionnaireResponseSubmitted>(subject, authored),
+            submission_id: Uuid::new_v4(),
+            questionnaire: "PHQ-9".into(),
+            questionnaire_version: "1.0".into(),
+            scheduled_occurrence: None,
+            status: ResponseStatus::Completed,
+            authored_at: Timestamp::from(authored),
+            device_time_zone: "America/New_York".into(),
+            items: phq9([1; 9]),
+        };
+        tweak(&mut s);
+        s
+    };
+    let nul_subject = submission(|s| s.envelope.subject_id = Some("701-\u{0}001".into()));
+    let cases = [
+        (nul_subject.clone(), vec!["INVALID_CHARACTERS"]),
+        (
+            submission(|s| {
+                s.questionnaire_version = "1.0\u{0}".into();
+                s.envelope.study_id = format!("{STUDY}\u{1b}");
+            }),
+            vec!["INVALID_CHARACTERS", "INVALID_CHARACTERS"],
+        ),
+        (submission(|s| s.items[0].link_id = "4".repeat(10_000)), vec!["TEXT_TOO_LONG"]),
+    ];
+    let valid = submission(|_| {});
+    let producer: FutureProducer =
+        trialflow_outbox::publisher::producer_config(&kafka(), "test-app").create()?;
+    let ingestion = names.name(topics::EPRO_SUBMISSIONS);
+    let received_at = authored + chrono::Duration::minutes(5);
+    let mut resend = nul_subject.clone();
+    resend.envelope.event_id = Uuid::new_v4(); // the app retries: an exact duplicate
+    for s in cases.iter().map(|(s, _)| s).chain([&valid, &resend]) {
+        let sent = Sent { submission: s.clone(), received_at, with_event_id_header: true };
+        produce(&producer, &ingestion, &sent).await?;
+    }
+
+    let reader = TopicReader::new(&kafka(), &names.name(topics::EPRO_RESPONSES), true)?;
+    let expected = cases.len() + 1;
+    let read = reader.read_until(WAIT, move |m| m.len() >= expected).await?;
+    let mut rejected = BTreeMap::new();
+    let mut accepted = Vec::new();
+    for m in &read {
+        match decode_any(&m.payload)? {
+            AnyEvent::QuestionnaireResponseRejected(r) => {
+                let codes: Vec<String> = r.reasons.iter().map(|r| r.code.clone()).collect();
+                rejected.insert(r.submission_id, (m.key.clone(), r.envelope.subject_id.clone(), codes));
+            }
+            AnyEvent::QuestionnaireResponseAccepted(a) => accepted.push(a.submission_id),
+            other => anyhow::bail!("unexpected {}", other.name()),
+        }
+    }
+    assert_eq!(accepted, [valid.submission_id], "the valid submission behind them is accepted");
+    for (s, codes) in &cases {
+        let (_, _, got) = rejected.get(&s.submission_id).context("not rejected")?;
+        assert_eq!(got, codes, "{:?}", s.envelope.subject_id);
+    }
+    // The rejection names the subject as far as it can be stored: the NUL replaced.
+    let (key, subject_id, _) = &rejected[&nul_subject.submission_id];
+    assert_eq!((key.as_str(), subject_id.as_deref()), ("701-\u{fffd}001", Some("701-\u{fffd}001")));
+
+    let decided = format!("SELECT count(*) FROM {schema}.submission");
+    wait_until("every submission decided", WAIT, || async {
+        Ok(sqlx::query_scalar::<_, i64>(AssertSqlSafe(decided.as_str())).fetch_one(&pool).await? == 4)
+    })
+    .await?;
+    let outcomes: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT subject_id, outcome FROM {schema}.submission ORDER BY outcome, subject_id"
+    )))
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(outcomes[0], (subject.to_string(), "accepted".to_string()));
+    assert_eq!(outcomes.iter().filter(|(_, o)| o == "rejected").count(), 3, "{outcomes:?}");
+    // The exact resend adds no outcome; nothing was dead-lettered.
+    let again = TopicReader::new(&kafka(), &names.name(topics::EPRO_RESPONSES), true)?
+        .read_until_idle(Duration::from_secs(2), WAIT)
+        .await?;
+    assert_eq!(again.len(), cases.len() + 1);
+    let dlq = TopicReader::new(&kafka(), &format!("{ingestion}.dlq"), true)?
+        .read_until_idle(Duration::from_secs(1), WAIT)
+        .await?;
+    assert!(dlq.is_empty(), "{:?}", dlq.iter().map(|m| m.header("dlq.reason")).collect::<Vec<_>>());
+
+    stop.cancel();
+    consumer.await??;
+    relay.stop().await
 }

@@ -6,6 +6,8 @@
 //! epro.submissions.v1 ─▶ same submission id seen? ── same content ─▶ acknowledged, nothing new
 //!                              │                    └─ other content ─▶ Rejected CONFLICTING_DUPLICATE
 //!                              ▼
+//!                        strings storable? ── no ─▶ Rejected INVALID_CHARACTERS / TEXT_TOO_LONG
+//!                              ▼
 //!                        subject enrolled? ── not yet ─▶ parked until SubjectEnrolled
 //!                              ▼
 //!                        rules (validate.rs) ─▶ QuestionnaireResponseAccepted (score, band, flags,
@@ -13,6 +15,12 @@
 //!                                            └▶ QuestionnaireResponseRejected (every reason, coded)
 //! enrollment.subject-lifecycle.v1 ─▶ subject's zone, enrollment time, withdrawal time
 //! ```
+//!
+//! A submission whose strings the database cannot hold or the rules refuse (NUL and other control
+//! characters, strings beyond the gateway's limits; apps may publish without the gateway) is
+//! checked before any of its strings reaches a statement: it is rejected, and recorded and
+//! announced with its strings made storable (control characters replaced by U+FFFD, cut to
+//! length), so it neither fails the batch's transaction nor holds up the submissions behind it.
 //!
 //! Bytes that are not an event go to the dead-letter topic (consumer runtime). Accepted responses
 //! are stored with their answers and score (`response`), every decision by submission id
@@ -127,9 +135,18 @@ impl EproValidation {
         s: &QuestionnaireResponseSubmitted,
         ctx: &mut Context,
     ) -> Result<(), HandlerError> {
+        // The hash is of the submission as sent, so its exact resend is still a duplicate.
+        let hash = validate::content_hash(s);
+        let unstorable = validate::unstorable_text(s);
+        let cleaned;
+        let s = if unstorable.is_empty() {
+            s
+        } else {
+            cleaned = validate::storable(s);
+            &cleaned
+        };
         let subject_id = subject_of(&s.envelope)?;
         let study_id = &s.envelope.study_id;
-        let hash = validate::content_hash(s);
         let known = store::known(tx, &self.schema, s.submission_id, study_id, subject_id).await?;
         if let Some(earlier) = known.earlier {
             if earlier == hash {
@@ -148,6 +165,13 @@ impl EproValidation {
             let reasons = vec![conflict];
             store::record_conflict(tx, &self.schema, s, subject_id, &hash, &reasons).await?;
             return self.reject(tx, ctx, s, subject_id, reasons).await;
+        }
+        if !unstorable.is_empty() {
+            // Decided at once, enrolled or not: no later fact makes these strings acceptable.
+            if !store::record_decision(tx, &self.schema, s, subject_id, &hash, &unstorable).await? {
+                return Err(HandlerError::transient("submission recorded concurrently; deciding again"));
+            }
+            return self.reject(tx, ctx, s, subject_id, unstorable).await;
         }
         let Some(subject) = known.subject else {
             return Err(HandlerError::not_yet(

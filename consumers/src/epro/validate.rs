@@ -10,6 +10,8 @@ use trialflow_schemas::{
     Answer, QuestionnaireResponseSubmitted, RejectionReason, ResponseStatus, Timestamp, WindowStatus,
 };
 
+use trialflow_producers::input::{self, Problem};
+
 use super::catalogue::{Catalogue, Unknown};
 use super::questionnaire::Scored;
 use super::schedule::window_status;
@@ -25,6 +27,10 @@ pub const UNKNOWN_OCCURRENCE: &str = "UNKNOWN_OCCURRENCE";
 pub const CONFLICTING_DUPLICATE: &str = "CONFLICTING_DUPLICATE";
 /// Another completed response for an occurrence that already has one (amendments are accepted).
 pub const DUPLICATE_OCCURRENCE: &str = "DUPLICATE_OCCURRENCE";
+/// A string holds a control character (only a free-text answer may hold tabs and line breaks).
+pub const INVALID_CHARACTERS: &str = "INVALID_CHARACTERS";
+/// A string is longer than its field takes.
+pub const TEXT_TOO_LONG: &str = "TEXT_TOO_LONG";
 
 /// What the validator knows about the subject.
 #[derive(Debug, Clone)]
@@ -49,6 +55,36 @@ pub fn reason(code: &str, link_id: Option<&str>, detail: impl Into<String>) -> R
 
 fn instant(t: Timestamp) -> Option<DateTime<Utc>> {
     t.to_datetime()
+}
+
+/// What makes `s` impossible to store or announce as it is: every string that breaks the rules
+/// the ePRO gateway applies ([`input::submission_problems`]), one reason each. Apps that publish
+/// to the ingestion topic directly are not checked by the gateway; such a submission is rejected
+/// (and recorded, made [`storable`]) instead of failing the database write over and over.
+pub fn unstorable_text(s: &QuestionnaireResponseSubmitted) -> Vec<RejectionReason> {
+    input::submission_problems(s)
+        .into_iter()
+        .map(|(field, problem)| {
+            let code = match problem {
+                Problem::TooLong { .. } => TEXT_TOO_LONG,
+                Problem::ControlCharacter { .. } | Problem::NotUtf8 => INVALID_CHARACTERS,
+            };
+            reason(code, None, format!("{field} {problem}"))
+        })
+        .collect()
+}
+
+/// `s` with every string made storable (control characters replaced by U+FFFD, cut to length),
+/// to record and announce its rejection; the ids then no longer match anyone's, which is right
+/// for a submission that names nobody we can store.
+pub fn storable(s: &QuestionnaireResponseSubmitted) -> QuestionnaireResponseSubmitted {
+    input::storable_submission(s).unwrap_or_else(|| {
+        // Cannot happen (the JSON form reads back); without it, keep only what is known to be
+        // safe.
+        let mut safe = s.clone();
+        safe.items.clear();
+        safe
+    })
 }
 
 /// Decides on `s`, which reached us at `received_at`.
@@ -340,6 +376,35 @@ pub(crate) mod tests {
             Ok((true, WindowStatus::InWindow)),
             "window by authored time"
         );
+    }
+
+    #[test]
+    fn unstorable_strings_are_named_and_made_storable() {
+        assert!(unstorable_text(&submission()).is_empty());
+        let mut s = submission();
+        s.envelope.subject_id = Some("701\u{0}001".into());
+        s.questionnaire_version = "1".repeat(65);
+        s.items[0].value_integer = None;
+        s.items[0].value_string = Some("ok\n\tthen\u{7}".into());
+        let reasons = unstorable_text(&s);
+        let got: Vec<(&str, &str)> = reasons
+            .iter()
+            .map(|r| (r.code.as_str(), r.detail.split(' ').next().unwrap_or_default()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (INVALID_CHARACTERS, "envelope.subject_id"),
+                (TEXT_TOO_LONG, "questionnaire_version"),
+                (INVALID_CHARACTERS, "items[0].value_string"),
+            ]
+        );
+        let clean = storable(&s);
+        assert_eq!(clean.envelope.subject_id.as_deref(), Some("701\u{fffd}001"));
+        assert_eq!(clean.items[0].value_string.as_deref(), Some("ok\n\tthen\u{fffd}"));
+        assert_eq!(clean.submission_id, s.submission_id);
+        let still: Vec<String> = unstorable_text(&clean).into_iter().map(|r| r.code).collect();
+        assert_eq!(still, [TEXT_TOO_LONG], "only the length rule, which storing cuts to the generic limit");
     }
 
     #[test]
