@@ -8,8 +8,13 @@
 //!   none, the subject waits and `KitAllocationFailed` tells the enrollment saga.
 //! * `SubjectWithdrawn` → a waiting subject stops waiting.
 //!
-//! "Today" for the expiry buffers is the date (UTC) of the event being applied, so a replay on a
-//! virtual clock dispenses the same kits as the original run.
+//! "Today" for the expiry buffers (Do-Not-Dispense, Do-Not-Count) is [`rules::judging_day`]: the
+//! later of the day (UTC) the event being applied took effect and the day of the consumer's
+//! clock. A kit is never dispensed that is expired or inside its buffer by either: not for an
+//! assignment that arrives late (parked, redelivered, replayed from a dead letter), nor for one
+//! stamped ahead of the server. The clock is the system clock unless the pipeline sets another
+//! ([`KitAllocation::with_clock`]: a replay of a past study on a virtual clock judges its kits
+//! on the replayed timeline).
 //!
 //! Lock order: every change to a site's inventory (a shipment, an assignment) holds the site's
 //! row of `site_inventory` until its transaction ends. A batch (one partition's messages, one
@@ -32,6 +37,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{PgConnection, Postgres, Transaction};
 use tracing::{debug, info};
 use trialflow_outbox::SchemaName;
+use trialflow_producers::clock::Clock;
 use trialflow_schemas::topics::{self, TopicNames};
 use trialflow_schemas::{
     AnyEvent, Envelope, Event, KitAllocated, KitAllocationFailed, KitsReceived, SiteStockLow,
@@ -83,6 +89,7 @@ pub fn spec(schema: SchemaName, topics: &TopicNames) -> ConsumerSpec {
 pub struct KitAllocation {
     schema: SchemaName,
     topics: TopicNames,
+    clock: Clock,
 }
 
 impl KitAllocation {
@@ -94,7 +101,18 @@ impl KitAllocation {
             "Randomized subjects for whom no dispensable kit was at their site."
         );
         metrics::describe_counter!(STOCK_LOW_TOTAL, metrics::Unit::Count, "SiteStockLow signals.");
-        Self { schema, topics }
+        Self { schema, topics, clock: Clock::System }
+    }
+
+    /// The clock whose day, with the event's, judges kit expiry (the system clock by default).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// "Today" for the expiry buffers when applying the event of `envelope`.
+    fn today(&self, envelope: &Envelope) -> Result<NaiveDate, HandlerError> {
+        Ok(rules::judging_day(instant(envelope)?, self.clock.now()))
     }
 
     async fn study(&self, conn: &mut PgConnection, study_id: &str) -> Result<StudySettings, HandlerError> {
@@ -139,7 +157,7 @@ impl KitAllocation {
             kit_type: study.enrollment_kit_type.clone(),
             correlation_id: e.envelope.correlation_id,
         };
-        let today = effective_day(&e.envelope)?;
+        let today = self.today(&e.envelope)?;
         if self.try_allocate(tx, ctx, &study, &request, &e.envelope, today).await? {
             // Allocated: done.
         } else {
@@ -175,7 +193,7 @@ impl KitAllocation {
         store::lock_site(tx, &self.schema, study_id, &site_id).await?;
         let new = store::receive_kits(tx, &self.schema, e, &site_id, instant(&e.envelope)?).await?;
         info!(%site_id, shipment_id = %e.shipment_id, kits = e.kits.len(), new, "Kits received.");
-        let today = effective_day(&e.envelope)?;
+        let today = self.today(&e.envelope)?;
         for waiting in store::pending_at(tx, &self.schema, study_id, &site_id).await? {
             if self.try_allocate(tx, ctx, &study, &waiting, &e.envelope, today).await? {
                 store::remove_pending(tx, &self.schema, study_id, &waiting.randomization_number).await?;
@@ -242,7 +260,7 @@ impl KitAllocation {
         arms: &[&str],
     ) -> Result<(), HandlerError> {
         let study_id = &cause.study_id;
-        let today = effective_day(cause)?;
+        let today = self.today(cause)?;
         for kit_type in kit_types {
             let settings = study.kit_type(kit_type)?;
             for arm in arms {
@@ -334,9 +352,4 @@ fn instant(envelope: &Envelope) -> Result<DateTime<Utc>, HandlerError> {
         .occurred_at
         .to_datetime()
         .ok_or_else(|| HandlerError::permanent(format!("{}: occurred_at out of range", envelope.event_type)))
-}
-
-/// The day (UTC) an event took effect: "today" for the expiry buffers.
-fn effective_day(envelope: &Envelope) -> Result<NaiveDate, HandlerError> {
-    Ok(instant(envelope)?.date_naive())
 }

@@ -7,8 +7,12 @@
 //!   Oracle Clinical One). A kit of another arm is never chosen.
 //! * Low stock: countable kits (before the Do-Not-Count buffer) of an arm at a site falling below the
 //!   threshold signals resupply once per crossing, not on every allocation.
+//! * "Today" for these buffers is [`judging_day`]: the later of the day the request took effect
+//!   and the server's day, so neither a request stamped in the past (late, redelivered, parked)
+//!   nor one stamped in the future dispenses a kit that is expired, or inside its buffer, by the
+//!   other clock.
 
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KitStatus {
@@ -29,6 +33,15 @@ pub struct Kit {
     pub arm_code: String,
     pub expiry: NaiveDate,
     pub status: KitStatus,
+}
+
+/// The day the expiry buffers are judged on for a request that took effect at `occurred_at` and is
+/// applied when the server's clock reads `now`: the later of the two (UTC days). The request's
+/// own time alone would let an old `occurred_at` dispense a kit that has expired since; the
+/// server's clock alone would let a request stamped ahead of it (a skewed site clock) take a kit
+/// that is no longer usable on the day it claims.
+pub fn judging_day(occurred_at: DateTime<Utc>, now: DateTime<Utc>) -> NaiveDate {
+    occurred_at.max(now).date_naive()
 }
 
 /// Whether `kit` may be dispensed on `today` with a Do-Not-Dispense buffer of `dnd_days`.
@@ -152,6 +165,44 @@ mod tests {
             choose(&kits, "PBO", "BOTTLE-30", day(2027, 1, 1), 30).map(|k| k.kit_number.as_str()),
             Some("NEW")
         );
+    }
+
+    fn noon(d: NaiveDate) -> DateTime<Utc> {
+        d.and_hms_opt(12, 0, 0).unwrap_or_default().and_utc()
+    }
+
+    #[test]
+    fn the_later_of_the_request_and_the_server_clock_is_judged() {
+        let (early, late) = (noon(day(2027, 1, 1)), noon(day(2027, 4, 5)));
+        assert_eq!(judging_day(early, late), day(2027, 4, 5));
+        assert_eq!(judging_day(late, early), day(2027, 4, 5));
+        let just_before_midnight = day(2027, 1, 1).and_hms_opt(23, 59, 59).unwrap_or_default().and_utc();
+        assert_eq!(judging_day(just_before_midnight, early), day(2027, 1, 1), "a UTC day");
+    }
+
+    #[test]
+    fn an_old_request_never_dispenses_a_kit_expired_or_inside_do_not_dispense_by_the_server_clock() {
+        let kits = vec![kit("K1", 1, "PBO", day(2027, 3, 31))];
+        let requested = noon(day(2027, 1, 1)); // dispensable on that day (before 2027-03-01)
+        let choose_at = |now| choose(&kits, "PBO", "BOTTLE-30", judging_day(requested, now), 30);
+        assert!(choose_at(noon(day(2027, 1, 2))).is_some(), "a day later: still dispensable");
+        assert_eq!(choose_at(noon(day(2027, 4, 5))), None, "expired by the server's clock");
+        assert_eq!(choose_at(noon(day(2027, 3, 10))), None, "inside do-not-dispense by the server's clock");
+    }
+
+    #[test]
+    fn a_request_stamped_in_the_future_beyond_expiry_is_not_dispensed() {
+        let kits = vec![kit("K1", 1, "PBO", day(2027, 3, 31))];
+        let now = noon(day(2027, 1, 1)); // dispensable by the server's clock
+        assert!(choose(&kits, "PBO", "BOTTLE-30", judging_day(now, now), 30).is_some());
+        let ahead = noon(day(2027, 4, 10));
+        assert_eq!(
+            choose(&kits, "PBO", "BOTTLE-30", judging_day(ahead, now), 30),
+            None,
+            "expired on its day"
+        );
+        let inside = noon(day(2027, 3, 15));
+        assert_eq!(choose(&kits, "PBO", "BOTTLE-30", judging_day(inside, now), 30), None, "inside DND");
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //!   randomized subjects then consent and are requested for enrollment on their reference start
 //!   date (`RFSTDTC`). Randomization, kit allocation and enrollment are the pipeline's own work.
 //! * Kit shipments are synthesized per site (the pilot has no inventory): per arm, enough kits for
-//!   every randomized subject of the site plus a margin above the low-stock threshold.
+//!   every randomized subject of the site plus a margin above the low-stock threshold, expiring
+//!   on [`KIT_EXPIRY`], far beyond both the replayed timeline and the real clock.
 //! * VS → `VitalSignRecorded` (LOINC, UCUM), one per row, the three positions of a visit kept.
 //! * AE → `AdverseEventReported`, reported on its collection date (`AEDTC`), onset kept as given
 //!   (partial dates stay partial).
@@ -49,6 +50,12 @@ pub const STRATUM_FACTOR: &str = "sex";
 pub const CRITERION: &str = "IE-ALL";
 pub const KIT_TYPE: &str = "TTS-PATCH";
 pub const LOW_STOCK_THRESHOLD: i32 = 2;
+/// Expiry of every synthesized kit. The kit-allocation consumer judges expiry against the later of
+/// the request's day and its own clock — the real one, years after the 2012–2015 timeline — so a
+/// kit expiring on the timeline (say 2016) would never be dispensed. A fixed date (not "today +
+/// N years") keeps the plan pure: the same shipment body every run, as the replay's idempotency
+/// keys require.
+pub const KIT_EXPIRY: &str = "2099-12-31";
 /// Time zone of every site: the pilot does not say where its (US) sites are.
 pub const SITE_TIME_ZONE: Tz = chrono_tz::America::New_York;
 pub const PHQ9: &str = "PHQ-9";
@@ -388,7 +395,7 @@ fn shipment(site: &str, study: &CreateStudy, subjects: &[Subject]) -> (String, R
             sequence_number: i as i64 + 1,
             kit_type: KIT_TYPE.to_string(),
             lot: "PILOT-LOT-01".to_string(),
-            expiry_date: "2016-12-31".to_string(),
+            expiry_date: KIT_EXPIRY.to_string(),
             arm_code: arm.arm_code.clone(),
         });
     }
@@ -796,6 +803,22 @@ mod tests {
         assert!(ae.serious);
         assert_eq!(ae.seriousness_criteria, vec!["HOSPITALIZATION".to_string()]);
         assert_eq!(ae.ctcae_grade, None);
+    }
+
+    #[test]
+    fn kits_are_dispensable_on_the_timeline_and_by_the_real_clock() {
+        let plan = plan(&sample());
+        let dnd = plan.study.kit_types.iter().map(|k| i64::from(k.do_not_dispense_days)).max().unwrap_or(0);
+        // By the later of the two clocks the consumer judges on, with years to spare.
+        let last_day = plan.steps.iter().map(|s| s.at).max().unwrap_or_default().max(Utc::now()).date_naive()
+            + Duration::days(dnd + 5 * 365);
+        assert!(!plan.shipments.is_empty());
+        for (_, shipment) in &plan.shipments {
+            for kit in &shipment.kits {
+                let expiry = NaiveDate::parse_from_str(&kit.expiry_date, "%Y-%m-%d").unwrap_or_default();
+                assert!(expiry > last_day, "{} expires on {expiry}", kit.kit_number);
+            }
+        }
     }
 
     #[test]
