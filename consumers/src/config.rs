@@ -65,6 +65,24 @@ pub struct ConsumerConfig {
     /// Suffix of dead-letter topics: `<topic><suffix>`.
     #[arg(long, env = "CONSUMER_DLQ_SUFFIX", default_value = ".dlq")]
     pub dlq_suffix: String,
+
+    /// Failed attempts of a batch before its messages are retried one at a time (the poison
+    /// fence), and failed attempts of one message alone before it is judged: dead-lettered as
+    /// `retries_exhausted` when another message of its partition applies meanwhile, retried on
+    /// (an outage) when none does.
+    #[arg(long, env = "CONSUMER_POISON_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    pub poison_attempts: u32,
+
+    /// How long a revocation waits for the workers of revoked partitions to finish their batch
+    /// (ms). A batch that takes longer is abandoned (rolled back); the partition's next worker
+    /// starts only after it has ended.
+    #[arg(long, env = "CONSUMER_REVOKE_WAIT_MS", default_value_t = 10_000)]
+    pub revoke_wait_ms: u64,
+
+    /// On shutdown, how long a batch in progress may still take to commit (ms) before it is
+    /// cancelled and rolled back; retry backoffs are cancelled at once.
+    #[arg(long, env = "CONSUMER_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
 }
 
 impl ConsumerConfig {
@@ -85,11 +103,22 @@ impl ConsumerConfig {
             heartbeat_interval_ms: 500,
             fetch_wait_ms: 50,
             dlq_suffix: ".dlq".to_string(),
+            poison_attempts: 5,
+            revoke_wait_ms: 10_000,
+            shutdown_grace_ms: 10_000,
         }
     }
 
     pub(crate) fn max_backoff(&self) -> Duration {
         Duration::from_millis(self.max_backoff_ms.max(100))
+    }
+
+    pub(crate) fn revoke_wait(&self) -> Duration {
+        Duration::from_millis(self.revoke_wait_ms)
+    }
+
+    pub(crate) fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
     }
 
     pub(crate) fn park_retry(&self) -> Duration {

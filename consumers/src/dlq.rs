@@ -94,11 +94,15 @@ pub async fn replay(
         trialflow_outbox::publisher::producer_config(kafka, "trialflow-dlq-replay").create()?;
     let replayed_from = format!("{dlq_topic}/{partition}/{offset}");
     let mut headers = OwnedHeaders::new();
-    for (k, v) in letter.headers.iter().filter(|(k, _)| !k.starts_with(h::PREFIX)) {
-        headers = headers.insert(Header { key: k, value: Some(v.as_bytes()) });
+    for (k, v) in letter.raw_headers.iter().filter(|(k, _)| !k.starts_with(h::PREFIX)) {
+        headers = headers.insert(Header { key: k, value: Some(v.as_slice()) });
     }
     headers = headers.insert(Header { key: "replayed_from", value: Some(replayed_from.as_bytes()) });
-    let record = FutureRecord::to(&target).key(&letter.key).payload(&letter.payload).headers(headers);
+    // Byte for byte: the original key (or none), payload and headers.
+    let mut record = FutureRecord::<[u8], [u8]>::to(&target).payload(&letter.payload).headers(headers);
+    if let Some(key) = &letter.raw_key {
+        record = record.key(key.as_slice());
+    }
     let delivery = producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
     Ok(Some(Replayed { topic: target, partition: delivery.partition, offset: delivery.offset }))
 }

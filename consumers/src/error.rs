@@ -40,22 +40,47 @@ impl HandlerError {
     }
 }
 
-/// Database errors are transient unless they are integrity violations (SQLSTATE class 23), which
-/// repeat on every retry.
+/// A database error is the message's fault, and so permanent, when PostgreSQL refused the data
+/// itself: data exceptions (class 22: NUL or invalid text, out-of-range values, bad formats),
+/// program limits (class 54: an index row or a string too large), integrity violations (class 23).
+/// It is the environment's, and so transient, for everything else: connection loss (08), rollbacks
+/// (40001 serialization, 40P01 deadlock), shutdowns (57P01–57P03), lock and statement timeouts
+/// (55P03, 57014), resources (53), I/O (58), and errors with no SQLSTATE (pool timeouts, I/O,
+/// protocol). Class 42 (undefined table, syntax) is a deployment fault that every message hits:
+/// transient, so it never turns into dead letters; the poison fence tells a lone bad message apart.
+pub fn is_transient_sqlx(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code();
+            let class = code.as_deref().map_or("", |c| c.get(..2).unwrap_or(c));
+            !matches!(class, "22" | "23" | "54")
+        }
+        sqlx::Error::Encode(_) | sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => false,
+        _ => true,
+    }
+}
+
 impl From<sqlx::Error> for HandlerError {
     fn from(e: sqlx::Error) -> Self {
-        match &e {
-            sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("23")) => {
-                Self::Permanent(format!("integrity violation: {e}"))
-            }
-            _ => Self::Transient(e.to_string()),
+        let code = match &e {
+            sqlx::Error::Database(db) => db.code().map(|c| format!(" (SQLSTATE {c})")).unwrap_or_default(),
+            _ => String::new(),
+        };
+        if is_transient_sqlx(&e) {
+            Self::Transient(format!("{e}{code}"))
+        } else {
+            Self::Permanent(format!("{e}{code}"))
         }
     }
 }
 
 impl From<trialflow_outbox::OutboxError> for HandlerError {
     fn from(e: trialflow_outbox::OutboxError) -> Self {
-        if e.is_transient() { Self::Transient(e.to_string()) } else { Self::Permanent(e.to_string()) }
+        match e {
+            trialflow_outbox::OutboxError::Database(e) => e.into(),
+            e if e.is_transient() => Self::Transient(e.to_string()),
+            e => Self::Permanent(e.to_string()),
+        }
     }
 }
 
@@ -68,4 +93,7 @@ pub enum ConsumerError {
     Database(#[from] sqlx::Error),
     #[error(transparent)]
     Outbox(#[from] trialflow_outbox::OutboxError),
+    /// A partition worker ended abnormally; the consumer stops rather than leave a partition idle.
+    #[error("partition worker died: {0}")]
+    WorkerDied(String),
 }

@@ -2,6 +2,8 @@
 //! it) or on a schedule, and dead-lettered once older than the maximum parking age.
 
 use std::sync::Arc;
+
+use futures::FutureExt;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -54,40 +56,57 @@ async fn retry_due<H: Handler>(shared: &Shared<H>) -> Result<usize, HandlerError
     let messages: Vec<_> = due.iter().map(|row| row.message()).collect();
     shared.handler.prepare(&mut tx, &messages).await?;
     let mut resolved = Vec::new();
+    let mut woke_keys = false;
     for (row, msg) in due.iter().zip(messages) {
         sqlx::query("SAVEPOINT parked").execute(&mut *tx).await?;
         let mut ctx = Context::new(shared.outbox.clone());
-        match shared.handler.handle(&mut tx, &msg, &mut ctx).await {
+        let attempt =
+            std::panic::AssertUnwindSafe(shared.handler.handle(&mut tx, &msg, &mut ctx)).catch_unwind();
+        let result =
+            attempt.await.unwrap_or_else(|_| Err(HandlerError::Transient("handler panicked".into())));
+        let aged = chrono::Utc::now() - row.parked_at >= max_age;
+        match result {
             Ok(()) => {
                 sqlx::query("RELEASE SAVEPOINT parked").execute(&mut *tx).await?;
                 shared.sql.unpark(&mut tx, name, row.event_id).await?;
                 shared.sql.mark_applied(&mut tx, name, row.event_id).await?;
+                shared.sql.wake_key(&mut tx, name, &msg).await?;
+                woke_keys = true;
                 resolved.extend(ctx.resolved);
                 metrics::counter!(m::MESSAGES_TOTAL, "consumer" => name.to_string(), "outcome" => "unparked")
                     .increment(1);
             }
-            Err(HandlerError::Transient(e)) => return Err(HandlerError::Transient(e)),
+            // Rolling back to the savepoint fails when the database is gone: then the whole
+            // slice is retried later. Otherwise this message alone is rescheduled, and ages out.
+            Err(HandlerError::Transient(e)) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT parked").execute(&mut *tx).await?;
+                if aged {
+                    let reason =
+                        format!("parked for more than {}s, failing on retry: {e}", max_age.num_seconds());
+                    give_up(shared, &mut tx, row, &msg, "retries_exhausted", reason).await?;
+                    woke_keys = true;
+                } else {
+                    debug!(consumer = name, event_id = %row.event_id, error = %e, "Parked message failed; rescheduled.");
+                    reschedule(shared, &mut tx, row, &e, &row.dependency, max_age).await?;
+                }
+            }
             Err(HandlerError::NotYet { dependency, reason }) => {
                 sqlx::query("ROLLBACK TO SAVEPOINT parked").execute(&mut *tx).await?;
-                if chrono::Utc::now() - row.parked_at >= max_age {
-                    let error = HandlerError::Permanent(format!(
+                if aged {
+                    let reason = format!(
                         "parked for more than {}s waiting for {dependency}: {reason}",
                         max_age.num_seconds()
-                    ));
-                    give_up(shared, &mut tx, row, &error).await?;
+                    );
+                    give_up(shared, &mut tx, row, &msg, "not_yet", reason).await?;
+                    woke_keys = true;
                 } else {
-                    let delay = backoff_delay(row.attempts as u32 + 1, shared.config.park_retry() * 12);
-                    let delay = delay.max(shared.config.park_retry()).min(Duration::from_secs(3600));
-                    let (retry, limit) = (delay.as_secs_f64(), max_age.num_seconds() as f64);
-                    shared
-                        .sql
-                        .reschedule(&mut tx, name, row.event_id, &reason, &dependency, retry, limit)
-                        .await?;
+                    reschedule(shared, &mut tx, row, &reason, &dependency, max_age).await?;
                 }
             }
             Err(error @ HandlerError::Permanent(_)) => {
                 sqlx::query("ROLLBACK TO SAVEPOINT parked").execute(&mut *tx).await?;
-                give_up(shared, &mut tx, row, &error).await?;
+                give_up(shared, &mut tx, row, &msg, error.class(), error.to_string()).await?;
+                woke_keys = true;
             }
         }
     }
@@ -95,7 +114,27 @@ async fn retry_due<H: Handler>(shared: &Shared<H>) -> Result<usize, HandlerError
         shared.sql.wake(&mut tx, name, dependency).await?;
     }
     tx.commit().await?;
+    if woke_keys {
+        // Messages parked behind one of these keys are due now.
+        shared.park_wake.notify_one();
+    }
     Ok(due.len())
+}
+
+/// Retries `row` later, with a backoff of its own, no later than its maximum age.
+async fn reschedule<H: Handler>(
+    shared: &Shared<H>,
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    row: &crate::store::ParkedRow,
+    reason: &str,
+    dependency: &str,
+    max_age: chrono::Duration,
+) -> Result<(), HandlerError> {
+    let delay = backoff_delay(row.attempts as u32 + 1, shared.config.park_retry() * 12);
+    let delay = delay.max(shared.config.park_retry()).min(Duration::from_secs(3600));
+    let (retry, limit) = (delay.as_secs_f64(), max_age.num_seconds() as f64);
+    shared.sql.reschedule(tx, &shared.spec.name, row.event_id, reason, dependency, retry, limit).await?;
+    Ok(())
 }
 
 /// Dead-letters a parked message and forgets it, so that a replay after a fix is applied.
@@ -103,12 +142,15 @@ async fn give_up<H: Handler>(
     shared: &Shared<H>,
     tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
     row: &crate::store::ParkedRow,
-    error: &HandlerError,
+    msg: &crate::handler::Message,
+    class: &str,
+    reason: String,
 ) -> Result<(), HandlerError> {
     let name = shared.spec.name.as_str();
     warn!(consumer = name, event_id = %row.event_id, dependency = %row.dependency, last_reason = %row.reason,
         "Giving up on a parked message.");
-    send_to_dlq(shared, tx, &row.message(), error, row.attempts as u32, row.parked_at).await?;
+    send_to_dlq(shared, tx, msg, class, reason, row.attempts as u32, row.parked_at).await?;
+    shared.sql.wake_key(tx, name, msg).await?;
     shared.sql.unpark(tx, name, row.event_id).await?;
     shared.sql.forget(tx, name, row.event_id).await?;
     metrics::counter!(m::MESSAGES_TOTAL, "consumer" => name.to_string(), "outcome" => "dead_lettered")

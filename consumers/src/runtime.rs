@@ -2,13 +2,14 @@
 //! batches, each batch in one transaction with the inbox; offsets are committed only after that
 //! transaction committed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::{Headers, Message as _};
+use rdkafka::message::Message as _;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -38,6 +39,7 @@ struct RebalanceContext {
     /// Set right after the consumer is created; used to split assigned partitions.
     consumer: std::sync::OnceLock<std::sync::Weak<StreamConsumer<RebalanceContext>>>,
     assigned: mpsc::UnboundedSender<(Key, PartitionQueue)>,
+    revoke_wait: Duration,
 }
 
 type PartitionQueue = rdkafka::consumer::stream_consumer::StreamPartitionQueue<RebalanceContext>;
@@ -58,9 +60,17 @@ impl ConsumerContext for RebalanceContext {
         for w in &stopping {
             w.cancel.cancel();
         }
+        let deadline = Instant::now() + self.revoke_wait;
         let wait = || {
             for w in &stopping {
-                let _ = w.done.recv_timeout(Duration::from_secs(10));
+                if w.done.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_err() {
+                    // The worker goes on until its batch ends (it is cancelled, so it commits
+                    // nothing more after that); the partition's next worker waits for it.
+                    warn!(
+                        revoke_wait_ms = self.revoke_wait.as_millis() as u64,
+                        "A revoked partition's batch outlived the revoke wait."
+                    );
+                }
             }
         };
         // Blocking here is what holds the revocation until the batches are done; it needs a
@@ -142,20 +152,39 @@ pub async fn run<H: Handler>(
     tasks.spawn(report_lag(shared.clone(), background.clone()));
 
     let mut joins = tokio::task::JoinSet::new();
+    // One lock per partition, held by its worker while it runs: a partition revoked and assigned
+    // again gets a new worker only once the old one has ended (its batch may outlive the revoke
+    // wait), so two workers never apply one partition at once.
+    let mut partition_locks: HashMap<Key, Arc<tokio::sync::Mutex<()>>> = HashMap::new();
     // The main queue only serves events (rebalances, errors): every partition has its own queue.
     let mut stream = consumer.stream();
     let mut outcome = Ok(());
     loop {
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
+            Some(ended) = joins.join_next() => {
+                if let Err(error) = ended {
+                    // A worker that died (not a handler panic: those are caught per batch) would
+                    // leave its partition idle: stop, and let the process restart the consumer.
+                    tracing::error!(consumer = %shared.spec.name, %error, "A partition worker died; stopping the consumer.");
+                    outcome = Err(ConsumerError::WorkerDied(error.to_string()));
+                    break;
+                }
+            }
             Some((key, queue)) = assigned.recv() => {
                 let cancel = CancellationToken::new();
                 let (done_tx, done_rx) = std::sync::mpsc::channel();
                 workers
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(key, WorkerHandle { cancel: cancel.clone(), done: done_rx });
-                joins.spawn(partition_worker(shared.clone(), queue, cancel, done_tx));
+                    .insert(key.clone(), WorkerHandle { cancel: cancel.clone(), done: done_rx });
+                let lock = partition_locks.entry(key).or_default().clone();
+                let shared = shared.clone();
+                joins.spawn(async move {
+                    let _running = lock.lock_owned().await;
+                    partition_worker(shared, queue, cancel, done_tx).await;
+                });
             }
             received = stream.next() => match received {
                 Some(Ok(m)) => {
@@ -212,15 +241,26 @@ fn create_consumer(
     for (k, v) in &config.kafka.producer_config {
         client.set(k, v);
     }
-    let context = RebalanceContext { workers, consumer: std::sync::OnceLock::new(), assigned };
+    let context = RebalanceContext {
+        workers,
+        consumer: std::sync::OnceLock::new(),
+        assigned,
+        revoke_wait: config.revoke_wait(),
+    };
     Ok(client.create_with_context(context)?)
 }
 
 fn owned(m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
-    let headers = m
-        .headers()
-        .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
-        .unwrap_or_default();
+    let (headers, unreadable) = trialflow_outbox::kafka::read_headers(m);
+    if unreadable > 0 {
+        warn!(
+            topic = m.topic(),
+            partition = m.partition(),
+            offset = m.offset(),
+            unreadable,
+            "Headers whose name is not UTF-8 were left out."
+        );
+    }
     Message {
         topic: m.topic().to_string(),
         partition: m.partition(),
@@ -242,8 +282,10 @@ async fn partition_worker<H: Handler>(
 ) {
     let mut rx = queue.stream();
     let labels = [("consumer", shared.spec.name.clone())];
-    'batches: loop {
+    loop {
         let first = tokio::select! {
+            // Cancellation wins over fetching: a revoked worker takes nothing more.
+            biased;
             _ = cancel.cancelled() => break,
             m = rx.next() => match m {
                 Some(Ok(m)) => owned(&m),
@@ -255,40 +297,230 @@ async fn partition_worker<H: Handler>(
             },
         };
         let mut batch = vec![first];
-        while batch.len() < shared.config.max_batch as usize {
-            match rx.next().now_or_never() {
-                Some(Some(Ok(m))) => batch.push(owned(&m)),
-                _ => break,
-            }
-        }
+        fill(&shared, &mut batch, &mut rx);
         metrics::histogram!(m::BATCH_SIZE, &labels).record(batch.len() as f64);
-        let mut attempt = 0u32;
-        let first_failure = chrono::Utc::now();
-        loop {
-            let started = Instant::now();
-            match apply_batch(&shared, &batch, attempt + 1, first_failure).await {
-                Ok(()) => {
-                    metrics::histogram!(m::BATCH_SECONDS, &labels).record(started.elapsed().as_secs_f64());
-                    break;
-                }
-                Err(error) => {
-                    attempt += 1;
-                    metrics::counter!(m::RETRIES_TOTAL, &labels).increment(1);
-                    let delay = backoff_delay(attempt, shared.config.max_backoff());
-                    warn!(consumer = %shared.spec.name, partition = batch[0].partition, %error, attempt,
-                        retry_in_ms = delay.as_millis() as u64, "Batch failed; rolled back, retrying.");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        // Rolled back and not committed: the next owner gets these messages again.
-                        _ = cancel.cancelled() => break 'batches,
-                    }
-                }
-            }
+        if !settle(&shared, &mut batch, &mut rx, &cancel).await {
+            // Rolled back and not committed: the next owner gets these messages again.
+            break;
         }
         let last = &batch[batch.len() - 1];
         commit_offset(&shared, &last.topic, last.partition, last.offset + 1);
     }
+    // The queue goes before the worker says it is done, so that nothing of this partition is
+    // still queued here when the revocation completes.
+    drop(rx);
+    drop(queue);
     let _ = done.send(());
+}
+
+/// Adds the messages already fetched, up to the batch size.
+fn fill<'q, S>(shared: &Shared<impl Handler>, batch: &mut Vec<Message>, rx: &mut S)
+where
+    S: futures::Stream<Item = rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'q>>> + Unpin,
+{
+    while batch.len() < shared.config.max_batch as usize {
+        match rx.next().now_or_never() {
+            Some(Some(Ok(m))) => batch.push(owned(&m)),
+            _ => break,
+        }
+    }
+}
+
+/// Applies `batch` until every message is settled (applied, skipped, parked or dead-lettered):
+/// true; false when cancelled first. A batch that keeps failing goes through the poison fence.
+async fn settle<'q, H: Handler, S>(
+    shared: &Shared<H>,
+    batch: &mut Vec<Message>,
+    rx: &mut S,
+    cancel: &CancellationToken,
+) -> bool
+where
+    S: futures::Stream<Item = rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'q>>> + Unpin,
+{
+    let labels = [("consumer", shared.spec.name.clone())];
+    let first_failure = chrono::Utc::now();
+    let mut failures = 0u32;
+    loop {
+        let started = Instant::now();
+        let attempt = apply_batch(shared, batch, failures + 1, first_failure, Mode::Commit);
+        let error = match guarded(shared, cancel, attempt).await {
+            None => return false,
+            Some(Ok(())) => {
+                metrics::histogram!(m::BATCH_SECONDS, &labels).record(started.elapsed().as_secs_f64());
+                return true;
+            }
+            Some(Err(error)) => error,
+        };
+        failures += 1;
+        metrics::counter!(m::RETRIES_TOTAL, &labels).increment(1);
+        if failures >= shared.config.poison_attempts {
+            info!(consumer = %shared.spec.name, partition = batch[0].partition, messages = batch.len(), %error,
+                "Batch keeps failing; applying its messages one at a time.");
+            return isolate(shared, batch, rx, cancel, first_failure).await;
+        }
+        let delay = backoff_delay(failures, shared.config.max_backoff());
+        warn!(consumer = %shared.spec.name, partition = batch[0].partition, %error, attempt = failures,
+            retry_in_ms = delay.as_millis() as u64, "Batch failed; rolled back, retrying.");
+        if !sleep_unless_cancelled(delay, cancel).await {
+            return false;
+        }
+    }
+}
+
+/// The poison fence: applies the messages of a batch that keeps failing one at a time, each in
+/// its own transaction, committing the offset after each. A message that keeps failing alone is
+/// poison when another message of its partition applies meanwhile (tried in a transaction that
+/// is rolled back, so order holds): it is dead-lettered as `retries_exhausted` with its last
+/// error and the partition moves on. When no other message applies (the database is down, a
+/// table is missing), it is retried on and never dead-lettered: an outage must not turn into
+/// dead letters. This needs no correct classification of the error.
+async fn isolate<'q, H: Handler, S>(
+    shared: &Shared<H>,
+    batch: &mut Vec<Message>,
+    rx: &mut S,
+    cancel: &CancellationToken,
+    first_failure: chrono::DateTime<chrono::Utc>,
+) -> bool
+where
+    S: futures::Stream<Item = rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'q>>> + Unpin,
+{
+    let name = shared.spec.name.as_str();
+    let mut i = 0;
+    while i < batch.len() {
+        let mut failures = 0u32;
+        loop {
+            let one = std::slice::from_ref(&batch[i]);
+            let error = match guarded(
+                shared,
+                cancel,
+                apply_batch(shared, one, failures + 1, first_failure, Mode::Commit),
+            )
+            .await
+            {
+                None => return false,
+                Some(Ok(())) => break,
+                Some(Err(error)) => error,
+            };
+            failures += 1;
+            if failures >= shared.config.poison_attempts
+                && is_poison(shared, batch, i, rx, cancel, failures).await
+            {
+                let msg = &batch[i];
+                warn!(consumer = name, topic = %msg.topic, partition = msg.partition, offset = msg.offset, %error,
+                    "A message fails alone while others apply: dead-lettering it.");
+                let reason =
+                    format!("retries exhausted after {failures} attempts alone; last error: {error}");
+                let letter = dead_letter_alone(shared, msg, reason, failures, first_failure);
+                match guarded(shared, cancel, letter).await {
+                    None => return false,
+                    Some(Ok(())) => {
+                        metrics::counter!(m::MESSAGES_TOTAL, "consumer" => name.to_string(), "outcome" => "dead_lettered")
+                            .increment(1);
+                        break;
+                    }
+                    Some(Err(e)) => warn!(consumer = name, error = %e, "Dead-lettering failed; retrying."),
+                }
+            }
+            let delay = backoff_delay(failures, shared.config.max_backoff());
+            warn!(consumer = name, partition = batch[i].partition, offset = batch[i].offset, %error,
+                attempt = failures, retry_in_ms = delay.as_millis() as u64, "Message failed alone; retrying.");
+            if !sleep_unless_cancelled(delay, cancel).await {
+                return false;
+            }
+        }
+        commit_offset(shared, &batch[i].topic, batch[i].partition, batch[i].offset + 1);
+        i += 1;
+    }
+    true
+}
+
+/// Other messages tried as witnesses that the environment works, at most.
+const MAX_WITNESSES: usize = 8;
+
+/// Whether `batch[i]`, which keeps failing alone, is to blame: another message of the partition
+/// applies (rolled back). With no other message fetched, only after twice the attempts and a
+/// database that answers a write transaction.
+async fn is_poison<'q, H: Handler, S>(
+    shared: &Shared<H>,
+    batch: &mut Vec<Message>,
+    i: usize,
+    rx: &mut S,
+    cancel: &CancellationToken,
+    failures: u32,
+) -> bool
+where
+    S: futures::Stream<Item = rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'q>>> + Unpin,
+{
+    if i + 1 == batch.len() {
+        fill(shared, batch, rx);
+    }
+    let first_failure = chrono::Utc::now();
+    for witness in batch[i + 1..].iter().take(MAX_WITNESSES) {
+        let dry_run = apply_batch(shared, std::slice::from_ref(witness), 1, first_failure, Mode::DryRun);
+        if let Some(Ok(())) = guarded(shared, cancel, dry_run).await {
+            return true;
+        }
+    }
+    i + 1 == batch.len()
+        && failures >= 2 * shared.config.poison_attempts
+        && database_answers(&shared.pool).await
+}
+
+/// Whether the database accepts a write transaction right now.
+async fn database_answers(pool: &PgPool) -> bool {
+    let Ok(mut tx) = pool.begin().await else { return false };
+    sqlx::query("SELECT pg_current_xact_id()").execute(&mut *tx).await.is_ok() && tx.rollback().await.is_ok()
+}
+
+async fn dead_letter_alone<H: Handler>(
+    shared: &Shared<H>,
+    msg: &Message,
+    reason: String,
+    attempts: u32,
+    first_failure: chrono::DateTime<chrono::Utc>,
+) -> Result<(), HandlerError> {
+    let mut tx = shared.pool.begin().await?;
+    send_to_dlq(shared, &mut tx, msg, "retries_exhausted", reason, attempts, first_failure).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Runs one attempt: its outcome, a caught panic as a transient failure (the transaction is
+/// dropped, so rolled back), or `None` when cancelled and the shutdown grace has passed.
+async fn guarded<H: Handler>(
+    shared: &Shared<H>,
+    cancel: &CancellationToken,
+    attempt: impl Future<Output = Result<(), HandlerError>>,
+) -> Option<Result<(), HandlerError>> {
+    let attempt = std::panic::AssertUnwindSafe(attempt).catch_unwind();
+    let grace = shared.config.shutdown_grace();
+    let result = tokio::select! {
+        biased;
+        result = attempt => result,
+        _ = async { cancel.cancelled().await; tokio::time::sleep(grace).await } => {
+            warn!(consumer = %shared.spec.name, grace_ms = grace.as_millis() as u64,
+                "A batch outlived the shutdown grace; rolled back.");
+            return None;
+        }
+    };
+    Some(result.unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_string());
+        tracing::error!(consumer = %shared.spec.name, panic = %what, "Handler panicked; batch rolled back.");
+        Err(HandlerError::Transient(format!("handler panicked: {what}")))
+    }))
+}
+
+/// Sleeps for `delay`; false when cancelled first.
+async fn sleep_unless_cancelled(delay: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(delay) => true,
+    }
 }
 
 fn commit_offset<H>(shared: &Shared<H>, topic: &str, partition: i32, next: i64) {
@@ -322,6 +554,14 @@ impl From<HandlerError> for BatchError {
     }
 }
 
+/// Whether a batch's transaction commits, or only tells whether it would (the poison fence's
+/// witnesses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Commit,
+    DryRun,
+}
+
 /// Applies a batch until it commits or fails transiently. A message that fails permanently (or
 /// says "not yet") makes the batch roll back and run again with that message set aside: no
 /// savepoints per message on the happy path, and no partial batch is ever committed.
@@ -330,10 +570,11 @@ async fn apply_batch<H: Handler>(
     batch: &[Message],
     attempts: u32,
     first_failure: chrono::DateTime<chrono::Utc>,
+    mode: Mode,
 ) -> Result<(), HandlerError> {
     let mut excluded: HashMap<i64, HandlerError> = HashMap::new();
     loop {
-        match try_batch(shared, batch, &excluded, attempts, first_failure).await {
+        match try_batch(shared, batch, &excluded, attempts, first_failure, mode).await {
             Ok(()) => return Ok(()),
             Err(BatchError::Transient(e)) => return Err(e),
             Err(BatchError::Exclude(offset, e)) => {
@@ -345,14 +586,15 @@ async fn apply_batch<H: Handler>(
 
 /// One transaction: the handler's batch-wide locks ([`Handler::prepare`]), the inbox rows of the
 /// whole batch in one statement (a conflict means already taken), then the handler per new
-/// message in offset order, dead letters and parked messages of the set-aside ones, dependency
-/// wake-ups; commit.
+/// message in offset order, dead letters and parked messages of the set-aside ones, messages
+/// parked behind an earlier parked message of their key, dependency wake-ups; commit.
 async fn try_batch<H: Handler>(
     shared: &Shared<H>,
     batch: &[Message],
     excluded: &HashMap<i64, HandlerError>,
     attempts: u32,
     first_failure: chrono::DateTime<chrono::Utc>,
+    mode: Mode,
 ) -> Result<(), BatchError> {
     let name = shared.spec.name.as_str();
     let mut ids = Vec::with_capacity(batch.len());
@@ -369,10 +611,11 @@ async fn try_batch<H: Handler>(
     if let Err(e) = shared.handler.prepare(&mut tx, batch).await {
         return Err(BatchError::Transient(HandlerError::Transient(format!("preparing the batch: {e}"))));
     }
+    let behind = behind_parked_keys(shared, &mut tx, batch, &ids, excluded).await?;
     let (take_ids, take_offsets): (Vec<uuid::Uuid>, Vec<i64>) = batch
         .iter()
         .zip(&ids)
-        .filter(|(m, _)| !excluded.contains_key(&m.offset))
+        .filter(|(m, _)| !excluded.contains_key(&m.offset) && !behind.contains(&m.offset))
         .filter_map(|(m, id)| id.as_ref().ok().map(|id| (*id, m.offset)))
         .unzip();
     let mut new = shared.sql.take_all(&mut tx, name, &batch[0], &take_ids, &take_offsets).await?;
@@ -383,12 +626,16 @@ async fn try_batch<H: Handler>(
     for (msg, id) in batch.iter().zip(&ids) {
         let outcome = match (id, excluded.get(&msg.offset)) {
             (Err(e), _) | (Ok(_), Some(e @ HandlerError::Permanent(_))) => {
-                send_to_dlq(shared, &mut tx, msg, e, attempts, first_failure).await?;
+                send_to_dlq(shared, &mut tx, msg, e.class(), reason_of(e), attempts, first_failure).await?;
                 "dead_lettered"
             }
             (Ok(id), Some(HandlerError::NotYet { dependency, reason })) => {
-                park(shared, &mut tx, msg, *id, dependency, reason).await?;
-                "parked"
+                park(shared, &mut tx, msg, *id, dependency, reason).await?
+            }
+            (Ok(id), None) if behind.contains(&msg.offset) => {
+                let dependency = KEY_ORDER_DEPENDENCY;
+                let reason = "an earlier message of its key on this partition is parked";
+                park(shared, &mut tx, msg, *id, dependency, reason).await?
             }
             (Ok(_), Some(HandlerError::Transient(e))) => {
                 return Err(BatchError::Transient(HandlerError::Transient(e.clone())));
@@ -416,6 +663,10 @@ async fn try_batch<H: Handler>(
     for dependency in &resolved {
         shared.sql.wake(&mut tx, name, dependency).await?;
     }
+    if mode == Mode::DryRun {
+        tx.rollback().await?;
+        return Ok(());
+    }
     tx.commit().await?;
     for (outcome, n) in outcomes {
         metrics::counter!(m::MESSAGES_TOTAL, "consumer" => name.to_string(), "outcome" => outcome)
@@ -427,6 +678,40 @@ async fn try_batch<H: Handler>(
     Ok(())
 }
 
+/// The dependency of a message parked behind an earlier parked message of its key: it is woken
+/// when that one is applied or dead-lettered.
+pub(crate) const KEY_ORDER_DEPENDENCY: &str = "key order";
+
+/// Which messages of the batch must park behind an earlier parked message of their key (per-key
+/// order): their key has a parked message on this partition, or an earlier message of the batch
+/// parks now. Their offsets.
+async fn behind_parked_keys<H: Handler>(
+    shared: &Shared<H>,
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    batch: &[Message],
+    ids: &[Result<uuid::Uuid, HandlerError>],
+    excluded: &HashMap<i64, HandlerError>,
+) -> Result<HashSet<i64>, BatchError> {
+    let keys: Vec<&[u8]> = batch.iter().filter_map(|m| m.key.as_deref()).collect();
+    let mut blocked = shared.sql.parked_keys(tx, &shared.spec.name, &batch[0], &keys).await?;
+    let mut behind = HashSet::new();
+    for (msg, id) in batch.iter().zip(ids) {
+        let Some(key) = &msg.key else { continue };
+        match excluded.get(&msg.offset) {
+            Some(HandlerError::NotYet { .. }) => {
+                blocked.insert(key.clone());
+            }
+            Some(_) => {}
+            None if id.is_ok() && blocked.contains(key) => {
+                behind.insert(msg.offset);
+            }
+            None => {}
+        }
+    }
+    Ok(behind)
+}
+
+/// Parks a message (unless it was taken before: then it is a duplicate) and says which.
 async fn park<H: Handler>(
     shared: &Shared<H>,
     tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
@@ -434,33 +719,41 @@ async fn park<H: Handler>(
     event_id: uuid::Uuid,
     dependency: &str,
     reason: &str,
-) -> Result<(), HandlerError> {
+) -> Result<&'static str, HandlerError> {
     let name = shared.spec.name.as_str();
+    if !shared.sql.take(tx, name, event_id, "parked", msg).await? {
+        return Ok("duplicate");
+    }
     let retry = shared.config.park_retry().as_secs_f64();
     let max_age = shared.config.park_max_age_secs as f64;
     shared.sql.park(tx, name, event_id, dependency, reason, msg, retry, max_age).await?;
-    shared.sql.take(tx, name, event_id, "parked", msg).await?;
     debug!(consumer = name, %event_id, dependency, reason, "Parked message.");
-    Ok(())
+    Ok("parked")
 }
 
+fn reason_of(error: &HandlerError) -> String {
+    match error {
+        HandlerError::Permanent(r) | HandlerError::Transient(r) => r.clone(),
+        HandlerError::NotYet { reason, .. } => reason.clone(),
+    }
+}
+
+/// Dead-letters `msg` in `tx`: `class` is `permanent`, `not_yet` (parked too long) or
+/// `retries_exhausted` (the poison fence).
 pub(crate) async fn send_to_dlq<H: Handler>(
     shared: &Shared<H>,
     tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
     msg: &Message,
-    error: &HandlerError,
+    class: &str,
+    reason: String,
     attempts: u32,
     first_failure: chrono::DateTime<chrono::Utc>,
 ) -> Result<(), HandlerError> {
-    let reason = match error {
-        HandlerError::Permanent(r) | HandlerError::Transient(r) => r.clone(),
-        HandlerError::NotYet { reason, .. } => reason.clone(),
-    };
     warn!(consumer = %shared.spec.name, topic = %msg.topic, partition = msg.partition, offset = msg.offset,
         %reason, "Dead-lettering message.");
     let letter = DeadLetter {
         consumer: &shared.spec.name,
-        class: error.class(),
+        class,
         reason,
         attempts: attempts as i32,
         first_failure_at: first_failure,

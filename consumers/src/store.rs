@@ -1,10 +1,9 @@
 //! SQL of the runtime on a consumer's schema: inbox, parked messages, dead letters (through the
 //! consumer's outbox, so a dead letter is written in the same transaction that moves on).
 
-use std::collections::BTreeMap;
-
 use sqlx::{AssertSqlSafe, FromRow, PgConnection};
-use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
+use trialflow_outbox::writer::printable;
+use trialflow_outbox::{Outbox, RawRecord, SchemaName};
 use uuid::Uuid;
 
 use crate::handler::Message;
@@ -44,6 +43,8 @@ pub(crate) struct Sql {
     reschedule_parked: String,
     delete_parked: String,
     wake_parked: String,
+    wake_parked_key: String,
+    parked_keys: String,
     expire_inbox: String,
 }
 
@@ -101,7 +102,11 @@ impl Sql {
             due_parked: format!(
                 "SELECT event_id, dependency, reason, topic, kafka_partition, kafka_offset, key, payload, headers,
                         attempts, parked_at
-                 FROM {schema}.parked WHERE consumer = $1 AND next_attempt_at <= now()
+                 FROM {schema}.parked p WHERE consumer = $1 AND next_attempt_at <= now()
+                   -- Per-key order: never before an earlier parked message of the same key.
+                   AND NOT EXISTS (SELECT 1 FROM {schema}.parked e
+                                   WHERE e.key = p.key AND e.consumer = p.consumer AND e.topic = p.topic
+                                     AND e.kafka_partition = p.kafka_partition AND e.kafka_offset < p.kafka_offset)
                  ORDER BY parked_at, kafka_offset LIMIT $2 FOR UPDATE SKIP LOCKED"
             ),
             reschedule_parked: format!(
@@ -112,6 +117,14 @@ impl Sql {
             delete_parked: format!("DELETE FROM {schema}.parked WHERE consumer = $1 AND event_id = $2"),
             wake_parked: format!(
                 "UPDATE {schema}.parked SET next_attempt_at = now() WHERE consumer = $1 AND dependency = $2"
+            ),
+            wake_parked_key: format!(
+                "UPDATE {schema}.parked SET next_attempt_at = now()
+                 WHERE key = $4 AND consumer = $1 AND topic = $2 AND kafka_partition = $3"
+            ),
+            parked_keys: format!(
+                "SELECT DISTINCT key FROM {schema}.parked
+                 WHERE key = ANY($4) AND consumer = $1 AND topic = $2 AND kafka_partition = $3"
             ),
             expire_inbox: format!(
                 "DELETE FROM {schema}.inbox WHERE ctid IN (SELECT ctid FROM {schema}.inbox
@@ -208,8 +221,8 @@ impl Sql {
         sqlx::query(AssertSqlSafe(self.insert_parked.as_str()))
             .bind(consumer)
             .bind(event_id)
-            .bind(dependency)
-            .bind(reason)
+            .bind(printable(dependency.as_bytes()))
+            .bind(printable(reason.as_bytes()))
             .bind(&msg.topic)
             .bind(msg.partition)
             .bind(msg.offset)
@@ -250,8 +263,8 @@ impl Sql {
         sqlx::query(AssertSqlSafe(self.reschedule_parked.as_str()))
             .bind(consumer)
             .bind(event_id)
-            .bind(reason)
-            .bind(dependency)
+            .bind(printable(reason.as_bytes()))
+            .bind(printable(dependency.as_bytes()))
             .bind(retry_in_secs)
             .bind(max_age_secs)
             .execute(conn)
@@ -287,6 +300,46 @@ impl Sql {
             .rows_affected())
     }
 
+    /// Makes the parked messages of `msg`'s key on its partition due now (the one before them was
+    /// applied or dead-lettered).
+    pub(crate) async fn wake_key(
+        &self,
+        conn: &mut PgConnection,
+        consumer: &str,
+        msg: &Message,
+    ) -> sqlx::Result<()> {
+        let Some(key) = &msg.key else { return Ok(()) };
+        sqlx::query(AssertSqlSafe(self.wake_parked_key.as_str()))
+            .bind(consumer)
+            .bind(&msg.topic)
+            .bind(msg.partition)
+            .bind(key)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Which of `keys` have a parked message on `topic`/`partition`.
+    pub(crate) async fn parked_keys(
+        &self,
+        conn: &mut PgConnection,
+        consumer: &str,
+        first: &Message,
+        keys: &[&[u8]],
+    ) -> sqlx::Result<std::collections::HashSet<Vec<u8>>> {
+        if keys.is_empty() {
+            return Ok(Default::default());
+        }
+        let rows: Vec<Vec<u8>> = sqlx::query_scalar(AssertSqlSafe(self.parked_keys.as_str()))
+            .bind(consumer)
+            .bind(&first.topic)
+            .bind(first.partition)
+            .bind(keys)
+            .fetch_all(conn)
+            .await?;
+        Ok(rows.into_iter().collect())
+    }
+
     /// Deletes a slice of expired inbox rows; returns how many.
     pub(crate) async fn expire(
         &self,
@@ -303,8 +356,12 @@ impl Sql {
     }
 }
 
-/// Enqueues `msg` to its dead-letter topic through the consumer's outbox: the original key,
-/// payload and headers, plus `dlq.*` headers saying who failed it, why, and where it was.
+/// Longest `dlq.reason`; longer reasons (which may quote the message) are cut.
+const MAX_REASON_BYTES: usize = 4096;
+
+/// Enqueues `msg` to its dead-letter topic through the consumer's outbox, byte for byte: the
+/// original key, payload and every original header, plus `dlq.*` headers saying who failed it,
+/// why, and where it was. Nothing in the message can make this fail (see [`RawRecord`]).
 pub(crate) async fn dead_letter(
     tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
     outbox: &Outbox,
@@ -313,33 +370,36 @@ pub(crate) async fn dead_letter(
     letter: DeadLetter<'_>,
 ) -> Result<(), trialflow_outbox::OutboxError> {
     use dlq_headers as h;
-    let standard = ["event_id", "event_type", "content-type"];
-    let mut headers: BTreeMap<String, String> = msg
-        .headers
-        .iter()
-        .filter(|(k, _)| !standard.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
-        .collect();
-    headers.insert(h::CONSUMER.into(), letter.consumer.to_string());
-    headers.insert(h::ERROR_CLASS.into(), letter.class.to_string());
-    headers.insert(h::REASON.into(), letter.reason);
-    headers.insert(h::ORIGINAL_TOPIC.into(), msg.topic.clone());
-    headers.insert(h::ORIGINAL_PARTITION.into(), msg.partition.to_string());
-    headers.insert(h::ORIGINAL_OFFSET.into(), msg.offset.to_string());
-    headers.insert(h::ATTEMPTS.into(), letter.attempts.to_string());
-    headers.insert(h::FIRST_FAILURE_AT.into(), letter.first_failure_at.to_rfc3339());
-    let event = OutboxEvent {
+    let mut reason = letter.reason.into_bytes();
+    if reason.len() > MAX_REASON_BYTES {
+        reason.truncate(MAX_REASON_BYTES);
+        reason.extend_from_slice("…".as_bytes());
+    }
+    let mut headers: Vec<(Vec<u8>, Vec<u8>)> =
+        msg.headers.iter().map(|(k, v)| (k.clone().into_bytes(), v.clone())).collect();
+    for (name, value) in [
+        (h::CONSUMER, letter.consumer.as_bytes().to_vec()),
+        (h::ERROR_CLASS, letter.class.as_bytes().to_vec()),
+        (h::REASON, reason),
+        (h::ORIGINAL_TOPIC, msg.topic.clone().into_bytes()),
+        (h::ORIGINAL_PARTITION, msg.partition.to_string().into_bytes()),
+        (h::ORIGINAL_OFFSET, msg.offset.to_string().into_bytes()),
+        (h::ATTEMPTS, letter.attempts.to_string().into_bytes()),
+        (h::FIRST_FAILURE_AT, letter.first_failure_at.to_rfc3339().into_bytes()),
+    ] {
+        headers.push((name.as_bytes().to_vec(), value));
+    }
+    let record = RawRecord {
         topic: dlq_topic,
-        key: msg.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
-        // The original event id, so that a replay is still deduplicated against it.
+        key: msg.key.clone(),
+        // The original event id when readable, so that a replay is still deduplicated against it.
         event_id: msg
             .header_str("event_id")
             .and_then(|s| Uuid::parse_str(s).ok())
             .unwrap_or_else(Uuid::now_v7),
         event_type: msg.header_str("event_type").unwrap_or("unknown").to_string(),
-        content_type: msg.header_str("content-type").unwrap_or("application/octet-stream").to_string(),
         payload: msg.payload.clone().unwrap_or_default(),
         headers,
     };
-    outbox.enqueue(tx, event).await
+    outbox.enqueue_raw(tx, &record).await
 }

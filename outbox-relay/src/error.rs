@@ -34,6 +34,11 @@ pub enum OutboxError {
     #[error("kafka client configuration: {0}")]
     KafkaConfig(rdkafka::error::KafkaError),
 
+    /// An event larger than the outbox accepts: the broker would refuse it for good, so it is
+    /// refused here, in the caller's transaction, instead of blocking the relay.
+    #[error("event `{event_type}` for `{topic}` is {bytes} bytes; the limit is {limit} bytes")]
+    TooLarge { topic: String, event_type: String, bytes: usize, limit: usize },
+
     /// The broker did not acknowledge a message.
     #[error("delivery of outbox row {seq} to `{topic}` failed: {source}")]
     Delivery {
@@ -59,6 +64,7 @@ impl OutboxError {
             ),
             OutboxError::Delivery { .. } => true,
             OutboxError::Migrate { .. }
+            | OutboxError::TooLarge { .. }
             | OutboxError::InvalidSchemaName(_)
             | OutboxError::NotMigrated(_)
             | OutboxError::ShardCount { .. }

@@ -35,6 +35,28 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[(&str, i32)]) -> Resul
     Ok(())
 }
 
+/// The headers of a received message (a null value reads as empty), and how many could not be
+/// read. rdkafka panics on a header name that is not UTF-8 (it unwraps the name's `CStr`), and any
+/// producer can send one: each header is read on its own behind `catch_unwind`, so such a header
+/// is skipped instead of taking the reading task down.
+pub fn read_headers<M: rdkafka::Message>(msg: &M) -> (Vec<(String, Vec<u8>)>, usize) {
+    use rdkafka::message::Headers;
+    let Some(headers) = msg.headers() else { return (Vec::new(), 0) };
+    let mut out = Vec::with_capacity(headers.count());
+    let mut unreadable = 0;
+    for i in 0..headers.count() {
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            headers.try_get(i).map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+        }));
+        match read {
+            Ok(Some(h)) => out.push(h),
+            Ok(None) => {}
+            Err(_) => unreadable += 1,
+        }
+    }
+    (out, unreadable)
+}
+
 /// One message read back from a topic.
 #[derive(Debug, Clone)]
 pub struct ReadMessage {
@@ -43,6 +65,10 @@ pub struct ReadMessage {
     pub key: String,
     pub payload: Vec<u8>,
     pub headers: Vec<(String, String)>,
+    /// The key exactly as received (`None`: no key); `key` is its lossy text.
+    pub raw_key: Option<Vec<u8>>,
+    /// The headers exactly as received; `headers` is their lossy text.
+    pub raw_headers: Vec<(String, Vec<u8>)>,
     /// The record's timestamp (the producer's create time), milliseconds since the Unix epoch.
     pub timestamp_ms: Option<i64>,
 }
@@ -142,29 +168,22 @@ impl TopicReader {
     ) -> Result<Vec<ReadMessage>> {
         tokio::task::spawn_blocking(move || {
             use rdkafka::Message;
-            use rdkafka::message::Headers;
             let deadline = std::time::Instant::now() + timeout;
             let mut out = Vec::new();
             while !done(&out) && std::time::Instant::now() < deadline {
                 let Some(result) = self.consumer.poll(Duration::from_millis(100)) else { continue };
                 let msg = result.map_err(OutboxError::KafkaConfig)?;
-                let headers = msg
-                    .headers()
-                    .map(|hs| {
-                        hs.iter()
-                            .map(|h| {
-                                (
-                                    h.key.to_string(),
-                                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let (raw_headers, _) = read_headers(&msg);
+                let headers = raw_headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+                    .collect();
                 out.push(ReadMessage {
                     partition: msg.partition(),
                     offset: msg.offset(),
                     key: String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
+                    raw_key: msg.key().map(<[u8]>::to_vec),
+                    raw_headers,
                     payload: msg.payload().unwrap_or_default().to_vec(),
                     headers,
                     timestamp_ms: msg.timestamp().to_millis(),

@@ -23,4 +23,4 @@ pub use config::{DatabaseConfig, KafkaConfig, RelayConfig};
 pub use error::{OutboxError, Result};
 pub use migrate::{migrate, migrate_service, set_shard_count};
 pub use schema::SchemaName;
-pub use writer::{Outbox, OutboxEvent};
+pub use writer::{Outbox, OutboxEvent, RawRecord};

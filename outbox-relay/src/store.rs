@@ -26,6 +26,18 @@ pub struct OutboxRow {
     pub headers: Json<BTreeMap<String, String>>,
     pub traceparent: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// Set on raw rows (dead letters): the key as published, `None` for no key.
+    pub key_bytes: Option<Vec<u8>>,
+    /// Set on raw rows: the headers as published, instead of the columns above.
+    pub raw_header_names: Option<Vec<Vec<u8>>>,
+    pub raw_header_values: Option<Vec<Vec<u8>>>,
+}
+
+impl OutboxRow {
+    /// Whether the row is a raw record, published byte for byte (see `RawRecord`).
+    pub fn is_raw(&self) -> bool {
+        self.raw_header_names.is_some()
+    }
 }
 
 /// Position after the last row read: `(tx_id, seq)` in commit-safe order.
@@ -57,7 +69,8 @@ impl Store {
         Self {
             read_sql: format!(
                 "SELECT seq, tx_id::text AS tx_id_text, topic, key, event_id, event_type, content_type,
-                        payload, headers, traceparent, created_at
+                        payload, headers, traceparent, created_at, key_bytes, raw_header_names,
+                        raw_header_values
                  FROM {schema}.outbox
                  WHERE shard = ANY($1)
                    AND tx_id < pg_snapshot_xmin(pg_current_snapshot())

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::error::Result;
+use crate::error::{OutboxError, Result};
 use crate::migrate::shard_count;
 use crate::schema::SchemaName;
 use crate::shard::shard_of;
@@ -50,12 +50,61 @@ impl OutboxEvent {
     }
 }
 
+/// The largest event, in bytes (payload, key and headers), that [`Outbox::enqueue`] accepts.
+/// Below Kafka's default `message.max.bytes` (1 MiB) with room for the record overhead, so an
+/// accepted event is one the broker takes.
+pub const MAX_EVENT_BYTES: usize = 900 * 1024;
+
+/// The largest raw record (a dead letter), in bytes. A dead letter carries a message the broker
+/// accepted (at most its `message.max.bytes`) plus the `dlq.*` headers; the relay's producer and
+/// the dead-letter topics allow records up to [`crate::publisher::MAX_RECORD_BYTES`].
+pub const MAX_RAW_RECORD_BYTES: usize = 1_900 * 1024;
+
+/// A record published byte for byte: key and header values of any bytes (NUL, invalid UTF-8).
+/// What a dead letter is made of; services publish [`OutboxEvent`]s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawRecord {
+    pub topic: String,
+    /// The Kafka key; `None` publishes without a key.
+    pub key: Option<Vec<u8>>,
+    /// The id the row is known by (the original event's when it had a readable one).
+    pub event_id: Uuid,
+    /// A printable name for operators (the original `event_type` header when readable).
+    pub event_type: String,
+    pub payload: Vec<u8>,
+    /// Every header, in order, published exactly as given.
+    pub headers: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl RawRecord {
+    fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len)
+            + self.payload.len()
+            + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    }
+}
+
+/// `bytes` as text a text column takes: invalid UTF-8 replaced, NUL and other control characters
+/// escaped (`\u{0}`), so the summary columns of a raw row never fail on input.
+pub fn printable(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).chars().flat_map(char::escape_debug).collect()
+}
+
+impl OutboxEvent {
+    fn size(&self) -> usize {
+        self.key.len()
+            + self.payload.len()
+            + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    }
+}
+
 /// The outbox of one service schema.
 #[derive(Debug, Clone)]
 pub struct Outbox {
     schema: SchemaName,
     shard_count: u32,
     insert_sql: String,
+    insert_raw_sql: String,
 }
 
 impl Outbox {
@@ -72,7 +121,12 @@ impl Outbox {
                   WITH ORDINALITY AS u(s, t, k, i, e, c, p, h, tp, ord)
              ORDER BY ord"
         );
-        Ok(Self { schema, shard_count, insert_sql })
+        let insert_raw_sql = format!(
+            "INSERT INTO {schema}.outbox (shard, topic, key, event_id, event_type, content_type, payload,
+                 key_bytes, raw_header_names, raw_header_values)
+             VALUES ($1, $2, $3, $4, $5, 'application/octet-stream', $6, $7, $8, $9)"
+        );
+        Ok(Self { schema, shard_count, insert_sql, insert_raw_sql })
     }
 
     pub fn schema(&self) -> &SchemaName {
@@ -97,6 +151,14 @@ impl Outbox {
     ) -> Result<()> {
         if events.is_empty() {
             return Ok(());
+        }
+        if let Some(e) = events.iter().find(|e| e.size() > MAX_EVENT_BYTES) {
+            return Err(OutboxError::TooLarge {
+                topic: e.topic.clone(),
+                event_type: e.event_type.clone(),
+                bytes: e.size(),
+                limit: MAX_EVENT_BYTES,
+            });
         }
         let conn: &mut PgConnection = tx;
         let traceparent = current_traceparent();
@@ -130,6 +192,41 @@ impl Outbox {
             .bind(payloads)
             .bind(headers)
             .bind(vec![traceparent; n])
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Queues `record` in the caller's transaction, to be published byte for byte. Nothing in it
+    /// can make the insert fail (bytes go to bytea columns), so a dead letter never becomes a
+    /// second poison; only its size is checked.
+    pub async fn enqueue_raw(&self, tx: &mut Transaction<'_, Postgres>, record: &RawRecord) -> Result<()> {
+        if record.size() > MAX_RAW_RECORD_BYTES {
+            return Err(OutboxError::TooLarge {
+                topic: record.topic.clone(),
+                event_type: record.event_type.clone(),
+                bytes: record.size(),
+                limit: MAX_RAW_RECORD_BYTES,
+            });
+        }
+        let key = record.key.as_deref().map(printable).unwrap_or_default();
+        let (names, values): (Vec<&[u8]>, Vec<&[u8]>) =
+            record.headers.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).unzip();
+        let conn: &mut PgConnection = tx;
+        sqlx::query(AssertSqlSafe(self.insert_raw_sql.as_str()))
+            .bind(shard_of(&key, self.shard_count) as i32)
+            .bind(&record.topic)
+            .bind(&key)
+            .bind(record.event_id)
+            .bind(if record.event_type.is_empty() {
+                "unknown".into()
+            } else {
+                printable(record.event_type.as_bytes())
+            })
+            .bind(&record.payload)
+            .bind(record.key.as_deref())
+            .bind(names)
+            .bind(values)
             .execute(conn)
             .await?;
         Ok(())

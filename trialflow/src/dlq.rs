@@ -101,15 +101,20 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
             let Some(m) = dlq::show(&target.kafka, &topic, at.partition, at.offset).await? else {
                 bail!("no dead letter at {topic} partition {} offset {}", at.partition, at.offset);
             };
+            // Escaped: a dead letter may hold control characters and invalid UTF-8, which must
+            // neither reach the terminal raw nor be lost.
+            let key = m.raw_key.as_deref().map_or_else(|| "(none)".to_string(), escape);
             println!(
-                "topic      {topic}\npartition  {}\noffset     {}\nkey        {}",
-                m.partition, m.offset, m.key
+                "topic      {topic}\npartition  {}\noffset     {}\nkey        {key}",
+                m.partition, m.offset
             );
-            for (k, v) in &m.headers {
-                println!("header     {k}: {v}");
+            for (k, v) in &m.raw_headers {
+                println!("header     {}: {}", escape(k.as_bytes()), escape(v));
             }
             match std::str::from_utf8(&m.payload) {
-                Ok(text) => println!("payload    ({} bytes, UTF-8) {text}", m.payload.len()),
+                Ok(text) => {
+                    println!("payload    ({} bytes, UTF-8) {}", m.payload.len(), escape(text.as_bytes()))
+                }
                 Err(_) => println!("payload    ({} bytes, hex) {}", m.payload.len(), hex(&m.payload)),
             }
             Ok(())
@@ -132,6 +137,19 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// Printable text of any bytes: control characters escaped (`\u{0}`, `\n`), each byte of invalid
+/// UTF-8 as `\xNN`.
+pub fn escape(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for chunk in bytes.utf8_chunks() {
+        out.extend(chunk.valid().chars().flat_map(char::escape_debug));
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
 }
 
 fn hex(bytes: &[u8]) -> String {
