@@ -768,3 +768,31 @@ async fn strings_that_cannot_be_stored_and_future_instants_are_refused_writing_n
     );
     api.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_whose_event_the_log_cannot_take_is_413_and_writes_nothing() -> anyhow::Result<()> {
+    let api = TestApi::start().await?;
+    // Longest ids everywhere: 5,000 kits fit in a body but not in one event.
+    let (kit_type, arms) = ("K".repeat(64), ["A".repeat(64), "B".repeat(64)]);
+    let mut big = study("BIG");
+    big["arms"] = json!([{"arm_code": arms[0], "name": "A", "ratio": 1}, {"arm_code": arms[1], "name": "B", "ratio": 1}]);
+    big["kit_types"][0]["kit_type"] = json!(kit_type);
+    big["enrollment_kit_type"] = json!(kit_type);
+    api.created(&api.admin, "/v1/studies", &big).await?;
+    let site = json!({"site_id": "701", "name": "Site 701", "time_zone": "America/New_York"});
+    api.created(&api.admin, "/v1/studies/BIG/sites", &site).await?;
+    let kits: Vec<Value> = (0..5_000)
+        .map(|i| {
+            json!({"kit_number": format!("{i:0>64}"), "sequence_number": i, "kit_type": kit_type,
+                   "lot": "L".repeat(64), "expiry_date": "2030-01-31", "arm_code": arms[i % 2]})
+        })
+        .collect();
+    let body = json!({"shipment_id": "SHP-BIG", "kits": kits});
+    assert!(body.to_string().len() < site_api::MAX_BODY_BYTES, "the body itself is accepted");
+    let rows = api.outbox().await?.len();
+    let answer = api.post(&api.pharmacist, "/v1/studies/BIG/sites/701/shipments", &body).await?;
+    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", answer.text);
+    assert_eq!(answer.body["error"]["code"], "event_too_large");
+    assert_eq!((api.outbox().await?.len(), api.count("kit").await?), (rows, 0), "nothing written");
+    api.stop().await
+}

@@ -138,6 +138,18 @@ impl From<trialflow_outbox::OutboxError> for ApiError {
     fn from(e: trialflow_outbox::OutboxError) -> Self {
         match e {
             trialflow_outbox::OutboxError::Database(e) => e.into(),
+            // Nothing was written: the command's transaction rolls back with this answer.
+            trialflow_outbox::OutboxError::TooLarge { event_type, bytes, limit, .. } => {
+                tracing::warn!(event_type, bytes, limit, "Event too large for the event log; answering 413.");
+                Self::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "event_too_large",
+                    format!(
+                        "the {event_type} event this request makes would be {bytes} bytes; the event log \
+                         takes at most {limit}: send less in one request (e.g. split a shipment)"
+                    ),
+                )
+            }
             other => {
                 tracing::error!(error = %other, "Outbox error; answering 500.");
                 Self::internal()
@@ -214,5 +226,18 @@ mod tests {
         }
         assert_eq!(ApiError::from(sqlx::Error::PoolTimedOut).status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(ApiError::from(sqlx::Error::RowNotFound).code, "internal");
+    }
+
+    #[test]
+    fn an_event_too_large_for_the_log_is_413() {
+        let e = trialflow_outbox::OutboxError::TooLarge {
+            topic: "supply.kit-inventory.v1".into(),
+            event_type: "KitsReceived".into(),
+            bytes: 2_000_000,
+            limit: 921_600,
+        };
+        let answer = ApiError::from(e);
+        assert_eq!((answer.status, answer.code), (StatusCode::PAYLOAD_TOO_LARGE, "event_too_large"));
+        assert!(answer.message.contains("2000000"), "{}", answer.message);
     }
 }
