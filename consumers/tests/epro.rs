@@ -86,34 +86,62 @@ async fn produce(producer: &FutureProducer, topic: &str, sent: &Sent) -> anyhow:
     Ok(())
 }
 
+/// The validation consumer on private topics (`partitions` each, dead-letter topics 1) and
+/// schemas, with the relay publishing its outbox and a source outbox for the lifecycle events a
+/// test feeds it.
+struct Stack {
+    names: TopicNames,
+    schema: SchemaName,
+    pool: PgPool,
+    outbox: Outbox,
+    relay: RunningRelay,
+    shutdown: CancellationToken,
+    consumer: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Stack {
+    async fn start(partitions: i32) -> anyhow::Result<Self> {
+        init_logs();
+        let names = TopicNames::new(format!("{}.", unique("epro").replace('_', "-")));
+        let mut wanted: Vec<(String, i32)> = names.all().into_iter().map(|t| (t, partitions)).collect();
+        wanted.extend(names.all().into_iter().map(|t| (format!("{t}.dlq"), 1)));
+        let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
+        trialflow_outbox::kafka::ensure_topics(&kafka(), &refs).await?;
+        let url = database_url();
+        let (source, schema) = (SchemaName::new(unique("src"))?, SchemaName::new(unique("epro"))?);
+        trialflow_outbox::migrate(&url, &source).await?;
+        epro::migrate(&url, &schema).await?;
+        let pool = PgPool::connect(&url).await?;
+        let outbox = Outbox::open(&pool, source.clone()).await?;
+        let relay = RunningRelay::start(relay_config(&kafka(), vec![source.clone(), schema.clone()]));
+        let shutdown = CancellationToken::new();
+        let mut config = ConsumerConfig::local();
+        config.database.database_url = url.clone();
+        config.kafka = kafka();
+        config.group_id = Some(format!("epro-{schema}"));
+        config.park_retry_ms = 200;
+        config.max_backoff_ms = 500;
+        let run = trialflow_consumers::runtime::run(
+            epro::spec(schema.clone(), &names),
+            config,
+            EproValidation::new(schema.clone(), names.clone(), Catalogue::load(None)?),
+            shutdown.clone(),
+        );
+        let consumer = tokio::spawn(async move { Ok(run.await?) });
+        Ok(Self { names, schema, pool, outbox, relay, shutdown, consumer })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.consumer.await??;
+        self.relay.stop().await
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_submissions_each_end_in_exactly_one_outcome() -> anyhow::Result<()> {
-    init_logs();
-    let names = TopicNames::new(format!("{}.", unique("epro").replace('_', "-")));
-    let mut wanted: Vec<(String, i32)> = names.all().into_iter().map(|t| (t, 4)).collect();
-    wanted.extend(names.all().into_iter().map(|t| (format!("{t}.dlq"), 1)));
-    let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
-    trialflow_outbox::kafka::ensure_topics(&kafka(), &refs).await?;
-    let url = database_url();
-    let (source, schema) = (SchemaName::new(unique("src"))?, SchemaName::new(unique("epro"))?);
-    trialflow_outbox::migrate(&url, &source).await?;
-    epro::migrate(&url, &schema).await?;
-    let pool = PgPool::connect(&url).await?;
-    let outbox = Outbox::open(&pool, source.clone()).await?;
-    let relay = RunningRelay::start(relay_config(&kafka(), vec![source.clone(), schema.clone()]));
-    let stop = CancellationToken::new();
-    let mut config = ConsumerConfig::local();
-    config.database.database_url = url.clone();
-    config.kafka = kafka();
-    config.group_id = Some(format!("epro-{schema}"));
-    config.park_retry_ms = 200;
-    config.max_backoff_ms = 500;
-    let consumer = tokio::spawn(trialflow_consumers::runtime::run(
-        epro::spec(schema.clone(), &names),
-        config,
-        EproValidation::new(schema.clone(), names.clone(), Catalogue::load(None)?),
-        stop.clone(),
-    ));
+    let stack = Stack::start(4).await?;
+    let (names, schema, outbox, pool) = (&stack.names, &stack.schema, &stack.outbox, stack.pool.clone());
 
     // 50 subjects enrolled 30 days ago in New York; 10 of them are announced only at the end.
     let now = Utc::now();
@@ -345,9 +373,7 @@ async fn a_thousand_submissions_each_end_in_exactly_one_outcome() -> anyhow::Res
     let keys: HashSet<&str> = dlq.iter().map(|m| m.key.as_str()).collect();
     assert_eq!(keys.len(), 7);
 
-    stop.cancel();
-    consumer.await??;
-    relay.stop().await
+    stack.stop().await
 }
 
 fn subject_index(s: &QuestionnaireResponseSubmitted) -> usize {
@@ -361,32 +387,9 @@ fn subject_index(s: &QuestionnaireResponseSubmitted) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unstorable_strings_are_rejected_and_the_submission_behind_them_is_accepted() -> anyhow::Result<()> {
-    init_logs();
     // One partition: everything below is in one order, behind the submissions it must not block.
-    let names = TopicNames::new(format!("{}.", unique("epro-nul").replace('_', "-")));
-    let mut wanted: Vec<(String, i32)> = names.all().into_iter().map(|t| (t, 1)).collect();
-    wanted.extend(names.all().into_iter().map(|t| (format!("{t}.dlq"), 1)));
-    let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
-    trialflow_outbox::kafka::ensure_topics(&kafka(), &refs).await?;
-    let url = database_url();
-    let (source, schema) = (SchemaName::new(unique("src"))?, SchemaName::new(unique("epro"))?);
-    trialflow_outbox::migrate(&url, &source).await?;
-    epro::migrate(&url, &schema).await?;
-    let pool = PgPool::connect(&url).await?;
-    let outbox = Outbox::open(&pool, source.clone()).await?;
-    let relay = RunningRelay::start(relay_config(&kafka(), vec![source.clone(), schema.clone()]));
-    let stop = CancellationToken::new();
-    let mut config = ConsumerConfig::local();
-    config.database.database_url = url.clone();
-    config.kafka = kafka();
-    config.group_id = Some(format!("epro-{schema}"));
-    config.max_backoff_ms = 500;
-    let consumer = tokio::spawn(trialflow_consumers::runtime::run(
-        epro::spec(schema.clone(), &names),
-        config,
-        EproValidation::new(schema.clone(), names.clone(), Catalogue::load(None)?),
-        stop.clone(),
-    ));
+    let stack = Stack::start(1).await?;
+    let (names, schema, outbox, pool) = (&stack.names, &stack.schema, &stack.outbox, stack.pool.clone());
 
     let subject = "701-001";
     let enrolled_at = Utc::now() - chrono::Duration::days(30);
@@ -485,7 +488,5 @@ async fn unstorable_strings_are_rejected_and_the_submission_behind_them_is_accep
         .await?;
     assert!(dlq.is_empty(), "{:?}", dlq.iter().map(|m| m.header("dlq.reason")).collect::<Vec<_>>());
 
-    stop.cancel();
-    consumer.await??;
-    relay.stop().await
+    stack.stop().await
 }

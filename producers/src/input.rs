@@ -74,6 +74,9 @@ pub const MAX_QUERY_CHARS: usize = 2_048;
 /// How far ahead of the server's clock a stated instant may lie by default: devices' clocks
 /// drift, but not by more.
 pub const DEFAULT_MAX_FUTURE_SKEW_SECS: u64 = 300;
+/// The largest skew a service accepts in its configuration: a day. More would let through what
+/// the check is there to stop.
+pub const MAX_FUTURE_SKEW_SECS: u64 = 86_400;
 
 // ---- strings -----------------------------------------------------------------------------------
 
@@ -210,6 +213,15 @@ pub fn check_timestamp_not_future(
 ) -> Result<(), ApiError> {
     let at = at.to_datetime().ok_or_else(|| ApiError::validation(field, "is out of range"))?;
     check_not_future(field, at, now, max_skew)
+}
+
+/// A service's future-skew setting `var=value`: seconds, at most [`MAX_FUTURE_SKEW_SECS`].
+pub fn parse_future_skew(var: &str, value: &str) -> Result<u64, String> {
+    let secs: u64 = value.trim().parse().map_err(|e| format!("{var}=`{value}`: {e}"))?;
+    if secs > MAX_FUTURE_SKEW_SECS {
+        return Err(format!("{var} must be at most {MAX_FUTURE_SKEW_SECS} (a day); got {secs}"));
+    }
+    Ok(secs)
 }
 
 // ---- path and query --------------------------------------------------------------------------
@@ -650,5 +662,14 @@ mod tests {
         assert_eq!(err.map(|e| (e.code, e.field)), Some(("in_the_future", Some("occurred_at".to_string()))));
         let err = check_timestamp_not_future("authored_at", Timestamp(i64::MAX), now, skew).err();
         assert_eq!(err.and_then(|e| e.field).as_deref(), Some("authored_at"));
+    }
+
+    #[test]
+    fn future_skew_settings_are_bounded() {
+        assert_eq!(parse_future_skew("X", " 0 "), Ok(0));
+        assert_eq!(parse_future_skew("X", "86400"), Ok(86_400));
+        for bad in ["86401", "-1", "soon"] {
+            assert!(parse_future_skew("X", bad).is_err(), "{bad}");
+        }
     }
 }
