@@ -63,7 +63,9 @@ impl ConsumerContext for RebalanceContext {
         let deadline = Instant::now() + self.revoke_wait;
         let wait = || {
             for w in &stopping {
-                if w.done.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_err() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                // Disconnected: the worker is gone already (its task was dropped).
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = w.done.recv_timeout(left) {
                     // The worker goes on until its batch ends (it is cancelled, so it commits
                     // nothing more after that); the partition's next worker waits for it.
                     warn!(
