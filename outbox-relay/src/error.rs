@@ -47,6 +47,22 @@ pub enum OutboxError {
         #[source]
         source: rdkafka::error::KafkaError,
     },
+
+    /// `trialflow outbox quarantine` was given a schema without an outbox quarantine.
+    #[error(
+        "no outbox source `{0}`: the schema has no outbox quarantine (a typo, or not migrated: run `trialflow migrate`)"
+    )]
+    UnknownSource(String),
+
+    /// `retry` or `discard` of a seq that is not in the quarantine.
+    #[error(
+        "no quarantined row {seq} in `{schema}`; `trialflow outbox quarantine list --source {schema}` shows them"
+    )]
+    NotQuarantined { schema: String, seq: i64 },
+
+    /// A discard without a name or a reason: discarding an event is audited.
+    #[error("discarding row {seq} needs who (--by) and why (--reason), both non-empty")]
+    DiscardUnaccounted { seq: i64 },
 }
 
 impl OutboxError {
@@ -68,7 +84,10 @@ impl OutboxError {
             | OutboxError::InvalidSchemaName(_)
             | OutboxError::NotMigrated(_)
             | OutboxError::ShardCount { .. }
-            | OutboxError::KafkaConfig(_) => false,
+            | OutboxError::KafkaConfig(_)
+            | OutboxError::UnknownSource(_)
+            | OutboxError::NotQuarantined { .. }
+            | OutboxError::DiscardUnaccounted { .. } => false,
         }
     }
 }

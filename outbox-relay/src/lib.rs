@@ -3,7 +3,8 @@
 //! * [`Outbox`] — the writer every service uses: `outbox.enqueue(&mut tx, event)` inside the
 //!   service's own transaction, so domain rows and outgoing events commit together or not at all.
 //! * [`relay::run`] — the relay that publishes outbox rows to Kafka in commit-safe order, with
-//!   shard ownership so several relays can run at once.
+//!   shard ownership so several relays can run at once; rows the broker refuses for good go to
+//!   the [`quarantine`].
 //! * [`migrate()`] — creates a service schema's outbox.
 
 pub mod config;
@@ -12,6 +13,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod migrate;
 pub mod publisher;
+pub mod quarantine;
 pub mod relay;
 pub mod schema;
 pub mod shard;

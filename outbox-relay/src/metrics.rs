@@ -7,6 +7,8 @@ pub const BACKLOG_ROWS: &str = "trialflow_outbox_backlog_rows";
 pub const OLDEST_ROW_AGE_SECONDS: &str = "trialflow_outbox_oldest_row_age_seconds";
 pub const OWNED_SHARDS: &str = "trialflow_outbox_owned_shards";
 pub const ERRORS_TOTAL: &str = "trialflow_outbox_errors_total";
+pub const QUARANTINED_ROWS: &str = "trialflow_outbox_quarantined_rows";
+pub const QUARANTINED_TOTAL: &str = "trialflow_outbox_quarantined_total";
 
 /// Registers descriptions with whatever recorder is installed.
 pub fn describe() {
@@ -26,4 +28,14 @@ pub fn describe() {
     describe_gauge!(OLDEST_ROW_AGE_SECONDS, Unit::Seconds, "Age of the oldest unpublished row.");
     describe_gauge!(OWNED_SHARDS, Unit::Count, "Shards this relay instance currently owns.");
     describe_counter!(ERRORS_TOTAL, Unit::Count, "Relay failures, by kind; each is retried.");
+    describe_gauge!(
+        QUARANTINED_ROWS,
+        Unit::Count,
+        "Rows in the quarantine: refused by the broker for good, waiting for an operator (retry or discard)."
+    );
+    describe_counter!(
+        QUARANTINED_TOTAL,
+        Unit::Count,
+        "Rows moved to the quarantine because the broker refused them for good."
+    );
 }

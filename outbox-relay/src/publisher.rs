@@ -47,12 +47,68 @@ pub fn build_producer(kafka: &KafkaConfig) -> Result<FutureProducer> {
     producer_config(kafka, "trialflow-relay").create().map_err(OutboxError::KafkaConfig)
 }
 
+/// Whose fault a failed delivery is: what the relay does about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The broker refuses this row for good (or refuses its topic for good): retrying cannot
+    /// succeed. The row is quarantined and only the later rows of its key wait; everything else
+    /// flows on.
+    Row,
+    /// The broker or the network (down, timeouts, leader changes), or a setting that concerns every
+    /// row alike: the session fails and starts again after a backoff, as for any outage.
+    Transient,
+}
+
+/// Classifies a failed delivery, reported either at hand-off (`send_result`, librdkafka's local
+/// checks) or in the delivery report.
+///
+/// Row faults are the codes that name *this record or its topic* and that librdkafka itself gives
+/// up on (it retries the others internally before reporting them):
+/// * `MessageSizeTooLarge` — over the producer's `message.max.bytes` (refused at hand-off) or the
+///   topic's `max.message.bytes` (refused by the broker). librdkafka closes a batch at
+///   `batch.size` (1 MB), below Kafka's default topic limit, so an oversized record travels alone
+///   and small batch mates are not refused with it; a topic limit below `batch.size` could take
+///   batch mates along, and those come back with `retry`.
+/// * `MessageBatchTooLarge` (RECORD_LIST_TOO_LARGE), `InvalidMessageSize`, `InvalidRecord` (e.g. a
+///   keyless record on a compacted topic), `PolicyViolation`, `UnsupportedForMessageFormat`: the
+///   broker's verdict on the record itself.
+/// * `TopicAuthorizationFailed`, `InvalidTopic`: the topic is off limits or cannot exist.
+/// * `UnknownTopicOrPartition`, `UnknownTopic`, `UnknownPartition`: the topic does not exist.
+///   librdkafka reports these only once the metadata still says so after
+///   `topic.metadata.propagation.max.ms` (a produce response saying it is retried after a
+///   metadata refresh), so what arrives here has persisted — a `.dlq` topic nobody provisioned on
+///   a cluster with auto-creation off.
+///
+/// Deliberately transient: `InvalidRequiredAcks` and `ClusterAuthorizationFailed` refuse the
+/// producer's settings or identity, not a row — quarantining would empty the whole outbox into the
+/// quarantine; they fail the session (visible in `trialflow_outbox_errors_total`) until fixed.
+/// `MessageTimedOut` (only with `KAFKA_DELIVERY_TIMEOUT_MS` > 0) is an outage. Errors that are not
+/// Kafka error codes (a cancelled delivery, a dropped producer) are transient too.
+pub fn classify(error: &KafkaError) -> Fault {
+    use RDKafkaErrorCode as C;
+    let KafkaError::MessageProduction(code) = error else { return Fault::Transient };
+    match code {
+        C::MessageSizeTooLarge
+        | C::MessageBatchTooLarge
+        | C::InvalidMessageSize
+        | C::InvalidRecord
+        | C::PolicyViolation
+        | C::UnsupportedForMessageFormat
+        | C::TopicAuthorizationFailed
+        | C::InvalidTopic
+        | C::UnknownTopicOrPartition
+        | C::UnknownTopic
+        | C::UnknownPartition => Fault::Row,
+        _ => Fault::Transient,
+    }
+}
+
 /// Why a row could not be handed to the producer.
 #[derive(Debug)]
 pub enum SendError {
     /// The local queue is full: wait for acknowledgements, then try again.
     QueueFull,
-    /// Anything else: the batch fails and is retried from the outbox.
+    /// Anything else: see [`classify`] on the `Delivery` error's source.
     Failed(OutboxError),
 }
 
@@ -100,5 +156,48 @@ fn send_error(row: &OutboxRow, e: KafkaError) -> SendError {
     match e {
         KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => SendError::QueueFull,
         source => SendError::Failed(OutboxError::Delivery { seq: row.seq, topic: row.topic.clone(), source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_errors_are_classified_row_or_transient() {
+        use RDKafkaErrorCode as C;
+        let table = [
+            // The record or its topic, for good: quarantine the row.
+            (C::MessageSizeTooLarge, Fault::Row),
+            (C::MessageBatchTooLarge, Fault::Row),
+            (C::InvalidMessageSize, Fault::Row),
+            (C::InvalidRecord, Fault::Row),
+            (C::PolicyViolation, Fault::Row),
+            (C::UnsupportedForMessageFormat, Fault::Row),
+            (C::TopicAuthorizationFailed, Fault::Row),
+            (C::InvalidTopic, Fault::Row),
+            (C::UnknownTopicOrPartition, Fault::Row),
+            (C::UnknownTopic, Fault::Row),
+            (C::UnknownPartition, Fault::Row),
+            // The producer's settings or identity: every row alike, never a row's fault.
+            (C::InvalidRequiredAcks, Fault::Transient),
+            (C::ClusterAuthorizationFailed, Fault::Transient),
+            // Outages and what librdkafka retries.
+            (C::BrokerNotAvailable, Fault::Transient),
+            (C::NotLeaderForPartition, Fault::Transient),
+            (C::RequestTimedOut, Fault::Transient),
+            (C::MessageTimedOut, Fault::Transient),
+            (C::NotEnoughReplicas, Fault::Transient),
+            (C::NotEnoughReplicasAfterAppend, Fault::Transient),
+            (C::BrokerTransportFailure, Fault::Transient),
+            (C::AllBrokersDown, Fault::Transient),
+            (C::InvalidMessage, Fault::Transient),
+            (C::QueueFull, Fault::Transient),
+            (C::Fatal, Fault::Transient),
+        ];
+        for (code, fault) in table {
+            assert_eq!(classify(&KafkaError::MessageProduction(code)), fault, "{code:?}");
+        }
+        assert_eq!(classify(&KafkaError::Canceled), Fault::Transient, "no code: transient");
     }
 }

@@ -3,16 +3,28 @@
 //! Per source, one worker owns a share of the shards (see [`crate::shard`]), reads their rows in
 //! `(tx_id, seq)` order below the snapshot xmin, hands them to the idempotent producer in batches
 //! (at most `max_in_flight_batches` awaiting acknowledgement) and deletes a row only after the
-//! broker acknowledged it. Any failure drops the in-flight work, backs off, and starts again from
-//! the rows still in the outbox: a row may be published twice, never lost, never overtaken.
+//! broker acknowledged it. A transient failure (database, broker, network) drops the in-flight
+//! work, backs off, and starts again from the rows still in the outbox: a row may be published
+//! twice, never lost, never overtaken.
+//!
+//! A row the broker refuses for good ([`publisher::classify`]: topic not authorized or missing,
+//! record too large, ...) stops only itself: it is moved to the quarantine (`outbox_quarantine`,
+//! one transaction) with the error, the later rows of its key wait in the outbox (the read skips
+//! them, see [`Store`]) and every other key flows on, in the same session, without a backoff. An
+//! operator puts it back (`trialflow outbox quarantine retry`) or discards it.
+//!
+//! Honest limit: rows of the same key already handed to the producer when the refusal is reported
+//! (the deliveries of up to `max_in_flight_batches` batches) are not recalled; if the broker takes
+//! them they are published before the quarantined row comes back. Rows read afterwards wait.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
@@ -25,7 +37,7 @@ use crate::config::RelayConfig;
 use crate::error::{OutboxError, Result};
 use crate::metrics as m;
 use crate::migrate::shard_count;
-use crate::publisher::{self, SendError};
+use crate::publisher::{self, Fault, SendError};
 use crate::schema::SchemaName;
 use crate::shard::ShardLease;
 use crate::store::{Cursor, OutboxRow, Store};
@@ -143,9 +155,10 @@ async fn report_stats(
     let labels = [("source", source.to_string())];
     while !shutdown.is_cancelled() {
         match store.stats(&pool).await {
-            Ok((rows, age)) => {
-                metrics::gauge!(m::BACKLOG_ROWS, &labels).set(rows as f64);
-                metrics::gauge!(m::OLDEST_ROW_AGE_SECONDS, &labels).set(age);
+            Ok(stats) => {
+                metrics::gauge!(m::BACKLOG_ROWS, &labels).set(stats.rows as f64);
+                metrics::gauge!(m::OLDEST_ROW_AGE_SECONDS, &labels).set(stats.oldest_age_seconds);
+                metrics::gauge!(m::QUARANTINED_ROWS, &labels).set(stats.quarantined as f64);
             }
             Err(error) => debug!(%source, %error, "Cannot read outbox backlog."),
         }
@@ -197,36 +210,54 @@ struct InFlight {
     acks: tokio::task::JoinHandle<Acks>,
 }
 
-/// The outcome of a batch: the rows acknowledged, in order, up to the first failure.
+/// A row handed to the producer: what the relay needs to know about it once its delivery ends.
+struct Sent {
+    seq: i64,
+    key: String,
+    topic: String,
+    created_at: DateTime<Utc>,
+}
+
+/// A row the broker refuses for good, on its way to the quarantine.
+struct Refused {
+    row: Sent,
+    error: KafkaError,
+}
+
+/// The outcome of a batch, row by row: acknowledged rows and rows refused for good, in order, up
+/// to the first transient failure (from there on every row stays in the outbox, as the session
+/// starts again).
+#[derive(Default)]
 struct Acks {
     acked: Vec<i64>,
+    refused: Vec<Refused>,
     failure: Option<OutboxError>,
 }
 
 fn canceled(seq: i64) -> OutboxError {
-    OutboxError::Delivery { seq, topic: String::new(), source: rdkafka::error::KafkaError::Canceled }
+    OutboxError::Delivery { seq, topic: String::new(), source: KafkaError::Canceled }
 }
 
-/// Awaits the deliveries in order, stopping at the first failure.
-async fn await_acks(
-    rows: Vec<(i64, chrono::DateTime<Utc>, DeliveryFuture)>,
-    commit_to_ack: metrics::Histogram,
-) -> Acks {
-    let mut acks = Acks { acked: Vec::with_capacity(rows.len()), failure: None };
-    for (seq, created_at, delivery) in rows {
+/// Awaits the deliveries in order, each on its own: a row refused for good does not stop the
+/// rows behind it; a transient failure does.
+async fn await_acks(rows: Vec<(Sent, DeliveryFuture)>, commit_to_ack: metrics::Histogram) -> Acks {
+    let mut acks = Acks { acked: Vec::with_capacity(rows.len()), ..Acks::default() };
+    for (row, delivery) in rows {
         match delivery.await {
             Ok(Ok(_)) => {
-                let age = (Utc::now() - created_at).to_std().unwrap_or_default();
+                let age = (Utc::now() - row.created_at).to_std().unwrap_or_default();
                 commit_to_ack.record(age.as_secs_f64());
-                acks.acked.push(seq);
+                acks.acked.push(row.seq);
             }
-            Ok(Err((source, message))) => {
-                let topic = rdkafka::Message::topic(&message).to_string();
-                acks.failure = Some(OutboxError::Delivery { seq, topic, source });
+            Ok(Err((error, _))) if publisher::classify(&error) == Fault::Row => {
+                acks.refused.push(Refused { row, error });
+            }
+            Ok(Err((source, _))) => {
+                acks.failure = Some(OutboxError::Delivery { seq: row.seq, topic: row.topic, source });
                 break;
             }
             Err(_canceled) => {
-                acks.failure = Some(canceled(seq));
+                acks.failure = Some(canceled(row.seq));
                 break;
             }
         }
@@ -286,6 +317,7 @@ impl SourceRelay {
     ) -> Result<()> {
         let max_in_flight = self.config.max_in_flight_batches as usize;
         let mut cursor: Option<Cursor> = None;
+        let mut quarantine_version: Option<i64> = None;
         let mut next_rebalance = Instant::now();
         // After a notification that found nothing readable (an older transaction still open),
         // look again soon rather than after the full poll interval.
@@ -309,6 +341,18 @@ impl SourceRelay {
                 }
                 next_rebalance = Instant::now() + self.config.rebalance_interval();
             }
+            // The cursor has moved past rows that wait behind a quarantined row of their key (the
+            // read skips them). When a quarantined row leaves (retry, discard) the version
+            // changes and the read starts from the head again, so they and a retried row (back
+            // under its original, older tx_id) are read. Only once nothing is in flight: reading
+            // from the head sooner would hand in-flight rows to the producer a second time.
+            let version = self.store.quarantine_version(lease.conn()).await?;
+            if quarantine_version.is_some_and(|v| v != version) {
+                self.drain(in_flight).await?;
+                debug!(source = %self.source, version, "Quarantine changed; reading from the head.");
+                cursor = None;
+            }
+            quarantine_version = Some(version);
             let owned = lease.owned();
             let rows = if owned.is_empty() {
                 Vec::new()
@@ -348,21 +392,41 @@ impl SourceRelay {
     }
 
     /// Hands every row to the producer, in order. A full producer queue is waited out by
-    /// completing older batches, never by buffering more.
+    /// completing older batches, never by buffering more. A row refused at hand-off for good
+    /// (librdkafka's own checks: too large, unknown topic) is quarantined at once, and the later
+    /// rows of its key in this batch are not sent: they stay in the outbox, where the read skips
+    /// them from now on.
     async fn send_batch(&self, rows: Vec<OutboxRow>, in_flight: &mut Pipeline) -> Result<InFlight> {
         let started = Instant::now();
         let mut deliveries = Vec::with_capacity(rows.len());
+        let mut refused_keys: HashSet<&str> = HashSet::new();
         for row in &rows {
+            if refused_keys.contains(row.key.as_str()) {
+                continue;
+            }
+            let sent = || Sent {
+                seq: row.seq,
+                key: row.key.clone(),
+                topic: row.topic.clone(),
+                created_at: row.created_at,
+            };
             loop {
                 match publisher::send(&self.producer, row) {
                     Ok(delivery) => {
-                        deliveries.push((row.seq, row.created_at, delivery));
+                        deliveries.push((sent(), delivery));
                         break;
                     }
                     Err(SendError::QueueFull) if !in_flight.batches.is_empty() => {
                         self.complete_oldest(in_flight).await?
                     }
                     Err(SendError::QueueFull) => tokio::time::sleep(Duration::from_millis(5)).await,
+                    Err(SendError::Failed(OutboxError::Delivery { source, .. }))
+                        if publisher::classify(&source) == Fault::Row =>
+                    {
+                        self.quarantine(vec![Refused { row: sent(), error: source }]).await?;
+                        refused_keys.insert(&row.key);
+                        break;
+                    }
                     Err(SendError::Failed(e)) => return Err(e),
                 }
             }
@@ -383,18 +447,22 @@ impl SourceRelay {
         Ok(())
     }
 
-    /// Awaits the acknowledgements of the oldest batch and deletes the acknowledged rows. Stops at
-    /// the first failed delivery: rows from there on stay in the outbox.
+    /// Awaits the acknowledgements of the oldest batch, quarantines the rows refused for good and
+    /// deletes the acknowledged rows. A transient failure ends the session after that: rows from
+    /// the failed one on stay in the outbox.
     async fn complete_oldest(&self, in_flight: &mut Pipeline) -> Result<()> {
         let Some(mut batch) = in_flight.batches.pop_front() else { return Ok(()) };
         let labels = [("source", self.source.to_string())];
-        let Acks { acked, failure } = tokio::select! {
-            acks = &mut batch.acks => acks.unwrap_or_else(|_| Acks { acked: Vec::new(), failure: Some(canceled(0)) }),
+        let lost = || Acks { failure: Some(canceled(0)), ..Acks::default() };
+        let Acks { acked, refused, failure } = tokio::select! {
+            acks = &mut batch.acks => acks.unwrap_or_else(|_| lost()),
             _ = self.grace_expired() => {
                 batch.acks.abort();
-                Acks { acked: Vec::new(), failure: Some(canceled(0)) }
+                lost()
             }
         };
+        // Before the session may end on `failure`: these rows are refused whatever happens next.
+        self.quarantine(refused).await?;
         metrics::counter!(m::PUBLISHED_TOTAL, &labels).increment(acked.len() as u64);
         debug!(source = %self.source, rows = acked.len(), "Published outbox batch.");
         // Deleting an acknowledged row is safe whenever it happens, so deletes run beside the next
@@ -412,6 +480,39 @@ impl SourceRelay {
             Ok(())
         }));
         failure.map_or(Ok(()), Err)
+    }
+
+    /// Moves rows refused for good to the quarantine (one transaction) and says so.
+    async fn quarantine(&self, refused: Vec<Refused>) -> Result<()> {
+        if refused.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(i64, String)> = refused.iter().map(|r| (r.row.seq, r.error.to_string())).collect();
+        let moved = self.store.quarantine(&self.pool, &rows).await?;
+        for Refused { row, error } in &refused {
+            warn!(
+                source = %self.source,
+                seq = row.seq,
+                topic = %row.topic,
+                key = %row.key.escape_debug(),
+                %error,
+                "Outbox row quarantined: the broker refuses it for good; later rows of its key wait \
+                 until `trialflow outbox quarantine retry` or `discard`."
+            );
+        }
+        metrics::counter!(m::QUARANTINED_TOTAL, "source" => self.source.to_string()).increment(moved);
+        if moved < rows.len() as u64 {
+            // Someone else removed a row we read (not a relay: we own its shard). The later rows
+            // of its key may be behind the cursor without a quarantined row holding them: start
+            // the session over, which reads from the head.
+            return Err(OutboxError::Database(sqlx::Error::Protocol(format!(
+                "{} of {} refused rows were no longer in the outbox of `{}`",
+                rows.len() as u64 - moved,
+                rows.len(),
+                self.source
+            ))));
+        }
+        Ok(())
     }
 
     /// Resolves once shutdown was requested and the grace period has passed since.

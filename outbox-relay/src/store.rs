@@ -56,11 +56,28 @@ impl Cursor {
     }
 }
 
+/// The backlog of one source, for the gauges.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    /// Unpublished rows in the outbox (rows waiting behind a quarantined row included).
+    pub rows: i64,
+    /// Age of the oldest unpublished row, in seconds.
+    pub oldest_age_seconds: f64,
+    /// Rows in the quarantine.
+    pub quarantined: i64,
+}
+
+/// Every column of an outbox row, in the order the quarantine tables repeat them.
+pub(crate) const ROW_COLUMNS: &str = "seq, tx_id, shard, topic, key, event_id, event_type, content_type, \
+     payload, headers, traceparent, created_at, key_bytes, raw_header_names, raw_header_values";
+
 /// Prepared SQL of one source.
 #[derive(Debug, Clone)]
 pub struct Store {
     read_sql: String,
     delete_sql: String,
+    quarantine_sql: String,
+    version_sql: String,
     stats_sql: String,
 }
 
@@ -75,13 +92,34 @@ impl Store {
                  WHERE shard = ANY($1)
                    AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
                    AND (tx_id, seq) > ($2::text::xid8, $3)
+                   -- Per-key order across the quarantine: a row waits while an earlier row of its
+                   -- key is quarantined (earlier rows of the key, and every other key, flow on).
+                   -- The cursor moves past the rows skipped here; they are read again because
+                   -- they can only become readable when a quarantined row leaves (retry or
+                   -- discard), which bumps `outbox_settings.quarantine_version` in the same
+                   -- transaction, and the relay reads from the head whenever that version
+                   -- changes (see `relay.rs`). The relay's own quarantining only adds blocks.
+                   AND NOT EXISTS (
+                       SELECT 1 FROM {schema}.outbox_quarantine q
+                       WHERE q.key = outbox.key AND (q.tx_id, q.seq) < (outbox.tx_id, outbox.seq))
                  -- Qualified: ordering by the text alias would sort ids as strings ('10' < '9').
                  ORDER BY outbox.tx_id, outbox.seq
                  LIMIT $4"
             ),
             delete_sql: format!("DELETE FROM {schema}.outbox WHERE seq = ANY($1)"),
+            // One statement, so one transaction: a row is in the outbox or in the quarantine,
+            // never in both or neither.
+            quarantine_sql: format!(
+                "WITH moved AS (
+                     DELETE FROM {schema}.outbox WHERE seq = ANY($1) RETURNING {ROW_COLUMNS})
+                 INSERT INTO {schema}.outbox_quarantine ({ROW_COLUMNS}, error)
+                 SELECT {ROW_COLUMNS}, f.error
+                 FROM moved JOIN unnest($1::bigint[], $2::text[]) AS f(seq, error) USING (seq)"
+            ),
+            version_sql: format!("SELECT quarantine_version FROM {schema}.outbox_settings"),
             stats_sql: format!(
-                "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at))::float8, 0)
+                "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at))::float8, 0),
+                        (SELECT count(*) FROM {schema}.outbox_quarantine)
                  FROM {schema}.outbox"
             ),
         }
@@ -113,8 +151,27 @@ impl Store {
         Ok(())
     }
 
-    /// Unpublished rows and the age of the oldest, in seconds.
-    pub async fn stats(&self, pool: &PgPool) -> Result<(i64, f64)> {
-        Ok(sqlx::query_as(AssertSqlSafe(self.stats_sql.as_str())).fetch_one(pool).await?)
+    /// Moves rows the broker refuses for good to the quarantine, each with its error. Returns
+    /// how many were moved (a row already gone is skipped).
+    pub async fn quarantine(&self, pool: &PgPool, rows: &[(i64, String)]) -> Result<u64> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let (seqs, errors): (Vec<i64>, Vec<&str>) = rows.iter().map(|(s, e)| (*s, e.as_str())).unzip();
+        let done =
+            sqlx::query(AssertSqlSafe(self.quarantine_sql.as_str())).bind(seqs).bind(errors).execute(pool).await?;
+        Ok(done.rows_affected())
+    }
+
+    /// The quarantine's version: it changes whenever a quarantined row leaves.
+    pub async fn quarantine_version(&self, conn: &mut PgConnection) -> Result<i64> {
+        Ok(sqlx::query_scalar(AssertSqlSafe(self.version_sql.as_str())).fetch_one(conn).await?)
+    }
+
+    /// Unpublished rows, the age of the oldest and the quarantined rows.
+    pub async fn stats(&self, pool: &PgPool) -> Result<Stats> {
+        let (rows, oldest_age_seconds, quarantined) =
+            sqlx::query_as(AssertSqlSafe(self.stats_sql.as_str())).fetch_one(pool).await?;
+        Ok(Stats { rows, oldest_age_seconds, quarantined })
     }
 }
