@@ -155,3 +155,17 @@ pub fn escape(bytes: &[u8]) -> String {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::escape;
+
+    #[test]
+    fn dead_letters_print_escaped_and_lossless() {
+        assert_eq!(escape(b"plain-key"), "plain-key");
+        assert_eq!(escape(b"not-a-uuid\0\xff"), "not-a-uuid\\0\\xff");
+        assert_eq!(escape("line\nbreak\u{7}".as_bytes()), "line\\nbreak\\u{7}");
+        assert_eq!(escape(b"\xc3\x28 \xed\xa0\x80"), "\\xc3( \\xed\\xa0\\x80");
+        assert_eq!(escape("é ✓".as_bytes()), "é ✓");
+    }
+}
