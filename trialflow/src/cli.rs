@@ -21,6 +21,9 @@ pub struct Cli {
     #[command(flatten)]
     pub telemetry: TelemetryConfig,
 
+    #[command(flatten)]
+    pub shutdown: shutdown::ShutdownConfig,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -132,16 +135,33 @@ pub struct RunArgs {
     /// A folder of per-study monitoring rule sets (`*.json`) beyond the default one.
     #[arg(long, env = "MONITORING_RULES_DIR")]
     pub monitoring_rules_dir: Option<std::path::PathBuf>,
+
+    /// Run on private schemas and topics named after NAME (lower-case letters, digits, `_`) plus a
+    /// random suffix, and on free ports (printed at start): a pipeline that shares the database and
+    /// broker without touching anyone's data (tests, a trial next to a running demo).
+    #[arg(long, env = "PIPELINE_ISOLATED", value_name = "NAME")]
+    pub isolated: Option<String>,
 }
 
 /// Every component in one process.
 pub async fn run_all(args: RunArgs, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
-    let mut config = crate::pipeline::PipelineConfig::local(&args.database.database_url, &args.kafka);
+    let (url, kafka) = (&args.database.database_url, &args.kafka);
+    let mut config = match &args.isolated {
+        Some(name) => crate::pipeline::PipelineConfig::isolated(name, url, kafka)?,
+        None => crate::pipeline::PipelineConfig::local(url, kafka),
+    };
     config.create_topics = !args.no_create_topics;
     config.partitions = args.partitions;
     config.epro_config_dir = args.epro_config_dir;
     config.monitoring_rules_dir = args.monitoring_rules_dir;
     config.notifier = NotifierConfig::from_env().context("notifier configuration")?;
+    if args.isolated.is_some() {
+        println!(
+            "isolated pipeline: topic prefix `{}`, schemas {}",
+            config.topics.prefix(),
+            config.schemas.sources().iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
     let pipeline = crate::pipeline::Pipeline::start(config, &shutdown).await?;
     println!(
         "trialflow is running; site API on http://{}, ePRO gateway on http://{}, researcher inbox on \
@@ -279,7 +299,8 @@ pub async fn consume(args: ConsumeArgs, shutdown: tokio_util::sync::Cancellation
     Ok(())
 }
 
-pub async fn run(mut cli: Cli) -> anyhow::Result<()> {
+/// Runs the command until it ends or `shutdown` (the process's, see [`shutdown::install`]).
+pub async fn run(mut cli: Cli, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
     // The load generator is a client of a running pipeline: it serves no metrics (and so never
     // competes for the pipeline's metrics port).
     if matches!(cli.command, Command::Load(_)) {
@@ -289,20 +310,40 @@ pub async fn run(mut cli: Cli) -> anyhow::Result<()> {
     let quiet = matches!(cli.command, Command::Demo(_) | Command::Replay(_));
     let filter = if quiet { "warn,sqlx=error" } else { telemetry::DEFAULT_LOG_FILTER };
     let _telemetry = telemetry::init(&cli.telemetry, "trialflow", filter)?;
+    check_shutdown_graces(&cli);
     match cli.command {
         Command::Migrate(args) => migrate(&args).await,
-        Command::Relay(config) => {
-            trialflow_outbox::relay::run(config, shutdown::on_signal()).await.context("relay")
-        }
-        Command::Run(args) => run_all(args, shutdown::on_signal()).await,
-        Command::SiteApi(args) => serve_site_api(args, shutdown::on_signal()).await,
-        Command::AlertApi(args) => serve_alert_api(args, shutdown::on_signal()).await,
-        Command::EproGateway(args) => serve_epro_gateway(args, shutdown::on_signal()).await,
-        Command::Consume(args) => consume(args, shutdown::on_signal()).await,
-        Command::Demo(args) => demo::run(args, shutdown::on_signal()).await,
-        Command::Replay(command) => demo::replay(command, shutdown::on_signal()).await,
+        Command::Relay(config) => trialflow_outbox::relay::run(config, shutdown).await.context("relay"),
+        Command::Run(args) => run_all(args, shutdown).await,
+        Command::SiteApi(args) => serve_site_api(args, shutdown).await,
+        Command::AlertApi(args) => serve_alert_api(args, shutdown).await,
+        Command::EproGateway(args) => serve_epro_gateway(args, shutdown).await,
+        Command::Consume(args) => consume(args, shutdown).await,
+        Command::Demo(args) => demo::run(args, shutdown).await,
+        Command::Replay(command) => demo::replay(command, shutdown).await,
         Command::Dlq(command) => crate::dlq::run(command).await,
-        Command::Load(args) => crate::load::run(args, shutdown::on_signal()).await,
+        Command::Load(args) => crate::load::run(args, shutdown).await,
+    }
+}
+
+/// Warns when a component's own shutdown grace leaves it no room within SHUTDOWN_GRACE_SECS.
+fn check_shutdown_graces(cli: &Cli) {
+    let ms = std::time::Duration::from_millis;
+    let (relay, consumer) = match &cli.command {
+        Command::Relay(config) => (Some(config.shutdown_grace_ms), None),
+        Command::Consume(args) => (None, Some(args.config.shutdown_grace_ms)),
+        // The in-process pipeline runs its components with their local defaults.
+        Command::Run(_) | Command::Demo(_) | Command::Replay(_) => (
+            Some(RelayConfig::local(Vec::new()).shutdown_grace_ms),
+            Some(ConsumerConfig::local().shutdown_grace_ms),
+        ),
+        _ => (None, None),
+    };
+    if let Some(grace) = relay {
+        cli.shutdown.check_component_grace("OUTBOX_SHUTDOWN_GRACE_MS", ms(grace));
+    }
+    if let Some(grace) = consumer {
+        cli.shutdown.check_component_grace("CONSUMER_SHUTDOWN_GRACE_MS", ms(grace));
     }
 }
 

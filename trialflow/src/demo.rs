@@ -54,6 +54,12 @@ pub struct ReplayArgs {
     /// Partitions of each topic created.
     #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 6)]
     pub partitions: i32,
+
+    /// Replay into a pipeline on private schemas and topics named after NAME (lower-case letters,
+    /// digits, `_`) plus a random suffix, and on free ports: nothing of an earlier replay or of a
+    /// running demo is touched.
+    #[arg(long, env = "PIPELINE_ISOLATED", value_name = "NAME")]
+    pub isolated: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -117,7 +123,11 @@ async fn run_pilot(
 ) -> anyhow::Result<()> {
     println!("== trialflow: replaying the CDISC pilot study through the whole pipeline");
     let plan = replay::load_plan(&args.data_dir, &args.sites)?;
-    let mut config = PipelineConfig::local(&args.database.database_url, &args.kafka);
+    let (url, kafka) = (&args.database.database_url, &args.kafka);
+    let mut config = match &args.isolated {
+        Some(name) => PipelineConfig::isolated(name, url, kafka)?,
+        None => PipelineConfig::local(url, kafka),
+    };
     config.partitions = args.partitions;
     config.notifier = NotifierConfig::from_env().context("notifier configuration")?;
     let (pipeline, clock, config) =
@@ -130,11 +140,19 @@ async fn run_pilot(
         progress: true,
         summary_path: Some(args.summary.clone()),
     };
-    let summary = match replay::replay(&plan, &pipeline, &config, &clock, &options, shutdown).await {
+    let replayed = tokio::select! {
+        replayed = replay::replay(&plan, &pipeline, &config, &clock, &options, shutdown) => replayed,
+        () = shutdown.cancelled() => Err(anyhow::anyhow!("interrupted")),
+    };
+    let summary = match replayed {
         Ok(summary) => summary,
-        Err(e) => {
-            let _ = pipeline.stop().await;
-            return Err(e);
+        Err(error) => {
+            // The replay failed (a settle timeout, say): the command ends, so the pipeline stops,
+            // within its grace, instead of running on behind an error nobody sees.
+            if let Err(stop) = pipeline.stop().await {
+                tracing::error!(error = %format!("{stop:#}"), "The pipeline did not stop cleanly.");
+            }
+            return Err(error);
         }
     };
     print!("{}", replay::render(&summary));

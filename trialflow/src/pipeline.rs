@@ -4,10 +4,12 @@
 //! production each runs as its own process (`trialflow relay`, `trialflow consume ...`,
 //! `trialflow site-api`); nothing here is needed for that.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context;
-use tokio::task::JoinSet;
+use tokio::task::{self, JoinSet};
 use tokio_util::sync::CancellationToken;
 use trialflow_consumers::enrollment::{self, Enrollment};
 use trialflow_consumers::epro::{self, EproValidation, catalogue::Catalogue};
@@ -22,6 +24,7 @@ use trialflow_producers::site_api::{self, SiteApi, SiteApiConfig};
 use trialflow_schemas::topics::TopicNames;
 
 use crate::settle::ConsumerGroup;
+use crate::shutdown;
 
 /// The service schemas of one pipeline (tests use fresh ones; local runs the defaults).
 #[derive(Debug, Clone)]
@@ -175,7 +178,35 @@ pub struct Pipeline {
     epro_gateway_addr: SocketAddr,
     alert_api_addr: SocketAddr,
     stop: CancellationToken,
+    components: Components,
+}
+
+/// The pipeline's components as tasks, by name.
+#[derive(Debug)]
+struct Components {
     tasks: JoinSet<anyhow::Result<()>>,
+    names: HashMap<task::Id, &'static str>,
+    /// How long the components get to stop once the pipeline stops: the longest of their own
+    /// shutdown graces plus [`shutdown::COMPONENT_MARGIN`].
+    stop_grace: Duration,
+}
+
+impl Components {
+    /// Starts `component` as `name`, registered as running in the process (see
+    /// [`shutdown::running`]).
+    fn spawn<F>(&mut self, name: &'static str, component: F)
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let handle = self.tasks.spawn(shutdown::tracked(name, component));
+        self.names.insert(handle.id(), name);
+    }
+
+    fn still_running(&self) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = self.names.values().copied().collect();
+        names.sort_unstable();
+        names
+    }
 }
 
 impl Pipeline {
@@ -205,11 +236,15 @@ impl Pipeline {
                 .context("creating topics")?;
         }
         let stop = shutdown.child_token();
-        let mut tasks = JoinSet::new();
+        let longest_grace = config.relay.shutdown_grace_ms.max(config.consumer.shutdown_grace_ms);
+        let stop_grace = Duration::from_millis(longest_grace) + shutdown::COMPONENT_MARGIN;
+        let mut tasks = Components { tasks: JoinSet::new(), names: HashMap::new(), stop_grace };
         config.relay.sources = s.sources();
         let relay_stop = stop.clone();
         let relay = config.relay.clone();
-        tasks.spawn(async move { trialflow_outbox::relay::run(relay, relay_stop).await.context("relay") });
+        tasks.spawn("relay", async move {
+            trialflow_outbox::relay::run(relay, relay_stop).await.context("relay")
+        });
 
         let topics = config.topics.clone();
         let group = |name: &str| ConsumerConfig {
@@ -220,22 +255,22 @@ impl Pipeline {
         let handler = Enrollment::new(schema.clone(), topics.clone());
         let run =
             runtime::run(enrollment::spec(schema, &topics), group(enrollment::NAME), handler, stop.clone());
-        tasks.spawn(async move { run.await.context("enrollment consumer") });
+        tasks.spawn("enrollment consumer", async move { run.await.context("enrollment consumer") });
         let schema = s.kit_allocation.clone();
         let handler = KitAllocation::new(schema.clone(), topics.clone());
         let spec = kit_allocation::spec(schema, &topics);
         let run = runtime::run(spec, group(kit_allocation::NAME), handler, stop.clone());
-        tasks.spawn(async move { run.await.context("kit-allocation consumer") });
+        tasks.spawn("kit-allocation consumer", async move { run.await.context("kit-allocation consumer") });
         let schema = s.epro.clone();
         let handler = EproValidation::new(schema.clone(), topics.clone(), catalogue);
         let run = runtime::run(epro::spec(schema, &topics), group(epro::NAME), handler, stop.clone());
-        tasks.spawn(async move { run.await.context("epro-validation consumer") });
+        tasks.spawn("epro-validation consumer", async move { run.await.context("epro-validation consumer") });
         let spec = monitoring::spec(s.monitoring.clone(), &topics);
         let run = monitoring::run(spec, group(monitoring::NAME), rules, topics.clone(), stop.clone());
-        tasks.spawn(async move { run.await.context("monitoring consumer") });
+        tasks.spawn("monitoring consumer", async move { run.await.context("monitoring consumer") });
         let spec = notifier::spec(s.notifier.clone(), &topics);
         let run = notifier::run(spec, group(notifier::NAME), config.notifier, topics.clone(), stop.clone());
-        tasks.spawn(async move { run.await.context("notifier") });
+        tasks.spawn("notifier", async move { run.await.context("notifier") });
 
         config.site_api.schema = s.site_api.clone();
         config.site_api.topics = topics.clone();
@@ -246,18 +281,18 @@ impl Pipeline {
         let alert_api = AlertApi::bind(config.alert_api).await.context("starting the alert API")?;
         let alert_api_addr = alert_api.local_addr();
         let alert_stop = stop.clone();
-        tasks.spawn(async move { alert_api.run(alert_stop).await.context("alert API") });
+        tasks.spawn("alert API", async move { alert_api.run(alert_stop).await.context("alert API") });
         epro_gateway::describe_metrics();
         let gateway = EproGateway::bind(config.epro_gateway).await.context("starting the ePRO gateway")?;
         let epro_gateway_addr = gateway.local_addr();
         let gateway_stop = stop.clone();
-        tasks.spawn(async move { gateway.run(gateway_stop).await.context("ePRO gateway") });
+        tasks.spawn("ePRO gateway", async move { gateway.run(gateway_stop).await.context("ePRO gateway") });
         site_api::describe_metrics();
         let api = SiteApi::bind(config.site_api).await.context("starting the site API")?;
         let site_api_addr = api.local_addr();
         let api_stop = stop.clone();
-        tasks.spawn(async move { api.run(api_stop).await.context("site API") });
-        Ok(Self { site_api_addr, epro_gateway_addr, alert_api_addr, stop, tasks })
+        tasks.spawn("site API", async move { api.run(api_stop).await.context("site API") });
+        Ok(Self { site_api_addr, epro_gateway_addr, alert_api_addr, stop, components: tasks })
     }
 
     pub fn site_api_addr(&self) -> SocketAddr {
@@ -272,22 +307,65 @@ impl Pipeline {
         self.alert_api_addr
     }
 
-    /// Runs until shutdown or until a component fails (then stops the others).
-    pub async fn wait(mut self) -> anyhow::Result<()> {
+    /// Runs until shutdown or until a component fails (then stops the others). Once stopping,
+    /// the components get their stop grace (the longest of their own shutdown graces plus
+    /// [`shutdown::COMPONENT_MARGIN`]); those still running after it are named in the error and
+    /// aborted.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let Self { stop, mut components, .. } = self;
         let mut first_error = None;
-        while let Some(done) = self.tasks.join_next().await {
-            let result = done.context("component panicked").and_then(|r| r);
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let (at, stop) = (deadline, &stop);
+            let stopping = async move {
+                match at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => stop.cancelled().await,
+                }
+            };
+            let done = tokio::select! {
+                done = components.tasks.join_next_with_id() => done,
+                () = stopping => {
+                    if deadline.is_some() {
+                        break;
+                    }
+                    deadline = Some(tokio::time::Instant::now() + components.stop_grace);
+                    continue;
+                }
+            };
+            let Some(done) = done else { break };
+            let result = match done {
+                Ok((id, result)) => {
+                    components.names.remove(&id);
+                    result
+                }
+                Err(e) => {
+                    let name = components.names.remove(&e.id()).unwrap_or("a component");
+                    Err(anyhow::anyhow!("{name} panicked: {e}"))
+                }
+            };
             if let Err(e) = result {
                 tracing::error!(error = %format!("{e:#}"), "Component failed; stopping the pipeline.");
                 first_error.get_or_insert(e);
             }
             // Whatever ended, the pipeline is incomplete without it.
-            self.stop.cancel();
+            stop.cancel();
+        }
+        let stuck = components.still_running();
+        if !stuck.is_empty() {
+            let grace = components.stop_grace;
+            tracing::error!(still_running = ?stuck, ?grace, "Components did not stop within their grace; aborted.");
+            components.tasks.abort_all();
+            let error = anyhow::anyhow!("did not stop within {grace:?}: {}", stuck.join(", "));
+            return Err(match first_error {
+                Some(first) => first.context(error.to_string()),
+                None => error,
+            });
         }
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Stops every component gracefully.
+    /// Stops every component gracefully, within their stop grace (see [`Pipeline::wait`]).
     pub async fn stop(self) -> anyhow::Result<()> {
         self.stop.cancel();
         self.wait().await

@@ -729,7 +729,9 @@ impl Progress {
 
 // ---- outcomes: what the pipeline published in reaction ----------------------------------------
 
-/// Reads the output topics from their current end while the replay runs.
+/// Reads the output topics from their current end while the replay runs. Its readers poll on
+/// blocking threads until told to stop: dropping the watcher tells them (a replay that fails
+/// half-way must not leave them polling, which would keep the process alive after its error).
 struct Watcher {
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<trialflow_outbox::Result<Vec<ReadMessage>>>>,
@@ -742,20 +744,26 @@ impl Watcher {
         for topic in [topics::SUBJECT_LIFECYCLE, topics::EPRO_RESPONSES, topics::ALERTS] {
             let reader = TopicReader::new(kafka, &topics.name(topic), false)?;
             let stop = stop.clone();
-            tasks.push(tokio::spawn(
-                reader.read_until(Duration::from_secs(24 * 3600), move |_| stop.load(Ordering::Acquire)),
-            ));
+            let read =
+                reader.read_until(Duration::from_secs(24 * 3600), move |_| stop.load(Ordering::Acquire));
+            tasks.push(tokio::spawn(crate::shutdown::tracked("replay output watcher", read)));
         }
         Ok(Self { stop, tasks })
     }
 
-    async fn stop(self) -> anyhow::Result<Vec<ReadMessage>> {
+    async fn stop(mut self) -> anyhow::Result<Vec<ReadMessage>> {
         self.stop.store(true, Ordering::Release);
         let mut out = Vec::new();
-        for task in self.tasks {
+        for task in std::mem::take(&mut self.tasks) {
             out.extend(task.await.context("topic watcher")??);
         }
         Ok(out)
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
     }
 }
 
