@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryFuture, FutureProducer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::Notify;
@@ -79,6 +79,7 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<()>
             producer: producer.clone(),
             wake: wakers[source].clone(),
             shutdown: shutdown.clone(),
+            refused_topics: std::sync::Mutex::default(),
         };
         tasks.spawn(report_stats(
             worker.store.clone(),
@@ -274,6 +275,11 @@ struct SourceRelay {
     producer: FutureProducer,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
+    /// Topics of rows this relay quarantined. librdkafka remembers a topic it found missing or
+    /// unauthorized until its next metadata refresh (`topic.metadata.refresh.interval.ms`, 5 min
+    /// by default) and refuses its records at hand-off meanwhile; when rows leave the quarantine
+    /// their metadata is refreshed first, so a retry after the fix is not refused again.
+    refused_topics: std::sync::Mutex<HashSet<String>>,
 }
 
 impl SourceRelay {
@@ -349,6 +355,7 @@ impl SourceRelay {
             let version = self.store.quarantine_version(lease.conn()).await?;
             if quarantine_version.is_some_and(|v| v != version) {
                 self.drain(in_flight).await?;
+                self.refresh_refused_topics().await;
                 debug!(source = %self.source, version, "Quarantine changed; reading from the head.");
                 cursor = None;
             }
@@ -489,6 +496,9 @@ impl SourceRelay {
         }
         let rows: Vec<(i64, String)> = refused.iter().map(|r| (r.row.seq, r.error.to_string())).collect();
         let moved = self.store.quarantine(&self.pool, &rows).await?;
+        if let Ok(mut topics) = self.refused_topics.lock() {
+            topics.extend(refused.iter().map(|r| r.row.topic.clone()));
+        }
         for Refused { row, error } in &refused {
             warn!(
                 source = %self.source,
@@ -513,6 +523,27 @@ impl SourceRelay {
             ))));
         }
         Ok(())
+    }
+
+    /// Asks the broker about the topics of quarantined rows again (see `refused_topics`). Best
+    /// effort: a topic still missing or unauthorized just sends its rows back to the quarantine.
+    async fn refresh_refused_topics(&self) {
+        let topics: Vec<String> = match self.refused_topics.lock() {
+            Ok(mut topics) => topics.drain().collect(),
+            Err(_) => return,
+        };
+        for topic in topics {
+            let producer = self.producer.clone();
+            let refreshed = tokio::task::spawn_blocking(move || {
+                producer.client().fetch_metadata(Some(&topic), Duration::from_secs(5)).map(|_| topic)
+            })
+            .await;
+            match refreshed {
+                Ok(Ok(topic)) => debug!(source = %self.source, topic, "Topic metadata refreshed."),
+                Ok(Err(error)) => debug!(source = %self.source, %error, "Cannot refresh topic metadata."),
+                Err(error) => debug!(source = %self.source, %error, "Topic metadata refresh failed."),
+            }
+        }
     }
 
     /// Resolves once shutdown was requested and the grace period has passed since.

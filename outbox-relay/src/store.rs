@@ -158,8 +158,11 @@ impl Store {
             return Ok(0);
         }
         let (seqs, errors): (Vec<i64>, Vec<&str>) = rows.iter().map(|(s, e)| (*s, e.as_str())).unzip();
-        let done =
-            sqlx::query(AssertSqlSafe(self.quarantine_sql.as_str())).bind(seqs).bind(errors).execute(pool).await?;
+        let done = sqlx::query(AssertSqlSafe(self.quarantine_sql.as_str()))
+            .bind(seqs)
+            .bind(errors)
+            .execute(pool)
+            .await?;
         Ok(done.rows_affected())
     }
 

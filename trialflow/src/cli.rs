@@ -52,6 +52,9 @@ pub enum Command {
     /// Inspect and replay dead letters.
     #[command(subcommand)]
     Dlq(crate::dlq::DlqCommand),
+    /// Operate on the outboxes: rows the broker refused for good (`outbox quarantine ...`).
+    #[command(subcommand)]
+    Outbox(crate::quarantine::OutboxCommand),
     /// Generate synthetic load against a running pipeline (site API, ePRO gateway, clinical topic).
     Load(crate::load::LoadArgs),
 }
@@ -322,6 +325,7 @@ pub async fn run(mut cli: Cli, shutdown: tokio_util::sync::CancellationToken) ->
         Command::Demo(args) => demo::run(args, shutdown).await,
         Command::Replay(command) => demo::replay(command, shutdown).await,
         Command::Dlq(command) => crate::dlq::run(command).await,
+        Command::Outbox(command) => crate::quarantine::run(command).await,
         Command::Load(args) => crate::load::run(args, shutdown).await,
     }
 }

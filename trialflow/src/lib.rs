@@ -6,6 +6,7 @@ pub mod demo;
 pub mod dlq;
 pub mod load;
 pub mod pipeline;
+pub mod quarantine;
 pub mod replay;
 pub mod settle;
 pub mod shutdown;
