@@ -108,7 +108,7 @@ pub(crate) async fn group(
     relay.kafka = kafka.clone();
     let relay = tokio::spawn(trialflow_outbox::relay::run(relay, stop.clone()));
     let consumer = |group: &str| ConsumerConfig {
-        database: trialflow_outbox::DatabaseConfig { database_url: database_url.to_string() },
+        database: trialflow_outbox::DatabaseConfig::new(database_url),
         kafka: kafka.clone(),
         group_id: Some(format!("bench-{group}-{run}")),
         ..ConsumerConfig::local()

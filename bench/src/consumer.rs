@@ -52,7 +52,7 @@ pub(crate) async fn group(
     trialflow_consumers::migrate(database_url, &schema, Some(sqlx::migrate!("./migrations"))).await?;
     trialflow_outbox::kafka::ensure_topics(kafka, &[(&topic, PARTITIONS)]).await?;
     let config = ConsumerConfig {
-        database: trialflow_outbox::DatabaseConfig { database_url: database_url.to_string() },
+        database: trialflow_outbox::DatabaseConfig::new(database_url),
         kafka: kafka.clone(),
         ..ConsumerConfig::local()
     };

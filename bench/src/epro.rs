@@ -134,7 +134,7 @@ async fn validation(
     progress("validation consumer deciding them");
     let stop = CancellationToken::new();
     let config = ConsumerConfig {
-        database: trialflow_outbox::DatabaseConfig { database_url: database_url.to_string() },
+        database: trialflow_outbox::DatabaseConfig::new(database_url),
         kafka: kafka.clone(),
         group_id: Some(format!("bench-epro-{run}")),
         ..ConsumerConfig::local()

@@ -89,9 +89,7 @@ impl ConsumerConfig {
     /// Defaults of every field, for in-process use.
     pub fn local() -> Self {
         Self {
-            database: DatabaseConfig {
-                database_url: trialflow_outbox::config::DEFAULT_DATABASE_URL.to_string(),
-            },
+            database: DatabaseConfig::default(),
             kafka: KafkaConfig::default(),
             group_id: None,
             max_batch: 500,

@@ -127,7 +127,7 @@ pub async fn run<H: Handler>(
     let pool = PgPoolOptions::new()
         .max_connections(8)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_lazy(&config.database.database_url)?;
+        .connect_lazy_with(config.database.connect_options()?);
     let outbox = Arc::new(Outbox::open(&pool, spec.schema.clone()).await?);
     let workers: Arc<Mutex<HashMap<Key, WorkerHandle>>> = Arc::default();
     let (assigned_tx, mut assigned) = mpsc::unbounded_channel();

@@ -1,9 +1,11 @@
 //! Typed configuration. Every field has a local default and an environment variable, so pointing
 //! at a real cluster means setting `DATABASE_URL` / `KAFKA_BOOTSTRAP_SERVERS` and nothing else.
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Args;
+use sqlx::postgres::PgConnectOptions;
 
 use crate::error::Result;
 use crate::schema::SchemaName;
@@ -13,12 +15,102 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:55432/tria
 /// The broker of the local stack (`make up`).
 pub const DEFAULT_KAFKA_BOOTSTRAP_SERVERS: &str = "127.0.0.1:19092";
 
-/// Where the PostgreSQL database is.
+/// Where the PostgreSQL database is, and the limits every session the project opens runs with
+/// (see [`DatabaseConfig::connect_options`]): so that no client — hung, dead, or waiting on
+/// something else with a transaction open — holds locks, or the xmin every relay waits behind,
+/// for long.
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseConfig {
     /// PostgreSQL connection URL.
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     pub database_url: String,
+
+    /// `statement_timeout` of every session, in milliseconds (0: the server's setting). A
+    /// statement running longer is cancelled (SQLSTATE 57014), which its caller treats as
+    /// transient. Migrations connect with the plain URL, without it: they may take longer.
+    #[arg(long, env = "DATABASE_STATEMENT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub statement_timeout_ms: u64,
+
+    /// `idle_in_transaction_session_timeout` of every session, in milliseconds (0: the server's
+    /// setting). The server ends a session that sits this long in an open transaction without a
+    /// statement running (a client that hung or died mid-transaction), which releases its locks
+    /// and the xmin that holds every relay back. No component keeps a transaction open while it
+    /// waits for anything else than the database.
+    #[arg(long, env = "DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS", default_value_t = 60_000)]
+    pub idle_in_transaction_timeout_ms: u64,
+
+    /// TCP keepalive of every session, seconds of silence before the server's first probe (0:
+    /// the server's setting); after 6 unanswered probes 10 s apart the server ends the session.
+    /// A client whose host vanished is so noticed in about this plus a minute, even while its
+    /// session waits for it. These are PostgreSQL's `tcp_keepalives_idle|interval|count`: sqlx
+    /// sets no keepalive on its own sockets, so the server's side does the probing.
+    #[arg(long, env = "DATABASE_TCP_KEEPALIVE_SECS", default_value_t = 60)]
+    pub tcp_keepalive_secs: u64,
+}
+
+/// Probes of the server-side TCP keepalive, and the seconds between them.
+const TCP_KEEPALIVE_COUNT: u32 = 6;
+const TCP_KEEPALIVE_INTERVAL_SECS: u32 = 10;
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self::new(DEFAULT_DATABASE_URL)
+    }
+}
+
+impl DatabaseConfig {
+    /// `database_url` with the default session limits.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            statement_timeout_ms: 30_000,
+            idle_in_transaction_timeout_ms: 60_000,
+            tcp_keepalive_secs: 60,
+        }
+    }
+
+    /// `database_url` with the session limits of the environment (`DATABASE_STATEMENT_TIMEOUT_MS`,
+    /// ...; their defaults when unset): for the services whose configuration holds only a URL.
+    pub fn from_env_with_url(database_url: &str) -> sqlx::Result<Self> {
+        #[derive(clap::Parser)]
+        struct FromEnv {
+            #[command(flatten)]
+            database: DatabaseConfig,
+        }
+        let parsed = <FromEnv as clap::Parser>::try_parse_from(["trialflow"])
+            .map_err(|e| sqlx::Error::Configuration(e.to_string().into()))?;
+        Ok(Self { database_url: database_url.to_string(), ..parsed.database })
+    }
+
+    /// The connect options of [`connect_options`](Self::connect_options) for `database_url`, with
+    /// the session limits of the environment (see [`from_env_with_url`](Self::from_env_with_url)).
+    pub fn connect_options_for(database_url: &str) -> sqlx::Result<PgConnectOptions> {
+        Self::from_env_with_url(database_url)?.connect_options()
+    }
+
+    /// What every pool and connection of the project connects with: the URL, plus the session
+    /// limits as startup parameters (`options=-c ...`, applied by the server before the first
+    /// statement, and again on every reconnect of a pool).
+    pub fn connect_options(&self) -> sqlx::Result<PgConnectOptions> {
+        let mut settings: Vec<(&str, String)> = Vec::new();
+        if self.statement_timeout_ms > 0 {
+            settings.push(("statement_timeout", self.statement_timeout_ms.to_string()));
+        }
+        if self.idle_in_transaction_timeout_ms > 0 {
+            settings.push((
+                "idle_in_transaction_session_timeout",
+                self.idle_in_transaction_timeout_ms.to_string(),
+            ));
+        }
+        if self.tcp_keepalive_secs > 0 {
+            settings.push(("tcp_keepalives_idle", self.tcp_keepalive_secs.to_string()));
+            settings.push(("tcp_keepalives_interval", TCP_KEEPALIVE_INTERVAL_SECS.to_string()));
+            settings.push(("tcp_keepalives_count", TCP_KEEPALIVE_COUNT.to_string()));
+        }
+        let options = PgConnectOptions::from_str(&self.database_url)?;
+        // An empty list would still send an empty `options` parameter.
+        Ok(if settings.is_empty() { options } else { options.options(settings) })
+    }
 }
 
 /// How to reach and produce to Kafka.
@@ -114,7 +206,7 @@ impl RelayConfig {
     /// The defaults of every field, for in-process use (tests, demo, benchmarks).
     pub fn local(sources: Vec<SchemaName>) -> Self {
         Self {
-            database: DatabaseConfig { database_url: DEFAULT_DATABASE_URL.to_string() },
+            database: DatabaseConfig::default(),
             kafka: KafkaConfig::default(),
             sources,
             batch_size: 1000,
@@ -158,6 +250,26 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         relay: RelayConfig,
+    }
+
+    #[test]
+    fn every_session_limit_is_a_startup_option_and_zero_leaves_the_server_setting() {
+        let database = DatabaseConfig::new(DEFAULT_DATABASE_URL);
+        let Ok(options) = database.connect_options() else { panic!("the default URL parses") };
+        assert_eq!(
+            options.get_options(),
+            Some(
+                "-c statement_timeout=30000 -c idle_in_transaction_session_timeout=60000 \
+                 -c tcp_keepalives_idle=60 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=6"
+            )
+        );
+        let none = DatabaseConfig {
+            statement_timeout_ms: 0,
+            idle_in_transaction_timeout_ms: 0,
+            tcp_keepalive_secs: 0,
+            ..database
+        };
+        assert_eq!(none.connect_options().map(|o| o.get_options().map(str::to_string)).ok(), Some(None));
     }
 
     #[test]

@@ -18,7 +18,6 @@
 //! them they are published before the quarantined row comes back. Rows read afterwards wait.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,8 +55,7 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<()>
         return Err(OutboxError::InvalidSchemaName(String::new()));
     }
     let config = Arc::new(config);
-    let connect_options =
-        PgConnectOptions::from_str(&config.database.database_url)?.application_name(APPLICATION_NAME);
+    let connect_options = config.database.connect_options()?.application_name(APPLICATION_NAME);
     // Lazy: a database that is down at start is retried like one that goes down later.
     let pool = PgPoolOptions::new()
         .max_connections(2 * config.sources.len() as u32 + 2)

@@ -81,7 +81,7 @@ impl TestService {
 /// A relay configuration for `sources` with short intervals, so tests finish quickly.
 pub fn relay_config(kafka: &KafkaConfig, sources: Vec<SchemaName>) -> RelayConfig {
     RelayConfig {
-        database: DatabaseConfig { database_url: database_url() },
+        database: DatabaseConfig::new(database_url()),
         kafka: kafka.clone(),
         poll_interval_ms: 100,
         rebalance_interval_ms: 200,

@@ -152,7 +152,8 @@ pub async fn run_all(args: RunArgs, shutdown: tokio_util::sync::CancellationToke
     let mut config = match &args.isolated {
         Some(name) => crate::pipeline::PipelineConfig::isolated(name, url, kafka)?,
         None => crate::pipeline::PipelineConfig::local(url, kafka),
-    };
+    }
+    .with_database(&args.database);
     config.create_topics = !args.no_create_topics;
     config.partitions = args.partitions;
     config.epro_config_dir = args.epro_config_dir;

@@ -127,7 +127,8 @@ async fn run_pilot(
     let mut config = match &args.isolated {
         Some(name) => PipelineConfig::isolated(name, url, kafka)?,
         None => PipelineConfig::local(url, kafka),
-    };
+    }
+    .with_database(&args.database);
     config.partitions = args.partitions;
     config.notifier = NotifierConfig::from_env().context("notifier configuration")?;
     let (pipeline, clock, config) =
@@ -178,9 +179,10 @@ async fn run_pilot(
 /// Starts the local stack when the database does not answer and this is a checkout with
 /// `scripts/stack.sh` (a real deployment's database is never started from here).
 async fn ensure_local_stack(database: &DatabaseConfig) -> anyhow::Result<()> {
+    let options = database.connect_options().context("DATABASE_URL")?;
     let reachable = tokio::time::timeout(
         Duration::from_secs(3),
-        sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&database.database_url),
+        sqlx::postgres::PgPoolOptions::new().max_connections(1).connect_with(options),
     )
     .await
     .is_ok_and(|r| r.is_ok());

@@ -18,7 +18,7 @@ use trialflow_consumers::monitoring::api::{AlertApi, AlertApiConfig};
 use trialflow_consumers::monitoring::{self, rules::RuleBook};
 use trialflow_consumers::notifier::{self, NotifierConfig};
 use trialflow_consumers::{ConsumerConfig, runtime};
-use trialflow_outbox::{KafkaConfig, RelayConfig, SchemaName};
+use trialflow_outbox::{DatabaseConfig, KafkaConfig, RelayConfig, SchemaName};
 use trialflow_producers::epro_gateway::{self, EproGateway, EproGatewayConfig};
 use trialflow_producers::site_api::{self, SiteApi, SiteApiConfig};
 use trialflow_schemas::topics::TopicNames;
@@ -124,6 +124,17 @@ impl PipelineConfig {
 /// prefixed environments on one cluster stay apart.
 fn group_id(topics: &TopicNames, name: &str) -> String {
     format!("{}{name}", topics.prefix())
+}
+
+impl PipelineConfig {
+    /// The relay and the consumers on `database`: its URL and its session limits. (The HTTP
+    /// services hold a URL only; they take the limits from the environment, see
+    /// [`DatabaseConfig::connect_options_for`].)
+    pub fn with_database(mut self, database: &DatabaseConfig) -> Self {
+        self.relay.database = database.clone();
+        self.consumer.database = database.clone();
+        self
+    }
 }
 
 /// The consumer groups [`Pipeline::start`] runs, each with the topics it subscribes to: what

@@ -215,7 +215,7 @@ pub async fn replay(
     let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
-        .connect(&config.relay.database.database_url)
+        .connect_with(config.relay.database.connect_options()?)
         .await
         .context("connecting to the database")?;
     let mut driver = Driver {

@@ -63,7 +63,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ConsumerError> {
     let handler = Monitoring::new(spec.schema.clone(), topics.clone(), rules);
-    let pool = PgPool::connect(&config.database.database_url).await?;
+    let pool = PgPool::connect_with(config.database.connect_options()?).await?;
     let outbox = Outbox::open(&pool, spec.schema.clone()).await?;
     let timer = tokio::spawn(escalation_timer(pool, spec.schema.clone(), outbox, topics, shutdown.clone()));
     let result = crate::runtime::run(spec, config, handler, shutdown.clone()).await;

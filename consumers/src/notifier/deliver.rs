@@ -105,7 +105,7 @@ impl Worker {
         let pool = PgPoolOptions::new()
             .max_connections(6)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_lazy(database_url)?;
+            .connect_lazy_with(trialflow_outbox::DatabaseConfig::connect_options_for(database_url)?);
         // Redirects are not followed: a signed POST is meant for the configured URL only.
         let http = reqwest::Client::builder()
             .timeout(config.attempt_timeout())

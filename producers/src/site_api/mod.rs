@@ -196,7 +196,7 @@ impl SiteApi {
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect(&config.database_url)
+            .connect_with(trialflow_outbox::DatabaseConfig::connect_options_for(&config.database_url)?)
             .await?;
         let outbox = Outbox::open(&pool, config.schema.clone()).await?;
         describe_metrics();

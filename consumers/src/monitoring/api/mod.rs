@@ -207,7 +207,7 @@ impl AlertApi {
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect(&config.database_url)
+            .connect_with(trialflow_outbox::DatabaseConfig::connect_options_for(&config.database_url)?)
             .await?;
         let outbox = Outbox::open(&pool, config.schema.clone()).await?;
         let notifications = stream::listen(&config.database_url).await?;
