@@ -27,8 +27,10 @@ CREATE TABLE outbox_quarantine (
 );
 
 -- The relay's read skips rows that come after a quarantined row of their key: an anti-join on
--- this index, empty (and free) while nothing is quarantined.
-CREATE INDEX outbox_quarantine_key ON outbox_quarantine (key, tx_id, seq);
+-- this index, empty (and free) while nothing is quarantined. A hash index, because a dead
+-- letter's key is whatever a producer sent (a B-tree refuses index rows over ~2.7 kB, and a
+-- quarantine that cannot take a row would block the relay again).
+CREATE INDEX outbox_quarantine_key ON outbox_quarantine USING hash (key);
 
 -- Rows an operator discarded: the content, who, why and when. Nothing leaves the outbox silently.
 CREATE TABLE outbox_quarantine_discarded (

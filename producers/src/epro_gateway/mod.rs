@@ -195,6 +195,9 @@ fn router(gateway: Arc<Gateway>) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(middleware::from_fn(input::guard_request))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(|request: Request, next: Next| {
+            input::refuse_oversized(request, next, MAX_BODY_BYTES)
+        }))
         .with_state(gateway)
 }
 

@@ -275,6 +275,9 @@ fn router(state: AlertState) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(middleware::from_fn(input::guard_request))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(|request: Request, next: Next| {
+            input::refuse_oversized(request, next, MAX_BODY_BYTES)
+        }))
         .layer(middleware::from_fn(track))
         .with_state(state)
 }
