@@ -350,7 +350,7 @@ impl SourceRelay {
             // changes and the read starts from the head again, so they and a retried row (back
             // under its original, older tx_id) are read. Only once nothing is in flight: reading
             // from the head sooner would hand in-flight rows to the producer a second time.
-            let version = self.store.quarantine_version(lease.conn()).await?;
+            let (version, quarantined) = self.store.quarantine_version(lease.conn()).await?;
             if quarantine_version.is_some_and(|v| v != version) {
                 self.drain(in_flight).await?;
                 self.refresh_refused_topics().await;
@@ -362,7 +362,8 @@ impl SourceRelay {
             let rows = if owned.is_empty() {
                 Vec::new()
             } else {
-                self.store.read_batch(lease.conn(), &owned, cursor.as_ref(), self.config.batch_size).await?
+                let (conn, batch) = (lease.conn(), self.config.batch_size);
+                self.store.read_batch_checked(conn, &owned, cursor.as_ref(), batch, quarantined).await?
             };
             let Some(last) = rows.last() else {
                 if !in_flight.batches.is_empty() {

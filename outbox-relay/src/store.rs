@@ -75,6 +75,9 @@ pub(crate) const ROW_COLUMNS: &str = "seq, tx_id, shard, topic, key, event_id, e
 #[derive(Debug, Clone)]
 pub struct Store {
     read_sql: String,
+    /// The same read without the quarantine check, for while nothing is quarantined (the
+    /// anti-join costs ~10 % of the relay's throughput even against an empty table).
+    read_unguarded_sql: String,
     delete_sql: String,
     quarantine_sql: String,
     version_sql: String,
@@ -106,6 +109,18 @@ impl Store {
                  ORDER BY outbox.tx_id, outbox.seq
                  LIMIT $4"
             ),
+            read_unguarded_sql: format!(
+                "SELECT seq, tx_id::text AS tx_id_text, topic, key, event_id, event_type, content_type,
+                        payload, headers, traceparent, created_at, key_bytes, raw_header_names,
+                        raw_header_values
+                 FROM {schema}.outbox
+                 WHERE shard = ANY($1)
+                   AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+                   AND (tx_id, seq) > ($2::text::xid8, $3)
+                 -- Qualified: ordering by the text alias would sort ids as strings ('10' < '9').
+                 ORDER BY outbox.tx_id, outbox.seq
+                 LIMIT $4"
+            ),
             delete_sql: format!("DELETE FROM {schema}.outbox WHERE seq = ANY($1)"),
             // One statement, so one transaction: a row is in the outbox or in the quarantine,
             // never in both or neither.
@@ -116,7 +131,10 @@ impl Store {
                  SELECT {ROW_COLUMNS}, f.error
                  FROM moved JOIN unnest($1::bigint[], $2::text[]) AS f(seq, error) USING (seq)"
             ),
-            version_sql: format!("SELECT quarantine_version FROM {schema}.outbox_settings"),
+            version_sql: format!(
+                "SELECT quarantine_version, EXISTS (SELECT 1 FROM {schema}.outbox_quarantine)
+                 FROM {schema}.outbox_settings"
+            ),
             stats_sql: format!(
                 "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(created_at))::float8, 0),
                         (SELECT count(*) FROM {schema}.outbox_quarantine)
@@ -133,8 +151,23 @@ impl Store {
         cursor: Option<&Cursor>,
         limit: u32,
     ) -> Result<Vec<OutboxRow>> {
+        self.read_batch_checked(conn, shards, cursor, limit, true).await
+    }
+
+    /// [`Store::read_batch`], checking the quarantine only when `quarantined` says a row may be
+    /// there: rows of a key are in one shard, and only the shard's owner quarantines them, so the
+    /// owner knows when it must look (see [`Store::quarantine_version`]).
+    pub async fn read_batch_checked(
+        &self,
+        conn: &mut PgConnection,
+        shards: &[i32],
+        cursor: Option<&Cursor>,
+        limit: u32,
+        quarantined: bool,
+    ) -> Result<Vec<OutboxRow>> {
         let (tx_id, seq) = cursor.map_or(("0", 0), |c| (c.tx_id.as_str(), c.seq));
-        Ok(sqlx::query_as(AssertSqlSafe(self.read_sql.as_str()))
+        let sql = if quarantined { &self.read_sql } else { &self.read_unguarded_sql };
+        Ok(sqlx::query_as(AssertSqlSafe(sql.as_str()))
             .bind(shards)
             .bind(tx_id)
             .bind(seq)
@@ -166,9 +199,10 @@ impl Store {
         Ok(done.rows_affected())
     }
 
-    /// The quarantine's version: it changes whenever a quarantined row leaves.
-    pub async fn quarantine_version(&self, conn: &mut PgConnection) -> Result<i64> {
-        Ok(sqlx::query_scalar(AssertSqlSafe(self.version_sql.as_str())).fetch_one(conn).await?)
+    /// The quarantine's version (it changes whenever a quarantined row leaves) and whether any row
+    /// is quarantined.
+    pub async fn quarantine_version(&self, conn: &mut PgConnection) -> Result<(i64, bool)> {
+        Ok(sqlx::query_as(AssertSqlSafe(self.version_sql.as_str())).fetch_one(conn).await?)
     }
 
     /// Unpublished rows, the age of the oldest and the quarantined rows.
