@@ -86,41 +86,36 @@ pub struct Store {
 
 impl Store {
     pub fn new(schema: &SchemaName) -> Self {
+        // The relay's read, in commit-safe order, with `condition` added to its filter.
+        let read = |condition: &str| {
+            format!(
+                "SELECT seq, tx_id::text AS tx_id_text, topic, key, event_id, event_type, content_type,
+                        payload, headers, traceparent, created_at, key_bytes, raw_header_names,
+                        raw_header_values
+                 FROM {schema}.outbox
+                 WHERE shard = ANY($1)
+                   AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+                   AND (tx_id, seq) > ($2::text::xid8, $3)
+                   {condition}
+                 -- Qualified: ordering by the text alias would sort ids as strings ('10' < '9').
+                 ORDER BY outbox.tx_id, outbox.seq
+                 LIMIT $4"
+            )
+        };
         Self {
-            read_sql: format!(
-                "SELECT seq, tx_id::text AS tx_id_text, topic, key, event_id, event_type, content_type,
-                        payload, headers, traceparent, created_at, key_bytes, raw_header_names,
-                        raw_header_values
-                 FROM {schema}.outbox
-                 WHERE shard = ANY($1)
-                   AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
-                   AND (tx_id, seq) > ($2::text::xid8, $3)
-                   -- Per-key order across the quarantine: a row waits while an earlier row of its
-                   -- key is quarantined (earlier rows of the key, and every other key, flow on).
-                   -- The cursor moves past the rows skipped here; they are read again because
-                   -- they can only become readable when a quarantined row leaves (retry or
-                   -- discard), which bumps `outbox_settings.quarantine_version` in the same
-                   -- transaction, and the relay reads from the head whenever that version
-                   -- changes (see `relay.rs`). The relay's own quarantining only adds blocks.
-                   AND NOT EXISTS (
-                       SELECT 1 FROM {schema}.outbox_quarantine q
-                       WHERE q.key = outbox.key AND (q.tx_id, q.seq) < (outbox.tx_id, outbox.seq))
-                 -- Qualified: ordering by the text alias would sort ids as strings ('10' < '9').
-                 ORDER BY outbox.tx_id, outbox.seq
-                 LIMIT $4"
-            ),
-            read_unguarded_sql: format!(
-                "SELECT seq, tx_id::text AS tx_id_text, topic, key, event_id, event_type, content_type,
-                        payload, headers, traceparent, created_at, key_bytes, raw_header_names,
-                        raw_header_values
-                 FROM {schema}.outbox
-                 WHERE shard = ANY($1)
-                   AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
-                   AND (tx_id, seq) > ($2::text::xid8, $3)
-                 -- Qualified: ordering by the text alias would sort ids as strings ('10' < '9').
-                 ORDER BY outbox.tx_id, outbox.seq
-                 LIMIT $4"
-            ),
+            read_sql: read(&format!(
+                // Per-key order across the quarantine: a row waits while an earlier row of its
+                // key is quarantined (earlier rows of the key, and every other key, flow on). The
+                // cursor moves past the rows skipped here; they are read again because they can
+                // only become readable when a quarantined row leaves (retry or discard), which
+                // bumps `outbox_settings.quarantine_version` in the same transaction, and the
+                // relay reads from the head whenever that version changes (see `relay.rs`). The
+                // relay's own quarantining only adds blocks.
+                "AND NOT EXISTS (
+                     SELECT 1 FROM {schema}.outbox_quarantine q
+                     WHERE q.key = outbox.key AND (q.tx_id, q.seq) < (outbox.tx_id, outbox.seq))"
+            )),
+            read_unguarded_sql: read(""),
             delete_sql: format!("DELETE FROM {schema}.outbox WHERE seq = ANY($1)"),
             // One statement, so one transaction: a row is in the outbox or in the quarantine,
             // never in both or neither.
