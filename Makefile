@@ -7,7 +7,7 @@ export DATABASE_URL ?= postgres://postgres@127.0.0.1:55432/trialflow
 export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:19092
 ONLY ?=
 
-.PHONY: help up down status build migrate demo run relay test browser lint fmt bench interop clean
+.PHONY: help up down status build migrate demo run relay test browser lint fmt bench interop interop-setup clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,7 +36,7 @@ run: up ## Run every component (site API, ePRO gateway, alert API, relay, consum
 relay: up ## Run one relay instance in the foreground
 	$(CARGO) run -q --release -p trialflow -- relay
 
-test: lint up browser ## fmt-check, clippy -D warnings, then every test against the local stack
+test: lint up browser interop-setup ## fmt-check, clippy -D warnings, then every test against the local stack
 	$(CARGO) test --workspace --all-targets
 
 browser: ## Install headless Chromium and chromedriver (Debian packages) for the inbox page test
@@ -52,10 +52,12 @@ fmt: ## Format the code
 bench: up ## Benchmarks with their raw baselines (`make bench ONLY=relay|consumer|epro|alerts|load` for one group)
 	$(CARGO) run -q --release -p trialflow-bench -- $(if $(ONLY),--only $(ONLY),)
 
-interop: ## Cross-check the Avro test vectors with the Apache Avro Python library
-	@test -x .tools/venv/bin/python || python3 -m venv .tools/venv
-	@.tools/venv/bin/pip install -q 'avro==1.12.*'
-	.tools/venv/bin/python schemas/interop/check_python.py
+interop-setup: ## Install the foreign clients' libraries (fastavro, confluent-kafka, Apache Avro and Kafka for Java) into .tools/interop/
+	@interop/setup.sh
+
+interop: up interop-setup ## The foreign-client tests alone: reference fingerprints (Java, fastavro) and Python/Java producers and consumers
+	$(CARGO) test -p trialflow-schemas --test reference_fingerprints
+	$(CARGO) test -p trialflow --test interop
 
 clean: down ## Stop the stack and remove .data/ (keeps .tools/)
 	rm -rf .data

@@ -1,7 +1,12 @@
 //! Avro single-object encoding: `C3 01`, the 8-byte little-endian CRC-64-AVRO (Rabin)
-//! fingerprint of the writer schema's Parsing Canonical Form, then the Avro binary datum.
+//! fingerprint of the writer schema's Parsing Canonical Form (as the Avro specification defines
+//! it: [`crate::canonical`]), then the Avro binary datum.
 //! Decoding looks the fingerprint up among every known writer schema (current and released) and
 //! resolves the datum into the reader's current schema, so consumers read older versions.
+//!
+//! Builds before the spec-exact fingerprints wrote the fingerprint of apache-avro's canonical form,
+//! which keeps logical-typed fields in object form (`{"type":"long"}`). Decoding still accepts
+//! those *legacy fingerprints*, so messages already on topics stay readable; nothing writes them.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -50,19 +55,37 @@ pub struct WriterSchema {
     /// Where it came from, e.g. `avro/clinical/VitalSignRecorded.avsc` or `released/v1/...`.
     pub path: String,
     pub schema: Schema,
+    /// Its Parsing Canonical Form, as the Avro specification defines it.
+    pub canonical_form: String,
+    /// CRC-64-AVRO of `canonical_form`: what encoding writes.
     pub fingerprint: u64,
+    /// The fingerprint builds before the spec-exact one wrote: decoding accepts it too.
+    pub legacy_fingerprint: u64,
 }
 
 /// The schemas a process knows: the current one of each event (what it writes, and what it
 /// reads into) and every writer schema it can decode (current and released versions).
 #[derive(Debug)]
 pub struct Registry {
-    current: HashMap<String, WriterSchema>,
-    writers: HashMap<u64, WriterSchema>,
+    /// Every known writer schema; `current` and `by_fingerprint` index into it.
+    schemas: Vec<WriterSchema>,
+    current: HashMap<String, usize>,
+    /// Spec-exact and legacy fingerprints alike.
+    by_fingerprint: HashMap<u64, usize>,
 }
 
-/// Fingerprint of a schema: CRC-64-AVRO of its Parsing Canonical Form, as a little-endian u64.
+/// Fingerprint of a schema: CRC-64-AVRO of its Parsing Canonical Form as the Avro specification
+/// defines it, as a little-endian u64.
 pub fn fingerprint(schema: &Schema) -> u64 {
+    // apache-avro serialises a parsed schema back to JSON with its logical types, so the spec's
+    // form can be taken from it.
+    let json = serde_json::to_string(schema).unwrap_or_default();
+    crate::canonical::fingerprint_of_json(&json).unwrap_or_else(|_| legacy_fingerprint(schema))
+}
+
+/// The fingerprint of apache-avro's canonical form, which keeps logical-typed fields in object
+/// form: what builds before the spec-exact fingerprint wrote. Decoding only.
+pub fn legacy_fingerprint(schema: &Schema) -> u64 {
     let fp = schema.fingerprint::<Rabin>();
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&fp.bytes[..8]);
@@ -77,12 +100,16 @@ fn full_name(schema: &Schema) -> String {
 }
 
 fn parse(path: &str, json: &str) -> Result<WriterSchema, CodecError> {
-    let schema = Schema::parse_str(json)
-        .map_err(|e| CodecError::Schema { path: path.to_string(), reason: e.to_string() })?;
+    let invalid = |reason: String| CodecError::Schema { path: path.to_string(), reason };
+    let schema = Schema::parse_str(json).map_err(|e| invalid(e.to_string()))?;
+    let canonical_form =
+        crate::canonical::parsing_canonical_form(json).map_err(|e| invalid(e.to_string()))?;
     Ok(WriterSchema {
         full_name: full_name(&schema),
         path: path.to_string(),
-        fingerprint: fingerprint(&schema),
+        fingerprint: crate::canonical::rabin_fingerprint(&canonical_form),
+        legacy_fingerprint: legacy_fingerprint(&schema),
+        canonical_form,
         schema,
     })
 }
@@ -101,18 +128,24 @@ impl Registry {
     /// A registry from `(path, json)` pairs. Only event records (namespace
     /// `org.trialflow.events`) are registered; shared types such as the envelope are not events.
     pub fn new(current: &[(&str, &str)], known_writers: &[(&str, &str)]) -> Result<Self, CodecError> {
-        let mut registry = Self { current: HashMap::new(), writers: HashMap::new() };
-        for (path, json) in current {
-            let s = parse(path, json)?;
-            if s.full_name.starts_with("org.trialflow.events.") {
-                registry.writers.insert(s.fingerprint, parse(path, json)?);
-                registry.current.insert(s.full_name.clone(), s);
-            }
-        }
-        for (path, json) in known_writers {
-            let s = parse(path, json)?;
-            if s.full_name.starts_with("org.trialflow.events.") {
-                registry.writers.entry(s.fingerprint).or_insert(s);
+        let mut registry =
+            Self { schemas: Vec::new(), current: HashMap::new(), by_fingerprint: HashMap::new() };
+        for (is_current, files) in [(true, current), (false, known_writers)] {
+            for (path, json) in files {
+                let s = parse(path, json)?;
+                if !s.full_name.starts_with("org.trialflow.events.") {
+                    continue;
+                }
+                if registry.by_fingerprint.contains_key(&s.fingerprint) {
+                    continue; // a released version identical to the current one (or another release)
+                }
+                let index = registry.schemas.len();
+                if is_current {
+                    registry.current.insert(s.full_name.clone(), index);
+                }
+                registry.by_fingerprint.insert(s.fingerprint, index);
+                registry.by_fingerprint.entry(s.legacy_fingerprint).or_insert(index);
+                registry.schemas.push(s);
             }
         }
         Ok(registry)
@@ -120,12 +153,17 @@ impl Registry {
 
     /// The current schema of an event.
     pub fn current(&self, full_name: &str) -> Option<&WriterSchema> {
-        self.current.get(full_name)
+        self.current.get(full_name).map(|&i| &self.schemas[i])
     }
 
-    /// Every writer schema known, by fingerprint.
+    /// Every writer schema known (each once, whichever of its fingerprints a message carries).
     pub fn writers(&self) -> impl Iterator<Item = &WriterSchema> {
-        self.writers.values()
+        self.schemas.iter()
+    }
+
+    /// The writer schema a fingerprint names, spec-exact or legacy.
+    pub fn writer(&self, fingerprint: u64) -> Option<&WriterSchema> {
+        self.by_fingerprint.get(&fingerprint).map(|&i| &self.schemas[i])
     }
 
     /// Encodes `event` with its current schema.
@@ -156,7 +194,7 @@ impl Registry {
         let mut fp = [0u8; 8];
         fp.copy_from_slice(&bytes[2..HEADER_LEN]);
         let fp = u64::from_le_bytes(fp);
-        let writer = self.writers.get(&fp).ok_or(CodecError::UnknownFingerprint(fp))?;
+        let writer = self.writer(fp).ok_or(CodecError::UnknownFingerprint(fp))?;
         let reader = self.current(&writer.full_name).unwrap_or(writer);
         let corrupt = |reason: String| CodecError::Corrupt { event: writer.full_name.clone(), reason };
         let mut datum = EofTracking { rest: &bytes[HEADER_LEN..], hit_eof: false };

@@ -5,6 +5,7 @@
 //! type, and encodes/decodes Avro single-object encoding with schema resolution. See
 //! `schemas/README.md` (topics) and `schemas/INTEROP.md` (producing from other languages).
 
+pub mod canonical;
 pub mod codec;
 pub mod events;
 pub mod topics;

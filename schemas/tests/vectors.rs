@@ -3,7 +3,6 @@
 //! exact single-object bytes. This test checks the file against this codec; regenerate it after
 //! a schema change with `TRIALFLOW_WRITE_TEST_VECTORS=1 cargo test -p trialflow-schemas --test vectors`.
 
-use apache_avro::Schema;
 use serde_json::{Value as Json, json};
 use trialflow_schemas::*;
 
@@ -25,6 +24,12 @@ fn envelope(event_type: &str, subject: &str, source: &str) -> Envelope {
         causation_id: None,
     }
 }
+
+/// PHQ-9's nine item codes and its difficulty item (LOINC), in the questionnaire's order.
+const PHQ9_ITEMS: [&str; 10] = [
+    "44250-9", "44255-8", "44259-0", "44254-1", "44251-7", "44258-2", "44252-5", "44253-3", "44260-8",
+    "69722-7",
+];
 
 fn samples() -> Vec<AnyEvent> {
     vec![
@@ -56,16 +61,20 @@ fn samples() -> Vec<AnyEvent> {
         QuestionnaireResponseSubmitted {
             envelope: envelope("QuestionnaireResponseSubmitted", "01-701-1015", "epro-app"),
             submission_id: uuid::Uuid::parse_str("5b0d3c1e-2f4a-4e7b-8c9d-0a1b2c3d4e5f").unwrap_or_default(),
-            questionnaire: "http://loinc.org/44249-1".to_string(),
-            questionnaire_version: "1.0.0".to_string(),
-            scheduled_occurrence: Some("DAY-28".to_string()),
+            // As the validator's catalogue defines PHQ-9 (docs/questionnaires.md): id, version,
+            // the nine LOINC item codes, then the difficulty item, asked when any answer is above 0.
+            questionnaire: "PHQ-9".to_string(),
+            questionnaire_version: "1.0".to_string(),
+            scheduled_occurrence: Some("PHQ-9/W4".to_string()),
             status: ResponseStatus::Completed,
             authored_at: Timestamp(1_388_656_800_000_000),
             device_time_zone: "America/New_York".to_string(),
-            items: (1..=9)
-                .map(|i| Answer {
-                    link_id: format!("phq9-{i}"),
-                    value_integer: Some(if i == 9 { 0 } else { 1 }),
+            items: PHQ9_ITEMS
+                .iter()
+                .enumerate()
+                .map(|(i, link_id)| Answer {
+                    link_id: link_id.to_string(),
+                    value_integer: Some(if i == 8 { 0 } else { 1 }),
                     value_decimal: None,
                     value_string: None,
                     value_boolean: None,
@@ -76,40 +85,39 @@ fn samples() -> Vec<AnyEvent> {
     ]
 }
 
-fn schema_of(name: &str) -> (&'static str, Schema) {
-    let (path, text) = current_schema_files()
-        .iter()
-        .find(|(p, _)| p.ends_with(&format!("/{name}.avsc")))
-        .copied()
-        .unwrap_or_default();
-    (path, Schema::parse_str(text).unwrap_or_else(|e| panic!("{path}: {e}")))
+fn schema_of(name: &str) -> &'static codec::WriterSchema {
+    Registry::builtin()
+        .current(&format!("org.trialflow.events.{name}"))
+        .unwrap_or_else(|| panic!("no current schema for {name}"))
 }
 
 fn vector(event: &AnyEvent) -> Json {
-    let (path, schema) = schema_of(event.name());
+    let schema = schema_of(event.name());
     let bytes = Registry::builtin().encode_any(event).unwrap_or_default();
     json!({
         "event": event.name(),
-        "schema": format!("schemas/{path}"),
-        "canonical_form": schema.canonical_form(),
-        "fingerprint_u64_hex": format!("{:016x}", codec::fingerprint(&schema)),
-        "fingerprint_le_bytes_hex": hex::encode(codec::fingerprint(&schema).to_le_bytes()),
+        "schema": format!("schemas/{}", schema.path),
+        "canonical_form": schema.canonical_form,
+        "fingerprint_u64_hex": format!("{:016x}", schema.fingerprint),
+        "fingerprint_le_bytes_hex": hex::encode(schema.fingerprint.to_le_bytes()),
         "fields": event.to_json(),
         "single_object_hex": hex::encode(&bytes),
     })
 }
 
-/// Fingerprint of every current event schema: implementations differ on the canonical form of
-/// logical types, so clients can check theirs against these (or use them as they are).
+/// Every current event schema: its Parsing Canonical Form and fingerprint (what encoders write),
+/// and the legacy fingerprint earlier builds wrote (decoders accept it; nothing writes it).
 fn fingerprints() -> Json {
     let mut table = serde_json::Map::new();
     for name in AnyEvent::NAMES {
-        let (path, schema) = schema_of(name);
+        let schema = schema_of(name);
         table.insert(
             name.to_string(),
             json!({
-                "schema": format!("schemas/{path}"),
-                "fingerprint_le_bytes_hex": hex::encode(codec::fingerprint(&schema).to_le_bytes()),
+                "schema": format!("schemas/{}", schema.path),
+                "canonical_form": schema.canonical_form,
+                "fingerprint_le_bytes_hex": hex::encode(schema.fingerprint.to_le_bytes()),
+                "legacy_fingerprint_le_bytes_hex": hex::encode(schema.legacy_fingerprint.to_le_bytes()),
             }),
         );
     }
