@@ -411,3 +411,47 @@ async fn a_replays_virtual_clock_judges_the_future() -> anyhow::Result<()> {
     assert_eq!(reply.status, StatusCode::ACCEPTED, "once the replay got there: {}", reply.body);
     gw.stop().await
 }
+
+/// The example the README gives patient-app teams (`docs/examples/epro-gateway-submission.json`).
+fn documented_example() -> anyhow::Result<Value> {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/examples/epro-gateway-submission.json");
+    Ok(serde_json::from_str(&std::fs::read_to_string(file)?)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_example_is_accepted_and_published_as_written() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let example = documented_example()?;
+    let reply = gw.post(&example).await?;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    assert_eq!(reply.body["submission_id"], example["submission_id"]);
+    assert_eq!(reply.body["event_id"], example["envelope"]["event_id"], "the app's event id is kept");
+
+    let messages = gw.published(Duration::from_secs(1)).await?;
+    let [message] = messages.as_slice() else { bail!("expected one message, read {}", messages.len()) };
+    assert_eq!(Some(message.key.as_str()), example["envelope"]["subject_id"].as_str(), "keyed by subject");
+    let decoded = trialflow_schemas::decode::<QuestionnaireResponseSubmitted>(&message.payload)?;
+    assert_eq!(serde_json::to_value(&decoded)?, example, "published exactly as posted");
+    gw.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_json_unions_and_a_missing_event_id_are_refused_naming_the_path() -> anyhow::Result<()> {
+    // The body is plain JSON values, not Avro's JSON encoding, and the ids are the app's to assign.
+    let gw = TestGateway::start().await?;
+    let mut union = documented_example()?;
+    union["envelope"]["site_id"] = json!({"string": "701"});
+    let mut no_id = documented_example()?;
+    if let Some(envelope) = no_id["envelope"].as_object_mut() {
+        envelope.remove("event_id");
+    }
+    for (body, path, named) in [(union, "envelope.site_id", "string"), (no_id, "envelope", "event_id")] {
+        let reply = gw.post(&body).await?;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+        assert_eq!(reply.error(), ("invalid_json", Some(path)), "{}", reply.body);
+        let message = reply.body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(named), "{named} named in {message}");
+    }
+    assert!(gw.published(Duration::from_millis(500)).await?.is_empty(), "nothing published");
+    gw.stop().await
+}
