@@ -8,6 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use chrono::{DateTime, TimeDelta, Utc};
 use fantoccini::{Client, ClientBuilder, Locator};
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
@@ -38,6 +39,10 @@ struct Alert<'a> {
     summary: &'a str,
     /// Readings, as minutes before now they were observed (in insertion order).
     evidence_minutes_ago: &'a [i64],
+    /// When it was raised; now (the transaction's start) when `None`.
+    raised_at: Option<DateTime<Utc>>,
+    /// Its id; a fresh UUIDv7 (as the consumer makes) when `None`.
+    alert_id: Option<Uuid>,
 }
 
 impl Default for Alert<'_> {
@@ -50,6 +55,8 @@ impl Default for Alert<'_> {
             severity: "HIGH",
             summary: "Systolic blood pressure 182 mmHg",
             evidence_minutes_ago: &[30],
+            raised_at: None,
+            alert_id: None,
         }
     }
 }
@@ -57,13 +64,13 @@ impl Default for Alert<'_> {
 /// Inserts an alert, its evidence and its `raised` history row in one transaction, as the
 /// monitoring consumer does; the history trigger notifies the API.
 async fn raise(pool: &PgPool, s: &SchemaName, alert: &Alert<'_>) -> anyhow::Result<Uuid> {
-    let alert_id = Uuid::now_v7();
+    let alert_id = alert.alert_id.unwrap_or_else(Uuid::now_v7);
     let mut tx = pool.begin().await?;
     sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO {s}.alert (alert_id, study_id, site_id, subject_id, rule_id, rule_version, severity,
-                                source_label, summary, effective_at, escalate_at)
+                                source_label, summary, effective_at, escalate_at, raised_at)
          VALUES ($1, $2, $3, $4, $5, 3, $6, 'Vital signs', $7, now() - interval '1 hour',
-                 now() + interval '1 hour')"
+                 now() + interval '1 hour', coalesce($8, now()))"
     )))
     .bind(alert_id)
     .bind(alert.study_id)
@@ -72,6 +79,7 @@ async fn raise(pool: &PgPool, s: &SchemaName, alert: &Alert<'_>) -> anyhow::Resu
     .bind(alert.rule_id)
     .bind(alert.severity)
     .bind(alert.summary)
+    .bind(alert.raised_at)
     .execute(&mut *tx)
     .await?;
     for (i, minutes) in alert.evidence_minutes_ago.iter().enumerate() {
@@ -109,6 +117,15 @@ struct TestApi {
     site_staff: String,
     shutdown: CancellationToken,
     server: JoinHandle<Result<(), AlertApiError>>,
+}
+
+/// A page of `GET /v1/alerts`.
+#[derive(Debug)]
+struct Page {
+    ids: Vec<Uuid>,
+    /// `(raised_at, alert_id)` of each alert: the list's order, descending.
+    keys: Vec<(DateTime<Utc>, Uuid)>,
+    next_cursor: Option<String>,
 }
 
 #[derive(Debug)]
@@ -204,8 +221,15 @@ impl TestApi {
         self.send(request).await
     }
 
-    /// The alert ids a list answers, in order.
+    /// The alert ids a list answers, in order (one page; it must be the only one).
     async fn list(&self, query: &str) -> anyhow::Result<Vec<String>> {
+        let page = self.page(query).await?;
+        ensure!(page.next_cursor.is_none(), "GET /v1/alerts{query} has more pages");
+        Ok(page.ids.iter().map(Uuid::to_string).collect())
+    }
+
+    /// One page of the list.
+    async fn page(&self, query: &str) -> anyhow::Result<Page> {
         let answer = self.get(&self.researcher, &format!("/v1/alerts{query}")).await?;
         ensure!(
             answer.status == StatusCode::OK,
@@ -213,8 +237,23 @@ impl TestApi {
             answer.status,
             answer.text
         );
+        let fields: Vec<&String> = answer.body.as_object().context("not an object")?.keys().collect();
+        ensure!(fields == ["alerts", "next_cursor"], "fields of a page: {fields:?}");
         let alerts = answer.body["alerts"].as_array().context("no `alerts` array")?;
-        Ok(alerts.iter().map(|a| a["alert_id"].as_str().unwrap_or_default().to_string()).collect())
+        let mut ids = Vec::new();
+        let mut keys = Vec::new();
+        for alert in alerts {
+            let id: Uuid = alert["alert_id"].as_str().context("alert_id")?.parse()?;
+            let raised_at = alert["raised_at"].as_str().context("raised_at")?;
+            keys.push((DateTime::parse_from_rfc3339(raised_at)?.to_utc(), id));
+            ids.push(id);
+        }
+        let next_cursor = match &answer.body["next_cursor"] {
+            Value::Null => None,
+            Value::String(cursor) => Some(cursor.clone()),
+            other => bail!("next_cursor is {other}"),
+        };
+        Ok(Page { ids, keys, next_cursor })
     }
 
     async fn detail(&self, id: Uuid) -> anyhow::Result<Value> {
@@ -284,7 +323,9 @@ async fn lists_alerts_newest_first_with_filters() -> anyhow::Result<()> {
     assert_eq!(api.list("?study_id=CDISCPILOT01").await?, [second, first]);
     assert_eq!(api.list("?study_id=CDISCPILOT01&site_id=701").await?, [first]);
     assert_eq!(api.list("?severity=critical,warning").await?, [second, first]);
-    assert_eq!(api.list("?status=open&limit=1").await?, [third]);
+    let newest = api.page("?status=open&limit=1").await?;
+    assert_eq!(newest.ids.iter().map(Uuid::to_string).collect::<Vec<_>>(), [third]);
+    assert!(newest.next_cursor.is_some(), "two more pages");
     assert!(api.list("?status=acknowledged,resolved").await?.is_empty());
 
     let answer = api.get(&api.researcher, "/v1/alerts?site_id=701&study_id=CDISCPILOT01").await?;
@@ -312,21 +353,307 @@ async fn lists_alerts_newest_first_with_filters() -> anyhow::Result<()> {
         assert!(chrono::DateTime::parse_from_rfc3339(text).is_ok(), "{field} = {text:?}");
     }
 
-    for (query, field) in [
-        ("severity=SEVERE", "severity"),
-        ("status=closed", "status"),
-        ("limit=0", "limit"),
-        ("limit=many", "limit"),
-        ("study_id=a%20b", "study_id"),
-        ("colour=red", "colour"),
+    for (query, code, field) in [
+        ("severity=SEVERE", "invalid_parameter", "severity"),
+        ("status=closed", "invalid_parameter", "status"),
+        ("limit=0", "invalid_parameter", "limit"),
+        ("limit=many", "invalid_parameter", "limit"),
+        ("study_id=a%20b", "invalid_parameter", "study_id"),
+        ("colour=red", "unknown_parameter", "colour"),
     ] {
         let answer = api.get(&api.researcher, &format!("/v1/alerts?{query}")).await?;
-        assert_eq!(
-            answer.error(),
-            (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", Some(field)),
-            "{query}"
+        assert_eq!(answer.error(), (StatusCode::BAD_REQUEST, code, Some(field)), "{query}");
+    }
+    api.stop().await
+}
+
+/// A whole number of microseconds, as PostgreSQL keeps instants.
+fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
+}
+
+/// `t` in the query: RFC 3339 with its `+` percent-encoded.
+fn query_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339().replace('+', "%2B")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walking_all_pages_misses_and_repeats_nothing_while_alerts_are_raised() -> anyhow::Result<()> {
+    let api = TestApi::start().await?;
+    let subjects: Vec<String> = (0..40).map(|i| format!("P-{i:03}")).collect();
+    let subject = |i: usize| Some(subjects[i].as_str());
+    let t0 = micros(Utc::now() - TimeDelta::hours(1));
+    let minutes = TimeDelta::minutes;
+
+    // 16 alerts a minute apart, and 8 raised in one instant between them (a batch of the
+    // monitoring consumer raises several in one transaction): pages end inside the tie.
+    let mut expected = std::collections::BTreeSet::new();
+    for i in 0..16 {
+        let raised_at = Some(t0 - minutes(i as i64));
+        expected.insert(api.raise(&Alert { subject_id: subject(i), raised_at, ..Alert::default() }).await?);
+    }
+    let tie = t0 - minutes(7) - TimeDelta::seconds(30);
+    for i in 16..24 {
+        expected.insert(
+            api.raise(&Alert { subject_id: subject(i), raised_at: Some(tie), ..Alert::default() }).await?,
         );
     }
+
+    let mut walked: Vec<(DateTime<Utc>, Uuid)> = Vec::new();
+    let mut not_expected = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        // `limit` may change from page to page.
+        let limit = if pages < 3 { 5 } else { 7 };
+        let query = match &cursor {
+            None => format!("?limit={limit}"),
+            Some(c) => format!("?limit={limit}&cursor={c}"),
+        };
+        let page = api.page(&query).await?;
+        pages += 1;
+        if page.next_cursor.is_some() {
+            assert_eq!(page.ids.len(), limit, "page {pages} is not full but has a next one");
+        }
+        walked.extend(&page.keys);
+        let Some(next) = page.next_cursor else { break };
+        cursor = Some(next);
+        let position = *walked.last().context("a page with a cursor has alerts")?;
+        match pages {
+            // Raised now: newer than the walk's position, so for the next walk (or the stream).
+            1 => {
+                for i in 24..27 {
+                    not_expected
+                        .push(api.raise(&Alert { subject_id: subject(i), ..Alert::default() }).await?);
+                }
+            }
+            // Raised (back-dated) where the walk has not been yet: it must come.
+            2 => {
+                for i in 27..29 {
+                    let raised_at = Some(t0 - TimeDelta::days(2));
+                    expected.insert(
+                        api.raise(&Alert { subject_id: subject(i), raised_at, ..Alert::default() }).await?,
+                    );
+                }
+            }
+            // At the position's very instant: the alert id decides on which side it falls.
+            3 => {
+                assert_eq!(position.0, tie, "the third page ends inside the tie");
+                let at = Some(position.0);
+                let after = Alert {
+                    subject_id: subject(29),
+                    raised_at: at,
+                    alert_id: Some(Uuid::nil()),
+                    ..Alert::default()
+                };
+                expected.insert(api.raise(&after).await?);
+                let before = Alert {
+                    subject_id: subject(30),
+                    raised_at: at,
+                    alert_id: Some(Uuid::max()),
+                    ..Alert::default()
+                };
+                not_expected.push(api.raise(&before).await?);
+                let passed = Alert { subject_id: subject(31), raised_at: Some(t0), ..Alert::default() };
+                not_expected.push(api.raise(&passed).await?);
+            }
+            _ => {}
+        }
+    }
+
+    let ids: Vec<Uuid> = walked.iter().map(|(_, id)| *id).collect();
+    let unique: std::collections::BTreeSet<Uuid> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), ids.len(), "an alert came twice: {ids:?}");
+    assert_eq!(unique, expected, "the walk missed or added alerts");
+    assert!(walked.windows(2).all(|w| w[0] > w[1]), "not newest first: {walked:?}");
+    assert!(pages >= 5, "{pages} pages");
+
+    // A fresh walk has everything, the alerts raised behind the first walk's back included.
+    let all = api.page("?limit=500").await?;
+    assert_eq!(all.ids.len(), expected.len() + not_expected.len());
+    assert!(not_expected.iter().all(|id| all.ids.contains(id)));
+    assert!(all.keys.windows(2).all(|w| w[0] > w[1]));
+    assert_eq!(all.next_cursor, None);
+    api.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_filter_narrows_the_list_and_pages_keep_their_filters() -> anyhow::Result<()> {
+    let api = TestApi::start().await?;
+    let t0 = micros(Utc::now() - TimeDelta::hours(1));
+    let at = |minutes: i64| Some(t0 - TimeDelta::minutes(minutes));
+    let one = Alert {
+        study_id: "S1",
+        site_id: Some("701"),
+        subject_id: Some("A"),
+        rule_id: "R1",
+        severity: "INFO",
+        raised_at: at(1),
+        ..Alert::default()
+    };
+    let two =
+        Alert { subject_id: Some("B"), rule_id: "R2", severity: "WARNING", raised_at: at(2), ..one.clone() };
+    let three = Alert {
+        site_id: Some("702"),
+        subject_id: Some("C"),
+        severity: "HIGH",
+        raised_at: at(3),
+        ..one.clone()
+    };
+    let four = Alert {
+        study_id: "S2",
+        site_id: Some("801"),
+        subject_id: Some("D"),
+        rule_id: "R3",
+        severity: "CRITICAL",
+        raised_at: at(4),
+        ..one.clone()
+    };
+    // A site-level alert: no subject.
+    let five = Alert {
+        subject_id: None,
+        rule_id: "SUPPLY-LOW",
+        severity: "WARNING",
+        raised_at: at(5),
+        ..one.clone()
+    };
+    let mut ids = Vec::new();
+    for alert in [&one, &two, &three, &four, &five] {
+        ids.push(api.raise(alert).await?.to_string());
+    }
+    let [a1, a2, a3, a4, a5] = [0, 1, 2, 3, 4].map(|i| ids[i].as_str());
+    for (id, decision) in [(a2, "acknowledge"), (a3, "resolve")] {
+        let answer = api
+            .post(&api.researcher, &format!("/v1/alerts/{id}/{decision}"), &json!({"reason": "x"}))
+            .await?;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+    }
+
+    let t = |minutes: i64| query_time(t0 - TimeDelta::minutes(minutes));
+    let in_berlin = (t0 - TimeDelta::minutes(3))
+        .with_timezone(&chrono_tz::Europe::Berlin)
+        .to_rfc3339()
+        .replace('+', "%2B");
+    for (query, expected) in [
+        (String::new(), vec![a1, a2, a3, a4, a5]),
+        ("study_id=S1".to_string(), vec![a1, a2, a3, a5]),
+        ("site_id=701".to_string(), vec![a1, a2, a5]),
+        ("subject_id=B".to_string(), vec![a2]),
+        ("subject_id=Z".to_string(), vec![]),
+        ("rule_id=R1".to_string(), vec![a1, a3]),
+        ("rule_id=SUPPLY-LOW".to_string(), vec![a5]),
+        ("severity=warning,CRITICAL".to_string(), vec![a2, a4, a5]),
+        ("severity=INFO".to_string(), vec![a1]),
+        ("status=open".to_string(), vec![a1, a4, a5]),
+        ("status=acknowledged,resolved".to_string(), vec![a2, a3]),
+        (format!("raised_from={}", t(3)), vec![a1, a2, a3]),
+        (format!("raised_from={in_berlin}"), vec![a1, a2, a3]),
+        (format!("raised_before={}", t(3)), vec![a4, a5]),
+        (format!("raised_from={}&raised_before={}", t(4), t(2)), vec![a3, a4]),
+        ("study_id=S1&status=open&severity=INFO,WARNING".to_string(), vec![a1, a5]),
+        ("study_id=S2&site_id=701".to_string(), vec![]),
+    ] {
+        assert_eq!(api.list(&format!("?{query}")).await?, expected, "{query}");
+    }
+
+    // Paging within a filter; the cursor belongs to that filter.
+    let first = api.page("?study_id=S1&limit=2").await?;
+    assert_eq!(first.ids.iter().map(Uuid::to_string).collect::<Vec<_>>(), [a1, a2]);
+    let cursor = first.next_cursor.context("a second page")?;
+    let second = api.page(&format!("?limit=2&study_id=S1&cursor={cursor}")).await?;
+    assert_eq!(second.ids.iter().map(Uuid::to_string).collect::<Vec<_>>(), [a3, a5]);
+    assert_eq!(second.next_cursor, None, "the last page");
+    for other in ["study_id=S2", "", "study_id=S1&status=open"] {
+        let answer = api.get(&api.researcher, &format!("/v1/alerts?{other}&cursor={cursor}")).await?;
+        assert_eq!(answer.error(), (StatusCode::BAD_REQUEST, "invalid_cursor", Some("cursor")), "{other}");
+    }
+    api.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_list_queries_are_refused_with_a_reason_and_the_list_still_serves() -> anyhow::Result<()> {
+    let api = TestApi::start().await?;
+    let mut ids = Vec::new();
+    for subject in ["A", "B", "C"] {
+        ids.push(api.raise(&Alert { subject_id: Some(subject), ..Alert::default() }).await?);
+    }
+    let cursor = api.page("?limit=1").await?.next_cursor.context("a cursor")?;
+    // The same cursor with one character changed, and cut short.
+    let flipped = {
+        let mut bytes = cursor.clone().into_bytes();
+        bytes[20] = if bytes[20] == b'A' { b'B' } else { b'A' };
+        String::from_utf8(bytes)?
+    };
+    let bad = StatusCode::BAD_REQUEST;
+    let unprocessable = StatusCode::UNPROCESSABLE_ENTITY;
+    let long_id = "7".repeat(100);
+    let beyond_query_limit = "7".repeat(3_000);
+    type Refusal = (StatusCode, &'static str, Option<&'static str>);
+    let cases: Vec<(String, Refusal)> = vec![
+        ("cursor=garbage".into(), (bad, "invalid_cursor", Some("cursor"))),
+        (format!("cursor={flipped}"), (bad, "invalid_cursor", Some("cursor"))),
+        (format!("cursor={}", &cursor[..30]), (bad, "invalid_cursor", Some("cursor"))),
+        (format!("cursor={cursor}%00"), (unprocessable, "invalid_characters", Some("cursor"))),
+        (format!("cursor={}", "A".repeat(2_048)), (bad, "invalid_cursor", Some("cursor"))),
+        (format!("cursor={beyond_query_limit}"), (unprocessable, "too_long", Some("cursor"))),
+        ("subject_id=01-701%00".into(), (unprocessable, "invalid_characters", Some("subject_id"))),
+        ("status=open%0A".into(), (unprocessable, "invalid_characters", Some("status"))),
+        ("subject_id=%FF%FE".into(), (bad, "invalid_parameter", Some("subject_id"))),
+        ("severity=HIGH%C3".into(), (bad, "invalid_parameter", Some("severity"))),
+        ("%FF=1".into(), (bad, "invalid_parameter", Some("query"))),
+        (format!("subject_id={long_id}"), (bad, "invalid_parameter", Some("subject_id"))),
+        (format!("site_id={beyond_query_limit}"), (unprocessable, "too_long", Some("site_id"))),
+        ("limit=99999999999999999999999999".into(), (bad, "invalid_parameter", Some("limit"))),
+        ("limit=501".into(), (bad, "invalid_parameter", Some("limit"))),
+        ("limit=-1".into(), (bad, "invalid_parameter", Some("limit"))),
+        ("limit=1.5".into(), (bad, "invalid_parameter", Some("limit"))),
+        ("limit=".into(), (bad, "invalid_parameter", Some("limit"))),
+        ("limit=1&limit=2".into(), (bad, "duplicate_parameter", Some("limit"))),
+        ("subject_id=A&subject_id=A".into(), (bad, "duplicate_parameter", Some("subject_id"))),
+        (format!("cursor={cursor}&cursor={cursor}"), (bad, "duplicate_parameter", Some("cursor"))),
+        ("severity=HIGH,,CRITICAL".into(), (bad, "invalid_parameter", Some("severity"))),
+        ("severity=SEVERE".into(), (bad, "invalid_parameter", Some("severity"))),
+        ("status=".into(), (bad, "invalid_parameter", Some("status"))),
+        ("raised_from=yesterday".into(), (bad, "invalid_parameter", Some("raised_from"))),
+        ("raised_from=10000-01-01T00:00:00Z".into(), (bad, "invalid_parameter", Some("raised_from"))),
+        ("raised_before=2026-13-01T00:00:00Z".into(), (bad, "invalid_parameter", Some("raised_before"))),
+        (
+            "raised_from=2026-03-02T00:00:00Z&raised_before=2026-03-01T00:00:00Z".into(),
+            (bad, "invalid_parameter", Some("raised_before")),
+        ),
+        ("colour=red".into(), (bad, "unknown_parameter", Some("colour"))),
+        ("STATUS=open".into(), (bad, "unknown_parameter", Some("STATUS"))),
+        ("access_token=x".into(), (bad, "unknown_parameter", Some("access_token"))),
+    ];
+    for (query, expected) in &cases {
+        let answer = api.get(&api.researcher, &format!("/v1/alerts?{query}")).await?;
+        let shown = &query[..query.len().min(80)];
+        assert_eq!(answer.error(), *expected, "{shown}: {}", answer.text);
+        let message = answer.body["error"]["message"].as_str().unwrap_or_default();
+        assert!(!message.is_empty(), "{shown}: no message");
+        let content_type = answer.headers.get("content-type").and_then(|v| v.to_str().ok());
+        assert_eq!(content_type, Some("application/json"), "{shown}");
+    }
+
+    // Bytes that are not UTF-8, unencoded, in the request line: refused before any handler.
+    let mut raw = tokio::net::TcpStream::connect(api.base.trim_start_matches("http://")).await?;
+    let mut bytes = b"GET /v1/alerts?subject_id=".to_vec();
+    bytes.extend_from_slice(&[0xff, 0xfe]);
+    let rest = format!(
+        " HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        api.researcher
+    );
+    bytes.extend_from_slice(rest.as_bytes());
+    tokio::io::AsyncWriteExt::write_all(&mut raw, &bytes).await?;
+    let mut answer = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut answer).await?;
+    let status_line = String::from_utf8_lossy(&answer).lines().next().unwrap_or_default().to_string();
+    assert!(status_line.starts_with("HTTP/1.1 400"), "{status_line}");
+
+    // Still serving, and nothing was changed.
+    let all = api.page("").await?;
+    assert_eq!(all.ids.len(), 3);
+    assert!(ids.iter().all(|id| all.ids.contains(id)));
     api.stop().await
 }
 

@@ -1,63 +1,99 @@
-//! Reading alerts (list, detail) and the two decisions a researcher takes on one: acknowledge and
-//! resolve.
-
-use std::collections::HashMap;
+//! An alert as the API shows it, its detail, and the two decisions a researcher takes on one:
+//! acknowledge and resolve. (The list is [`super::list`].)
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize, Serializer};
 use sqlx::{AssertSqlSafe, PgConnection};
 use trialflow_outbox::{OutboxEvent, SchemaName};
 use trialflow_producers::input::{self, BodyRules, MAX_FREE_TEXT_CHARS};
 use trialflow_producers::site_api::auth::Principal;
-use trialflow_producers::site_api::{ApiError, check_free_text, check_id};
+use trialflow_producers::site_api::{ApiError, check_free_text};
 use trialflow_schemas::topics::TopicNames;
 use trialflow_schemas::{AlertAcknowledged, AlertResolved, Envelope, Event, Timestamp};
 use uuid::Uuid;
 
-use super::{AlertState, MAX_BODY_BYTES, Researcher, SOURCE_SYSTEM};
+use super::{AlertState, MAX_BODY_BYTES, Researcher, SOURCE_SYSTEM, openapi};
 
-/// Alerts a list answers by default, and at most.
-const DEFAULT_LIMIT: i64 = 100;
-const MAX_LIMIT: i64 = 500;
 /// Longest reason a decision may carry (free text: tabs and line breaks allowed).
 const MAX_REASON_CHARS: usize = MAX_FREE_TEXT_CHARS;
 /// The decisions' body: its reason is free text.
 const DECISION_BODY: BodyRules = BodyRules { free_text: &["reason"] };
 
-const SEVERITIES: [&str; 4] = ["INFO", "WARNING", "HIGH", "CRITICAL"];
-const STATUSES: [&str; 3] = ["open", "acknowledged", "resolved"];
+/// An alert's severities, least severe first (the monitoring schema's check).
+pub(super) const SEVERITIES: [&str; 4] = ["INFO", "WARNING", "HIGH", "CRITICAL"];
+/// An alert's states, in the order an episode goes through them.
+pub(super) const STATUSES: [&str; 3] = ["open", "acknowledged", "resolved"];
 
-/// An alert as the API shows it (list, detail, decisions and the stream's data).
-#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+/// An alert as the API shows it (list, detail, decisions and the stream's data): one episode of
+/// a monitoring rule for a subject (or a site, for site-level rules). Every field is always
+/// present; the optional ones are `null` when they do not apply.
+#[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
 pub(super) struct Alert {
     pub(super) alert_id: Uuid,
     pub(super) study_id: String,
+    /// The site, when the events that raised the alert named one.
+    #[schema(required = true)]
     pub(super) site_id: Option<String>,
+    /// The subject; `null` for a site-level alert (e.g. low kit stock).
+    #[schema(required = true)]
     pub(super) subject_id: Option<String>,
+    /// The monitoring rule that raised the alert.
     pub(super) rule_id: String,
+    /// The version of the rule set the rule came from.
     pub(super) rule_version: i32,
+    #[schema(schema_with = severity_schema)]
     pub(super) severity: String,
+    /// Where the rule's threshold comes from (e.g. `CTCAE v5.0 grade 3`, `protocol`).
     pub(super) source_label: String,
+    /// One line for the inbox (e.g. `Systolic blood pressure 182 mmHg`).
     pub(super) summary: String,
+    #[schema(schema_with = status_schema)]
     pub(super) status: String,
+    /// Escalation level reached while open and unacknowledged (0: not escalated).
+    #[schema(minimum = 0)]
     pub(super) level: i32,
+    /// Effective time of the first evidence (when it was observed).
     #[serde(serialize_with = "rfc3339")]
     pub(super) effective_at: DateTime<Utc>,
+    /// When the alert was raised: the list's order.
     #[serde(serialize_with = "rfc3339")]
     pub(super) raised_at: DateTime<Utc>,
     #[serde(serialize_with = "opt_rfc3339")]
+    #[schema(required = true)]
     pub(super) acknowledged_at: Option<DateTime<Utc>>,
+    /// The user who acknowledged it.
+    #[schema(required = true)]
     pub(super) acknowledged_by: Option<String>,
+    #[schema(required = true)]
     pub(super) ack_reason: Option<String>,
     #[serde(serialize_with = "opt_rfc3339")]
+    #[schema(required = true)]
     pub(super) resolved_at: Option<DateTime<Utc>>,
+    /// The user who resolved it.
+    #[schema(required = true)]
     pub(super) resolved_by: Option<String>,
+    #[schema(required = true)]
     pub(super) resolve_reason: Option<String>,
+    /// Readings and events that support the alert (a repeat adds evidence, not an alert).
+    #[schema(minimum = 0)]
     pub(super) evidence_count: i64,
+}
+
+/// `severity` in the document: one of [`SEVERITIES`].
+fn severity_schema() -> utoipa::openapi::Object {
+    openapi::one_of(&SEVERITIES, "How urgent the rule rates the finding, least severe first.")
+}
+
+/// `status` in the document: one of [`STATUSES`].
+fn status_schema() -> utoipa::openapi::Object {
+    openapi::one_of(
+        &STATUSES,
+        "`open` until a researcher acknowledges (stops escalation) or resolves it (ends the episode).",
+    )
 }
 
 /// `SELECT <every field of [`Alert`]> FROM <schema>.alert a`, for queries to add their own
@@ -73,31 +109,52 @@ pub(super) fn select_alerts(s: &SchemaName) -> String {
     )
 }
 
-#[derive(Debug, sqlx::FromRow, Serialize)]
-struct EvidenceItem {
+/// A reading or event that supports an alert.
+#[derive(Debug, sqlx::FromRow, Serialize, utoipa::ToSchema)]
+pub(super) struct EvidenceItem {
+    /// The event it came from.
     event_id: Uuid,
     #[serde(serialize_with = "rfc3339")]
     observed_at: DateTime<Utc>,
     description: String,
+    #[schema(required = true)]
     value: Option<f64>,
+    /// UCUM unit of `value`.
+    #[schema(required = true)]
     unit: Option<String>,
 }
 
-#[derive(Debug, sqlx::FromRow, Serialize)]
-struct TimelineEntry {
+/// One change of an alert: the audit trail (who, when, why).
+#[derive(Debug, sqlx::FromRow, Serialize, utoipa::ToSchema)]
+pub(super) struct TimelineEntry {
+    /// Increasing; the stream's event id.
     id: i64,
+    #[schema(schema_with = history_kind_schema)]
     kind: String,
     #[serde(serialize_with = "rfc3339")]
     at: DateTime<Utc>,
+    /// The user, or `monitoring` for the monitoring consumer.
     actor: String,
+    /// What the change carries (a decision's `reason`, an escalation's `level`, ...).
+    #[schema(value_type = Object)]
     detail: serde_json::Value,
 }
 
-#[derive(Debug, Serialize)]
-struct AlertDetail {
+/// The kinds of [`TimelineEntry`] (the monitoring schema's check).
+pub(super) const HISTORY_KINDS: [&str; 5] = ["raised", "updated", "escalated", "acknowledged", "resolved"];
+
+fn history_kind_schema() -> utoipa::openapi::Object {
+    openapi::one_of(&HISTORY_KINDS, "What happened; also the stream's event name.")
+}
+
+/// An alert with its evidence and its timeline, read in one snapshot.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct AlertDetail {
     #[serde(flatten)]
     alert: Alert,
+    /// In the order observed.
     evidence: Vec<EvidenceItem>,
+    /// Oldest first.
     timeline: Vec<TimelineEntry>,
 }
 
@@ -117,108 +174,6 @@ fn opt_rfc3339<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, 
     }
 }
 
-// ---- list ------------------------------------------------------------------------------------
-
-/// The filters of `GET /v1/alerts`. Severity and status take one value or several separated by
-/// commas (`status=open,acknowledged`).
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Filter {
-    study_id: Option<String>,
-    site_id: Option<String>,
-    severities: Vec<String>,
-    statuses: Vec<String>,
-    limit: i64,
-}
-
-impl Filter {
-    /// 422 naming the parameter that is unknown or has a value that cannot match.
-    fn parse(params: &HashMap<String, String>) -> Result<Self, ApiError> {
-        let mut filter = Filter { limit: DEFAULT_LIMIT, ..Filter::default() };
-        for (name, value) in params {
-            match name.as_str() {
-                "study_id" => {
-                    check_id(name, value)?;
-                    filter.study_id = Some(value.clone());
-                }
-                "site_id" => {
-                    check_id(name, value)?;
-                    filter.site_id = Some(value.clone());
-                }
-                "severity" => filter.severities = one_of(name, value, &SEVERITIES, str::to_ascii_uppercase)?,
-                "status" => filter.statuses = one_of(name, value, &STATUSES, str::to_ascii_lowercase)?,
-                "limit" => {
-                    filter.limit =
-                        value.trim().parse::<i64>().ok().filter(|n| (1..=MAX_LIMIT).contains(n)).ok_or_else(
-                            || {
-                                ApiError::validation(
-                                    "limit",
-                                    format!("`{value}` is not a number from 1 to {MAX_LIMIT}"),
-                                )
-                            },
-                        )?;
-                }
-                other => {
-                    return Err(ApiError::validation(
-                        other,
-                        format!("unknown filter `{other}`; use study_id, site_id, severity, status or limit"),
-                    ));
-                }
-            }
-        }
-        Ok(filter)
-    }
-}
-
-/// The comma-separated `value`, each item normalised by `case` and one of `allowed`.
-fn one_of(
-    field: &str,
-    value: &str,
-    allowed: &[&str],
-    case: fn(&str) -> String,
-) -> Result<Vec<String>, ApiError> {
-    value
-        .split(',')
-        .map(|item| {
-            let item = case(item.trim());
-            if allowed.contains(&item.as_str()) {
-                Ok(item)
-            } else {
-                Err(ApiError::validation(
-                    field,
-                    format!("`{value}` is not one of {} (or several, comma-separated)", allowed.join(", ")),
-                ))
-            }
-        })
-        .collect()
-}
-
-pub(super) async fn list_alerts(
-    State(api): State<AlertState>,
-    Researcher(_): Researcher,
-    params: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let Query(params) = params.map_err(|e| ApiError::validation("query", e.body_text()))?;
-    let filter = Filter::parse(&params)?;
-    let sql = format!(
-        "{} WHERE ($1::text IS NULL OR a.study_id = $1)
-             AND ($2::text IS NULL OR a.site_id = $2)
-             AND (cardinality($3::text[]) = 0 OR a.severity = ANY($3))
-             AND (cardinality($4::text[]) = 0 OR a.status = ANY($4))
-         ORDER BY a.raised_at DESC, a.alert_id DESC
-         LIMIT $5",
-        select_alerts(&api.schema)
-    );
-    let alerts: Vec<Alert> = sqlx::query_as(AssertSqlSafe(sql))
-        .bind(&filter.study_id)
-        .bind(&filter.site_id)
-        .bind(&filter.severities)
-        .bind(&filter.statuses)
-        .bind(filter.limit)
-        .fetch_all(&api.pool)
-        .await?;
-    Ok(Json(serde_json::json!({ "alerts": alerts })))
-}
-
 // ---- detail ----------------------------------------------------------------------------------
 
 /// The alert id of a path; one that is not a UUID names no alert (404).
@@ -235,6 +190,23 @@ async fn fetch_alert(
     Ok(sqlx::query_as(AssertSqlSafe(sql)).bind(alert_id).fetch_optional(conn).await?)
 }
 
+/// One alert, with its evidence and timeline
+#[utoipa::path(
+    get,
+    path = "/v1/alerts/{alert_id}",
+    tag = "alerts",
+    params(openapi::AlertIdParam),
+    responses(
+        (status = 200, description = "The alert.", body = AlertDetail),
+        (status = 401, response = openapi::Unauthenticated),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NoSuchAlert),
+        (status = 422, response = openapi::InvalidText),
+        (status = 500, response = openapi::Internal),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("bearer" = []))
+)]
 pub(super) async fn get_alert(
     State(api): State<AlertState>,
     Researcher(_): Researcher,
@@ -270,9 +242,12 @@ pub(super) async fn get_alert(
 // ---- decisions -------------------------------------------------------------------------------
 
 /// The body of both decisions.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct DecisionRequest {
+#[schema(example = json!({"reason": "Site called; repeat measurement booked for tomorrow."}))]
+pub(super) struct DecisionRequest {
+    /// Why (free text, not blank, at most 2,000 characters; tabs and line breaks allowed).
+    #[schema(required = true, value_type = String, min_length = 1, max_length = 2000)]
     reason: Option<String>,
 }
 
@@ -364,6 +339,30 @@ struct Decided {
     decided_at: Option<DateTime<Utc>>,
 }
 
+/// Acknowledge an alert: someone is on it
+///
+/// Stops its escalation; the alert stays in the inbox. Records the decision, its history entry
+/// and the `AlertAcknowledged` event (topic `monitoring.alerts.v1`) in one transaction.
+#[utoipa::path(
+    post,
+    path = "/v1/alerts/{alert_id}/acknowledge",
+    tag = "alerts",
+    params(openapi::AlertIdParam),
+    request_body = DecisionRequest,
+    responses(
+        (status = 200, description = "The alert after the decision.", body = Alert),
+        (status = 400, response = openapi::BadBody),
+        (status = 401, response = openapi::Unauthenticated),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NoSuchAlert),
+        (status = 409, response = openapi::AckConflict),
+        (status = 413, response = openapi::TooLarge),
+        (status = 422, response = openapi::InvalidReason),
+        (status = 500, response = openapi::Internal),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("bearer" = []))
+)]
 pub(super) async fn acknowledge(
     State(api): State<AlertState>,
     Researcher(principal): Researcher,
@@ -374,6 +373,30 @@ pub(super) async fn acknowledge(
     decide(&api, &principal, &raw_id, &body, Decision::Acknowledge).await
 }
 
+/// Resolve an alert: dealt with
+///
+/// Ends the episode: a new breach of the rule raises a new alert. Records the decision, its
+/// history entry and the `AlertResolved` event (topic `monitoring.alerts.v1`) in one transaction.
+#[utoipa::path(
+    post,
+    path = "/v1/alerts/{alert_id}/resolve",
+    tag = "alerts",
+    params(openapi::AlertIdParam),
+    request_body = DecisionRequest,
+    responses(
+        (status = 200, description = "The alert after the decision.", body = Alert),
+        (status = 400, response = openapi::BadBody),
+        (status = 401, response = openapi::Unauthenticated),
+        (status = 403, response = openapi::Forbidden),
+        (status = 404, response = openapi::NoSuchAlert),
+        (status = 409, response = openapi::ResolveConflict),
+        (status = 413, response = openapi::TooLarge),
+        (status = 422, response = openapi::InvalidReason),
+        (status = 500, response = openapi::Internal),
+        (status = 503, response = openapi::Unavailable),
+    ),
+    security(("bearer" = []))
+)]
 pub(super) async fn resolve(
     State(api): State<AlertState>,
     Researcher(principal): Researcher,
@@ -447,47 +470,6 @@ async fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-    }
-
-    fn field_of(result: Result<Filter, ApiError>) -> Option<String> {
-        result.err().and_then(|e| (e.status.as_u16() == 422).then_some(e.field).flatten())
-    }
-
-    #[test]
-    fn filters_are_normalised() {
-        let filter = Filter::parse(&params(&[
-            ("study_id", "CDISCPILOT01"),
-            ("severity", "high, Critical"),
-            ("status", "OPEN,acknowledged"),
-            ("limit", "20"),
-        ]));
-        let Ok(filter) = filter else { panic!("valid filters were rejected: {filter:?}") };
-        assert_eq!(filter.study_id.as_deref(), Some("CDISCPILOT01"));
-        assert_eq!(filter.severities, ["HIGH", "CRITICAL"]);
-        assert_eq!(filter.statuses, ["open", "acknowledged"]);
-        assert_eq!(filter.limit, 20);
-        assert_eq!(Filter::parse(&params(&[])).map(|f| f.limit).ok(), Some(DEFAULT_LIMIT));
-    }
-
-    #[test]
-    fn bad_filters_name_their_field() {
-        for (name, value) in [
-            ("severity", "SEVERE"),
-            ("severity", "HIGH,"),
-            ("status", "closed"),
-            ("limit", "0"),
-            ("limit", "501"),
-            ("limit", "ten"),
-            ("study_id", "a b"),
-            ("site_id", ""),
-            ("colour", "red"),
-        ] {
-            assert_eq!(field_of(Filter::parse(&params(&[(name, value)]))).as_deref(), Some(name), "{value}");
-        }
-    }
 
     #[test]
     fn a_decision_is_refused_with_the_reason_the_status_gives() {

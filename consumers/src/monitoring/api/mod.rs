@@ -4,14 +4,16 @@
 //!
 //! | route | roles | writes | events (topic, key) |
 //! |-------|-------|--------|---------------------|
-//! | `GET /v1/alerts?study_id=&site_id=&severity=&status=&limit=` | researcher, admin | – | – |
+//! | `GET /v1/alerts?study_id=&site_id=&subject_id=&rule_id=&severity=&status=&raised_from=&raised_before=&limit=&cursor=` (pages, see [`list`]) | researcher, admin | – | – |
 //! | `GET /v1/alerts/{alert_id}` (with `evidence` and `timeline`) | researcher, admin | – | – |
 //! | `POST /v1/alerts/{alert_id}/acknowledge` `{"reason"}` | researcher, admin | alert, alert_history | AlertAcknowledged (`monitoring.alerts.v1`, alert id) |
 //! | `POST /v1/alerts/{alert_id}/resolve` `{"reason"}` | researcher, admin | alert, alert_history | AlertResolved (same) |
 //! | `GET /v1/alerts/stream` (server-sent events) | researcher, admin | – | – |
 //! | `GET /` and `GET /inbox`: the inbox page (no data, no auth) | – | – | – |
 //!
-//! `GET /healthz` (liveness) and `GET /readyz` (database reachable) are for probes, without auth.
+//! `GET /healthz` (liveness) and `GET /readyz` (database reachable) are for probes, without auth;
+//! `GET /openapi.json` is the API's OpenAPI 3.1 document, generated from the handlers (see
+//! [`openapi`]), without auth.
 //!
 //! A decision writes the alert row, its `alert_history` entry and its event in ONE transaction:
 //! the event is published if and only if the decision is recorded. The monitoring consumer sees
@@ -29,13 +31,18 @@
 //! 2,048), a key given twice, bodies beyond [`MAX_BODY_BYTES`].
 //!
 //! **Errors** are the site API's: `{"error": {"code", "message", "field"?}}` (see
-//! [`ApiError`]): 400 `invalid_json` / `duplicate_key` / `invalid_body`, 401 `unauthenticated`,
-//! 403 `forbidden`, 404 `not_found`, 409 `already_acknowledged` / `already_resolved`, 413
-//! `payload_too_large`, 422 `validation_failed` (a filter or the reason) / `invalid_characters` /
-//! `too_long`, 503 `unavailable`, 500 `internal`.
+//! [`ApiError`]): 400 `invalid_json` / `duplicate_key` / `invalid_body` (a decision's body) and
+//! `unknown_parameter` / `duplicate_parameter` / `invalid_parameter` / `invalid_cursor` (the
+//! list's query), 401 `unauthenticated`, 403 `forbidden`, 404 `not_found`, 409
+//! `already_acknowledged` / `already_resolved`, 413 `payload_too_large`, 422 `validation_failed`
+//! (the reason, `Last-Event-ID`) / `invalid_characters` / `too_long`, 503 `unavailable`, 500
+//! `internal`.
 
 mod alerts;
 mod config;
+mod cursor;
+mod list;
+mod openapi;
 mod stream;
 
 use std::net::SocketAddr;
@@ -49,7 +56,6 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use sqlx::PgPool;
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio::net::TcpListener;
@@ -61,8 +67,12 @@ use trialflow_producers::input;
 use trialflow_producers::site_api::auth::{Principal, Tokens};
 use trialflow_producers::site_api::{ApiError, Role};
 use trialflow_schemas::topics::TopicNames;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use config::{AlertApiConfig, DEFAULT_LISTEN, DEMO_TOKENS};
+pub use openapi::{EXAMPLE_ALERT_ID, document as openapi_document};
 
 /// `source_system` of the events the API writes.
 pub const SOURCE_SYSTEM: &str = "alert-api";
@@ -72,11 +82,14 @@ pub const REQUESTS_TOTAL: &str = "trialflow_alert_api_requests_total";
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Every route the router serves (method, template), for documentation and the hostile-HTTP test.
+/// The router itself is built by [`routes`]; the OpenAPI test checks that this list, the router
+/// and the document agree.
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/"),
     ("GET", "/inbox"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
+    ("GET", "/openapi.json"),
     ("GET", "/v1/alerts"),
     ("GET", "/v1/alerts/stream"),
     ("GET", "/v1/alerts/{alert_id}"),
@@ -261,17 +274,25 @@ impl AlertApi {
     }
 }
 
+/// Every route, each with its OpenAPI operation: the router and the document come from here
+/// only, so they cannot disagree. Add a route here, never on the router.
+fn routes() -> OpenApiRouter<AlertState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(inbox_root))
+        .routes(routes!(inbox_page))
+        .routes(routes!(healthz))
+        .routes(routes!(ready))
+        .routes(routes!(openapi::openapi_json))
+        .routes(routes!(list::list_alerts))
+        .routes(routes!(stream::stream))
+        .routes(routes!(alerts::get_alert))
+        .routes(routes!(alerts::acknowledge))
+        .routes(routes!(alerts::resolve))
+}
+
 fn router(state: AlertState) -> Router {
-    Router::new()
-        .route("/", get(inbox))
-        .route("/inbox", get(inbox))
-        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
-        .route("/readyz", get(ready))
-        .route("/v1/alerts", get(alerts::list_alerts))
-        .route("/v1/alerts/stream", get(stream::stream))
-        .route("/v1/alerts/{alert_id}", get(alerts::get_alert))
-        .route("/v1/alerts/{alert_id}/acknowledge", post(alerts::acknowledge))
-        .route("/v1/alerts/{alert_id}/resolve", post(alerts::resolve))
+    let (router, _) = routes().split_for_parts();
+    router
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(middleware::from_fn(input::guard_request))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -282,13 +303,60 @@ fn router(state: AlertState) -> Router {
         .with_state(state)
 }
 
+/// Liveness: the process serves
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "service",
+    responses((status = 200, description = "Serving.", body = Object, example = json!({"status": "ok"}))),
+)]
+async fn healthz() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Readiness: the database answers
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "service",
+    responses(
+        (status = 200, description = "Ready (no body)."),
+        (status = 500, response = openapi::Internal),
+        (status = 503, response = openapi::Unavailable),
+    ),
+)]
 async fn ready(State(api): State<AlertState>) -> Result<StatusCode, ApiError> {
     sqlx::query("SELECT 1").execute(&api.pool).await?;
     Ok(StatusCode::OK)
 }
 
+/// The inbox page (same as `/inbox`)
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "pages",
+    responses((status = 200, description = "The inbox page.", content_type = "text/html", body = String)),
+)]
+async fn inbox_root() -> Response {
+    inbox()
+}
+
+/// The inbox page
+///
+/// Static HTML without data: it asks for the researcher's token and then talks to this API.
+/// `?token=` signs in directly (the page removes it from the address bar).
+#[utoipa::path(
+    get,
+    path = "/inbox",
+    tag = "pages",
+    responses((status = 200, description = "The inbox page.", content_type = "text/html", body = String)),
+)]
+async fn inbox_page() -> Response {
+    inbox()
+}
+
 /// The inbox page. It carries no data: it asks the API with the token the researcher gives it.
-async fn inbox() -> Response {
+fn inbox() -> Response {
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -45,6 +45,9 @@ use tokio::sync::{broadcast, mpsc};
 use tracing::Instrument;
 use trialflow_outbox::SchemaName;
 use trialflow_producers::site_api::ApiError;
+use utoipa::openapi::Required;
+use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
+use utoipa::openapi::schema::{ObjectBuilder, Type};
 
 use super::AlertState;
 use super::alerts::{Alert, select_alerts};
@@ -173,12 +176,58 @@ async fn read_change(pool: &PgPool, s: &SchemaName, id: i64) -> Result<Option<Ch
     row.map(HistoryRow::into_change).transpose()
 }
 
+/// The `Last-Event-ID` header in the OpenAPI document.
+pub(super) struct LastEventId;
+
+impl utoipa::IntoParams for LastEventId {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        let id = ObjectBuilder::new().schema_type(Type::String).pattern(Some("^[0-9]+$"));
+        vec![
+            ParameterBuilder::new()
+                .name("Last-Event-ID")
+                .parameter_in(ParameterIn::Header)
+                .required(Required::False)
+                .description(Some(
+                    "The id of the last event received: resume after it (browsers' `EventSource` \
+                     sends it when reconnecting). Blank counts as absent.",
+                ))
+                .schema(Some(id))
+                .build(),
+        ]
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub(super) struct StreamQuery {
     /// The bearer token, for clients that cannot send headers (`EventSource`).
     access_token: Option<String>,
 }
 
+/// Every change of an alert, live (server-sent events)
+///
+/// Each event: `id:` the change's id (increasing), `event:` its kind (`raised`, `updated`,
+/// `escalated`, `acknowledged`, `resolved`), `data:` the alert as the list shows it. Without
+/// `Last-Event-ID`, a snapshot first (the latest change of each alert not resolved, at most
+/// 1,000, oldest first); with it, the changes after that id. Then an event `ready` (data
+/// `{"last_event_id": N}`) and live changes; comments keep the connection open. Delivery is at
+/// least once: a change may come twice, with the same id.
+#[utoipa::path(
+    get,
+    path = "/v1/alerts/stream",
+    tag = "alerts",
+    params(LastEventId),
+    responses(
+        (status = 200, description = "The stream (`text/event-stream`); it ends only when the \
+            client or the service goes away.", content_type = "text/event-stream", body = String),
+        (status = 401, response = super::openapi::Unauthenticated),
+        (status = 403, response = super::openapi::Forbidden),
+        (status = 422, description = "`validation_failed`: `Last-Event-ID` is not an event id of \
+            this stream; or `invalid_characters` / `too_long` in a query value.", body = super::openapi::ErrorBody),
+        (status = 500, response = super::openapi::Internal),
+        (status = 503, response = super::openapi::Unavailable),
+    ),
+    security(("bearer" = []), ("access_token" = []))
+)]
 pub(super) async fn stream(
     State(api): State<AlertState>,
     headers: HeaderMap,
