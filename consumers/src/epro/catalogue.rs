@@ -112,6 +112,16 @@ impl Catalogue {
             .unwrap_or_else(|| unreachable!("load() refuses a catalogue without a default schedule"))
     }
 
+    /// Every questionnaire, by id, then version.
+    pub fn questionnaires(&self) -> impl Iterator<Item = &Questionnaire> {
+        self.questionnaires.values()
+    }
+
+    /// Every schedule, by study id (the default, `*`, first).
+    pub fn schedules(&self) -> impl Iterator<Item = &Schedule> {
+        self.schedules.values()
+    }
+
     /// `(id, version)` of every questionnaire, for logs.
     pub fn versions(&self) -> Vec<String> {
         self.questionnaires.keys().map(|(id, v)| format!("{id} {v}")).collect()

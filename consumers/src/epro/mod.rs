@@ -29,6 +29,7 @@
 
 pub mod catalogue;
 pub mod questionnaire;
+pub mod reference;
 pub mod schedule;
 mod store;
 pub mod validate;

@@ -105,7 +105,7 @@ pub enum Op {
 }
 
 impl Op {
-    fn holds(self, left: i64, right: i64) -> bool {
+    pub(crate) fn holds(self, left: i64, right: i64) -> bool {
         match self {
             Op::Gt => left > right,
             Op::Ge => left >= right,
@@ -206,7 +206,8 @@ impl Questionnaire {
         Ok(())
     }
 
-    fn enabled(&self, item: &Item, answers: &BTreeMap<&str, &Answer>) -> bool {
+    /// Whether `item` is asked, given the answers so far (its skip logic).
+    pub(crate) fn enabled(&self, item: &Item, answers: &BTreeMap<&str, &Answer>) -> bool {
         let Some(when) = &item.enable_when else { return true };
         let holds = |c: &Condition| {
             answers.get(c.link_id.as_str()).and_then(|a| numeric(a)).is_some_and(|v| c.op.holds(v, c.value))

@@ -32,6 +32,47 @@ pub const INVALID_CHARACTERS: &str = "INVALID_CHARACTERS";
 /// A string is longer than its field takes.
 pub const TEXT_TOO_LONG: &str = "TEXT_TOO_LONG";
 
+/// Every code a `QuestionnaireResponseRejected` reason carries, with what it tells the app that
+/// sent the submission (`docs/questionnaires.md` lists them; a test checks that the schema's doc
+/// names each one). A new code belongs here.
+pub const CODES: &[(&str, &str)] = &[
+    (UNKNOWN_QUESTIONNAIRE, "`questionnaire` is not the id of a questionnaire the validator knows"),
+    (UNKNOWN_VERSION, "the questionnaire is known but has no version `questionnaire_version`"),
+    (INVALID_STATUS, "`status` is neither `COMPLETED` nor `AMENDED`"),
+    (INVALID_TIMESTAMP, "`authored_at` is not a representable instant"),
+    (
+        AUTHORED_IN_FUTURE,
+        "`authored_at` is later than the submission's arrival plus the schedule's tolerance",
+    ),
+    (SUBJECT_WITHDRAWN, "`authored_at` is at or after the subject's withdrawal"),
+    (
+        UNKNOWN_OCCURRENCE,
+        "`scheduled_occurrence` is not in the study's schedule, or belongs to another questionnaire",
+    ),
+    (DUPLICATE_OCCURRENCE, "the occurrence already has a `COMPLETED` response; send `AMENDED` to correct it"),
+    (
+        CONFLICTING_DUPLICATE,
+        "this `submission_id` arrived before with other content; the first submission stands",
+    ),
+    (super::questionnaire::UNKNOWN_ITEM, "`link_id` names no item of the questionnaire"),
+    (super::questionnaire::DUPLICATE_ITEM, "the item is answered more than once"),
+    (super::questionnaire::REQUIRED_ITEM_MISSING, "a required item that is asked has no answer"),
+    (super::questionnaire::ITEM_NOT_ENABLED, "an item is answered that its skip logic says is not asked"),
+    (
+        super::questionnaire::ANSWER_WRONG_TYPE,
+        "the answer does not have exactly one value, of the field the item's type takes",
+    ),
+    (
+        super::questionnaire::ANSWER_OUT_OF_RANGE,
+        "the value is not one of the item's options, or outside its range",
+    ),
+    (
+        INVALID_CHARACTERS,
+        "a string holds a control character (a free-text answer may hold tabs and line breaks)",
+    ),
+    (TEXT_TOO_LONG, "a string is longer than its field takes"),
+];
+
 /// What the validator knows about the subject.
 #[derive(Debug, Clone)]
 pub struct Subject {
