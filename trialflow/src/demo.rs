@@ -1,6 +1,10 @@
 //! `trialflow demo` (behind `make demo`) and `trialflow replay cdisc-pilot`: the whole pipeline
 //! replaying the CDISC pilot study. The demo also starts the local stack when it is not running
 //! and, on a terminal, leaves the pipeline running for exploration after the summary.
+//!
+//! While it replays, the ePRO gateway stamps `received_at` from the replay's virtual clock (the
+//! pilot ran in 2012–2015); once the replay has settled that clock follows real time again (see
+//! [`crate::replay`]), so the pipeline left running judges live submissions on today's date.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -168,7 +172,8 @@ async fn run_pilot(
     }
     println!(
         "== the pipeline keeps running for exploration (Ctrl-C to stop): site API http://{}, ePRO \
-         gateway http://{}, researcher inbox {}",
+         gateway http://{} (on the real clock again: submissions authored now are judged now; \
+         questionnaires and schedules in docs/questionnaires.md), researcher inbox {}",
         pipeline.site_api_addr(),
         pipeline.epro_gateway_addr(),
         summary.inbox_url

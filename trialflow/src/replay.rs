@@ -9,6 +9,15 @@
 //! gateway. It waits until nothing is in flight, reads the outcome from the services' databases
 //! and prints a summary (also written as JSON).
 //!
+//! **The clock.** Only the ePRO gateway reads the virtual clock (the site API takes the replay's
+//! `occurred_at` from each command and judges skew on the system clock; kit allocation and every
+//! other consumer use the system clock; the validator judges on the gateway's `received_at`). Once
+//! the pipeline has settled, the replay puts that clock back on real time
+//! ([`Clock::resume_real_time`]) — also when it fails or is interrupted — so a pipeline that keeps
+//! serving (`trialflow demo`) takes live submissions authored now instead of refusing them as
+//! authored after the replay's last instant. A replay run again sets the clock back on the
+//! timeline before its first step.
+//!
 //! Every id is deterministic: site commands carry an `Idempotency-Key` derived from their natural
 //! key, EDC records and submissions a UUIDv5 event id. A second replay changes nothing.
 
@@ -197,7 +206,8 @@ pub fn first_instant(plan: &Plan) -> DateTime<Utc> {
         .unwrap_or_else(Utc::now)
 }
 
-/// Replays `plan` into the running `pipeline` (started by [`start_pipeline`] with `config`).
+/// Replays `plan` into the running `pipeline` (started by [`start_pipeline`] with `config`),
+/// driving `clock` along the timeline, and leaves `clock` on real time (see the module doc).
 pub async fn replay(
     plan: &Plan,
     pipeline: &Pipeline,
@@ -208,6 +218,8 @@ pub async fn replay(
 ) -> anyhow::Result<DemoSummary> {
     let started = Instant::now();
     let started_at = Utc::now();
+    clock.set(first_instant(plan));
+    let real_time_after = RealTimeAfter(clock);
     let topics = &config.topics;
     let kafka = &config.relay.kafka;
     let watcher = Watcher::start(kafka, topics)?;
@@ -272,6 +284,8 @@ pub async fn replay(
         () = shutdown.cancelled() => bail!("interrupted"),
     }
     spinner.finish_with_message("nothing left in flight");
+    // Everything the replay sent is decided: from here on the gateway serves live traffic.
+    drop(real_time_after);
 
     let outputs = watcher.stop().await?;
     let since_ms = started_at.timestamp_millis();
@@ -309,6 +323,18 @@ pub async fn replay(
         write_summary(path, &summary)?;
     }
     Ok(summary)
+}
+
+/// Puts the replay's clock back on real time when dropped: after the pipeline settled, or when the
+/// replay fails or is interrupted, so no way out of a replay leaves the gateway on a frozen clock.
+struct RealTimeAfter<'a>(&'a Clock);
+
+impl Drop for RealTimeAfter<'_> {
+    fn drop(&mut self) {
+        if self.0.resume_real_time() {
+            tracing::info!(now = %self.0.now(), "Replay over; the ePRO gateway's clock follows real time again.");
+        }
+    }
 }
 
 fn write_summary(path: &Path, summary: &DemoSummary) -> anyhow::Result<()> {
