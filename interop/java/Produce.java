@@ -7,17 +7,18 @@
 //
 // Prints one JSON line per acknowledged message (event, topic, key, partition, offset, event_id,
 // submission_id); exits 1 if any message was not acknowledged. Options for tests: --subject S,
-// --new-ids, --only E[,E], --topic-prefix P (as interop/python/produce.py).
+// --new-ids, --only E[,E], --topic-prefix P, --print-hex (as interop/python/produce.py), and
+// --cluster-check true|false (default false, see below).
 
 import com.fasterxml.jackson.databind.JsonNode;
 import com.fasterxml.jackson.databind.ObjectMapper;
 import com.fasterxml.jackson.databind.node.ObjectNode;
 import java.nio.ByteBuffer;
 import java.nio.charset.StandardCharsets;
-import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.Arrays;
+import java.util.HexFormat;
 import java.util.Iterator;
 import java.util.LinkedHashMap;
 import java.util.List;
@@ -59,6 +60,58 @@ public class Produce {
             ? Arrays.asList(args.get("--only").split(","))
             : new ArrayList<>(INPUTS.keySet());
 
+    ObjectMapper json = new ObjectMapper();
+    List<ProducerRecord<String, byte[]>> records = new ArrayList<>();
+    List<ObjectNode> lines = new ArrayList<>();
+    for (String name : names) {
+      String[] input = INPUTS.get(name);
+      if (input == null) {
+        throw new IllegalArgumentException("not an input event: " + name);
+      }
+      Schema schema =
+          new Schema.Parser().parse(root.resolve("schemas/avro/" + input[1] + "/" + name + ".avsc").toFile());
+      ObjectNode event = (ObjectNode) json.readTree(root.resolve("interop/examples/" + name + ".json").toFile());
+      ObjectNode envelope = (ObjectNode) event.get("envelope");
+      if (args.containsKey("--subject")) {
+        envelope.put("subject_id", args.get("--subject"));
+      }
+      if (args.containsKey("--new-ids")) {
+        envelope.put("event_id", UUID.randomUUID().toString());
+        if (event.has("submission_id")) {
+          event.put("submission_id", UUID.randomUUID().toString());
+        }
+      }
+      GenericRecord record = (GenericRecord) fromJson(schema, event, name);
+      // C3 01, the schema's CRC-64-AVRO fingerprint (SchemaNormalization), the binary datum.
+      ByteBuffer encoded = new BinaryMessageEncoder<GenericRecord>(GenericData.get(), schema).encode(record);
+      byte[] value = new byte[encoded.remaining()];
+      encoded.get(value);
+      if (args.containsKey("--print-hex")) {
+        ObjectNode line = json.createObjectNode().put("event", name).put("hex", HexFormat.of().formatHex(value));
+        System.out.println(json.writeValueAsString(line));
+        continue;
+      }
+
+      String topic = prefix + input[0];
+      String key = envelope.get("subject_id").asText();
+      String eventId = envelope.get("event_id").asText();
+      ProducerRecord<String, byte[]> out = new ProducerRecord<>(topic, key, value);
+      out.headers().add("content-type", CONTENT_TYPE.getBytes(StandardCharsets.UTF_8));
+      out.headers().add("event_type", name.getBytes(StandardCharsets.UTF_8));
+      out.headers().add("event_id", eventId.getBytes(StandardCharsets.UTF_8));
+      records.add(out);
+
+      ObjectNode line = json.createObjectNode();
+      line.put("event", name).put("topic", topic).put("key", key).put("event_id", eventId);
+      if (event.has("submission_id")) {
+        line.put("submission_id", event.get("submission_id").asText());
+      }
+      lines.add(line);
+    }
+    if (records.isEmpty()) {
+      return;
+    }
+
     Properties props = new Properties();
     props.put(ProducerConfig.BOOTSTRAP_SERVERS_CONFIG, args.getOrDefault("--bootstrap-servers", "127.0.0.1:19092"));
     // No partitioner.class: the default partitioner puts a keyed record on
@@ -70,54 +123,14 @@ public class Produce {
     // Kafka clients 4.4+ send the cluster and node id in ApiVersions v5 (KIP-1242); Tansu 0.6,
     // the local stack's broker, drops such a connection. Against Apache Kafka this can stay on.
     props.put("metadata.cluster.check.enable", args.getOrDefault("--cluster-check", "false"));
-
-    ObjectMapper json = new ObjectMapper();
-    List<Future<RecordMetadata>> acks = new ArrayList<>();
-    List<ObjectNode> lines = new ArrayList<>();
+    int failed = 0;
     try (KafkaProducer<String, byte[]> producer =
         new KafkaProducer<>(props, new StringSerializer(), new ByteArraySerializer())) {
-      for (String name : names) {
-        String[] input = INPUTS.get(name);
-        if (input == null) {
-          throw new IllegalArgumentException("not an input event: " + name);
-        }
-        Schema schema =
-            new Schema.Parser().parse(root.resolve("schemas/avro/" + input[1] + "/" + name + ".avsc").toFile());
-        ObjectNode event = (ObjectNode) json.readTree(root.resolve("interop/examples/" + name + ".json").toFile());
-        ObjectNode envelope = (ObjectNode) event.get("envelope");
-        if (args.containsKey("--subject")) {
-          envelope.put("subject_id", args.get("--subject"));
-        }
-        if (args.containsKey("--new-ids")) {
-          envelope.put("event_id", UUID.randomUUID().toString());
-          if (event.has("submission_id")) {
-            event.put("submission_id", UUID.randomUUID().toString());
-          }
-        }
-        GenericRecord record = (GenericRecord) fromJson(schema, event, name);
-        // C3 01, the schema's CRC-64-AVRO fingerprint (SchemaNormalization), the binary datum.
-        ByteBuffer encoded = new BinaryMessageEncoder<GenericRecord>(GenericData.get(), schema).encode(record);
-        byte[] value = new byte[encoded.remaining()];
-        encoded.get(value);
-
-        String topic = prefix + input[0];
-        String key = envelope.get("subject_id").asText();
-        String eventId = envelope.get("event_id").asText();
-        ProducerRecord<String, byte[]> out = new ProducerRecord<>(topic, key, value);
-        out.headers().add("content-type", CONTENT_TYPE.getBytes(StandardCharsets.UTF_8));
-        out.headers().add("event_type", name.getBytes(StandardCharsets.UTF_8));
-        out.headers().add("event_id", eventId.getBytes(StandardCharsets.UTF_8));
-        acks.add(producer.send(out));
-
-        ObjectNode line = json.createObjectNode();
-        line.put("event", name).put("topic", topic).put("key", key).put("event_id", eventId);
-        if (event.has("submission_id")) {
-          line.put("submission_id", event.get("submission_id").asText());
-        }
-        lines.add(line);
+      List<Future<RecordMetadata>> acks = new ArrayList<>();
+      for (ProducerRecord<String, byte[]> r : records) {
+        acks.add(producer.send(r));
       }
       producer.flush();
-      int failed = 0;
       for (int i = 0; i < acks.size(); i++) {
         try {
           RecordMetadata m = acks.get(i).get();
@@ -128,9 +141,9 @@ public class Produce {
           System.err.println("not acknowledged: " + lines.get(i).get("event").asText() + ": " + e.getMessage());
         }
       }
-      if (failed > 0) {
-        System.exit(1);
-      }
+    }
+    if (failed > 0) {
+      System.exit(1);
     }
   }
 
@@ -214,7 +227,7 @@ public class Produce {
     Map<String, String> args = new LinkedHashMap<>();
     for (int i = 0; i < argv.length; i++) {
       String a = argv[i];
-      if (a.equals("--new-ids")) {
+      if (a.equals("--new-ids") || a.equals("--print-hex")) {
         args.put(a, "");
       } else if (a.startsWith("--") && i + 1 < argv.length) {
         args.put(a, argv[++i]);

@@ -12,6 +12,7 @@ submission_id); exits 1 if any message was not acknowledged. Options for tests:
   --topic-prefix P   the deployment's topic prefix (trialflow's TOPIC_PREFIX)
   --omit-header H    leave header H out (repeatable)
   --header H=V       set header H to V instead of the documented value (repeatable)
+  --print-hex        print each event's encoded bytes as hex (event, hex) and send nothing
 """
 import argparse
 import json
@@ -32,10 +33,15 @@ def main():
     p.add_argument("--only")
     p.add_argument("--omit-header", action="append", default=[])
     p.add_argument("--header", action="append", default=[])
+    p.add_argument("--print-hex", action="store_true")
     args = p.parse_args()
 
     schemas = Schemas()
     names = args.only.split(",") if args.only else list(INPUT_TOPICS)
+    if args.print_hex:
+        for name in names:
+            print(json.dumps({"event": name, "hex": schemas.encode(name, load_example(name)).hex()}))
+        return
     overrides = dict(h.split("=", 1) for h in args.header)
     producer = Producer(
         {
