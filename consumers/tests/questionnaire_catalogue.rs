@@ -324,3 +324,58 @@ fn the_epro_schemas_document_what_the_validator_knows_and_point_to_the_catalogue
         assert!(code.contains(c), "the reason code doc names {c}: {code}");
     }
 }
+
+/// The PHQ-9 of `schemas/test-vectors/single-object.json` (written by `schemas/tests/vectors.rs`)
+/// with the catalogue's ids: what that vector's fields must be for the validator to accept it.
+#[test]
+fn the_test_vectors_phq9_with_the_catalogues_ids_is_accepted() -> anyhow::Result<()> {
+    let link_ids = [
+        "44250-9", "44255-8", "44259-0", "44254-1", "44251-7", "44258-2", "44252-5", "44253-3", "44260-8",
+        "69722-7",
+    ];
+    let values = [1, 1, 1, 1, 1, 1, 1, 1, 0, 1];
+    let vector = serde_json::json!({
+        "envelope": {
+            "event_id": "0190f5a2-7c3e-7d4b-9a1e-5c2b8f6d4e21",
+            "event_type": "QuestionnaireResponseSubmitted",
+            "schema_version": 1,
+            "study_id": "CDISCPILOT01",
+            "site_id": "701",
+            "subject_id": "01-701-1015",
+            "occurred_at": 1_388_656_800_000_000_i64,
+            "recorded_at": 1_388_660_400_000_000_i64,
+            "source_system": "epro-app",
+            "actor": null,
+            "correlation_id": null,
+            "causation_id": null
+        },
+        "submission_id": "5b0d3c1e-2f4a-4e7b-8c9d-0a1b2c3d4e5f",
+        "questionnaire": "PHQ-9",
+        "questionnaire_version": "1.0",
+        "scheduled_occurrence": "PHQ-9/W4",
+        "status": "COMPLETED",
+        "authored_at": 1_388_656_800_000_000_i64,
+        "device_time_zone": "America/New_York",
+        "items": link_ids.iter().zip(values).map(|(l, v)| serde_json::json!({
+            "link_id": l, "value_integer": v, "value_decimal": null, "value_string": null, "value_boolean": null
+        })).collect::<Vec<_>>()
+    });
+    let s: QuestionnaireResponseSubmitted = serde_json::from_value(vector)?;
+    // Subject 01-701-1015 starts on 2014-01-02 in the pilot; published without the gateway, the
+    // submission's arrival is its `recorded_at` (an hour after it was authored).
+    let subject = Subject {
+        enrolled_at: at("2014-01-02T15:00:00Z"),
+        zone: chrono_tz::America::New_York,
+        withdrawn_at: None,
+    };
+    let received = s.envelope.recorded_at.to_datetime().unwrap_or_default();
+    for catalogue in [builtin(), demo_catalogue()?] {
+        let accepted = validate::decide(&catalogue, &s, &subject, received)
+            .unwrap_or_else(|reasons| panic!("{:?}", reasons.iter().map(|r| &r.code).collect::<Vec<_>>()));
+        assert_eq!((accepted.scored.total, accepted.scored.band.as_deref()), (Some(8), Some("mild")));
+        assert!(accepted.scored.flagged.is_empty() && !accepted.late_sync);
+        // Authored on study day 1, answering the week-4 slot: out of its window, still accepted.
+        assert_eq!(accepted.window, WindowStatus::OutOfWindow);
+    }
+    Ok(())
+}
