@@ -37,8 +37,9 @@ pub struct ExtraSchedule<'a> {
 }
 
 /// Answers that the validator accepts for `q`: every item that is asked (skip logic evaluated on
-/// the answers before it), with a middling value that raises no flag — for PHQ-9, 1 for items 1–8,
-/// 0 for item 9 and then the difficulty item, which any answer above 0 makes required.
+/// the answers before it), each with a low value that raises no flag. For PHQ-9: 1 for items 1–8,
+/// 0 for item 9 (above 0 it is flagged), and 1 for the difficulty item, which is asked (and so
+/// required) because an item is above 0.
 pub fn example_answers(q: &Questionnaire) -> Vec<Answer> {
     let mut answers: Vec<Answer> = Vec::new();
     for item in &q.items {
@@ -338,7 +339,10 @@ fn example(w: &mut String, catalogue: &Catalogue, extra: &[ExtraSchedule<'_>]) {
          validator. `authored_at`, `envelope.occurred_at` and `envelope.recorded_at` are \
          microseconds since the Unix epoch (here {}); a live app sends the instant the patient \
          finished, and new UUIDs for `submission_id` and `envelope.event_id`. \
-         `scheduled_occurrence` `{}` is in the default schedule and in the demo study's.",
+         `scheduled_occurrence` `{}` is in the default schedule and in the demo study's. Against \
+         `make demo`, whose replay has already answered most occurrences of the pilot's subjects, \
+         send `\"scheduled_occurrence\": null` (unscheduled) or `\"status\": \"AMENDED\"`: a \
+         second `COMPLETED` response to one occurrence is `DUPLICATE_OCCURRENCE`.",
         q.id,
         q.version,
         example_authored_at().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
