@@ -5,6 +5,7 @@
 //! |-------|------|---------|
 //! | `POST /v1/submissions` | `Authorization: Bearer <app token>` | 202 once the broker acknowledged |
 //! | `GET /healthz` | none | 200 (liveness; the broker is not probed) |
+//! | `GET /openapi.json` | none | 200, the gateway's OpenAPI 3.1 document ([`OPENAPI_DOCUMENT`]) |
 //!
 //! **The contract.** The body is the JSON form of `QuestionnaireResponseSubmitted`
 //! (`schemas/avro/epro/QuestionnaireResponseSubmitted.avsc`): the schema's field names, the
@@ -66,7 +67,7 @@ use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use rdkafka::producer::{FutureProducer, Producer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -79,8 +80,16 @@ pub use publish::producer_config;
 use crate::input;
 use crate::site_api::ApiError;
 
-/// Every route the router serves (method, template), for documentation and the hostile-HTTP test.
-pub const ROUTES: &[(&str, &str)] = &[("POST", "/v1/submissions"), ("GET", "/healthz")];
+/// Every route the router serves (method, template): the router is built from this table (see
+/// `endpoint`), the OpenAPI test checks the document against it, the hostile-HTTP test attacks
+/// each.
+pub const ROUTES: &[(&str, &str)] =
+    &[("POST", "/v1/submissions"), ("GET", "/healthz"), ("GET", "/openapi.json")];
+
+/// The gateway's OpenAPI 3.1 document, written by hand (`producers/openapi/epro-gateway.json`)
+/// and checked by the OpenAPI test (`trialflow/tests/openapi.rs`) against [`ROUTES`] and the
+/// gateway's answers.
+pub const OPENAPI_DOCUMENT: &str = include_str!("../../openapi/epro-gateway.json");
 
 /// The largest body `POST /v1/submissions` takes (413 beyond).
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
@@ -187,11 +196,9 @@ impl EproGateway {
 }
 
 fn router(gateway: Arc<Gateway>) -> Router {
-    Router::new()
-        .route("/v1/submissions", post(submission::submit))
-        // Only submissions are counted: probes would swamp the figures.
-        .route_layer(middleware::from_fn(track))
-        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+    ROUTES
+        .iter()
+        .fold(Router::new(), |router, &(method, path)| router.route(path, endpoint(method, path)))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(middleware::from_fn(input::guard_request))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -199,6 +206,18 @@ fn router(gateway: Arc<Gateway>) -> Router {
             input::refuse_oversized(request, next, MAX_BODY_BYTES)
         }))
         .with_state(gateway)
+}
+
+/// The handler of each route of [`ROUTES`]. The router is built from that table, so a route is
+/// served only if it is listed (and, through the OpenAPI test, documented).
+fn endpoint(method: &str, path: &str) -> MethodRouter<Arc<Gateway>> {
+    match (method, path) {
+        // Only submissions are counted: probes would swamp the figures.
+        ("POST", "/v1/submissions") => post(submission::submit).route_layer(middleware::from_fn(track)),
+        ("GET", "/healthz") => get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        ("GET", "/openapi.json") => get(|| async { crate::site_api::openapi::serve(OPENAPI_DOCUMENT) }),
+        _ => unreachable!("{method} {path} is listed in ROUTES without a handler"),
+    }
 }
 
 /// Request metrics and the request span (whose trace context the published record carries).

@@ -21,6 +21,7 @@
 //! | `POST .../subjects/{subject_id}/withdrawal` | site_staff, admin | subject | SubjectWithdrawn (same) |
 //!
 //! `GET /healthz` (liveness, no auth) and `GET /readyz` (database reachable, no auth) are for probes.
+//! `GET /openapi.json` (no auth) is the API's OpenAPI 3.1 document (see [`openapi`]).
 //!
 //! **Blinding.** Site staff and researchers are blinded: they never get arms, ratios or a kit's arm
 //! (the keys are left out of the JSON, not nulled). The randomization seed is concealed from every
@@ -49,6 +50,7 @@ pub mod config;
 pub mod error;
 pub mod idempotency;
 pub mod kits;
+pub mod openapi;
 pub mod studies;
 pub mod subjects;
 
@@ -62,7 +64,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use serde::de::DeserializeOwned;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -105,10 +107,13 @@ pub const MAX_SEX_CHARS: usize = 32;
 /// The free-text fields of the bodies; every other string is single-line.
 pub const BODY_RULES: BodyRules = BodyRules { free_text: &["eligibility.criteria[].description", "reason"] };
 
-/// Every route the router serves (method, template), for documentation and the hostile-HTTP test.
+/// Every route the router serves (method, template): the router is built from this table (see
+/// `endpoint`), the OpenAPI test checks the document against it, the hostile-HTTP test attacks
+/// each.
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
     ("GET", "/readyz"),
+    ("GET", "/openapi.json"),
     ("POST", "/v1/studies"),
     ("GET", "/v1/studies/{study_id}"),
     ("POST", "/v1/studies/{study_id}/sites"),
@@ -232,21 +237,9 @@ impl SiteApi {
 }
 
 fn router(api: Arc<Api>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
-        .route("/readyz", get(ready))
-        .route("/v1/studies", post(studies::create_study))
-        .route("/v1/studies/{study_id}", get(studies::get_study))
-        .route("/v1/studies/{study_id}/sites", post(studies::create_site))
-        .route("/v1/studies/{study_id}/sites/{site_id}/shipments", post(kits::receive_shipment))
-        .route("/v1/studies/{study_id}/sites/{site_id}/kits", get(kits::list_kits))
-        .route("/v1/studies/{study_id}/subjects", post(subjects::screen_subject))
-        .route("/v1/studies/{study_id}/subjects/{subject_id}/consent", post(subjects::sign_consent))
-        .route(
-            "/v1/studies/{study_id}/subjects/{subject_id}/enrollment-requests",
-            post(subjects::request_enrollment),
-        )
-        .route("/v1/studies/{study_id}/subjects/{subject_id}/withdrawal", post(subjects::withdraw_subject))
+    ROUTES
+        .iter()
+        .fold(Router::new(), |router, &(method, path)| router.route(path, endpoint(method, path)))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(middleware::from_fn(input::guard_request))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -255,6 +248,30 @@ fn router(api: Arc<Api>) -> Router {
         }))
         .layer(middleware::from_fn(track))
         .with_state(api)
+}
+
+/// The handler of each route of [`ROUTES`]. The router is built from that table, so a route is
+/// served only if it is listed (and, through the OpenAPI test, documented).
+fn endpoint(method: &str, path: &str) -> MethodRouter<Arc<Api>> {
+    match (method, path) {
+        ("GET", "/healthz") => get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        ("GET", "/readyz") => get(ready),
+        ("GET", "/openapi.json") => get(|| async { openapi::serve(openapi::DOCUMENT) }),
+        ("POST", "/v1/studies") => post(studies::create_study),
+        ("GET", "/v1/studies/{study_id}") => get(studies::get_study),
+        ("POST", "/v1/studies/{study_id}/sites") => post(studies::create_site),
+        ("POST", "/v1/studies/{study_id}/sites/{site_id}/shipments") => post(kits::receive_shipment),
+        ("GET", "/v1/studies/{study_id}/sites/{site_id}/kits") => get(kits::list_kits),
+        ("POST", "/v1/studies/{study_id}/subjects") => post(subjects::screen_subject),
+        ("POST", "/v1/studies/{study_id}/subjects/{subject_id}/consent") => post(subjects::sign_consent),
+        ("POST", "/v1/studies/{study_id}/subjects/{subject_id}/enrollment-requests") => {
+            post(subjects::request_enrollment)
+        }
+        ("POST", "/v1/studies/{study_id}/subjects/{subject_id}/withdrawal") => {
+            post(subjects::withdraw_subject)
+        }
+        _ => unreachable!("{method} {path} is listed in ROUTES without a handler"),
+    }
 }
 
 async fn ready(State(api): State<Arc<Api>>) -> Result<StatusCode, ApiError> {

@@ -103,8 +103,8 @@ impl Param {
         Param::ALL.into_iter().find(|p| p.name() == name)
     }
 
-    /// The parameter's description and schema in the OpenAPI document.
-    fn describe(self) -> (String, Schema) {
+    /// The parameter's description, schema and example in the OpenAPI document.
+    fn describe(self) -> (String, Schema, Option<serde_json::Value>) {
         let string = || ObjectBuilder::new().schema_type(Type::String);
         let date_time = || string().format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime))).into();
         let id = |what: &str| {
@@ -173,7 +173,20 @@ impl Param {
                 string().min_length(Some(CURSOR_CHARS)).max_length(Some(CURSOR_CHARS)).into(),
             ),
         };
-        (description, schema)
+        let example = match self {
+            Param::StudyId => json!("CDISCPILOT01"),
+            Param::SiteId => json!("701"),
+            Param::SubjectId => json!("01-701-1015"),
+            Param::RuleId => json!("PROTOCOL-HTN-SEVERE"),
+            Param::Severity => json!(["HIGH", "CRITICAL"]),
+            Param::Status => json!(["open", "acknowledged"]),
+            Param::RaisedFrom => json!("2026-03-01T08:00:00Z"),
+            Param::RaisedBefore => json!("2026-03-08T08:00:00+01:00"),
+            Param::Limit => json!(50),
+            // Only ever one the API gave out.
+            Param::Cursor => return (description, schema, None),
+        };
+        (description, schema, Some(example))
     }
 }
 
@@ -183,13 +196,14 @@ impl utoipa::IntoParams for Param {
         Param::ALL
             .into_iter()
             .map(|param| {
-                let (description, schema) = param.describe();
+                let (description, schema, example) = param.describe();
                 let parameter = ParameterBuilder::new()
                     .name(param.name())
                     .parameter_in(ParameterIn::Query)
                     .required(Required::False)
                     .description(Some(description))
-                    .schema(Some(schema));
+                    .schema(Some(schema))
+                    .example(example);
                 match param {
                     Param::Severity | Param::Status => {
                         parameter.style(Some(ParameterStyle::Form)).explode(Some(false)).build()

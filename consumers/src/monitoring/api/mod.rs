@@ -82,7 +82,7 @@ pub const REQUESTS_TOTAL: &str = "trialflow_alert_api_requests_total";
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Every route the router serves (method, template), for documentation and the hostile-HTTP test.
-/// The router itself is built by [`routes`]; the OpenAPI test checks that this list, the router
+/// The router itself is built by `routes`; the OpenAPI test checks that this list, the router
 /// and the document agree.
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/"),
