@@ -33,7 +33,9 @@ pub(super) const STATUSES: [&str; 3] = ["open", "acknowledged", "resolved"];
 /// present; the optional ones are `null` when they do not apply.
 #[derive(Debug, Clone, sqlx::FromRow, Serialize, utoipa::ToSchema)]
 pub(super) struct Alert {
+    /// The alert's id.
     pub(super) alert_id: Uuid,
+    /// The study (protocol) id.
     pub(super) study_id: String,
     /// The site, when the events that raised the alert named one.
     #[schema(required = true)]
