@@ -7,7 +7,7 @@ export DATABASE_URL ?= postgres://postgres@127.0.0.1:55432/trialflow
 export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:19092
 ONLY ?=
 
-.PHONY: help up down status build migrate demo run relay test browser lint fmt bench interop interop-setup clean
+.PHONY: help up down status build migrate demo run relay test browser lint fmt bench interop interop-setup openapi-validator clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,7 +36,7 @@ run: up ## Run every component (site API, ePRO gateway, alert API, relay, consum
 relay: up ## Run one relay instance in the foreground
 	$(CARGO) run -q --release -p trialflow -- relay
 
-test: lint up browser interop-setup ## fmt-check, clippy -D warnings, then every test against the local stack
+test: lint up browser interop-setup openapi-validator ## fmt-check, clippy -D warnings, then every test against the local stack
 	$(CARGO) test --workspace --all-targets
 
 browser: ## Install headless Chromium and chromedriver (Debian packages) for the inbox page test
@@ -51,6 +51,9 @@ fmt: ## Format the code
 
 bench: up ## Benchmarks with their raw baselines (`make bench ONLY=relay|consumer|epro|alerts|load` for one group)
 	$(CARGO) run -q --release -p trialflow-bench -- $(if $(ONLY),--only $(ONLY),)
+
+openapi-validator: ## Install openapi-spec-validator (pinned, PyPI) into .tools/ for the OpenAPI test
+	@scripts/openapi-validator.sh >/dev/null
 
 interop-setup: ## Install the foreign clients' libraries (fastavro, confluent-kafka, Apache Avro and Kafka for Java) into .tools/interop/
 	@interop/setup.sh
