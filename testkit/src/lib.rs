@@ -196,3 +196,39 @@ pub fn database_addr() -> anyhow::Result<std::net::SocketAddr> {
     use std::net::ToSocketAddrs;
     host_port.to_socket_addrs()?.next().context("DATABASE_URL has no host:port")
 }
+
+/// A client of the site API as the end-to-end tests use it: commands with a fresh idempotency key.
+#[derive(Debug, Clone)]
+pub struct SiteApi {
+    pub http: reqwest::Client,
+    /// `http://host:port` of the site API.
+    pub base: String,
+}
+
+impl SiteApi {
+    pub fn new(addr: std::net::SocketAddr) -> Self {
+        Self { http: reqwest::Client::new(), base: format!("http://{addr}") }
+    }
+
+    /// POSTs `body` to `/v1/studies{path}` as `token` with a fresh idempotency key; expects 201
+    /// and returns the created resource.
+    pub async fn post(
+        &self,
+        token: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let response = self
+            .http
+            .post(format!("{}/v1/studies{path}", self.base))
+            .bearer_auth(token)
+            .header("Idempotency-Key", uuid::Uuid::new_v4().to_string())
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await?;
+        anyhow::ensure!(status == reqwest::StatusCode::CREATED, "POST {path}: {status} {body}");
+        Ok(body)
+    }
+}

@@ -5,37 +5,25 @@
 
 use std::time::Duration;
 
-use reqwest::{Client, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
 use trialflow::pipeline::{Pipeline, PipelineConfig};
 use trialflow_outbox::SchemaName;
-use trialflow_testkit::{database_url, init_logs, kafka, wait_until};
+use trialflow_testkit::{SiteApi, database_url, init_logs, kafka, wait_until};
 
 const WAIT: Duration = Duration::from_secs(120);
 
 struct Site {
-    http: Client,
-    base: String,
+    api: SiteApi,
     study: String,
 }
 
 impl Site {
     /// POSTs `body` as `token` with a fresh idempotency key; the created resource.
     async fn post(&self, token: &str, path: &str, body: &Value) -> anyhow::Result<Value> {
-        let response = self
-            .http
-            .post(format!("{}/v1/studies{path}", self.base))
-            .bearer_auth(token)
-            .header("Idempotency-Key", uuid::Uuid::new_v4().to_string())
-            .json(body)
-            .send()
-            .await?;
-        let status = response.status();
-        let body: Value = response.json().await?;
-        anyhow::ensure!(status == StatusCode::CREATED, "POST {path}: {status} {body}");
-        Ok(body)
+        self.api.post(token, path, body).await
     }
 
     async fn shipment(&self, site: &str, per_arm: usize, first_sequence: usize) -> anyhow::Result<Value> {
@@ -82,11 +70,7 @@ async fn sites_enroll_subjects_through_the_api_and_a_shipment_releases_the_held_
     let epro_schema = config.schemas.epro.clone();
     let shutdown = CancellationToken::new();
     let pipeline = Pipeline::start(config, &shutdown).await?;
-    let site = Site {
-        http: Client::new(),
-        base: format!("http://{}", pipeline.site_api_addr()),
-        study: "E2E".into(),
-    };
+    let site = Site { api: SiteApi::new(pipeline.site_api_addr()), study: "E2E".into() };
 
     let study = json!({
         "study_id": "E2E", "title": "End-to-end",
@@ -138,8 +122,9 @@ async fn sites_enroll_subjects_through_the_api_and_a_shipment_releases_the_held_
 
     // A blinded caller sees the kits of a site without their treatment.
     let kits: Value = site
+        .api
         .http
-        .get(format!("{}/v1/studies/E2E/sites/702/kits", site.base))
+        .get(format!("{}/v1/studies/E2E/sites/702/kits", site.api.base))
         .bearer_auth("site-token")
         .send()
         .await?
@@ -150,6 +135,7 @@ async fn sites_enroll_subjects_through_the_api_and_a_shipment_releases_the_held_
     // An enrolled subject's app sends a PHQ-9 through the ingestion gateway; it is validated.
     let submission = phq9_submission("701-0000");
     let response = site
+        .api
         .http
         .post(format!("http://{}/v1/submissions", pipeline.epro_gateway_addr()))
         .bearer_auth("app-token")

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use chrono::{DateTime, Utc};
-use reqwest::{Client, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, PgPool};
@@ -29,7 +28,7 @@ use trialflow::pipeline::{Pipeline, PipelineConfig, consumer_groups};
 use trialflow::settle::{true_end_offsets, wait_settled};
 use trialflow_outbox::kafka::TopicReader;
 use trialflow_schemas::topics;
-use trialflow_testkit::{database_url, init_logs, kafka, wait_until};
+use trialflow_testkit::{SiteApi, database_url, init_logs, kafka, wait_until};
 
 /// The examples' study and site; each client sends for its own subject.
 const STUDY: &str = "CDISCPILOT01";
@@ -233,24 +232,12 @@ fn one<'a>(sent: &'a [Sent], event: &str) -> anyhow::Result<&'a Sent> {
 }
 
 struct Site {
-    http: Client,
-    base: String,
+    api: SiteApi,
 }
 
 impl Site {
     async fn post(&self, token: &str, path: &str, body: &Value) -> anyhow::Result<Value> {
-        let response = self
-            .http
-            .post(format!("{}/v1/studies{path}", self.base))
-            .bearer_auth(token)
-            .header("Idempotency-Key", uuid::Uuid::new_v4().to_string())
-            .json(body)
-            .send()
-            .await?;
-        let status = response.status();
-        let body: Value = response.json().await?;
-        ensure!(status == StatusCode::CREATED, "POST {path}: {status} {body}");
-        Ok(body)
+        self.api.post(token, path, body).await
     }
 
     /// The study, and site 701 with a kit per arm for each of `subjects` subjects.
@@ -339,7 +326,7 @@ async fn foreign_producers_and_consumers_follow_interop_md() -> anyhow::Result<(
     let pool = PgPool::connect(&database_url()).await?;
 
     // A study with an enrolled subject per client: ePRO validation decides only on enrolled ones.
-    let site = Site { http: Client::new(), base: format!("http://{}", pipeline.site_api_addr()) };
+    let site = Site { api: SiteApi::new(pipeline.site_api_addr()) };
     let subjects = [PYTHON_SUBJECT, JAVA_SUBJECT, HOSTILE_SUBJECT];
     site.set_up(subjects.len()).await?;
     // Kit allocation must know the kits before the first enrollment request, or the subject is put

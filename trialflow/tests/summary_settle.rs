@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use reqwest::{Client, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +24,7 @@ use trialflow_schemas::{
     Answer, Envelope, Event, PartialDateTime, QuestionnaireResponseSubmitted, ResponseStatus, Timestamp,
     VitalSignRecorded,
 };
-use trialflow_testkit::{database_url, init_logs, kafka, unique};
+use trialflow_testkit::{SiteApi, database_url, init_logs, kafka, unique};
 
 const WAIT: Duration = Duration::from_secs(120);
 const STUDY: &str = "SUM";
@@ -34,26 +34,14 @@ const PHQ9_DIFFICULTY: &str = "69722-7";
 
 /// The HTTP side of the scenario: sites and patient apps.
 struct Clients {
-    http: Client,
-    site_api: String,
+    site_api: SiteApi,
     gateway: String,
 }
 
 impl Clients {
     /// POSTs `body` to the site API as `token` with a fresh idempotency key; expects 201.
     async fn post(&self, token: &str, path: &str, body: &Value) -> anyhow::Result<Value> {
-        let response = self
-            .http
-            .post(format!("{}/v1/studies{path}", self.site_api))
-            .bearer_auth(token)
-            .header("Idempotency-Key", uuid::Uuid::new_v4().to_string())
-            .json(body)
-            .send()
-            .await?;
-        let status = response.status();
-        let body: Value = response.json().await?;
-        anyhow::ensure!(status == StatusCode::CREATED, "POST {path}: {status} {body}");
-        Ok(body)
+        self.site_api.post(token, path, body).await
     }
 
     /// Screens a subject (criterion INC01 met), and records its consent; the subject id.
@@ -94,6 +82,7 @@ impl Clients {
     /// What a patient app does: POST to the gateway, 202 once the broker has it.
     async fn submit(&self, submission: &QuestionnaireResponseSubmitted) -> anyhow::Result<()> {
         let response = self
+            .site_api
             .http
             .post(format!("{}/v1/submissions", self.gateway))
             .bearer_auth("app-token")
@@ -193,8 +182,7 @@ async fn the_summary_after_settling_counts_exactly_what_the_scenario_sent() -> a
     let pipeline = Pipeline::start(config, &shutdown).await?;
     let pool = PgPool::connect(&database_url()).await?;
     let clients = Clients {
-        http: Client::new(),
-        site_api: format!("http://{}", pipeline.site_api_addr()),
+        site_api: SiteApi::new(pipeline.site_api_addr()),
         gateway: format!("http://{}", pipeline.epro_gateway_addr()),
     };
 
