@@ -7,7 +7,7 @@ export DATABASE_URL ?= postgres://postgres@127.0.0.1:55432/trialflow
 export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:19092
 ONLY ?=
 
-.PHONY: help up down status build migrate demo run relay test browser lint fmt bench interop interop-setup openapi-validator clean
+.PHONY: help up down status build release migrate demo run relay test browser lint fmt bench interop interop-setup openapi-validator clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,13 +27,17 @@ build: ## Build everything (debug)
 migrate: up ## Create or upgrade every service schema
 	$(CARGO) run -q -p trialflow -- migrate
 
-demo: up ## Replay the CDISC pilot study through every component, print the summary, keep serving
+release: ## Build the release binary (several minutes the first time; cargo shows its progress)
+	@echo "[release] building target/release/trialflow (several minutes on a first build)"
+	$(CARGO) build --release -p trialflow
+
+demo: up release ## Replay the CDISC pilot study through every component, print the summary, keep serving
 	$(CARGO) run -q --release -p trialflow -- demo
 
-run: up ## Run every component (site API, ePRO gateway, alert API, relay, consumers) in the foreground
+run: up release ## Run every component (site API, ePRO gateway, alert API, relay, consumers) in the foreground
 	$(CARGO) run -q --release -p trialflow -- run
 
-relay: up ## Run one relay instance in the foreground
+relay: up release ## Run one relay instance in the foreground
 	$(CARGO) run -q --release -p trialflow -- relay
 
 test: lint up browser interop-setup openapi-validator ## fmt-check, clippy -D warnings, then every test against the local stack

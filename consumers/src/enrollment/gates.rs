@@ -1,6 +1,6 @@
 //! Gates before randomization and the stratum a request falls in (pure rules, no IO).
 //!
-//! Gates (sources: `shared/brief/domain-rules.md`): consent signed, eligibility assessed eligible,
+//! Gates (sources: `docs/domain-rules.md`): consent signed, eligibility assessed eligible,
 //! every stratification factor present with an allowed value (OpenClinica OC-10931). Every failing
 //! gate is reported, each with a machine-readable code, so a site fixes everything at once.
 

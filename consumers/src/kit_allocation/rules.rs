@@ -1,4 +1,4 @@
-//! Dispensing rules (sources: `shared/brief/domain-rules.md`).
+//! Dispensing rules (sources: `docs/domain-rules.md`).
 //!
 //! * Do-Not-Dispense: a kit is dispensable only while `today < expiry − DND days`, so it lasts until
 //!   the next dispensing visit (Oracle IRT).

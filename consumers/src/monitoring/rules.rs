@@ -1,5 +1,5 @@
 //! Monitoring rules as per-study configuration (JSON, versioned), and how a rule judges its input
-//! (pure, no IO). Sources: `shared/brief/domain-rules.md` (CTCAE v5.0 where it gives numbers,
+//! (pure, no IO). Sources: `docs/domain-rules.md` (CTCAE v5.0 where it gives numbers,
 //! "protocol" where the limit is a protocol choice).
 //!
 //! A vital-sign rule has conditions on LOINC codes (any may match: systolic ≥ 160 **or** diastolic
