@@ -32,18 +32,9 @@ fn submission(i: u64) -> QuestionnaireResponseSubmitted {
         Envelope::new("QuestionnaireResponseSubmitted", STUDY, "bench-app", Timestamp::from(authored));
     envelope.subject_id = Some(format!("S-{:05}", i % SUBJECTS));
     let score = |k: u64| ((i + k) % 4) as i32;
-    let mut items: Vec<Answer> = PHQ9
-        .iter()
-        .zip(0..)
-        .map(|(l, k)| Answer {
-            link_id: l.to_string(),
-            value_integer: Some(score(k)),
-            value_decimal: None,
-            value_string: None,
-            value_boolean: None,
-        })
-        .collect();
-    items.push(Answer { link_id: "69722-7".into(), value_integer: Some(1), ..items[0].clone() });
+    let mut items: Vec<Answer> =
+        PHQ9.iter().zip(0..).map(|(l, k)| Answer::integer(l.to_string(), score(k))).collect();
+    items.push(Answer::integer("69722-7", 1));
     if i.is_multiple_of(33) {
         items[0].value_integer = Some(7); // 3 % out of range
     }

@@ -214,15 +214,9 @@ fn submission(i: u64) -> QuestionnaireResponseSubmitted {
     let mut envelope = Envelope::new(QuestionnaireResponseSubmitted::NAME, "BENCH01", "epro-app", now);
     envelope.site_id = Some(format!("site-{:02}", i % 20));
     envelope.subject_id = Some(format!("subject-{:05}", i % SUBJECTS));
-    let item = |n: u64| Answer {
-        link_id: format!("phq9-{n}"),
-        value_integer: Some(((i + n) % 4) as i32),
-        value_decimal: None,
-        value_string: None,
-        value_boolean: None,
-    };
+    let item = |n: u64| Answer::integer(format!("phq9-{n}"), ((i + n) % 4) as i32);
     let mut items: Vec<Answer> = (1..=9).map(item).collect();
-    items.push(Answer { value_integer: None, value_string: Some("LA6568-5".to_string()), ..item(10) });
+    items.push(Answer::text("phq9-10", "LA6568-5"));
     QuestionnaireResponseSubmitted {
         envelope,
         submission_id: Uuid::now_v7(),

@@ -30,20 +30,10 @@ const STUDY: &str = "EPRO-IT";
 const PHQ9: [&str; 9] =
     ["44250-9", "44255-8", "44259-0", "44254-1", "44251-7", "44258-2", "44252-5", "44253-3", "44260-8"];
 
-fn answer(link_id: &str, v: i32) -> Answer {
-    Answer {
-        link_id: link_id.into(),
-        value_integer: Some(v),
-        value_decimal: None,
-        value_string: None,
-        value_boolean: None,
-    }
-}
-
 fn phq9(scores: [i32; 9]) -> Vec<Answer> {
-    let mut items: Vec<Answer> = PHQ9.iter().zip(scores).map(|(l, s)| answer(l, s)).collect();
+    let mut items: Vec<Answer> = PHQ9.iter().zip(scores).map(|(l, s)| Answer::integer(*l, s)).collect();
     if scores.iter().any(|s| *s > 0) {
-        items.push(answer("69722-7", 1));
+        items.push(Answer::integer("69722-7", 1));
     }
     items
 }

@@ -202,15 +202,7 @@ fn every_example_items_block_of_the_document_is_accepted_for_its_questionnaire()
 
 /// The PHQ-9 of the test vector before issue 14, built from the old schema doc.
 fn as_formerly_documented() -> QuestionnaireResponseSubmitted {
-    let items = (1..=9)
-        .map(|i| Answer {
-            link_id: format!("phq9-{i}"),
-            value_integer: Some(if i == 9 { 0 } else { 1 }),
-            value_decimal: None,
-            value_string: None,
-            value_boolean: None,
-        })
-        .collect();
+    let items = (1..=9).map(|i| Answer::integer(format!("phq9-{i}"), if i == 9 { 0 } else { 1 })).collect();
     let mut s = reference::example_submission(
         builtin().questionnaire("PHQ-9", "1.0").unwrap_or_else(|_| panic!("PHQ-9 1.0 is built in")),
         Some("DAY-28"),

@@ -128,13 +128,6 @@ impl TestGateway {
 }
 
 fn submission() -> QuestionnaireResponseSubmitted {
-    let answer = |link_id: &str| Answer {
-        link_id: link_id.to_string(),
-        value_integer: None,
-        value_decimal: None,
-        value_string: None,
-        value_boolean: None,
-    };
     let mut envelope = Envelope::new(
         QuestionnaireResponseSubmitted::NAME,
         "CDISCPILOT01",
@@ -153,10 +146,10 @@ fn submission() -> QuestionnaireResponseSubmitted {
         authored_at: Timestamp(1_767_000_000_123_456),
         device_time_zone: "America/New_York".to_string(),
         items: vec![
-            Answer { value_integer: Some(2), ..answer("phq9-1") },
-            Answer { value_decimal: Some(7.5), ..answer("pain-nrs") },
-            Answer { value_string: Some("LA6568-5".to_string()), ..answer("phq9-10") },
-            Answer { value_boolean: Some(false), ..answer("selfharm") },
+            Answer::integer("phq9-1", 2),
+            Answer::decimal("pain-nrs", 7.5),
+            Answer::text("phq9-10", "LA6568-5"),
+            Answer::boolean("selfharm", false),
         ],
     }
 }

@@ -356,6 +356,39 @@ pub struct Answer {
     pub value_boolean: Option<bool>,
 }
 
+impl Answer {
+    /// An item with no value (what an app sends for a question it skipped).
+    pub fn empty(link_id: impl Into<String>) -> Self {
+        Self {
+            link_id: link_id.into(),
+            value_integer: None,
+            value_decimal: None,
+            value_string: None,
+            value_boolean: None,
+        }
+    }
+
+    /// An integer answer (a choice's value, a score).
+    pub fn integer(link_id: impl Into<String>, value: i32) -> Self {
+        Self { value_integer: Some(value), ..Self::empty(link_id) }
+    }
+
+    /// A decimal answer (a numeric rating).
+    pub fn decimal(link_id: impl Into<String>, value: f64) -> Self {
+        Self { value_decimal: Some(value), ..Self::empty(link_id) }
+    }
+
+    /// A text answer (free text, or a coded answer's code).
+    pub fn text(link_id: impl Into<String>, value: impl Into<String>) -> Self {
+        Self { value_string: Some(value.into()), ..Self::empty(link_id) }
+    }
+
+    /// A yes/no answer.
+    pub fn boolean(link_id: impl Into<String>, value: bool) -> Self {
+        Self { value_boolean: Some(value), ..Self::empty(link_id) }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 pub struct QuestionnaireResponseSubmitted {

@@ -72,13 +72,7 @@ fn samples() -> Vec<AnyEvent> {
             items: PHQ9_ITEMS
                 .iter()
                 .enumerate()
-                .map(|(i, link_id)| Answer {
-                    link_id: link_id.to_string(),
-                    value_integer: Some(if i == 8 { 0 } else { 1 }),
-                    value_decimal: None,
-                    value_string: None,
-                    value_boolean: None,
-                })
+                .map(|(i, link_id)| Answer::integer(link_id.to_string(), if i == 8 { 0 } else { 1 }))
                 .collect(),
         }
         .into(),

@@ -1151,13 +1151,7 @@ impl Load {
     /// A PHQ-9 without a flag or a severe total: items 1–8 between 0 and 2, item 9 (self-harm) 0,
     /// and the difficulty item, which applies since an item is above 0.
     fn phq9(&self, i: u64) -> QuestionnaireResponseSubmitted {
-        let answer = |link_id: &str, value: u64| Answer {
-            link_id: link_id.into(),
-            value_integer: Some(value as i32),
-            value_decimal: None,
-            value_string: None,
-            value_boolean: None,
-        };
+        let answer = |link_id: &str, value: u64| Answer::integer(link_id, value as i32);
         let mut items: Vec<Answer> =
             PHQ9_ITEMS.iter().enumerate().map(|(n, link)| answer(link, (i + n as u64) % 3)).collect();
         if let Some(item9) = items.last_mut() {

@@ -159,13 +159,7 @@ fn phq9_submission(subject: &str) -> trialflow_schemas::QuestionnaireResponseSub
     use trialflow_schemas::{Answer, Envelope, QuestionnaireResponseSubmitted, ResponseStatus, Timestamp};
     let items =
         ["44250-9", "44255-8", "44259-0", "44254-1", "44251-7", "44258-2", "44252-5", "44253-3", "44260-8"];
-    let answer = |link_id: &str| Answer {
-        link_id: link_id.into(),
-        value_integer: Some(1),
-        value_decimal: None,
-        value_string: None,
-        value_boolean: None,
-    };
+    let answer = |link_id: &str| Answer::integer(link_id, 1);
     let mut answers: Vec<Answer> = items.iter().map(|l| answer(l)).collect();
     answers.push(answer("69722-7"));
     let authored = Timestamp::now();

@@ -332,13 +332,7 @@ fn submission() -> QuestionnaireResponseSubmitted {
     let now = Timestamp::now();
     let mut envelope = Envelope::new(QuestionnaireResponseSubmitted::NAME, "S1", "epro-app", now);
     envelope.subject_id = Some("701-0001".into());
-    let answer = |link_id: &str, value: i32| Answer {
-        link_id: link_id.into(),
-        value_integer: Some(value),
-        value_decimal: None,
-        value_string: None,
-        value_boolean: None,
-    };
+    let answer = |link_id: &str, value: i32| Answer::integer(link_id, value);
     QuestionnaireResponseSubmitted {
         envelope,
         submission_id: Uuid::new_v4(),

@@ -98,13 +98,7 @@ impl Clients {
 /// A PHQ-9 of `subject` with `scores` per item (`None`: not answered) and, when an item is above
 /// 0, the difficulty item (only asked then).
 fn phq9(subject: &str, scores: [Option<i32>; 9], authored: DateTime<Utc>) -> QuestionnaireResponseSubmitted {
-    let answer = |link_id: &str, value: i32| Answer {
-        link_id: link_id.into(),
-        value_integer: Some(value),
-        value_decimal: None,
-        value_string: None,
-        value_boolean: None,
-    };
+    let answer = |link_id: &str, value: i32| Answer::integer(link_id, value);
     let mut items: Vec<Answer> =
         PHQ9_ITEMS.iter().zip(scores).filter_map(|(l, s)| s.map(|s| answer(l, s))).collect();
     if scores.iter().flatten().any(|s| *s > 0) {

@@ -333,23 +333,13 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    pub(crate) fn int(link_id: &str, v: i32) -> Answer {
-        Answer {
-            link_id: link_id.into(),
-            value_integer: Some(v),
-            value_decimal: None,
-            value_string: None,
-            value_boolean: None,
-        }
-    }
-
     /// PHQ-9 answers: `scores` for items 1–9, and the difficulty item when any is > 0.
     pub(crate) fn phq9_answers(scores: [i32; 9]) -> Vec<Answer> {
         let q = phq9();
         let mut answers: Vec<Answer> =
-            q.items[..9].iter().zip(scores).map(|(i, s)| int(&i.link_id, s)).collect();
+            q.items[..9].iter().zip(scores).map(|(i, s)| Answer::integer(&i.link_id, s)).collect();
         if scores.iter().any(|s| *s > 0) {
-            answers.push(int("69722-7", 1));
+            answers.push(Answer::integer("69722-7", 1));
         }
         answers
     }
@@ -412,7 +402,7 @@ mod tests {
         // All zero: the difficulty item is not asked; answering it is a client bug.
         assert!(q.check(&phq9_answers([0; 9])).is_ok());
         let mut answers = phq9_answers([0; 9]);
-        answers.push(int("69722-7", 0));
+        answers.push(Answer::integer("69722-7", 0));
         assert_eq!(codes(q.check(&answers)), vec![ITEM_NOT_ENABLED]);
         // Any item above zero: it is asked and required.
         let mut answers = phq9_answers([0, 0, 1, 0, 0, 0, 0, 0, 0]);
@@ -435,20 +425,23 @@ mod tests {
         let nrs: Questionnaire =
             serde_json::from_str(include_str!("../../questionnaires/nrs-pain.v1.0.json"))
                 .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(nrs.check(&[int("72514-3", 10)]).ok().and_then(|s| s.band).as_deref(), Some("severe"));
-        assert_eq!(nrs.check(&[int("72514-3", 0)]).ok().and_then(|s| s.total), Some(0));
-        assert_eq!(codes(nrs.check(&[int("72514-3", 11)])), vec![ANSWER_OUT_OF_RANGE]);
-        assert_eq!(codes(nrs.check(&[int("72514-3", -1)])), vec![ANSWER_OUT_OF_RANGE]);
+        assert_eq!(
+            nrs.check(&[Answer::integer("72514-3", 10)]).ok().and_then(|s| s.band).as_deref(),
+            Some("severe")
+        );
+        assert_eq!(nrs.check(&[Answer::integer("72514-3", 0)]).ok().and_then(|s| s.total), Some(0));
+        assert_eq!(codes(nrs.check(&[Answer::integer("72514-3", 11)])), vec![ANSWER_OUT_OF_RANGE]);
+        assert_eq!(codes(nrs.check(&[Answer::integer("72514-3", -1)])), vec![ANSWER_OUT_OF_RANGE]);
     }
 
     #[test]
     fn unknown_and_repeated_items_are_refused() {
         let q = phq9();
         let mut answers = phq9_answers([1; 9]);
-        answers.push(int("12345-6", 1));
+        answers.push(Answer::integer("12345-6", 1));
         assert_eq!(codes(q.check(&answers)), vec![UNKNOWN_ITEM]);
         let mut answers = phq9_answers([1; 9]);
-        answers.push(int("44250-9", 1));
+        answers.push(Answer::integer("44250-9", 1));
         assert_eq!(codes(q.check(&answers)), vec![DUPLICATE_ITEM]);
     }
 

@@ -51,13 +51,7 @@ pub fn example_answers(q: &Questionnaire) -> Vec<Answer> {
             continue;
         }
         let flags_on = |v: i64| q.flags.iter().any(|f| f.link_id == item.link_id && f.op.holds(v, f.value));
-        let mut answer = Answer {
-            link_id: item.link_id.clone(),
-            value_integer: None,
-            value_decimal: None,
-            value_string: None,
-            value_boolean: None,
-        };
+        let mut answer = Answer::empty(item.link_id.clone());
         match item.kind {
             ItemType::Choice => {
                 let mut values: Vec<i32> = item.options.iter().map(|o| o.value).collect();

@@ -261,23 +261,13 @@ pub(crate) mod tests {
         DateTime::parse_from_rfc3339(rfc3339).map(|t| t.to_utc()).unwrap_or_default()
     }
 
-    pub(crate) fn int(link_id: &str, v: i32) -> Answer {
-        Answer {
-            link_id: link_id.into(),
-            value_integer: Some(v),
-            value_decimal: None,
-            value_string: None,
-            value_boolean: None,
-        }
-    }
-
     /// A PHQ-9 week-2 submission authored at 2026-06-15 12:00 New York time, all items 1.
     pub(crate) fn submission() -> QuestionnaireResponseSubmitted {
         let items = [
             "44250-9", "44255-8", "44259-0", "44254-1", "44251-7", "44258-2", "44252-5", "44253-3", "44260-8",
         ];
-        let mut answers: Vec<Answer> = items.iter().map(|l| int(l, 1)).collect();
-        answers.push(int("69722-7", 1));
+        let mut answers: Vec<Answer> = items.iter().map(|l| Answer::integer(*l, 1)).collect();
+        answers.push(Answer::integer("69722-7", 1));
         let mut envelope = Envelope::new(
             "QuestionnaireResponseSubmitted",
             "S1",

@@ -596,13 +596,7 @@ pub fn phq9_answers(subject_id: &str, visit: &str) -> Vec<Answer> {
 }
 
 fn answers_of(values: &[i32], difficulty: i32) -> Vec<Answer> {
-    let answer = |link_id: &str, v: i32| Answer {
-        link_id: link_id.to_string(),
-        value_integer: Some(v),
-        value_decimal: None,
-        value_string: None,
-        value_boolean: None,
-    };
+    let answer = |link_id: &str, v: i32| Answer::integer(link_id.to_string(), v);
     let mut answers: Vec<Answer> = PHQ9_ITEMS.iter().zip(values).map(|(item, v)| answer(item, *v)).collect();
     if values.iter().any(|v| *v > 0) {
         answers.push(answer(PHQ9_DIFFICULTY, difficulty.abs() % 4));

@@ -130,16 +130,6 @@ mod tests {
 
     use super::*;
 
-    fn answer(link_id: &str, value: i32) -> Answer {
-        Answer {
-            link_id: link_id.to_string(),
-            value_integer: Some(value),
-            value_decimal: None,
-            value_string: None,
-            value_boolean: None,
-        }
-    }
-
     fn submission() -> QuestionnaireResponseSubmitted {
         let mut envelope =
             Envelope::new(QuestionnaireResponseSubmitted::NAME, "CDISCPILOT01", "epro-app", Timestamp(0));
@@ -153,7 +143,7 @@ mod tests {
             status: ResponseStatus::Completed,
             authored_at: Timestamp(1_700_000_000_000_000),
             device_time_zone: "Europe/Berlin".to_string(),
-            items: vec![answer("q1", 2), answer("q2", 0)],
+            items: vec![Answer::integer("q1", 2), Answer::integer("q2", 0)],
         }
     }
 
