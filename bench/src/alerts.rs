@@ -90,11 +90,8 @@ pub(crate) async fn group(
 ) -> anyhow::Result<()> {
     let run = &Uuid::new_v4().simple().to_string()[..8];
     let names = TopicNames::new(format!("bench-{run}."));
-    let mut wanted: Vec<(String, i32)> = names.all().into_iter().map(|t| (t, PARTITIONS)).collect();
-    wanted.extend(names.all().into_iter().map(|t| (format!("{t}.dlq"), 1)));
-    wanted.push((format!("bench-{run}.raw"), PARTITIONS));
-    let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
-    trialflow_outbox::kafka::ensure_topics(kafka, &refs).await?;
+    trialflow_outbox::kafka::ensure_catalogue_topics(kafka, &names, PARTITIONS, topics::DLQ_SUFFIX).await?;
+    trialflow_outbox::kafka::ensure_topics(kafka, &[(&format!("bench-{run}.raw"), PARTITIONS)]).await?;
     raw_baseline(kafka, &format!("bench-{run}.raw"), rate, seconds).await?;
 
     let mon = SchemaName::new(format!("bench_mon_{run}"))?;

@@ -63,7 +63,7 @@ pub struct ConsumerConfig {
     pub fetch_wait_ms: u64,
 
     /// Suffix of dead-letter topics: `<topic><suffix>`.
-    #[arg(long, env = "CONSUMER_DLQ_SUFFIX", default_value = ".dlq")]
+    #[arg(long, env = "CONSUMER_DLQ_SUFFIX", default_value = trialflow_schemas::topics::DLQ_SUFFIX)]
     pub dlq_suffix: String,
 
     /// Failed attempts of a batch before its messages are retried one at a time (the poison
@@ -100,7 +100,7 @@ impl ConsumerConfig {
             session_timeout_ms: 6_000,
             heartbeat_interval_ms: 500,
             fetch_wait_ms: 50,
-            dlq_suffix: ".dlq".to_string(),
+            dlq_suffix: trialflow_schemas::topics::DLQ_SUFFIX.to_string(),
             poison_attempts: 5,
             revoke_wait_ms: 10_000,
             shutdown_grace_ms: 10_000,

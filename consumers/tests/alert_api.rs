@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use trialflow_consumers::monitoring::{self, api::AlertApi, api::AlertApiConfig, api::AlertApiError};
 use trialflow_outbox::SchemaName;
 use trialflow_producers::site_api::{Role, TokenGrant};
-use trialflow_schemas::topics::TopicNames;
+use trialflow_schemas::topics::{self, TopicNames};
 use trialflow_schemas::{AlertAcknowledged, AlertResolved, Event};
 use trialflow_testkit::{database_url, init_logs, unique, wait_until};
 use uuid::Uuid;
@@ -1212,9 +1212,7 @@ async fn monitoring_consumer(
     api: &TestApi,
 ) -> anyhow::Result<(CancellationToken, JoinHandle<Result<(), trialflow_consumers::ConsumerError>>)> {
     let kafka = trialflow_testkit::kafka();
-    let wanted: Vec<(String, i32)> = api.topics.all().into_iter().map(|t| (t, 1)).collect();
-    let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
-    trialflow_outbox::kafka::ensure_topics(&kafka, &refs).await?;
+    trialflow_outbox::kafka::ensure_catalogue_topics(&kafka, &api.topics, 1, topics::DLQ_SUFFIX).await?;
     let mut config = trialflow_consumers::ConsumerConfig::local();
     config.database.database_url = database_url();
     config.kafka = kafka;

@@ -93,10 +93,8 @@ impl Stack {
     async fn start(partitions: i32) -> anyhow::Result<Self> {
         init_logs();
         let names = TopicNames::new(format!("{}.", unique("epro").replace('_', "-")));
-        let mut wanted: Vec<(String, i32)> = names.all().into_iter().map(|t| (t, partitions)).collect();
-        wanted.extend(names.all().into_iter().map(|t| (format!("{t}.dlq"), 1)));
-        let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
-        trialflow_outbox::kafka::ensure_topics(&kafka(), &refs).await?;
+        trialflow_outbox::kafka::ensure_catalogue_topics(&kafka(), &names, partitions, topics::DLQ_SUFFIX)
+            .await?;
         let url = database_url();
         let (source, schema) = (SchemaName::new(unique("src"))?, SchemaName::new(unique("epro"))?);
         trialflow_outbox::migrate(&url, &source).await?;
@@ -356,7 +354,7 @@ async fn a_thousand_submissions_each_end_in_exactly_one_outcome() -> anyhow::Res
     assert_eq!(n, expected_rejections.get("CONFLICTING_DUPLICATE").copied().unwrap_or(0) as i64);
 
     // Only the garbage reached the dead-letter topic.
-    let dlq = TopicReader::new(&kafka(), &format!("{ingestion}.dlq"), true)?
+    let dlq = TopicReader::new(&kafka(), &format!("{ingestion}{}", topics::DLQ_SUFFIX), true)?
         .read_until_idle(Duration::from_secs(3), WAIT)
         .await?;
     assert_eq!(dlq.len(), 7, "{:?}", dlq.iter().map(|m| m.header("dlq.reason")).collect::<Vec<_>>());
@@ -473,7 +471,7 @@ async fn unstorable_strings_are_rejected_and_the_submission_behind_them_is_accep
         .read_until_idle(Duration::from_secs(2), WAIT)
         .await?;
     assert_eq!(again.len(), cases.len() + 1);
-    let dlq = TopicReader::new(&kafka(), &format!("{ingestion}.dlq"), true)?
+    let dlq = TopicReader::new(&kafka(), &format!("{ingestion}{}", topics::DLQ_SUFFIX), true)?
         .read_until_idle(Duration::from_secs(1), WAIT)
         .await?;
     assert!(dlq.is_empty(), "{:?}", dlq.iter().map(|m| m.header("dlq.reason")).collect::<Vec<_>>());

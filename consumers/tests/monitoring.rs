@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use trialflow_consumers::monitoring::{self, rules::RuleBook};
 use trialflow_consumers::{ConsumerConfig, ConsumerError};
 use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
-use trialflow_schemas::topics::TopicNames;
+use trialflow_schemas::topics::{self, TopicNames};
 use trialflow_schemas::*;
 use trialflow_testkit::{RunningRelay, database_url, init_logs, kafka, relay_config, unique, wait_until};
 use uuid::Uuid;
@@ -40,10 +40,7 @@ impl Fixture {
     async fn start(rules_dir: Option<&std::path::Path>) -> anyhow::Result<Self> {
         init_logs();
         let names = TopicNames::new(format!("{}.", unique("mon").replace('_', "-")));
-        let mut wanted: Vec<(String, i32)> = names.all().into_iter().map(|t| (t, 4)).collect();
-        wanted.extend(names.all().into_iter().map(|t| (format!("{t}.dlq"), 1)));
-        let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
-        trialflow_outbox::kafka::ensure_topics(&kafka(), &refs).await?;
+        trialflow_outbox::kafka::ensure_catalogue_topics(&kafka(), &names, 4, topics::DLQ_SUFFIX).await?;
         let url = database_url();
         let (source, schema) = (SchemaName::new(unique("src"))?, SchemaName::new(unique("mon"))?);
         trialflow_outbox::migrate(&url, &source).await?;

@@ -296,8 +296,11 @@ impl Stack {
         recorder();
         let names = TopicNames::new(format!("{}.", unique("notifier").replace('_', "-")));
         let alerts = names.name(topics::ALERTS);
-        let wanted =
-            [(alerts.clone(), 2), (format!("{alerts}.dlq"), 1), (names.name(topics::NOTIFICATIONS), 2)];
+        let wanted = [
+            (alerts.clone(), 2),
+            (format!("{alerts}{}", topics::DLQ_SUFFIX), 1),
+            (names.name(topics::NOTIFICATIONS), 2),
+        ];
         let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
         trialflow_outbox::kafka::ensure_topics(&kafka(), &refs).await?;
         let url = database_url();

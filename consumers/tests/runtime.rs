@@ -199,7 +199,7 @@ impl Fixture {
     /// A relay for the consumer's outbox (dead letters and the handler's events leave through it),
     /// and the dead-letter topic.
     async fn start_relay(&self) -> anyhow::Result<(String, RunningRelay)> {
-        let dlq_topic = format!("{}.dlq", self.topic);
+        let dlq_topic = format!("{}{}", self.topic, trialflow_schemas::topics::DLQ_SUFFIX);
         let out_topic = format!("{}.out", self.topic);
         trialflow_outbox::kafka::ensure_topics(&kafka(), &[(&dlq_topic, 1), (&out_topic, 1)]).await?;
         let mut relay_config = trialflow_outbox::RelayConfig::local(vec![self.schema.clone()]);

@@ -35,6 +35,21 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[(&str, i32)]) -> Resul
     Ok(())
 }
 
+/// Creates every topic of the catalogue (behind `names`' prefix) with `partitions`, and the
+/// dead-letter topic of each (`<topic><dlq_suffix>`, one partition), those that do not exist yet.
+pub async fn ensure_catalogue_topics(
+    kafka: &KafkaConfig,
+    names: &trialflow_schemas::topics::TopicNames,
+    partitions: i32,
+    dlq_suffix: &str,
+) -> Result<()> {
+    let topics = names.all();
+    let mut wanted: Vec<(String, i32)> = topics.iter().map(|t| (t.clone(), partitions)).collect();
+    wanted.extend(topics.iter().map(|t| (format!("{t}{dlq_suffix}"), 1)));
+    let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
+    ensure_topics(kafka, &refs).await
+}
+
 /// The headers of a received message (a null value reads as empty), and how many could not be
 /// read. rdkafka panics on a header name that is not UTF-8 (it unwraps the name's `CStr`), and any
 /// producer can send one: each header is read on its own behind `catch_unwind`, so such a header

@@ -36,15 +36,22 @@ pub enum DlqCommand {
 pub struct Target {
     #[command(flatten)]
     pub kafka: KafkaConfig,
-    /// The dead-letter topic, e.g. `clinical.observations.v1.dlq` (or the original topic: `.dlq`
-    /// is appended when missing).
+    /// The dead-letter topic, e.g. `clinical.observations.v1.dlq` (or the original topic: the
+    /// suffix is appended when missing).
     #[arg(long)]
     pub topic: String,
+    /// The suffix of dead-letter topics, as the consumers were configured.
+    #[arg(long, env = "CONSUMER_DLQ_SUFFIX", default_value = trialflow_schemas::topics::DLQ_SUFFIX)]
+    pub dlq_suffix: String,
 }
 
 impl Target {
     fn dlq_topic(&self) -> String {
-        if self.topic.ends_with(".dlq") { self.topic.clone() } else { format!("{}.dlq", self.topic) }
+        if self.topic.ends_with(&self.dlq_suffix) {
+            self.topic.clone()
+        } else {
+            format!("{}{}", self.topic, self.dlq_suffix)
+        }
     }
 }
 

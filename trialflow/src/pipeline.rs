@@ -237,12 +237,8 @@ impl Pipeline {
         let catalogue =
             Catalogue::load(config.epro_config_dir.as_deref()).context("questionnaire catalogue")?;
         if config.create_topics {
-            let topics = config.topics.all();
-            let mut wanted: Vec<(String, i32)> =
-                topics.iter().map(|t| (t.clone(), config.partitions)).collect();
-            wanted.extend(topics.iter().map(|t| (format!("{t}{}", config.consumer.dlq_suffix), 1)));
-            let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
-            trialflow_outbox::kafka::ensure_topics(&config.relay.kafka, &refs)
+            let (kafka, dlq) = (&config.relay.kafka, &config.consumer.dlq_suffix);
+            trialflow_outbox::kafka::ensure_catalogue_topics(kafka, &config.topics, config.partitions, dlq)
                 .await
                 .context("creating topics")?;
         }

@@ -14,7 +14,7 @@ use trialflow_consumers::kit_allocation::{self, KitAllocation};
 use trialflow_consumers::{ConsumerConfig, ConsumerError, ConsumerSpec};
 use trialflow_outbox::kafka::TopicReader;
 use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
-use trialflow_schemas::topics::TopicNames;
+use trialflow_schemas::topics::{DLQ_SUFFIX, TopicNames};
 use trialflow_schemas::{AnyEvent, Date, Event, ReceivedKit, decode_any};
 use trialflow_testkit::{RunningRelay, database_url, init_logs, kafka, relay_config, unique, wait_until};
 
@@ -39,10 +39,7 @@ impl Trial {
     pub(crate) async fn new(partitions: i32) -> anyhow::Result<Self> {
         init_logs();
         let topics = TopicNames::new(format!("{}.", unique("l").replace('_', "-")));
-        let mut wanted: Vec<(String, i32)> = topics.all().into_iter().map(|t| (t, partitions)).collect();
-        wanted.extend(topics.all().into_iter().map(|t| (format!("{t}.dlq"), 1)));
-        let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
-        trialflow_outbox::kafka::ensure_topics(&kafka(), &refs).await?;
+        trialflow_outbox::kafka::ensure_catalogue_topics(&kafka(), &topics, partitions, DLQ_SUFFIX).await?;
         let url = database_url();
         let source = SchemaName::new(unique("src"))?;
         let enrollment = SchemaName::new(unique("enr"))?;
