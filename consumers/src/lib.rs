@@ -11,13 +11,16 @@ pub mod enrollment;
 pub mod epro;
 pub mod error;
 pub mod events;
+mod failure;
 pub mod handler;
 pub mod kit_allocation;
 pub mod metrics;
 pub mod monitoring;
 pub mod notifier;
 mod parking;
+mod rebalance;
 pub mod runtime;
+mod shared;
 pub mod store;
 
 pub use config::{ConsumerConfig, ConsumerSpec};

@@ -10,9 +10,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::error::HandlerError;
+use crate::failure::{parked_retry_delay, retry_delay, send_to_dlq};
 use crate::handler::{Context, Handler};
 use crate::metrics as m;
-use crate::runtime::{Shared, backoff_delay, send_to_dlq};
+use crate::shared::Shared;
 
 const SLICE: i64 = 100;
 
@@ -29,7 +30,7 @@ pub(crate) async fn run<H: Handler>(shared: Arc<Shared<H>>, stop: CancellationTo
         }
         // Rows carry their own next_attempt_at; look for due ones every second (an indexed query).
         let wait = if failures > 0 {
-            backoff_delay(failures, shared.config.max_backoff())
+            retry_delay(&shared.config, failures)
         } else {
             shared.config.park_retry().min(Duration::from_secs(1))
         };
@@ -130,8 +131,7 @@ async fn reschedule<H: Handler>(
     dependency: &str,
     max_age: chrono::Duration,
 ) -> Result<(), HandlerError> {
-    let delay = backoff_delay(row.attempts as u32 + 1, shared.config.park_retry() * 12);
-    let delay = delay.max(shared.config.park_retry()).min(Duration::from_secs(3600));
+    let delay = parked_retry_delay(&shared.config, row.attempts as u32 + 1);
     let (retry, limit) = (delay.as_secs_f64(), max_age.num_seconds() as f64);
     shared.sql.reschedule(tx, &shared.spec.name, row.event_id, reason, dependency, retry, limit).await?;
     Ok(())

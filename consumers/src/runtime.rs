@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message as _;
-use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio::sync::{Notify, mpsc};
@@ -20,99 +20,12 @@ use trialflow_outbox::Outbox;
 
 use crate::config::{ConsumerConfig, ConsumerSpec};
 use crate::error::{ConsumerError, HandlerError};
+use crate::failure::{reason_of, retry_delay, send_to_dlq, sleep_or_shutdown};
 use crate::handler::{Context, Handler, Message};
 use crate::metrics as m;
-use crate::store::{DeadLetter, Sql, dead_letter};
-
-type Key = (String, i32);
-
-/// A partition's worker, as the rebalance callback sees it.
-struct WorkerHandle {
-    cancel: CancellationToken,
-    done: std::sync::mpsc::Receiver<()>,
-}
-
-/// Stops the workers of revoked partitions before the revocation completes, so that they finish
-/// (or roll back) their batch and commit its offset while they still own the partition.
-struct RebalanceContext {
-    workers: Arc<Mutex<HashMap<Key, WorkerHandle>>>,
-    /// Set right after the consumer is created; used to split assigned partitions.
-    consumer: std::sync::OnceLock<std::sync::Weak<StreamConsumer<RebalanceContext>>>,
-    assigned: mpsc::UnboundedSender<(Key, PartitionQueue)>,
-    revoke_wait: Duration,
-}
-
-type PartitionQueue = rdkafka::consumer::stream_consumer::StreamPartitionQueue<RebalanceContext>;
-
-impl ClientContext for RebalanceContext {}
-
-impl ConsumerContext for RebalanceContext {
-    fn pre_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(revoked) = rebalance else { return };
-        let stopping: Vec<WorkerHandle> = {
-            let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-            revoked
-                .elements()
-                .iter()
-                .filter_map(|e| workers.remove(&(e.topic().to_string(), e.partition())))
-                .collect()
-        };
-        for w in &stopping {
-            w.cancel.cancel();
-        }
-        let deadline = Instant::now() + self.revoke_wait;
-        let wait = || {
-            for w in &stopping {
-                let left = deadline.saturating_duration_since(Instant::now());
-                // Disconnected: the worker is gone already (its task was dropped).
-                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = w.done.recv_timeout(left) {
-                    // The worker goes on until its batch ends (it is cancelled, so it commits
-                    // nothing more after that); the partition's next worker waits for it.
-                    warn!(
-                        revoke_wait_ms = self.revoke_wait.as_millis() as u64,
-                        "A revoked partition's batch outlived the revoke wait."
-                    );
-                }
-            }
-        };
-        // Blocking here is what holds the revocation until the batches are done; it needs a
-        // multi-threaded runtime (the workers run on the other threads).
-        let flavor = tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor());
-        if let Ok(tokio::runtime::RuntimeFlavor::MultiThread) = flavor {
-            tokio::task::block_in_place(wait);
-        }
-        info!(partitions = revoked.count(), "Partitions revoked.");
-    }
-
-    /// Gives every assigned partition its own queue, split off right after the assignment and so
-    /// before anything is fetched for it: partitions are then fetched and drained independently
-    /// (a broker that returns one partition's backlog at a time cannot starve the other workers).
-    fn post_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Assign(assigned) = rebalance else { return };
-        let Some(consumer) = self.consumer.get().and_then(std::sync::Weak::upgrade) else { return };
-        for e in assigned.elements() {
-            match consumer.split_partition_queue(e.topic(), e.partition()) {
-                Some(queue) => {
-                    let _ = self.assigned.send(((e.topic().to_string(), e.partition()), queue));
-                }
-                None => warn!(topic = e.topic(), partition = e.partition(), "Cannot split partition queue."),
-            }
-        }
-        info!(partitions = assigned.count(), "Partitions assigned.");
-    }
-}
-
-/// What every partition worker (and the parking loop) shares.
-pub(crate) struct Shared<H> {
-    pub(crate) spec: ConsumerSpec,
-    pub(crate) config: ConsumerConfig,
-    pub(crate) handler: H,
-    pub(crate) pool: PgPool,
-    pub(crate) outbox: Arc<Outbox>,
-    pub(crate) sql: Sql,
-    consumer: Arc<StreamConsumer<RebalanceContext>>,
-    pub(crate) park_wake: Notify,
-}
+use crate::rebalance::{Key, PartitionQueue, RebalanceContext, WorkerHandle};
+use crate::shared::Shared;
+use crate::store::Sql;
 
 /// Runs a consumer until `shutdown`: subscribes, applies messages through `handler`, retries
 /// parked messages, expires old inbox rows. Returns after finishing in-flight batches and leaving
@@ -273,8 +186,6 @@ fn owned(m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
     }
 }
 
-pub(crate) use trialflow_outbox::relay::backoff_delay;
-
 /// Applies one partition's messages in order until cancelled (revocation or shutdown).
 async fn partition_worker<H: Handler>(
     shared: Arc<Shared<H>>,
@@ -360,10 +271,10 @@ where
                 "Batch keeps failing; applying its messages one at a time.");
             return isolate(shared, batch, rx, cancel, first_failure).await;
         }
-        let delay = backoff_delay(failures, shared.config.max_backoff());
+        let delay = retry_delay(&shared.config, failures);
         warn!(consumer = %shared.spec.name, partition = batch[0].partition, %error, attempt = failures,
             retry_in_ms = delay.as_millis() as u64, "Batch failed; rolled back, retrying.");
-        if !sleep_unless_cancelled(delay, cancel).await {
+        if !sleep_or_shutdown(delay, cancel).await {
             return false;
         }
     }
@@ -423,10 +334,10 @@ where
                     Some(Err(e)) => warn!(consumer = name, error = %e, "Dead-lettering failed; retrying."),
                 }
             }
-            let delay = backoff_delay(failures, shared.config.max_backoff());
+            let delay = retry_delay(&shared.config, failures);
             warn!(consumer = name, partition = batch[i].partition, offset = batch[i].offset, %error,
                 attempt = failures, retry_in_ms = delay.as_millis() as u64, "Message failed alone; retrying.");
-            if !sleep_unless_cancelled(delay, cancel).await {
+            if !sleep_or_shutdown(delay, cancel).await {
                 return false;
             }
         }
@@ -514,15 +425,6 @@ async fn guarded<H: Handler>(
         tracing::error!(consumer = %shared.spec.name, panic = %what, "Handler panicked; batch rolled back.");
         Err(HandlerError::Transient(format!("handler panicked: {what}")))
     }))
-}
-
-/// Sleeps for `delay`; false when cancelled first.
-async fn sleep_unless_cancelled(delay: Duration, cancel: &CancellationToken) -> bool {
-    tokio::select! {
-        biased;
-        _ = cancel.cancelled() => false,
-        _ = tokio::time::sleep(delay) => true,
-    }
 }
 
 fn commit_offset<H>(shared: &Shared<H>, topic: &str, partition: i32, next: i64) {
@@ -731,38 +633,6 @@ async fn park<H: Handler>(
     shared.sql.park(tx, name, event_id, dependency, reason, msg, retry, max_age).await?;
     debug!(consumer = name, %event_id, dependency, reason, "Parked message.");
     Ok("parked")
-}
-
-fn reason_of(error: &HandlerError) -> String {
-    match error {
-        HandlerError::Permanent(r) | HandlerError::Transient(r) => r.clone(),
-        HandlerError::NotYet { reason, .. } => reason.clone(),
-    }
-}
-
-/// Dead-letters `msg` in `tx`: `class` is `permanent`, `not_yet` (parked too long) or
-/// `retries_exhausted` (the poison fence).
-pub(crate) async fn send_to_dlq<H: Handler>(
-    shared: &Shared<H>,
-    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
-    msg: &Message,
-    class: &str,
-    reason: String,
-    attempts: u32,
-    first_failure: chrono::DateTime<chrono::Utc>,
-) -> Result<(), HandlerError> {
-    warn!(consumer = %shared.spec.name, topic = %msg.topic, partition = msg.partition, offset = msg.offset,
-        %reason, "Dead-lettering message.");
-    let letter = DeadLetter {
-        consumer: &shared.spec.name,
-        class,
-        reason,
-        attempts: attempts as i32,
-        first_failure_at: first_failure,
-    };
-    let topic = format!("{}{}", msg.topic, shared.config.dlq_suffix);
-    dead_letter(tx, &shared.outbox, topic, msg, letter).await?;
-    Ok(())
 }
 
 /// Every 10 s: messages between each assigned partition's position and its end, summed per topic.

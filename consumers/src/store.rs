@@ -1,9 +1,10 @@
-//! SQL of the runtime on a consumer's schema: inbox, parked messages, dead letters (through the
-//! consumer's outbox, so a dead letter is written in the same transaction that moves on).
+//! SQL of the runtime on a consumer's schema: the inbox and parked messages, and the names of the
+//! headers a dead letter carries (dead letters themselves are written by `failure`, through the
+//! consumer's outbox, in the same transaction that moves on).
 
 use sqlx::{AssertSqlSafe, FromRow, PgConnection};
+use trialflow_outbox::SchemaName;
 use trialflow_outbox::writer::printable;
-use trialflow_outbox::{Outbox, RawRecord, SchemaName};
 use uuid::Uuid;
 
 use crate::handler::Message;
@@ -20,16 +21,6 @@ pub mod dlq_headers {
     pub const FIRST_FAILURE_AT: &str = "dlq.first_failure_at";
     /// Prefix of every dead-letter header; `dlq replay` strips them.
     pub const PREFIX: &str = "dlq.";
-}
-
-/// Why and how a message is dead-lettered.
-#[derive(Debug)]
-pub(crate) struct DeadLetter<'a> {
-    pub consumer: &'a str,
-    pub class: &'a str,
-    pub reason: String,
-    pub attempts: i32,
-    pub first_failure_at: chrono::DateTime<chrono::Utc>,
 }
 
 #[derive(Debug, Clone)]
@@ -354,52 +345,4 @@ impl Sql {
             .await?
             .rows_affected())
     }
-}
-
-/// Longest `dlq.reason`; longer reasons (which may quote the message) are cut.
-const MAX_REASON_BYTES: usize = 4096;
-
-/// Enqueues `msg` to its dead-letter topic through the consumer's outbox, byte for byte: the
-/// original key, payload and every original header, plus `dlq.*` headers saying who failed it,
-/// why, and where it was. Nothing in the message can make this fail (see [`RawRecord`]).
-pub(crate) async fn dead_letter(
-    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
-    outbox: &Outbox,
-    dlq_topic: String,
-    msg: &Message,
-    letter: DeadLetter<'_>,
-) -> Result<(), trialflow_outbox::OutboxError> {
-    use dlq_headers as h;
-    let mut reason = letter.reason.into_bytes();
-    if reason.len() > MAX_REASON_BYTES {
-        reason.truncate(MAX_REASON_BYTES);
-        reason.extend_from_slice("…".as_bytes());
-    }
-    let mut headers: Vec<(Vec<u8>, Vec<u8>)> =
-        msg.headers.iter().map(|(k, v)| (k.clone().into_bytes(), v.clone())).collect();
-    for (name, value) in [
-        (h::CONSUMER, letter.consumer.as_bytes().to_vec()),
-        (h::ERROR_CLASS, letter.class.as_bytes().to_vec()),
-        (h::REASON, reason),
-        (h::ORIGINAL_TOPIC, msg.topic.clone().into_bytes()),
-        (h::ORIGINAL_PARTITION, msg.partition.to_string().into_bytes()),
-        (h::ORIGINAL_OFFSET, msg.offset.to_string().into_bytes()),
-        (h::ATTEMPTS, letter.attempts.to_string().into_bytes()),
-        (h::FIRST_FAILURE_AT, letter.first_failure_at.to_rfc3339().into_bytes()),
-    ] {
-        headers.push((name.as_bytes().to_vec(), value));
-    }
-    let record = RawRecord {
-        topic: dlq_topic,
-        key: msg.key.clone(),
-        // The original event id when readable, so that a replay is still deduplicated against it.
-        event_id: msg
-            .header_str("event_id")
-            .and_then(|s| Uuid::parse_str(s).ok())
-            .unwrap_or_else(Uuid::now_v7),
-        event_type: msg.header_str("event_type").unwrap_or("unknown").to_string(),
-        payload: msg.payload.clone().unwrap_or_default(),
-        headers,
-    };
-    outbox.enqueue_raw(tx, &record).await
 }

@@ -15,6 +15,7 @@ pub mod migrate;
 pub mod publisher;
 pub mod quarantine;
 pub mod relay;
+pub mod retry;
 pub mod schema;
 pub mod shard;
 pub mod store;

@@ -21,7 +21,6 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
@@ -37,6 +36,7 @@ use crate::error::{OutboxError, Result};
 use crate::metrics as m;
 use crate::migrate::shard_count;
 use crate::publisher::{self, Fault, SendError};
+use crate::retry::{backoff_delay, sleep_or_shutdown};
 use crate::schema::SchemaName;
 use crate::shard::ShardLease;
 use crate::store::{Cursor, OutboxRow, Store};
@@ -162,26 +162,6 @@ async fn report_stats(
             Err(error) => debug!(%source, %error, "Cannot read outbox backlog."),
         }
         sleep_or_shutdown(config.stats_interval(), &shutdown).await;
-    }
-}
-
-/// The n-th delay (1-based) of an exponential backoff from 100 ms, with jitter, capped at `max`
-/// (`backon`). Shared by everything in trialflow that retries.
-pub fn backoff_delay(attempt: u32, max: Duration) -> Duration {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(max)
-        .with_jitter()
-        .without_max_times()
-        .build()
-        .nth(attempt.saturating_sub(1) as usize)
-        .unwrap_or(max)
-}
-
-async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) {
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => {}
-        _ = shutdown.cancelled() => {}
     }
 }
 
@@ -549,21 +529,5 @@ impl SourceRelay {
     async fn grace_expired(&self) {
         self.shutdown.cancelled().await;
         tokio::time::sleep(self.config.shutdown_grace()).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_stays_under_its_cap() {
-        let max = Duration::from_secs(2);
-        for attempt in 1..50 {
-            let d = backoff_delay(attempt, max);
-            // Jitter adds up to one more base delay, never more than twice the cap.
-            assert!(d >= Duration::from_millis(100) && d <= 2 * max, "attempt {attempt}: {d:?}");
-        }
-        assert!(backoff_delay(20, max) >= max, "late attempts reach the cap");
     }
 }

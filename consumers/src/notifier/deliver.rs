@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use trialflow_outbox::relay::backoff_delay;
+use trialflow_outbox::retry::{backoff_delay, sleep_or_shutdown};
 use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
 use trialflow_schemas::topics::TopicNames;
 use trialflow_schemas::{AnyEvent, Envelope, Event, NotificationDelivered, NotificationFailed};
@@ -229,13 +229,6 @@ async fn listen(pool: PgPool, schema: SchemaName, wake: Arc<Notify>, shutdown: C
                 },
             }
         }
-    }
-}
-
-async fn sleep_or_shutdown(delay: Duration, shutdown: &CancellationToken) {
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => {}
-        _ = shutdown.cancelled() => {}
     }
 }
 
