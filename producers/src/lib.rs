@@ -13,7 +13,6 @@
 //! * [`workload`]: a synthetic service that exercises the outbox end to end (demo, benchmarks).
 
 pub mod cdisc_pilot;
-pub mod clock;
 pub mod edc;
 pub mod epro_gateway;
 pub mod input;

@@ -10,9 +10,9 @@ use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use trialflow_http::clock::Clock;
 use trialflow_outbox::KafkaConfig;
 use trialflow_outbox::kafka::{ReadMessage, TopicReader};
-use trialflow_producers::clock::Clock;
 use trialflow_producers::epro_gateway::{EproGateway, EproGatewayConfig, EproGatewayError};
 use trialflow_schemas::topics::TopicNames;
 use trialflow_schemas::{

@@ -36,8 +36,8 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{PgConnection, Postgres, Transaction};
 use tracing::{debug, info};
+use trialflow_http::clock::Clock;
 use trialflow_outbox::SchemaName;
-use trialflow_producers::clock::Clock;
 use trialflow_schemas::topics::{self, TopicNames};
 use trialflow_schemas::{
     AnyEvent, Envelope, Event, KitAllocated, KitAllocationFailed, KitsReceived, SiteStockLow,

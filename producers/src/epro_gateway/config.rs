@@ -8,8 +8,8 @@ use trialflow_outbox::KafkaConfig;
 use trialflow_schemas::topics::TopicNames;
 
 use super::error::EproGatewayError;
-use crate::clock::Clock;
 use crate::input::{DEFAULT_MAX_FUTURE_SKEW_SECS, parse_future_skew};
+use trialflow_http::clock::Clock;
 
 /// Where the gateway listens by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8082";

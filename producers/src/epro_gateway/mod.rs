@@ -116,7 +116,7 @@ pub fn describe_metrics() {
 pub(crate) struct Gateway {
     pub(crate) tokens: auth::AppTokens,
     pub(crate) publisher: publish::Publisher,
-    pub(crate) clock: crate::clock::Clock,
+    pub(crate) clock: trialflow_http::clock::Clock,
     /// How far a stated instant may lead `clock`.
     pub(crate) max_future_skew: chrono::Duration,
 }

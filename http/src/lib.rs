@@ -1,0 +1,10 @@
+//! What the HTTP services share — the site API and the ePRO gateway (producers) and the
+//! researchers' alert API (consumers) — and what the consumers that judge the same inputs need
+//! of them. A crate of its own so that both sides depend on it, and neither on the other.
+//!
+//! * [`clock`]: where "now" comes from; a replay drives a virtual one (read by the ePRO gateway
+//!   and by kit allocation).
+
+pub mod clock;
+
+pub use clock::Clock;
