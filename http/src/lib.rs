@@ -2,9 +2,13 @@
 //! researchers' alert API (consumers) — and what the consumers that judge the same inputs need
 //! of them. A crate of its own so that both sides depend on it, and neither on the other.
 //!
+//! * [`error`]: [`ApiError`], the `{"error": {"code", "message", "field"}}` body every service
+//!   answers a failed request with.
 //! * [`clock`]: where "now" comes from; a replay drives a virtual one (read by the ePRO gateway
 //!   and by kit allocation).
 
 pub mod clock;
+pub mod error;
 
 pub use clock::Clock;
+pub use error::ApiError;

@@ -48,7 +48,7 @@ use chrono::{DateTime, Utc};
 use serde::de::{DeserializeOwned, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use trialflow_schemas::{QuestionnaireResponseSubmitted, Timestamp};
 
-use crate::site_api::ApiError;
+use trialflow_http::ApiError;
 
 // ---- limits ----------------------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 
 use super::Gateway;
-use crate::site_api::ApiError;
 use crate::site_api::auth::{bearer_digest, digest};
+use trialflow_http::ApiError;
 
 /// The accepted app tokens.
 #[derive(Debug, Clone, Default)]

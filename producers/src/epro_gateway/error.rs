@@ -1,5 +1,5 @@
 //! Why the gateway could not start or stopped. What a request gets back is a
-//! [`crate::site_api::ApiError`], the body every trialflow HTTP service answers with.
+//! [`trialflow_http::ApiError`], the body every trialflow HTTP service answers with.
 
 use std::net::SocketAddr;
 

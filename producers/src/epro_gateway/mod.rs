@@ -78,7 +78,7 @@ pub use error::EproGatewayError;
 pub use publish::producer_config;
 
 use crate::input;
-use crate::site_api::ApiError;
+use trialflow_http::ApiError;
 
 /// Every route the router serves (method, template): the router is built from this table (see
 /// `endpoint`), the OpenAPI test checks the document against it, the hostile-HTTP test attacks

@@ -14,7 +14,7 @@ use trialflow_schemas::{CONTENT_TYPE, CodecError, Event, QuestionnaireResponseSu
 
 use super::config::EproGatewayConfig;
 use super::{ACK_SECONDS, RECEIVED_AT_HEADER};
-use crate::site_api::ApiError;
+use trialflow_http::ApiError;
 
 /// `client.id` of the gateway's producer.
 pub const CLIENT_ID: &str = "trialflow-epro-gateway";

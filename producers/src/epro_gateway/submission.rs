@@ -15,7 +15,8 @@ use uuid::Uuid;
 use super::auth::App;
 use super::{Gateway, MAX_BODY_BYTES};
 use crate::input::{self, SUBMISSION_BODY};
-use crate::site_api::{ApiError, check_time_zone};
+use crate::site_api::check_time_zone;
+use trialflow_http::ApiError;
 
 /// The 202 body: the ids the app sent, and where the broker stored the event.
 #[derive(Debug, Clone, Serialize)]

@@ -15,7 +15,7 @@ use axum::http::request::Parts;
 use sha2::{Digest, Sha256};
 
 use super::Api;
-use super::error::ApiError;
+use trialflow_http::ApiError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {

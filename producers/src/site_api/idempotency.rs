@@ -19,8 +19,8 @@ use trialflow_outbox::OutboxEvent;
 use trialflow_schemas::Event;
 
 use super::auth::Principal;
-use super::error::ApiError;
 use super::{Api, CommandRequest};
+use trialflow_http::ApiError;
 
 pub const HEADER: &str = "idempotency-key";
 /// Set to `true` on a response that answers a retry from the stored first response.

@@ -38,7 +38,7 @@
 //! a withdrawal's reason — may hold tabs and line breaks), strings beyond their limit, a key given
 //! twice in one object, bodies beyond [`MAX_BODY_BYTES`], instants too far in the future.
 //!
-//! **Errors** are `{"error": {"code", "message", "field"?}}`, see [`error::ApiError`]: 400
+//! **Errors** are `{"error": {"code", "message", "field"?}}`, see [`ApiError`]: 400
 //! `invalid_json` / `duplicate_key` / `invalid_body` / `idempotency_key_required`, 401
 //! `unauthenticated`, 403 `forbidden`, 404 `not_found`, 409 conflicts, 413 `payload_too_large`
 //! (a body beyond [`MAX_BODY_BYTES`], or events too large for the event log), 422
@@ -71,13 +71,14 @@ use sqlx::postgres::PgPoolOptions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use trialflow_http::ApiError;
 use trialflow_outbox::{Outbox, SchemaName};
 use trialflow_schemas::Timestamp;
 use trialflow_schemas::topics::TopicNames;
 
 pub use auth::{Role, TokenGrant};
 pub use config::SiteApiConfig;
-pub use error::{ApiError, SiteApiError};
+pub use error::SiteApiError;
 
 use crate::input::{self, BodyRules, Text};
 

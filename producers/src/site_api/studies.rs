@@ -18,12 +18,13 @@ use trialflow_schemas::{
 };
 
 use super::auth::{Principal, Role};
-use super::error::{ApiError, conflict_on};
+use super::error::conflict_on;
 use super::{
     Api, CommandRequest, MAX_TITLE_CHARS, PgQuery, SOURCE_SYSTEM, check_free_text, check_id, check_text,
     check_time_zone, occurred_at,
 };
 use crate::input::{MAX_CODE_CHARS, MAX_FREE_TEXT_CHARS, MAX_NAME_CHARS};
+use trialflow_http::ApiError;
 
 /// The configuration version a new study starts with.
 pub const FIRST_CONFIG_VERSION: i32 = 1;

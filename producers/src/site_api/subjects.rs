@@ -23,13 +23,14 @@ use trialflow_schemas::{
 use uuid::Uuid;
 
 use super::auth::{Principal, Role};
-use super::error::{ApiError, unique_violation};
+use super::error::unique_violation;
 use super::studies::{AGE_CRITERION, Eligibility, Factor, StudySetup, no_site, site_time_zone};
 use super::{
     Api, CommandRequest, MAX_SEX_CHARS, PgQuery, SOURCE_SYSTEM, check_free_text, check_id, check_text,
     check_time_zone,
 };
 use crate::input::{MAX_CODE_CHARS, MAX_FREE_TEXT_CHARS};
+use trialflow_http::ApiError;
 
 /// Who may record what happens to a subject.
 const SUBJECT_ROLES: &[Role] = &[Role::SiteStaff, Role::Admin];

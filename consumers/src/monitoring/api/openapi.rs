@@ -103,7 +103,7 @@ pub(super) fn one_of(allowed: &[&str], description: &str) -> Object {
         .build()
 }
 
-/// The body of every error answer (the site API's, `trialflow_producers::site_api::ApiError`).
+/// The body of every error answer (`trialflow_http::ApiError`).
 pub(super) struct ErrorBody;
 
 impl utoipa::PartialSchema for ErrorBody {
