@@ -10,8 +10,9 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use trialflow_http::auth::{Role, TokenGrant};
 use trialflow_outbox::SchemaName;
-use trialflow_producers::site_api::{self, Role, SiteApi, SiteApiConfig, SiteApiError, TokenGrant};
+use trialflow_producers::site_api::{self, SiteApi, SiteApiConfig, SiteApiError};
 use trialflow_schemas::topics::TopicNames;
 use trialflow_schemas::{
     ConsentSigned, DateTimePrecision, EligibilityAssessed, EnrollmentRequested, Event, KitsReceived,

@@ -9,8 +9,8 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 
 use super::Gateway;
-use crate::site_api::auth::{bearer_digest, digest};
 use trialflow_http::ApiError;
+use trialflow_http::auth::{bearer_digest, digest};
 
 /// The accepted app tokens.
 #[derive(Debug, Clone, Default)]

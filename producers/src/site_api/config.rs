@@ -7,9 +7,9 @@ use trialflow_outbox::SchemaName;
 use trialflow_outbox::config::DEFAULT_DATABASE_URL;
 use trialflow_schemas::topics::TopicNames;
 
-use super::auth::{TokenGrant, parse_tokens};
 use super::error::SiteApiError;
 use crate::input::{DEFAULT_MAX_FUTURE_SKEW_SECS, parse_future_skew};
+use trialflow_http::auth::{TokenGrant, parse_tokens};
 
 /// Where the API listens by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8081";
@@ -147,7 +147,7 @@ fn parse_connections(value: &str) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::site_api::auth::Role;
+    use trialflow_http::auth::Role;
 
     #[test]
     fn local_defaults_offer_one_demo_token_per_role() {

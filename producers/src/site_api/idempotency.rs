@@ -18,9 +18,9 @@ use sqlx::{AssertSqlSafe, Postgres, Transaction};
 use trialflow_outbox::OutboxEvent;
 use trialflow_schemas::Event;
 
-use super::auth::Principal;
 use super::{Api, CommandRequest};
 use trialflow_http::ApiError;
+use trialflow_http::auth::Principal;
 
 pub const HEADER: &str = "idempotency-key";
 /// Set to `true` on a response that answers a retry from the stored first response.

@@ -45,7 +45,6 @@
 //! `validation_failed` / `invalid_characters` / `too_long` / `in_the_future` /
 //! `idempotency_key_reused`, 503 `unavailable` (retry with the same key), 500 `internal`.
 
-pub mod auth;
 pub mod config;
 pub mod error;
 pub mod idempotency;
@@ -72,11 +71,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use trialflow_http::ApiError;
+use trialflow_http::auth::{HasTokens, Tokens};
 use trialflow_outbox::{Outbox, SchemaName};
 use trialflow_schemas::Timestamp;
 use trialflow_schemas::topics::TopicNames;
 
-pub use auth::{Role, TokenGrant};
 pub use config::SiteApiConfig;
 pub use error::SiteApiError;
 
@@ -152,9 +151,15 @@ pub(crate) struct Api {
     pub(crate) outbox: Outbox,
     pub(crate) schema: SchemaName,
     pub(crate) topics: TopicNames,
-    pub(crate) tokens: auth::Tokens,
+    pub(crate) tokens: Tokens,
     /// How far a stated instant may lead the server's clock.
     pub(crate) max_future_skew: chrono::Duration,
+}
+
+impl HasTokens for Api {
+    fn tokens(&self) -> &Tokens {
+        &self.tokens
+    }
 }
 
 impl Api {
@@ -211,7 +216,7 @@ impl SiteApi {
             outbox,
             schema: config.schema,
             topics: config.topics,
-            tokens: auth::Tokens::new(&config.tokens),
+            tokens: Tokens::new(&config.tokens),
             max_future_skew: chrono::Duration::seconds(
                 i64::try_from(config.max_future_skew_secs).unwrap_or(i64::MAX / 1_000_000),
             ),

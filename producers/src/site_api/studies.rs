@@ -17,7 +17,6 @@ use trialflow_schemas::{
     Envelope, Event, KitTypeSettings, RandomizationSettings, StratificationFactor, StudyArm, StudyConfigured,
 };
 
-use super::auth::{Principal, Role};
 use super::error::conflict_on;
 use super::{
     Api, CommandRequest, MAX_TITLE_CHARS, PgQuery, SOURCE_SYSTEM, check_free_text, check_id, check_text,
@@ -25,6 +24,7 @@ use super::{
 };
 use crate::input::{MAX_CODE_CHARS, MAX_FREE_TEXT_CHARS, MAX_NAME_CHARS};
 use trialflow_http::ApiError;
+use trialflow_http::auth::{Principal, Role};
 
 /// The configuration version a new study starts with.
 pub const FIRST_CONFIG_VERSION: i32 = 1;

@@ -22,7 +22,6 @@ use trialflow_schemas::{
 };
 use uuid::Uuid;
 
-use super::auth::{Principal, Role};
 use super::error::unique_violation;
 use super::studies::{AGE_CRITERION, Eligibility, Factor, StudySetup, no_site, site_time_zone};
 use super::{
@@ -31,6 +30,7 @@ use super::{
 };
 use crate::input::{MAX_CODE_CHARS, MAX_FREE_TEXT_CHARS};
 use trialflow_http::ApiError;
+use trialflow_http::auth::{Principal, Role};
 
 /// Who may record what happens to a subject.
 const SUBJECT_ROLES: &[Role] = &[Role::SiteStaff, Role::Admin];

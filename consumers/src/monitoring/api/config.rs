@@ -4,10 +4,9 @@
 use std::net::SocketAddr;
 use std::str::FromStr;
 
+use trialflow_http::auth::{TokenGrant, parse_tokens};
 use trialflow_outbox::SchemaName;
 use trialflow_outbox::config::DEFAULT_DATABASE_URL;
-use trialflow_producers::site_api::TokenGrant;
-use trialflow_producers::site_api::auth::parse_tokens;
 use trialflow_schemas::topics::TopicNames;
 
 use super::AlertApiError;
@@ -110,7 +109,7 @@ fn parse_listen(value: &str) -> Result<SocketAddr, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trialflow_producers::site_api::Role;
+    use trialflow_http::auth::Role;
 
     #[test]
     fn local_defaults_offer_the_demo_researcher() {

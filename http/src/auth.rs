@@ -14,8 +14,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use sha2::{Digest, Sha256};
 
-use super::Api;
-use trialflow_http::ApiError;
+use crate::ApiError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
@@ -151,7 +150,7 @@ impl Tokens {
 
 /// The digest of the token in an `Authorization: Bearer <token>` value; `None` for any other
 /// value. Shared with the ePRO gateway, whose app tokens are looked up the same way.
-pub(crate) fn bearer_digest(authorization: Option<&str>) -> Option<[u8; 32]> {
+pub fn bearer_digest(authorization: Option<&str>) -> Option<[u8; 32]> {
     let value = authorization?.trim();
     let (scheme, token) = value.split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("bearer") {
@@ -160,16 +159,23 @@ pub(crate) fn bearer_digest(authorization: Option<&str>) -> Option<[u8; 32]> {
     Some(digest(token.trim()))
 }
 
-pub(crate) fn digest(token: &str) -> [u8; 32] {
+/// The sha256 of a token: how accepted tokens are kept and looked up.
+pub fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-impl FromRequestParts<Arc<Api>> for Principal {
+/// The state of a service whose handlers take the caller as a [`Principal`] argument: where the
+/// extractor finds the accepted tokens (the site API's state).
+pub trait HasTokens {
+    fn tokens(&self) -> &Tokens;
+}
+
+impl<S: HasTokens + Send + Sync> FromRequestParts<Arc<S>> for Principal {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, api: &Arc<Api>) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<S>) -> Result<Self, ApiError> {
         let authorization = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-        api.tokens.principal(authorization).cloned().ok_or_else(ApiError::unauthenticated)
+        state.tokens().principal(authorization).cloned().ok_or_else(ApiError::unauthenticated)
     }
 }
 
