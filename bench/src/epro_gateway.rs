@@ -51,7 +51,7 @@ pub(crate) async fn group(kafka: &KafkaConfig, rate: u64, seconds: u64) -> anyho
         tokens: vec![token.clone()],
         ack_timeout_ms: DEFAULT_ACK_TIMEOUT_MS,
         clock: Default::default(),
-        max_future_skew_secs: trialflow_producers::input::DEFAULT_MAX_FUTURE_SKEW_SECS,
+        max_future_skew_secs: trialflow_http::input::DEFAULT_MAX_FUTURE_SKEW_SECS,
     };
     let total = usize::try_from(rate * seconds)?;
     let submissions: Vec<QuestionnaireResponseSubmitted> =

@@ -2,15 +2,20 @@
 //! researchers' alert API (consumers) — and what the consumers that judge the same inputs need
 //! of them. A crate of its own so that both sides depend on it, and neither on the other.
 //!
-//! * [`auth`]: who is calling — bearer tokens mapped to a user and a [`Role`](auth::Role) (site staff,
-//!   pharmacists, admins, researchers), and what each role may see.
+//! * [`auth`]: who is calling — bearer tokens mapped to a user and a [`Role`](auth::Role)
+//!   (site staff, pharmacists, admins, researchers), and what each role may see.
 //! * [`error`]: [`ApiError`], the `{"error": {"code", "message", "field"}}` body every service
 //!   answers a failed request with.
+//! * [`input`]: what the front doors accept — the rules for every string, body and instant,
+//!   JSON bodies read with duplicate keys refused and errors naming the field's path, ids and
+//!   required values — shared with the ePRO validation consumer, which refuses the same
+//!   submissions when apps publish them straight to Kafka.
 //! * [`clock`]: where "now" comes from; a replay drives a virtual one (read by the ePRO gateway
 //!   and by kit allocation).
 
 pub mod auth;
 pub mod clock;
 pub mod error;
+pub mod input;
 
 pub use error::ApiError;

@@ -8,13 +8,13 @@
 //!   outbox: the broker's acknowledgement is the commit).
 //! * [`edc`]: an upstream EDC publishing clinical records straight to their topics.
 //! * [`cdisc_pilot`]: the CDISC pilot study's data and its replay plan.
-//! * [`input`]: what the HTTP services accept (strings, bodies, instants), shared with the ePRO
-//!   validation consumer.
 //! * [`workload`]: a synthetic service that exercises the outbox end to end (demo, benchmarks).
+//!
+//! What the HTTP services share with the alert API (identity, the error body, the input rules) is
+//! in `trialflow-http`.
 
 pub mod cdisc_pilot;
 pub mod edc;
 pub mod epro_gateway;
-pub mod input;
 pub mod site_api;
 pub mod workload;

@@ -73,7 +73,7 @@ impl TestGateway {
             tokens: vec![unique("other-app"), token.clone()],
             ack_timeout_ms,
             clock,
-            max_future_skew_secs: trialflow_producers::input::DEFAULT_MAX_FUTURE_SKEW_SECS,
+            max_future_skew_secs: trialflow_http::input::DEFAULT_MAX_FUTURE_SKEW_SECS,
         };
         let gateway = EproGateway::bind(config).await?;
         let base = format!("http://{}", gateway.local_addr());

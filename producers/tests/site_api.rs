@@ -76,7 +76,7 @@ impl TestApi {
             tokens: tokens.clone(),
             topics: topics.clone(),
             max_connections: 8,
-            max_future_skew_secs: trialflow_producers::input::DEFAULT_MAX_FUTURE_SKEW_SECS,
+            max_future_skew_secs: trialflow_http::input::DEFAULT_MAX_FUTURE_SKEW_SECS,
         };
         let api = SiteApi::bind(config).await?;
         let base = format!("http://{}", api.local_addr());

@@ -214,7 +214,7 @@ impl LoadConfig {
     }
 
     fn check(&self) -> anyhow::Result<()> {
-        trialflow_producers::site_api::check_id("study", &self.study)
+        trialflow_http::input::check_id("study", &self.study)
             .map_err(|e| anyhow::anyhow!("--study: {}", e.message))?;
         for (name, value) in [("subjects", self.subjects), ("sites", self.sites), ("rate", self.rate)] {
             anyhow::ensure!(value >= 1, "--{name} must be at least 1");

@@ -9,9 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
-use trialflow_producers::input::{
-    MAX_CODE_CHARS, MAX_FREE_TEXT_CHARS, MAX_ID_CHARS, MAX_QUESTIONNAIRE_CHARS,
-};
+use trialflow_http::input::{MAX_CODE_CHARS, MAX_FREE_TEXT_CHARS, MAX_ID_CHARS, MAX_QUESTIONNAIRE_CHARS};
 use trialflow_schemas::{Answer, Envelope, Event, QuestionnaireResponseSubmitted, ResponseStatus, Timestamp};
 use uuid::Uuid;
 

@@ -10,7 +10,7 @@ use trialflow_schemas::{
     Answer, QuestionnaireResponseSubmitted, RejectionReason, ResponseStatus, Timestamp, WindowStatus,
 };
 
-use trialflow_producers::input::{self, Problem};
+use trialflow_http::input::{self, Problem};
 
 use super::catalogue::{Catalogue, Unknown};
 use super::questionnaire::Scored;

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-
-use super::Gateway;
 use trialflow_http::ApiError;
 use trialflow_http::auth::{bearer_digest, digest};
+
+use super::Gateway;
 
 /// The accepted app tokens.
 #[derive(Debug, Clone, Default)]

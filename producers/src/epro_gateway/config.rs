@@ -4,12 +4,12 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
 
+use trialflow_http::clock::Clock;
+use trialflow_http::input::{DEFAULT_MAX_FUTURE_SKEW_SECS, parse_future_skew};
 use trialflow_outbox::KafkaConfig;
 use trialflow_schemas::topics::TopicNames;
 
 use super::error::EproGatewayError;
-use crate::input::{DEFAULT_MAX_FUTURE_SKEW_SECS, parse_future_skew};
-use trialflow_http::clock::Clock;
 
 /// Where the gateway listens by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8082";

@@ -22,7 +22,7 @@
 //! **What is checked here, and what is not.** The gateway checks shape only, what it needs to key,
 //! route, encode and store the event: the JSON fits the type (400 `invalid_json` naming the field
 //! path; a key given twice is 400 `duplicate_key`); every string passes
-//! [`crate::input::submission_problems`] (422 `invalid_characters`: no control character, except
+//! [`trialflow_http::input::submission_problems`] (422 `invalid_characters`: no control character, except
 //! tabs and line breaks in `items[i].value_string`; 422 `too_long`: ids 64 characters, the
 //! questionnaire 256, codes and link ids 64, a free-text answer 2,000 — the validation consumer
 //! rejects what breaks them with `INVALID_CHARACTERS` / `TEXT_TOO_LONG` when an app publishes
@@ -77,8 +77,8 @@ pub use config::EproGatewayConfig;
 pub use error::EproGatewayError;
 pub use publish::producer_config;
 
-use crate::input;
 use trialflow_http::ApiError;
+use trialflow_http::input;
 
 /// Every route the router serves (method, template): the router is built from this table (see
 /// `endpoint`), the OpenAPI test checks the document against it, the hostile-HTTP test attacks

@@ -9,12 +9,12 @@ use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use trialflow_http::ApiError;
 use trialflow_outbox::publisher::headers;
 use trialflow_schemas::{CONTENT_TYPE, CodecError, Event, QuestionnaireResponseSubmitted};
 
 use super::config::EproGatewayConfig;
 use super::{ACK_SECONDS, RECEIVED_AT_HEADER};
-use trialflow_http::ApiError;
 
 /// `client.id` of the gateway's producer.
 pub const CLIENT_ID: &str = "trialflow-epro-gateway";

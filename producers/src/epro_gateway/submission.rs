@@ -9,14 +9,14 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use trialflow_http::ApiError;
+use trialflow_http::input::{self, SUBMISSION_BODY};
 use trialflow_schemas::{Answer, Event, QuestionnaireResponseSubmitted};
 use uuid::Uuid;
 
 use super::auth::App;
 use super::{Gateway, MAX_BODY_BYTES};
-use crate::input::{self, SUBMISSION_BODY};
 use crate::site_api::check_time_zone;
-use trialflow_http::ApiError;
 
 /// The 202 body: the ids the app sent, and where the broker stored the event.
 #[derive(Debug, Clone, Serialize)]

@@ -3,13 +3,13 @@
 use std::net::SocketAddr;
 use std::str::FromStr;
 
+use trialflow_http::auth::{TokenGrant, parse_tokens};
+use trialflow_http::input::{DEFAULT_MAX_FUTURE_SKEW_SECS, parse_future_skew};
 use trialflow_outbox::SchemaName;
 use trialflow_outbox::config::DEFAULT_DATABASE_URL;
 use trialflow_schemas::topics::TopicNames;
 
 use super::error::SiteApiError;
-use crate::input::{DEFAULT_MAX_FUTURE_SKEW_SECS, parse_future_skew};
-use trialflow_http::auth::{TokenGrant, parse_tokens};
 
 /// Where the API listens by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8081";

@@ -15,12 +15,12 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
+use trialflow_http::ApiError;
+use trialflow_http::auth::Principal;
 use trialflow_outbox::OutboxEvent;
 use trialflow_schemas::Event;
 
 use super::{Api, CommandRequest};
-use trialflow_http::ApiError;
-use trialflow_http::auth::Principal;
 
 pub const HEADER: &str = "idempotency-key";
 /// Set to `true` on a response that answers a retry from the stored first response.

@@ -13,15 +13,15 @@ use axum::response::Response;
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, PgConnection};
+use trialflow_http::ApiError;
+use trialflow_http::auth::{Principal, Role};
+use trialflow_http::input::{MAX_CODE_CHARS, check_id, check_text};
 use trialflow_outbox::SchemaName;
 use trialflow_schemas::{Date, Envelope, Event, KitsReceived, ReceivedKit, Timestamp};
 
 use super::error::conflict_on;
 use super::studies::{StudySetup, require_site, require_study};
-use super::{Api, CommandRequest, SOURCE_SYSTEM, check_id, check_text, occurred_at};
-use crate::input::MAX_CODE_CHARS;
-use trialflow_http::ApiError;
-use trialflow_http::auth::{Principal, Role};
+use super::{Api, CommandRequest, SOURCE_SYSTEM, occurred_at};
 
 /// Most kits one shipment may carry (one request, one transaction, one event).
 pub const MAX_KITS_PER_SHIPMENT: usize = 5_000;

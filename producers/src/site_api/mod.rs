@@ -33,7 +33,7 @@
 //! A stated `occurred_at` (and a consent's `signed_at`) may lie at most
 //! `SITE_API_MAX_FUTURE_SKEW_SECS` (default 300) ahead of the server's clock.
 //!
-//! **What is refused before anything is written** (see [`crate::input`]): control characters in
+//! **What is refused before anything is written** (see [`trialflow_http::input`]): control characters in
 //! any string of a body, path segment or query parameter (free text — a criterion's description,
 //! a withdrawal's reason — may hold tabs and line breaks), strings beyond their limit, a key given
 //! twice in one object, bodies beyond [`MAX_BODY_BYTES`], instants too far in the future.
@@ -72,14 +72,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use trialflow_http::ApiError;
 use trialflow_http::auth::{HasTokens, Tokens};
+use trialflow_http::input::{self, BodyRules};
 use trialflow_outbox::{Outbox, SchemaName};
 use trialflow_schemas::Timestamp;
 use trialflow_schemas::topics::TopicNames;
 
 pub use config::SiteApiConfig;
 pub use error::SiteApiError;
-
-use crate::input::{self, BodyRules, Text};
 
 /// The default service schema (and outbox source) of the site API.
 pub const SCHEMA: &str = "site_api";
@@ -359,41 +358,6 @@ pub(crate) fn occurred_at(given: Option<&str>) -> Result<Timestamp, ApiError> {
     }
 }
 
-/// Ids of studies, sites, subjects, shipments and kits: `^[A-Za-z0-9._-]{1,64}$`, so they are
-/// safe in paths, Kafka keys and logs.
-pub fn check_id(field: &str, value: &str) -> Result<(), ApiError> {
-    input::check(field, value, Text::Line, input::MAX_ID_CHARS)?;
-    let valid = (1..=input::MAX_ID_CHARS).contains(&value.len())
-        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if valid {
-        Ok(())
-    } else {
-        Err(ApiError::validation(
-            field,
-            format!("`{value}` is not a valid id: use 1 to 64 letters, digits, `.`, `_` or `-`"),
-        ))
-    }
-}
-
-/// A required single-line value (a name, a code): not blank, no control character, at most
-/// `max` characters.
-pub fn check_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
-    check_required(field, value, Text::Line, max)
-}
-
-/// A required free-text value (a reason, a description): not blank, no control character but
-/// tabs and line breaks, at most `max` characters.
-pub fn check_free_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
-    check_required(field, value, Text::FreeText, max)
-}
-
-fn check_required(field: &str, value: &str, text: Text, max: usize) -> Result<(), ApiError> {
-    if value.trim().is_empty() {
-        return Err(ApiError::validation(field, "must not be empty"));
-    }
-    input::check(field, value, text, max)
-}
-
 /// An IANA time zone name (`Europe/Berlin`).
 pub(crate) fn check_time_zone(field: &str, value: &str) -> Result<(), ApiError> {
     value.parse::<chrono_tz::Tz>().map(|_| ()).map_err(|_| {
@@ -406,12 +370,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_zones_and_times_are_checked() {
-        assert!(check_id("subject_id", "01-701-1015").is_ok());
-        assert!(check_id("study_id", "CDISCPILOT01").is_ok());
-        for bad in ["", "a b", "a/b", &"x".repeat(65)] {
-            assert_eq!(check_id("study_id", bad).err().and_then(|e| e.field).as_deref(), Some("study_id"));
-        }
+    fn zones_and_times_are_checked() {
         assert!(check_time_zone("time_zone", "America/New_York").is_ok());
         assert!(check_time_zone("time_zone", "Mars/Olympus").is_err());
         assert_eq!(

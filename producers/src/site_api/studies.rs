@@ -12,19 +12,18 @@ use axum::extract::{Path, State};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, PgConnection};
+use trialflow_http::ApiError;
+use trialflow_http::auth::{Principal, Role};
+use trialflow_http::input::{
+    MAX_CODE_CHARS, MAX_FREE_TEXT_CHARS, MAX_NAME_CHARS, check_free_text, check_id, check_text,
+};
 use trialflow_outbox::SchemaName;
 use trialflow_schemas::{
     Envelope, Event, KitTypeSettings, RandomizationSettings, StratificationFactor, StudyArm, StudyConfigured,
 };
 
 use super::error::conflict_on;
-use super::{
-    Api, CommandRequest, MAX_TITLE_CHARS, PgQuery, SOURCE_SYSTEM, check_free_text, check_id, check_text,
-    check_time_zone, occurred_at,
-};
-use crate::input::{MAX_CODE_CHARS, MAX_FREE_TEXT_CHARS, MAX_NAME_CHARS};
-use trialflow_http::ApiError;
-use trialflow_http::auth::{Principal, Role};
+use super::{Api, CommandRequest, MAX_TITLE_CHARS, PgQuery, SOURCE_SYSTEM, check_time_zone, occurred_at};
 
 /// The configuration version a new study starts with.
 pub const FIRST_CONFIG_VERSION: i32 = 1;

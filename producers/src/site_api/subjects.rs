@@ -15,6 +15,9 @@ use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, PgConnection};
+use trialflow_http::ApiError;
+use trialflow_http::auth::{Principal, Role};
+use trialflow_http::input::{MAX_CODE_CHARS, MAX_FREE_TEXT_CHARS, check_free_text, check_id, check_text};
 use trialflow_outbox::SchemaName;
 use trialflow_schemas::{
     ConsentSigned, CriterionResult, DateTimePrecision, EligibilityAssessed, EnrollmentRequested, Envelope,
@@ -24,13 +27,7 @@ use uuid::Uuid;
 
 use super::error::unique_violation;
 use super::studies::{AGE_CRITERION, Eligibility, Factor, StudySetup, no_site, site_time_zone};
-use super::{
-    Api, CommandRequest, MAX_SEX_CHARS, PgQuery, SOURCE_SYSTEM, check_free_text, check_id, check_text,
-    check_time_zone,
-};
-use crate::input::{MAX_CODE_CHARS, MAX_FREE_TEXT_CHARS};
-use trialflow_http::ApiError;
-use trialflow_http::auth::{Principal, Role};
+use super::{Api, CommandRequest, MAX_SEX_CHARS, PgQuery, SOURCE_SYSTEM, check_time_zone};
 
 /// Who may record what happens to a subject.
 const SUBJECT_ROLES: &[Role] = &[Role::SiteStaff, Role::Admin];

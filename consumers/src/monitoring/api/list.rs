@@ -25,7 +25,7 @@
 //! date-time, `raised_before` not later than `raised_from`, `limit` not a number from 1 to
 //! [`MAX_LIMIT`], a value that is not UTF-8 once percent-decoded) and `invalid_cursor`. Control
 //! characters and values beyond 2,048 characters are refused before, as on every route of the
-//! three HTTP services: 422 `invalid_characters` / `too_long` (see [`trialflow_producers::input`]).
+//! three HTTP services: 422 `invalid_characters` / `too_long` (see [`trialflow_http::input`]).
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -39,8 +39,7 @@ use serde::Serialize;
 use serde_json::json;
 use sqlx::{Postgres, QueryBuilder};
 use trialflow_http::ApiError;
-use trialflow_producers::input::{self, MAX_CODE_CHARS, Problem, Text};
-use trialflow_producers::site_api::check_id;
+use trialflow_http::input::{self, MAX_CODE_CHARS, Problem, Text, check_id};
 use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn, ParameterStyle};
 use utoipa::openapi::schema::{ArrayBuilder, KnownFormat, ObjectBuilder, SchemaFormat, Type};
 use utoipa::openapi::{Required, Schema};

@@ -25,7 +25,7 @@
 //! the notifications of its schema into stream events (see [`stream`]).
 //!
 //! **Refused before anything is read or written** (the rules of
-//! [`trialflow_producers::input`], shared with the site API and the ePRO gateway): control
+//! [`trialflow_http::input`], shared with the site API and the ePRO gateway): control
 //! characters in a path segment, a query parameter or any string of a body (the reason may hold
 //! tabs and line breaks), strings beyond their limit (a reason 2,000 characters, a query value
 //! 2,048), a key given twice, bodies beyond [`MAX_BODY_BYTES`].
@@ -64,8 +64,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use trialflow_http::ApiError;
 use trialflow_http::auth::{Principal, Role, Tokens};
+use trialflow_http::input;
 use trialflow_outbox::{Outbox, SchemaName};
-use trialflow_producers::input;
 use trialflow_schemas::topics::TopicNames;
 use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;

@@ -1,7 +1,6 @@
 //! What the front doors accept: one set of rules for every string, body and instant that reaches
-//! the site API, the ePRO gateway and the researchers' alert API (which uses this crate's HTTP
-//! pieces already), and for the ePRO validation consumer, which must refuse the same submissions
-//! when an app publishes them straight to Kafka.
+//! the site API, the ePRO gateway and the researchers' alert API, and for the ePRO validation
+//! consumer, which must refuse the same submissions when an app publishes them straight to Kafka.
 //!
 //! **Why.** What a front door lets in is stored and published: PostgreSQL `text` cannot hold NUL
 //! (and `jsonb` not even the escape `\u0000`), a control character in an id ends up in Kafka keys,
@@ -48,7 +47,7 @@ use chrono::{DateTime, Utc};
 use serde::de::{DeserializeOwned, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use trialflow_schemas::{QuestionnaireResponseSubmitted, Timestamp};
 
-use trialflow_http::ApiError;
+use crate::ApiError;
 
 // ---- limits ----------------------------------------------------------------------------------
 
@@ -177,6 +176,43 @@ pub fn printable(name: &str) -> String {
         }
     }
     out
+}
+
+// ---- ids and required values ------------------------------------------------------------------
+
+/// Ids of studies, sites, subjects, shipments and kits: `^[A-Za-z0-9._-]{1,64}$`, so they are
+/// safe in paths, Kafka keys and logs.
+pub fn check_id(field: &str, value: &str) -> Result<(), ApiError> {
+    check(field, value, Text::Line, MAX_ID_CHARS)?;
+    let valid = (1..=MAX_ID_CHARS).contains(&value.len())
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::validation(
+            field,
+            format!("`{value}` is not a valid id: use 1 to 64 letters, digits, `.`, `_` or `-`"),
+        ))
+    }
+}
+
+/// A required single-line value (a name, a code): not blank, no control character, at most
+/// `max` characters.
+pub fn check_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    check_required(field, value, Text::Line, max)
+}
+
+/// A required free-text value (a reason, a description): not blank, no control character but
+/// tabs and line breaks, at most `max` characters.
+pub fn check_free_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    check_required(field, value, Text::FreeText, max)
+}
+
+fn check_required(field: &str, value: &str, text: Text, max: usize) -> Result<(), ApiError> {
+    if value.trim().is_empty() {
+        return Err(ApiError::validation(field, "must not be empty"));
+    }
+    check(field, value, text, max)
 }
 
 // ---- instants ------------------------------------------------------------------------------------
@@ -682,6 +718,15 @@ mod tests {
         assert_eq!(storable("a\u{0}b\nc", Text::FreeText, 10), "a\u{fffd}b\nc");
         assert_eq!(printable("a\u{0}b"), "a\\u{0}b");
         assert_eq!(printable(&"k".repeat(100)).chars().count(), 65);
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(check_id("subject_id", "01-701-1015").is_ok());
+        assert!(check_id("study_id", "CDISCPILOT01").is_ok());
+        for bad in ["", "a b", "a/b", &"x".repeat(65)] {
+            assert_eq!(check_id("study_id", bad).err().and_then(|e| e.field).as_deref(), Some("study_id"));
+        }
     }
 
     #[test]
