@@ -12,8 +12,11 @@ use trialflow_consumers::epro::catalogue::Catalogue;
 use trialflow_consumers::epro::reference::{self, ExtraSchedule};
 use trialflow_consumers::epro::schedule::Schedule;
 use trialflow_consumers::epro::validate::{self, Subject};
-use trialflow_producers::cdisc_pilot::plan::EPRO_SCHEDULE_JSON;
 use trialflow_schemas::{Answer, QuestionnaireResponseSubmitted, WindowStatus, current_schema_files};
+
+/// The schedule the CDISC pilot replay installs, read from its file: the consumers do not depend on
+/// the producers crate that replays it.
+const EPRO_SCHEDULE_JSON: &str = include_str!("../../producers/cdisc-pilot/epro-schedule.json");
 
 fn document_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/questionnaires.md")
