@@ -166,7 +166,7 @@ pub struct RelayConfig {
         long = "sources",
         env = "OUTBOX_SOURCES",
         value_delimiter = ',',
-        default_value = "site_api,enrollment,kit_allocation,epro,monitoring,notifier,workload"
+        default_value = "site_api,enrollment,kit_allocation,epro,monitoring,notifier"
     )]
     pub sources: Vec<SchemaName>,
 

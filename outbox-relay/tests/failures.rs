@@ -9,7 +9,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use trialflow_outbox::KafkaConfig;
 use trialflow_outbox::kafka::{ReadMessage, TopicReader};
-use trialflow_producers::workload::{DeliveryReport, check_delivery};
+use trialflow_testkit::workload::{DeliveryReport, check_delivery};
 use trialflow_testkit::{RunningRelay, TestService, kafka, unique, wait_until};
 
 const WAIT: Duration = Duration::from_secs(60);

@@ -8,7 +8,6 @@
 //!   outbox: the broker's acknowledgement is the commit).
 //! * [`edc`]: an upstream EDC publishing clinical records straight to their topics.
 //! * [`cdisc_pilot`]: the CDISC pilot study's data and its replay plan.
-//! * [`workload`]: a synthetic service that exercises the outbox end to end (demo, benchmarks).
 //!
 //! What the HTTP services share with the alert API (identity, the error body, the input rules) is
 //! in `trialflow-http`.
@@ -17,4 +16,3 @@ pub mod cdisc_pilot;
 pub mod edc;
 pub mod epro_gateway;
 pub mod site_api;
-pub mod workload;

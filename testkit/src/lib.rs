@@ -1,5 +1,10 @@
 //! Helpers shared by the integration tests. Every test gets its own service schema and its own
 //! topic on the real local stack (`make up`), so tests run in parallel without seeing each other.
+//!
+//! * [`workload`]: the synthetic service the relay's tests write through the outbox
+//!   ([`TestService`] puts one in a fresh schema).
+
+pub mod workload;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -11,7 +16,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use trialflow_outbox::config::{DEFAULT_DATABASE_URL, DEFAULT_KAFKA_BOOTSTRAP_SERVERS};
 use trialflow_outbox::{DatabaseConfig, KafkaConfig, RelayConfig, SchemaName};
-use trialflow_producers::workload::{self, Workload};
+
+use crate::workload::Workload;
 
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_string())
@@ -55,7 +61,7 @@ impl TestService {
         let schema = SchemaName::new(unique("t"))?;
         let topic = unique("test.relay").replace('_', "-");
         let url = database_url();
-        workload::migrate(&url, &schema)
+        crate::workload::migrate(&url, &schema)
             .await
             .context("migrating the test schema (is `make up` running?)")?;
         if let Some(kafka) = kafka {

@@ -105,7 +105,6 @@ pub enum ConsumerKind {
 /// The service schemas this build knows, each with its outbox: the relay's sources.
 pub fn service_schemas() -> Vec<SchemaName> {
     vec![
-        trialflow_producers::workload::schema(),
         site_api::schema(),
         enrollment::schema(),
         kit_allocation::schema(),
@@ -354,9 +353,6 @@ fn check_shutdown_graces(cli: &Cli) {
 
 pub async fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
     let url = &args.database.database_url;
-    trialflow_producers::workload::migrate(url, &trialflow_producers::workload::schema())
-        .await
-        .with_context(|| format!("migrating schema `{}`", trialflow_producers::workload::SCHEMA))?;
     site_api::migrate(url, &site_api::schema()).await.context("migrating the site-api schema")?;
     enrollment::migrate(url, &enrollment::schema()).await.context("migrating the enrollment schema")?;
     kit_allocation::migrate(url, &kit_allocation::schema())

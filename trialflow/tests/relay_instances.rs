@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use trialflow_outbox::kafka::TopicReader;
 use trialflow_outbox::shard::shard_lock_namespace;
-use trialflow_producers::workload::check_delivery;
+use trialflow_testkit::workload::check_delivery;
 use trialflow_testkit::{TestService, database_url, kafka, wait_until};
 
 const EVENTS: u64 = 6000;

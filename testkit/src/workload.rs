@@ -1,16 +1,13 @@
 //! A synthetic vital-sign service: each reading is a domain row and an outbox event written in one
-//! transaction. Used by `trialflow demo` and the benchmarks to drive the relay the way a real
-//! service does.
+//! transaction. The relay's tests use it to drive the relay the way a real service does, each in a
+//! schema of its own ([`crate::TestService`]). A test fixture: `trialflow migrate` does not create
+//! it and no relay publishes it unless named as a source.
 
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, PgPool};
 use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
 use uuid::Uuid;
 
-/// The default service schema (and outbox source) of the workload.
-pub const SCHEMA: &str = "workload";
-/// Where its events go by default; keyed by subject id.
-pub const TOPIC: &str = "workload.vital-signs.v1";
 pub const EVENT_TYPE: &str = "WorkloadVitalSignRecorded";
 pub const CONTENT_TYPE: &str = "application/json";
 
@@ -26,12 +23,7 @@ pub struct VitalSignEvent {
     pub unit: String,
 }
 
-pub fn schema() -> SchemaName {
-    SchemaName::new(SCHEMA).unwrap_or_else(|_| unreachable!("`workload` is a valid schema name"))
-}
-
-/// Creates a workload schema: its outbox and its own table. Tests and benchmarks use schemas
-/// of their own; the demo uses [`SCHEMA`].
+/// Creates a workload schema: its outbox and its own table.
 pub async fn migrate(database_url: &str, schema: &SchemaName) -> trialflow_outbox::Result<()> {
     trialflow_outbox::migrate_service(database_url, schema, sqlx::migrate!("./migrations/workload")).await
 }

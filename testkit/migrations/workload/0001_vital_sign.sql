@@ -1,5 +1,5 @@
--- A synthetic stand-in service used by `trialflow demo` and the benchmarks: it records vital-sign
--- readings and publishes one event per reading through its outbox.
+-- The relay tests' synthetic stand-in service (testkit::workload): it records vital-sign readings
+-- and publishes one event per reading through its outbox.
 CREATE TABLE vital_sign (
     id           uuid PRIMARY KEY,
     subject_id   text NOT NULL,
