@@ -15,9 +15,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
 use trialflow::load::{LoadConfig, run_load};
-use trialflow::pipeline::{Pipeline, PipelineConfig};
 use trialflow_outbox::KafkaConfig;
 use trialflow_outbox::kafka::{ReadMessage, TopicReader};
+use trialflow_pipeline::{Pipeline, PipelineConfig};
 use trialflow_schemas::topics;
 use uuid::Uuid;
 

@@ -8,11 +8,12 @@ use trialflow_consumers::monitoring::{self, rules::RuleBook};
 use trialflow_consumers::notifier::{self, NotifierConfig};
 use trialflow_consumers::{ConsumerConfig, runtime};
 use trialflow_outbox::{DatabaseConfig, RelayConfig, SchemaName};
+use trialflow_pipeline::{Pipeline, PipelineConfig, shutdown};
 use trialflow_producers::{epro_gateway, site_api};
 use trialflow_schemas::topics::TopicNames;
 
+use crate::demo;
 use crate::telemetry::{self, TelemetryConfig};
-use crate::{demo, shutdown};
 
 /// trialflow: an event-driven pipeline for clinical-trial operations.
 #[derive(Debug, Parser)]
@@ -149,8 +150,8 @@ pub struct RunArgs {
 pub async fn run_all(args: RunArgs, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
     let (url, kafka) = (&args.database.database_url, &args.kafka);
     let mut config = match &args.isolated {
-        Some(name) => crate::pipeline::PipelineConfig::isolated(name, url, kafka)?,
-        None => crate::pipeline::PipelineConfig::local(url, kafka),
+        Some(name) => PipelineConfig::isolated(name, url, kafka)?,
+        None => PipelineConfig::local(url, kafka),
     }
     .with_database(&args.database);
     config.create_topics = !args.no_create_topics;
@@ -165,7 +166,7 @@ pub async fn run_all(args: RunArgs, shutdown: tokio_util::sync::CancellationToke
             config.schemas.sources().iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
         );
     }
-    let pipeline = crate::pipeline::Pipeline::start(config, &shutdown).await?;
+    let pipeline = Pipeline::start(config, &shutdown).await?;
     println!(
         "trialflow is running; site API on http://{}, ePRO gateway on http://{}, researcher inbox on \
          http://{}/inbox?token=researcher-token (Ctrl-C to stop)",

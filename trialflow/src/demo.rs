@@ -14,8 +14,8 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 use trialflow_consumers::notifier::NotifierConfig;
 use trialflow_outbox::{DatabaseConfig, KafkaConfig};
+use trialflow_pipeline::PipelineConfig;
 
-use crate::pipeline::PipelineConfig;
 use crate::replay::{self, ReplayOptions};
 
 /// The data sets `trialflow replay` knows.

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches};
 use trialflow::cli::Cli;
-use trialflow::shutdown;
+use trialflow_pipeline::shutdown;
 
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();

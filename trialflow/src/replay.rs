@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use trialflow_http::clock::Clock;
 use trialflow_outbox::KafkaConfig;
 use trialflow_outbox::kafka::{ReadMessage, TopicReader};
+use trialflow_pipeline::{Pipeline, PipelineConfig};
 use trialflow_producers::cdisc_pilot::plan::{self as pilot, Action, Delivery, Phase, Plan};
 use trialflow_producers::cdisc_pilot::{self, Domains};
 use trialflow_producers::edc::EdcPublisher;
@@ -45,7 +46,6 @@ use trialflow_schemas::topics::{self, TopicNames};
 use trialflow_schemas::{AnyEvent, Event, QuestionnaireResponseSubmitted};
 use uuid::Uuid;
 
-use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::settle::{self, Backlog};
 use crate::summary::{self, StudySummary};
 
@@ -264,7 +264,7 @@ pub async fn replay(
     progress.finish_phases();
 
     progress.say("Waiting for the pipeline to finish what the replay sent.");
-    let groups = crate::pipeline::consumer_groups(config);
+    let groups = trialflow_pipeline::consumer_groups(config);
     let spinner = progress.spinner("settling");
     let settle = settle::wait_settled(
         &pool,
@@ -772,7 +772,7 @@ impl Watcher {
             let stop = stop.clone();
             let read =
                 reader.read_until(Duration::from_secs(24 * 3600), move |_| stop.load(Ordering::Acquire));
-            tasks.push(tokio::spawn(crate::shutdown::tracked("replay output watcher", read)));
+            tasks.push(tokio::spawn(trialflow_pipeline::shutdown::tracked("replay output watcher", read)));
         }
         Ok(Self { stop, tasks })
     }

@@ -20,13 +20,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use sqlx::{AssertSqlSafe, PgPool};
 use trialflow_outbox::{KafkaConfig, SchemaName};
-
-/// A consumer group and the topics its members subscribe to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConsumerGroup {
-    pub group_id: String,
-    pub topics: Vec<String>,
-}
+use trialflow_pipeline::ConsumerGroup;
 
 /// What was still in flight at one check.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

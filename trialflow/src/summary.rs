@@ -37,9 +37,8 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use sqlx::{AssertSqlSafe, PgPool};
 use trialflow_outbox::{KafkaConfig, SchemaName};
+use trialflow_pipeline::Schemas;
 use trialflow_schemas::topics::TopicNames;
-
-use crate::pipeline::Schemas;
 
 /// A study after a run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

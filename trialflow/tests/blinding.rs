@@ -4,7 +4,7 @@
 //! are read by operators through `trialflow dlq`). No IO: the subscriptions are the consumers'
 //! specs.
 
-use trialflow::pipeline::{PipelineConfig, consumer_groups};
+use trialflow_pipeline::{PipelineConfig, consumer_groups};
 use trialflow_schemas::topics;
 use trialflow_testkit::{database_url, kafka};
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use chrono::NaiveDate;
 use tokio_util::sync::CancellationToken;
-use trialflow::pipeline::PipelineConfig;
 use trialflow::replay::{self, DemoSummary, ReplayOptions};
+use trialflow_pipeline::PipelineConfig;
 use trialflow_producers::cdisc_pilot::data::{self, Domains, Row};
 use trialflow_producers::cdisc_pilot::plan::{Action, Delivery, Plan};
 use trialflow_testkit::{database_url, init_logs, kafka};

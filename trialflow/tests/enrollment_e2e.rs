@@ -9,8 +9,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
-use trialflow::pipeline::{Pipeline, PipelineConfig};
 use trialflow_outbox::SchemaName;
+use trialflow_pipeline::{Pipeline, PipelineConfig};
 use trialflow_testkit::{SiteApi, database_url, init_logs, kafka, wait_until};
 
 const WAIT: Duration = Duration::from_secs(120);

@@ -13,12 +13,12 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-use trialflow::pipeline::{self, Pipeline, PipelineConfig, Schemas};
-use trialflow::settle::{self, Backlog, ConsumerGroup};
+use trialflow::settle::{self, Backlog};
 use trialflow::summary::{
     self, AlertSummary, ArmSubjects, DeadLetters, EproSummary, HoldReason, KitSummary, ReasonCount,
     RuleAlerts, SiteKits, SiteSubjects, StudySummary, SubjectSummary, WindowCount,
 };
+use trialflow_pipeline::{ConsumerGroup, Pipeline, PipelineConfig, Schemas, consumer_groups};
 use trialflow_schemas::topics;
 use trialflow_schemas::{
     Answer, Envelope, Event, PartialDateTime, QuestionnaireResponseSubmitted, ResponseStatus, Timestamp,
@@ -169,7 +169,7 @@ async fn settled(
 async fn the_summary_after_settling_counts_exactly_what_the_scenario_sent() -> anyhow::Result<()> {
     init_logs();
     let config = PipelineConfig::isolated("sum", &database_url(), &kafka())?;
-    let groups = pipeline::consumer_groups(&config);
+    let groups = consumer_groups(&config);
     let (schemas, names, dlq_suffix) =
         (config.schemas.clone(), config.topics.clone(), config.consumer.dlq_suffix.clone());
     let shutdown = CancellationToken::new();

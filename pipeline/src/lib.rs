@@ -3,6 +3,15 @@
 //! domain consumers. In
 //! production each runs as its own process (`trialflow relay`, `trialflow consume ...`,
 //! `trialflow site-api`); nothing here is needed for that.
+//!
+//! * [`Pipeline`]: starts them ([`Pipeline::start`]) and stops them within their grace.
+//! * [`shutdown`]: shutdown as an input, bounded: the process's watchdog and the registry of what
+//!   is still running, which the pipeline's components (and the `trialflow` binary) register in.
+//!
+//! A library of its own so that the binary, the simulation crate (the replay starts a pipeline)
+//! and the benchmarks share it without depending on the binary crate.
+
+pub mod shutdown;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,9 +31,6 @@ use trialflow_outbox::{DatabaseConfig, KafkaConfig, RelayConfig, SchemaName};
 use trialflow_producers::epro_gateway::{self, EproGateway, EproGatewayConfig};
 use trialflow_producers::site_api::{self, SiteApi, SiteApiConfig};
 use trialflow_schemas::topics::TopicNames;
-
-use crate::settle::ConsumerGroup;
-use crate::shutdown;
 
 /// The service schemas of one pipeline (tests use fresh ones; local runs the defaults).
 #[derive(Debug, Clone)]
@@ -137,8 +143,15 @@ impl PipelineConfig {
     }
 }
 
+/// A consumer group and the topics its members subscribe to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerGroup {
+    pub group_id: String,
+    pub topics: Vec<String>,
+}
+
 /// The consumer groups [`Pipeline::start`] runs, each with the topics it subscribes to: what
-/// [`crate::settle::wait_settled`] must see caught up.
+/// the simulation's settle check (`trialflow_simulation::settle::wait_settled`) must see caught up.
 pub fn consumer_groups(config: &PipelineConfig) -> Vec<ConsumerGroup> {
     let (s, topics) = (&config.schemas, &config.topics);
     [

@@ -72,7 +72,7 @@ impl ShutdownConfig {
 }
 
 /// What a component needs beyond its own grace to be gone: its last offset commit, leaving its
-/// group, closing its connections. Also how long [`crate::pipeline::Pipeline`] waits for a
+/// group, closing its connections. Also how long [`crate::Pipeline`] waits for a
 /// component past the longest component grace.
 pub const COMPONENT_MARGIN: Duration = Duration::from_secs(5);
 
