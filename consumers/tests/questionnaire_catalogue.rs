@@ -14,9 +14,10 @@ use trialflow_consumers::epro::schedule::Schedule;
 use trialflow_consumers::epro::validate::{self, Subject};
 use trialflow_schemas::{Answer, QuestionnaireResponseSubmitted, WindowStatus, current_schema_files};
 
-/// The schedule the CDISC pilot replay installs, read from its file: the consumers do not depend on
-/// the producers crate that replays it.
-const EPRO_SCHEDULE_JSON: &str = include_str!("../../producers/cdisc-pilot/epro-schedule.json");
+/// The schedule the CDISC pilot replay installs (`trialflow_simulation::cdisc_pilot::plan::
+/// EPRO_SCHEDULE_JSON`), read from its file: the simulation crate depends on the consumers, not the
+/// other way round.
+const EPRO_SCHEDULE_JSON: &str = include_str!("../../simulation/cdisc-pilot/epro-schedule.json");
 
 fn document_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/questionnaires.md")
@@ -34,7 +35,7 @@ fn pilot_schedule() -> Schedule {
 }
 
 const PILOT_ORIGIN: &str = "installed by the CDISC pilot replay, `make demo` / `trialflow replay cdisc-pilot`, \
-     from `producers/cdisc-pilot/epro-schedule.json`; it replaces the default for that study";
+     from `simulation/cdisc-pilot/epro-schedule.json`; it replaces the default for that study";
 
 fn render() -> String {
     let pilot = pilot_schedule();

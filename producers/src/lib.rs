@@ -6,13 +6,9 @@
 //! * [`epro_gateway`]: the HTTP gateway patient apps submit questionnaire responses to; it
 //!   publishes each straight to Kafka and answers once the broker acknowledged (no database, no
 //!   outbox: the broker's acknowledgement is the commit).
-//! * [`edc`]: an upstream EDC publishing clinical records straight to their topics.
-//! * [`cdisc_pilot`]: the CDISC pilot study's data and its replay plan.
 //!
 //! What the HTTP services share with the alert API (identity, the error body, the input rules) is
 //! in `trialflow-http`.
 
-pub mod cdisc_pilot;
-pub mod edc;
 pub mod epro_gateway;
 pub mod site_api;

@@ -38,7 +38,6 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use trialflow_outbox::KafkaConfig;
-use trialflow_producers::edc::EdcPublisher;
 use trialflow_producers::site_api::idempotency;
 use trialflow_producers::site_api::kits::{Kit, ReceiveShipment};
 use trialflow_producers::site_api::studies::{
@@ -50,6 +49,7 @@ use trialflow_schemas::{
     Answer, Envelope, Event, PartialDateTime, QuestionnaireResponseSubmitted, ResponseStatus, Timestamp,
     VitalSignRecorded,
 };
+use trialflow_simulation::edc::EdcPublisher;
 use uuid::Uuid;
 
 /// Prefix of generated study ids; the 8 hex digits after it are the study's timeline start.

@@ -26,6 +26,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use chrono::{DateTime, Duration, NaiveDate, NaiveTime, TimeZone, Utc};
 use chrono_tz::Tz;
 use sha2::{Digest, Sha256};
+use trialflow_producers::site_api::kits::{Kit, ReceiveShipment};
+use trialflow_producers::site_api::studies::{
+    Arm, CreateSite, CreateStudy, Criterion, Eligibility, Factor, KitType, Randomization,
+};
+use trialflow_producers::site_api::subjects::{RequestEnrollment, ScreenSubject, SignConsent};
 use trialflow_schemas::{
     AdverseEventReported, Answer, Envelope, Event, PartialDateTime, QuestionnaireResponseSubmitted,
     ResponseStatus, Timestamp, VitalSignRecorded,
@@ -33,11 +38,6 @@ use trialflow_schemas::{
 use uuid::Uuid;
 
 use super::data::{Domains, Row};
-use crate::site_api::kits::{Kit, ReceiveShipment};
-use crate::site_api::studies::{
-    Arm, CreateSite, CreateStudy, Criterion, Eligibility, Factor, KitType, Randomization,
-};
-use crate::site_api::subjects::{RequestEnrollment, ScreenSubject, SignConsent};
 
 pub const STUDY_ID: &str = "CDISCPILOT01";
 /// `source_system` of the vital signs and adverse events (the upstream EDC).
