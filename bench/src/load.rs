@@ -14,11 +14,11 @@ use anyhow::{Context, bail};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
-use trialflow::load::{LoadConfig, run_load};
 use trialflow_outbox::KafkaConfig;
 use trialflow_outbox::kafka::{ReadMessage, TopicReader};
 use trialflow_pipeline::{Pipeline, PipelineConfig};
 use trialflow_schemas::topics;
+use trialflow_simulation::load::{LoadConfig, run_load};
 use uuid::Uuid;
 
 use crate::{bench, progress};

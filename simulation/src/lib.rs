@@ -4,6 +4,18 @@
 //!
 //! * [`edc`]: an upstream EDC publishing clinical records straight to their topics.
 //! * [`cdisc_pilot`]: the CDISC pilot study's data and its replay plan.
+//! * [`replay`]: the driver that replays the pilot through a pipeline started in this process
+//!   (`trialflow replay cdisc-pilot`, `trialflow demo`) and reports what came of it.
+//! * [`load`]: the synthetic load generator (`trialflow load`, the `load` benchmark).
+//! * [`settle`]: waiting until the pipeline has nothing left in flight.
+//! * [`summary`]: what a study looks like after a run, read from the services' tables.
+//!
+//! The commands themselves (their arguments, starting the local stack, serving on after the
+//! summary) live in the `trialflow` binary; the in-process pipeline in `trialflow-pipeline`.
 
 pub mod cdisc_pilot;
 pub mod edc;
+pub mod load;
+pub mod replay;
+pub mod settle;
+pub mod summary;

@@ -57,7 +57,7 @@ pub enum Command {
     #[command(subcommand)]
     Outbox(crate::quarantine::OutboxCommand),
     /// Generate synthetic load against a running pipeline (site API, ePRO gateway, clinical topic).
-    Load(crate::load::LoadArgs),
+    Load(trialflow_simulation::load::LoadArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -327,7 +327,7 @@ pub async fn run(mut cli: Cli, shutdown: tokio_util::sync::CancellationToken) ->
         Command::Replay(command) => demo::replay(command, shutdown).await,
         Command::Dlq(command) => crate::dlq::run(command).await,
         Command::Outbox(command) => crate::quarantine::run(command).await,
-        Command::Load(args) => crate::load::run(args, shutdown).await,
+        Command::Load(args) => trialflow_simulation::load::run(args, shutdown).await,
     }
 }
 

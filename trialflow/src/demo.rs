@@ -4,7 +4,7 @@
 //!
 //! While it replays, the ePRO gateway stamps `received_at` from the replay's virtual clock (the
 //! pilot ran in 2012–2015); once the replay has settled that clock follows real time again (see
-//! [`crate::replay`]), so the pipeline left running judges live submissions on today's date.
+//! [`trialflow_simulation::replay`]), so the pipeline left running judges live submissions on today's date.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,8 +15,7 @@ use tokio_util::sync::CancellationToken;
 use trialflow_consumers::notifier::NotifierConfig;
 use trialflow_outbox::{DatabaseConfig, KafkaConfig};
 use trialflow_pipeline::PipelineConfig;
-
-use crate::replay::{self, ReplayOptions};
+use trialflow_simulation::replay::{self, ReplayOptions};
 
 /// The data sets `trialflow replay` knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

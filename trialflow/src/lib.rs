@@ -4,9 +4,5 @@
 pub mod cli;
 pub mod demo;
 pub mod dlq;
-pub mod load;
 pub mod quarantine;
-pub mod replay;
-pub mod settle;
-pub mod summary;
 pub mod telemetry;

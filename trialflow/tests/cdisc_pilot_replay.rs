@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use chrono::NaiveDate;
 use tokio_util::sync::CancellationToken;
-use trialflow::replay::{self, DemoSummary, ReplayOptions};
 use trialflow_pipeline::PipelineConfig;
 use trialflow_simulation::cdisc_pilot::data::{self, Domains, Row};
 use trialflow_simulation::cdisc_pilot::plan::{Action, Delivery, Plan};
+use trialflow_simulation::replay::{self, DemoSummary, ReplayOptions};
 use trialflow_testkit::{database_url, init_logs, kafka};
 
 /// Small sites with screen failures, partial AE onset dates, serious AEs and hypertensive

@@ -1,6 +1,6 @@
 //! The enrollment saga end to end, driven the way a site drives it: HTTP calls to the site API,
 //! then the relay, the broker over TCP, and the enrollment and kit-allocation consumers, all
-//! started in this process by `trialflow::pipeline` on private schemas and topics. Then an enrolled
+//! started in this process by `trialflow_pipeline` on private schemas and topics. Then an enrolled
 //! subject's app submits a questionnaire through the ePRO gateway and it is validated.
 
 use std::time::Duration;

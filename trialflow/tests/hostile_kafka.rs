@@ -14,14 +14,14 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
-use trialflow::load::{Input, LoadConfig, run_load};
-use trialflow::settle::wait_settled;
 use trialflow_consumers::{enrollment, epro, kit_allocation, monitoring, notifier};
 use trialflow_outbox::SchemaName;
 use trialflow_outbox::kafka::{ReadMessage, TopicReader};
 use trialflow_pipeline::{Pipeline, PipelineConfig, consumer_groups};
 use trialflow_schemas::topics::TopicNames;
 use trialflow_schemas::{AnyEvent, Registry};
+use trialflow_simulation::load::{Input, LoadConfig, run_load};
+use trialflow_simulation::settle::wait_settled;
 use trialflow_testkit::{database_url, init_logs, kafka};
 use uuid::Uuid;
 

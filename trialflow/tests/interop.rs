@@ -24,10 +24,10 @@ use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
-use trialflow::settle::{true_end_offsets, wait_settled};
 use trialflow_outbox::kafka::TopicReader;
 use trialflow_pipeline::{Pipeline, PipelineConfig, consumer_groups};
 use trialflow_schemas::topics;
+use trialflow_simulation::settle::{true_end_offsets, wait_settled};
 use trialflow_testkit::{SiteApi, database_url, init_logs, kafka, wait_until};
 
 /// The examples' study and site; each client sends for its own subject.

@@ -12,13 +12,13 @@ use std::time::Duration;
 use chrono::Utc;
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
-use trialflow::replay::{self, ReplayOptions};
 use trialflow_consumers::epro::catalogue::Catalogue;
 use trialflow_consumers::epro::reference;
 use trialflow_outbox::kafka::TopicReader;
 use trialflow_pipeline::PipelineConfig;
 use trialflow_schemas::{AnyEvent, Timestamp, WindowStatus, topics};
 use trialflow_simulation::cdisc_pilot::plan::{self as pilot, Action, Plan};
+use trialflow_simulation::replay::{self, ReplayOptions};
 use trialflow_testkit::{database_url, init_logs, kafka, wait_until};
 use uuid::Uuid;
 

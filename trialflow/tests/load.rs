@@ -9,12 +9,12 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
-use trialflow::load::{EPRO_EVERY, Input, LoadConfig, run_load};
 use trialflow_consumers::{epro, monitoring};
 use trialflow_outbox::KafkaConfig;
 use trialflow_pipeline::{Pipeline, PipelineConfig};
 use trialflow_schemas::topics::TopicNames;
 use trialflow_schemas::{QuestionnaireResponseSubmitted, VitalSignRecorded};
+use trialflow_simulation::load::{EPRO_EVERY, Input, LoadConfig, run_load};
 use trialflow_testkit::{database_url, init_logs, kafka, wait_until};
 
 const WAIT: Duration = Duration::from_secs(120);

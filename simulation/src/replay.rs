@@ -4,7 +4,7 @@
 //! The replay starts the pipeline in this process (its ePRO gateway stamps `received_at` from the
 //! replay's virtual clock, so late syncs are judged on the study's timeline), sets the study up
 //! through the site API (study, sites, synthesized kit shipments), then walks the timeline of the
-//! [plan](trialflow_simulation::cdisc_pilot::plan): site commands over HTTP, vital signs and adverse
+//! [plan](crate::cdisc_pilot::plan): site commands over HTTP, vital signs and adverse
 //! events straight to their topics as the upstream EDC, synthetic PHQ-9 submissions through the
 //! gateway. It waits until nothing is in flight, reads the outcome from the services' databases
 //! and prints a summary (also written as JSON).
@@ -41,11 +41,11 @@ use trialflow_outbox::kafka::{ReadMessage, TopicReader};
 use trialflow_pipeline::{Pipeline, PipelineConfig};
 use trialflow_schemas::topics::{self, TopicNames};
 use trialflow_schemas::{AnyEvent, Event, QuestionnaireResponseSubmitted};
-use trialflow_simulation::cdisc_pilot::plan::{self as pilot, Action, Delivery, Phase, Plan};
-use trialflow_simulation::cdisc_pilot::{self, Domains};
-use trialflow_simulation::edc::EdcPublisher;
 use uuid::Uuid;
 
+use crate::cdisc_pilot::plan::{self as pilot, Action, Delivery, Phase, Plan};
+use crate::cdisc_pilot::{self, Domains};
+use crate::edc::EdcPublisher;
 use crate::settle::{self, Backlog};
 use crate::summary::{self, StudySummary};
 

@@ -49,8 +49,9 @@ use trialflow_schemas::{
     Answer, Envelope, Event, PartialDateTime, QuestionnaireResponseSubmitted, ResponseStatus, Timestamp,
     VitalSignRecorded,
 };
-use trialflow_simulation::edc::EdcPublisher;
 use uuid::Uuid;
+
+use crate::edc::EdcPublisher;
 
 /// Prefix of generated study ids; the 8 hex digits after it are the study's timeline start.
 pub const GENERATED_STUDY_PREFIX: &str = "LOAD-";
