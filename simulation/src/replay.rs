@@ -4,7 +4,7 @@
 //! The replay starts the pipeline in this process (its ePRO gateway stamps `received_at` from the
 //! replay's virtual clock, so late syncs are judged on the study's timeline), sets the study up
 //! through the site API (study, sites, synthesized kit shipments), then walks the timeline of the
-//! [plan](crate::cdisc_pilot::plan): site commands over HTTP, vital signs and adverse
+//! [plan](mod@crate::cdisc_pilot::plan): site commands over HTTP, vital signs and adverse
 //! events straight to their topics as the upstream EDC, synthetic PHQ-9 submissions through the
 //! gateway. It waits until nothing is in flight, reads the outcome from the services' databases
 //! and prints a summary (also written as JSON).

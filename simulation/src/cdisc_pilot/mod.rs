@@ -1,5 +1,5 @@
 //! The CDISC pilot study (CDISCPILOT01), replayed: its data ([`data`]) and what the replay does
-//! with it ([`plan`]). The driver that runs a plan against the pipeline is [`crate::replay`]
+//! with it ([`plan`](mod@plan)). The driver that runs a plan against the pipeline is [`crate::replay`]
 //! (`trialflow replay cdisc-pilot`, `trialflow demo`).
 //!
 //! Source: the CDISC SDTM/ADaM Pilot Project, shipped as Parquet in the PyPI package
