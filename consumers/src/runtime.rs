@@ -318,6 +318,21 @@ where
             if failures >= shared.config.poison_attempts
                 && is_poison(shared, batch, i, rx, cancel, failures).await
             {
+                // Its failures may all predate the witness (an outage that just ended): it is to
+                // blame only if it fails again now that another message has applied.
+                let one = std::slice::from_ref(&batch[i]);
+                let error = match guarded(
+                    shared,
+                    cancel,
+                    apply_batch(shared, one, failures + 1, first_failure, Mode::Commit),
+                )
+                .await
+                {
+                    None => return false,
+                    Some(Ok(())) => break,
+                    Some(Err(error)) => error,
+                };
+                failures += 1;
                 let msg = &batch[i];
                 warn!(consumer = name, topic = %msg.topic, partition = msg.partition, offset = msg.offset, %error,
                     "A message fails alone while others apply: dead-lettering it.");
