@@ -302,14 +302,7 @@ where
     while i < batch.len() {
         let mut failures = 0u32;
         loop {
-            let one = std::slice::from_ref(&batch[i]);
-            let error = match guarded(
-                shared,
-                cancel,
-                apply_batch(shared, one, failures + 1, first_failure, Mode::Commit),
-            )
-            .await
-            {
+            let error = match apply_alone(shared, &batch[i], failures + 1, first_failure, cancel).await {
                 None => return false,
                 Some(Ok(())) => break,
                 Some(Err(error)) => error,
@@ -320,14 +313,7 @@ where
             {
                 // Its failures may all predate the witness (an outage that just ended): it is to
                 // blame only if it fails again now that another message has applied.
-                let one = std::slice::from_ref(&batch[i]);
-                let error = match guarded(
-                    shared,
-                    cancel,
-                    apply_batch(shared, one, failures + 1, first_failure, Mode::Commit),
-                )
-                .await
-                {
+                let error = match apply_alone(shared, &batch[i], failures + 1, first_failure, cancel).await {
                     None => return false,
                     Some(Ok(())) => break,
                     Some(Err(error)) => error,
@@ -360,6 +346,18 @@ where
         i += 1;
     }
     true
+}
+
+/// Applies `msg` on its own (attempt number `attempt`); `None` when cancelled.
+async fn apply_alone<H: Handler>(
+    shared: &Shared<H>,
+    msg: &Message,
+    attempt: u32,
+    first_failure: chrono::DateTime<chrono::Utc>,
+    cancel: &CancellationToken,
+) -> Option<Result<(), HandlerError>> {
+    let one = std::slice::from_ref(msg);
+    guarded(shared, cancel, apply_batch(shared, one, attempt, first_failure, Mode::Commit)).await
 }
 
 /// Other messages tried as witnesses that the environment works, at most.
