@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::AssertSqlSafe;
+use trialflow_consumers::{enrollment, kit_allocation};
 use trialflow_outbox::OutboxEvent;
 use trialflow_outbox::kafka::TopicReader;
 use trialflow_schemas::topics::{self};
@@ -180,6 +181,24 @@ async fn a_study_with_two_sites_and_40_subjects_enrolls_fully() -> anyhow::Resul
         .await?;
     assert_eq!(mismatched, 0, "kit arm, site and number match the randomization");
     assert_eq!(trial.count("SELECT count(DISTINCT kit_number) FROM {kit}.allocation").await?, 40);
+    // The services' report reads (the demo's summary) say the same.
+    let (pool, enr, kit) = (&trial.pool, &trial.enrollment, &trial.kits);
+    let by_site = enrollment::read::by_site(pool, enr, STUDY).await?;
+    let sites: BTreeMap<&str, (i64, i64, i64)> =
+        by_site.iter().map(|r| (r.group.as_str(), (r.randomized, r.enrolled, r.on_hold))).collect();
+    assert_eq!(sites, BTreeMap::from([("701", (20, 20, 0)), ("702", (20, 20, 0))]));
+    let arms: BTreeSet<String> = enrollment::read::arms(pool, enr, STUDY).await?.into_iter().collect();
+    assert_eq!(arms, ARMS.iter().map(|a| a.to_string()).collect());
+    let by_arm = enrollment::read::by_arm(pool, enr, STUDY).await?;
+    assert_eq!(
+        by_arm.iter().map(|r| (r.randomized, r.enrolled)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)),
+        (40, 40)
+    );
+    let kits = kit_allocation::read::by_site(pool, kit, STUDY).await?;
+    let kits: BTreeMap<&str, (i64, i64, i64)> =
+        kits.iter().map(|r| (r.site_id.as_str(), (r.received, r.allocated, r.available))).collect();
+    assert_eq!(kits, BTreeMap::from([("701", (60, 20, 40)), ("702", (60, 20, 40))]));
+    assert_eq!(kit_allocation::read::known(pool, kit, STUDY).await?, 120);
 
     // Read until every subject's SubjectEnrolled is in (how many other events there are depends on
     // whether some assignments reached kit allocation before the shipments: a hold, then a retry).
@@ -219,6 +238,8 @@ async fn a_site_without_stock_holds_subjects_and_enrolls_them_after_a_shipment()
     let numbers_before =
         trial.count("SELECT count(DISTINCT randomization_number) FROM {enr}.subject").await?;
     assert_eq!(numbers_before, 4, "the randomization stays while on hold");
+    let held = enrollment::read::on_hold_by_reason(&trial.pool, &trial.enrollment, STUDY).await?;
+    assert_eq!(held, [("NO_KIT_AVAILABLE".to_string(), 4)]);
     let held_arms: BTreeSet<String> = used_slots(&trial).await?.into_iter().map(|s| s.3).collect();
 
     trial.send(vec![trial.event(&shipment("703", "SH-703", 4, 100), "703")?]).await?;

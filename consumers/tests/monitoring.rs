@@ -239,6 +239,21 @@ async fn vitals_of_50_subjects_raise_exactly_the_expected_episodes() -> anyhow::
     assert_eq!(raised as usize, want.len());
     let rules: BTreeSet<&str> = want.keys().map(|(_, r)| r.as_str()).collect();
     assert!(rules.len() >= 4, "the stream exercises several rules: {rules:?}");
+
+    // The service's report read (the demo's summary) counts the same episodes and evidence.
+    let by_rule = monitoring::read::alerts_by_rule(&fx.pool, &fx.schema, "MON-IT").await?;
+    let mut want_by_rule: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    for ((_, rule), readings) in &want {
+        let entry = want_by_rule.entry(rule.as_str()).or_default();
+        *entry = (entry.0 + 1, entry.1 + *readings as i64);
+    }
+    let mut got_by_rule: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    for r in &by_rule {
+        let entry = got_by_rule.entry(r.rule_id.as_str()).or_default();
+        *entry = (entry.0 + r.episodes, entry.1 + r.triggering_readings);
+    }
+    assert_eq!(got_by_rule, want_by_rule);
+    assert!(by_rule.iter().all(|r| r.open + r.acknowledged + r.resolved == r.episodes), "{by_rule:?}");
     fx.stop().await
 }
 

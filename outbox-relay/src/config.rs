@@ -161,13 +161,9 @@ pub struct RelayConfig {
     #[command(flatten)]
     pub kafka: KafkaConfig,
 
-    /// Outbox sources: the service schemas whose outboxes this relay publishes (comma-separated).
-    #[arg(
-        long = "sources",
-        env = "OUTBOX_SOURCES",
-        value_delimiter = ',',
-        default_value = "site_api,enrollment,kit_allocation,epro,monitoring,notifier"
-    )]
+    /// Outbox sources: the service schemas whose outboxes this relay publishes (comma-separated);
+    /// unset, every service's schema (`trialflow services` lists them).
+    #[arg(long = "sources", env = "OUTBOX_SOURCES", value_delimiter = ',')]
     pub sources: Vec<SchemaName>,
 
     /// Most rows read and published per batch.

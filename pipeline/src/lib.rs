@@ -11,6 +11,7 @@
 //! A library of its own so that the binary, the simulation crate (the replay starts a pipeline)
 //! and the benchmarks share it without depending on the binary crate.
 
+pub mod services;
 pub mod shutdown;
 
 use std::collections::HashMap;
@@ -20,55 +21,17 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::task::{self, JoinSet};
 use tokio_util::sync::CancellationToken;
-use trialflow_consumers::enrollment::{self, Enrollment};
-use trialflow_consumers::epro::{self, EproValidation, catalogue::Catalogue};
-use trialflow_consumers::kit_allocation::{self, KitAllocation};
-use trialflow_consumers::monitoring::api::{AlertApi, AlertApiConfig};
-use trialflow_consumers::monitoring::{self, rules::RuleBook};
-use trialflow_consumers::notifier::{self, NotifierConfig};
-use trialflow_consumers::{ConsumerConfig, runtime};
-use trialflow_outbox::{DatabaseConfig, KafkaConfig, RelayConfig, SchemaName};
+use trialflow_consumers::ConsumerConfig;
+use trialflow_consumers::monitoring::{
+    self,
+    api::{AlertApi, AlertApiConfig},
+};
+use trialflow_outbox::{DatabaseConfig, KafkaConfig, RelayConfig};
 use trialflow_producers::epro_gateway::{self, EproGateway, EproGatewayConfig};
 use trialflow_producers::site_api::{self, SiteApi, SiteApiConfig};
 use trialflow_schemas::topics::TopicNames;
 
-/// The service schemas of one pipeline (tests use fresh ones; local runs the defaults).
-#[derive(Debug, Clone)]
-pub struct Schemas {
-    pub site_api: SchemaName,
-    pub enrollment: SchemaName,
-    pub kit_allocation: SchemaName,
-    pub epro: SchemaName,
-    pub monitoring: SchemaName,
-    pub notifier: SchemaName,
-}
-
-impl Default for Schemas {
-    fn default() -> Self {
-        Self {
-            site_api: site_api::schema(),
-            enrollment: enrollment::schema(),
-            kit_allocation: kit_allocation::schema(),
-            epro: epro::schema(),
-            monitoring: monitoring::schema(),
-            notifier: notifier::schema(),
-        }
-    }
-}
-
-impl Schemas {
-    /// Every schema with an outbox: the relay's sources.
-    pub fn sources(&self) -> Vec<SchemaName> {
-        vec![
-            self.site_api.clone(),
-            self.enrollment.clone(),
-            self.kit_allocation.clone(),
-            self.epro.clone(),
-            self.monitoring.clone(),
-            self.notifier.clone(),
-        ]
-    }
-}
+pub use self::services::{Schemas, Settings};
 
 /// How the in-process pipeline runs.
 #[derive(Debug, Clone)]
@@ -80,12 +43,8 @@ pub struct PipelineConfig {
     pub site_api: SiteApiConfig,
     pub epro_gateway: EproGatewayConfig,
     pub alert_api: AlertApiConfig,
-    /// Who the notifier notifies (empty: alerts are recorded, nobody is paged).
-    pub notifier: NotifierConfig,
-    /// Questionnaire definitions and schedules beyond the built-in ones.
-    pub epro_config_dir: Option<std::path::PathBuf>,
-    /// Per-study monitoring rule sets beyond the default one.
-    pub monitoring_rules_dir: Option<std::path::PathBuf>,
+    /// The services' own settings (questionnaires, rule sets, who is notified).
+    pub settings: Settings,
     /// Create missing topics (with `partitions` each, and their dead-letter topics) at start.
     /// Off against a cluster whose topics are provisioned by its operators.
     pub create_topics: bool,
@@ -117,9 +76,7 @@ impl PipelineConfig {
             site_api,
             epro_gateway,
             alert_api,
-            notifier: NotifierConfig::default(),
-            epro_config_dir: None,
-            monitoring_rules_dir: None,
+            settings: Settings::default(),
             create_topics: true,
             partitions: 6,
         }
@@ -153,17 +110,13 @@ pub struct ConsumerGroup {
 /// The consumer groups [`Pipeline::start`] runs, each with the topics it subscribes to: what
 /// the simulation's settle check (`trialflow_simulation::settle::wait_settled`) must see caught up.
 pub fn consumer_groups(config: &PipelineConfig) -> Vec<ConsumerGroup> {
-    let (s, topics) = (&config.schemas, &config.topics);
-    [
-        enrollment::spec(s.enrollment.clone(), topics),
-        kit_allocation::spec(s.kit_allocation.clone(), topics),
-        epro::spec(s.epro.clone(), topics),
-        monitoring::spec(s.monitoring.clone(), topics),
-        notifier::spec(s.notifier.clone(), topics),
-    ]
-    .into_iter()
-    .map(|spec| ConsumerGroup { group_id: group_id(topics, &spec.name), topics: spec.topics })
-    .collect()
+    let topics = &config.topics;
+    services::consumers()
+        .map(|(service, consumer)| {
+            let spec = (consumer.spec)(config.schemas[service.name].clone(), topics);
+            ConsumerGroup { group_id: group_id(topics, &spec.name), topics: spec.topics }
+        })
+        .collect()
 }
 
 impl PipelineConfig {
@@ -172,16 +125,9 @@ impl PipelineConfig {
     /// benchmark that shares the database and broker with others.
     pub fn isolated(name: &str, database_url: &str, kafka: &KafkaConfig) -> anyhow::Result<Self> {
         let run = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-        let schema = |service: &str| SchemaName::new(format!("{name}_{service}_{run}"));
         let mut config = Self::local(database_url, kafka);
-        config.schemas = Schemas {
-            site_api: schema("sa")?,
-            enrollment: schema("enr")?,
-            kit_allocation: schema("kit")?,
-            epro: schema("epro")?,
-            monitoring: schema("mon")?,
-            notifier: schema("ntf")?,
-        };
+        config.schemas = Schemas::isolated(name, &run)?;
+        config.relay.sources = config.schemas.sources();
         config.topics = TopicNames::new(format!("{}-{run}.", name.replace('_', "-")));
         config.partitions = 3;
         let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -237,65 +183,49 @@ impl Pipeline {
     /// Migrates every schema, creates the topics if asked, and starts every component.
     pub async fn start(mut config: PipelineConfig, shutdown: &CancellationToken) -> anyhow::Result<Self> {
         let url = config.relay.database.database_url.clone();
-        let s = &config.schemas;
-        site_api::migrate(&url, &s.site_api).await.context("migrating the site-api schema")?;
-        enrollment::migrate(&url, &s.enrollment).await.context("migrating the enrollment schema")?;
-        kit_allocation::migrate(&url, &s.kit_allocation)
-            .await
-            .context("migrating the kit-allocation schema")?;
-        epro::migrate(&url, &s.epro).await.context("migrating the epro schema")?;
-        monitoring::migrate(&url, &s.monitoring).await.context("migrating the monitoring schema")?;
-        notifier::migrate(&url, &s.notifier).await.context("migrating the notifier schema")?;
-        let rules = RuleBook::load(config.monitoring_rules_dir.as_deref()).map_err(anyhow::Error::msg)?;
-        let catalogue =
-            Catalogue::load(config.epro_config_dir.as_deref()).context("questionnaire catalogue")?;
+        for (service, schema) in config.schemas.iter() {
+            service.migrate(&url, schema).await?;
+        }
+        let stop = shutdown.child_token();
+        let topics = config.topics.clone();
+        let mut consumers = Vec::new();
+        for (service, consumer) in services::consumers() {
+            let spec = (consumer.spec)(config.schemas[service.name].clone(), &topics);
+            let group_id = Some(group_id(&topics, service.name));
+            let start = services::Start {
+                spec,
+                config: ConsumerConfig { group_id, ..config.consumer.clone() },
+                topics: topics.clone(),
+                settings: config.settings.clone(),
+                stop: stop.clone(),
+            };
+            let run = (consumer.start)(start).with_context(|| format!("configuring {}", service.name))?;
+            consumers.push((service.name, run));
+        }
         if config.create_topics {
             let (kafka, dlq) = (&config.relay.kafka, &config.consumer.dlq_suffix);
             trialflow_outbox::kafka::ensure_catalogue_topics(kafka, &config.topics, config.partitions, dlq)
                 .await
                 .context("creating topics")?;
         }
-        let stop = shutdown.child_token();
         let longest_grace = config.relay.shutdown_grace_ms.max(config.consumer.shutdown_grace_ms);
         let stop_grace = Duration::from_millis(longest_grace) + shutdown::COMPONENT_MARGIN;
         let mut tasks = Components { tasks: JoinSet::new(), names: HashMap::new(), stop_grace };
-        config.relay.sources = s.sources();
+        config.relay.sources = config.schemas.sources();
         let relay_stop = stop.clone();
         let relay = config.relay.clone();
         tasks.spawn("relay", async move {
             trialflow_outbox::relay::run(relay, relay_stop).await.context("relay")
         });
+        for (name, run) in consumers {
+            tasks.spawn(name, async move { run.await.with_context(|| format!("{name} consumer")) });
+        }
 
-        let topics = config.topics.clone();
-        let group = |name: &str| ConsumerConfig {
-            group_id: Some(group_id(&topics, name)),
-            ..config.consumer.clone()
-        };
-        let schema = s.enrollment.clone();
-        let handler = Enrollment::new(schema.clone(), topics.clone());
-        let run =
-            runtime::run(enrollment::spec(schema, &topics), group(enrollment::NAME), handler, stop.clone());
-        tasks.spawn("enrollment consumer", async move { run.await.context("enrollment consumer") });
-        let schema = s.kit_allocation.clone();
-        let handler = KitAllocation::new(schema.clone(), topics.clone());
-        let spec = kit_allocation::spec(schema, &topics);
-        let run = runtime::run(spec, group(kit_allocation::NAME), handler, stop.clone());
-        tasks.spawn("kit-allocation consumer", async move { run.await.context("kit-allocation consumer") });
-        let schema = s.epro.clone();
-        let handler = EproValidation::new(schema.clone(), topics.clone(), catalogue);
-        let run = runtime::run(epro::spec(schema, &topics), group(epro::NAME), handler, stop.clone());
-        tasks.spawn("epro-validation consumer", async move { run.await.context("epro-validation consumer") });
-        let spec = monitoring::spec(s.monitoring.clone(), &topics);
-        let run = monitoring::run(spec, group(monitoring::NAME), rules, topics.clone(), stop.clone());
-        tasks.spawn("monitoring consumer", async move { run.await.context("monitoring consumer") });
-        let spec = notifier::spec(s.notifier.clone(), &topics);
-        let run = notifier::run(spec, group(notifier::NAME), config.notifier, topics.clone(), stop.clone());
-        tasks.spawn("notifier", async move { run.await.context("notifier") });
-
-        config.site_api.schema = s.site_api.clone();
+        let s = &config.schemas;
+        config.site_api.schema = s[site_api::NAME].clone();
         config.site_api.topics = topics.clone();
         config.epro_gateway.topics = topics.clone();
-        config.alert_api.schema = s.monitoring.clone();
+        config.alert_api.schema = s[monitoring::NAME].clone();
         config.alert_api.topics = topics;
         monitoring::api::describe_metrics();
         let alert_api = AlertApi::bind(config.alert_api).await.context("starting the alert API")?;

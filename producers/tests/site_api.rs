@@ -610,6 +610,14 @@ async fn a_subject_outside_the_age_limits_is_screened_ineligible() -> anyhow::Re
     assert!(!age.met);
     assert_eq!(age.detail.as_deref(), Some("age 49 is below the minimum of 50"));
     assert!(assessed.criteria.iter().filter(|c| c.criterion_id != "AGE").all(|c| c.met));
+
+    // The service's report reads (the demo's summary): one site, two screened, one failed.
+    assert_eq!(site_api::read::sites(&api.pool, &api.schema, "AGE").await?, ["701"]);
+    let screening = site_api::read::screening_by_site(&api.pool, &api.schema, "AGE").await?;
+    let want =
+        site_api::read::SiteScreening { site_id: "701".into(), screened: 2, screen_failed: 1, withdrawn: 0 };
+    assert_eq!(screening, [want]);
+    assert!(site_api::read::sites(&api.pool, &api.schema, "NO-SUCH-STUDY").await?.is_empty());
     api.stop().await
 }
 

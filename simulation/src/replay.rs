@@ -35,9 +35,10 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rdkafka::producer::DeliveryFuture;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+use trialflow_consumers::{epro, kit_allocation};
 use trialflow_http::clock::Clock;
-use trialflow_outbox::KafkaConfig;
 use trialflow_outbox::kafka::{ReadMessage, TopicReader};
+use trialflow_outbox::{KafkaConfig, SchemaName};
 use trialflow_pipeline::{Pipeline, PipelineConfig};
 use trialflow_schemas::topics::{self, TopicNames};
 use trialflow_schemas::{AnyEvent, Event, QuestionnaireResponseSubmitted};
@@ -190,7 +191,7 @@ pub async fn start_pipeline(
 ) -> anyhow::Result<(Pipeline, Clock, PipelineConfig)> {
     let clock = Clock::virtual_at(first_instant);
     config.epro_gateway.clock = clock.clone();
-    config.epro_config_dir = Some(epro_config_dir(data_dir)?);
+    config.settings.epro_config_dir = Some(epro_config_dir(data_dir)?);
     let pipeline = Pipeline::start(config.clone(), shutdown).await?;
     Ok((pipeline, clock, config))
 }
@@ -232,10 +233,7 @@ pub async fn replay(
         .context("connecting to the database")?;
     let mut driver = Driver {
         pool: pool.clone(),
-        enrolled_sql: format!(
-            "SELECT count(*) FROM {}.subject WHERE study_id = $1 AND subject_id = $2 AND enrolled_at IS NOT NULL",
-            config.schemas.epro
-        ),
+        epro_schema: config.schemas[epro::NAME].clone(),
         apps_started: HashSet::new(),
         http,
         site_api: format!("http://{}", pipeline.site_api_addr()),
@@ -409,8 +407,8 @@ struct SentAt {
 
 struct Driver {
     pool: sqlx::PgPool,
-    /// Whether the validator knows a subject's enrollment (1) or not yet (0).
-    enrolled_sql: String,
+    /// The ePRO validator's schema (it is asked whether it knows a subject's enrollment).
+    epro_schema: SchemaName,
     /// Subjects whose app has submitted already.
     apps_started: HashSet<String>,
     http: reqwest::Client,
@@ -554,13 +552,10 @@ impl Driver {
         let mut every = tokio::time::interval(Duration::from_millis(20));
         loop {
             every.tick().await;
-            let known: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(self.enrolled_sql.as_str()))
-                .bind(pilot::STUDY_ID)
-                .bind(subject)
-                .fetch_one(&self.pool)
+            let known = epro::read::knows_enrolled(&self.pool, &self.epro_schema, pilot::STUDY_ID, subject)
                 .await
                 .context("asking the validator's database about an enrollment")?;
-            if known > 0 {
+            if known {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -611,14 +606,12 @@ async fn wait_for_kits(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let shipped: i64 = plan.shipments.iter().map(|(_, s)| s.kits.len() as i64).sum();
-    let sql = format!("SELECT count(*) FROM {}.kit WHERE study_id = $1", config.schemas.kit_allocation);
+    let schema = &config.schemas[kit_allocation::NAME];
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut listen = tokio::time::interval(Duration::from_millis(100));
     loop {
         listen.tick().await;
-        let known: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.as_str()))
-            .bind(pilot::STUDY_ID)
-            .fetch_one(pool)
+        let known = kit_allocation::read::known(pool, schema, pilot::STUDY_ID)
             .await
             .context("counting the kits kit allocation knows")?;
         if known >= shipped {

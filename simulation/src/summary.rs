@@ -35,9 +35,11 @@ use std::fmt::Write as _;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use sqlx::{AssertSqlSafe, PgPool};
+use sqlx::PgPool;
+use trialflow_consumers::{enrollment, epro, kit_allocation, monitoring};
 use trialflow_outbox::{KafkaConfig, SchemaName};
 use trialflow_pipeline::Schemas;
+use trialflow_producers::site_api;
 use trialflow_schemas::topics::TopicNames;
 
 /// A study after a run.
@@ -192,13 +194,13 @@ pub async fn collect(
     topics: &TopicNames,
     dlq_suffix: &str,
 ) -> anyhow::Result<StudySummary> {
-    let sites = study_sites(pool, &schemas.site_api, study_id).await?;
+    let sites = study_sites(pool, &schemas[site_api::NAME], study_id).await?;
     Ok(StudySummary {
         study_id: study_id.to_string(),
         subjects: subjects(pool, schemas, study_id, &sites).await?,
-        kits: kits(pool, &schemas.kit_allocation, study_id, &sites).await?,
-        epro: epro(pool, &schemas.epro, study_id).await?,
-        alerts: alerts(pool, &schemas.monitoring, study_id).await?,
+        kits: kits(pool, &schemas[kit_allocation::NAME], study_id, &sites).await?,
+        epro: epro(pool, &schemas[epro::NAME], study_id).await?,
+        alerts: alerts(pool, &schemas[monitoring::NAME], study_id).await?,
         dead_letters: dead_letters(kafka, topics, dlq_suffix).await?,
     })
 }
@@ -207,23 +209,10 @@ fn count(n: i64) -> u64 {
     u64::try_from(n).unwrap_or_default()
 }
 
-/// Rows of a statement on a service schema (spliced in: [`SchemaName`] needs no quoting), bound to
-/// the study.
-async fn rows<T>(pool: &PgPool, study_id: &str, what: &str, sql: String) -> anyhow::Result<Vec<T>>
-where
-    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
-{
-    sqlx::query_as(AssertSqlSafe(sql))
-        .bind(study_id)
-        .fetch_all(pool)
-        .await
-        .with_context(|| format!("reading {what} of study {study_id}"))
-}
-
 async fn study_sites(pool: &PgPool, site_api: &SchemaName, study_id: &str) -> anyhow::Result<Vec<String>> {
-    let sql = format!("SELECT site_id FROM {site_api}.site WHERE study_id = $1");
-    let sites: Vec<(String,)> = rows(pool, study_id, "the sites", sql).await?;
-    Ok(sites.into_iter().map(|(s,)| s).collect())
+    site_api::read::sites(pool, site_api, study_id)
+        .await
+        .with_context(|| format!("reading the sites of study {study_id}"))
 }
 
 async fn subjects(
@@ -232,71 +221,54 @@ async fn subjects(
     study_id: &str,
     sites: &[String],
 ) -> anyhow::Result<SubjectSummary> {
-    let (site_api, enrollment) = (&schemas.site_api, &schemas.enrollment);
+    let (site_api, enrollment) = (&schemas[site_api::NAME], &schemas[enrollment::NAME]);
+    let reading = |what: &str| format!("reading {what} of study {study_id}");
     let mut by_site: BTreeMap<String, SiteSubjects> = sites
         .iter()
         .map(|s| (s.clone(), SiteSubjects { site_id: s.clone(), ..SiteSubjects::default() }))
         .collect();
 
-    let sql = format!(
-        "SELECT site_id, count(*), count(*) FILTER (WHERE NOT eligible),
-                count(*) FILTER (WHERE withdrawn_at IS NOT NULL)
-         FROM {site_api}.subject WHERE study_id = $1 GROUP BY site_id"
-    );
-    let screening: Vec<(String, i64, i64, i64)> = rows(pool, study_id, "the screenings", sql).await?;
-    for (site_id, screened, failed, withdrawn) in screening {
-        let row = site_row(&mut by_site, site_id);
-        row.screened = count(screened);
-        row.screen_failed = count(failed);
-        row.withdrawn = count(withdrawn);
+    let screening = site_api::read::screening_by_site(pool, site_api, study_id)
+        .await
+        .with_context(|| reading("the screenings"))?;
+    for site in screening {
+        let row = site_row(&mut by_site, site.site_id);
+        row.screened = count(site.screened);
+        row.screen_failed = count(site.screen_failed);
+        row.withdrawn = count(site.withdrawn);
     }
-    // A randomization number and a kit number stay with the subject through a later hold or
-    // withdrawal; `status` is only the current state.
-    let sql = format!(
-        "SELECT coalesce(site_id, ''), count(randomization_number), count(kit_number),
-                count(*) FILTER (WHERE status = 'on_hold')
-         FROM {enrollment}.subject WHERE study_id = $1 GROUP BY 1"
-    );
-    let enrolled: Vec<(String, i64, i64, i64)> = rows(pool, study_id, "the enrollments", sql).await?;
-    for (site_id, randomized, enrolled, on_hold) in enrolled {
-        let row = site_row(&mut by_site, site_id);
-        row.randomized = count(randomized);
-        row.enrolled = count(enrolled);
-        row.on_hold = count(on_hold);
+    let enrolled = enrollment::read::by_site(pool, enrollment, study_id)
+        .await
+        .with_context(|| reading("the enrollments"))?;
+    for site in enrolled {
+        let row = site_row(&mut by_site, site.group);
+        row.randomized = count(site.randomized);
+        row.enrolled = count(site.enrolled);
+        row.on_hold = count(site.on_hold);
     }
 
-    let sql = format!(
-        "SELECT arm->>0 FROM {enrollment}.study, jsonb_array_elements(arms) AS arm
-         WHERE study_id = $1 AND arm->>0 IS NOT NULL"
-    );
-    let arms: Vec<(String,)> = rows(pool, study_id, "the arms", sql).await?;
+    let arms =
+        enrollment::read::arms(pool, enrollment, study_id).await.with_context(|| reading("the arms"))?;
     let mut by_arm: BTreeMap<String, ArmSubjects> = arms
         .into_iter()
-        .map(|(a,)| (a.clone(), ArmSubjects { arm_code: a, ..ArmSubjects::default() }))
+        .map(|a| (a.clone(), ArmSubjects { arm_code: a, ..ArmSubjects::default() }))
         .collect();
-    let sql = format!(
-        "SELECT slot.arm_code, count(*), count(s.kit_number), count(*) FILTER (WHERE s.status = 'on_hold')
-         FROM {enrollment}.subject s
-         JOIN {enrollment}.randomization_slot slot
-           ON slot.study_id = s.study_id AND slot.randomization_number = s.randomization_number
-         WHERE s.study_id = $1 GROUP BY slot.arm_code"
-    );
-    let per_arm: Vec<(String, i64, i64, i64)> = rows(pool, study_id, "the arms' subjects", sql).await?;
-    for (arm_code, randomized, enrolled, on_hold) in per_arm {
+    let per_arm = enrollment::read::by_arm(pool, enrollment, study_id)
+        .await
+        .with_context(|| reading("the arms' subjects"))?;
+    for arm in per_arm {
+        let arm_code = arm.group;
         let row = by_arm
             .entry(arm_code.clone())
             .or_insert_with(|| ArmSubjects { arm_code, ..ArmSubjects::default() });
-        row.randomized = count(randomized);
-        row.enrolled = count(enrolled);
-        row.on_hold = count(on_hold);
+        row.randomized = count(arm.randomized);
+        row.enrolled = count(arm.enrolled);
+        row.on_hold = count(arm.on_hold);
     }
 
-    let sql = format!(
-        "SELECT code, count(DISTINCT subject_id)
-         FROM {enrollment}.subject, unnest(string_to_array(hold_reason_code, ',')) AS code
-         WHERE study_id = $1 AND status = 'on_hold' GROUP BY code"
-    );
-    let reasons: Vec<(String, i64)> = rows(pool, study_id, "the hold reasons", sql).await?;
+    let reasons = enrollment::read::on_hold_by_reason(pool, enrollment, study_id)
+        .await
+        .with_context(|| reading("the hold reasons"))?;
     let mut on_hold_by_reason: Vec<HoldReason> =
         reasons.into_iter().map(|(reason_code, n)| HoldReason { reason_code, subjects: count(n) }).collect();
     on_hold_by_reason.sort_by(|a, b| a.reason_code.cmp(&b.reason_code));
@@ -328,18 +300,16 @@ async fn kits(
 ) -> anyhow::Result<KitSummary> {
     let mut by_site: BTreeMap<String, SiteKits> =
         sites.iter().map(|s| (s.clone(), SiteKits { site_id: s.clone(), ..SiteKits::default() })).collect();
-    let sql = format!(
-        "SELECT site_id, count(*), count(*) FILTER (WHERE status = 'allocated'),
-                count(*) FILTER (WHERE status = 'available')
-         FROM {kit_allocation}.kit WHERE study_id = $1 GROUP BY site_id"
-    );
-    let per_site: Vec<(String, i64, i64, i64)> = rows(pool, study_id, "the kits", sql).await?;
-    for (site_id, received, allocated, available) in per_site {
+    let per_site = kit_allocation::read::by_site(pool, kit_allocation, study_id)
+        .await
+        .with_context(|| format!("reading the kits of study {study_id}"))?;
+    for site in per_site {
+        let site_id = site.site_id;
         let row =
             by_site.entry(site_id.clone()).or_insert_with(|| SiteKits { site_id, ..SiteKits::default() });
-        row.received = count(received);
-        row.allocated = count(allocated);
-        row.available = count(available);
+        row.received = count(site.received);
+        row.allocated = count(site.allocated);
+        row.available = count(site.available);
     }
     let by_site: Vec<SiteKits> = by_site.into_values().collect();
     Ok(KitSummary {
@@ -351,70 +321,47 @@ async fn kits(
 }
 
 async fn epro(pool: &PgPool, epro: &SchemaName, study_id: &str) -> anyhow::Result<EproSummary> {
-    let sql = format!(
-        "SELECT (SELECT count(*) FROM {epro}.submission WHERE study_id = $1 AND outcome = 'accepted'),
-                (SELECT count(*) FROM {epro}.submission WHERE study_id = $1 AND outcome = 'rejected')
-                  + (SELECT count(*) FROM {epro}.conflicting_submission WHERE study_id = $1),
-                (SELECT count(*) FROM {epro}.response WHERE study_id = $1 AND late_sync)"
-    );
-    let totals: Vec<(i64, i64, i64)> = rows(pool, study_id, "the ePRO decisions", sql).await?;
-    let (accepted, rejected, late) = totals.first().copied().unwrap_or_default();
-    // A decision with several reasons counts once under each of its codes.
-    let sql = format!(
-        "SELECT code, count(*) FROM (
-             SELECT DISTINCT submission_id::text AS decision, coalesce(reason->>'code', '?') AS code
-             FROM {epro}.submission, jsonb_array_elements(reasons) AS reason
-             WHERE study_id = $1 AND outcome = 'rejected'
-             UNION ALL
-             SELECT DISTINCT event_id::text, coalesce(reason->>'code', '?')
-             FROM {epro}.conflicting_submission, jsonb_array_elements(reasons) AS reason
-             WHERE study_id = $1) AS decisions
-         GROUP BY code"
-    );
-    let reasons: Vec<(String, i64)> = rows(pool, study_id, "the ePRO rejection reasons", sql).await?;
+    let reading = |what: &str| format!("reading {what} of study {study_id}");
+    let decisions =
+        epro::read::decisions(pool, epro, study_id).await.with_context(|| reading("the ePRO decisions"))?;
+    let reasons = epro::read::rejected_by_reason(pool, epro, study_id)
+        .await
+        .with_context(|| reading("the ePRO rejection reasons"))?;
     let mut rejected_by_reason: Vec<ReasonCount> =
         reasons.into_iter().map(|(code, n)| ReasonCount { code, submissions: count(n) }).collect();
     rejected_by_reason.sort_by(|a, b| a.code.cmp(&b.code));
-    let sql = format!(
-        "SELECT window_status, count(*) FROM {epro}.response WHERE study_id = $1 GROUP BY window_status"
-    );
-    let windows: Vec<(String, i64)> = rows(pool, study_id, "the ePRO windows", sql).await?;
+    let windows = epro::read::accepted_by_window(pool, epro, study_id)
+        .await
+        .with_context(|| reading("the ePRO windows"))?;
     let mut accepted_by_window: Vec<WindowCount> =
         windows.into_iter().map(|(status, n)| WindowCount { status, submissions: count(n) }).collect();
     accepted_by_window.sort_by(|a, b| a.status.cmp(&b.status));
+    let (accepted, rejected) = (count(decisions.accepted), count(decisions.rejected));
     Ok(EproSummary {
-        decided: count(accepted) + count(rejected),
-        accepted: count(accepted),
-        accepted_late_sync: count(late),
-        rejected: count(rejected),
+        decided: accepted + rejected,
+        accepted,
+        accepted_late_sync: count(decisions.accepted_late_sync),
+        rejected,
         rejected_by_reason,
         accepted_by_window,
     })
 }
 
 async fn alerts(pool: &PgPool, monitoring: &SchemaName, study_id: &str) -> anyhow::Result<AlertSummary> {
-    let sql = format!(
-        "SELECT a.rule_id, a.severity, count(*), coalesce(sum(e.n), 0)::bigint,
-                count(*) FILTER (WHERE a.status = 'open'), count(*) FILTER (WHERE a.status = 'acknowledged'),
-                count(*) FILTER (WHERE a.status = 'resolved'), count(*) FILTER (WHERE a.level > 0)
-         FROM {monitoring}.alert a
-         LEFT JOIN (SELECT alert_id, count(*) AS n FROM {monitoring}.alert_evidence GROUP BY alert_id) e
-           USING (alert_id)
-         WHERE a.study_id = $1 GROUP BY a.rule_id, a.severity"
-    );
-    type Row = (String, String, i64, i64, i64, i64, i64, i64);
-    let per_rule: Vec<Row> = rows(pool, study_id, "the alerts", sql).await?;
+    let per_rule = monitoring::read::alerts_by_rule(pool, monitoring, study_id)
+        .await
+        .with_context(|| format!("reading the alerts of study {study_id}"))?;
     let mut by_rule: Vec<RuleAlerts> = per_rule
         .into_iter()
-        .map(|(rule_id, severity, episodes, readings, open, acknowledged, resolved, escalated)| RuleAlerts {
-            rule_id,
-            severity,
-            episodes: count(episodes),
-            triggering_readings: count(readings),
-            open: count(open),
-            acknowledged: count(acknowledged),
-            resolved: count(resolved),
-            escalated: count(escalated),
+        .map(|r| RuleAlerts {
+            rule_id: r.rule_id,
+            severity: r.severity,
+            episodes: count(r.episodes),
+            triggering_readings: count(r.triggering_readings),
+            open: count(r.open),
+            acknowledged: count(r.acknowledged),
+            resolved: count(r.resolved),
+            escalated: count(r.escalated),
         })
         .collect();
     by_rule.sort_by(|a, b| (&a.rule_id, &a.severity).cmp(&(&b.rule_id, &b.severity)));

@@ -1,13 +1,13 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use trialflow_consumers::enrollment::{self, Enrollment};
-use trialflow_consumers::epro::{self, EproValidation, catalogue::Catalogue};
-use trialflow_consumers::kit_allocation::{self, KitAllocation};
-use trialflow_consumers::monitoring::api::{AlertApi, AlertApiConfig};
-use trialflow_consumers::monitoring::{self, rules::RuleBook};
+use trialflow_consumers::ConsumerConfig;
+use trialflow_consumers::monitoring::{
+    self,
+    api::{AlertApi, AlertApiConfig},
+};
 use trialflow_consumers::notifier::{self, NotifierConfig};
-use trialflow_consumers::{ConsumerConfig, runtime};
 use trialflow_outbox::{DatabaseConfig, RelayConfig, SchemaName};
+use trialflow_pipeline::services::{self, Schemas, Settings};
 use trialflow_pipeline::{Pipeline, PipelineConfig, shutdown};
 use trialflow_producers::{epro_gateway, site_api};
 use trialflow_schemas::topics::TopicNames;
@@ -45,6 +45,8 @@ pub enum Command {
     AlertApi(AlertApiArgs),
     /// Run one domain consumer (migrates its schema first).
     Consume(ConsumeArgs),
+    /// Print the services: schema, consumer group, topics read and written, how each is served.
+    Services(crate::services::ServicesArgs),
     /// Start the local stack if needed, run every component and replay the CDISC pilot study
     /// through them; print the summary (also `.data/demo-summary.json`).
     Demo(demo::DemoArgs),
@@ -72,9 +74,9 @@ pub struct MigrateArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ConsumeArgs {
-    /// Which consumer.
-    #[arg(value_enum)]
-    pub consumer: ConsumerKind,
+    /// Which consumer (see `trialflow services`).
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(services::consumers().map(|(s, _)| s.name)))]
+    pub consumer: String,
 
     #[command(flatten)]
     pub config: ConsumerConfig,
@@ -93,26 +95,17 @@ pub struct ConsumeArgs {
     pub epro_config_dir: Option<std::path::PathBuf>,
 }
 
-/// The domain consumers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ConsumerKind {
-    Enrollment,
-    KitAllocation,
-    EproValidation,
-    Monitoring,
-    Notifier,
+/// The service schemas this build knows, each with its outbox: the relay's default sources.
+pub fn service_schemas() -> Vec<SchemaName> {
+    Schemas::default().sources()
 }
 
-/// The service schemas this build knows, each with its outbox: the relay's sources.
-pub fn service_schemas() -> Vec<SchemaName> {
-    vec![
-        site_api::schema(),
-        enrollment::schema(),
-        kit_allocation::schema(),
-        epro::schema(),
-        monitoring::schema(),
-        notifier::schema(),
-    ]
+/// `config` publishing every service's outbox when no source is configured.
+pub fn relay_with_default_sources(mut config: RelayConfig) -> RelayConfig {
+    if config.sources.is_empty() {
+        config.sources = service_schemas();
+    }
+    config
 }
 
 #[derive(Debug, clap::Args)]
@@ -156,9 +149,11 @@ pub async fn run_all(args: RunArgs, shutdown: tokio_util::sync::CancellationToke
     .with_database(&args.database);
     config.create_topics = !args.no_create_topics;
     config.partitions = args.partitions;
-    config.epro_config_dir = args.epro_config_dir;
-    config.monitoring_rules_dir = args.monitoring_rules_dir;
-    config.notifier = NotifierConfig::from_env().context("notifier configuration")?;
+    config.settings = Settings {
+        epro_config_dir: args.epro_config_dir,
+        monitoring_rules_dir: args.monitoring_rules_dir,
+        notifier: NotifierConfig::from_env().context("notifier configuration")?,
+    };
     if args.isolated.is_some() {
         println!(
             "isolated pipeline: topic prefix `{}`, schemas {}",
@@ -263,44 +258,28 @@ pub async fn serve_site_api(
 }
 
 pub async fn consume(args: ConsumeArgs, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    let (service, consumer) = services::consumers()
+        .find(|(s, _)| s.name == args.consumer)
+        .with_context(|| format!("no consumer `{}`", args.consumer))?;
+    let schema = Schemas::default()[service.name].clone();
+    service.migrate(&args.config.database.database_url, &schema).await?;
     let topics = TopicNames::new(args.topic_prefix);
-    let url = args.config.database.database_url.clone();
-    match args.consumer {
-        ConsumerKind::Enrollment => {
-            let schema = enrollment::schema();
-            enrollment::migrate(&url, &schema).await.context("migrating the enrollment schema")?;
-            let handler = Enrollment::new(schema.clone(), topics.clone());
-            runtime::run(enrollment::spec(schema, &topics), args.config, handler, shutdown).await?;
-        }
-        ConsumerKind::KitAllocation => {
-            let schema = kit_allocation::schema();
-            kit_allocation::migrate(&url, &schema).await.context("migrating the kit-allocation schema")?;
-            let handler = KitAllocation::new(schema.clone(), topics.clone());
-            runtime::run(kit_allocation::spec(schema, &topics), args.config, handler, shutdown).await?;
-        }
-        ConsumerKind::EproValidation => {
-            let schema = epro::schema();
-            epro::migrate(&url, &schema).await.context("migrating the epro schema")?;
-            let catalogue =
-                Catalogue::load(args.epro_config_dir.as_deref()).context("questionnaire catalogue")?;
-            tracing::info!(questionnaires = ?catalogue.versions(), "Questionnaires loaded.");
-            let handler = EproValidation::new(schema.clone(), topics.clone(), catalogue);
-            runtime::run(epro::spec(schema, &topics), args.config, handler, shutdown).await?;
-        }
-        ConsumerKind::Monitoring => {
-            let schema = monitoring::schema();
-            monitoring::migrate(&url, &schema).await.context("migrating the monitoring schema")?;
-            let rules = RuleBook::load(args.monitoring_rules_dir.as_deref()).map_err(anyhow::Error::msg)?;
-            monitoring::run(monitoring::spec(schema, &topics), args.config, rules, topics, shutdown).await?;
-        }
-        ConsumerKind::Notifier => {
-            let schema = notifier::schema();
-            notifier::migrate(&url, &schema).await.context("migrating the notifier schema")?;
-            let config = NotifierConfig::from_env().context("notifier configuration")?;
-            notifier::run(notifier::spec(schema, &topics), args.config, config, topics, shutdown).await?;
-        }
-    }
-    Ok(())
+    let notifier = match service.name {
+        notifier::NAME => NotifierConfig::from_env().context("notifier configuration")?,
+        _ => NotifierConfig::default(),
+    };
+    let start = services::Start {
+        spec: (consumer.spec)(schema, &topics),
+        config: args.config,
+        topics,
+        settings: Settings {
+            epro_config_dir: args.epro_config_dir,
+            monitoring_rules_dir: args.monitoring_rules_dir,
+            notifier,
+        },
+        stop: shutdown,
+    };
+    (consumer.start)(start).with_context(|| format!("configuring {}", service.name))?.await
 }
 
 /// Runs the command until it ends or `shutdown` (the process's, see [`shutdown::install`]).
@@ -317,12 +296,15 @@ pub async fn run(mut cli: Cli, shutdown: tokio_util::sync::CancellationToken) ->
     check_shutdown_graces(&cli);
     match cli.command {
         Command::Migrate(args) => migrate(&args).await,
-        Command::Relay(config) => trialflow_outbox::relay::run(config, shutdown).await.context("relay"),
+        Command::Relay(config) => {
+            trialflow_outbox::relay::run(relay_with_default_sources(config), shutdown).await.context("relay")
+        }
         Command::Run(args) => run_all(args, shutdown).await,
         Command::SiteApi(args) => serve_site_api(args, shutdown).await,
         Command::AlertApi(args) => serve_alert_api(args, shutdown).await,
         Command::EproGateway(args) => serve_epro_gateway(args, shutdown).await,
         Command::Consume(args) => consume(args, shutdown).await,
+        Command::Services(args) => crate::services::print(&args),
         Command::Demo(args) => demo::run(args, shutdown).await,
         Command::Replay(command) => demo::replay(command, shutdown).await,
         Command::Dlq(command) => crate::dlq::run(command).await,
@@ -354,22 +336,18 @@ fn check_shutdown_graces(cli: &Cli) {
 
 pub async fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
     let url = &args.database.database_url;
-    site_api::migrate(url, &site_api::schema()).await.context("migrating the site-api schema")?;
-    enrollment::migrate(url, &enrollment::schema()).await.context("migrating the enrollment schema")?;
-    kit_allocation::migrate(url, &kit_allocation::schema())
-        .await
-        .context("migrating the kit-allocation schema")?;
-    epro::migrate(url, &epro::schema()).await.context("migrating the epro schema")?;
-    monitoring::migrate(url, &monitoring::schema()).await.context("migrating the monitoring schema")?;
-    notifier::migrate(url, &notifier::schema()).await.context("migrating the notifier schema")?;
+    let schemas = Schemas::default();
+    for (service, schema) in schemas.iter() {
+        service.migrate(url, schema).await?;
+    }
     if let Some(shards) = args.outbox_shards {
-        for schema in service_schemas() {
+        for schema in schemas.sources() {
             trialflow_outbox::set_shard_count(url, &schema, shards)
                 .await
                 .with_context(|| format!("setting the shard count of `{schema}`"))?;
         }
     }
-    tracing::info!(schemas = ?service_schemas(), "Migrations applied.");
+    tracing::info!(schemas = ?schemas.sources(), "Migrations applied.");
     Ok(())
 }
 

@@ -133,7 +133,7 @@ async fn run_pilot(
     }
     .with_database(&args.database);
     config.partitions = args.partitions;
-    config.notifier = NotifierConfig::from_env().context("notifier configuration")?;
+    config.settings.notifier = NotifierConfig::from_env().context("notifier configuration")?;
     let (pipeline, clock, config) =
         replay::start_pipeline(config, &args.data_dir, replay::first_instant(&plan), shutdown).await?;
     let options = ReplayOptions {

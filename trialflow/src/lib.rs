@@ -5,4 +5,5 @@ pub mod cli;
 pub mod demo;
 pub mod dlq;
 pub mod quarantine;
+pub mod services;
 pub mod telemetry;

@@ -9,6 +9,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
+use trialflow_consumers::{enrollment, epro};
 use trialflow_outbox::SchemaName;
 use trialflow_pipeline::{Pipeline, PipelineConfig};
 use trialflow_testkit::{SiteApi, database_url, init_logs, kafka, wait_until};
@@ -66,8 +67,8 @@ async fn count(pool: &PgPool, schema: &SchemaName, condition: &str) -> anyhow::R
 async fn sites_enroll_subjects_through_the_api_and_a_shipment_releases_the_held_ones() -> anyhow::Result<()> {
     init_logs();
     let config = PipelineConfig::isolated("e2e", &database_url(), &kafka())?;
-    let enrollment = config.schemas.enrollment.clone();
-    let epro_schema = config.schemas.epro.clone();
+    let enrollment = config.schemas[enrollment::NAME].clone();
+    let epro_schema = config.schemas[epro::NAME].clone();
     let shutdown = CancellationToken::new();
     let pipeline = Pipeline::start(config, &shutdown).await?;
     let site = Site { api: SiteApi::new(pipeline.site_api_addr()), study: "E2E".into() };

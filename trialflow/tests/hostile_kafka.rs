@@ -237,11 +237,11 @@ async fn hostile_messages_on_every_consumed_topic_never_block_and_are_dead_lette
     let sources = config.schemas.sources();
     // Which consumer (name, schema) reads each topic.
     let consumers: Vec<(&str, SchemaName)> = vec![
-        (enrollment::NAME, s.enrollment.clone()),
-        (kit_allocation::NAME, s.kit_allocation.clone()),
-        (epro::NAME, s.epro.clone()),
-        (monitoring::NAME, s.monitoring.clone()),
-        (notifier::NAME, s.notifier.clone()),
+        (enrollment::NAME, s[enrollment::NAME].clone()),
+        (kit_allocation::NAME, s[kit_allocation::NAME].clone()),
+        (epro::NAME, s[epro::NAME].clone()),
+        (monitoring::NAME, s[monitoring::NAME].clone()),
+        (notifier::NAME, s[notifier::NAME].clone()),
     ];
     let mut readers: HashMap<String, Vec<(&str, SchemaName)>> = HashMap::new();
     for group in &groups {
@@ -354,16 +354,17 @@ async fn hostile_messages_on_every_consumed_topic_never_block_and_are_dead_lette
     let n = i64::from(SUBJECTS);
     let enrolled = format!(
         "SELECT count(*) FROM {}.subject WHERE study_id = '{STUDY}' AND status = 'enrolled'",
-        s.enrollment
+        s[enrollment::NAME]
     );
     assert_eq!(count(&pool, enrolled).await?, n, "every subject enrolled");
-    let observed = format!("SELECT count(*) FROM {}.observation WHERE study_id = '{STUDY}'", s.monitoring);
+    let observed =
+        format!("SELECT count(*) FROM {}.observation WHERE study_id = '{STUDY}'", s[monitoring::NAME]);
     assert_eq!(
         count(&pool, observed).await?,
         report.accepted(Input::VitalSign) as i64,
         "every vital sign once"
     );
-    let judged = format!("SELECT count(*) FROM {}.submission WHERE study_id = '{STUDY}'", s.epro);
+    let judged = format!("SELECT count(*) FROM {}.submission WHERE study_id = '{STUDY}'", s[epro::NAME]);
     assert_eq!(
         count(&pool, judged).await?,
         report.accepted(Input::Phq9Submission) as i64,

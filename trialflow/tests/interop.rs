@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
+use trialflow_consumers::{enrollment, epro, kit_allocation, monitoring};
 use trialflow_outbox::kafka::TopicReader;
 use trialflow_pipeline::{Pipeline, PipelineConfig, consumer_groups};
 use trialflow_schemas::topics;
@@ -331,14 +332,15 @@ async fn foreign_producers_and_consumers_follow_interop_md() -> anyhow::Result<(
     site.set_up(subjects.len()).await?;
     // Kit allocation must know the kits before the first enrollment request, or the subject is put
     // on hold first (and a HOLD-NO-KIT alert raised) until the shipment arrives.
-    let kits = format!("SELECT count(*) FROM {}.kit", schemas.kit_allocation);
+    let kits = format!("SELECT count(*) FROM {}.kit", schemas[kit_allocation::NAME]);
     wait_until("the kits known to kit allocation", WAIT, || async {
         let known: i64 = sqlx::query_scalar(AssertSqlSafe(kits.as_str())).fetch_one(&pool).await?;
         Ok(known == 2 * subjects.len() as i64)
     })
     .await?;
     site.enroll(&subjects).await?;
-    let enrolled = format!("SELECT count(*) FROM {}.subject WHERE status = 'enrolled'", schemas.enrollment);
+    let enrolled =
+        format!("SELECT count(*) FROM {}.subject WHERE status = 'enrolled'", schemas[enrollment::NAME]);
     wait_until("the three subjects enrolled", WAIT, || async {
         Ok(sqlx::query_scalar::<_, i64>(AssertSqlSafe(enrolled.as_str())).fetch_one(&pool).await? == 3)
     })
@@ -416,7 +418,7 @@ async fn foreign_producers_and_consumers_follow_interop_md() -> anyhow::Result<(
     let decision = format!(
         "SELECT s.outcome, r.total_score, r.flagged_items, r.late_sync, r.received_at
          FROM {0}.submission s LEFT JOIN {0}.response r USING (submission_id) WHERE s.submission_id = $1::uuid",
-        schemas.epro
+        schemas[epro::NAME]
     );
     for (s, late_sync, received_at) in expected_phq {
         let id = s.submission_id.clone().context("a PHQ-9 line without submission_id")?;
@@ -435,7 +437,7 @@ async fn foreign_producers_and_consumers_follow_interop_md() -> anyhow::Result<(
         assert_eq!((d.late_sync, d.received_at), (Some(late_sync), Some(received_at)), "submission {id}");
     }
 
-    let alerts = format!("SELECT subject_id, rule_id FROM {}.alert", schemas.monitoring);
+    let alerts = format!("SELECT subject_id, rule_id FROM {}.alert", schemas[monitoring::NAME]);
     let mut expected_alerts: BTreeSet<(String, String)> = BTreeSet::new();
     for subject in [PYTHON_SUBJECT, JAVA_SUBJECT] {
         expected_alerts.extend(EXAMPLE_ALERTS.iter().map(|r| (subject.to_string(), r.to_string())));
@@ -455,7 +457,7 @@ async fn foreign_producers_and_consumers_follow_interop_md() -> anyhow::Result<(
     waited.with_context(|| format!("raised so far: {raised:?}"))?;
     assert_eq!(raised, expected_alerts);
 
-    let stored = format!("SELECT event_id::text FROM {}.observation", schemas.monitoring);
+    let stored = format!("SELECT event_id::text FROM {}.observation", schemas[monitoring::NAME]);
     let stored: BTreeSet<String> =
         sqlx::query_scalar(AssertSqlSafe(stored)).fetch_all(&pool).await?.into_iter().collect();
     let vitals = [one(&python, "VitalSignRecorded")?, one(&java, "VitalSignRecorded")?];

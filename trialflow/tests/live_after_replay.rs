@@ -12,6 +12,7 @@ use std::time::Duration;
 use chrono::Utc;
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
+use trialflow_consumers::epro;
 use trialflow_consumers::epro::catalogue::Catalogue;
 use trialflow_consumers::epro::reference;
 use trialflow_outbox::kafka::TopicReader;
@@ -97,7 +98,7 @@ async fn after_a_replay_a_phq9_authored_now_is_accepted_on_the_real_clock() -> a
     let pool = sqlx::PgPool::connect(&database_url()).await?;
     let decided = format!(
         "SELECT outcome, reasons::text FROM {}.submission WHERE submission_id = $1",
-        config.schemas.epro
+        config.schemas[epro::NAME]
     );
     let id = s.submission_id;
     wait_until("the live submission is decided", Duration::from_secs(60), || {
@@ -115,7 +116,7 @@ async fn after_a_replay_a_phq9_authored_now_is_accepted_on_the_real_clock() -> a
     let response = format!(
         "SELECT received_at, late_sync, window_status, total_score, severity_band FROM {}.response \
          WHERE submission_id = $1",
-        config.schemas.epro
+        config.schemas[epro::NAME]
     );
     let row = sqlx::query(sqlx::AssertSqlSafe(response)).bind(id).fetch_one(&pool).await?;
     let received_at: chrono::DateTime<Utc> = row.try_get(0)?;

@@ -9,9 +9,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
-use trialflow_consumers::{epro, monitoring};
+use trialflow_consumers::{enrollment, epro, monitoring};
 use trialflow_outbox::KafkaConfig;
 use trialflow_pipeline::{Pipeline, PipelineConfig};
+use trialflow_producers::site_api;
 use trialflow_schemas::topics::TopicNames;
 use trialflow_schemas::{QuestionnaireResponseSubmitted, VitalSignRecorded};
 use trialflow_simulation::load::{EPRO_EVERY, Input, LoadConfig, run_load};
@@ -94,15 +95,15 @@ async fn a_load_enrolls_every_subject_and_a_rerun_of_its_study_creates_nothing()
     let pool = PgPool::connect(&database_url()).await?;
     let enrolled = format!(
         "SELECT count(*) FROM {}.subject WHERE study_id = '{STUDY}' AND status = 'enrolled'",
-        s.enrollment
+        s[enrollment::NAME]
     );
     wait_until("every subject enrolled", WAIT, || async {
         Ok(count(&pool, &enrolled).await? == i64::from(SUBJECTS))
     })
     .await?;
     let observations =
-        format!("SELECT count(*) FROM {}.observation WHERE study_id = '{STUDY}'", s.monitoring);
-    let decided = format!("SELECT count(*) FROM {}.submission WHERE study_id = '{STUDY}'", s.epro);
+        format!("SELECT count(*) FROM {}.observation WHERE study_id = '{STUDY}'", s[monitoring::NAME]);
+    let decided = format!("SELECT count(*) FROM {}.submission WHERE study_id = '{STUDY}'", s[epro::NAME]);
     wait_until("every vital sign and submission judged", WAIT, || async {
         Ok(count(&pool, &observations).await? == vitals as i64
             && count(&pool, &decided).await? == submissions as i64)
@@ -115,7 +116,7 @@ async fn a_load_enrolls_every_subject_and_a_rerun_of_its_study_creates_nothing()
     // travels on another topic, and the subject is held — `HOLD-NO-KIT` — until it arrives.)
     let alerts = format!(
         "SELECT count(*) FROM {}.alert WHERE study_id = '{STUDY}' AND rule_id NOT IN ('HOLD-NO-KIT', 'SITE-LOW-STOCK')",
-        s.monitoring
+        s[monitoring::NAME]
     );
     assert_eq!(count(&pool, &alerts).await?, 0, "every generated value is normal");
 
@@ -130,7 +131,7 @@ async fn a_load_enrolls_every_subject_and_a_rerun_of_its_study_creates_nothing()
         .map(|i| second.sent(i))
         .sum();
     assert_eq!(second.replayed, commands, "every site API command was a replay");
-    let screened = format!("SELECT count(*) FROM {}.subject WHERE study_id = '{STUDY}'", s.site_api);
+    let screened = format!("SELECT count(*) FROM {}.subject WHERE study_id = '{STUDY}'", s[site_api::NAME]);
     assert_eq!(count(&pool, &screened).await?, i64::from(SUBJECTS), "no new subject");
     let inputs = [
         (Input::VitalSign, monitoring::NAME, TopicNames::new(prefix.clone()).of::<VitalSignRecorded>()),

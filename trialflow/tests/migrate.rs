@@ -6,9 +6,9 @@
 use std::collections::BTreeSet;
 
 use anyhow::{Context, bail};
-use clap::{CommandFactory, Parser};
+use clap::Parser;
 use sqlx::{AssertSqlSafe, PgPool};
-use trialflow::cli::{Cli, Command, service_schemas};
+use trialflow::cli::{Cli, Command, relay_with_default_sources, service_schemas};
 use trialflow_testkit::{database_url, init_logs, unique};
 
 /// `url` naming the database `name` instead of its own.
@@ -31,14 +31,11 @@ async fn schemas(url: &str) -> anyhow::Result<BTreeSet<String>> {
     Ok(names.into_iter().collect())
 }
 
-/// The relay's default `--sources` as declared (not as the environment may override them).
+/// The relay's sources when neither `--sources` nor `OUTBOX_SOURCES` is given.
 fn relay_default_sources() -> anyhow::Result<BTreeSet<String>> {
-    let command = Cli::command();
-    let relay = command.find_subcommand("relay").context("the relay subcommand")?;
-    let sources = relay.get_arguments().find(|a| a.get_id() == "sources").context("--sources")?;
-    let defaults = sources.get_default_values();
-    let joined = defaults.iter().map(|v| v.to_string_lossy().into_owned()).collect::<Vec<_>>().join(",");
-    Ok(joined.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect())
+    let cli = Cli::try_parse_from(["trialflow", "relay"])?;
+    let Command::Relay(config) = cli.command else { bail!("`trialflow relay` parsed as another command") };
+    Ok(relay_with_default_sources(config).sources.iter().map(|s| s.to_string()).collect())
 }
 
 #[tokio::test]

@@ -27,6 +27,7 @@
 
 pub mod gates;
 pub mod randomization;
+pub mod read;
 mod store;
 
 use std::collections::BTreeSet;

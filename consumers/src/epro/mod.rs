@@ -29,6 +29,7 @@
 
 pub mod catalogue;
 pub mod questionnaire;
+pub mod read;
 pub mod reference;
 pub mod schedule;
 mod store;

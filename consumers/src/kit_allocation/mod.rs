@@ -28,6 +28,7 @@
 //! study set-up. The runtime's parking loop calls `prepare` too, on each slice of parked
 //! messages it retries.
 
+pub mod read;
 pub mod rules;
 mod store;
 

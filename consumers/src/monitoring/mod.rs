@@ -5,6 +5,7 @@
 pub mod api;
 mod consumer;
 mod episodes;
+pub mod read;
 pub mod rules;
 
 pub use consumer::{Monitoring, run, spec};

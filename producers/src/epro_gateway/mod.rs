@@ -80,6 +80,9 @@ pub use publish::producer_config;
 use trialflow_http::ApiError;
 use trialflow_http::input;
 
+/// The service's name.
+pub const NAME: &str = "epro-gateway";
+
 /// Every route the router serves (method, template): the router is built from this table (see
 /// `endpoint`), the OpenAPI test checks the document against it, the hostile-HTTP test attacks
 /// each.

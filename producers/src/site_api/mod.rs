@@ -50,6 +50,7 @@ pub mod error;
 pub mod idempotency;
 pub mod kits;
 pub mod openapi;
+pub mod read;
 pub mod studies;
 pub mod subjects;
 
@@ -80,10 +81,12 @@ use trialflow_schemas::topics::TopicNames;
 pub use config::SiteApiConfig;
 pub use error::SiteApiError;
 
+/// The service's name in the registry of services.
+pub const NAME: &str = "site-api";
 /// The default service schema (and outbox source) of the site API.
 pub const SCHEMA: &str = "site_api";
 /// `source_system` of every event the API writes.
-pub const SOURCE_SYSTEM: &str = "site-api";
+pub const SOURCE_SYSTEM: &str = NAME;
 
 /// Requests answered, by route template and status.
 pub const REQUESTS_TOTAL: &str = "trialflow_site_api_requests_total";
