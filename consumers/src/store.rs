@@ -346,3 +346,13 @@ impl Sql {
             .rows_affected())
     }
 }
+
+/// Parked messages per consumer on schema `schema`, by consumer name: what is still waiting for
+/// its dependency (the simulation's settle check reports them).
+pub async fn parked_by_consumer(
+    pool: &sqlx::PgPool,
+    schema: &SchemaName,
+) -> sqlx::Result<Vec<(String, i64)>> {
+    let sql = format!("SELECT consumer, count(*) FROM {schema}.parked GROUP BY consumer ORDER BY consumer");
+    sqlx::query_as(AssertSqlSafe(sql)).fetch_all(pool).await
+}

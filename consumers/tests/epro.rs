@@ -354,20 +354,20 @@ async fn a_thousand_submissions_each_end_in_exactly_one_outcome() -> anyhow::Res
     assert_eq!(n, expected_rejections.get("CONFLICTING_DUPLICATE").copied().unwrap_or(0) as i64);
 
     // The service's report reads (the demo's summary) agree with the outcomes it published.
-    let decisions = epro::read::decisions(&pool, &schema, STUDY).await?;
+    let decisions = epro::read::decisions(&pool, schema, STUDY).await?;
     let late = accepted.values().filter(|a| a.late_sync).count();
     assert_eq!(
         (decisions.accepted, decisions.accepted_late_sync, decisions.rejected),
         (expected_accepted as i64, late as i64, rejected.len() as i64)
     );
     let reasons: BTreeMap<String, i64> =
-        epro::read::rejected_by_reason(&pool, &schema, STUDY).await?.into_iter().collect();
+        epro::read::rejected_by_reason(&pool, schema, STUDY).await?.into_iter().collect();
     let published: BTreeMap<String, i64> =
         got_rejections.iter().map(|(code, n)| (code.to_string(), *n as i64)).collect();
     assert_eq!(reasons, published);
-    let windows = epro::read::accepted_by_window(&pool, &schema, STUDY).await?;
+    let windows = epro::read::accepted_by_window(&pool, schema, STUDY).await?;
     assert_eq!(windows.iter().map(|(_, n)| n).sum::<i64>(), expected_accepted as i64, "{windows:?}");
-    assert!(epro::read::decisions(&pool, &schema, "ANOTHER-STUDY").await?.accepted == 0);
+    assert!(epro::read::decisions(&pool, schema, "ANOTHER-STUDY").await?.accepted == 0);
 
     // Only the garbage reached the dead-letter topic.
     let dlq = TopicReader::new(&kafka(), &format!("{ingestion}{}", topics::DLQ_SUFFIX), true)?

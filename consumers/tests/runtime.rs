@@ -435,10 +435,12 @@ async fn parked_messages_apply_when_their_dependency_arrives_or_expire_to_the_dl
     fx.produce("subject-1", waiting, b"waits:site-9").await?;
     fx.produce("subject-2", orphan, b"waits:never").await?;
     wait_until("two parked", WAIT, || async {
-        let sql = format!("SELECT count(*) FROM {}.parked", fx.schema);
-        Ok(sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql)).fetch_one(&fx.pool).await? == 2)
+        let parked = trialflow_consumers::store::parked_by_consumer(&fx.pool, &fx.schema).await?;
+        Ok(parked.iter().map(|(_, n)| n).sum::<i64>() == 2)
     })
     .await?;
+    let parked = trialflow_consumers::store::parked_by_consumer(&fx.pool, &fx.schema).await?;
+    assert_eq!(parked.len(), 1, "one consumer: {parked:?}");
     assert!(fx.applied().await?.is_empty());
 
     fx.produce("subject-3", provider, b"provides:site-9").await?;

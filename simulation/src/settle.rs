@@ -18,7 +18,7 @@ use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use sqlx::{AssertSqlSafe, PgPool};
+use sqlx::PgPool;
 use trialflow_outbox::{KafkaConfig, SchemaName};
 use trialflow_pipeline::ConsumerGroup;
 
@@ -387,10 +387,11 @@ async fn check(
 ) -> anyhow::Result<Check> {
     let mut check = Check::default();
     for schema in outboxes {
-        let rows: i64 = sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {schema}.outbox")))
-            .fetch_one(pool)
+        let rows = trialflow_outbox::store::Store::new(schema)
+            .stats(pool)
             .await
-            .with_context(|| format!("counting the rows of {schema}.outbox"))?;
+            .with_context(|| format!("counting the rows of {schema}.outbox"))?
+            .rows;
         check.backlog.outbox_rows += rows;
         check.outboxes.push((schema.to_string(), rows));
     }
@@ -423,12 +424,9 @@ async fn check(
     }
 
     for schema in consumer_schemas {
-        let rows: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT consumer, count(*) FROM {schema}.parked GROUP BY consumer ORDER BY consumer"
-        )))
-        .fetch_all(pool)
-        .await
-        .with_context(|| format!("counting the rows of {schema}.parked"))?;
+        let rows = trialflow_consumers::store::parked_by_consumer(pool, schema)
+            .await
+            .with_context(|| format!("counting the rows of {schema}.parked"))?;
         for (consumer, n) in rows {
             check.backlog.parked += n;
             check.parked.push((schema.to_string(), consumer, n));
