@@ -338,6 +338,43 @@ mod tests {
         }
     }
 
+    /// The topic table of `schemas/README.md` names, among its producers and consumers, exactly
+    /// the services that write and read each topic here (other names there are systems and readers
+    /// outside the registry: patient apps, EDC publishers, the alert API, metrics).
+    #[test]
+    fn the_topic_table_agrees_with_the_registry() -> anyhow::Result<()> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/README.md");
+        let readme = std::fs::read_to_string(path)?;
+        let topics = TopicNames::default();
+        let services = |cell: &str| -> BTreeSet<String> {
+            cell.split(',')
+                .map(|name| name.split(" (").next().unwrap_or_default().trim().trim_matches('`').to_string())
+                .filter(|name| service(name).is_some())
+                .collect()
+        };
+        let mut rows = 0;
+        for line in readme.lines().filter(|l| l.starts_with("| `") && l.split('|').count() == 9) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let topic = cells[1].trim_matches('`');
+            if !topics::ALL.contains(&topic) {
+                continue;
+            }
+            rows += 1;
+            let writers: BTreeSet<String> =
+                SERVICES.iter().filter(|s| s.writes.contains(&topic)).map(|s| s.name.to_string()).collect();
+            let readers: BTreeSet<String> = consumers()
+                .filter(|(s, c)| {
+                    (c.spec)(Schemas::default()[s.name].clone(), &topics).topics.iter().any(|t| t == topic)
+                })
+                .map(|(s, _)| s.name.to_string())
+                .collect();
+            assert_eq!(services(cells[4]), writers, "producers of `{topic}` in schemas/README.md");
+            assert_eq!(services(cells[5]), readers, "consumers of `{topic}` in schemas/README.md");
+        }
+        assert_eq!(rows, topics::ALL.len(), "one row per catalogue topic");
+        Ok(())
+    }
+
     #[test]
     fn isolated_schemas_are_private_and_indexed_by_service() -> anyhow::Result<()> {
         let schemas = Schemas::isolated("t", "0123456789ab")?;
