@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use trialflow_simulation::stats::nearest_rank;
 
 use anyhow::bail;
 use axum::routing::post;
@@ -46,11 +47,9 @@ fn vital(subject: &str, value: f64) -> VitalSignRecorded {
     }
 }
 
+/// The `p` quantile of `sorted` by nearest rank; NaN (printed as such) for no samples.
 fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+    nearest_rank(sorted, p).unwrap_or(f64::NAN)
 }
 
 type Received = Arc<Mutex<HashMap<String, Instant>>>;

@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::time::Duration;
+use trialflow_simulation::stats::nearest_rank;
 
 use anyhow::{Context, bail};
 use chrono::SecondsFormat;
@@ -164,10 +165,7 @@ impl Run {
     fn quantiles(&self) -> Option<(f64, f64)> {
         let mut sorted = self.latencies.clone();
         sorted.sort_unstable();
-        let at = |q: f64| {
-            let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-            sorted.get(rank - 1).map(|d| d.as_secs_f64() * 1000.0)
-        };
+        let at = |q: f64| nearest_rank(&sorted, q).map(|d| d.as_secs_f64() * 1000.0);
         Some((at(0.5)?, at(0.99)?))
     }
 }

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use trialflow_simulation::stats::{nearest_rank, sorted_f64};
 
 use anyhow::{Context, bail};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -74,12 +75,9 @@ async fn watch(
     Ok((arrivals, task))
 }
 
-fn quantiles(mut ms: Vec<f64>) -> (f64, f64) {
-    if ms.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    ms.sort_by(f64::total_cmp);
-    let at = |q: f64| ms[((q * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1];
+fn quantiles(ms: Vec<f64>) -> (f64, f64) {
+    let ms = sorted_f64(ms);
+    let at = |q: f64| nearest_rank(&ms, q).unwrap_or(f64::NAN);
     (at(0.50), at(0.99))
 }
 

@@ -9,6 +9,7 @@
 //! * [`load`]: the synthetic load generator (`trialflow load`, the `load` benchmark).
 //! * [`settle`]: waiting until the pipeline has nothing left in flight.
 //! * [`summary`]: what a study looks like after a run, read from the services' tables.
+//! * [`stats`]: nearest-rank quantiles, as every report and benchmark gives them.
 //!
 //! The commands themselves (their arguments, starting the local stack, serving on after the
 //! summary) live in the `trialflow` binary; the in-process pipeline in `trialflow-pipeline`.
@@ -18,4 +19,5 @@ pub mod edc;
 pub mod load;
 pub mod replay;
 pub mod settle;
+pub mod stats;
 pub mod summary;

@@ -141,18 +141,15 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(mut samples: Vec<f64>) -> Option<Self> {
-        if samples.is_empty() {
-            return None;
-        }
-        samples.sort_by(f64::total_cmp);
-        let at = |q: f64| samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1];
+    fn of(samples: Vec<f64>) -> Option<Self> {
+        let samples = crate::stats::sorted_f64(samples);
+        let at = |q: f64| crate::stats::nearest_rank(&samples, q);
         Some(Self {
             count: samples.len() as u64,
-            p50: at(0.50),
-            p95: at(0.95),
-            p99: at(0.99),
-            max: samples[samples.len() - 1],
+            p50: at(0.50)?,
+            p95: at(0.95)?,
+            p99: at(0.99)?,
+            max: at(1.0)?,
         })
     }
 }

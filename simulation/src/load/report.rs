@@ -56,10 +56,7 @@ pub struct Quantiles {
 impl Quantiles {
     pub(super) fn of(mut sample: Vec<Duration>) -> Option<Self> {
         sample.sort_unstable();
-        let at = |q: f64| {
-            let rank = ((q * sample.len() as f64).ceil() as usize).clamp(1, sample.len());
-            sample.get(rank - 1).copied()
-        };
+        let at = |q: f64| crate::stats::nearest_rank(&sample, q);
         Some(Self { p50: at(0.50)?, p99: at(0.99)? })
     }
 }
