@@ -9,7 +9,8 @@ use trialflow_consumers::notifier::{self, NotifierConfig};
 use trialflow_consumers::{ConsumerConfig, runtime};
 use trialflow_outbox::{DatabaseConfig, RelayConfig, SchemaName};
 use trialflow_pipeline::{Pipeline, PipelineConfig, shutdown};
-use trialflow_producers::{epro_gateway, site_api};
+use trialflow_producers::epro_gateway::{self, EproGatewayArgs};
+use trialflow_producers::site_api::{self, SiteApiArgs};
 use trialflow_schemas::topics::TopicNames;
 
 use crate::demo;
@@ -207,54 +208,26 @@ pub async fn serve_alert_api(
     api.run(shutdown).await.context("alert API")
 }
 
-#[derive(Debug, clap::Args)]
-pub struct EproGatewayArgs {
-    /// Accept the local demo app token (`app-token`) when EPRO_GATEWAY_TOKENS is not set. Never in
-    /// a shared environment.
-    #[arg(long, env = "EPRO_GATEWAY_DEMO_TOKENS")]
-    pub demo_tokens: bool,
-}
-
-/// Serves the ePRO ingestion gateway configured from `EPRO_GATEWAY_*`, `KAFKA_*` and `TOPIC_PREFIX`.
+/// Serves the ePRO ingestion gateway configured by `args` (`EPRO_GATEWAY_*`, `KAFKA_*`,
+/// `TOPIC_PREFIX`).
 pub async fn serve_epro_gateway(
     args: EproGatewayArgs,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut config = epro_gateway::EproGatewayConfig::from_env().context("ePRO gateway configuration")?;
-    if config.tokens.is_empty() {
-        anyhow::ensure!(
-            args.demo_tokens,
-            "no app can be authenticated: set EPRO_GATEWAY_TOKENS (comma-separated) or pass --demo-tokens"
-        );
-        config.tokens = epro_gateway::EproGatewayConfig::local().tokens;
-    }
+    let config = args.into_config()?;
     epro_gateway::describe_metrics();
     let gateway = epro_gateway::EproGateway::bind(config).await.context("starting the ePRO gateway")?;
     tracing::info!(addr = %gateway.local_addr(), "ePRO gateway listening.");
     gateway.run(shutdown).await.context("ePRO gateway")
 }
 
-#[derive(Debug, clap::Args)]
-pub struct SiteApiArgs {
-    /// Accept the local demo tokens (admin-token, site-token, pharmacist-token, researcher-token)
-    /// when SITE_API_TOKENS is not set. Never in a shared environment.
-    #[arg(long, env = "SITE_API_DEMO_TOKENS")]
-    pub demo_tokens: bool,
-}
-
-/// Serves the site API configured from `SITE_API_*` (see the README) until `shutdown`.
+/// Serves the site API configured by `args` (`SITE_API_*`, `DATABASE_URL`, `TOPIC_PREFIX`; see the
+/// README) until `shutdown`.
 pub async fn serve_site_api(
     args: SiteApiArgs,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut config = site_api::SiteApiConfig::from_env().context("site API configuration")?;
-    if config.tokens.is_empty() {
-        anyhow::ensure!(
-            args.demo_tokens,
-            "no caller can be authenticated: set SITE_API_TOKENS (token=role:user,...) or pass --demo-tokens"
-        );
-        config.tokens = site_api::SiteApiConfig::local().tokens;
-    }
+    let config = args.into_config()?;
     site_api::migrate(&config.database_url, &config.schema).await.context("migrating the site-api schema")?;
     site_api::describe_metrics();
     let api = site_api::SiteApi::bind(config).await.context("starting the site API")?;

@@ -77,7 +77,7 @@ use trialflow_outbox::{Outbox, SchemaName};
 use trialflow_schemas::Timestamp;
 use trialflow_schemas::topics::TopicNames;
 
-pub use config::SiteApiConfig;
+pub use config::{SiteApiArgs, SiteApiConfig};
 pub use error::SiteApiError;
 
 /// The default service schema (and outbox source) of the site API.
