@@ -3,7 +3,7 @@ use clap::{Parser, Subcommand};
 use trialflow_consumers::enrollment::{self, Enrollment};
 use trialflow_consumers::epro::{self, EproValidation, catalogue::Catalogue};
 use trialflow_consumers::kit_allocation::{self, KitAllocation};
-use trialflow_consumers::monitoring::api::{AlertApi, AlertApiConfig};
+use trialflow_consumers::monitoring::api::{AlertApi, AlertApiArgs};
 use trialflow_consumers::monitoring::{self, rules::RuleBook};
 use trialflow_consumers::notifier::{self, NotifierConfig};
 use trialflow_consumers::{ConsumerConfig, runtime};
@@ -178,27 +178,12 @@ pub async fn run_all(args: RunArgs, shutdown: tokio_util::sync::CancellationToke
     pipeline.wait().await
 }
 
-#[derive(Debug, clap::Args)]
-pub struct AlertApiArgs {
-    /// Accept the local demo token (`researcher-token`) when ALERT_API_TOKENS is not set. Never
-    /// in a shared environment.
-    #[arg(long, env = "ALERT_API_DEMO_TOKENS")]
-    pub demo_tokens: bool,
-}
-
-/// Serves the alert API configured from `ALERT_API_*`, `DATABASE_URL` and `TOPIC_PREFIX`.
+/// Serves the alert API configured by `args` (`ALERT_API_*`, `DATABASE_URL`, `TOPIC_PREFIX`).
 pub async fn serve_alert_api(
     args: AlertApiArgs,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut config = AlertApiConfig::from_env().context("alert API configuration")?;
-    if config.tokens.is_empty() {
-        anyhow::ensure!(
-            args.demo_tokens,
-            "no researcher can be authenticated: set ALERT_API_TOKENS (token=role:user,...) or pass --demo-tokens"
-        );
-        config.tokens = AlertApiConfig::local().tokens;
-    }
+    let config = args.into_config()?;
     monitoring::migrate(&config.database_url, &config.schema)
         .await
         .context("migrating the monitoring schema")?;
