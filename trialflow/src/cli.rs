@@ -5,7 +5,7 @@ use trialflow_consumers::epro::{self, EproValidation, catalogue::Catalogue};
 use trialflow_consumers::kit_allocation::{self, KitAllocation};
 use trialflow_consumers::monitoring::api::{AlertApi, AlertApiArgs};
 use trialflow_consumers::monitoring::{self, rules::RuleBook};
-use trialflow_consumers::notifier::{self, NotifierConfig};
+use trialflow_consumers::notifier::{self, NotifierArgs, NotifierConfig};
 use trialflow_consumers::{ConsumerConfig, runtime};
 use trialflow_outbox::{DatabaseConfig, RelayConfig, SchemaName};
 use trialflow_pipeline::{Pipeline, PipelineConfig, shutdown};
@@ -145,6 +145,9 @@ pub struct RunArgs {
     /// broker without touching anyone's data (tests, a trial next to a running demo).
     #[arg(long, env = "PIPELINE_ISOLATED", value_name = "NAME")]
     pub isolated: Option<String>,
+
+    #[command(flatten)]
+    pub notifier: NotifierArgs,
 }
 
 /// Every component in one process.
@@ -159,7 +162,7 @@ pub async fn run_all(args: RunArgs, shutdown: tokio_util::sync::CancellationToke
     config.partitions = args.partitions;
     config.epro_config_dir = args.epro_config_dir;
     config.monitoring_rules_dir = args.monitoring_rules_dir;
-    config.notifier = NotifierConfig::from_env().context("notifier configuration")?;
+    config.notifier = args.notifier.into_config().context("notifier configuration")?;
     if args.isolated.is_some() {
         println!(
             "isolated pipeline: topic prefix `{}`, schemas {}",
