@@ -86,25 +86,10 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
-    /// Defaults of every field, for in-process use.
+    /// The defaults of every field, for in-process use (tests, demo, benchmarks): no environment
+    /// variable is read.
     pub fn local() -> Self {
-        Self {
-            database: DatabaseConfig::default(),
-            kafka: KafkaConfig::default(),
-            group_id: None,
-            max_batch: 500,
-            max_backoff_ms: 30_000,
-            park_retry_ms: 5_000,
-            park_max_age_secs: 86_400,
-            inbox_retention_hours: 24 * 30,
-            session_timeout_ms: 6_000,
-            heartbeat_interval_ms: 500,
-            fetch_wait_ms: 50,
-            dlq_suffix: trialflow_schemas::topics::DLQ_SUFFIX.to_string(),
-            poison_attempts: 5,
-            revoke_wait_ms: 10_000,
-            shutdown_grace_ms: 10_000,
-        }
+        trialflow_outbox::config::defaults()
     }
 
     pub(crate) fn max_backoff(&self) -> Duration {
@@ -121,5 +106,20 @@ impl ConsumerConfig {
 
     pub(crate) fn park_retry(&self) -> Duration {
         Duration::from_millis(self.park_retry_ms.max(10))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_is_the_declared_defaults() {
+        let config = ConsumerConfig::local();
+        assert_eq!(config.group_id, None);
+        assert_eq!((config.max_batch, config.poison_attempts, config.shutdown_grace_ms), (500, 5, 10_000));
+        assert_eq!((config.park_max_age_secs, config.inbox_retention_hours), (86_400, 720));
+        assert_eq!(config.dlq_suffix, trialflow_schemas::topics::DLQ_SUFFIX);
+        assert_eq!(config.kafka.linger_ms, 5);
     }
 }

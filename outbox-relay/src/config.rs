@@ -1,10 +1,20 @@
 //! Typed configuration. Every field has a local default and an environment variable, so pointing
 //! at a real cluster means setting `DATABASE_URL` / `KAFKA_BOOTSTRAP_SERVERS` and nothing else.
+//!
+//! The idiom of every component's configuration: a clap [`Args`] struct whose fields each have a
+//! doc comment, a flag, an environment variable and (unless unset means something) a default,
+//! written once, in the `#[arg]`. The helpers below build such a struct without a command line:
+//! [`defaults`] (the `local()` constructors), [`from_env`] and [`from_env_lenient`]; [`setting`]
+//! is the value parser of settings whose refusal must name their variable.
 
+use std::any::type_name;
+use std::ffi::OsStr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use clap::Args;
+use clap::builder::TypedValueParser;
+use clap::error::ErrorKind;
+use clap::{Arg, Args, Command, FromArgMatches};
 use sqlx::postgres::PgConnectOptions;
 
 use crate::error::Result;
@@ -52,34 +62,24 @@ pub struct DatabaseConfig {
 const TCP_KEEPALIVE_COUNT: u32 = 6;
 const TCP_KEEPALIVE_INTERVAL_SECS: u32 = 10;
 
+/// The defaults of every field (the local stack's database).
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self::new(DEFAULT_DATABASE_URL)
+        defaults()
     }
 }
 
 impl DatabaseConfig {
     /// `database_url` with the default session limits.
     pub fn new(database_url: impl Into<String>) -> Self {
-        Self {
-            database_url: database_url.into(),
-            statement_timeout_ms: 30_000,
-            idle_in_transaction_timeout_ms: 60_000,
-            tcp_keepalive_secs: 60,
-        }
+        Self { database_url: database_url.into(), ..defaults() }
     }
 
     /// `database_url` with the session limits of the environment (`DATABASE_STATEMENT_TIMEOUT_MS`,
     /// ...; their defaults when unset): for the services whose configuration holds only a URL.
     pub fn from_env_with_url(database_url: &str) -> sqlx::Result<Self> {
-        #[derive(clap::Parser)]
-        struct FromEnv {
-            #[command(flatten)]
-            database: DatabaseConfig,
-        }
-        let parsed = <FromEnv as clap::Parser>::try_parse_from(["trialflow"])
-            .map_err(|e| sqlx::Error::Configuration(e.to_string().into()))?;
-        Ok(Self { database_url: database_url.to_string(), ..parsed.database })
+        let database: Self = from_env().map_err(|e| sqlx::Error::Configuration(e.into()))?;
+        Ok(Self { database_url: database_url.to_string(), ..database })
     }
 
     /// The connect options of [`connect_options`](Self::connect_options) for `database_url`, with
@@ -136,14 +136,10 @@ pub struct KafkaConfig {
     pub producer_config: Vec<(String, String)>,
 }
 
+/// The defaults of every field (the local stack's broker).
 impl Default for KafkaConfig {
     fn default() -> Self {
-        Self {
-            bootstrap_servers: DEFAULT_KAFKA_BOOTSTRAP_SERVERS.to_string(),
-            linger_ms: 5,
-            delivery_timeout_ms: 0,
-            producer_config: Vec::new(),
-        }
+        defaults()
     }
 }
 
@@ -161,9 +157,13 @@ pub struct RelayConfig {
     #[command(flatten)]
     pub kafka: KafkaConfig,
 
-    /// Outbox sources: the service schemas whose outboxes this relay publishes (comma-separated);
-    /// unset, every service's schema (`trialflow services` lists them).
-    #[arg(long = "sources", env = "OUTBOX_SOURCES", value_delimiter = ',')]
+    /// Outbox sources: the service schemas whose outboxes this relay publishes (comma-separated).
+    #[arg(
+        long = "sources",
+        env = "OUTBOX_SOURCES",
+        value_delimiter = ',',
+        default_value = "site_api,enrollment,kit_allocation,epro,monitoring,notifier"
+    )]
     pub sources: Vec<SchemaName>,
 
     /// Most rows read and published per batch.
@@ -199,20 +199,10 @@ pub struct RelayConfig {
 }
 
 impl RelayConfig {
-    /// The defaults of every field, for in-process use (tests, demo, benchmarks).
+    /// The defaults of every field but `sources`, for in-process use (tests, demo, benchmarks):
+    /// no environment variable is read.
     pub fn local(sources: Vec<SchemaName>) -> Self {
-        Self {
-            database: DatabaseConfig::default(),
-            kafka: KafkaConfig::default(),
-            sources,
-            batch_size: 1000,
-            max_in_flight_batches: 8,
-            poll_interval_ms: 1000,
-            rebalance_interval_ms: 2000,
-            stats_interval_ms: 5000,
-            shutdown_grace_ms: 10_000,
-            max_backoff_ms: 30_000,
-        }
+        Self { sources, ..defaults() }
     }
 
     pub(crate) fn poll_interval(&self) -> Duration {
@@ -236,6 +226,156 @@ impl RelayConfig {
     }
 }
 
+// ---- building an `Args` struct without a command line ----------------------------------------
+
+/// The defaults of the [`Args`] struct `T`: what an empty command line parses to when no
+/// environment variable is read (each argument's `env` is dropped). The `local()` constructors
+/// are made of it, so a default is written once, in its `#[arg(default_value...)]`; an argument
+/// without a default is `None` (or empty).
+///
+/// # Panics
+///
+/// When a default does not parse or an argument is required: a bug of `T` (its unit tests call
+/// this).
+pub fn defaults<T: Args + FromArgMatches>() -> T {
+    let command = T::augment_args(Command::new("defaults")).mut_args(|arg| arg.env(None));
+    parse(command).unwrap_or_else(|e| panic!("the defaults of {} do not parse: {e}", type_name::<T>()))
+}
+
+/// `T` from the environment alone (an empty command line): every variable set applies, an
+/// invalid one is the error (one line, naming the argument).
+pub fn from_env<T: Args + FromArgMatches>() -> Result<T, String> {
+    parse(T::augment_args(Command::new("env")))
+}
+
+/// `T` from the environment alone, leniently, for in-process use (the services' `local()`, which
+/// `trialflow run` and the demo start): a blank variable counts as unset, and one that does not
+/// parse is logged (warning) and left out, so its default applies. Also returns the variables
+/// left out, for a setting whose default must not replace an invalid value (a token list).
+pub fn from_env_lenient<T: Args + FromArgMatches>() -> (T, Vec<String>) {
+    let blank = |arg: &Arg| {
+        arg.get_env().and_then(std::env::var_os).is_none_or(|value| value.to_string_lossy().trim().is_empty())
+    };
+    let command =
+        T::augment_args(Command::new("local")).mut_args(|arg| if blank(&arg) { arg.env(None) } else { arg });
+    if let Ok(parsed) = parse(command.clone()) {
+        return (parsed, Vec::new());
+    }
+    // Each variable tried alone: the invalid ones are those that fail so.
+    let (mut refused, mut vars) = (Vec::new(), Vec::new());
+    for arg in command.get_arguments() {
+        let Some(var) = arg.get_env().map(|var| var.to_string_lossy().into_owned()) else { continue };
+        let alone = command.clone().mut_args(|a| if a.get_id() == arg.get_id() { a } else { a.env(None) });
+        if let Err(error) = parse::<T>(alone) {
+            tracing::warn!(var, %error, "Ignoring invalid setting.");
+            refused.push(arg.get_id().clone());
+            vars.push(var);
+        }
+    }
+    let command = command.mut_args(|arg| if refused.contains(arg.get_id()) { arg.env(None) } else { arg });
+    match parse(command) {
+        Ok(parsed) => (parsed, vars),
+        // Only variables valid alone are left: they can fail together only if `T` makes them
+        // conflict. Then none applies.
+        Err(error) => {
+            tracing::warn!(%error, "Ignoring the settings of the environment.");
+            (defaults(), vars)
+        }
+    }
+}
+
+/// Parses an empty command line with `command` into `T`; the error is clap's message, one line.
+fn parse<T: FromArgMatches>(mut command: Command) -> Result<T, String> {
+    let name = command.get_name().to_string();
+    command
+        .try_get_matches_from_mut([name])
+        .and_then(|matches| T::from_arg_matches(&matches))
+        .map_err(|e| one_line(&e))
+}
+
+/// A clap error's message without the `error: ` prefix and the hints below it.
+fn one_line(error: &clap::Error) -> String {
+    let text = error.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.strip_prefix("error: ").unwrap_or(first).trim().to_string()
+}
+
+// ---- settings: values refused naming their variable -------------------------------------------
+
+/// The clap value parser of a setting: `parse` reads the value, and a refusal names the
+/// environment variable and the flag, and shows the value (escaped) unless the argument hides its
+/// environment values (a secret: [`Arg::hide_env_values`]). A blank value means the argument's
+/// default, as an unset variable does; [`Setting::blank_refused`] to refuse it instead.
+pub fn setting<T>(parse: fn(&str) -> Result<T, String>) -> Setting<T> {
+    Setting { parse, blank_is_default: true }
+}
+
+/// See [`setting`].
+#[derive(Debug, Clone)]
+pub struct Setting<T> {
+    parse: fn(&str) -> Result<T, String>,
+    blank_is_default: bool,
+}
+
+impl<T> Setting<T> {
+    /// A blank value goes to `parse` like any other (which may refuse it).
+    pub fn blank_refused(self) -> Self {
+        Self { blank_is_default: false, ..self }
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> TypedValueParser for Setting<T> {
+    type Value = T;
+
+    fn parse_ref(&self, cmd: &Command, arg: Option<&Arg>, value: &OsStr) -> Result<T, clap::Error> {
+        let refuse = |reason: String| {
+            let secret = arg.is_some_and(Arg::is_hide_env_values_set);
+            let shown = if secret { String::new() } else { format!(" {value:?}") };
+            // A reason may quote the value: never a raw control character to the terminal.
+            let reason: String = reason
+                .chars()
+                .map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() })
+                .collect();
+            let message = format!("invalid value{shown} for {}: {reason}\n", setting_name(arg));
+            clap::Error::raw(ErrorKind::ValueValidation, message).with_cmd(cmd)
+        };
+        let text = value.to_str().ok_or_else(|| refuse("not UTF-8".to_string()))?;
+        let default = arg.and_then(|a| a.get_default_values().first()).and_then(|d| d.to_str());
+        let text = match default {
+            Some(default) if self.blank_is_default && text.trim().is_empty() => default,
+            _ => text,
+        };
+        (self.parse)(text).map_err(refuse)
+    }
+}
+
+/// `VAR (--flag)`, or whichever of the two the argument has.
+fn setting_name(arg: Option<&Arg>) -> String {
+    let var = arg.and_then(Arg::get_env).map(|var| var.to_string_lossy().into_owned());
+    let flag = arg.and_then(Arg::get_long).map(|long| format!("--{long}"));
+    match (var, flag) {
+        (Some(var), Some(flag)) => format!("{var} ({flag})"),
+        (Some(name), None) | (None, Some(name)) => name,
+        (None, None) => arg.map_or_else(|| "a setting".to_string(), |a| a.get_id().to_string()),
+    }
+}
+
+/// A value of `T` written with blanks around it, which are ignored (`" 4 "` is 4).
+pub fn trimmed<T: FromStr<Err: std::fmt::Display>>(text: &str) -> Result<T, String> {
+    text.trim().parse().map_err(|e: T::Err| e.to_string())
+}
+
+/// A whole number of at least 1, blanks around it ignored.
+pub fn at_least_one<T: FromStr<Err: std::fmt::Display> + PartialOrd + From<u8>>(
+    text: &str,
+) -> Result<T, String> {
+    let n: T = trimmed(text)?;
+    if n < T::from(1) {
+        return Err("must be at least 1".to_string());
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -246,6 +386,91 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         relay: RelayConfig,
+    }
+
+    /// Arguments read from a variable every environment has (`PATH`).
+    #[derive(Debug, Parser)]
+    struct FromPath {
+        /// `PATH` is no number: invalid.
+        #[arg(long, env = "PATH", default_value_t = 7)]
+        number: u32,
+        /// `PATH` as text: valid.
+        #[arg(long, env = "PATH")]
+        text: Option<String>,
+    }
+
+    /// Settings of variables no environment has.
+    #[derive(Debug, Parser)]
+    struct Settings {
+        #[arg(long, env = "TRIALFLOW_PROBE_POSITIVE", default_value_t = 3, value_parser = setting(at_least_one::<u32>))]
+        positive: u32,
+        #[arg(long, env = "TRIALFLOW_PROBE_STRICT", default_value_t = 2, value_parser = setting(trimmed::<u32>).blank_refused())]
+        strict: u32,
+        #[arg(long, env = "TRIALFLOW_PROBE_SECRET", hide_env_values = true, value_parser = setting(trimmed::<u32>))]
+        secret: Option<u32>,
+    }
+
+    #[test]
+    fn defaults_are_the_declared_ones_whatever_the_environment() {
+        let from_path: FromPath = defaults();
+        assert_eq!((from_path.number, from_path.text), (7, None));
+        let relay = RelayConfig::local(Vec::new());
+        assert!(relay.sources.is_empty());
+        assert_eq!(
+            (relay.batch_size, relay.max_in_flight_batches, relay.shutdown_grace_ms),
+            (1000, 8, 10_000)
+        );
+        assert_eq!(relay.database.database_url, DEFAULT_DATABASE_URL);
+        assert_eq!(DatabaseConfig::new("postgres://elsewhere/db").statement_timeout_ms, 30_000);
+        assert_eq!(KafkaConfig::default().bootstrap_servers, DEFAULT_KAFKA_BOOTSTRAP_SERVERS);
+        assert_eq!(KafkaConfig::default().linger_ms, 5);
+    }
+
+    #[test]
+    fn the_lenient_environment_leaves_out_only_what_does_not_parse() {
+        let Some(path) = std::env::var("PATH").ok().filter(|p| !p.trim().is_empty()) else {
+            return; // An environment without PATH has nothing to probe with.
+        };
+        let (from_path, refused) = from_env_lenient::<FromPath>();
+        assert_eq!(refused, ["PATH"]);
+        assert_eq!(from_path.number, 7, "the refused variable's default applies");
+        assert_eq!(from_path.text, Some(path), "the valid variable applies");
+        let strict = from_env::<FromPath>().err().unwrap_or_default();
+        assert!(strict.contains("--number"), "{strict}");
+    }
+
+    #[test]
+    fn a_refused_setting_names_its_variable_and_flag_and_never_shows_a_secret() {
+        let refusal = |args: &[&str]| {
+            let args = std::iter::once("probe").chain(args.iter().copied());
+            Settings::try_parse_from(args).err().map(|e| e.to_string()).unwrap_or_default()
+        };
+        let zero = refusal(&["--positive", "0"]);
+        assert!(
+            zero.contains(
+                r#"invalid value "0" for TRIALFLOW_PROBE_POSITIVE (--positive): must be at least 1"#
+            ),
+            "{zero}"
+        );
+        let hostile = refusal(&["--positive", "1\0\u{1b}[2J"]);
+        assert!(hostile.contains(r#""1\0\u{1b}[2J""#), "control characters are escaped: {hostile}");
+        let huge = refusal(&["--positive", "99999999999"]);
+        assert!(huge.contains("number too large"), "{huge}");
+        let secret = refusal(&["--secret", "s3cr3t"]);
+        assert!(
+            secret.contains("TRIALFLOW_PROBE_SECRET (--secret)") && !secret.contains("s3cr3t"),
+            "{secret}"
+        );
+        let strict = refusal(&["--strict", " "]);
+        assert!(strict.contains("TRIALFLOW_PROBE_STRICT (--strict)"), "{strict}");
+
+        let parsed = Settings::try_parse_from(["probe", "--positive", "  ", "--secret", " 5 "]);
+        let Ok(settings) = parsed else { panic!("{parsed:?}") };
+        assert_eq!(
+            (settings.positive, settings.secret),
+            (3, Some(5)),
+            "blank is the default; blanks around are ignored"
+        );
     }
 
     #[test]

@@ -3,13 +3,14 @@ use clap::{Parser, Subcommand};
 use trialflow_consumers::ConsumerConfig;
 use trialflow_consumers::monitoring::{
     self,
-    api::{AlertApi, AlertApiConfig},
+    api::{AlertApi, AlertApiArgs},
 };
-use trialflow_consumers::notifier::{self, NotifierConfig};
+use trialflow_consumers::notifier::{self, NotifierArgs, NotifierConfig};
 use trialflow_outbox::{DatabaseConfig, RelayConfig, SchemaName};
 use trialflow_pipeline::services::{self, Schemas, Settings};
 use trialflow_pipeline::{Pipeline, PipelineConfig, shutdown};
-use trialflow_producers::{epro_gateway, site_api};
+use trialflow_producers::epro_gateway::{self, EproGatewayArgs};
+use trialflow_producers::site_api::{self, SiteApiArgs};
 use trialflow_schemas::topics::TopicNames;
 
 use crate::demo;
@@ -93,6 +94,10 @@ pub struct ConsumeArgs {
     /// or replacing, the built-in ones.
     #[arg(long, env = "EPRO_CONFIG_DIR")]
     pub epro_config_dir: Option<std::path::PathBuf>,
+
+    /// notifier: who is notified of what.
+    #[command(flatten)]
+    pub notifier: NotifierArgs,
 }
 
 /// The service schemas this build knows, each with its outbox: the relay's default sources.
@@ -137,6 +142,9 @@ pub struct RunArgs {
     /// broker without touching anyone's data (tests, a trial next to a running demo).
     #[arg(long, env = "PIPELINE_ISOLATED", value_name = "NAME")]
     pub isolated: Option<String>,
+
+    #[command(flatten)]
+    pub notifier: NotifierArgs,
 }
 
 /// Every component in one process.
@@ -152,7 +160,7 @@ pub async fn run_all(args: RunArgs, shutdown: tokio_util::sync::CancellationToke
     config.settings = Settings {
         epro_config_dir: args.epro_config_dir,
         monitoring_rules_dir: args.monitoring_rules_dir,
-        notifier: NotifierConfig::from_env().context("notifier configuration")?,
+        notifier: args.notifier.into_config().context("notifier configuration")?,
     };
     if args.isolated.is_some() {
         println!(
@@ -172,27 +180,12 @@ pub async fn run_all(args: RunArgs, shutdown: tokio_util::sync::CancellationToke
     pipeline.wait().await
 }
 
-#[derive(Debug, clap::Args)]
-pub struct AlertApiArgs {
-    /// Accept the local demo token (`researcher-token`) when ALERT_API_TOKENS is not set. Never
-    /// in a shared environment.
-    #[arg(long, env = "ALERT_API_DEMO_TOKENS")]
-    pub demo_tokens: bool,
-}
-
-/// Serves the alert API configured from `ALERT_API_*`, `DATABASE_URL` and `TOPIC_PREFIX`.
+/// Serves the alert API configured by `args` (`ALERT_API_*`, `DATABASE_URL`, `TOPIC_PREFIX`).
 pub async fn serve_alert_api(
     args: AlertApiArgs,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut config = AlertApiConfig::from_env().context("alert API configuration")?;
-    if config.tokens.is_empty() {
-        anyhow::ensure!(
-            args.demo_tokens,
-            "no researcher can be authenticated: set ALERT_API_TOKENS (token=role:user,...) or pass --demo-tokens"
-        );
-        config.tokens = AlertApiConfig::local().tokens;
-    }
+    let config = args.into_config()?;
     monitoring::migrate(&config.database_url, &config.schema)
         .await
         .context("migrating the monitoring schema")?;
@@ -202,54 +195,26 @@ pub async fn serve_alert_api(
     api.run(shutdown).await.context("alert API")
 }
 
-#[derive(Debug, clap::Args)]
-pub struct EproGatewayArgs {
-    /// Accept the local demo app token (`app-token`) when EPRO_GATEWAY_TOKENS is not set. Never in
-    /// a shared environment.
-    #[arg(long, env = "EPRO_GATEWAY_DEMO_TOKENS")]
-    pub demo_tokens: bool,
-}
-
-/// Serves the ePRO ingestion gateway configured from `EPRO_GATEWAY_*`, `KAFKA_*` and `TOPIC_PREFIX`.
+/// Serves the ePRO ingestion gateway configured by `args` (`EPRO_GATEWAY_*`, `KAFKA_*`,
+/// `TOPIC_PREFIX`).
 pub async fn serve_epro_gateway(
     args: EproGatewayArgs,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut config = epro_gateway::EproGatewayConfig::from_env().context("ePRO gateway configuration")?;
-    if config.tokens.is_empty() {
-        anyhow::ensure!(
-            args.demo_tokens,
-            "no app can be authenticated: set EPRO_GATEWAY_TOKENS (comma-separated) or pass --demo-tokens"
-        );
-        config.tokens = epro_gateway::EproGatewayConfig::local().tokens;
-    }
+    let config = args.into_config()?;
     epro_gateway::describe_metrics();
     let gateway = epro_gateway::EproGateway::bind(config).await.context("starting the ePRO gateway")?;
     tracing::info!(addr = %gateway.local_addr(), "ePRO gateway listening.");
     gateway.run(shutdown).await.context("ePRO gateway")
 }
 
-#[derive(Debug, clap::Args)]
-pub struct SiteApiArgs {
-    /// Accept the local demo tokens (admin-token, site-token, pharmacist-token, researcher-token)
-    /// when SITE_API_TOKENS is not set. Never in a shared environment.
-    #[arg(long, env = "SITE_API_DEMO_TOKENS")]
-    pub demo_tokens: bool,
-}
-
-/// Serves the site API configured from `SITE_API_*` (see the README) until `shutdown`.
+/// Serves the site API configured by `args` (`SITE_API_*`, `DATABASE_URL`, `TOPIC_PREFIX`; see the
+/// README) until `shutdown`.
 pub async fn serve_site_api(
     args: SiteApiArgs,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut config = site_api::SiteApiConfig::from_env().context("site API configuration")?;
-    if config.tokens.is_empty() {
-        anyhow::ensure!(
-            args.demo_tokens,
-            "no caller can be authenticated: set SITE_API_TOKENS (token=role:user,...) or pass --demo-tokens"
-        );
-        config.tokens = site_api::SiteApiConfig::local().tokens;
-    }
+    let config = args.into_config()?;
     site_api::migrate(&config.database_url, &config.schema).await.context("migrating the site-api schema")?;
     site_api::describe_metrics();
     let api = site_api::SiteApi::bind(config).await.context("starting the site API")?;
@@ -265,7 +230,7 @@ pub async fn consume(args: ConsumeArgs, shutdown: tokio_util::sync::Cancellation
     service.migrate(&args.config.database.database_url, &schema).await?;
     let topics = TopicNames::new(args.topic_prefix);
     let notifier = match service.name {
-        notifier::NAME => NotifierConfig::from_env().context("notifier configuration")?,
+        notifier::NAME => args.notifier.into_config().context("notifier configuration")?,
         _ => NotifierConfig::default(),
     };
     let start = services::Start {

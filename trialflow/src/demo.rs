@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
-use trialflow_consumers::notifier::NotifierConfig;
+use trialflow_consumers::notifier::NotifierArgs;
 use trialflow_outbox::{DatabaseConfig, KafkaConfig};
 use trialflow_pipeline::PipelineConfig;
 use trialflow_simulation::replay::{self, ReplayOptions};
@@ -63,6 +63,9 @@ pub struct ReplayArgs {
     /// running demo is touched.
     #[arg(long, env = "PIPELINE_ISOLATED", value_name = "NAME")]
     pub isolated: Option<String>,
+
+    #[command(flatten)]
+    pub notifier: NotifierArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -133,7 +136,7 @@ async fn run_pilot(
     }
     .with_database(&args.database);
     config.partitions = args.partitions;
-    config.settings.notifier = NotifierConfig::from_env().context("notifier configuration")?;
+    config.settings.notifier = args.notifier.clone().into_config().context("notifier configuration")?;
     let (pipeline, clock, config) =
         replay::start_pipeline(config, &args.data_dir, replay::first_instant(&plan), shutdown).await?;
     let options = ReplayOptions {

@@ -5,8 +5,11 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::Args;
+use clap::builder::{OsStringValueParser, TypedValueParser};
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
+use trialflow_outbox::config::{self, setting, trimmed};
 use trialflow_schemas::{AlertSeverity, NotificationChannel};
 
 /// Subscription wildcard: every study.
@@ -21,8 +24,9 @@ pub enum ConfigError {
     Json { origin: String, source: serde_json::Error },
     #[error("subscription #{index} (recipient `{recipient_id}`): {reason}")]
     Invalid { index: usize, recipient_id: String, reason: String },
-    #[error("{var}=`{value}`: {reason}")]
-    Env { var: &'static str, value: String, reason: String },
+    /// A setting that does not parse (the message names it).
+    #[error("{0}")]
+    Setting(String),
 }
 
 /// How a recipient is reached. Only webhooks for now.
@@ -182,57 +186,113 @@ fn check(subscriptions: &[Subscription]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// The notifier's configuration. Every field has a local default and an environment variable.
-#[derive(Debug, Clone)]
-pub struct NotifierConfig {
-    /// Who hears about what: `NOTIFIER_SUBSCRIPTIONS_FILE` (a JSON file) or `NOTIFIER_SUBSCRIPTIONS`
-    /// (the JSON inline), an array of [`Subscription`]s. Default: none (nothing is sent).
-    pub subscriptions: Vec<Subscription>,
-    /// Longest one POST may take, connection included (`NOTIFIER_ATTEMPT_TIMEOUT_MS`, 5000).
-    pub max_attempt_timeout_ms: u64,
-    /// A delivery still failing this long after it was created is given up: `NotificationFailed`
-    /// (`NOTIFIER_GIVE_UP_SECS`, 3600).
-    pub give_up_after_secs: u64,
-    /// Longest pause between attempts of one delivery; from 100 ms, doubling, with jitter
-    /// (`NOTIFIER_MAX_BACKOFF_MS`, 60000).
+/// The notifier's settings (`trialflow consume notifier`, `run`, `demo` and `replay`).
+#[derive(Clone, Args)]
+pub struct NotifierArgs {
+    /// Who hears about what: a JSON file holding an array of subscriptions (`recipient_id`,
+    /// `study_id`, `min_severity`, `channel`, `url`, `secret`). Takes precedence over
+    /// NOTIFIER_SUBSCRIPTIONS. Neither: nobody is notified.
+    #[arg(long = "notifier-subscriptions-file", env = "NOTIFIER_SUBSCRIPTIONS_FILE", value_name = "PATH", value_parser = OsStringValueParser::new().map(PathBuf::from))]
+    pub subscriptions_file: Option<PathBuf>,
+
+    /// The subscriptions as inline JSON, when no file is given. They hold webhook secrets: prefer
+    /// the variable (a flag shows in the process list).
+    #[arg(
+        long = "notifier-subscriptions",
+        env = "NOTIFIER_SUBSCRIPTIONS",
+        value_name = "JSON",
+        hide_env_values = true
+    )]
+    pub subscriptions: Option<String>,
+
+    /// Longest one POST may take, connection included (milliseconds).
+    #[arg(long = "notifier-attempt-timeout-ms", env = "NOTIFIER_ATTEMPT_TIMEOUT_MS", value_name = "MS", default_value_t = 5_000, value_parser = setting(trimmed::<u64>).blank_refused())]
+    pub attempt_timeout_ms: u64,
+
+    /// A delivery still failing this long (seconds) after it was created is given up:
+    /// `NotificationFailed`.
+    #[arg(long = "notifier-give-up-secs", env = "NOTIFIER_GIVE_UP_SECS", value_name = "SECS", default_value_t = 3_600, value_parser = setting(trimmed::<u64>).blank_refused())]
+    pub give_up_secs: u64,
+
+    /// Longest pause between attempts of one delivery (milliseconds); from 100 ms, doubling, with
+    /// jitter.
+    #[arg(long = "notifier-max-backoff-ms", env = "NOTIFIER_MAX_BACKOFF_MS", value_name = "MS", default_value_t = 60_000, value_parser = setting(trimmed::<u64>).blank_refused())]
     pub max_backoff_ms: u64,
-    /// How often the worker looks for due deliveries when no notification wakes it
-    /// (`NOTIFIER_POLL_INTERVAL_MS`, 1000).
+
+    /// How often (milliseconds) the worker looks for due deliveries when no notification wakes it.
+    #[arg(long = "notifier-poll-interval-ms", env = "NOTIFIER_POLL_INTERVAL_MS", value_name = "MS", default_value_t = 1_000, value_parser = setting(trimmed::<u64>).blank_refused())]
     pub poll_interval_ms: u64,
 }
 
+/// `Debug` never shows the inline subscriptions (they hold secrets).
+impl fmt::Debug for NotifierArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NotifierArgs")
+            .field("subscriptions_file", &self.subscriptions_file)
+            .field("subscriptions", &self.subscriptions.as_ref().map(|_| "<redacted>"))
+            .field("attempt_timeout_ms", &self.attempt_timeout_ms)
+            .field("give_up_secs", &self.give_up_secs)
+            .field("max_backoff_ms", &self.max_backoff_ms)
+            .field("poll_interval_ms", &self.poll_interval_ms)
+            .finish()
+    }
+}
+
+impl NotifierArgs {
+    /// The configuration of these settings: the subscriptions read (from the file if one is
+    /// given, else inline) and checked.
+    pub fn into_config(self) -> Result<NotifierConfig, ConfigError> {
+        let subscriptions = match (&self.subscriptions_file, &self.subscriptions) {
+            (Some(path), _) if !path.as_os_str().is_empty() => {
+                let json = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                parse_subscriptions(&json, &path.display().to_string())?
+            }
+            (_, Some(json)) => parse_subscriptions(json, "NOTIFIER_SUBSCRIPTIONS")?,
+            _ => Vec::new(),
+        };
+        Ok(self.with_subscriptions(subscriptions))
+    }
+
+    fn with_subscriptions(self, subscriptions: Vec<Subscription>) -> NotifierConfig {
+        NotifierConfig {
+            subscriptions,
+            max_attempt_timeout_ms: self.attempt_timeout_ms,
+            give_up_after_secs: self.give_up_secs,
+            max_backoff_ms: self.max_backoff_ms,
+            poll_interval_ms: self.poll_interval_ms,
+        }
+    }
+}
+
+/// What the notifier runs with (see [`NotifierArgs`] for each setting).
+#[derive(Debug, Clone)]
+pub struct NotifierConfig {
+    /// Who hears about what (`NOTIFIER_SUBSCRIPTIONS_FILE` or `NOTIFIER_SUBSCRIPTIONS`); empty:
+    /// nothing is sent.
+    pub subscriptions: Vec<Subscription>,
+    /// Longest one POST may take, connection included, in milliseconds
+    /// (`NOTIFIER_ATTEMPT_TIMEOUT_MS`).
+    pub max_attempt_timeout_ms: u64,
+    /// A delivery still failing this long (seconds) after it was created is given up:
+    /// `NotificationFailed` (`NOTIFIER_GIVE_UP_SECS`).
+    pub give_up_after_secs: u64,
+    /// Longest pause between attempts of one delivery, in milliseconds; from 100 ms, doubling,
+    /// with jitter (`NOTIFIER_MAX_BACKOFF_MS`).
+    pub max_backoff_ms: u64,
+    /// How often (milliseconds) the worker looks for due deliveries when no notification wakes it
+    /// (`NOTIFIER_POLL_INTERVAL_MS`).
+    pub poll_interval_ms: u64,
+}
+
+/// The defaults of [`NotifierArgs`]: no subscriptions.
 impl Default for NotifierConfig {
     fn default() -> Self {
-        Self {
-            subscriptions: Vec::new(),
-            max_attempt_timeout_ms: 5_000,
-            give_up_after_secs: 3_600,
-            max_backoff_ms: 60_000,
-            poll_interval_ms: 1_000,
-        }
+        config::defaults::<NotifierArgs>().with_subscriptions(Vec::new())
     }
 }
 
 impl NotifierConfig {
-    /// The defaults overridden by the environment.
-    pub fn from_env() -> Result<Self, ConfigError> {
-        let mut config = Self::default();
-        if let Some(path) = std::env::var_os("NOTIFIER_SUBSCRIPTIONS_FILE").filter(|p| !p.is_empty()) {
-            let path = PathBuf::from(path);
-            let json = std::fs::read_to_string(&path)
-                .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-            config.subscriptions = parse_subscriptions(&json, &path.display().to_string())?;
-        } else if let Ok(json) = std::env::var("NOTIFIER_SUBSCRIPTIONS") {
-            config.subscriptions = parse_subscriptions(&json, "NOTIFIER_SUBSCRIPTIONS")?;
-        }
-        config.max_attempt_timeout_ms =
-            env_u64("NOTIFIER_ATTEMPT_TIMEOUT_MS", config.max_attempt_timeout_ms)?;
-        config.give_up_after_secs = env_u64("NOTIFIER_GIVE_UP_SECS", config.give_up_after_secs)?;
-        config.max_backoff_ms = env_u64("NOTIFIER_MAX_BACKOFF_MS", config.max_backoff_ms)?;
-        config.poll_interval_ms = env_u64("NOTIFIER_POLL_INTERVAL_MS", config.poll_interval_ms)?;
-        Ok(config)
-    }
-
     pub(crate) fn attempt_timeout(&self) -> Duration {
         Duration::from_millis(self.max_attempt_timeout_ms.max(100))
     }
@@ -251,17 +311,6 @@ impl NotifierConfig {
             .iter()
             .find(|s| s.recipient_id == recipient_id && s.channel == channel && s.url == url)
             .map(|s| &s.secret)
-    }
-}
-
-fn env_u64(var: &'static str, default: u64) -> Result<u64, ConfigError> {
-    match std::env::var(var) {
-        Err(_) => Ok(default),
-        Ok(value) => value.trim().parse().map_err(|e: std::num::ParseIntError| ConfigError::Env {
-            var,
-            value,
-            reason: format!("not a whole number: {e}"),
-        }),
     }
 }
 
@@ -318,6 +367,86 @@ mod tests {
         let text = format!("{:?}", subscriptions());
         assert!(!text.contains("k1") && !text.contains("k2"), "{text}");
         assert!(text.contains("Secret(***)"));
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        notifier: NotifierArgs,
+    }
+
+    /// The configuration of `args` (flags: the process environment is not read for them).
+    fn configured(args: &[&str]) -> Result<NotifierConfig, String> {
+        let cli =
+            <Cli as clap::Parser>::try_parse_from(std::iter::once("notifier").chain(args.iter().copied()));
+        cli.map_err(|e| e.to_string())?.notifier.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_notify_nobody() {
+        let config = NotifierConfig::default();
+        assert!(config.subscriptions.is_empty());
+        assert_eq!(
+            (
+                config.max_attempt_timeout_ms,
+                config.give_up_after_secs,
+                config.max_backoff_ms,
+                config.poll_interval_ms
+            ),
+            (5_000, 3_600, 60_000, 1_000)
+        );
+    }
+
+    #[test]
+    fn settings_are_read_and_the_file_wins_over_the_inline_subscriptions() {
+        let inline = r#"[{"recipient_id": "r", "min_severity": "HIGH", "channel": "webhook", "url": "http://h/x", "secret": "s"}]"#;
+        let args = ["--notifier-subscriptions", inline, "--notifier-give-up-secs", " 60 "];
+        let parsed = <Cli as clap::Parser>::try_parse_from(std::iter::once("notifier").chain(args));
+        assert!(parsed.is_ok_and(|cli| !format!("{cli:?}").contains(r#""secret": "s""#)), "Debug hides them");
+        let config = configured(&args);
+        assert_eq!(
+            config.as_ref().map(|c| (c.subscriptions.len(), c.give_up_after_secs)).ok(),
+            Some((1, 60))
+        );
+        let missing = configured(&[
+            "--notifier-subscriptions-file",
+            "/nonexistent/subs.json",
+            "--notifier-subscriptions",
+            inline,
+        ]);
+        let missing = missing.err().unwrap_or_default();
+        assert!(
+            missing.contains("cannot read NOTIFIER_SUBSCRIPTIONS_FILE `/nonexistent/subs.json`"),
+            "{missing}"
+        );
+        let empty_file =
+            configured(&["--notifier-subscriptions-file", "", "--notifier-subscriptions", inline]);
+        assert_eq!(empty_file.map(|c| c.subscriptions.len()).ok(), Some(1), "an empty path is no file");
+    }
+
+    #[test]
+    fn hostile_settings_are_refused_naming_the_variable() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["--notifier-attempt-timeout-ms", "soon"],
+                "NOTIFIER_ATTEMPT_TIMEOUT_MS (--notifier-attempt-timeout-ms)",
+            ),
+            (&["--notifier-give-up-secs", ""], "NOTIFIER_GIVE_UP_SECS (--notifier-give-up-secs)"),
+            (
+                &["--notifier-max-backoff-ms", "18446744073709551616"],
+                "NOTIFIER_MAX_BACKOFF_MS (--notifier-max-backoff-ms)",
+            ),
+            (
+                &["--notifier-poll-interval-ms", "1\0"],
+                "NOTIFIER_POLL_INTERVAL_MS (--notifier-poll-interval-ms)",
+            ),
+            (&["--notifier-subscriptions", "{\"k1\": 1}"], "NOTIFIER_SUBSCRIPTIONS is not a JSON array"),
+        ];
+        for (args, name) in cases {
+            let refused = configured(args).err().unwrap_or_default();
+            assert!(refused.contains(name), "{args:?}: {refused}");
+            assert!(!refused.contains('\0'), "control characters escaped: {refused}");
+        }
     }
 
     #[test]

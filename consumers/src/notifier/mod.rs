@@ -58,7 +58,7 @@ use trialflow_schemas::{
 };
 use uuid::Uuid;
 
-pub use self::config::{Channel, NotifierConfig, Secret, Subscription};
+pub use self::config::{Channel, NotifierArgs, NotifierConfig, Secret, Subscription};
 pub use self::deliver::NOTIFY_CHANNEL;
 use self::store::NewDelivery;
 use crate::config::{ConsumerConfig, ConsumerSpec};

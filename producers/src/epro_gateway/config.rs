@@ -1,12 +1,15 @@
-//! Configuration of the ePRO gateway: local defaults, every field overridable by environment variable.
+//! Configuration of the ePRO gateway: [`EproGatewayArgs`], the settings (each a flag and an
+//! environment variable, with its default), make an [`EproGatewayConfig`], what the gateway runs
+//! with.
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::str::FromStr;
 
+use clap::Args;
 use trialflow_http::clock::Clock;
 use trialflow_http::input::{DEFAULT_MAX_FUTURE_SKEW_SECS, parse_future_skew};
 use trialflow_outbox::KafkaConfig;
+use trialflow_outbox::config::{self, at_least_one, setting, trimmed};
 use trialflow_schemas::topics::TopicNames;
 
 use super::error::EproGatewayError;
@@ -15,13 +18,98 @@ use super::error::EproGatewayError;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8082";
 /// How long a submission waits for the broker's acknowledgement by default.
 pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 10_000;
-const SKEW_VAR: &str = "EPRO_GATEWAY_MAX_FUTURE_SKEW_SECS";
 /// The app token of the local demo. Never use it beyond a local machine.
 pub const DEMO_TOKEN: &str = "app-token";
 
+/// The ePRO gateway's settings (`trialflow epro-gateway`, and [`EproGatewayConfig::local`]).
+#[derive(Clone, Args)]
+pub struct EproGatewayArgs {
+    /// Listen address (port 0 picks a free port).
+    #[arg(long, env = "EPRO_GATEWAY_LISTEN", value_name = "ADDR", default_value = DEFAULT_LISTEN, value_parser = setting(trimmed::<SocketAddr>))]
+    pub listen: SocketAddr,
+
+    /// The broker and producer settings (`KAFKA_DELIVERY_TIMEOUT_MS` is not used: the ack
+    /// timeout is).
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+
+    /// Accepted app tokens, separated by commas (blanks around them ignored). None when unset
+    /// (see --demo-tokens). Prefer the variable: a flag shows in the process list.
+    // A qualified `Vec`: the whole list is one value (clap would parse each item of a `Vec` alone).
+    #[arg(long, env = "EPRO_GATEWAY_TOKENS", hide_env_values = true, value_name = "TOKEN,...", value_parser = setting(parse_tokens))]
+    pub tokens: Option<::std::vec::Vec<String>>,
+
+    /// Accept the local demo app token (`app-token`) when EPRO_GATEWAY_TOKENS gives none. Never in
+    /// a shared environment.
+    #[arg(long, env = "EPRO_GATEWAY_DEMO_TOKENS")]
+    pub demo_tokens: bool,
+
+    /// Prefix of every topic name, e.g. `staging.` (several environments on one cluster).
+    #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
+    pub topic_prefix: String,
+
+    /// How long (milliseconds, at least 1) a submission waits for the broker's acknowledgement
+    /// before it is answered 503 (librdkafka `message.timeout.ms`, where 0 would mean forever).
+    #[arg(long, env = "EPRO_GATEWAY_ACK_TIMEOUT_MS", value_name = "MS", default_value_t = DEFAULT_ACK_TIMEOUT_MS, value_parser = setting(at_least_one::<u64>))]
+    pub ack_timeout_ms: u64,
+
+    /// How far (seconds) a submission's `authored_at`, `occurred_at` or `recorded_at` may lie
+    /// ahead of the gateway's clock before it is refused; at most 86400 (a day).
+    #[arg(long, env = "EPRO_GATEWAY_MAX_FUTURE_SKEW_SECS", value_name = "SECS", default_value_t = DEFAULT_MAX_FUTURE_SKEW_SECS, value_parser = setting(parse_future_skew))]
+    pub max_future_skew_secs: u64,
+}
+
+/// `Debug` never shows the tokens.
+impl fmt::Debug for EproGatewayArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EproGatewayArgs")
+            .field("listen", &self.listen)
+            .field("kafka", &self.kafka)
+            .field("tokens", &self.tokens.as_ref().map(|t| format!("<{} redacted>", t.len())))
+            .field("demo_tokens", &self.demo_tokens)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("ack_timeout_ms", &self.ack_timeout_ms)
+            .field("max_future_skew_secs", &self.max_future_skew_secs)
+            .finish()
+    }
+}
+
+impl EproGatewayArgs {
+    /// The configuration of these settings, on the system clock: the tokens of
+    /// EPRO_GATEWAY_TOKENS, or, when it gives none, the demo token if `--demo-tokens`; else an
+    /// error (no app could be authenticated).
+    pub fn into_config(self) -> Result<EproGatewayConfig, EproGatewayError> {
+        let tokens = match self.tokens.clone().unwrap_or_default() {
+            tokens if !tokens.is_empty() => tokens,
+            _ if self.demo_tokens => vec![DEMO_TOKEN.to_string()],
+            _ => {
+                return Err(EproGatewayError::Config(
+                    "no app can be authenticated: set EPRO_GATEWAY_TOKENS (comma-separated) or pass \
+                     --demo-tokens"
+                        .to_string(),
+                ));
+            }
+        };
+        Ok(self.with_tokens(tokens))
+    }
+
+    fn with_tokens(self, tokens: Vec<String>) -> EproGatewayConfig {
+        EproGatewayConfig {
+            listen: self.listen,
+            kafka: self.kafka,
+            topics: TopicNames::new(self.topic_prefix),
+            tokens,
+            ack_timeout_ms: self.ack_timeout_ms,
+            clock: Clock::System,
+            max_future_skew_secs: self.max_future_skew_secs,
+        }
+    }
+}
+
+/// What the gateway runs with (see [`EproGatewayArgs`] for each setting).
 #[derive(Clone)]
 pub struct EproGatewayConfig {
-    /// Listen address (`EPRO_GATEWAY_LISTEN`, default `127.0.0.1:8082`; port 0 picks a free port).
+    /// Listen address (`EPRO_GATEWAY_LISTEN`; port 0 picks a free port).
     pub listen: SocketAddr,
     /// The broker and producer settings (`KAFKA_BOOTSTRAP_SERVERS`, `KAFKA_LINGER_MS`,
     /// `KAFKA_PRODUCER_CONFIG`; `KAFKA_DELIVERY_TIMEOUT_MS` is not used: the ack timeout is).
@@ -30,14 +118,14 @@ pub struct EproGatewayConfig {
     pub topics: TopicNames,
     /// Accepted app tokens (`EPRO_GATEWAY_TOKENS`, comma-separated). Locally: [`DEMO_TOKEN`].
     pub tokens: Vec<String>,
-    /// How long a submission waits for the broker's acknowledgement before it is answered 503
-    /// (`EPRO_GATEWAY_ACK_TIMEOUT_MS`, default 10000; librdkafka `message.timeout.ms`).
+    /// How long (milliseconds) a submission waits for the broker's acknowledgement before it is
+    /// answered 503 (`EPRO_GATEWAY_ACK_TIMEOUT_MS`; librdkafka `message.timeout.ms`).
     pub ack_timeout_ms: u64,
     /// Where `received_at` comes from: the system clock, or a replay's virtual clock (set in
     /// code only, by an in-process replay; never from the environment).
     pub clock: Clock,
-    /// How far a submission's `authored_at`, `occurred_at` or `recorded_at` may lie ahead of
-    /// `clock` before it is refused (`EPRO_GATEWAY_MAX_FUTURE_SKEW_SECS`, default 300, at most a
+    /// How far (seconds) a submission's `authored_at`, `occurred_at` or `recorded_at` may lie
+    /// ahead of `clock` before it is refused (`EPRO_GATEWAY_MAX_FUTURE_SKEW_SECS`, at most a
     /// day).
     pub max_future_skew_secs: u64,
 }
@@ -58,154 +146,117 @@ impl fmt::Debug for EproGatewayConfig {
 }
 
 impl EproGatewayConfig {
-    /// Local defaults (the demo token included) with the environment variables that are set and
-    /// valid applied. An invalid value is logged and its default kept, except for
-    /// `EPRO_GATEWAY_TOKENS`: when it is set, its tokens replace the demo token. Use
-    /// [`EproGatewayConfig::from_env`] to refuse invalid values instead.
+    /// For in-process use (`trialflow run`, the demo, tests): the defaults with the environment
+    /// variables of [`EproGatewayArgs`] (the `KAFKA_*` ones included) that are set and valid
+    /// applied (see [`config::from_env_lenient`]: an invalid one is logged and its default kept),
+    /// and the demo token when `EPRO_GATEWAY_TOKENS` gives none.
     pub fn local() -> Self {
-        let mut config = Self::defaults();
-        let warn = |var: &str, e: String| tracing::warn!(var, error = %e, "Ignoring invalid setting.");
-        if let Some(v) = env("EPRO_GATEWAY_LISTEN") {
-            match parse::<SocketAddr>("EPRO_GATEWAY_LISTEN", &v) {
-                Ok(listen) => config.listen = listen,
-                Err(e) => warn("EPRO_GATEWAY_LISTEN", e),
-            }
-        }
-        match kafka_from_env() {
-            Ok(kafka) => config.kafka = kafka,
-            Err(e) => warn("KAFKA_*", e),
-        }
-        if let Some(v) = env("EPRO_GATEWAY_TOKENS") {
-            config.tokens = parse_tokens(&v);
-        }
-        if let Some(v) = env("EPRO_GATEWAY_ACK_TIMEOUT_MS") {
-            match parse_ack_timeout(&v) {
-                Ok(ms) => config.ack_timeout_ms = ms,
-                Err(e) => warn("EPRO_GATEWAY_ACK_TIMEOUT_MS", e),
-            }
-        }
-        if let Some(v) = env(SKEW_VAR) {
-            match parse_future_skew(SKEW_VAR, &v) {
-                Ok(secs) => config.max_future_skew_secs = secs,
-                Err(e) => warn(SKEW_VAR, e),
-            }
-        }
-        config
+        let (args, _) = config::from_env_lenient::<EproGatewayArgs>();
+        let tokens = args.tokens.clone().unwrap_or_else(|| vec![DEMO_TOKEN.to_string()]);
+        args.with_tokens(tokens)
     }
-
-    /// Like [`EproGatewayConfig::local`], but an invalid environment variable is an error, and
-    /// without `EPRO_GATEWAY_TOKENS` no token is accepted (no demo token outside local use).
-    pub fn from_env() -> Result<Self, EproGatewayError> {
-        let mut config = Self::defaults();
-        config.tokens = Vec::new();
-        if let Some(v) = env("EPRO_GATEWAY_LISTEN") {
-            config.listen = parse("EPRO_GATEWAY_LISTEN", &v).map_err(EproGatewayError::Config)?;
-        }
-        config.kafka = kafka_from_env().map_err(EproGatewayError::Config)?;
-        if let Some(v) = env("EPRO_GATEWAY_TOKENS") {
-            config.tokens = parse_tokens(&v);
-        }
-        if let Some(v) = env("EPRO_GATEWAY_ACK_TIMEOUT_MS") {
-            config.ack_timeout_ms = parse_ack_timeout(&v).map_err(EproGatewayError::Config)?;
-        }
-        if let Some(v) = env(SKEW_VAR) {
-            config.max_future_skew_secs =
-                parse_future_skew(SKEW_VAR, &v).map_err(EproGatewayError::Config)?;
-        }
-        Ok(config)
-    }
-
-    fn defaults() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8082)),
-            kafka: KafkaConfig::default(),
-            topics: TopicNames::from_env(),
-            tokens: vec![DEMO_TOKEN.to_string()],
-            ack_timeout_ms: DEFAULT_ACK_TIMEOUT_MS,
-            clock: Clock::System,
-            max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
-        }
-    }
-}
-
-/// The Kafka settings from the same environment variables, with the same parsing, as every other
-/// trialflow component (they are declared once, on [`KafkaConfig`]).
-fn kafka_from_env() -> Result<KafkaConfig, String> {
-    #[derive(clap::Parser)]
-    struct FromEnv {
-        #[command(flatten)]
-        kafka: KafkaConfig,
-    }
-    <FromEnv as clap::Parser>::try_parse_from(["epro-gateway"])
-        .map(|parsed| parsed.kafka)
-        .map_err(|e| e.to_string().trim().to_string())
 }
 
 /// Tokens separated by commas; blanks around items are ignored, an empty string is no tokens.
-fn parse_tokens(s: &str) -> Vec<String> {
-    s.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_string).collect()
-}
-
-fn env(var: &str) -> Option<String> {
-    std::env::var(var).ok().filter(|v| !v.trim().is_empty())
-}
-
-fn parse<T: FromStr>(var: &str, value: &str) -> Result<T, String>
-where
-    T::Err: fmt::Display,
-{
-    value.trim().parse().map_err(|e| format!("{var}=`{value}`: {e}"))
-}
-
-/// librdkafka reads a `message.timeout.ms` of 0 as "never": a request would then wait forever.
-fn parse_ack_timeout(value: &str) -> Result<u64, String> {
-    match parse::<u64>("EPRO_GATEWAY_ACK_TIMEOUT_MS", value)? {
-        0 => Err("EPRO_GATEWAY_ACK_TIMEOUT_MS must be at least 1".to_string()),
-        ms => Ok(ms),
-    }
+fn parse_tokens(s: &str) -> Result<Vec<String>, String> {
+    Ok(s.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_string).collect())
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
 
-    #[test]
-    fn local_defaults_accept_the_demo_token() {
-        let config = EproGatewayConfig::defaults();
-        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
-        assert_eq!(config.tokens, [DEMO_TOKEN]);
-        assert_eq!(config.ack_timeout_ms, DEFAULT_ACK_TIMEOUT_MS);
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        gateway: EproGatewayArgs,
+    }
+
+    /// The configuration of `args` (flags: the process environment is not read for them).
+    fn configured(args: &[&str]) -> Result<EproGatewayConfig, String> {
+        let cli = Cli::try_parse_from(std::iter::once("epro-gateway").chain(args.iter().copied()));
+        let args = cli.map_err(|e| e.to_string())?.gateway;
+        args.into_config().map_err(|e| e.to_string())
+    }
+
+    fn refusal(args: &[&str]) -> String {
+        configured(args).err().unwrap_or_else(|| panic!("{args:?} was accepted"))
     }
 
     #[test]
-    fn tokens_are_comma_separated() {
-        assert_eq!(parse_tokens(" a, b ,,c"), ["a", "b", "c"]);
-        assert!(parse_tokens(" , ").is_empty());
+    fn defaults_listen_locally_and_accept_the_demo_token_only_when_asked() {
+        let args = config::defaults::<EproGatewayArgs>();
+        assert_eq!(args.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!((args.ack_timeout_ms, args.max_future_skew_secs), (DEFAULT_ACK_TIMEOUT_MS, 300));
+        assert_eq!(args.kafka.bootstrap_servers, trialflow_outbox::config::DEFAULT_KAFKA_BOOTSTRAP_SERVERS);
+        assert!(args.tokens.is_none() && !args.demo_tokens);
+        let config = EproGatewayArgs { demo_tokens: true, ..args }.into_config().map(|c| c.tokens);
+        assert_eq!(config.ok(), Some(vec![DEMO_TOKEN.to_string()]));
     }
 
     #[test]
-    fn the_future_skew_defaults_to_five_minutes() {
-        assert_eq!(EproGatewayConfig::defaults().max_future_skew_secs, 300);
+    fn tokens_are_comma_separated_and_replace_the_demo_token() {
+        let config = configured(&["--tokens", " a, b ,,c", "--demo-tokens", "--ack-timeout-ms", " 1500 "]);
+        let Ok(config) = config else { panic!("{config:?}") };
+        assert_eq!(config.tokens, ["a", "b", "c"]);
+        assert_eq!(config.ack_timeout_ms, 1500);
     }
 
     #[test]
-    fn ack_timeouts_must_be_positive() {
-        assert_eq!(parse_ack_timeout(" 1500 "), Ok(1500));
-        assert!(parse_ack_timeout("0").is_err());
-        assert!(parse_ack_timeout("soon").is_err());
+    fn without_tokens_no_app_is_accepted_unless_the_demo_token_is_asked_for() {
+        for tokens in [&[][..], &["--tokens", ""], &["--tokens", " , ,"]] {
+            let refused = refusal(tokens);
+            assert!(
+                refused.contains("set EPRO_GATEWAY_TOKENS") && refused.contains("--demo-tokens"),
+                "{refused}"
+            );
+            let mut demo = tokens.to_vec();
+            demo.push("--demo-tokens");
+            assert_eq!(configured(&demo).map(|c| c.tokens).ok(), Some(vec![DEMO_TOKEN.to_string()]));
+        }
     }
 
     #[test]
-    fn kafka_settings_come_from_the_shared_variables() {
-        let kafka = kafka_from_env();
-        let expected = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
-            .unwrap_or_else(|_| trialflow_outbox::config::DEFAULT_KAFKA_BOOTSTRAP_SERVERS.to_string());
-        assert_eq!(kafka.map(|k| k.bootstrap_servers), Ok(expected));
+    fn hostile_settings_are_refused_naming_the_variable() {
+        let cases: &[(&[&str], &str, &str)] = &[
+            (&["--listen", "0.0.0.0:80\0"], "EPRO_GATEWAY_LISTEN (--listen)", "invalid socket address"),
+            (&["--listen", "\u{1b}[31m"], "EPRO_GATEWAY_LISTEN (--listen)", "invalid socket address"),
+            (&["--ack-timeout-ms", "0"], "EPRO_GATEWAY_ACK_TIMEOUT_MS (--ack-timeout-ms)", "at least 1"),
+            (
+                &["--ack-timeout-ms", "soon"],
+                "EPRO_GATEWAY_ACK_TIMEOUT_MS (--ack-timeout-ms)",
+                "invalid digit",
+            ),
+            (
+                &["--ack-timeout-ms", "18446744073709551616"],
+                "EPRO_GATEWAY_ACK_TIMEOUT_MS (--ack-timeout-ms)",
+                "too large",
+            ),
+            (
+                &["--max-future-skew-secs", "86401"],
+                "EPRO_GATEWAY_MAX_FUTURE_SKEW_SECS (--max-future-skew-secs)",
+                "at most 86400",
+            ),
+            (&["--linger-ms=-5"], "--linger-ms", "invalid"),
+            (&["--producer-config", "no-equals-sign"], "--producer-config", "expected key=value"),
+        ];
+        for (args, name, reason) in cases {
+            let refused = refusal(args);
+            assert!(refused.contains(name) && refused.contains(reason), "{args:?}: {refused}");
+            assert!(
+                !refused.contains('\0') && !refused.contains('\u{1b}'),
+                "control characters escaped: {refused}"
+            );
+        }
     }
 
     #[test]
     fn debug_output_hides_the_tokens() {
-        let config = EproGatewayConfig { tokens: vec!["s3cr3t".into()], ..EproGatewayConfig::defaults() };
+        let args = EproGatewayArgs { tokens: Some(vec!["s3cr3t".into()]), ..config::defaults() };
+        assert!(!format!("{args:?}").contains("s3cr3t"));
+        let config = args.with_tokens(vec!["s3cr3t".into()]);
         assert!(!format!("{config:?}").contains("s3cr3t"));
     }
 }

@@ -73,7 +73,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-pub use config::EproGatewayConfig;
+pub use config::{EproGatewayArgs, EproGatewayConfig};
 pub use error::EproGatewayError;
 pub use publish::producer_config;
 

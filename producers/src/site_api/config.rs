@@ -1,12 +1,13 @@
-//! Configuration of the site API: local defaults, every field overridable by environment variable.
+//! Configuration of the site API: [`SiteApiArgs`], the settings (each a flag and an environment
+//! variable, with its default), make a [`SiteApiConfig`], what the service runs with.
 
 use std::net::SocketAddr;
-use std::str::FromStr;
 
+use clap::Args;
 use trialflow_http::auth::{TokenGrant, parse_tokens};
 use trialflow_http::input::{DEFAULT_MAX_FUTURE_SKEW_SECS, parse_future_skew};
 use trialflow_outbox::SchemaName;
-use trialflow_outbox::config::DEFAULT_DATABASE_URL;
+use trialflow_outbox::config::{self, DEFAULT_DATABASE_URL, at_least_one, setting, trimmed};
 use trialflow_schemas::topics::TopicNames;
 
 use super::error::SiteApiError;
@@ -15,145 +16,163 @@ use super::error::SiteApiError;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8081";
 /// Database connections of one API process by default.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
-const SKEW_VAR: &str = "SITE_API_MAX_FUTURE_SKEW_SECS";
+const TOKENS_VAR: &str = "SITE_API_TOKENS";
 /// Tokens of the local demo, one per role. Never use them beyond a local machine.
 pub const DEMO_TOKENS: &str = "admin-token=admin:admin,site-token=site_staff:site-staff,\
                                pharmacist-token=pharmacist:pharmacist,researcher-token=researcher:researcher";
 
+/// The site API's settings (`trialflow site-api`, and [`SiteApiConfig::local`]).
+#[derive(Debug, Clone, Args)]
+pub struct SiteApiArgs {
+    /// Listen address (port 0 picks a free port).
+    #[arg(long, env = "SITE_API_LISTEN", value_name = "ADDR", default_value = DEFAULT_LISTEN, value_parser = setting(trimmed::<SocketAddr>))]
+    pub listen: SocketAddr,
+
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, value_parser = setting(|url| Ok(url.to_string())))]
+    pub database_url: String,
+
+    /// The service schema holding the API's tables and its outbox (the relay must list it in
+    /// OUTBOX_SOURCES).
+    #[arg(long, env = "SITE_API_SCHEMA", default_value = super::SCHEMA, value_parser = setting(|name| SchemaName::new(name).map_err(|e| e.to_string())))]
+    pub schema: SchemaName,
+
+    /// Accepted bearer tokens, `token=role:user` separated by commas; roles admin, site_staff,
+    /// pharmacist, researcher. None when unset (see --demo-tokens). Prefer the variable: a flag
+    /// shows in the process list.
+    // A qualified `Vec`: the whole list is one value (clap would parse each item of a `Vec` alone).
+    #[arg(long, env = TOKENS_VAR, hide_env_values = true, value_name = "TOKEN=ROLE:USER,...", value_parser = setting(parse_tokens))]
+    pub tokens: Option<::std::vec::Vec<TokenGrant>>,
+
+    /// Accept the local demo tokens (admin-token, site-token, pharmacist-token, researcher-token)
+    /// when SITE_API_TOKENS gives none. Never in a shared environment.
+    #[arg(long, env = "SITE_API_DEMO_TOKENS")]
+    pub demo_tokens: bool,
+
+    /// Prefix of every topic name, e.g. `staging.` (several environments on one cluster).
+    #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
+    pub topic_prefix: String,
+
+    /// Size of the database pool (at least 1).
+    #[arg(long, env = "SITE_API_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = setting(at_least_one::<u32>))]
+    pub max_connections: u32,
+
+    /// How far (seconds) a stated `occurred_at` or `signed_at` may lie ahead of the server's clock
+    /// before the command is refused; at most 86400 (a day).
+    #[arg(long, env = "SITE_API_MAX_FUTURE_SKEW_SECS", value_name = "SECS", default_value_t = DEFAULT_MAX_FUTURE_SKEW_SECS, value_parser = setting(parse_future_skew))]
+    pub max_future_skew_secs: u64,
+}
+
+impl SiteApiArgs {
+    /// The configuration of these settings: the tokens of SITE_API_TOKENS, or, when it gives none,
+    /// the demo tokens if `--demo-tokens`; else an error (no caller could be authenticated).
+    pub fn into_config(self) -> Result<SiteApiConfig, SiteApiError> {
+        let tokens = match self.tokens.clone().unwrap_or_default() {
+            tokens if !tokens.is_empty() => tokens,
+            _ if self.demo_tokens => demo_tokens(),
+            _ => {
+                return Err(SiteApiError::Config(
+                    "no caller can be authenticated: set SITE_API_TOKENS (token=role:user,...) or pass \
+                     --demo-tokens"
+                        .to_string(),
+                ));
+            }
+        };
+        Ok(self.with_tokens(tokens))
+    }
+
+    fn with_tokens(self, tokens: Vec<TokenGrant>) -> SiteApiConfig {
+        SiteApiConfig {
+            listen: self.listen,
+            database_url: self.database_url,
+            schema: self.schema,
+            tokens,
+            topics: TopicNames::new(self.topic_prefix),
+            max_connections: self.max_connections,
+            max_future_skew_secs: self.max_future_skew_secs,
+        }
+    }
+}
+
+/// What the site API runs with (see [`SiteApiArgs`] for each setting).
 #[derive(Debug, Clone)]
 pub struct SiteApiConfig {
-    /// Listen address (`SITE_API_LISTEN`, default `127.0.0.1:8081`; port 0 picks a free port).
+    /// Listen address (`SITE_API_LISTEN`; port 0 picks a free port).
     pub listen: SocketAddr,
     /// PostgreSQL connection URL (`DATABASE_URL`).
     pub database_url: String,
-    /// The service schema holding the API's tables and its outbox (`SITE_API_SCHEMA`, default
-    /// `site_api`; the relay must list it in `OUTBOX_SOURCES`).
+    /// The service schema holding the API's tables and its outbox (`SITE_API_SCHEMA`; the relay
+    /// must list it in `OUTBOX_SOURCES`).
     pub schema: SchemaName,
     /// Accepted bearer tokens (`SITE_API_TOKENS="tok1=admin:alice,tok2=site_staff:bob"`; roles
     /// admin, site_staff, pharmacist, researcher). Locally: [`DEMO_TOKENS`].
     pub tokens: Vec<TokenGrant>,
     /// Deployed topic names (`TOPIC_PREFIX`).
     pub topics: TopicNames,
-    /// Size of the database pool (`SITE_API_MAX_CONNECTIONS`, default 10).
+    /// Size of the database pool (`SITE_API_MAX_CONNECTIONS`).
     pub max_connections: u32,
-    /// How far a stated `occurred_at` or `signed_at` may lie ahead of the server's clock before
-    /// the command is refused (`SITE_API_MAX_FUTURE_SKEW_SECS`, default 300, at most a day).
+    /// How far (seconds) a stated `occurred_at` or `signed_at` may lie ahead of the server's
+    /// clock before the command is refused (`SITE_API_MAX_FUTURE_SKEW_SECS`, at most a day).
     pub max_future_skew_secs: u64,
 }
 
 impl SiteApiConfig {
-    /// Local defaults (demo tokens included) with the environment variables that are set and
-    /// valid applied. An invalid value is logged and its default kept, except for
-    /// `SITE_API_TOKENS`: a token list that does not parse leaves NO token accepted rather than
-    /// the demo tokens. Use [`SiteApiConfig::from_env`] to refuse invalid values instead.
+    /// For in-process use (`trialflow run`, the demo, tests): the defaults with the environment
+    /// variables of [`SiteApiArgs`] that are set and valid applied (see
+    /// [`config::from_env_lenient`]: an invalid one is logged and its default kept), and the
+    /// demo tokens when `SITE_API_TOKENS` is unset. A `SITE_API_TOKENS` that does not parse
+    /// leaves NO token accepted rather than the demo tokens.
     pub fn local() -> Self {
-        let mut config = Self::defaults();
-        let warn = |var: &str, e: String| tracing::warn!(var, error = %e, "Ignoring invalid setting.");
-        if let Some(v) = env("SITE_API_LISTEN") {
-            match parse::<SocketAddr>("SITE_API_LISTEN", &v) {
-                Ok(listen) => config.listen = listen,
-                Err(e) => warn("SITE_API_LISTEN", e),
-            }
-        }
-        if let Some(v) = env("DATABASE_URL") {
-            config.database_url = v;
-        }
-        if let Some(v) = env("SITE_API_SCHEMA") {
-            match SchemaName::new(v) {
-                Ok(schema) => config.schema = schema,
-                Err(e) => warn("SITE_API_SCHEMA", e.to_string()),
-            }
-        }
-        if let Some(v) = env("SITE_API_TOKENS") {
-            config.tokens = parse_tokens(&v).unwrap_or_else(|e| {
-                warn("SITE_API_TOKENS", e);
-                Vec::new()
-            });
-        }
-        if let Some(v) = env("SITE_API_MAX_CONNECTIONS") {
-            match parse_connections(&v) {
-                Ok(n) => config.max_connections = n,
-                Err(e) => warn("SITE_API_MAX_CONNECTIONS", e),
-            }
-        }
-        if let Some(v) = env(SKEW_VAR) {
-            match parse_future_skew(SKEW_VAR, &v) {
-                Ok(secs) => config.max_future_skew_secs = secs,
-                Err(e) => warn(SKEW_VAR, e),
-            }
-        }
-        config
-    }
-
-    /// Like [`SiteApiConfig::local`], but an invalid environment variable is an error, and
-    /// without `SITE_API_TOKENS` no token is accepted (no demo tokens outside local use).
-    pub fn from_env() -> Result<Self, SiteApiError> {
-        let mut config = Self::defaults();
-        config.tokens = Vec::new();
-        if let Some(v) = env("SITE_API_LISTEN") {
-            config.listen = parse("SITE_API_LISTEN", &v).map_err(SiteApiError::Config)?;
-        }
-        if let Some(v) = env("DATABASE_URL") {
-            config.database_url = v;
-        }
-        if let Some(v) = env("SITE_API_SCHEMA") {
-            config.schema =
-                SchemaName::new(v).map_err(|e| SiteApiError::Config(format!("SITE_API_SCHEMA: {e}")))?;
-        }
-        if let Some(v) = env("SITE_API_TOKENS") {
-            config.tokens =
-                parse_tokens(&v).map_err(|e| SiteApiError::Config(format!("SITE_API_TOKENS: {e}")))?;
-        }
-        if let Some(v) = env("SITE_API_MAX_CONNECTIONS") {
-            config.max_connections = parse_connections(&v).map_err(SiteApiError::Config)?;
-        }
-        if let Some(v) = env(SKEW_VAR) {
-            config.max_future_skew_secs = parse_future_skew(SKEW_VAR, &v).map_err(SiteApiError::Config)?;
-        }
-        Ok(config)
-    }
-
-    fn defaults() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
-            database_url: DEFAULT_DATABASE_URL.to_string(),
-            schema: super::schema(),
-            tokens: parse_tokens(DEMO_TOKENS).unwrap_or_default(),
-            topics: TopicNames::from_env(),
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
-        }
+        let (args, refused) = config::from_env_lenient::<SiteApiArgs>();
+        let tokens = match &args.tokens {
+            _ if refused.iter().any(|var| var == TOKENS_VAR) => Vec::new(),
+            Some(tokens) => tokens.clone(),
+            None => demo_tokens(),
+        };
+        args.with_tokens(tokens)
     }
 }
 
-fn env(var: &str) -> Option<String> {
-    std::env::var(var).ok().filter(|v| !v.trim().is_empty())
-}
-
-fn parse<T: FromStr>(var: &str, value: &str) -> Result<T, String>
-where
-    T::Err: std::fmt::Display,
-{
-    value.trim().parse().map_err(|e| format!("{var}=`{value}`: {e}"))
-}
-
-fn parse_connections(value: &str) -> Result<u32, String> {
-    match parse::<u32>("SITE_API_MAX_CONNECTIONS", value)? {
-        0 => Err("SITE_API_MAX_CONNECTIONS must be at least 1".to_string()),
-        n => Ok(n),
-    }
+fn demo_tokens() -> Vec<TokenGrant> {
+    parse_tokens(DEMO_TOKENS).unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use clap::Parser;
     use trialflow_http::auth::Role;
 
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        site_api: SiteApiArgs,
+    }
+
+    /// The configuration of `args` (flags: the process environment is not read for them).
+    fn configured(args: &[&str]) -> Result<SiteApiConfig, String> {
+        let cli = Cli::try_parse_from(std::iter::once("site-api").chain(args.iter().copied()));
+        let args = cli.map_err(|e| e.to_string())?.site_api;
+        args.into_config().map_err(|e| e.to_string())
+    }
+
+    fn refusal(args: &[&str]) -> String {
+        configured(args).err().unwrap_or_else(|| panic!("{args:?} was accepted"))
+    }
+
     #[test]
-    fn local_defaults_offer_one_demo_token_per_role() {
-        let config = SiteApiConfig::defaults();
-        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
-        assert_eq!(config.schema.as_str(), crate::site_api::SCHEMA);
+    fn defaults_listen_locally_and_offer_one_demo_token_per_role_only_when_asked() {
+        let args = config::defaults::<SiteApiArgs>();
+        assert_eq!(args.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(args.schema.as_str(), crate::site_api::SCHEMA);
+        assert_eq!(args.database_url, DEFAULT_DATABASE_URL);
+        assert_eq!(args.topic_prefix, "");
+        assert_eq!((args.max_connections, args.max_future_skew_secs), (10, 300));
+        assert!(args.tokens.is_none() && !args.demo_tokens);
+        let Ok(config) = SiteApiArgs { demo_tokens: true, ..args }.into_config() else {
+            panic!("the demo tokens were refused")
+        };
         let roles: Vec<_> = config.tokens.iter().map(|g| (g.token.as_str(), g.role)).collect();
         assert_eq!(
             roles,
@@ -167,14 +186,154 @@ mod tests {
     }
 
     #[test]
-    fn the_future_skew_defaults_to_five_minutes() {
-        assert_eq!(SiteApiConfig::defaults().max_future_skew_secs, 300);
+    fn settings_parse_with_blanks_around_and_a_blank_is_the_default() {
+        let parsed = configured(&[
+            "--listen",
+            " 0.0.0.0:9000 ",
+            "--tokens",
+            " t1=admin:ada , t2=researcher:rita ",
+            "--max-connections",
+            " 4 ",
+            "--max-future-skew-secs",
+            "86400",
+            "--schema",
+            "",
+            "--topic-prefix",
+            "staging.",
+        ]);
+        let Ok(config) = parsed else { panic!("{parsed:?}") };
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.tokens.iter().map(|g| g.user.as_str()).collect::<Vec<_>>(), ["ada", "rita"]);
+        assert_eq!((config.max_connections, config.max_future_skew_secs), (4, 86_400));
+        assert_eq!(config.schema.as_str(), crate::site_api::SCHEMA);
+        assert_eq!(config.topics.prefix(), "staging.");
     }
 
     #[test]
-    fn connection_counts_must_be_positive() {
-        assert_eq!(parse_connections(" 4 "), Ok(4));
-        assert!(parse_connections("0").is_err());
-        assert!(parse_connections("many").is_err());
+    fn without_tokens_no_caller_is_accepted_unless_the_demo_tokens_are_asked_for() {
+        for tokens in [&[][..], &["--tokens", ""], &["--tokens", " , "]] {
+            let refused = refusal(tokens);
+            assert!(
+                refused.contains("set SITE_API_TOKENS") && refused.contains("--demo-tokens"),
+                "{refused}"
+            );
+            let mut demo = tokens.to_vec();
+            demo.push("--demo-tokens");
+            assert_eq!(configured(&demo).map(|c| c.tokens.len()).ok(), Some(4), "{demo:?}");
+        }
+        let given = configured(&["--tokens", "t=admin:ada", "--demo-tokens"]);
+        assert_eq!(given.map(|c| c.tokens.len()).ok(), Some(1), "given tokens replace the demo ones");
+    }
+
+    /// Set in the child process of [`local_reads_the_environment_leniently`].
+    const CHILD: &str = "TRIALFLOW_SITE_API_LOCAL_CHILD";
+
+    /// `local()` with the environment `vars` (and no other variable of [`SiteApiArgs`]), in a
+    /// child process (this test binary, running only this test): the environment of this process
+    /// stays untouched.
+    #[test]
+    fn local_reads_the_environment_leniently() {
+        if std::env::var_os(CHILD).is_some() {
+            let c = SiteApiConfig::local();
+            let tokens: Vec<_> = c.tokens.iter().map(|g| g.user.as_str()).collect();
+            let prefix = c.topics.prefix();
+            println!(
+                "local() = {} {} {} {} {prefix} [{}]",
+                c.listen,
+                c.schema,
+                c.max_connections,
+                c.max_future_skew_secs,
+                tokens.join(",")
+            );
+            return;
+        }
+        let demo = "admin,site-staff,pharmacist,researcher";
+        let cases: &[(&[(&str, &str)], String)] = &[
+            (&[], format!("127.0.0.1:8081 site_api 10 300  [{demo}]")),
+            (
+                &[
+                    ("SITE_API_LISTEN", " 127.0.0.1:9 "),
+                    ("TOPIC_PREFIX", "staging."),
+                    ("SITE_API_MAX_FUTURE_SKEW_SECS", "60"),
+                ],
+                format!("127.0.0.1:9 site_api 10 60 staging. [{demo}]"),
+            ),
+            (
+                &[
+                    ("SITE_API_MAX_CONNECTIONS", "0"),
+                    ("SITE_API_SCHEMA", "Bad-Name"),
+                    ("SITE_API_LISTEN", "127.0.0.1:9"),
+                ],
+                format!("127.0.0.1:9 site_api 10 300  [{demo}]"),
+            ),
+            (
+                &[("SITE_API_SCHEMA", " "), ("SITE_API_TOKENS", "")],
+                format!("127.0.0.1:8081 site_api 10 300  [{demo}]"),
+            ),
+            (&[("SITE_API_TOKENS", "t=admin:ada")], "127.0.0.1:8081 site_api 10 300  [ada]".to_string()),
+            (&[("SITE_API_TOKENS", "not-a-grant")], "127.0.0.1:8081 site_api 10 300  []".to_string()),
+            (&[("SITE_API_TOKENS", " , ")], "127.0.0.1:8081 site_api 10 300  []".to_string()),
+        ];
+        let test = format!(
+            "{}::local_reads_the_environment_leniently",
+            module_path!().split_once("::").map_or("", |(_, p)| p)
+        );
+        for (vars, expected) in cases {
+            let mut child = std::process::Command::new(std::env::current_exe().unwrap_or_default());
+            child.args([test.as_str(), "--exact", "--nocapture", "--test-threads=1"]).env(CHILD, "1");
+            for var in <Cli as clap::CommandFactory>::command().get_arguments().filter_map(|a| a.get_env()) {
+                child.env_remove(var);
+            }
+            child.envs(vars.iter().copied());
+            let output = child.output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            let seen = output
+                .as_deref()
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.split_once("local() = ").map(|(_, seen)| seen))
+                .map(str::to_string);
+            assert_eq!(seen.as_ref(), Some(expected), "{vars:?}: {output:?}");
+        }
+    }
+
+    #[test]
+    fn hostile_settings_are_refused_naming_the_variable() {
+        let cases: &[(&[&str], &str, &str)] = &[
+            (&["--listen", "127.0.0.1:80\0"], "SITE_API_LISTEN (--listen)", "invalid socket address"),
+            (&["--listen", "localhost:8081"], "SITE_API_LISTEN (--listen)", "invalid socket address"),
+            (&["--listen", "127.0.0.1:99999"], "SITE_API_LISTEN (--listen)", "invalid socket address"),
+            (&["--schema", "site\u{7}api"], "SITE_API_SCHEMA (--schema)", "schema name"),
+            (&["--schema", "Robert'); DROP TABLE"], "SITE_API_SCHEMA (--schema)", "schema name"),
+            (&["--max-connections", "0"], "SITE_API_MAX_CONNECTIONS (--max-connections)", "at least 1"),
+            (&["--max-connections=-1"], "SITE_API_MAX_CONNECTIONS (--max-connections)", "invalid digit"),
+            (
+                &["--max-connections", "4294967296"],
+                "SITE_API_MAX_CONNECTIONS (--max-connections)",
+                "too large",
+            ),
+            (
+                &["--max-future-skew-secs", "86401"],
+                "SITE_API_MAX_FUTURE_SKEW_SECS (--max-future-skew-secs)",
+                "at most 86400",
+            ),
+            (
+                &["--max-future-skew-secs", "1e9"],
+                "SITE_API_MAX_FUTURE_SKEW_SECS (--max-future-skew-secs)",
+                "invalid digit",
+            ),
+            (&["--tokens", "s3cr3t"], "SITE_API_TOKENS (--tokens)", "token #1 is not `token=role:user`"),
+            (&["--tokens", "s3cr3t=boss:ada"], "SITE_API_TOKENS (--tokens)", "unknown role `boss`"),
+            (&["--tokens", "s3cr3t=admin: "], "SITE_API_TOKENS (--tokens)", "empty token or user"),
+            (&["--tokens", "s3cr3t=admin:a,s3cr3t=admin:b"], "SITE_API_TOKENS (--tokens)", "given twice"),
+        ];
+        for (args, var, reason) in cases {
+            let refused = refusal(args);
+            assert!(refused.contains(var) && refused.contains(reason), "{args:?}: {refused}");
+            assert!(
+                !refused.contains('\0') && !refused.contains('\u{7}'),
+                "control characters escaped: {refused}"
+            );
+            assert!(!refused.contains("s3cr3t"), "a token is never shown: {refused}");
+        }
     }
 }

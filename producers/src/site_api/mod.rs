@@ -78,7 +78,7 @@ use trialflow_outbox::{Outbox, SchemaName};
 use trialflow_schemas::Timestamp;
 use trialflow_schemas::topics::TopicNames;
 
-pub use config::SiteApiConfig;
+pub use config::{SiteApiArgs, SiteApiConfig};
 pub use error::SiteApiError;
 
 /// The service's name in the registry of services.

@@ -1,29 +1,94 @@
-//! Configuration of the alert API: local defaults, every field overridable by environment variable
-//! (the conventions and token format of the site API's configuration).
+//! Configuration of the alert API: [`AlertApiArgs`], the settings (each a flag and an environment
+//! variable, with its default; the conventions and token format of the site API's), make an
+//! [`AlertApiConfig`], what the service runs with.
 
 use std::net::SocketAddr;
-use std::str::FromStr;
 
+use clap::Args;
 use trialflow_http::auth::{TokenGrant, parse_tokens};
 use trialflow_outbox::SchemaName;
-use trialflow_outbox::config::DEFAULT_DATABASE_URL;
+use trialflow_outbox::config::{self, DEFAULT_DATABASE_URL, setting, trimmed};
 use trialflow_schemas::topics::TopicNames;
 
 use super::AlertApiError;
 
 /// Where the API listens by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8083";
+const TOKENS_VAR: &str = "ALERT_API_TOKENS";
 /// The token of the local demo. Never use it beyond a local machine.
 pub const DEMO_TOKENS: &str = "researcher-token=researcher:researcher";
 
+/// The alert API's settings (`trialflow alert-api`, and [`AlertApiConfig::local`]).
+#[derive(Debug, Clone, Args)]
+pub struct AlertApiArgs {
+    /// Listen address (port 0 picks a free port).
+    #[arg(long, env = "ALERT_API_LISTEN", value_name = "ADDR", default_value = DEFAULT_LISTEN, value_parser = setting(trimmed::<SocketAddr>))]
+    pub listen: SocketAddr,
+
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, value_parser = setting(|url| Ok(url.to_string())))]
+    pub database_url: String,
+
+    /// The monitoring service's schema: its alert tables and the outbox the API's events go to.
+    #[arg(long, env = "ALERT_API_SCHEMA", default_value = crate::monitoring::SCHEMA, value_parser = setting(|name| SchemaName::new(name).map_err(|e| e.to_string())))]
+    pub schema: SchemaName,
+
+    /// Accepted bearer tokens, in the format of SITE_API_TOKENS (`token=role:user,...`);
+    /// researchers and admins may use the API, other roles get 403. None when unset (see
+    /// --demo-tokens). Prefer the variable: a flag shows in the process list.
+    // A qualified `Vec`: the whole list is one value (clap would parse each item of a `Vec` alone).
+    #[arg(long, env = TOKENS_VAR, hide_env_values = true, value_name = "TOKEN=ROLE:USER,...", value_parser = setting(parse_tokens))]
+    pub tokens: Option<::std::vec::Vec<TokenGrant>>,
+
+    /// Accept the local demo token (`researcher-token`) when ALERT_API_TOKENS gives none. Never
+    /// in a shared environment.
+    #[arg(long, env = "ALERT_API_DEMO_TOKENS")]
+    pub demo_tokens: bool,
+
+    /// Prefix of every topic name, e.g. `staging.` (several environments on one cluster).
+    #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
+    pub topic_prefix: String,
+}
+
+impl AlertApiArgs {
+    /// The configuration of these settings: the tokens of ALERT_API_TOKENS, or, when it gives
+    /// none, the demo token if `--demo-tokens`; else an error (no researcher could be
+    /// authenticated).
+    pub fn into_config(self) -> Result<AlertApiConfig, AlertApiError> {
+        let tokens = match self.tokens.clone().unwrap_or_default() {
+            tokens if !tokens.is_empty() => tokens,
+            _ if self.demo_tokens => demo_tokens(),
+            _ => {
+                return Err(AlertApiError::Config(
+                    "no researcher can be authenticated: set ALERT_API_TOKENS (token=role:user,...) or \
+                     pass --demo-tokens"
+                        .to_string(),
+                ));
+            }
+        };
+        Ok(self.with_tokens(tokens))
+    }
+
+    fn with_tokens(self, tokens: Vec<TokenGrant>) -> AlertApiConfig {
+        AlertApiConfig {
+            listen: self.listen,
+            database_url: self.database_url,
+            schema: self.schema,
+            tokens,
+            topics: TopicNames::new(self.topic_prefix),
+        }
+    }
+}
+
+/// What the alert API runs with (see [`AlertApiArgs`] for each setting).
 #[derive(Debug, Clone)]
 pub struct AlertApiConfig {
-    /// Listen address (`ALERT_API_LISTEN`, default `127.0.0.1:8083`; port 0 picks a free port).
+    /// Listen address (`ALERT_API_LISTEN`; port 0 picks a free port).
     pub listen: SocketAddr,
     /// PostgreSQL connection URL (`DATABASE_URL`).
     pub database_url: String,
     /// The monitoring service's schema: its alert tables and the outbox the API's events go to
-    /// (`ALERT_API_SCHEMA`, default `monitoring`).
+    /// (`ALERT_API_SCHEMA`).
     pub schema: SchemaName,
     /// Accepted bearer tokens, in the format of `SITE_API_TOKENS`
     /// (`ALERT_API_TOKENS="tok1=researcher:rita,tok2=admin:ada"`); researchers and admins may use
@@ -34,96 +99,112 @@ pub struct AlertApiConfig {
 }
 
 impl AlertApiConfig {
-    /// Local defaults (the demo token included) with the environment variables that are set and
-    /// valid applied. An invalid value is logged and its default kept, except for
-    /// `ALERT_API_TOKENS`: a token list that does not parse leaves NO token accepted rather than
-    /// the demo token. Use [`AlertApiConfig::from_env`] to refuse invalid values instead.
+    /// For in-process use (`trialflow run`, the demo, tests): the defaults with the environment
+    /// variables of [`AlertApiArgs`] that are set and valid applied (see
+    /// [`config::from_env_lenient`]: an invalid one is logged and its default kept), and the
+    /// demo token when `ALERT_API_TOKENS` is unset. An `ALERT_API_TOKENS` that does not parse
+    /// leaves NO token accepted rather than the demo token.
     pub fn local() -> Self {
-        let mut config = Self::defaults();
-        let warn = |var: &str, e: String| tracing::warn!(var, error = %e, "Ignoring invalid setting.");
-        if let Some(v) = env("ALERT_API_LISTEN") {
-            match parse_listen(&v) {
-                Ok(listen) => config.listen = listen,
-                Err(e) => warn("ALERT_API_LISTEN", e),
-            }
-        }
-        if let Some(v) = env("DATABASE_URL") {
-            config.database_url = v;
-        }
-        if let Some(v) = env("ALERT_API_SCHEMA") {
-            match SchemaName::new(v) {
-                Ok(schema) => config.schema = schema,
-                Err(e) => warn("ALERT_API_SCHEMA", e.to_string()),
-            }
-        }
-        if let Some(v) = env("ALERT_API_TOKENS") {
-            config.tokens = parse_tokens(&v).unwrap_or_else(|e| {
-                warn("ALERT_API_TOKENS", e);
-                Vec::new()
-            });
-        }
-        config
-    }
-
-    /// Like [`AlertApiConfig::local`], but an invalid environment variable is an error, and
-    /// without `ALERT_API_TOKENS` no token is accepted (no demo token outside local use).
-    pub fn from_env() -> Result<Self, AlertApiError> {
-        let mut config = Self::defaults();
-        config.tokens = Vec::new();
-        if let Some(v) = env("ALERT_API_LISTEN") {
-            config.listen = parse_listen(&v).map_err(AlertApiError::Config)?;
-        }
-        if let Some(v) = env("DATABASE_URL") {
-            config.database_url = v;
-        }
-        if let Some(v) = env("ALERT_API_SCHEMA") {
-            config.schema =
-                SchemaName::new(v).map_err(|e| AlertApiError::Config(format!("ALERT_API_SCHEMA: {e}")))?;
-        }
-        if let Some(v) = env("ALERT_API_TOKENS") {
-            config.tokens =
-                parse_tokens(&v).map_err(|e| AlertApiError::Config(format!("ALERT_API_TOKENS: {e}")))?;
-        }
-        Ok(config)
-    }
-
-    fn defaults() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8083)),
-            database_url: DEFAULT_DATABASE_URL.to_string(),
-            schema: crate::monitoring::schema(),
-            tokens: parse_tokens(DEMO_TOKENS).unwrap_or_default(),
-            topics: TopicNames::from_env(),
-        }
+        let (args, refused) = config::from_env_lenient::<AlertApiArgs>();
+        let tokens = match &args.tokens {
+            _ if refused.iter().any(|var| var == TOKENS_VAR) => Vec::new(),
+            Some(tokens) => tokens.clone(),
+            None => demo_tokens(),
+        };
+        args.with_tokens(tokens)
     }
 }
 
-fn env(var: &str) -> Option<String> {
-    std::env::var(var).ok().filter(|v| !v.trim().is_empty())
-}
-
-fn parse_listen(value: &str) -> Result<SocketAddr, String> {
-    SocketAddr::from_str(value.trim()).map_err(|e| format!("ALERT_API_LISTEN=`{value}`: {e}"))
+fn demo_tokens() -> Vec<TokenGrant> {
+    parse_tokens(DEMO_TOKENS).unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use clap::Parser;
     use trialflow_http::auth::Role;
 
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        alert_api: AlertApiArgs,
+    }
+
+    /// The configuration of `args` (flags: the process environment is not read for them).
+    fn configured(args: &[&str]) -> Result<AlertApiConfig, String> {
+        let cli = Cli::try_parse_from(std::iter::once("alert-api").chain(args.iter().copied()));
+        let args = cli.map_err(|e| e.to_string())?.alert_api;
+        args.into_config().map_err(|e| e.to_string())
+    }
+
+    fn refusal(args: &[&str]) -> String {
+        configured(args).err().unwrap_or_else(|| panic!("{args:?} was accepted"))
+    }
+
     #[test]
-    fn local_defaults_offer_the_demo_researcher() {
-        let config = AlertApiConfig::defaults();
-        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
-        assert_eq!(config.schema.as_str(), crate::monitoring::SCHEMA);
+    fn defaults_listen_locally_and_offer_the_demo_researcher_only_when_asked() {
+        let args = config::defaults::<AlertApiArgs>();
+        assert_eq!(args.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(args.schema.as_str(), crate::monitoring::SCHEMA);
+        assert_eq!(args.database_url, DEFAULT_DATABASE_URL);
+        assert!(args.tokens.is_none() && !args.demo_tokens);
+        let Ok(config) = AlertApiArgs { demo_tokens: true, ..args }.into_config() else {
+            panic!("the demo token was refused")
+        };
         let tokens: Vec<_> =
             config.tokens.iter().map(|g| (g.token.as_str(), g.role, g.user.as_str())).collect();
         assert_eq!(tokens, [("researcher-token", Role::Researcher, "researcher")]);
     }
 
     #[test]
-    fn listen_addresses_must_parse() {
-        assert_eq!(parse_listen(" 0.0.0.0:9000 ").map(|a| a.port()), Ok(9000));
-        assert!(parse_listen("localhost").is_err());
+    fn settings_parse_with_blanks_around_and_a_blank_is_the_default() {
+        let parsed = configured(&["--listen", " 0.0.0.0:9000 ", "--tokens", "t=admin:ada", "--schema", " "]);
+        let Ok(config) = parsed else { panic!("{parsed:?}") };
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.schema.as_str(), crate::monitoring::SCHEMA);
+        assert_eq!(config.tokens.len(), 1);
+    }
+
+    #[test]
+    fn without_tokens_no_researcher_is_accepted_unless_the_demo_token_is_asked_for() {
+        for tokens in [&[][..], &["--tokens", ""], &["--tokens", ","]] {
+            let refused = refusal(tokens);
+            assert!(
+                refused.contains("set ALERT_API_TOKENS") && refused.contains("--demo-tokens"),
+                "{refused}"
+            );
+            let mut demo = tokens.to_vec();
+            demo.push("--demo-tokens");
+            assert_eq!(configured(&demo).map(|c| c.tokens.len()).ok(), Some(1), "{demo:?}");
+        }
+    }
+
+    #[test]
+    fn hostile_settings_are_refused_naming_the_variable() {
+        let cases: &[(&[&str], &str, &str)] = &[
+            (&["--listen", "localhost"], "ALERT_API_LISTEN (--listen)", "invalid socket address"),
+            (&["--listen", "127.0.0.1:8083\0"], "ALERT_API_LISTEN (--listen)", "invalid socket address"),
+            (&["--schema", "monitoring\n"], "ALERT_API_SCHEMA (--schema)", "schema name"),
+            (&["--schema", &"m".repeat(64)], "ALERT_API_SCHEMA (--schema)", "schema name"),
+            (&["--tokens", "s3cr3t"], "ALERT_API_TOKENS (--tokens)", "token #1 is not `token=role:user`"),
+            (
+                &["--tokens", "a=researcher:rita,s3cr3t=chief:x"],
+                "ALERT_API_TOKENS (--tokens)",
+                "unknown role",
+            ),
+            (
+                &["--tokens", "s3cr3t=researcher:a,s3cr3t=admin:b"],
+                "ALERT_API_TOKENS (--tokens)",
+                "given twice",
+            ),
+        ];
+        for (args, var, reason) in cases {
+            let refused = refusal(args);
+            assert!(refused.contains(var) && refused.contains(reason), "{args:?}: {refused}");
+            assert!(!refused.contains('\0'), "control characters escaped: {refused}");
+            assert!(!refused.contains("s3cr3t"), "a token is never shown: {refused}");
+        }
     }
 }

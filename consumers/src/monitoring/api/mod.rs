@@ -71,7 +71,7 @@ use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub use config::{AlertApiConfig, DEFAULT_LISTEN, DEMO_TOKENS};
+pub use config::{AlertApiArgs, AlertApiConfig, DEFAULT_LISTEN, DEMO_TOKENS};
 pub use openapi::{EXAMPLE_ALERT_ID, document as openapi_document};
 
 /// `source_system` of the events the API writes.
