@@ -215,8 +215,9 @@ pub struct NotifierArgs {
     pub give_up_secs: u64,
 
     /// Longest pause between attempts of one delivery (milliseconds); from 100 ms, doubling, with
-    /// jitter.
-    #[arg(long = "notifier-max-backoff-ms", env = "NOTIFIER_MAX_BACKOFF_MS", value_name = "MS", default_value_t = 60_000, value_parser = setting(trimmed::<u64>).blank_refused())]
+    /// jitter. (Its id differs from the field's name: a consumer's own `max_backoff_ms` sits
+    /// beside it in `trialflow consume`.)
+    #[arg(id = "notifier_max_backoff_ms", long = "notifier-max-backoff-ms", env = "NOTIFIER_MAX_BACKOFF_MS", value_name = "MS", default_value_t = 60_000, value_parser = setting(trimmed::<u64>).blank_refused())]
     pub max_backoff_ms: u64,
 
     /// How often (milliseconds) the worker looks for due deliveries when no notification wakes it.
