@@ -34,6 +34,10 @@ pub enum OutboxError {
     #[error("kafka client configuration: {0}")]
     KafkaConfig(rdkafka::error::KafkaError),
 
+    /// Topics just created still have partitions without a leader after the wait.
+    #[error("topics not ready: {0}")]
+    TopicsNotReady(String),
+
     /// An event larger than the outbox accepts: the broker would refuse it for good, so it is
     /// refused here, in the caller's transaction, instead of blocking the relay.
     #[error("event `{event_type}` for `{topic}` is {bytes} bytes; the limit is {limit} bytes")]
@@ -78,7 +82,7 @@ impl OutboxError {
                     | sqlx::Error::Decode(_)
                     | sqlx::Error::TypeNotFound { .. }
             ),
-            OutboxError::Delivery { .. } => true,
+            OutboxError::Delivery { .. } | OutboxError::TopicsNotReady(_) => true,
             OutboxError::Migrate { .. }
             | OutboxError::TooLarge { .. }
             | OutboxError::InvalidSchemaName(_)

@@ -32,7 +32,74 @@ pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[(&str, i32)]) -> Resul
             }
         }
     }
-    Ok(())
+    let wanted: Vec<(String, i32)> = topics.iter().map(|(name, p)| (name.to_string(), *p)).collect();
+    tokio::task::spawn_blocking(move || wait_for_leaders(&admin, &wanted))
+        .await
+        .map_err(|e| OutboxError::TopicsNotReady(format!("the wait for leaders panicked: {e}")))?
+}
+
+/// The high watermark of `topic` [`partition`]. A partition whose leader was just elected (a
+/// topic just created, a broker that just failed over) answers NotLeaderForPartition for a moment
+/// even once the metadata names its leader: asked again until `timeout`.
+fn high_watermark(
+    consumer: &rdkafka::consumer::BaseConsumer,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> Result<i64> {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::error::KafkaError;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match consumer.fetch_watermarks(topic, partition, timeout) {
+            Ok((_, high)) => return Ok(high),
+            Err(KafkaError::MetadataFetch(
+                RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::UnknownTopicOrPartition,
+            )) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(OutboxError::KafkaConfig(e)),
+        }
+    }
+}
+
+/// How long [`ensure_topics`] waits for the leaders of the partitions it created.
+const LEADER_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until every partition of `topics` has a leader. A broker may answer CreateTopics before
+/// its controller elected them (Apache Kafka does), and a client asking in between is told
+/// NotLeaderForPartition; callers of [`ensure_topics`] get topics they can use at once.
+fn wait_for_leaders(admin: &AdminClient<DefaultClientContext>, topics: &[(String, i32)]) -> Result<()> {
+    let deadline = std::time::Instant::now() + LEADER_WAIT;
+    loop {
+        let metadata = admin.inner().fetch_metadata(None, Duration::from_secs(10));
+        let waiting: Vec<&str> = match &metadata {
+            Ok(metadata) => topics
+                .iter()
+                .filter(|(name, partitions)| {
+                    !metadata.topics().iter().any(|t| {
+                        t.name() == name
+                            && t.error().is_none()
+                            && t.partitions().len() >= usize::try_from(*partitions).unwrap_or_default()
+                            && t.partitions().iter().all(|p| p.error().is_none() && p.leader() >= 0)
+                    })
+                })
+                .map(|(name, _)| name.as_str())
+                .collect(),
+            Err(_) => topics.iter().map(|(name, _)| name.as_str()).collect(),
+        };
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            let why = metadata.err().map(|e| format!(" (last metadata request: {e})")).unwrap_or_default();
+            return Err(OutboxError::TopicsNotReady(format!(
+                "no leader for every partition of {} after {LEADER_WAIT:?}{why}",
+                waiting.join(", ")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Creates every topic of the catalogue (behind `names`' prefix) with `partitions`, and the
@@ -124,9 +191,7 @@ impl TopicReader {
             let offset = if from_beginning {
                 Offset::Beginning
             } else {
-                let (_, high) =
-                    consumer.fetch_watermarks(topic, p, timeout).map_err(OutboxError::KafkaConfig)?;
-                Offset::Offset(high)
+                Offset::Offset(high_watermark(&consumer, topic, p, timeout)?)
             };
             assignment.add_partition_offset(topic, p, offset).map_err(OutboxError::KafkaConfig)?;
         }
