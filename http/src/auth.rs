@@ -82,6 +82,36 @@ impl fmt::Debug for TokenGrant {
     }
 }
 
+/// The tokens a service accepts: those configured (`*_TOKENS`), or, when that gives none, its
+/// local demo tokens if the demo was asked for (`--demo-tokens`); `None` when no caller could be
+/// authenticated (the service refuses to start).
+pub fn accepted_tokens<T>(
+    configured: Option<Vec<T>>,
+    demo: bool,
+    demo_tokens: impl FnOnce() -> Vec<T>,
+) -> Option<Vec<T>> {
+    match configured.unwrap_or_default() {
+        tokens if !tokens.is_empty() => Some(tokens),
+        _ if demo => Some(demo_tokens()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod accepted_tokens_tests {
+    use super::accepted_tokens;
+
+    #[test]
+    fn configured_tokens_win_and_the_demo_tokens_only_when_asked() {
+        let demo = || vec!["demo"];
+        assert_eq!(accepted_tokens(Some(vec!["t"]), true, demo), Some(vec!["t"]));
+        assert_eq!(accepted_tokens(Some(vec![]), true, demo), Some(vec!["demo"]));
+        assert_eq!(accepted_tokens(None, true, demo), Some(vec!["demo"]));
+        assert_eq!(accepted_tokens(None, false, demo), None);
+        assert_eq!(accepted_tokens(Some(vec![]), false, demo), None);
+    }
+}
+
 /// Parses `token=role:user` pairs separated by commas (`SITE_API_TOKENS`), e.g.
 /// `tok1=admin:alice,tok2=site_staff:bob`. Blanks around items are ignored; an empty string is
 /// no tokens.

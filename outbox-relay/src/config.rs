@@ -228,6 +228,15 @@ impl RelayConfig {
 
 // ---- building an `Args` struct without a command line ----------------------------------------
 
+/// The [`Args`] struct `T` from the command line `args` (environment variables apply as usual):
+/// for tests of a configuration's parsing without a `Parser` wrapper of their own.
+pub fn from_args<T: Args + FromArgMatches>(args: &[&str]) -> Result<T, clap::Error> {
+    let mut command = T::augment_args(Command::new("args"));
+    command
+        .try_get_matches_from_mut(std::iter::once("args").chain(args.iter().copied()))
+        .and_then(|m| T::from_arg_matches(&m))
+}
+
 /// The defaults of the [`Args`] struct `T`: what an empty command line parses to when no
 /// environment variable is read (each argument's `env` is dropped). The `local()` constructors
 /// are made of it, so a default is written once, in its `#[arg(default_value...)]`; an argument

@@ -6,6 +6,7 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use clap::Args;
+use trialflow_http::auth::accepted_tokens;
 use trialflow_http::clock::Clock;
 use trialflow_http::input::{DEFAULT_MAX_FUTURE_SKEW_SECS, parse_future_skew};
 use trialflow_outbox::KafkaConfig;
@@ -79,17 +80,15 @@ impl EproGatewayArgs {
     /// EPRO_GATEWAY_TOKENS, or, when it gives none, the demo token if `--demo-tokens`; else an
     /// error (no app could be authenticated).
     pub fn into_config(self) -> Result<EproGatewayConfig, EproGatewayError> {
-        let tokens = match self.tokens.clone().unwrap_or_default() {
-            tokens if !tokens.is_empty() => tokens,
-            _ if self.demo_tokens => vec![DEMO_TOKEN.to_string()],
-            _ => {
-                return Err(EproGatewayError::Config(
+        let demo = self.demo_tokens;
+        let tokens =
+            accepted_tokens(self.tokens.clone(), demo, || vec![DEMO_TOKEN.to_string()]).ok_or_else(|| {
+                EproGatewayError::Config(
                     "no app can be authenticated: set EPRO_GATEWAY_TOKENS (comma-separated) or pass \
                      --demo-tokens"
                         .to_string(),
-                ));
-            }
-        };
+                )
+            })?;
         Ok(self.with_tokens(tokens))
     }
 
@@ -164,20 +163,12 @@ fn parse_tokens(s: &str) -> Result<Vec<String>, String> {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
 
     use super::*;
 
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        gateway: EproGatewayArgs,
-    }
-
-    /// The configuration of `args` (flags: the process environment is not read for them).
+    /// The configuration of the flags `args`.
     fn configured(args: &[&str]) -> Result<EproGatewayConfig, String> {
-        let cli = Cli::try_parse_from(std::iter::once("epro-gateway").chain(args.iter().copied()));
-        let args = cli.map_err(|e| e.to_string())?.gateway;
+        let args = config::from_args::<EproGatewayArgs>(args).map_err(|e| e.to_string())?;
         args.into_config().map_err(|e| e.to_string())
     }
 

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use clap::Args;
-use trialflow_http::auth::{TokenGrant, parse_tokens};
+use trialflow_http::auth::{TokenGrant, accepted_tokens, parse_tokens};
 use trialflow_http::input::{DEFAULT_MAX_FUTURE_SKEW_SECS, parse_future_skew};
 use trialflow_outbox::SchemaName;
 use trialflow_outbox::config::{self, DEFAULT_DATABASE_URL, at_least_one, setting, trimmed};
@@ -67,17 +67,14 @@ impl SiteApiArgs {
     /// The configuration of these settings: the tokens of SITE_API_TOKENS, or, when it gives none,
     /// the demo tokens if `--demo-tokens`; else an error (no caller could be authenticated).
     pub fn into_config(self) -> Result<SiteApiConfig, SiteApiError> {
-        let tokens = match self.tokens.clone().unwrap_or_default() {
-            tokens if !tokens.is_empty() => tokens,
-            _ if self.demo_tokens => demo_tokens(),
-            _ => {
-                return Err(SiteApiError::Config(
-                    "no caller can be authenticated: set SITE_API_TOKENS (token=role:user,...) or pass \
+        let demo = self.demo_tokens;
+        let tokens = accepted_tokens(self.tokens.clone(), demo, demo_tokens).ok_or_else(|| {
+            SiteApiError::Config(
+                "no caller can be authenticated: set SITE_API_TOKENS (token=role:user,...) or pass \
                      --demo-tokens"
-                        .to_string(),
-                ));
-            }
-        };
+                    .to_string(),
+            )
+        })?;
         Ok(self.with_tokens(tokens))
     }
 
@@ -139,21 +136,13 @@ fn demo_tokens() -> Vec<TokenGrant> {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
     use trialflow_http::auth::Role;
 
     use super::*;
 
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        site_api: SiteApiArgs,
-    }
-
-    /// The configuration of `args` (flags: the process environment is not read for them).
+    /// The configuration of the flags `args`.
     fn configured(args: &[&str]) -> Result<SiteApiConfig, String> {
-        let cli = Cli::try_parse_from(std::iter::once("site-api").chain(args.iter().copied()));
-        let args = cli.map_err(|e| e.to_string())?.site_api;
+        let args = config::from_args::<SiteApiArgs>(args).map_err(|e| e.to_string())?;
         args.into_config().map_err(|e| e.to_string())
     }
 
@@ -281,7 +270,10 @@ mod tests {
         for (vars, expected) in cases {
             let mut child = std::process::Command::new(std::env::current_exe().unwrap_or_default());
             child.args([test.as_str(), "--exact", "--nocapture", "--test-threads=1"]).env(CHILD, "1");
-            for var in <Cli as clap::CommandFactory>::command().get_arguments().filter_map(|a| a.get_env()) {
+            for var in SiteApiArgs::augment_args(clap::Command::new("site-api"))
+                .get_arguments()
+                .filter_map(|a| a.get_env())
+            {
                 child.env_remove(var);
             }
             child.envs(vars.iter().copied());

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use clap::Args;
-use trialflow_http::auth::{TokenGrant, parse_tokens};
+use trialflow_http::auth::{TokenGrant, accepted_tokens, parse_tokens};
 use trialflow_outbox::SchemaName;
 use trialflow_outbox::config::{self, DEFAULT_DATABASE_URL, setting, trimmed};
 use trialflow_schemas::topics::TopicNames;
@@ -55,17 +55,14 @@ impl AlertApiArgs {
     /// none, the demo token if `--demo-tokens`; else an error (no researcher could be
     /// authenticated).
     pub fn into_config(self) -> Result<AlertApiConfig, AlertApiError> {
-        let tokens = match self.tokens.clone().unwrap_or_default() {
-            tokens if !tokens.is_empty() => tokens,
-            _ if self.demo_tokens => demo_tokens(),
-            _ => {
-                return Err(AlertApiError::Config(
-                    "no researcher can be authenticated: set ALERT_API_TOKENS (token=role:user,...) or \
+        let demo = self.demo_tokens;
+        let tokens = accepted_tokens(self.tokens.clone(), demo, demo_tokens).ok_or_else(|| {
+            AlertApiError::Config(
+                "no researcher can be authenticated: set ALERT_API_TOKENS (token=role:user,...) or \
                      pass --demo-tokens"
-                        .to_string(),
-                ));
-            }
-        };
+                    .to_string(),
+            )
+        })?;
         Ok(self.with_tokens(tokens))
     }
 
@@ -121,21 +118,13 @@ fn demo_tokens() -> Vec<TokenGrant> {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
     use trialflow_http::auth::Role;
 
     use super::*;
 
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        alert_api: AlertApiArgs,
-    }
-
-    /// The configuration of `args` (flags: the process environment is not read for them).
+    /// The configuration of the flags `args`.
     fn configured(args: &[&str]) -> Result<AlertApiConfig, String> {
-        let cli = Cli::try_parse_from(std::iter::once("alert-api").chain(args.iter().copied()));
-        let args = cli.map_err(|e| e.to_string())?.alert_api;
+        let args = config::from_args::<AlertApiArgs>(args).map_err(|e| e.to_string())?;
         args.into_config().map_err(|e| e.to_string())
     }
 
