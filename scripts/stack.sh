@@ -5,7 +5,7 @@
 #   scripts/stack.sh up|down|status
 #
 # The broker is TRIALFLOW_BROKER:
-#   kafka  Apache Kafka 4.4.0 (the jars of scripts/kafka/pom.xml, checked against
+#   kafka  (default) Apache Kafka 4.4.0 (the jars of scripts/kafka/pom.xml, checked against
 #          scripts/kafka/checksums.sha256, in .tools/kafka/libs), one KRaft node as broker and
 #          controller, its log on disk in .data/kafka (a restart keeps topics and offsets).
 #   tansu  Tansu 0.6.0 (in-memory storage: a restart loses every topic), a light alternative.
@@ -22,7 +22,7 @@ PG_PORT="${TRIALFLOW_PG_PORT:-55432}"
 PG_DIR="${TRIALFLOW_PG_DIR:-$DATA/pg}"
 PG_DB="trialflow"
 KAFKA_PORT="${TRIALFLOW_KAFKA_PORT:-19092}"
-BROKER="${TRIALFLOW_BROKER:-tansu}"
+BROKER="${TRIALFLOW_BROKER:-kafka}"
 KAFKA_CONTROLLER_PORT="${TRIALFLOW_KAFKA_CONTROLLER_PORT:-19093}"
 KAFKA_DIR="$DATA/kafka"
 KAFKA_LIBS="$TOOLS/kafka/libs"
@@ -200,7 +200,7 @@ tansu_up() {
 kafka_up() {
   mkdir -p "$DATA"
   if broker_running; then
-    local running; running="$(cat "$DATA/broker.kind" 2>/dev/null || echo tansu)"
+    local running; running="$(cat "$DATA/broker.kind" 2>/dev/null || echo tansu)"  # no kind: an older stack's Tansu
     [ "$running" = "$BROKER" ] || die "a $running broker is running; \`make down\` first to switch to $BROKER"
     port_open "$KAFKA_PORT" || die "the $running broker (pid $(broker_pid)) does not accept connections on $KAFKA_PORT"
     return 0
