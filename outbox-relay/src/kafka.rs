@@ -10,32 +10,72 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
 use crate::error::{OutboxError, Result};
+use crate::topics::{TopicLayout, WantedTopic};
 
-/// Creates the topics that do not exist yet (`name`, `partitions`), replication factor 1.
+/// Creates the topics that do not exist yet (`name`, `partitions`), replication factor 1, the
+/// broker's default settings.
 pub async fn ensure_topics(kafka: &KafkaConfig, topics: &[(&str, i32)]) -> Result<()> {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &kafka.bootstrap_servers);
-    for (k, v) in &kafka.producer_config {
-        config.set(k, v);
-    }
-    let admin: AdminClient<DefaultClientContext> = config.create().map_err(OutboxError::KafkaConfig)?;
-    let new: Vec<NewTopic<'_>> =
-        topics.iter().map(|(name, p)| NewTopic::new(name, *p, TopicReplication::Fixed(1))).collect();
+    let wanted: Vec<WantedTopic> = topics
+        .iter()
+        .map(|(name, partitions)| WantedTopic {
+            name: name.to_string(),
+            partitions: *partitions,
+            replication_factor: 1,
+            configs: Default::default(),
+            restricted_to: None,
+        })
+        .collect();
+    create_missing(kafka, &wanted).await.map(|_| ())
+}
+
+/// Creates the topics of the catalogue (behind `names`' prefix) with `partitions` and their
+/// dead-letter topics (`<topic><dlq_suffix>`, one partition) that do not exist yet, with their
+/// retention and clean-up ([`crate::topics::wanted`]), on one broker's terms (replication factor
+/// 1). For a cluster, `trialflow topics apply` lays them out.
+pub async fn ensure_catalogue_topics(
+    kafka: &KafkaConfig,
+    names: &trialflow_schemas::topics::TopicNames,
+    partitions: i32,
+    dlq_suffix: &str,
+) -> Result<()> {
+    let layout = TopicLayout {
+        names: names.clone(),
+        partitions,
+        replication_factor: 1,
+        min_insync_replicas: 1,
+        dlq_suffix: dlq_suffix.to_string(),
+    };
+    create_missing(kafka, &crate::topics::wanted(&layout)).await.map(|_| ())
+}
+
+/// Creates the topics of `wanted` that do not exist yet and waits until every partition of each
+/// has a leader; returns how many it created.
+pub(crate) async fn create_missing(kafka: &KafkaConfig, wanted: &[WantedTopic]) -> Result<usize> {
+    let admin = crate::topics::admin(kafka)?;
+    let new: Vec<NewTopic<'_>> = wanted
+        .iter()
+        .map(|t| {
+            let topic = NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(t.replication_factor));
+            t.configs.iter().fold(topic, |topic, (k, v)| topic.set(k, v))
+        })
+        .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = admin.create_topics(&new, &opts).await.map_err(OutboxError::KafkaConfig)?;
-    for result in results {
+    let mut created = 0;
+    for result in admin.create_topics(&new, &opts).await.map_err(OutboxError::KafkaConfig)? {
         match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Ok(_) => created += 1,
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
                 return Err(OutboxError::KafkaConfig(rdkafka::error::KafkaError::AdminOp(code)))
                     .inspect_err(|_| tracing::error!(%topic, ?code, "Cannot create topic."));
             }
         }
     }
-    let wanted: Vec<(String, i32)> = topics.iter().map(|(name, p)| (name.to_string(), *p)).collect();
+    let wanted: Vec<(String, i32)> = wanted.iter().map(|t| (t.name.clone(), t.partitions)).collect();
     tokio::task::spawn_blocking(move || wait_for_leaders(&admin, &wanted))
         .await
-        .map_err(|e| OutboxError::TopicsNotReady(format!("the wait for leaders panicked: {e}")))?
+        .map_err(|e| OutboxError::TopicsNotReady(format!("the wait for leaders panicked: {e}")))??;
+    Ok(created)
 }
 
 /// The high watermark of `topic` [`partition`]. A partition whose leader was just elected (a
@@ -100,21 +140,6 @@ fn wait_for_leaders(admin: &AdminClient<DefaultClientContext>, topics: &[(String
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Creates every topic of the catalogue (behind `names`' prefix) with `partitions`, and the
-/// dead-letter topic of each (`<topic><dlq_suffix>`, one partition), those that do not exist yet.
-pub async fn ensure_catalogue_topics(
-    kafka: &KafkaConfig,
-    names: &trialflow_schemas::topics::TopicNames,
-    partitions: i32,
-    dlq_suffix: &str,
-) -> Result<()> {
-    let topics = names.all();
-    let mut wanted: Vec<(String, i32)> = topics.iter().map(|t| (t.clone(), partitions)).collect();
-    wanted.extend(topics.iter().map(|t| (format!("{t}{dlq_suffix}"), 1)));
-    let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
-    ensure_topics(kafka, &refs).await
 }
 
 /// The headers of a received message (a null value reads as empty), and how many could not be

@@ -19,6 +19,7 @@ pub mod retry;
 pub mod schema;
 pub mod shard;
 pub mod store;
+pub mod topics;
 pub mod trace;
 pub mod writer;
 

@@ -101,6 +101,70 @@ pub const ALL: &[&str] = &[
     NOTIFICATIONS,
 ];
 
+/// How long a topic keeps its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// Kept for ever (a compacted topic keeps the latest message of each key).
+    Forever,
+    /// Deleted after this many days.
+    Days(u32),
+}
+
+impl Retention {
+    /// Kafka's `retention.ms` for it (`-1`: for ever).
+    pub fn retention_ms(self) -> i64 {
+        match self {
+            Retention::Forever => -1,
+            Retention::Days(days) => i64::from(days) * 24 * 60 * 60 * 1000,
+        }
+    }
+}
+
+/// A catalogue topic's retention and clean-up: its row of the topic table in schemas/README.md
+/// (checked against it by a test). Dead-letter topics keep their messages at least a year and
+/// are never compacted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicPolicy {
+    pub topic: &'static str,
+    pub retention: Retention,
+    /// `cleanup.policy=compact` (the latest message of each key stays), else `delete`.
+    pub compacted: bool,
+}
+
+const YEAR: Retention = Retention::Days(365);
+
+/// The policy of every catalogue topic, in [`ALL`]'s order.
+pub const POLICIES: &[TopicPolicy] = &[
+    TopicPolicy { topic: STUDY_CONFIGURATION, retention: Retention::Forever, compacted: true },
+    TopicPolicy { topic: SUBJECT_LIFECYCLE, retention: YEAR, compacted: false },
+    TopicPolicy { topic: RANDOMIZATION_LISTS, retention: YEAR, compacted: false },
+    TopicPolicy { topic: TREATMENT_ASSIGNMENTS, retention: YEAR, compacted: false },
+    TopicPolicy { topic: KIT_INVENTORY, retention: YEAR, compacted: false },
+    TopicPolicy { topic: KIT_ALLOCATIONS, retention: YEAR, compacted: false },
+    TopicPolicy { topic: EPRO_SUBMISSIONS, retention: Retention::Days(30), compacted: false },
+    TopicPolicy { topic: EPRO_RESPONSES, retention: YEAR, compacted: false },
+    TopicPolicy { topic: CLINICAL_OBSERVATIONS, retention: YEAR, compacted: false },
+    TopicPolicy { topic: ADVERSE_EVENTS, retention: YEAR, compacted: false },
+    TopicPolicy { topic: ALERTS, retention: YEAR, compacted: false },
+    TopicPolicy { topic: NOTIFICATIONS, retention: Retention::Days(90), compacted: false },
+];
+
+/// The policy of catalogue topic `topic`; `None` for a name outside the catalogue.
+pub fn policy(topic: &str) -> Option<&'static TopicPolicy> {
+    POLICIES.iter().find(|p| p.topic == topic)
+}
+
+/// The policy of the dead-letter topic of `policy`'s topic: at least a year, never compacted (a
+/// dead letter's key is the original's, and two letters of one key must both stay).
+pub fn dead_letter_policy(policy: &TopicPolicy) -> TopicPolicy {
+    let retention = match policy.retention {
+        Retention::Days(days) if days >= 365 => Retention::Days(days),
+        Retention::Days(_) => YEAR,
+        Retention::Forever => Retention::Forever,
+    };
+    TopicPolicy { topic: policy.topic, retention, compacted: false }
+}
+
 /// Topic names as deployed: the catalogue names above behind an optional prefix (`TOPIC_PREFIX`), so
 /// several environments or test runs can share one cluster without seeing each other.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -53,6 +53,9 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Replay a public trial data set through every component (in this process) and report.
     Replay(demo::ReplayCommand),
+    /// The pipeline's topics as code: `plan` shows what differs on the cluster, `apply` makes it so.
+    #[command(subcommand)]
+    Topics(crate::topics::TopicsCommand),
     /// Inspect and replay dead letters.
     #[command(subcommand)]
     Dlq(crate::dlq::DlqCommand),
@@ -272,6 +275,7 @@ pub async fn run(mut cli: Cli, shutdown: tokio_util::sync::CancellationToken) ->
         Command::Services(args) => crate::services::print(&args),
         Command::Demo(args) => demo::run(args, shutdown).await,
         Command::Replay(command) => demo::replay(command, shutdown).await,
+        Command::Topics(command) => crate::topics::run(command).await,
         Command::Dlq(command) => crate::dlq::run(command).await,
         Command::Outbox(command) => crate::quarantine::run(command).await,
         Command::Load(args) => trialflow_simulation::load::run(args, shutdown).await,

@@ -7,3 +7,4 @@ pub mod dlq;
 pub mod quarantine;
 pub mod services;
 pub mod telemetry;
+pub mod topics;
