@@ -177,52 +177,89 @@ async fn relay_group(
     let raw = raw_produce(args, kafka, &topic, &payload).await?;
     bench("raw_produce_throughput", raw, "events/s");
 
-    // Relay throughput: drain a pre-filled outbox.
-    let schema = SchemaName::from_str(&format!("bench_tp_{run}"))?;
+    for exactly_once in [false, true] {
+        relay_mode(args, kafka, pool, metrics, run, &topic, &payload, raw, exactly_once).await?;
+    }
+    Ok(())
+}
+
+/// The relay's throughput (draining a pre-filled outbox) and commit-to-ack latency (at a steady
+/// rate), in the default mode (`relay_*`) or the exactly-once mode (`relay_eos_*`, where the ack
+/// is the transaction's commit: the moment read_committed readers see the row).
+#[allow(clippy::too_many_arguments)]
+async fn relay_mode(
+    args: &Args,
+    kafka: &KafkaConfig,
+    pool: &PgPool,
+    metrics: &PrometheusHandle,
+    run: &str,
+    topic: &str,
+    payload: &[u8],
+    raw: f64,
+    exactly_once: bool,
+) -> anyhow::Result<()> {
+    let (mode, name) = if exactly_once { ("eos_", "exactly-once relay") } else { ("", "relay") };
+    let mut state_topic = None;
+    if exactly_once {
+        let name = format!("bench.relay-state.{run}");
+        trialflow_outbox::kafka::ensure_topics(kafka, &[(&name, 1)]).await?;
+        state_topic = Some(name);
+    }
+    let config = |schema: &SchemaName| {
+        let mut config = relay_config(args, kafka, schema);
+        config.exactly_once = exactly_once;
+        if let Some(topic) = &state_topic {
+            config.state_topic = topic.clone();
+        }
+        config
+    };
+    let schema = SchemaName::from_str(&format!("bench_{mode}tp_{run}"))?;
     trialflow_outbox::migrate(&args.database_url, &schema).await?;
     let outbox = Outbox::open(pool, schema.clone()).await?;
     progress(&format!("pre-filling the outbox of {schema} with {} rows", args.events));
     let started = Instant::now();
     for chunk_start in (0..args.events).step_by(1000) {
         let events: Vec<OutboxEvent> = (chunk_start..(chunk_start + 1000).min(args.events))
-            .map(|i| event(&topic, i, args, &payload))
+            .map(|i| event(topic, i, args, payload))
             .collect();
         let mut tx = pool.begin().await?;
         outbox.enqueue_all(&mut tx, &events).await?;
         tx.commit().await?;
     }
-    bench("outbox_enqueue_throughput", args.events as f64 / started.elapsed().as_secs_f64(), "events/s");
+    if !exactly_once {
+        bench("outbox_enqueue_throughput", args.events as f64 / started.elapsed().as_secs_f64(), "events/s");
+    }
 
-    progress("relay draining the outbox");
+    progress(&format!("{name} draining the outbox"));
     let stop = CancellationToken::new();
-    let relay = tokio::spawn(trialflow_outbox::relay::run(relay_config(args, kafka, &schema), stop.clone()));
+    let relay = tokio::spawn(trialflow_outbox::relay::run(config(&schema), stop.clone()));
     let started = Instant::now();
     wait_empty(pool, &schema, Duration::from_secs(600)).await?;
     let relay_rate = args.events as f64 / started.elapsed().as_secs_f64();
     stop.cancel();
     relay.await??;
-    bench("relay_throughput", relay_rate, "events/s");
-    bench("relay_vs_raw_produce", 100.0 * relay_rate / raw, "%");
-    // Dropped now so that autovacuum of its 200,000 dead rows does not run during the latency run.
+    bench(&format!("relay_{mode}throughput"), relay_rate, "events/s");
+    bench(&format!("relay_{mode}vs_raw_produce"), 100.0 * relay_rate / raw, "%");
+    // Dropped now so that autovacuum of its dead rows does not run during the latency run.
     sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(pool).await?;
 
     // Latency: commit to broker acknowledgement at a steady rate.
-    let schema = SchemaName::from_str(&format!("bench_lat_{run}"))?;
+    let schema = SchemaName::from_str(&format!("bench_{mode}lat_{run}"))?;
     trialflow_outbox::migrate(&args.database_url, &schema).await?;
     let outbox = Outbox::open(pool, schema.clone()).await?;
     let stop = CancellationToken::new();
-    let relay = tokio::spawn(trialflow_outbox::relay::run(relay_config(args, kafka, &schema), stop.clone()));
+    let relay = tokio::spawn(trialflow_outbox::relay::run(config(&schema), stop.clone()));
     progress(&format!(
-        "latency: {} events/s for {} s, one event per transaction",
+        "{name} latency: {} events/s for {} s, one event per transaction",
         args.latency_rate, args.latency_secs
     ));
-    steady_writes(args, pool, &outbox, &topic, &payload).await?;
+    steady_writes(args, pool, &outbox, topic, payload).await?;
     wait_empty(pool, &schema, Duration::from_secs(120)).await?;
     stop.cancel();
     relay.await??;
     let (p50, p99) = quantiles(metrics, schema.as_str())?;
-    bench("relay_commit_to_ack_p50", p50 * 1000.0, "ms");
-    bench("relay_commit_to_ack_p99", p99 * 1000.0, "ms");
+    bench(&format!("relay_{mode}commit_to_ack_p50"), p50 * 1000.0, "ms");
+    bench(&format!("relay_{mode}commit_to_ack_p99"), p99 * 1000.0, "ms");
 
     sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(pool).await?;
     Ok(())

@@ -196,6 +196,45 @@ pub struct RelayConfig {
     /// exponentially from 100 ms with jitter.
     #[arg(long, env = "OUTBOX_MAX_BACKOFF_MS", default_value_t = 30_000)]
     pub max_backoff_ms: u64,
+
+    /// How long a relay's lease session may stay silent (milliseconds) before PostgreSQL ends it
+    /// (`idle_session_timeout`) and its shards go to the other relays: a relay that is paused,
+    /// frozen or cut off stops holding shards after this long. At least 3 × the poll and the
+    /// rebalance intervals; 0 = never (a paused relay keeps its shards until it resumes).
+    #[arg(long, env = "OUTBOX_LEASE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub lease_timeout_ms: u64,
+
+    /// Exactly-once publication: each shard's rows go out in Kafka transactions whose
+    /// transactional id belongs to the shard, so a relay that takes a shard over fences its
+    /// previous owner; `read_committed` readers see every row once. Needs a broker with
+    /// transactions and the state topic (`OUTBOX_STATE_TOPIC`). See the README.
+    #[arg(long, env = "OUTBOX_EXACTLY_ONCE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub exactly_once: bool,
+
+    /// Exactly-once mode: transactional id of a shard = this prefix + `<source>.<shard>`. Every
+    /// deployment sharing a Kafka cluster needs its own (two with the same one fence each other).
+    #[arg(long, env = "OUTBOX_TRANSACTIONAL_ID_PREFIX", default_value = "trialflow-relay.", value_parser = transactional_id_prefix)]
+    pub transactional_id_prefix: String,
+
+    /// Exactly-once mode: the compacted topic where each transaction also records which rows it
+    /// published, so the next owner of a shard deletes rows committed but not yet deleted.
+    #[arg(long, env = "OUTBOX_STATE_TOPIC", default_value = DEFAULT_STATE_TOPIC, value_parser = transactional_id_prefix)]
+    pub state_topic: String,
+}
+
+/// The exactly-once relay's state topic unless `OUTBOX_STATE_TOPIC` names another.
+pub const DEFAULT_STATE_TOPIC: &str = "trialflow.relay-state";
+
+/// A transactional id prefix or a topic name: letters, digits, `.`, `_`, `-`, at most 200
+/// characters (Kafka's topic name limit is 249).
+fn transactional_id_prefix(value: &str) -> Result<String, String> {
+    if let Some(bad) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(format!("{bad:?} is not allowed (letters, digits, `.`, `_`, `-`)"));
+    }
+    if value.is_empty() || value.len() > 200 {
+        return Err(format!("{} characters; 1 to 200", value.len()));
+    }
+    Ok(value.to_string())
 }
 
 impl RelayConfig {
@@ -223,6 +262,23 @@ impl RelayConfig {
 
     pub(crate) fn max_backoff(&self) -> Duration {
         Duration::from_millis(self.max_backoff_ms.max(100))
+    }
+
+    /// The lease timeout, or an error when a healthy relay could not keep its lease (it touches
+    /// its lease session at least every poll and rebalance interval).
+    pub(crate) fn lease_timeout(&self) -> Result<Option<Duration>, String> {
+        if self.lease_timeout_ms == 0 {
+            return Ok(None);
+        }
+        let busiest = 3 * self.poll_interval_ms.max(self.rebalance_interval_ms);
+        if self.lease_timeout_ms < busiest {
+            return Err(format!(
+                "OUTBOX_LEASE_TIMEOUT_MS={} is below 3 × the longer of OUTBOX_POLL_INTERVAL_MS and \
+                 OUTBOX_REBALANCE_INTERVAL_MS ({busiest}): healthy relays would lose their shards",
+                self.lease_timeout_ms
+            ));
+        }
+        Ok(Some(Duration::from_millis(self.lease_timeout_ms)))
     }
 }
 

@@ -64,6 +64,19 @@ pub enum OutboxError {
     )]
     NotQuarantined { schema: String, seq: i64 },
 
+    /// A Kafka transaction of the exactly-once relay failed: fenced by a relay that took the
+    /// shard over, timed out, or aborted. Its rows stay in the outbox.
+    #[error("kafka transaction of outbox shard {shard} failed: {source}")]
+    Transaction {
+        shard: i32,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+
+    /// Relay settings that contradict each other.
+    #[error("invalid relay setting: {0}")]
+    Setting(String),
+
     /// A discard without a name or a reason: discarding an event is audited.
     #[error("discarding row {seq} needs who (--by) and why (--reason), both non-empty")]
     DiscardUnaccounted { seq: i64 },
@@ -82,13 +95,16 @@ impl OutboxError {
                     | sqlx::Error::Decode(_)
                     | sqlx::Error::TypeNotFound { .. }
             ),
-            OutboxError::Delivery { .. } | OutboxError::TopicsNotReady(_) => true,
+            OutboxError::Delivery { .. }
+            | OutboxError::TopicsNotReady(_)
+            | OutboxError::Transaction { .. } => true,
             OutboxError::Migrate { .. }
             | OutboxError::TooLarge { .. }
             | OutboxError::InvalidSchemaName(_)
             | OutboxError::NotMigrated(_)
             | OutboxError::ShardCount { .. }
             | OutboxError::KafkaConfig(_)
+            | OutboxError::Setting(_)
             | OutboxError::UnknownSource(_)
             | OutboxError::NotQuarantined { .. }
             | OutboxError::DiscardUnaccounted { .. } => false,

@@ -44,6 +44,7 @@ pub async fn ensure_catalogue_topics(
         replication_factor: 1,
         min_insync_replicas: 1,
         dlq_suffix: dlq_suffix.to_string(),
+        state_topic: None,
     };
     create_missing(kafka, &crate::topics::wanted(&layout)).await.map(|_| ())
 }

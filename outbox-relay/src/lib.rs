@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod error;
+pub mod exactly_once;
 pub mod kafka;
 pub mod metrics;
 pub mod migrate;

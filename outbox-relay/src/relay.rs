@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::RelayConfig;
 use crate::error::{OutboxError, Result};
+use crate::exactly_once::Transactions;
 use crate::metrics as m;
 use crate::migrate::shard_count;
 use crate::publisher::{self, Fault, SendError};
@@ -54,8 +55,17 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<()>
     if config.sources.is_empty() {
         return Err(OutboxError::InvalidSchemaName(String::new()));
     }
+    let lease_timeout = config.lease_timeout().map_err(OutboxError::Setting)?;
+    if config.exactly_once {
+        crate::exactly_once::check_state_topic(&config).await?;
+    }
     let config = Arc::new(config);
     let connect_options = config.database.connect_options()?.application_name(APPLICATION_NAME);
+    // The lease sessions alone: PostgreSQL ends one that stays silent, which frees its shards.
+    let lease_options = match lease_timeout {
+        Some(timeout) => connect_options.clone().options([("idle_session_timeout", timeout.as_millis())]),
+        None => connect_options.clone(),
+    };
     // Lazy: a database that is down at start is retried like one that goes down later.
     let pool = PgPoolOptions::new()
         .max_connections(2 * config.sources.len() as u32 + 2)
@@ -69,7 +79,7 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<()>
     tasks.spawn(listen(pool.clone(), wakers.clone(), shutdown.clone()));
     for source in &config.sources {
         let worker = SourceRelay {
-            connect_options: connect_options.clone(),
+            lease_options: lease_options.clone(),
             store: Store::new(source),
             source: source.clone(),
             config: config.clone(),
@@ -190,17 +200,17 @@ struct InFlight {
 }
 
 /// A row handed to the producer: what the relay needs to know about it once its delivery ends.
-struct Sent {
-    seq: i64,
-    key: String,
-    topic: String,
-    created_at: DateTime<Utc>,
+pub(crate) struct Sent {
+    pub(crate) seq: i64,
+    pub(crate) key: String,
+    pub(crate) topic: String,
+    pub(crate) created_at: DateTime<Utc>,
 }
 
 /// A row the broker refuses for good, on its way to the quarantine.
-struct Refused {
-    row: Sent,
-    error: KafkaError,
+pub(crate) struct Refused {
+    pub(crate) row: Sent,
+    pub(crate) error: KafkaError,
 }
 
 /// The outcome of a batch, row by row: acknowledged rows and rows refused for good, in order, up
@@ -246,7 +256,8 @@ async fn await_acks(rows: Vec<(Sent, DeliveryFuture)>, commit_to_ack: metrics::H
 
 struct SourceRelay {
     source: SchemaName,
-    connect_options: PgConnectOptions,
+    /// How the lease session connects (see `OUTBOX_LEASE_TIMEOUT_MS`).
+    lease_options: PgConnectOptions,
     store: Store,
     config: Arc<RelayConfig>,
     pool: PgPool,
@@ -282,9 +293,11 @@ impl SourceRelay {
     /// One lease session: owns shards and publishes until shutdown (Ok) or a failure (Err). The
     /// lease connection is closed on return, which releases every shard.
     async fn session(&self, failures: &mut u32) -> Result<()> {
-        let mut lease = ShardLease::connect(&self.connect_options, &self.source).await?;
+        let mut lease = ShardLease::connect(&self.lease_options, &self.source).await?;
         let mut in_flight = Pipeline::default();
-        let result = self.publish_loop(&mut lease, &mut in_flight, failures).await;
+        let mut transactions =
+            self.config.exactly_once.then(|| Transactions::new(self.config.clone(), self.source.clone()));
+        let result = self.publish_loop(&mut lease, &mut in_flight, &mut transactions, failures).await;
         // On failure, whatever is still in flight is abandoned: those rows stay in the outbox and
         // are read again. librdkafka delivers queued messages in order, so a re-send can only
         // duplicate, never overtake.
@@ -297,6 +310,7 @@ impl SourceRelay {
         &self,
         lease: &mut ShardLease,
         in_flight: &mut Pipeline,
+        transactions: &mut Option<Transactions>,
         failures: &mut u32,
     ) -> Result<()> {
         let max_in_flight = self.config.max_in_flight_batches as usize;
@@ -315,6 +329,9 @@ impl SourceRelay {
                 let before = lease.owned();
                 let shards = shard_count(lease.conn(), &self.source).await?;
                 lease.rebalance(shards).await?;
+                if let Some(transactions) = transactions.as_mut() {
+                    transactions.adopt(&lease.owned(), &self.store, &self.pool).await?;
+                }
                 metrics::gauge!(m::OWNED_SHARDS, "source" => self.source.to_string())
                     .set(lease.owned().len() as f64);
                 debug!(source = %self.source, owned = ?lease.owned(), "Shard lease rebalanced.");
@@ -368,6 +385,14 @@ impl SourceRelay {
             };
             recheck = None;
             cursor = Some(Cursor::after(last));
+            if let Some(transactions) = transactions.as_ref() {
+                if self.publish_transactions(transactions, rows).await? {
+                    // A shard's transaction was aborted: its other rows are behind the cursor.
+                    cursor = None;
+                }
+                *failures = 0;
+                continue;
+            }
             let batch = self.send_batch(rows, in_flight).await?;
             in_flight.batches.push_back(batch);
             while in_flight.batches.len() >= max_in_flight {
@@ -420,6 +445,29 @@ impl SourceRelay {
         let commit_to_ack =
             metrics::histogram!(m::COMMIT_TO_ACK_SECONDS, "source" => self.source.to_string());
         Ok(InFlight { started, acks: tokio::spawn(await_acks(deliveries, commit_to_ack)) })
+    }
+
+    /// Exactly-once mode: publishes `rows` in one transaction per shard, quarantines the rows
+    /// refused for good and deletes the committed ones before the shards' next transactions.
+    /// Returns whether a transaction was aborted (its other rows must be read again).
+    async fn publish_transactions(&self, transactions: &Transactions, rows: Vec<OutboxRow>) -> Result<bool> {
+        let labels = [("source", self.source.to_string())];
+        let started = Instant::now();
+        let created: HashMap<i64, DateTime<Utc>> = rows.iter().map(|r| (r.seq, r.created_at)).collect();
+        let outcome = transactions.publish(rows).await?;
+        // Committed: visible to read_committed readers from now on.
+        let now = Utc::now();
+        self.quarantine(outcome.refused).await?;
+        self.store.delete(&self.pool, &outcome.committed).await?;
+        let commit_to_ack = metrics::histogram!(m::COMMIT_TO_ACK_SECONDS, &labels);
+        for seq in &outcome.committed {
+            if let Some(at) = created.get(seq) {
+                commit_to_ack.record((now - *at).to_std().unwrap_or_default().as_secs_f64());
+            }
+        }
+        metrics::counter!(m::PUBLISHED_TOTAL, &labels).increment(outcome.committed.len() as u64);
+        metrics::histogram!(m::BATCH_DURATION_SECONDS, &labels).record(started.elapsed().as_secs_f64());
+        Ok(outcome.aborted)
     }
 
     /// Completes every batch and waits for every delete.

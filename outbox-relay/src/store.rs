@@ -17,6 +17,8 @@ pub struct OutboxRow {
     /// The writing transaction's id (xid8) as text; compared in SQL only, never as text.
     #[sqlx(rename = "tx_id_text")]
     pub tx_id: String,
+    /// The shard of its key.
+    pub shard: i32,
     pub topic: String,
     pub key: String,
     pub event_id: Uuid,
@@ -89,7 +91,7 @@ impl Store {
         // The relay's read, in commit-safe order, with `condition` added to its filter.
         let read = |condition: &str| {
             format!(
-                "SELECT seq, tx_id::text AS tx_id_text, topic, key, event_id, event_type, content_type,
+                "SELECT seq, tx_id::text AS tx_id_text, shard, topic, key, event_id, event_type, content_type,
                         payload, headers, traceparent, created_at, key_bytes, raw_header_names,
                         raw_header_values
                  FROM {schema}.outbox
@@ -171,12 +173,13 @@ impl Store {
             .await?)
     }
 
-    /// Deletes rows the broker acknowledged.
-    pub async fn delete(&self, pool: &PgPool, seqs: &[i64]) -> Result<()> {
-        if !seqs.is_empty() {
-            sqlx::query(AssertSqlSafe(self.delete_sql.as_str())).bind(seqs).execute(pool).await?;
+    /// Deletes rows the broker acknowledged; returns how many were still there.
+    pub async fn delete(&self, pool: &PgPool, seqs: &[i64]) -> Result<u64> {
+        if seqs.is_empty() {
+            return Ok(0);
         }
-        Ok(())
+        let done = sqlx::query(AssertSqlSafe(self.delete_sql.as_str())).bind(seqs).execute(pool).await?;
+        Ok(done.rows_affected())
     }
 
     /// Moves rows the broker refuses for good to the quarantine, each with its error. Returns

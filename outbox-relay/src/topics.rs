@@ -1,7 +1,7 @@
 //! Topics as code. [`wanted`] derives every topic the pipeline needs from the catalogue
 //! ([`trialflow_schemas::topics`]): each catalogue topic behind the deployment's prefix and its
 //! dead-letter topic, with partitions, replication factor, `min.insync.replicas`, retention and
-//! clean-up. [`plan`] compares them with a live cluster; [`apply`] makes the cluster so,
+//! clean-up, and the exactly-once relay's state topic. [`plan`] compares them with a live cluster; [`apply`] makes the cluster so,
 //! idempotently. `trialflow topics plan|apply` runs them; the pipeline's own topic creation
 //! ([`crate::kafka::ensure_catalogue_topics`]) creates the same topics.
 //!
@@ -40,6 +40,8 @@ pub struct TopicLayout {
     pub min_insync_replicas: i32,
     /// Dead-letter topic = topic + this suffix (the consumers' `CONSUMER_DLQ_SUFFIX`).
     pub dlq_suffix: String,
+    /// The exactly-once relay's state topic (`OUTBOX_STATE_TOPIC`), when it is wanted.
+    pub state_topic: Option<String>,
 }
 
 /// One topic as the pipeline wants it.
@@ -85,7 +87,12 @@ pub fn wanted(layout: &TopicLayout) -> Vec<WantedTopic> {
         let restricted_to = readers(p.topic).map(|_| operators);
         wanted_topic(name, 1, &topics::dead_letter_policy(p), restricted_to, layout)
     });
-    topics.chain(letters).collect()
+    let state = layout.state_topic.iter().map(|name| {
+        // Its markers: one per key stays for ever (compaction), the rest goes.
+        let policy = TopicPolicy { topic: "", retention: topics::Retention::Forever, compacted: true };
+        wanted_topic(name.clone(), 1, &policy, None, layout)
+    });
+    topics.chain(letters).chain(state).collect()
 }
 
 /// What `apply` would do to one topic, or what it leaves to an operator.

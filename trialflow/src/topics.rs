@@ -40,6 +40,11 @@ pub struct TopicsArgs {
     /// Dead-letter topic = topic + this suffix (as the consumers' CONSUMER_DLQ_SUFFIX).
     #[arg(long, env = "CONSUMER_DLQ_SUFFIX", default_value = trialflow_schemas::topics::DLQ_SUFFIX, value_parser = topic_prefix)]
     pub dlq_suffix: String,
+
+    /// The exactly-once relay's state topic (as the relay's OUTBOX_STATE_TOPIC): one partition,
+    /// compacted.
+    #[arg(long, env = "OUTBOX_STATE_TOPIC", default_value = trialflow_outbox::config::DEFAULT_STATE_TOPIC, value_parser = topic_prefix)]
+    pub state_topic: String,
 }
 
 /// A topic prefix or suffix: the characters Kafka allows in a topic name, and short enough to
@@ -70,6 +75,7 @@ impl TopicsArgs {
             replication_factor: self.replication_factor,
             min_insync_replicas,
             dlq_suffix: self.dlq_suffix.clone(),
+            state_topic: Some(self.state_topic.clone()),
         })
     }
 }

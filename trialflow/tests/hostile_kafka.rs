@@ -10,6 +10,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{AssertSqlSafe, PgPool};
@@ -174,6 +175,12 @@ fn corpus(sample: &[u8], n: usize) -> anyhow::Result<Vec<Hostile>> {
     Ok(out)
 }
 
+/// Whether `topic` (behind any prefix) is compacted: `cleanup.policy=compact` as the pipeline
+/// creates it.
+fn is_compacted(topic: &str) -> bool {
+    trialflow_schemas::topics::POLICIES.iter().any(|p| p.compacted && topic.ends_with(p.topic))
+}
+
 /// Sends the corpus to every partition of every topic; returns what landed where.
 async fn send_round(
     producer: &FutureProducer,
@@ -198,7 +205,17 @@ async fn send_round(
                 if let Some(payload) = &h.payload {
                     record = record.payload(payload.as_slice());
                 }
-                let delivery = producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
+                let delivery = match producer.send(record, Duration::from_secs(30)).await {
+                    Ok(delivery) => delivery,
+                    // The broker itself refuses a keyless record on a compacted topic (the study
+                    // configuration): no consumer can ever see it.
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::InvalidRecord), _))
+                        if h.key.is_none() && is_compacted(topic) =>
+                    {
+                        continue;
+                    }
+                    Err((e, _)) => return Err(e.into()),
+                };
                 sent.push(Sent {
                     topic: topic.clone(),
                     partition: delivery.partition,

@@ -31,8 +31,11 @@ fn args(extra: &[&str]) -> Result<TopicsArgs, clap::Error> {
     }
 }
 
+/// Every catalogue topic, its dead-letter topic, and the relay's state topic.
+const TOPICS: usize = 2 * catalogue::ALL.len() + 1;
+
 fn layout(prefix: &str) -> TopicLayout {
-    args(&["--topic-prefix", prefix, "--partitions", "3"])
+    args(&["--topic-prefix", prefix, "--partitions", "3", "--state-topic", &format!("{prefix}relay-state")])
         .expect("valid arguments")
         .layout()
         .expect("a layout")
@@ -74,7 +77,7 @@ async fn apply_creates_every_topic_once_and_restores_what_was_changed_by_hand() 
     let kafka = kafka();
 
     let plan = topics::plan(&kafka, &layout).await?;
-    assert_eq!(creates(&plan).len(), 2 * catalogue::ALL.len(), "{plan}");
+    assert_eq!(creates(&plan).len(), TOPICS, "{plan}");
     assert!(plan.up_to_date.is_empty(), "{plan}");
     let study = layout.names.name(catalogue::STUDY_CONFIGURATION);
     let submissions = layout.names.name(catalogue::EPRO_SUBMISSIONS);
@@ -97,19 +100,21 @@ async fn apply_creates_every_topic_once_and_restores_what_was_changed_by_hand() 
     assert!(
         shown.ends_with(&format!(
             "0 up to date, {} to create, 0 to configure, 0 difference(s) left to an operator",
-            2 * catalogue::ALL.len()
+            TOPICS
         )),
         "{shown}"
     );
 
     let applied = topics::apply(&kafka, &plan).await?;
-    assert_eq!(applied.created, 2 * catalogue::ALL.len());
+    assert_eq!(applied.created, TOPICS);
     let again = topics::plan(&kafka, &layout).await?;
     assert!(again.is_empty() && again.changes.is_empty(), "a second plan after apply: {again}");
-    assert_eq!(again.up_to_date.len(), 2 * catalogue::ALL.len());
+    assert_eq!(again.up_to_date.len(), TOPICS);
     assert_eq!(topics::apply(&kafka, &again).await?, topics::Applied::default(), "apply is idempotent");
 
     assert_eq!(own_settings(&study).await.get("cleanup.policy").map(String::as_str), Some("compact"));
+    let state = layout.state_topic.clone().expect("the relay's state topic");
+    assert_eq!(own_settings(&state).await.get("cleanup.policy").map(String::as_str), Some("compact"));
     assert_eq!(own_settings(&submissions).await.get("retention.ms").map(String::as_str), Some("2592000000"));
     assert_eq!(
         own_settings(&submission_letters).await.get("retention.ms").map(String::as_str),
