@@ -7,7 +7,7 @@ export DATABASE_URL ?= postgres://postgres@127.0.0.1:55432/trialflow
 export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:19092
 ONLY ?=
 
-.PHONY: help up down status build release migrate demo run relay test browser lint fmt bench interop interop-setup openapi-validator clean
+.PHONY: help up down status build-deps build release migrate demo run relay test browser lint fmt bench interop interop-setup openapi-validator clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,13 +21,16 @@ down: ## Stop the local stack
 status: ## Show whether the local stack runs
 	@scripts/stack.sh status
 
-build: ## Build everything (debug)
+build-deps: ## Install what building needs besides Rust (pkg-config, OpenSSL's development files; Debian packages) where missing
+	@scripts/build-deps.sh
+
+build: build-deps ## Build everything (debug)
 	$(CARGO) build --workspace --all-targets
 
-migrate: up ## Create or upgrade every service schema
+migrate: up build-deps ## Create or upgrade every service schema
 	$(CARGO) run -q -p trialflow -- migrate
 
-release: ## Build the release binary (several minutes the first time; cargo shows its progress)
+release: build-deps ## Build the release binary (several minutes the first time; cargo shows its progress)
 	@echo "[release] building target/release/trialflow (several minutes on a first build)"
 	$(CARGO) build --release -p trialflow
 
@@ -46,14 +49,14 @@ test: lint up browser interop-setup openapi-validator ## fmt-check, clippy -D wa
 browser: ## Install headless Chromium and chromedriver (Debian packages) for the inbox page test
 	@scripts/chromium.sh >/dev/null
 
-lint: ## cargo fmt --check and clippy with warnings as errors
+lint: build-deps ## cargo fmt --check and clippy with warnings as errors
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
-bench: up ## Benchmarks with their raw baselines (`make bench ONLY=relay|consumer|epro|alerts|load` for one group)
+bench: up build-deps ## Benchmarks with their raw baselines (`make bench ONLY=relay|consumer|epro|alerts|load` for one group)
 	$(CARGO) run -q --release -p trialflow-bench -- $(if $(ONLY),--only $(ONLY),)
 
 openapi-validator: ## Install openapi-spec-validator (pinned, PyPI) into .tools/ for the OpenAPI test
@@ -62,7 +65,7 @@ openapi-validator: ## Install openapi-spec-validator (pinned, PyPI) into .tools/
 interop-setup: ## Install the foreign clients' libraries (fastavro, confluent-kafka, Apache Avro and Kafka for Java) into .tools/interop/
 	@interop/setup.sh
 
-interop: up interop-setup ## The foreign-client tests alone: reference fingerprints (Java, fastavro) and Python/Java producers and consumers
+interop: up build-deps interop-setup ## The foreign-client tests alone: reference fingerprints (Java, fastavro) and Python/Java producers and consumers
 	$(CARGO) test -p trialflow-schemas --test reference_fingerprints
 	$(CARGO) test -p trialflow --test interop
 

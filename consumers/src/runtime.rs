@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message as _;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio::sync::{Notify, mpsc};
@@ -141,21 +141,17 @@ fn create_consumer(
     workers: Arc<Mutex<HashMap<Key, WorkerHandle>>>,
     assigned: mpsc::UnboundedSender<(Key, PartitionQueue)>,
 ) -> Result<StreamConsumer<RebalanceContext>, ConsumerError> {
-    let mut client = ClientConfig::new();
-    client
-        .set("bootstrap.servers", &config.kafka.bootstrap_servers)
-        .set("group.id", config.group_id.clone().unwrap_or_else(|| spec.name.clone()))
-        .set("client.id", format!("trialflow-{}", spec.name))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", config.session_timeout_ms.to_string())
-        .set("heartbeat.interval.ms", config.heartbeat_interval_ms.to_string())
-        .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", config.fetch_wait_ms.to_string());
-    for (k, v) in &config.kafka.producer_config {
-        client.set(k, v);
-    }
+    let client = config.kafka.consumer(&format!("trialflow-{}", spec.name), |client| {
+        client
+            .set("group.id", config.group_id.clone().unwrap_or_else(|| spec.name.clone()))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", config.session_timeout_ms.to_string())
+            .set("heartbeat.interval.ms", config.heartbeat_interval_ms.to_string())
+            .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", config.fetch_wait_ms.to_string());
+    });
     let context = RebalanceContext {
         workers,
         consumer: std::sync::OnceLock::new(),

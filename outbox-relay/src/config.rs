@@ -15,6 +15,7 @@ use std::time::Duration;
 use clap::builder::TypedValueParser;
 use clap::error::ErrorKind;
 use clap::{Arg, Args, Command, FromArgMatches};
+use rdkafka::ClientConfig;
 use sqlx::postgres::PgConnectOptions;
 
 use crate::error::Result;
@@ -113,8 +114,20 @@ impl DatabaseConfig {
     }
 }
 
-/// How to reach and produce to Kafka.
-#[derive(Debug, Clone, Args)]
+/// How to reach Kafka, and the librdkafka settings of each kind of client. Which settings reach
+/// which client is decided here, and only here ([`client`](Self::client),
+/// [`producer`](Self::producer), [`consumer`](Self::consumer)):
+///
+/// | client | `KAFKA_CONFIG` | `KAFKA_PRODUCER_CONFIG` | `KAFKA_CONSUMER_CONFIG` |
+/// |---|---|---|---|
+/// | producers (relay, ePRO gateway, EDC simulator, `dlq replay`) | yes | yes | – |
+/// | group consumers (the consumer runtime) | yes | – | yes |
+/// | admin clients, readers (`dlq list`, settle, tests' topic readers) | yes | – | – |
+///
+/// A component's own settings come first and the user's last, so the user's win. Every setting is
+/// checked when the command starts (its key and value must be ones librdkafka accepts), and a
+/// refusal names the variable.
+#[derive(Clone, Args)]
 pub struct KafkaConfig {
     /// Kafka bootstrap servers (comma-separated host:port).
     #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = DEFAULT_KAFKA_BOOTSTRAP_SERVERS)]
@@ -130,10 +143,42 @@ pub struct KafkaConfig {
     #[arg(long, env = "KAFKA_DELIVERY_TIMEOUT_MS", default_value_t = 0)]
     pub delivery_timeout_ms: u64,
 
-    /// Extra librdkafka settings, `key=value` pairs separated by commas (e.g.
-    /// `security.protocol=SASL_SSL,sasl.mechanism=PLAIN,...`).
-    #[arg(long, env = "KAFKA_PRODUCER_CONFIG", value_delimiter = ',', value_parser = parse_key_value)]
-    pub producer_config: Vec<(String, String)>,
+    /// librdkafka settings of every client (producers, consumers, admin clients, readers),
+    /// `key=value` pairs separated by commas: the connection's security
+    /// (`security.protocol=SASL_SSL,sasl.mechanism=SCRAM-SHA-512,sasl.username=...,
+    /// sasl.password=...,ssl.ca.location=...`), `client.rack`, ... A value cannot hold a comma.
+    #[arg(
+        long = "kafka-config",
+        env = "KAFKA_CONFIG",
+        value_delimiter = ',',
+        hide_env_values = true,
+        value_parser = setting(parse_client_setting).blank_refused()
+    )]
+    pub client_settings: Vec<(String, String)>,
+
+    /// librdkafka settings of the producers only (relay, ePRO gateway, EDC simulator, `trialflow
+    /// dlq replay`), `key=value,...`, after `KAFKA_CONFIG`: e.g. `compression.type=lz4`. Before
+    /// `KAFKA_CONSUMER_CONFIG` existed consumers got these too; they no longer do.
+    #[arg(
+        long = "producer-config",
+        env = "KAFKA_PRODUCER_CONFIG",
+        value_delimiter = ',',
+        hide_env_values = true,
+        value_parser = setting(parse_client_setting).blank_refused()
+    )]
+    pub producer_settings: Vec<(String, String)>,
+
+    /// librdkafka settings of the group consumers only (`trialflow consume`, the consumers of
+    /// `run`, `demo` and `replay`), `key=value,...`, after `KAFKA_CONFIG`: e.g.
+    /// `max.poll.interval.ms=600000`.
+    #[arg(
+        long = "consumer-config",
+        env = "KAFKA_CONSUMER_CONFIG",
+        value_delimiter = ',',
+        hide_env_values = true,
+        value_parser = setting(parse_client_setting).blank_refused()
+    )]
+    pub consumer_settings: Vec<(String, String)>,
 }
 
 /// The defaults of every field (the local stack's broker).
@@ -143,9 +188,97 @@ impl Default for KafkaConfig {
     }
 }
 
-fn parse_key_value(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected key=value, got `{s}`"))?;
-    Ok((k.trim().to_string(), v.trim().to_string()))
+/// Values of settings that may be secrets are left out (`sasl.password`, `ssl.key.password`, ...):
+/// a configuration is logged and shown in errors.
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |settings: &[(String, String)]| -> Vec<String> {
+            settings
+                .iter()
+                .map(|(k, v)| if is_secret(k) { format!("{k}=<redacted>") } else { format!("{k}={v}") })
+                .collect()
+        };
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("linger_ms", &self.linger_ms)
+            .field("delivery_timeout_ms", &self.delivery_timeout_ms)
+            .field("client_settings", &redacted(&self.client_settings))
+            .field("producer_settings", &redacted(&self.producer_settings))
+            .field("consumer_settings", &redacted(&self.consumer_settings))
+            .finish()
+    }
+}
+
+/// Whether the value of librdkafka setting `key` may be a secret.
+fn is_secret(key: &str) -> bool {
+    ["password", "secret", "ssl.key.pem", "ssl.keystore", "sasl.oauthbearer.config", "sasl.jaas"]
+        .iter()
+        .any(|part| key.contains(part))
+}
+
+impl KafkaConfig {
+    /// An admin client or a reader (a consumer that assigns itself partitions and commits
+    /// nothing): `bootstrap.servers`, `client.id`, the component's `own` settings, then
+    /// `KAFKA_CONFIG`.
+    pub fn client(&self, client_id: &str, own: impl FnOnce(&mut ClientConfig)) -> ClientConfig {
+        self.build(client_id, own, &[])
+    }
+
+    /// A producer: as [`client`](Self::client), then `KAFKA_PRODUCER_CONFIG`.
+    pub fn producer(&self, client_id: &str, own: impl FnOnce(&mut ClientConfig)) -> ClientConfig {
+        self.build(client_id, own, &self.producer_settings)
+    }
+
+    /// A group consumer: as [`client`](Self::client), then `KAFKA_CONSUMER_CONFIG`.
+    pub fn consumer(&self, client_id: &str, own: impl FnOnce(&mut ClientConfig)) -> ClientConfig {
+        self.build(client_id, own, &self.consumer_settings)
+    }
+
+    /// Whether the user set `key` for a producer (`KAFKA_CONFIG` or `KAFKA_PRODUCER_CONFIG`).
+    pub fn producer_sets(&self, key: &str) -> bool {
+        self.client_settings.iter().chain(&self.producer_settings).any(|(k, _)| k == key)
+    }
+
+    fn build(
+        &self,
+        client_id: &str,
+        own: impl FnOnce(&mut ClientConfig),
+        role: &[(String, String)],
+    ) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap_servers).set("client.id", client_id);
+        own(&mut config);
+        for (key, value) in self.client_settings.iter().chain(role) {
+            config.set(key, value);
+        }
+        config
+    }
+}
+
+/// One `key=value` librdkafka setting of `KAFKA_CONFIG`, `KAFKA_PRODUCER_CONFIG` or
+/// `KAFKA_CONSUMER_CONFIG` (blanks around key and value ignored). Refused: no `=`, an empty key,
+/// a control character anywhere (a NUL would cut the setting short inside librdkafka), and a key
+/// or value librdkafka does not accept (an unknown property, `acks=sometimes`, a protocol this
+/// build lacks): at start, not as a warning once the client runs.
+fn parse_client_setting(s: &str) -> Result<(String, String), String> {
+    if s.chars().any(char::is_control) {
+        return Err("a control character is not allowed in a setting".to_string());
+    }
+    let (key, value) = s
+        .split_once('=')
+        .ok_or_else(|| "expected key=value (settings are separated by commas)".to_string())?;
+    let (key, value) = (key.trim(), value.trim());
+    if key.is_empty() {
+        return Err("the key before `=` is empty".to_string());
+    }
+    let mut probe = ClientConfig::new();
+    probe.set(key, value);
+    probe.create_native_config().map_err(|e| {
+        // librdkafka's reason quotes the value: never a secret in a message.
+        let reason = e.to_string();
+        if is_secret(key) { format!("librdkafka refuses the setting `{key}`") } else { reason }
+    })?;
+    Ok((key.to_string(), value.to_string()))
 }
 
 /// The relay: which outboxes it drains and how.
@@ -559,13 +692,101 @@ mod tests {
     }
 
     #[test]
-    fn producer_settings_parse_as_key_value_pairs() {
-        assert_eq!(parse_key_value(" acks = all "), Ok(("acks".to_string(), "all".to_string())));
-        assert_eq!(
-            parse_key_value("sasl.password=a=b"),
-            Ok(("sasl.password".to_string(), "a=b".to_string()))
-        );
-        assert!(parse_key_value("no-equals-sign").is_err());
+    fn client_settings_parse_as_key_value_pairs() {
+        let pair = |k: &str, v: &str| Ok((k.to_string(), v.to_string()));
+        assert_eq!(parse_client_setting(" acks = all "), pair("acks", "all"));
+        assert_eq!(parse_client_setting("sasl.password=a=b"), pair("sasl.password", "a=b"));
+        assert_eq!(parse_client_setting("client.rack="), pair("client.rack", ""));
+        assert!(parse_client_setting("no-equals-sign").is_err());
+    }
+
+    /// The variables of the Kafka client settings, and hostile values of each.
+    #[test]
+    fn hostile_client_settings_are_refused_naming_their_variable() {
+        #[derive(Debug, Parser)]
+        struct Kafka {
+            #[command(flatten)]
+            kafka: KafkaConfig,
+        }
+        let refusal = |flag: &str, value: &str| {
+            Kafka::try_parse_from(["kafka", flag, value]).err().map(|e| e.to_string()).unwrap_or_default()
+        };
+        for (flag, var) in [
+            ("--kafka-config", "KAFKA_CONFIG"),
+            ("--producer-config", "KAFKA_PRODUCER_CONFIG"),
+            ("--consumer-config", "KAFKA_CONSUMER_CONFIG"),
+        ] {
+            let named = format!("for {var} ({flag})");
+            let cases = [
+                ("acks", "expected key=value"),
+                ("=all", "the key before `=` is empty"),
+                (" =all", "the key before `=` is empty"),
+                ("client.id=a\0b", "control character"),
+                ("client.id=a\u{1b}[2Jb", "control character"),
+                ("linger.ms=5,,acks=all", "expected key=value"),
+                ("no.such.property=1", "No such configuration property"),
+                ("security.protocol=CARRIER_PIGEON", "Invalid value"),
+            ];
+            for (value, reason) in cases {
+                let message = refusal(flag, value);
+                assert!(message.contains(&named), "{value:?}: {message}");
+                assert!(message.contains(reason), "{value:?}: {message}");
+            }
+            let blank = refusal(flag, " ");
+            assert!(blank.contains(&named), "a blank value is refused too: {blank}");
+            // A secret is never shown, neither by clap nor in librdkafka's reason.
+            let secret = refusal(flag, "sasl.password=hunter2\u{7}");
+            assert!(secret.contains(&named) && !secret.contains("hunter2"), "{secret}");
+        }
+        let parsed = Kafka::try_parse_from([
+            "kafka",
+            "--kafka-config",
+            "security.protocol=SASL_PLAINTEXT,sasl.mechanism=SCRAM-SHA-512",
+            "--producer-config",
+            "compression.type=lz4",
+            "--consumer-config",
+            "max.poll.interval.ms=600000",
+        ]);
+        let Ok(Kafka { kafka }) = parsed else { panic!("{parsed:?}") };
+        assert_eq!(kafka.client_settings.len(), 2);
+        assert_eq!(kafka.producer_settings, [("compression.type".to_string(), "lz4".to_string())]);
+        assert_eq!(kafka.consumer_settings.len(), 1);
+    }
+
+    #[test]
+    fn each_client_gets_its_settings_and_the_users_come_last() {
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let kafka = KafkaConfig {
+            client_settings: vec![pair("client.rack", "eu-1"), pair("sasl.password", "hunter2")],
+            producer_settings: vec![pair("linger.ms", "50"), pair("compression.type", "lz4")],
+            consumer_settings: vec![pair("max.poll.interval.ms", "600000")],
+            ..KafkaConfig::default()
+        };
+        let producer = kafka.producer("p", |c| {
+            c.set("linger.ms", "5").set("acks", "all");
+        });
+        assert_eq!(producer.get("client.rack"), Some("eu-1"));
+        assert_eq!(producer.get("linger.ms"), Some("50"), "the user's setting wins over the component's");
+        assert_eq!(producer.get("acks"), Some("all"));
+        assert_eq!(producer.get("max.poll.interval.ms"), None, "no consumer setting in a producer");
+        let consumer = kafka.consumer("c", |c| {
+            c.set("group.id", "g");
+        });
+        assert_eq!(consumer.get("max.poll.interval.ms"), Some("600000"));
+        assert_eq!(consumer.get("linger.ms"), None, "no producer setting in a consumer");
+        assert_eq!(consumer.get("compression.type"), None);
+        let admin = kafka.client("a", |_| {});
+        assert_eq!(admin.get("client.rack"), Some("eu-1"));
+        assert_eq!((admin.get("linger.ms"), admin.get("max.poll.interval.ms")), (None, None));
+        assert_eq!(admin.get("bootstrap.servers"), Some(DEFAULT_KAFKA_BOOTSTRAP_SERVERS));
+        assert_eq!(admin.get("client.id"), Some("a"));
+        for client in [&producer, &consumer, &admin] {
+            assert!(client.create_native_config().is_ok(), "{client:?}");
+        }
+        let shown = format!("{kafka:?}");
+        assert!(!shown.contains("hunter2") && shown.contains("sasl.password=<redacted>"), "{shown}");
+        assert!(kafka.producer_sets("client.rack") && kafka.producer_sets("linger.ms"));
+        assert!(!kafka.producer_sets("max.poll.interval.ms"));
     }
 
     #[test]

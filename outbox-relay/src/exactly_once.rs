@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tracing::{debug, info};
@@ -95,7 +95,7 @@ impl Transactions {
         let mut config =
             publisher::producer_config(kafka, &format!("trialflow-relay-{}-{shard}", self.source));
         config.set("transactional.id", self.transactional_id(shard));
-        if !kafka.producer_config.iter().any(|(key, _)| key == "transaction.timeout.ms") {
+        if !kafka.producer_sets("transaction.timeout.ms") {
             config.set("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS);
         }
         config.create().map_err(OutboxError::KafkaConfig)
@@ -335,16 +335,14 @@ fn missing_state_topic(topic: &str) -> OutboxError {
 
 /// A `read_committed` reader of the state topic.
 fn state_reader(kafka: &crate::config::KafkaConfig) -> Result<BaseConsumer> {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", &kafka.bootstrap_servers)
-        .set("group.id", format!("trialflow-relay-state-{}", uuid::Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("fetch.wait.max.ms", "50");
-    for (k, v) in &kafka.producer_config {
-        config.set(k, v);
-    }
+    let mut config = kafka.client("trialflow-relay-state", |config| {
+        config
+            .set("group.id", format!("trialflow-relay-state-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "50");
+    });
+    // Recovery is only right on committed markers, whatever KAFKA_CONFIG says.
+    config.set("isolation.level", "read_committed");
     config.create().map_err(OutboxError::KafkaConfig)
 }
 

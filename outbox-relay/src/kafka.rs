@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
@@ -239,16 +238,15 @@ impl TopicReader {
     }
 
     fn client(kafka: &KafkaConfig) -> Result<rdkafka::consumer::BaseConsumer> {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", &kafka.bootstrap_servers)
-            .set("group.id", format!("trialflow-reader-{}", uuid::Uuid::new_v4()))
-            .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "50");
-        for (k, v) in &kafka.producer_config {
-            config.set(k, v);
-        }
-        config.create().map_err(OutboxError::KafkaConfig)
+        kafka
+            .client("trialflow-reader", |config| {
+                config
+                    .set("group.id", format!("trialflow-reader-{}", uuid::Uuid::new_v4()))
+                    .set("enable.auto.commit", "false")
+                    .set("fetch.wait.max.ms", "50");
+            })
+            .create()
+            .map_err(OutboxError::KafkaConfig)
     }
 
     /// Reads until no message arrived for `idle` (or `max` passed): everything currently there.

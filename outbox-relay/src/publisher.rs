@@ -25,21 +25,17 @@ pub const MAX_RECORD_BYTES: usize = 2 * 1024 * 1024;
 /// librdkafka settings shared by every trialflow producer: idempotent (no duplicates or reordering
 /// from the producer's own retries) and Java-compatible key partitioning (murmur2), so clients in
 /// other languages find a key on the same partition.
+/// The user's `KAFKA_CONFIG` and `KAFKA_PRODUCER_CONFIG` come on top ([`KafkaConfig::producer`]).
 pub fn producer_config(kafka: &KafkaConfig, client_id: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", &kafka.bootstrap_servers)
-        .set("client.id", client_id)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", kafka.linger_ms.to_string())
-        .set("message.timeout.ms", kafka.delivery_timeout_ms.to_string())
-        .set("message.max.bytes", MAX_RECORD_BYTES.to_string());
-    for (key, value) in &kafka.producer_config {
-        config.set(key, value);
-    }
-    config
+    kafka.producer(client_id, |config| {
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", kafka.linger_ms.to_string())
+            .set("message.timeout.ms", kafka.delivery_timeout_ms.to_string())
+            .set("message.max.bytes", MAX_RECORD_BYTES.to_string());
+    })
 }
 
 /// Builds the idempotent producer the relay publishes with.

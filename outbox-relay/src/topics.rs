@@ -15,7 +15,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ConfigSource, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
@@ -173,12 +172,7 @@ impl fmt::Display for Plan {
 }
 
 pub(crate) fn admin(kafka: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>> {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &kafka.bootstrap_servers);
-    for (k, v) in &kafka.producer_config {
-        config.set(k, v);
-    }
-    config.create().map_err(OutboxError::KafkaConfig)
+    kafka.client("trialflow-admin", |_| {}).create().map_err(OutboxError::KafkaConfig)
 }
 
 const TIMEOUT: Duration = Duration::from_secs(30);

@@ -51,7 +51,7 @@ fn assert_complete_and_ordered(report: &DeliveryReport, expected: u64) {
 fn mock_kafka(cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>) -> KafkaConfig {
     KafkaConfig {
         bootstrap_servers: cluster.bootstrap_servers(),
-        producer_config: vec![("max.in.flight.requests.per.connection".into(), "1".into())],
+        producer_settings: vec![("max.in.flight.requests.per.connection".into(), "1".into())],
         ..KafkaConfig::default()
     }
 }

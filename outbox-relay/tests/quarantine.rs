@@ -104,9 +104,13 @@ fn mock_kafka(
     cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
     extra: &[(&str, &str)],
 ) -> KafkaConfig {
-    let mut producer_config = vec![("max.in.flight.requests.per.connection".into(), "1".into())];
-    producer_config.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    KafkaConfig { bootstrap_servers: cluster.bootstrap_servers(), producer_config, ..KafkaConfig::default() }
+    let mut producer_settings = vec![("max.in.flight.requests.per.connection".into(), "1".into())];
+    producer_settings.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    KafkaConfig {
+        bootstrap_servers: cluster.bootstrap_servers(),
+        producer_settings,
+        ..KafkaConfig::default()
+    }
 }
 
 /// A record over the producer's `message.max.bytes` (16 000 here) is quarantined; the later rows
@@ -116,7 +120,7 @@ fn mock_kafka(
 async fn oversized_record_is_quarantined_and_its_key_follows_after_retry() -> anyhow::Result<()> {
     let svc = TestService::new(Some(&kafka()), 2).await?;
     let small_limit =
-        KafkaConfig { producer_config: vec![("message.max.bytes".into(), "16000".into())], ..kafka() };
+        KafkaConfig { producer_settings: vec![("message.max.bytes".into(), "16000".into())], ..kafka() };
     put(&svc, &svc.topic, "big", 1, 10).await?;
     put(&svc, &svc.topic, "big", 2, 40_000).await?;
     put(&svc, &svc.topic, "big", 3, 10).await?;
@@ -166,7 +170,7 @@ async fn oversized_record_is_quarantined_and_its_key_follows_after_retry() -> an
 async fn discarded_row_is_audited_and_its_key_flows_on() -> anyhow::Result<()> {
     let svc = TestService::new(Some(&kafka()), 2).await?;
     let small_limit =
-        KafkaConfig { producer_config: vec![("message.max.bytes".into(), "16000".into())], ..kafka() };
+        KafkaConfig { producer_settings: vec![("message.max.bytes".into(), "16000".into())], ..kafka() };
     put(&svc, &svc.topic, "big", 1, 40_000).await?;
     put(&svc, &svc.topic, "big", 2, 10).await?;
     put_others(&svc, &["k1"]).await?;

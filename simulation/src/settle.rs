@@ -137,18 +137,16 @@ pub async fn true_end_offsets(
     .context("the end-offset reader panicked")?
 }
 
+/// A reader's settings (`KAFKA_CONFIG`, not the group consumers' `KAFKA_CONSUMER_CONFIG`): it
+/// assigns itself partitions and commits nothing.
 fn client_config(kafka: &KafkaConfig, group_id: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", &kafka.bootstrap_servers)
-        .set("group.id", group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("fetch.wait.max.ms", "10");
-    for (k, v) in &kafka.producer_config {
-        config.set(k, v);
-    }
-    config
+    kafka.client("trialflow-settle", |config| {
+        config
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("fetch.wait.max.ms", "10");
+    })
 }
 
 /// librdkafka hands every consumer error to the client context too, the end of a partition

@@ -3,7 +3,10 @@
 //!
 //! * [`workload`]: the synthetic service the relay's tests write through the outbox
 //!   ([`TestService`] puts one in a fresh schema).
+//! * [`kafka_cluster`]: a private Apache Kafka cluster of `N` nodes for one test (kill and restart
+//!   nodes, secured listeners), started from the jars `make up` installs.
 
+pub mod kafka_cluster;
 pub mod workload;
 
 use std::future::Future;
@@ -17,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use trialflow_outbox::config::{DEFAULT_DATABASE_URL, DEFAULT_KAFKA_BOOTSTRAP_SERVERS};
 use trialflow_outbox::{DatabaseConfig, KafkaConfig, RelayConfig, SchemaName};
 
+pub use crate::kafka_cluster::{ClusterSpec, KafkaCluster, Listener};
 use crate::workload::Workload;
 
 pub fn database_url() -> String {

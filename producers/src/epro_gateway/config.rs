@@ -111,7 +111,8 @@ pub struct EproGatewayConfig {
     /// Listen address (`EPRO_GATEWAY_LISTEN`; port 0 picks a free port).
     pub listen: SocketAddr,
     /// The broker and producer settings (`KAFKA_BOOTSTRAP_SERVERS`, `KAFKA_LINGER_MS`,
-    /// `KAFKA_PRODUCER_CONFIG`; `KAFKA_DELIVERY_TIMEOUT_MS` is not used: the ack timeout is).
+    /// `KAFKA_CONFIG`, `KAFKA_PRODUCER_CONFIG`; `KAFKA_DELIVERY_TIMEOUT_MS` is not used: the ack
+    /// timeout is).
     pub kafka: KafkaConfig,
     /// Deployed topic names (`TOPIC_PREFIX`).
     pub topics: TopicNames,

@@ -18,7 +18,7 @@ pub enum EproGatewayError {
         source: std::io::Error,
     },
 
-    /// librdkafka refused the producer settings (e.g. a bad `KAFKA_PRODUCER_CONFIG` entry).
+    /// librdkafka refused the producer settings (e.g. a `KAFKA_CONFIG` entry it cannot use).
     #[error("cannot create the Kafka producer: {0}")]
     Producer(#[source] rdkafka::error::KafkaError),
 

@@ -20,7 +20,7 @@ use super::{ACK_SECONDS, RECEIVED_AT_HEADER};
 pub const CLIENT_ID: &str = "trialflow-epro-gateway";
 
 /// The most the producer queues locally (librdkafka `queue.buffering.max.kbytes`) unless
-/// `KAFKA_PRODUCER_CONFIG` says otherwise. Beyond it a submission is answered 503 at once: while
+/// `KAFKA_CONFIG` or `KAFKA_PRODUCER_CONFIG` says otherwise. Beyond it a submission is answered 503 at once: while
 /// the broker is slow or away, the gateway sheds load instead of growing its memory (librdkafka's
 /// own default is 1 GiB).
 pub const MAX_QUEUED_KBYTES: u64 = 64 * 1024;
@@ -35,7 +35,7 @@ const ACK_GRACE: Duration = Duration::from_millis(1_500);
 pub fn producer_config(config: &EproGatewayConfig) -> ClientConfig {
     let mut client = trialflow_outbox::publisher::producer_config(&config.kafka, CLIENT_ID);
     client.set("message.timeout.ms", config.ack_timeout_ms.to_string());
-    if !config.kafka.producer_config.iter().any(|(key, _)| key == "queue.buffering.max.kbytes") {
+    if !config.kafka.producer_sets("queue.buffering.max.kbytes") {
         client.set("queue.buffering.max.kbytes", MAX_QUEUED_KBYTES.to_string());
     }
     client
@@ -172,7 +172,7 @@ mod tests {
         assert_eq!(client.get("queue.buffering.max.kbytes"), Some("65536"));
 
         let mut config = config;
-        config.kafka.producer_config.push(("queue.buffering.max.kbytes".into(), "1024".into()));
+        config.kafka.producer_settings.push(("queue.buffering.max.kbytes".into(), "1024".into()));
         assert_eq!(producer_config(&config).get("queue.buffering.max.kbytes"), Some("1024"));
     }
 
