@@ -56,6 +56,9 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// `read_committed` readers before the broker aborts it, if no relay takes its shard over first.
 const TRANSACTION_TIMEOUT_MS: &str = "10000";
 
+/// `retry.backoff.ms` of the transactional producers unless `KAFKA_PRODUCER_CONFIG` sets it.
+const RETRY_BACKOFF_MS: &str = "5";
+
 /// What a transaction records on the state topic: the seqs of the rows it published.
 #[derive(Debug, Serialize, Deserialize)]
 struct Marker {
@@ -97,6 +100,14 @@ impl Transactions {
         config.set("transactional.id", self.transactional_id(shard));
         if !kafka.producer_sets("transaction.timeout.ms") {
             config.set("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS);
+        }
+        // A transaction that starts right after the previous commit is often told to wait
+        // (CONCURRENT_TRANSACTIONS) while the coordinator writes the commit markers; librdkafka
+        // asks again after `retry.backoff.ms`, 100 ms by default, which would then bound every
+        // shard at about one transaction per 100 ms. (Back-offs still grow exponentially up to
+        // `retry.backoff.max.ms` during an outage.)
+        if !kafka.producer_sets("retry.backoff.ms") {
+            config.set("retry.backoff.ms", RETRY_BACKOFF_MS);
         }
         config.create().map_err(OutboxError::KafkaConfig)
     }
