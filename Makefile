@@ -12,7 +12,7 @@ ONLY ?=
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-up: ## Start the local stack (PostgreSQL, Apache Kafka under .data/; TRIALFLOW_BROKER=tansu for Tansu); idempotent
+up: ## Start the local stack (PostgreSQL, Apache Kafka under .data/); idempotent
 	@scripts/stack.sh up
 
 down: ## Stop the local stack

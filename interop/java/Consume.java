@@ -65,8 +65,8 @@ public class Consume {
     props.put(ConsumerConfig.BOOTSTRAP_SERVERS_CONFIG, args.getOrDefault("--bootstrap-servers", "127.0.0.1:19092"));
     props.put(ConsumerConfig.ENABLE_AUTO_COMMIT_CONFIG, "false");
     props.put(ConsumerConfig.AUTO_OFFSET_RESET_CONFIG, "earliest");
-    // See Produce.java: Tansu 0.6 drops connections that carry the KIP-1242 cluster check.
-    props.put("metadata.cluster.check.enable", args.getOrDefault("--cluster-check", "false"));
+    // INTEROP.md, reading the output topics: committed records only.
+    props.put(ConsumerConfig.ISOLATION_LEVEL_CONFIG, "read_committed");
     ObjectMapper json = new ObjectMapper();
     int seen = 0;
     try (KafkaConsumer<byte[], byte[]> consumer =

@@ -7,8 +7,7 @@
 //
 // Prints one JSON line per acknowledged message (event, topic, key, partition, offset, event_id,
 // submission_id); exits 1 if any message was not acknowledged. Options for tests: --subject S,
-// --new-ids, --only E[,E], --topic-prefix P, --print-hex (as interop/python/produce.py), and
-// --cluster-check true|false (default false, see below).
+// --new-ids, --only E[,E], --topic-prefix P, --print-hex (as interop/python/produce.py).
 
 import com.fasterxml.jackson.databind.JsonNode;
 import com.fasterxml.jackson.databind.ObjectMapper;
@@ -120,9 +119,6 @@ public class Produce {
     props.put(ProducerConfig.ACKS_CONFIG, "all");
     props.put(ProducerConfig.DELIVERY_TIMEOUT_MS_CONFIG, "30000");
     props.put(ProducerConfig.REQUEST_TIMEOUT_MS_CONFIG, "10000");
-    // Kafka clients 4.4+ send the cluster and node id in ApiVersions v5 (KIP-1242); Tansu 0.6,
-    // the local stack's broker, drops such a connection. Against Apache Kafka this can stay on.
-    props.put("metadata.cluster.check.enable", args.getOrDefault("--cluster-check", "false"));
     int failed = 0;
     try (KafkaProducer<String, byte[]> producer =
         new KafkaProducer<>(props, new StringSerializer(), new ByteArraySerializer())) {

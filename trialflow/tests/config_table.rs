@@ -24,7 +24,6 @@ const READ_ELSEWHERE: &[(&str, &str)] = &[
     ("RUST_LOG", "the log filter: tracing_subscriber's EnvFilter (trialflow/src/telemetry.rs)"),
     ("OTEL_EXPORTER_OTLP_ENDPOINT", "trialflow/src/telemetry.rs and the OpenTelemetry exporter"),
     ("TRIALFLOW_PG_PORT", "scripts/stack.sh (`make up`)"),
-    ("TRIALFLOW_BROKER", "scripts/stack.sh (`make up`)"),
     ("TRIALFLOW_KAFKA_CONTROLLER_PORT", "scripts/stack.sh (`make up`)"),
     ("TRIALFLOW_KAFKA_HEAP", "scripts/stack.sh (`make up`)"),
     ("TRIALFLOW_KAFKA_PORT", "scripts/stack.sh (`make up`)"),
