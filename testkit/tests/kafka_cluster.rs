@@ -29,7 +29,9 @@ fn in_sync_replicas(admin: &AdminClient<DefaultClientContext>, topic: &str) -> a
 #[tokio::test]
 async fn three_nodes_keep_acknowledged_writes_across_a_sigkilled_node() -> anyhow::Result<()> {
     trialflow_testkit::init_logs();
+    let started = std::time::Instant::now();
     let mut cluster = KafkaCluster::start(ClusterSpec::nodes(3)).await?;
+    eprintln!("three nodes serving after {:?}", started.elapsed());
     assert_eq!(cluster.node_ids(), [1, 2, 3]);
     let kafka = cluster.kafka_config();
     let admin: AdminClient<DefaultClientContext> =
@@ -53,7 +55,9 @@ async fn three_nodes_keep_acknowledged_writes_across_a_sigkilled_node() -> anyho
     // min.insync.replicas is 2: two nodes of three still take acks=all writes.
     produce(&producer, &topic, "during").await?;
 
+    let restarted = std::time::Instant::now();
     cluster.restart(2).await?;
+    eprintln!("node 2 serving again after {:?}", restarted.elapsed());
     assert!(cluster.is_running(2));
     assert!(cluster.log(2)?.matches("Kafka Server started").count() == 2, "started twice");
     wait_until("the restarted node back in sync", WAIT, || async {
@@ -70,7 +74,9 @@ async fn three_nodes_keep_acknowledged_writes_across_a_sigkilled_node() -> anyho
 
 #[tokio::test]
 async fn a_dropped_cluster_leaves_no_process_and_no_files() -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let cluster = KafkaCluster::start(ClusterSpec::nodes(1)).await?;
+    eprintln!("one node serving after {:?}", started.elapsed());
     let servers = cluster.bootstrap_servers();
     let port: u16 = servers.rsplit(':').next().and_then(|p| p.parse().ok()).expect("host:port");
     let log = cluster.log(1)?;
