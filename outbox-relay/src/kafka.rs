@@ -138,7 +138,8 @@ fn probe(config: &ClientConfig) -> Result<Probe> {
     use rdkafka::producer::{BaseProducer, Producer};
     let watch = ErrorWatch::default();
     let seen = watch.seen.clone();
-    // The FAIL lines are informational: asked for whatever the process's log filter says.
+    // librdkafka logs a closed connection (facility FAIL) at info level, and rdkafka's default
+    // level follows the process's log filter, which may be stricter: asked for explicitly.
     let producer: BaseProducer<ErrorWatch> = config
         .clone()
         .set_log_level(rdkafka::config::RDKafkaLogLevel::Info)
