@@ -37,6 +37,8 @@ pub async fn run<H: Handler>(
     shutdown: CancellationToken,
 ) -> Result<(), ConsumerError> {
     m::describe();
+    trialflow_outbox::kafka::check_connection(&config.kafka, trialflow_outbox::kafka::ClientKind::Consumer)
+        .await?;
     let pool = PgPoolOptions::new()
         .max_connections(8)
         .acquire_timeout(Duration::from_secs(10))

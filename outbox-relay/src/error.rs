@@ -34,6 +34,13 @@ pub enum OutboxError {
     #[error("kafka client configuration: {0}")]
     KafkaConfig(rdkafka::error::KafkaError),
 
+    /// The cluster refused the connection for good: SASL authentication, the TLS handshake, or a
+    /// security protocol the listener does not speak (librdkafka's reason).
+    #[error(
+        "Kafka at {servers} refused the connection: {reason} (check KAFKA_CONFIG: security.protocol, sasl.*, ssl.*)"
+    )]
+    KafkaRefused { servers: String, reason: String },
+
     /// Topics just created still have partitions without a leader after the wait.
     #[error("topics not ready: {0}")]
     TopicsNotReady(String),
@@ -105,6 +112,7 @@ impl OutboxError {
             | OutboxError::ShardCount { .. }
             | OutboxError::KafkaConfig(_)
             | OutboxError::Setting(_)
+            | OutboxError::KafkaRefused { .. }
             | OutboxError::UnknownSource(_)
             | OutboxError::NotQuarantined { .. }
             | OutboxError::DiscardUnaccounted { .. } => false,

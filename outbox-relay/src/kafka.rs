@@ -1,8 +1,10 @@
 //! Topic provisioning, for local runs, tests and benchmarks. In production topics are created by
 //! whoever runs the cluster (see the Helm chart and README).
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
@@ -76,6 +78,167 @@ pub(crate) async fn create_missing(kafka: &KafkaConfig, wanted: &[WantedTopic]) 
         .await
         .map_err(|e| OutboxError::TopicsNotReady(format!("the wait for leaders panicked: {e}")))??;
     Ok(created)
+}
+
+/// Which kind of component [`check_connection`] checks for: a producer's check also applies
+/// `KAFKA_PRODUCER_CONFIG`; a consumer's connects with `KAFKA_CONFIG`, where the connection's
+/// security settings belong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientKind {
+    Producer,
+    Consumer,
+}
+
+/// How long [`check_connection`] waits for the cluster's first answer before it lets the
+/// component start anyway.
+const CHECK_WINDOW: Duration = Duration::from_secs(10);
+
+/// Connects once with the user's settings for a `kind` component and fails when the cluster
+/// refuses them for good: SASL authentication failed (user, password or mechanism), the TLS
+/// handshake failed (a CA that did not sign the broker's certificate, a certificate that does not
+/// name the host), or the listener speaks another security protocol (a plaintext client on a TLS
+/// listener). librdkafka retries such a connection for ever while every delivery and fetch waits,
+/// so a command stops at start instead, with librdkafka's own reason. A cluster that is only down
+/// or unreachable is no error here: the component starts and rides it out like any later outage
+/// (a warning says so). Takes one metadata round trip, at most about [`CHECK_WINDOW`].
+pub async fn check_connection(kafka: &KafkaConfig, kind: ClientKind) -> Result<()> {
+    // A producer probes for either kind: it hands librdkafka's errors to its context with their
+    // reason (a consumer returns only the code from its poll).
+    let config = match kind {
+        ClientKind::Producer => kafka.producer("trialflow-connection-check", |_| {}),
+        ClientKind::Consumer => kafka.client("trialflow-connection-check", |_| {}),
+    };
+    let servers = kafka.bootstrap_servers.clone();
+    let outcome = tokio::task::spawn_blocking(move || probe(&config))
+        .await
+        .map_err(|_| OutboxError::KafkaConfig(rdkafka::error::KafkaError::Canceled))??;
+    match outcome {
+        Probe::Answered => Ok(()),
+        Probe::Refused(reason) => Err(OutboxError::KafkaRefused { servers, reason }),
+        Probe::Unanswered(reason) => {
+            tracing::warn!(
+                servers,
+                reason = reason.as_deref().unwrap_or("no answer"),
+                "Kafka does not answer yet; starting anyway, its clients retry."
+            );
+            Ok(())
+        }
+    }
+}
+
+/// What [`check_connection`] saw.
+enum Probe {
+    Answered,
+    /// A refusal that retrying cannot change, with librdkafka's reason.
+    Refused(String),
+    /// Down or unreachable (the last error, if any).
+    Unanswered(Option<String>),
+}
+
+fn probe(config: &ClientConfig) -> Result<Probe> {
+    use rdkafka::producer::{BaseProducer, Producer};
+    let watch = ErrorWatch::default();
+    let seen = watch.seen.clone();
+    // librdkafka logs a closed connection (facility FAIL) at info level, and rdkafka's default
+    // level follows the process's log filter, which may be stricter: asked for explicitly.
+    let producer: BaseProducer<ErrorWatch> = config
+        .clone()
+        .set_log_level(rdkafka::config::RDKafkaLogLevel::Info)
+        .create_with_context(watch)
+        .map_err(OutboxError::KafkaConfig)?;
+    let started = std::time::Instant::now();
+    let deadline = started + CHECK_WINDOW;
+    loop {
+        let answered = producer.client().fetch_metadata(None, Duration::from_millis(500)).is_ok();
+        // Hands the errors librdkafka queued meanwhile to the context.
+        producer.poll(Duration::ZERO);
+        let seen = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(refusal) = seen.refused {
+            return Ok(Probe::Refused(refusal));
+        }
+        if answered {
+            return Ok(Probe::Answered);
+        }
+        if seen.closed_at_hello >= MISMATCH_EVIDENCE {
+            return Ok(Probe::Refused(format!(
+                "the broker closes every connection at its first request (ApiVersion), as a listener \
+                 that expects another security.protocol does (a plaintext client on a TLS or SASL \
+                 listener); librdkafka: {}",
+                seen.closed_message.unwrap_or_default()
+            )));
+        }
+        // Connections refused (a broker down) end the check at once; connections the broker
+        // accepts and then closes are watched until they say which it is.
+        let refused_only = seen.all_down && seen.closed_at_hello == 0 && started.elapsed() >= DOWN_GRACE;
+        if refused_only || std::time::Instant::now() >= deadline {
+            return Ok(Probe::Unanswered(seen.last));
+        }
+    }
+}
+
+/// Connections closed by the broker at the first request before [`check_connection`] calls it a
+/// protocol mismatch rather than a broker that happened to restart.
+const MISMATCH_EVIDENCE: u32 = 2;
+
+/// How long [`check_connection`] keeps watching after every broker is down, for the log line that
+/// tells a closed connection from a refused one (log lines and error events arrive apart).
+const DOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// The errors librdkafka reported to a probing client.
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    refused: Option<String>,
+    all_down: bool,
+    /// Connections the broker accepted and closed at the first request: what a TLS listener does
+    /// to a plaintext client (librdkafka 2.12 reports it only as a log line, no error event).
+    closed_at_hello: u32,
+    closed_message: Option<String>,
+    last: Option<String>,
+}
+
+#[derive(Default)]
+struct ErrorWatch {
+    seen: Arc<std::sync::Mutex<Seen>>,
+}
+
+impl rdkafka::ClientContext for ErrorWatch {
+    /// The probe's own client logs nothing: what it saw is summed up by [`check_connection`].
+    fn log(&self, _level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        if facility == "FAIL" {
+            self.closed_at_hello(message);
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        let code = error.rdkafka_error_code();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        // librdkafka names a protocol mismatch only in the reason of a transport failure
+        // ("might be caused by incorrect security.protocol configuration (connecting to a SSL
+        // listener?)"); a plain outage is a transport failure too, without that hint.
+        let mismatch = code == Some(RDKafkaErrorCode::BrokerTransportFailure)
+            && (reason.contains("security.protocol") || reason.contains("broker listener?"));
+        if matches!(code, Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)) || mismatch {
+            seen.refused.get_or_insert_with(|| reason.to_string());
+        } else if code == Some(RDKafkaErrorCode::AllBrokersDown) {
+            seen.all_down = true;
+        }
+        seen.last = Some(reason.to_string());
+    }
+}
+
+impl ErrorWatch {
+    fn closed_at_hello(&self, message: &str) {
+        if message.contains("Disconnected") && message.contains("APIVERSION_QUERY") {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            seen.closed_at_hello += 1;
+            seen.closed_message = Some(message.to_string());
+        }
+    }
+}
+
+impl rdkafka::producer::ProducerContext for ErrorWatch {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
 }
 
 /// The high watermark of `topic` [`partition`]. A partition whose leader was just elected (a

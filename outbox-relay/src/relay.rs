@@ -72,6 +72,7 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<()>
         .acquire_timeout(Duration::from_secs(10))
         .connect_lazy_with(connect_options.clone());
     let producer = publisher::build_producer(&config.kafka)?;
+    crate::kafka::check_connection(&config.kafka, crate::kafka::ClientKind::Producer).await?;
 
     let wakers: Arc<HashMap<SchemaName, Arc<Notify>>> =
         Arc::new(config.sources.iter().map(|s| (s.clone(), Arc::new(Notify::new()))).collect());

@@ -182,6 +182,12 @@ impl Components {
 impl Pipeline {
     /// Migrates every schema, creates the topics if asked, and starts every component.
     pub async fn start(mut config: PipelineConfig, shutdown: &CancellationToken) -> anyhow::Result<Self> {
+        // A cluster that refuses our settings (SASL, TLS) stops the start before anything else.
+        trialflow_outbox::kafka::check_connection(
+            &config.relay.kafka,
+            trialflow_outbox::kafka::ClientKind::Producer,
+        )
+        .await?;
         let url = config.relay.database.database_url.clone();
         for (service, schema) in config.schemas.iter() {
             service.migrate(&url, schema).await?;

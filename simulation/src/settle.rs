@@ -14,10 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use rdkafka::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use trialflow_outbox::{KafkaConfig, SchemaName};
 use trialflow_pipeline::ConsumerGroup;
@@ -104,15 +102,11 @@ async fn settle(
     }
 }
 
-/// The first offset and the true end offset (last offset + 1) of every partition of `topics`,
-/// keyed by (topic, partition). Topics that do not exist are left out.
-///
-/// The end is read, not asked for: Tansu 0.6 answers ListOffsets with the base offset of the last
-/// batch, so the reported high watermark can be some messages short. Each partition is read from
-/// that reported watermark until librdkafka signals the end of the partition (which follows the
-/// watermark of fetch responses, and those are right); the end is one past the last offset read.
-/// Against a broker that reports the watermark correctly nothing is read and the result is the
-/// same. The topics are read in parallel, on blocking threads.
+/// The first offset and the end offset (the high watermark: last offset + 1) of every partition of
+/// `topics`, keyed by (topic, partition). Topics that do not exist are left out. The watermarks
+/// come from ListOffsets, which a partition's newly elected leader does not answer until it knows
+/// its high watermark (KIP-207): a partition without an answer yet is asked again. The topics are
+/// read in parallel, on blocking threads.
 pub async fn true_end_offsets(
     kafka: &KafkaConfig,
     topics: &[String],
@@ -149,34 +143,12 @@ fn client_config(kafka: &KafkaConfig, group_id: &str) -> ClientConfig {
     })
 }
 
-/// librdkafka hands every consumer error to the client context too, the end of a partition
-/// included, and the default context logs each one as an error; here it is the expected outcome.
-#[derive(Debug)]
-struct QuietEof;
-
-impl ClientContext for QuietEof {
-    fn error(&self, error: KafkaError, reason: &str) {
-        // librdkafka reports reaching a partition's end through the error callback too, as a
-        // global error: expected here, not worth a line.
-        let eof = matches!(error, KafkaError::PartitionEOF(_))
-            || error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF);
-        if !eof {
-            tracing::warn!(%error, reason, "Kafka client error while reading end offsets.");
-        }
-    }
-}
-
-impl ConsumerContext for QuietEof {}
-
-/// (first offset, true end) of each partition of `topic`; empty when the topic does not exist.
-/// One consumer per topic: librdkafka's end-of-partition event names the partition, not the topic.
+/// (first offset, end) of each partition of `topic`; empty when the topic does not exist.
 fn read_topic_ends(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<BTreeMap<i32, (i64, i64)>> {
     // A group id nobody else uses; nothing is ever committed under it.
     let reader = format!("trialflow-settle-{}", uuid::Uuid::new_v4());
-    let consumer: BaseConsumer<QuietEof> = client_config(kafka, &reader)
-        .set("enable.partition.eof", "true")
-        .create_with_context(QuietEof)
-        .context("creating an end-offset reader")?;
+    let consumer: BaseConsumer =
+        client_config(kafka, &reader).create().context("creating an end-offset reader")?;
     let metadata = consumer
         .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
         .with_context(|| format!("reading the metadata of {topic}"))?;
@@ -223,34 +195,10 @@ fn read_topic_ends(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<BTreeMap<
             Err(e) => return Err(e),
         }
     };
-    let mut offsets: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
-    let mut assignment = TopicPartitionList::new();
-    for (&partition, &low) in &first {
-        let from = reported.get(&partition).copied().unwrap_or(low).max(low);
-        assignment.add_partition_offset(topic, partition, Offset::Offset(from))?;
-        offsets.insert(partition, (low, from));
-    }
-    consumer.assign(&assignment).with_context(|| format!("assigning {topic}"))?;
-    let mut open: BTreeSet<i32> = offsets.keys().copied().collect();
-    let deadline = Instant::now() + KAFKA_TIMEOUT;
-    while !open.is_empty() {
-        if Instant::now() >= deadline {
-            bail!("reading {topic} to its end: no end of partition {open:?} within {KAFKA_TIMEOUT:?}");
-        }
-        match consumer.poll(Duration::from_millis(100)) {
-            None => {}
-            Some(Ok(m)) => {
-                if let Some((_, end)) = offsets.get_mut(&m.partition()) {
-                    *end = (*end).max(m.offset() + 1);
-                }
-            }
-            Some(Err(KafkaError::PartitionEOF(partition))) => {
-                open.remove(&partition);
-            }
-            Some(Err(e)) => return Err(e).with_context(|| format!("reading {topic} to its end")),
-        }
-    }
-    Ok(offsets)
+    Ok(first
+        .into_iter()
+        .map(|(partition, low)| (partition, (low, reported.get(&partition).copied().unwrap_or(low).max(low))))
+        .collect())
 }
 
 /// A group's committed offset per (topic, partition); `None`: nothing committed yet.

@@ -372,8 +372,8 @@ async fn alerts(pool: &PgPool, monitoring: &SchemaName, study_id: &str) -> anyho
     })
 }
 
-/// Messages on each dead-letter topic: first to true end offset of every partition (the
-/// broker's reported end can be short, see [`crate::settle::true_end_offsets`]).
+/// Messages on each dead-letter topic: first to end offset of every partition
+/// ([`crate::settle::true_end_offsets`]).
 async fn dead_letters(
     kafka: &KafkaConfig,
     topics: &TopicNames,

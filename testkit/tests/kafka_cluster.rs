@@ -29,7 +29,9 @@ fn in_sync_replicas(admin: &AdminClient<DefaultClientContext>, topic: &str) -> a
 #[tokio::test]
 async fn three_nodes_keep_acknowledged_writes_across_a_sigkilled_node() -> anyhow::Result<()> {
     trialflow_testkit::init_logs();
+    let started = std::time::Instant::now();
     let mut cluster = KafkaCluster::start(ClusterSpec::nodes(3)).await?;
+    eprintln!("three nodes serving after {:?}", started.elapsed());
     assert_eq!(cluster.node_ids(), [1, 2, 3]);
     let kafka = cluster.kafka_config();
     let admin: AdminClient<DefaultClientContext> =
@@ -41,8 +43,11 @@ async fn three_nodes_keep_acknowledged_writes_across_a_sigkilled_node() -> anyho
     {
         result.map_err(|(topic, code)| anyhow::anyhow!("creating {topic}: {code}"))?;
     }
-    wait_until("all three replicas in sync", WAIT, || async { Ok(in_sync_replicas(&admin, &topic)? == 3) })
-        .await?;
+    // A metadata request that times out on a busy machine is "not yet", not a failure.
+    wait_until("all three replicas in sync", WAIT, || async {
+        Ok(in_sync_replicas(&admin, &topic).unwrap_or(0) == 3)
+    })
+    .await?;
     let producer: FutureProducer =
         trialflow_outbox::publisher::producer_config(&kafka, "cluster-test").create()?;
     produce(&producer, &topic, "before").await?;
@@ -53,11 +58,13 @@ async fn three_nodes_keep_acknowledged_writes_across_a_sigkilled_node() -> anyho
     // min.insync.replicas is 2: two nodes of three still take acks=all writes.
     produce(&producer, &topic, "during").await?;
 
+    let restarted = std::time::Instant::now();
     cluster.restart(2).await?;
+    eprintln!("node 2 serving again after {:?}", restarted.elapsed());
     assert!(cluster.is_running(2));
     assert!(cluster.log(2)?.matches("Kafka Server started").count() == 2, "started twice");
     wait_until("the restarted node back in sync", WAIT, || async {
-        Ok(in_sync_replicas(&admin, &topic)? == 3)
+        Ok(in_sync_replicas(&admin, &topic).unwrap_or(0) == 3)
     })
     .await?;
     produce(&producer, &topic, "after").await?;
@@ -70,7 +77,9 @@ async fn three_nodes_keep_acknowledged_writes_across_a_sigkilled_node() -> anyho
 
 #[tokio::test]
 async fn a_dropped_cluster_leaves_no_process_and_no_files() -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let cluster = KafkaCluster::start(ClusterSpec::nodes(1)).await?;
+    eprintln!("one node serving after {:?}", started.elapsed());
     let servers = cluster.bootstrap_servers();
     let port: u16 = servers.rsplit(':').next().and_then(|p| p.parse().ok()).expect("host:port");
     let log = cluster.log(1)?;

@@ -230,6 +230,12 @@ pub async fn consume(args: ConsumeArgs, shutdown: tokio_util::sync::Cancellation
         .find(|(s, _)| s.name == args.consumer)
         .with_context(|| format!("no consumer `{}`", args.consumer))?;
     let schema = Schemas::default()[service.name].clone();
+    // Before the migration: a cluster that refuses our settings (SASL, TLS) is reported first.
+    trialflow_outbox::kafka::check_connection(
+        &args.config.kafka,
+        trialflow_outbox::kafka::ClientKind::Consumer,
+    )
+    .await?;
     service.migrate(&args.config.database.database_url, &schema).await?;
     let topics = TopicNames::new(args.topic_prefix);
     let notifier = match service.name {

@@ -22,6 +22,10 @@ pub enum EproGatewayError {
     #[error("cannot create the Kafka producer: {0}")]
     Producer(#[source] rdkafka::error::KafkaError),
 
+    /// The cluster refused the connection (see `trialflow_outbox::kafka::check_connection`).
+    #[error("{0}")]
+    Kafka(#[source] trialflow_outbox::OutboxError),
+
     /// The HTTP server failed while running.
     #[error("ePRO gateway server failed: {0}")]
     Serve(#[source] std::io::Error),

@@ -140,8 +140,10 @@ impl std::fmt::Debug for EproGateway {
 }
 
 impl EproGateway {
-    /// Binds the listener (port 0 picks a free one) and creates the producer. The broker is not
-    /// contacted yet: a gateway whose broker is away starts, and answers 503.
+    /// Binds the listener (port 0 picks a free one) and creates the producer. A cluster that
+    /// refuses the connection for good (SASL authentication, TLS, a security protocol its listener
+    /// does not speak) is an error ([`trialflow_outbox::kafka::check_connection`]); a gateway
+    /// whose broker is away starts, and answers 503.
     pub async fn bind(config: EproGatewayConfig) -> Result<Self, EproGatewayError> {
         if config.ack_timeout_ms == 0 {
             return Err(EproGatewayError::Config("ack_timeout_ms must be at least 1".to_string()));
@@ -151,6 +153,12 @@ impl EproGateway {
         }
         let producer: FutureProducer =
             producer_config(&config).create().map_err(EproGatewayError::Producer)?;
+        trialflow_outbox::kafka::check_connection(
+            &config.kafka,
+            trialflow_outbox::kafka::ClientKind::Producer,
+        )
+        .await
+        .map_err(EproGatewayError::Kafka)?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| EproGatewayError::Bind { addr: config.listen, source })?;
