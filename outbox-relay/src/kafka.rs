@@ -363,9 +363,8 @@ impl std::fmt::Debug for TopicReader {
 
 impl TopicReader {
     /// Starts at the current end of every partition of `topic`, or at the beginning when
-    /// `from_beginning`. The end is the broker's high watermark, which some brokers report low
-    /// (Tansu 0.6 answers the base offset of the last batch), so callers must expect a few earlier
-    /// messages and filter them out.
+    /// `from_beginning`. The end is each partition's high watermark when it is called: messages
+    /// produced before that are not read.
     pub fn new(kafka: &KafkaConfig, topic: &str, from_beginning: bool) -> Result<Self> {
         use rdkafka::consumer::Consumer;
         use rdkafka::{Offset, TopicPartitionList};

@@ -783,8 +783,8 @@ impl Drop for Watcher {
     }
 }
 
-/// New events by type and latencies, from the output records produced since `since_ms` (the
-/// watchers may start a little before the end: brokers that report a low high watermark).
+/// New events by type and latencies, from the output records produced since `since_ms` (what the
+/// watchers read is filtered by time too, so a record from before the replay never counts).
 fn outcomes(outputs: &[ReadMessage], since_ms: i64, sent: &SentAt) -> (BTreeMap<String, u64>, Latency) {
     let mut new_events: BTreeMap<String, u64> = BTreeMap::new();
     let (mut enrollment, mut epro, mut alerts) = (Vec::new(), Vec::new(), Vec::new());
