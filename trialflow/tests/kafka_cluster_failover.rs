@@ -23,7 +23,7 @@ use trialflow_outbox::KafkaConfig;
 use trialflow_outbox::kafka::TopicReader;
 use trialflow_outbox::topics::{self, TopicLayout};
 use trialflow_pipeline::{Pipeline, PipelineConfig, consumer_groups};
-use trialflow_schemas::topics::{SUBJECT_LIFECYCLE, TopicNames};
+use trialflow_schemas::topics::{CLINICAL_OBSERVATIONS, EPRO_SUBMISSIONS, SUBJECT_LIFECYCLE, TopicNames};
 use trialflow_simulation::load::{Input, LoadConfig, run_load};
 use trialflow_simulation::settle::wait_settled;
 use trialflow_testkit::{ClusterSpec, KafkaCluster, database_url, init_logs, wait_until};
@@ -165,22 +165,38 @@ async fn scenario(how: Disruption) -> anyhow::Result<()> {
     let pool = PgPool::connect(&database_url()).await?;
     wait_settled(&pool, &groups, &sources, &kafka, SETTLE, |_| {}).await?;
 
+    // What to look at when a count below is off: dead letters and parked messages by topic.
+    let mut why = format!("load: {report}\n");
+    for topic in [EPRO_SUBMISSIONS, CLINICAL_OBSERVATIONS, SUBJECT_LIFECYCLE] {
+        let dlq = format!("{}{}", names.name(topic), trialflow_schemas::topics::DLQ_SUFFIX);
+        let letters = TopicReader::new(&kafka, &dlq, true)?
+            .read_until_idle(Duration::from_secs(1), Duration::from_secs(10))
+            .await
+            .map(|m| m.len())
+            .unwrap_or_default();
+        why.push_str(&format!("{dlq}: {letters} dead letters\n"));
+    }
+    for schema in [&s[enrollment::NAME], &s[epro::NAME], &s[monitoring::NAME]] {
+        let parked = trialflow_consumers::store::parked_by_consumer(&pool, schema).await?;
+        why.push_str(&format!("{schema}: parked {parked:?}\n"));
+    }
+
     let n = i64::from(SUBJECTS);
     let enrolled = format!(
         "SELECT count(*) FROM {}.subject WHERE study_id = '{STUDY}' AND status = 'enrolled'",
         s[enrollment::NAME]
     );
-    assert_eq!(count(&pool, enrolled).await?, n, "every subject enrolled once");
+    assert_eq!(count(&pool, enrolled).await?, n, "every subject enrolled once\n{why}");
     let observed =
         format!("SELECT count(*) FROM {}.observation WHERE study_id = '{STUDY}'", s[monitoring::NAME]);
     let vital_signs = report.accepted(Input::VitalSign) as i64;
     assert!(vital_signs > 0, "the load sent vital signs");
-    assert_eq!(count(&pool, observed).await?, vital_signs, "every vital sign observed once");
+    assert_eq!(count(&pool, observed).await?, vital_signs, "every vital sign observed once\n{why}");
     let judged = format!("SELECT count(*) FROM {}.submission WHERE study_id = '{STUDY}'", s[epro::NAME]);
     assert_eq!(
         count(&pool, judged).await?,
         report.accepted(Input::Phq9Submission) as i64,
-        "every submission judged once"
+        "every submission judged once\n{why}"
     );
 
     // Per subject, first deliveries of its lifecycle in the domain's order.
