@@ -12,7 +12,7 @@
 //!   (`ProducerFenced`).
 //! * **One transaction per shard and batch.** The rows of a shard read in one batch go out in one
 //!   transaction, which also writes a marker to the state topic (`OUTBOX_STATE_TOPIC`, compacted,
-//!   key = the transactional id) listing the rows' seqs. The rows are deleted only after the
+//!   key = the transactional id) naming the rows (seq and event id). The rows are deleted only after the
 //!   commit, and the shard's next transaction starts only after that delete.
 //! * **Recovery.** A relay can die between a commit and its delete; the rows are then published
 //!   but still in the outbox. So at most one committed-but-undeleted transaction exists per shard,
@@ -59,10 +59,14 @@ const TRANSACTION_TIMEOUT_MS: &str = "10000";
 /// `retry.backoff.ms` of the transactional producers unless `KAFKA_PRODUCER_CONFIG` sets it.
 const RETRY_BACKOFF_MS: &str = "5";
 
-/// What a transaction records on the state topic: the seqs of the rows it published.
+/// What a transaction records on the state topic: the rows it published, by seq and event id. A
+/// new owner deletes only rows that match both, so a marker written by anyone else (a forged or
+/// corrupted one: seqs can be guessed, event ids of unpublished rows cannot) deletes nothing; a
+/// marker that does not parse is ignored.
 #[derive(Debug, Serialize, Deserialize)]
 struct Marker {
     seqs: Vec<i64>,
+    event_ids: Vec<uuid::Uuid>,
 }
 
 /// The transactional producers of one relay session on one source, one per owned shard.
@@ -141,7 +145,7 @@ impl Transactions {
             .await
             .map_err(|e| panicked(new[0], &e))??;
         for (id, marker) in last {
-            let removed = store.delete(pool, &marker.seqs).await?;
+            let removed = store.delete_published(pool, &marker.seqs, &marker.event_ids).await?;
             if removed > 0 {
                 info!(
                     source = %self.source,
@@ -272,7 +276,9 @@ async fn publish_shard(
         }
     }
     let seqs: Vec<i64> = deliveries.iter().map(|(row, _)| row.seq).collect();
-    let marker = serde_json::to_vec(&Marker { seqs: seqs.clone() }).unwrap_or_default();
+    let sent: HashSet<i64> = seqs.iter().copied().collect();
+    let event_ids = rows.iter().filter(|r| sent.contains(&r.seq)).map(|r| r.event_id).collect();
+    let marker = serde_json::to_vec(&Marker { seqs: seqs.clone(), event_ids }).unwrap_or_default();
     let record = FutureRecord::to(&state_topic).key(&marker_key).payload(&marker);
     if let Err((source, _)) = producer.send_result(record) {
         abort(shard, &producer).await;

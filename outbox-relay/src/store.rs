@@ -81,6 +81,7 @@ pub struct Store {
     /// anti-join costs ~10 % of the relay's throughput even against an empty table).
     read_unguarded_sql: String,
     delete_sql: String,
+    delete_published_sql: String,
     quarantine_sql: String,
     version_sql: String,
     stats_sql: String,
@@ -119,6 +120,11 @@ impl Store {
             )),
             read_unguarded_sql: read(""),
             delete_sql: format!("DELETE FROM {schema}.outbox WHERE seq = ANY($1)"),
+            delete_published_sql: format!(
+                "DELETE FROM {schema}.outbox o
+                 USING unnest($1::bigint[], $2::uuid[]) AS p(seq, event_id)
+                 WHERE o.seq = p.seq AND o.event_id = p.event_id"
+            ),
             // One statement, so one transaction: a row is in the outbox or in the quarantine,
             // never in both or neither.
             quarantine_sql: format!(
@@ -179,6 +185,20 @@ impl Store {
             return Ok(0);
         }
         let done = sqlx::query(AssertSqlSafe(self.delete_sql.as_str())).bind(seqs).execute(pool).await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Deletes the rows that match both a seq and its event id (pairs in order); returns how many
+    /// were there. For rows named by a record of the exactly-once relay's state topic.
+    pub async fn delete_published(&self, pool: &PgPool, seqs: &[i64], event_ids: &[Uuid]) -> Result<u64> {
+        if seqs.is_empty() || seqs.len() != event_ids.len() {
+            return Ok(0);
+        }
+        let done = sqlx::query(AssertSqlSafe(self.delete_published_sql.as_str()))
+            .bind(seqs)
+            .bind(event_ids)
+            .execute(pool)
+            .await?;
         Ok(done.rows_affected())
     }
 

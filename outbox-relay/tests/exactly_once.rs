@@ -5,8 +5,9 @@
 //! * shard B's owner died with a transaction open: the next owner's `init_transactions` aborts it,
 //!   and the rows go out once, in the next owner's transaction.
 //!
-//! A `read_committed` reader then sees every event exactly once, per key in commit order. (The
-//! relay-process version, with SIGSTOP/SIGCONT, is trialflow/tests/relay_fencing.rs.)
+//! A `read_committed` reader then sees every event exactly once, per key in commit order. Garbage
+//! and forged markers on the state topic delete nothing and block nothing. (The relay-process
+//! version, with SIGSTOP/SIGCONT, is trialflow/tests/relay_fencing.rs.)
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -47,9 +48,10 @@ async fn send(
         deliveries.push(publisher::send(producer, row).map_err(|e| anyhow::anyhow!("{e:?}"))?);
     }
     if let Some(topic) = state_topic {
-        // The marker's format as the README documents it: the published rows' seqs.
+        // The marker's format as the README documents it: the published rows' seqs and event ids.
         let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-        let marker = serde_json::json!({ "seqs": seqs }).to_string();
+        let event_ids: Vec<String> = rows.iter().map(|r| r.event_id.to_string()).collect();
+        let marker = serde_json::json!({ "seqs": seqs, "event_ids": event_ids }).to_string();
         let key = transactional_id(PREFIX, &svc.schema, rows[0].shard);
         producer.send_result(FutureRecord::to(topic).key(&key).payload(&marker)).map_err(|(e, _)| e)?;
     }
@@ -155,5 +157,60 @@ async fn a_lease_timeout_healthy_relays_could_not_keep_is_refused_at_start() -> 
     config.lease_timeout_ms = 500; // below 3 × the 200 ms rebalance interval
     let error = trialflow_outbox::relay::run(config, Default::default()).await.expect_err("refused");
     assert!(error.to_string().contains("OUTBOX_LEASE_TIMEOUT_MS=500 is below 3 ×"), "{error}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn garbage_on_the_state_topic_is_ignored_and_nothing_is_stuck() -> anyhow::Result<()> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let svc = TestService::new(Some(&kafka()), 3).await?;
+    let state_topic = unique("relay-state");
+    ensure_topics(&kafka(), &[(&state_topic, 1)]).await?;
+    svc.workload.generate("eos-garbage", 10, 50, 2, Arc::new(AtomicU64::new(0))).await?;
+
+    // What a broken or malicious writer could leave there, under every shard's key and none:
+    // invalid UTF-8 and JSON, NUL and control characters, wrong types, a huge value, no value.
+    let producer: FutureProducer = publisher::producer_config(&kafka(), "garbage").create()?;
+    let huge = format!("{{\"seqs\":[{}]}}", vec!["1"; 200_000].join(","));
+    let forged = serde_json::json!({
+        "seqs": (1..=50).collect::<Vec<i64>>(),
+        "event_ids": (1..=50).map(|_| uuid::Uuid::new_v4().to_string()).collect::<Vec<_>>(),
+    })
+    .to_string();
+    let bodies: Vec<Option<Vec<u8>>> = vec![
+        Some(b"\xff\xfe\x00garbage".to_vec()),
+        Some(b"{\"seqs\":\"1,2,3\"}".to_vec()),
+        Some(b"{\"seqs\":[1.5, \"x\", null]}".to_vec()),
+        Some(b"{\"seq\x00s\":[1]}\x07".to_vec()),
+        // Well-formed but forged: guessable seqs, event ids nobody published.
+        Some(forged.into_bytes()),
+        Some(b"[]".to_vec()),
+        Some(huge.into_bytes()),
+        None,
+    ];
+    for shard in 0..16 {
+        for key in [transactional_id(PREFIX, &svc.schema, shard).into_bytes(), b"\x00\xff".to_vec()] {
+            for body in &bodies {
+                let headers = OwnedHeaders::new().insert(Header { key: "x-junk", value: Some(&b"\xff"[..]) });
+                let mut record =
+                    FutureRecord::<[u8], [u8]>::to(&state_topic).key(key.as_slice()).headers(headers);
+                if let Some(body) = body {
+                    record = record.payload(body.as_slice());
+                }
+                producer.send(record, TIMEOUT).await.map_err(|(e, _)| e)?;
+            }
+        }
+    }
+
+    let mut config = svc.relay_config(&kafka());
+    config.exactly_once = true;
+    config.transactional_id_prefix = PREFIX.to_string();
+    config.state_topic = state_topic;
+    let relay = RunningRelay::start(config);
+    wait_until("outbox drained", WAIT, || async { Ok(svc.outbox_len().await? == 0) }).await?;
+    relay.stop().await?;
+    let messages = TopicReader::new(&kafka(), &svc.topic, true)?.read_until(WAIT, |m| m.len() >= 50).await?;
+    let report = check_delivery(&messages);
+    assert_eq!((report.distinct, report.duplicates, report.order_violations), (50, 0, 0), "{report:?}");
     Ok(())
 }
