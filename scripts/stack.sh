@@ -129,6 +129,31 @@ kafka_jvm() {
 }
 
 apache_kafka_up() {
+  install_java
+  "$ROOT/scripts/maven-libs.sh" "$ROOT/scripts/kafka/pom.xml" "$ROOT/scripts/kafka/checksums.sha256" "$KAFKA_LIBS"
+  mkdir -p "$KAFKA_DIR"
+  kafka_jvm
+  kafka_properties > "$KAFKA_DIR/server.properties"
+  if [ ! -f "$KAFKA_DIR/log/meta.properties" ]; then
+    log "formatting the Kafka log in .data/kafka"
+    local cluster_id
+    cluster_id="$(java "${KAFKA_JVM[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)"
+    java "${KAFKA_JVM[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_DIR/server.properties" --standalone \
+      >"$KAFKA_DIR/format.log" 2>&1 || { cat "$KAFKA_DIR/format.log" >&2; die "formatting the Kafka log failed"; }
+  fi
+  log "starting Apache Kafka 4.4.0 on 127.0.0.1:$KAFKA_PORT"
+  setsid java "${KAFKA_JVM[@]}" kafka.Kafka "$KAFKA_DIR/server.properties" >"$KAFKA_DIR/broker.log" 2>&1 < /dev/null &
+  echo $! > "$DATA/broker.pid"
+  echo kafka > "$DATA/broker.kind"
+  for _ in $(seq 1 240); do
+    grep -q "Kafka Server started" "$KAFKA_DIR/broker.log" 2>/dev/null && port_open "$KAFKA_PORT" && return 0
+    broker_running || { tail -20 "$KAFKA_DIR/broker.log" >&2; die "Kafka exited; see .data/kafka/broker.log"; }
+    sleep 0.25
+  done
+  die "Kafka is not accepting connections after 60 s; see .data/kafka/broker.log"
+}
+
+kafka_up() {
   mkdir -p "$DATA"
   if broker_running; then
     [ "$(cat "$DATA/broker.kind" 2>/dev/null)" = kafka ] \
