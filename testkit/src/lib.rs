@@ -7,6 +7,8 @@
 //!   nodes, secured listeners), started from the jars `make up` installs.
 
 pub mod kafka_cluster;
+pub mod pg_server;
+pub mod tls;
 pub mod workload;
 
 use std::future::Future;

@@ -11,7 +11,7 @@
 //!   broker's certificate each stop `trialflow relay`, `consume` and `epro-gateway` at start,
 //!   within seconds, with librdkafka's reason; never a silent retry loop.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,7 @@ use trialflow_outbox::KafkaConfig;
 use trialflow_outbox::kafka::TopicReader;
 use trialflow_schemas::topics::{self, TopicNames};
 use trialflow_schemas::{AnyEvent, Envelope, Event, SubjectEnrolled, SubjectScreened, Timestamp};
+use trialflow_testkit::tls::Certificates;
 use trialflow_testkit::{ClusterSpec, KafkaCluster, Listener, database_url};
 use uuid::Uuid;
 
@@ -35,123 +36,6 @@ const STUDY: &str = "SEC-IT";
 /// plus the process's start (well below librdkafka's endless retries).
 const REFUSED_WITHIN: Duration = Duration::from_secs(30);
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A temp dir removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("trialflow-tls-{}", Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir)?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The certificates of one test: the CA clients trust, the broker's key and certificate (signed
-/// by it, naming 127.0.0.1 and localhost) as one PEM file, and a second CA that signed nothing.
-struct Certificates {
-    dir: TempDir,
-    ca: PathBuf,
-    broker_pem: PathBuf,
-    other_ca: PathBuf,
-}
-
-fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
-    let output = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| anyhow::anyhow!("running openssl (scripts/build-deps.sh installs it): {e}"))?;
-    anyhow::ensure!(
-        output.status.success(),
-        "openssl {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
-
-fn certificates() -> anyhow::Result<Certificates> {
-    let dir = TempDir::new()?;
-    let d = &dir.0;
-    for ca in ["ca", "other-ca"] {
-        openssl(
-            d,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                &format!("/CN=trialflow test {ca}"),
-                "-keyout",
-                &format!("{ca}.key"),
-                "-out",
-                &format!("{ca}.pem"),
-            ],
-        )?;
-    }
-    openssl(
-        d,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            "broker.key",
-            "-out",
-            "broker.csr",
-        ],
-    )?;
-    std::fs::write(
-        d.join("broker.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-    )?;
-    openssl(
-        d,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "broker.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "broker.ext",
-            "-out",
-            "broker.crt",
-        ],
-    )?;
-    // Kafka's PEM key store: the unencrypted PKCS#8 key, then the certificate.
-    let pem =
-        std::fs::read_to_string(d.join("broker.key"))? + &std::fs::read_to_string(d.join("broker.crt"))?;
-    std::fs::write(d.join("broker.pem"), pem)?;
-    Ok(Certificates {
-        ca: d.join("ca.pem"),
-        broker_pem: d.join("broker.pem"),
-        other_ca: d.join("other-ca.pem"),
-        dir,
-    })
-}
 
 /// One node whose client listener is SASL_SSL with SCRAM-SHA-512; [`USER`] exists from the
 /// start (created when the storage is formatted).
@@ -166,7 +50,7 @@ async fn secured_cluster(certs: &Certificates) -> anyhow::Result<KafkaCluster> {
                 "org.apache.kafka.common.security.scram.ScramLoginModule required;".into(),
             ),
             ("ssl.keystore.type".into(), "PEM".into()),
-            ("ssl.keystore.location".into(), certs.broker_pem.display().to_string()),
+            ("ssl.keystore.location".into(), certs.server_pem.display().to_string()),
         ],
     };
     let spec = ClusterSpec::nodes(1)
@@ -310,7 +194,7 @@ fn lines_of(child: &mut tokio::process::Child) -> tokio::sync::mpsc::UnboundedRe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pipeline_runs_over_sasl_ssl_with_scram_from_the_documented_variables() -> anyhow::Result<()> {
     trialflow_testkit::init_logs();
-    let certs = certificates()?;
+    let certs = Certificates::generate()?;
     let cluster = secured_cluster(&certs).await?;
     let servers =
         cluster.listener_bootstrap_servers().ok_or_else(|| anyhow::anyhow!("no SASL_SSL listener"))?;
@@ -411,7 +295,7 @@ async fn refused(what: &str, mut command: Command) -> anyhow::Result<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_credentials_plaintext_and_a_foreign_ca_stop_each_command_at_start() -> anyhow::Result<()> {
     trialflow_testkit::init_logs();
-    let certs = certificates()?;
+    let certs = Certificates::generate()?;
     let cluster = secured_cluster(&certs).await?;
     let servers =
         cluster.listener_bootstrap_servers().ok_or_else(|| anyhow::anyhow!("no SASL_SSL listener"))?;
