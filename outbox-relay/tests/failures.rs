@@ -124,7 +124,18 @@ async fn database_connections_killed_mid_stream() -> anyhow::Result<()> {
             async move { workload.generate("dbkill", 20, 1000, 2, Arc::new(AtomicU64::new(0))).await },
         )
     };
-    wait_until("relay publishing", WAIT, || async { Ok(svc.outbox_len().await? < 900) }).await?;
+    // Publishing under way: rows written and some of them gone from the outbox (the relay
+    // connects lazily, after its start-up checks; an empty outbox alone proves nothing).
+    wait_until("relay publishing", WAIT, || async {
+        let written: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {}.vital_sign",
+            svc.schema
+        )))
+        .fetch_one(&svc.pool)
+        .await?;
+        Ok(written >= 200 && written - svc.outbox_len().await? >= 100)
+    })
+    .await?;
     let killed: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
          WHERE datname = current_database() AND application_name = $1",
