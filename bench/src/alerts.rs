@@ -127,6 +127,8 @@ pub(crate) async fn group(
         give_up_after_secs: 600,
         max_backoff_ms: 1_000,
         poll_interval_ms: 1_000,
+        breaker_failures: 5,
+        breaker_open_ms: 30_000,
     };
     let notify = tokio::spawn(notifier::run(
         notifier::spec(ntf.clone(), &names),

@@ -253,6 +253,9 @@ fn notifier_config(subscriptions: Vec<Subscription>) -> NotifierConfig {
         give_up_after_secs: 3_600,
         max_backoff_ms: 200,
         poll_interval_ms: 200,
+        // Off, so each test sees every attempt reach its receiver; the breaker has its own test.
+        breaker_failures: 0,
+        breaker_open_ms: 30_000,
     }
 }
 
@@ -628,6 +631,48 @@ async fn a_receiver_that_keeps_failing_is_given_up_with_the_last_error() -> anyh
     assert_eq!(f.attempts, d.attempts);
     assert!(f.last_error.contains("500") && f.last_error.contains("gave up"), "{}", f.last_error);
     assert!(counter("trialflow_notifications_failed_total") > failed_before);
+
+    notifier.stop().await?;
+    receiver.stop().await?;
+    stack.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_opens_its_circuit_and_a_successful_probe_closes_it() -> anyhow::Result<()> {
+    let receiver = Receiver::start().await?;
+    receiver.state.always_fail.store(true, Ordering::SeqCst);
+    let stack = Stack::new().await?;
+    let config = NotifierConfig {
+        max_backoff_ms: 100,
+        breaker_failures: 3,
+        breaker_open_ms: 3_000,
+        ..notifier_config(vec![subscription(receiver.url("pi-101"), "pi-101", "*", AlertSeverity::Info)])
+    };
+    let notifier = stack.start(config);
+    let alert = raised("CARDIO-4", AlertSeverity::Warning);
+    stack.publish(&[row(&stack.names, &alert, alert.alert_id)?]).await?;
+    wait_until("attempts held back by the open circuit", WAIT, || async {
+        let deliveries = stack.deliveries().await?;
+        Ok(deliveries.iter().any(|d| d.last_error.as_deref().is_some_and(|e| e.contains("circuit"))))
+    })
+    .await?;
+    let requests = receiver.requests();
+    assert_eq!(
+        requests.len(),
+        3,
+        "three failures open the circuit; nothing sent while it is open: {requests:?}"
+    );
+
+    // The endpoint recovers: after the open period one probe goes out, succeeds, and delivers.
+    receiver.state.always_fail.store(false, Ordering::SeqCst);
+    wait_until("delivered by the probe", WAIT, || async {
+        Ok(stack.deliveries().await?.iter().any(|d| d.status == "delivered"))
+    })
+    .await?;
+    let answers: Vec<u16> = receiver.requests().iter().map(|r| r.answered).collect();
+    assert_eq!(answers, [500, 500, 500, 200], "one probe after the open period");
+    let d = &stack.deliveries().await?[0];
+    assert!(d.attempts > 4, "attempts went on while the circuit was open: {d:?}");
 
     notifier.stop().await?;
     receiver.stop().await?;

@@ -223,6 +223,16 @@ pub struct NotifierArgs {
     /// How often (milliseconds) the worker looks for due deliveries when no notification wakes it.
     #[arg(long = "notifier-poll-interval-ms", env = "NOTIFIER_POLL_INTERVAL_MS", value_name = "MS", default_value_t = 1_000, value_parser = setting(trimmed::<u64>).blank_refused())]
     pub poll_interval_ms: u64,
+
+    /// Consecutive failed attempts (5xx, 408, 429, timeout, connection error) to one webhook URL
+    /// that open its circuit: nothing is sent to it for NOTIFIER_BREAKER_OPEN_MS, then one probe.
+    /// 0: never.
+    #[arg(long = "notifier-breaker-failures", env = "NOTIFIER_BREAKER_FAILURES", value_name = "N", default_value_t = 5, value_parser = setting(trimmed::<u32>).blank_refused())]
+    pub breaker_failures: u32,
+
+    /// How long (milliseconds) an open circuit sends nothing before its probe.
+    #[arg(long = "notifier-breaker-open-ms", env = "NOTIFIER_BREAKER_OPEN_MS", value_name = "MS", default_value_t = 30_000, value_parser = setting(trimmed::<u64>).blank_refused())]
+    pub breaker_open_ms: u64,
 }
 
 /// `Debug` never shows the inline subscriptions (they hold secrets).
@@ -235,6 +245,8 @@ impl fmt::Debug for NotifierArgs {
             .field("give_up_secs", &self.give_up_secs)
             .field("max_backoff_ms", &self.max_backoff_ms)
             .field("poll_interval_ms", &self.poll_interval_ms)
+            .field("breaker_failures", &self.breaker_failures)
+            .field("breaker_open_ms", &self.breaker_open_ms)
             .finish()
     }
 }
@@ -262,6 +274,8 @@ impl NotifierArgs {
             give_up_after_secs: self.give_up_secs,
             max_backoff_ms: self.max_backoff_ms,
             poll_interval_ms: self.poll_interval_ms,
+            breaker_failures: self.breaker_failures,
+            breaker_open_ms: self.breaker_open_ms,
         }
     }
 }
@@ -284,6 +298,12 @@ pub struct NotifierConfig {
     /// How often (milliseconds) the worker looks for due deliveries when no notification wakes it
     /// (`NOTIFIER_POLL_INTERVAL_MS`).
     pub poll_interval_ms: u64,
+    /// Consecutive failed attempts that open a webhook URL's circuit; 0: never
+    /// (`NOTIFIER_BREAKER_FAILURES`).
+    pub breaker_failures: u32,
+    /// How long an open circuit sends nothing before its probe, in milliseconds
+    /// (`NOTIFIER_BREAKER_OPEN_MS`).
+    pub breaker_open_ms: u64,
 }
 
 /// The defaults of [`NotifierArgs`]: no subscriptions.

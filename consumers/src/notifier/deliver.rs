@@ -6,7 +6,7 @@
 //! with a lease, so a crashed worker's claim expires and another takes the delivery over.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use sqlx::PgPool;
@@ -20,6 +20,7 @@ use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
 use trialflow_schemas::topics::TopicNames;
 use trialflow_schemas::{AnyEvent, Envelope, Event, NotificationDelivered, NotificationFailed};
 
+use super::breaker::{Breakers, Refusal};
 use super::config::{Channel, NotifierConfig};
 use super::sign::{self, IDEMPOTENCY_KEY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use super::store::{Claimed, Deliveries};
@@ -93,6 +94,7 @@ pub(crate) struct Worker {
     config: Arc<NotifierConfig>,
     deliveries: Deliveries,
     http: reqwest::Client,
+    breakers: Breakers,
 }
 
 impl Worker {
@@ -117,7 +119,8 @@ impl Worker {
                     format!("webhook HTTP client: {e}").into(),
                 ))
             })?;
-        Ok(Self { deliveries: Deliveries::new(&schema), pool, schema, topics, config, http })
+        let breakers = Breakers::new(config.breaker_failures, Duration::from_millis(config.breaker_open_ms));
+        Ok(Self { deliveries: Deliveries::new(&schema), pool, schema, topics, config, http, breakers })
     }
 
     /// Runs until `shutdown`, then lets in-flight attempts finish (each is bounded by the attempt
@@ -263,6 +266,22 @@ impl Attempts {
                 d.recipient_id, d.url
             ));
         };
+        match w.breakers.allow(&d.url, Instant::now()) {
+            Ok(()) => {}
+            Err(Refusal::Open(wait)) => {
+                return Outcome::Retry(format!(
+                    "not sent: the circuit of {} is open after consecutive failures; next probe in {} ms",
+                    d.url,
+                    wait.as_millis()
+                ));
+            }
+            Err(Refusal::Probing) => {
+                return Outcome::Retry(format!(
+                    "not sent: a probe of {}'s open circuit is on its way",
+                    d.url
+                ));
+            }
+        }
         let key = idempotency_key(d);
         let request = w
             .http
@@ -272,14 +291,22 @@ impl Attempts {
             .header(TIMESTAMP_HEADER, chrono::Utc::now().timestamp().to_string())
             .header(IDEMPOTENCY_KEY_HEADER, &key)
             .body(d.body.clone());
-        match request.send().await {
+        let outcome = match request.send().await {
             Ok(response) => outcome_of(response.status()),
-            Err(e) if e.is_builder() => Outcome::Fail(format!("cannot build the request to {}: {e}", d.url)),
+            Err(e) if e.is_builder() => {
+                // Not the endpoint's doing: its circuit learns nothing.
+                return Outcome::Fail(format!("cannot build the request to {}: {e}", d.url));
+            }
             Err(e) if e.is_timeout() => {
                 Outcome::Retry(format!("no answer within {:?}: {e}", w.config.attempt_timeout()))
             }
             Err(e) => Outcome::Retry(format!("{e}: {}", error_chain(&e))),
+        };
+        match outcome {
+            Outcome::Retry(_) => w.breakers.failed(&d.url, Instant::now()),
+            Outcome::Delivered | Outcome::Fail(_) => w.breakers.answered(&d.url),
         }
+        outcome
     }
 
     async fn record(&self, d: &Claimed, outcome: &Outcome) -> Result<(), RecordError> {

@@ -40,6 +40,7 @@
 //! `trialflow_notifications_failed_total{channel}`, `trialflow_notification_delivery_seconds
 //! {trigger=raised|escalated}` (from the alert event being recorded to the receiver's 2xx).
 
+mod breaker;
 pub mod config;
 mod deliver;
 pub mod sign;
