@@ -18,7 +18,7 @@ use trialflow_outbox::exactly_once::transactional_id;
 use trialflow_outbox::kafka::{TopicReader, ensure_topics};
 use trialflow_outbox::publisher;
 use trialflow_outbox::store::{OutboxRow, Store};
-use trialflow_testkit::workload::check_delivery;
+use trialflow_testkit::workload::{check_delivery, read_events};
 use trialflow_testkit::{RunningRelay, TestService, kafka, unique, wait_until};
 
 const EVENTS: u64 = 200;
@@ -95,21 +95,7 @@ async fn a_new_owner_finishes_what_a_dead_owner_committed_or_left_open() -> anyh
     wait_until("outbox drained", WAIT, || async { Ok(svc.outbox_len().await? == 0) }).await?;
     relay.stop().await?;
 
-    let mut complete_at = None;
-    let mut seen = std::collections::HashSet::new();
-    let mut scanned = 0;
-    let messages = TopicReader::new(&kafka(), &svc.topic, true)?
-        .read_until(WAIT, move |m| {
-            for msg in &m[scanned..] {
-                seen.insert(msg.header("event_id").unwrap_or_default().to_string());
-            }
-            scanned = m.len();
-            if seen.len() as u64 >= EVENTS && complete_at.is_none() {
-                complete_at = Some(std::time::Instant::now());
-            }
-            complete_at.is_some_and(|at| at.elapsed() >= Duration::from_secs(1))
-        })
-        .await?;
+    let messages = read_events(&kafka(), &svc.topic, EVENTS, Duration::from_secs(1), WAIT).await?;
     let report = check_delivery(&messages);
     assert_eq!(report.distinct, EVENTS, "events lost: {report:?}");
     assert_eq!(report.duplicates, 0, "the committed rows were published again: {report:?}");

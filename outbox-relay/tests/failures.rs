@@ -9,7 +9,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use trialflow_outbox::KafkaConfig;
 use trialflow_outbox::kafka::{ReadMessage, TopicReader};
-use trialflow_testkit::workload::{DeliveryReport, check_delivery};
+use trialflow_testkit::workload::{DeliveryReport, check_delivery, read_events};
 use trialflow_testkit::{RunningRelay, TestService, kafka, unique, wait_until};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -20,18 +20,8 @@ async fn write(svc: &TestService, run: &str, subjects: u64, events: u64) -> anyh
     Ok(())
 }
 
-async fn read_all(kafka: &KafkaConfig, topic: &str, distinct: usize) -> anyhow::Result<Vec<ReadMessage>> {
-    let mut seen = std::collections::HashSet::new();
-    let mut scanned = 0;
-    Ok(TopicReader::new(kafka, topic, true)?
-        .read_until(WAIT, move |m| {
-            for msg in &m[scanned..] {
-                seen.insert(msg.header("event_id").unwrap_or_default().to_string());
-            }
-            scanned = m.len();
-            seen.len() >= distinct
-        })
-        .await?)
+async fn read_all(kafka: &KafkaConfig, topic: &str, distinct: u64) -> anyhow::Result<Vec<ReadMessage>> {
+    Ok(read_events(kafka, topic, distinct, Duration::ZERO, WAIT).await?)
 }
 
 fn assert_complete_and_ordered(report: &DeliveryReport, expected: u64) {

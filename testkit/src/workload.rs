@@ -132,6 +132,32 @@ impl Workload {
     }
 }
 
+/// Reads `topic` from the beginning until `distinct` different event ids were seen, then for
+/// `linger` more (to catch a late duplicate), or until `timeout`; returns every message read.
+pub async fn read_events(
+    kafka: &trialflow_outbox::KafkaConfig,
+    topic: &str,
+    distinct: u64,
+    linger: std::time::Duration,
+    timeout: std::time::Duration,
+) -> trialflow_outbox::Result<Vec<trialflow_outbox::kafka::ReadMessage>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut scanned = 0;
+    let mut complete_at: Option<std::time::Instant> = None;
+    trialflow_outbox::kafka::TopicReader::new(kafka, topic, true)?
+        .read_until(timeout, move |m| {
+            for msg in &m[scanned..] {
+                seen.insert(msg.header("event_id").unwrap_or_default().to_string());
+            }
+            scanned = m.len();
+            if seen.len() as u64 >= distinct && complete_at.is_none() {
+                complete_at = Some(std::time::Instant::now());
+            }
+            complete_at.is_some_and(|at| at.elapsed() >= linger)
+        })
+        .await
+}
+
 /// What a reader saw of the workload topic.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeliveryReport {

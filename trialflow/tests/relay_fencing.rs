@@ -5,16 +5,15 @@
 //! in flight is refused. A `read_committed` reader (librdkafka's default, and the consumers') must
 //! see every event exactly once, and per key in commit order.
 
-use std::collections::HashSet;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
-use trialflow_outbox::kafka::{TopicReader, ensure_topics};
+use trialflow_outbox::kafka::ensure_topics;
 use trialflow_outbox::shard::shard_lock_namespace;
-use trialflow_testkit::workload::check_delivery;
+use trialflow_testkit::workload::{check_delivery, read_events};
 use trialflow_testkit::{TestService, database_url, kafka, unique, wait_until};
 
 const EVENTS: u64 = 4000;
@@ -120,23 +119,9 @@ async fn a_paused_relay_is_fenced_and_readers_see_every_event_once_in_order() ->
         return Err(error);
     }
 
-    // librdkafka reads read_committed unless told otherwise.
-    let mut seen = HashSet::new();
-    let mut scanned = 0;
-    let mut complete_at = None;
-    let messages = TopicReader::new(&kafka(), &svc.topic, true)?
-        .read_until(WAIT, move |m| {
-            for msg in &m[scanned..] {
-                seen.insert(msg.header("event_id").unwrap_or_default().to_string());
-            }
-            scanned = m.len();
-            // Everything is there; a little longer, to catch a late duplicate.
-            if seen.len() as u64 >= EVENTS && complete_at.is_none() {
-                complete_at = Some(std::time::Instant::now());
-            }
-            complete_at.is_some_and(|at| at.elapsed() >= Duration::from_secs(2))
-        })
-        .await?;
+    // librdkafka reads read_committed unless told otherwise; a little longer than needed, to catch
+    // a late duplicate.
+    let messages = read_events(&kafka(), &svc.topic, EVENTS, Duration::from_secs(2), WAIT).await?;
     let report = check_delivery(&messages);
     assert_eq!(report.distinct, EVENTS, "events lost: {report:?}");
     assert_eq!(report.duplicates, 0, "a read_committed reader saw duplicates: {report:?}");

@@ -2,16 +2,14 @@
 //! them is killed with SIGKILL mid-stream. Every row must be published at least once and, per
 //! key, first deliveries must arrive in commit order.
 
-use std::collections::HashSet;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
-use trialflow_outbox::kafka::TopicReader;
 use trialflow_outbox::shard::shard_lock_namespace;
-use trialflow_testkit::workload::check_delivery;
+use trialflow_testkit::workload::{check_delivery, read_events};
 use trialflow_testkit::{TestService, database_url, kafka, wait_until};
 
 const EVENTS: u64 = 6000;
@@ -85,17 +83,7 @@ async fn three_relays_one_killed_keep_per_key_order() -> anyhow::Result<()> {
         assert!(status.success(), "relay exits cleanly on SIGTERM: {status}");
     }
 
-    let mut seen = HashSet::new();
-    let mut scanned = 0;
-    let messages = TopicReader::new(&kafka(), &svc.topic, true)?
-        .read_until(WAIT, move |m| {
-            for msg in &m[scanned..] {
-                seen.insert(msg.header("event_id").unwrap_or_default().to_string());
-            }
-            scanned = m.len();
-            seen.len() as u64 >= EVENTS
-        })
-        .await?;
+    let messages = read_events(&kafka(), &svc.topic, EVENTS, Duration::ZERO, WAIT).await?;
     let report = check_delivery(&messages);
     assert_eq!(report.distinct, EVENTS, "events lost: {report:?}");
     assert_eq!(report.order_violations, 0, "per-key order broken: {report:?}");
