@@ -462,6 +462,15 @@ mod tests {
                 "NOTIFIER_POLL_INTERVAL_MS (--notifier-poll-interval-ms)",
             ),
             (&["--notifier-subscriptions", "{\"k1\": 1}"], "NOTIFIER_SUBSCRIPTIONS is not a JSON array"),
+            (&["--notifier-breaker-failures=-1"], "NOTIFIER_BREAKER_FAILURES (--notifier-breaker-failures)"),
+            (
+                &["--notifier-breaker-failures", "4294967296"],
+                "NOTIFIER_BREAKER_FAILURES (--notifier-breaker-failures)",
+            ),
+            (
+                &["--notifier-breaker-open-ms", "30s\u{7}"],
+                "NOTIFIER_BREAKER_OPEN_MS (--notifier-breaker-open-ms)",
+            ),
         ];
         for (args, name) in cases {
             let refused = configured(args).err().unwrap_or_default();
