@@ -50,6 +50,7 @@ pub(crate) async fn group(kafka: &KafkaConfig, rate: u64, seconds: u64) -> anyho
         kafka: kafka.clone(),
         topics,
         tokens: vec![token.clone()],
+        oidc: None,
         ack_timeout_ms: DEFAULT_ACK_TIMEOUT_MS,
         clock: Default::default(),
         max_future_skew_secs: trialflow_http::input::DEFAULT_MAX_FUTURE_SKEW_SECS,

@@ -170,6 +170,7 @@ impl TestApi {
             database_url: url.clone(),
             schema: schema.clone(),
             tokens: tokens.clone(),
+            oidc: None,
             topics: topics.clone(),
         };
         let api = AlertApi::bind(config).await?;

@@ -15,11 +15,13 @@ pub struct ApiError {
     pub message: String,
     /// Path of the offending input, e.g. `arms[1].ratio` or `criteria.INC01`.
     pub field: Option<String>,
+    /// Why a token was refused (401 only), e.g. `token_expired`.
+    pub reason: Option<&'static str>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), field: None }
+        Self { status, code, message: message.into(), field: None, reason: None }
     }
 
     pub fn with_field(mut self, field: impl Into<String>) -> Self {
@@ -53,8 +55,18 @@ impl ApiError {
         )
     }
 
+    /// 401 with the reason a bearer token was refused (`token_expired`, `wrong_audience`, ...).
+    pub fn unauthenticated_because(reason: &'static str, message: impl Into<String>) -> Self {
+        Self { reason: Some(reason), ..Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", message) }
+    }
+
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// 403: a study, site or subject outside the caller's token's scope.
+    pub fn out_of_scope(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "out_of_scope", message)
     }
 
     /// 503: try again later (the database is unreachable, busy, or a lock wait timed out).
@@ -79,18 +91,33 @@ struct ErrorDetail<'a> {
     message: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     field: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
-            error: ErrorDetail { code: self.code, message: &self.message, field: self.field.as_deref() },
+            error: ErrorDetail {
+                code: self.code,
+                message: &self.message,
+                field: self.field.as_deref(),
+                reason: self.reason,
+            },
         };
         let mut response = (self.status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
         match self.status {
+            // RFC 6750: a token was sent and refused, or none was sent.
             StatusCode::UNAUTHORIZED => {
-                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                let challenge = match self.reason {
+                    Some(reason) => HeaderValue::from_str(&format!(
+                        "Bearer error=\"invalid_token\", error_description=\"{reason}\""
+                    ))
+                    .unwrap_or(HeaderValue::from_static("Bearer error=\"invalid_token\"")),
+                    None => HeaderValue::from_static("Bearer"),
+                };
+                headers.insert(header::WWW_AUTHENTICATE, challenge);
             }
             StatusCode::SERVICE_UNAVAILABLE => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -2,8 +2,10 @@
 //! researchers' alert API (consumers) — and what the consumers that judge the same inputs need
 //! of them. A crate of its own so that both sides depend on it, and neither on the other.
 //!
-//! * [`auth`]: who is calling — bearer tokens mapped to a user and a [`Role`](auth::Role)
-//!   (site staff, pharmacists, admins, researchers), and what each role may see.
+//! * [`auth`]: who is calling — bearer tokens mapped to a user, a [`Role`](auth::Role) (site
+//!   staff, investigators, pharmacists, admins, researchers, patient apps) and the studies and
+//!   sites they may act on, and what each role may see.
+//! * [`oidc`]: an identity provider's JWTs, verified against its JWKS.
 //! * [`error`]: [`ApiError`], the `{"error": {"code", "message", "field"}}` body every service
 //!   answers a failed request with.
 //! * [`input`]: what the front doors accept — the rules for every string, body and instant,
@@ -17,5 +19,6 @@ pub mod auth;
 pub mod clock;
 pub mod error;
 pub mod input;
+pub mod oidc;
 
 pub use error::ApiError;

@@ -71,6 +71,7 @@ impl TestGateway {
             kafka: kafka.clone(),
             topics: topics.clone(),
             tokens: vec![unique("other-app"), token.clone()],
+            oidc: None,
             ack_timeout_ms,
             clock,
             max_future_skew_secs: trialflow_http::input::DEFAULT_MAX_FUTURE_SKEW_SECS,
@@ -289,7 +290,15 @@ async fn submissions_need_an_app_token() -> anyhow::Result<()> {
         let reply = gw.post_with(authorization.as_deref(), body.clone()).await?;
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{authorization:?}");
         assert_eq!(reply.error().0, "unauthenticated");
-        assert_eq!(reply.headers.get("www-authenticate").and_then(|v| v.to_str().ok()), Some("Bearer"));
+        // RFC 6750: a refused token is `invalid_token` with the reason; no token is a bare challenge.
+        let challenge =
+            reply.headers.get("www-authenticate").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        if authorization.as_deref() == Some("Bearer nope") {
+            assert_eq!(reply.body["error"]["reason"], "unknown_token", "{}", reply.body);
+            assert!(challenge.starts_with("Bearer error=\"invalid_token\""), "{challenge}");
+        } else {
+            assert_eq!(challenge, "Bearer");
+        }
     }
     // The token is checked before the body is looked at.
     let reply = gw.post_with(None, "{").await?;

@@ -74,6 +74,7 @@ impl TestApi {
             database_url: url.clone(),
             schema: schema.clone(),
             tokens: tokens.clone(),
+            oidc: None,
             topics: topics.clone(),
             max_connections: 8,
             max_future_skew_secs: trialflow_http::input::DEFAULT_MAX_FUTURE_SKEW_SECS,

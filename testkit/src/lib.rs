@@ -6,6 +6,7 @@
 //! * [`kafka_cluster`]: a private Apache Kafka cluster of `N` nodes for one test (kill and restart
 //!   nodes, secured listeners), started from the jars `make up` installs.
 
+pub mod idp;
 pub mod kafka_cluster;
 pub mod pg_server;
 pub mod tls;

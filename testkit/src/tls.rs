@@ -43,7 +43,7 @@ pub struct Certificates {
     pub dir: TempDir,
 }
 
-fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     let output = std::process::Command::new("openssl")
         .args(args)
         .current_dir(dir)

@@ -95,6 +95,7 @@ impl Fixture {
             database_url: url.clone(),
             schema: site_schema.clone(),
             tokens: grants.clone(),
+            oidc: None,
             topics: topics.clone(),
             max_connections: 4,
             max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
@@ -112,6 +113,7 @@ impl Fixture {
             kafka: kafka(),
             topics: topics.clone(),
             tokens: vec![app.clone()],
+            oidc: None,
             ack_timeout_ms: 10_000,
             clock: Default::default(),
             max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
@@ -128,6 +130,7 @@ impl Fixture {
             database_url: url.clone(),
             schema: alert_schema.clone(),
             tokens: grants.clone(),
+            oidc: None,
             topics,
         })
         .await?;

@@ -77,6 +77,7 @@ impl Fixture {
             database_url: url.clone(),
             schema: site_schema,
             tokens: grants.clone(),
+            oidc: None,
             topics: topics.clone(),
             max_connections: 4,
             max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
@@ -100,6 +101,7 @@ impl Fixture {
             kafka: kafka(),
             topics: topics.clone(),
             tokens: vec![app.clone()],
+            oidc: None,
             ack_timeout_ms: 10_000,
             clock: Default::default(),
             max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
@@ -122,6 +124,7 @@ impl Fixture {
             database_url: url.clone(),
             schema: alert_schema,
             tokens: grants,
+            oidc: None,
             topics,
         })
         .await?;

@@ -9,6 +9,7 @@ use clap::Args;
 use trialflow_http::auth::accepted_tokens;
 use trialflow_http::clock::Clock;
 use trialflow_http::input::{DEFAULT_MAX_FUTURE_SKEW_SECS, parse_future_skew};
+use trialflow_http::oidc::{OidcArgs, OidcSettings};
 use trialflow_outbox::KafkaConfig;
 use trialflow_outbox::config::{self, at_least_one, setting, trimmed};
 use trialflow_schemas::topics::TopicNames;
@@ -34,8 +35,9 @@ pub struct EproGatewayArgs {
     #[command(flatten)]
     pub kafka: KafkaConfig,
 
-    /// Accepted app tokens, separated by commas (blanks around them ignored). None when unset
-    /// (see --demo-tokens). Prefer the variable: a flag shows in the process list.
+    /// Accepted static app tokens, separated by commas (blanks around them ignored); every study.
+    /// Production uses an identity provider (OIDC_*, role `patient_app`). None when unset (see
+    /// --demo-tokens). Prefer the variable: a flag shows in the process list.
     // A qualified `Vec`: the whole list is one value (clap would parse each item of a `Vec` alone).
     #[arg(long, env = "EPRO_GATEWAY_TOKENS", hide_env_values = true, value_name = "TOKEN,...", value_parser = setting(parse_tokens))]
     pub tokens: Option<::std::vec::Vec<String>>,
@@ -58,6 +60,9 @@ pub struct EproGatewayArgs {
     /// ahead of the gateway's clock before it is refused; at most 86400 (a day).
     #[arg(long, env = "EPRO_GATEWAY_MAX_FUTURE_SKEW_SECS", value_name = "SECS", default_value_t = DEFAULT_MAX_FUTURE_SKEW_SECS, value_parser = setting(parse_future_skew))]
     pub max_future_skew_secs: u64,
+
+    #[command(flatten)]
+    pub oidc: OidcArgs,
 }
 
 /// `Debug` never shows the tokens.
@@ -71,6 +76,7 @@ impl fmt::Debug for EproGatewayArgs {
             .field("topic_prefix", &self.topic_prefix)
             .field("ack_timeout_ms", &self.ack_timeout_ms)
             .field("max_future_skew_secs", &self.max_future_skew_secs)
+            .field("oidc", &self.oidc)
             .finish()
     }
 }
@@ -80,20 +86,23 @@ impl EproGatewayArgs {
     /// EPRO_GATEWAY_TOKENS, or, when it gives none, the demo token if `--demo-tokens`; else an
     /// error (no app could be authenticated).
     pub fn into_config(self) -> Result<EproGatewayConfig, EproGatewayError> {
-        let demo = self.demo_tokens;
-        let tokens =
-            accepted_tokens(self.tokens.clone(), demo, || vec![DEMO_TOKEN.to_string()]).ok_or_else(|| {
+        let oidc = self.oidc.settings().map_err(EproGatewayError::Config)?;
+        let demo = || vec![DEMO_TOKEN.to_string()];
+        let tokens = accepted_tokens(self.tokens.clone(), self.demo_tokens, demo, oidc.is_some())
+            .ok_or_else(|| {
                 EproGatewayError::Config(
-                    "no app can be authenticated: set EPRO_GATEWAY_TOKENS (comma-separated) or pass \
+                    "no app can be authenticated: configure an identity provider (OIDC_ISSUER, \
+                     OIDC_AUDIENCE, OIDC_JWKS), set EPRO_GATEWAY_TOKENS (comma-separated) or pass \
                      --demo-tokens"
                         .to_string(),
                 )
             })?;
-        Ok(self.with_tokens(tokens))
+        Ok(self.with_tokens(tokens, oidc))
     }
 
-    fn with_tokens(self, tokens: Vec<String>) -> EproGatewayConfig {
+    fn with_tokens(self, tokens: Vec<String>, oidc: Option<OidcSettings>) -> EproGatewayConfig {
         EproGatewayConfig {
+            oidc,
             listen: self.listen,
             kafka: self.kafka,
             topics: TopicNames::new(self.topic_prefix),
@@ -116,8 +125,11 @@ pub struct EproGatewayConfig {
     pub kafka: KafkaConfig,
     /// Deployed topic names (`TOPIC_PREFIX`).
     pub topics: TopicNames,
-    /// Accepted app tokens (`EPRO_GATEWAY_TOKENS`, comma-separated). Locally: [`DEMO_TOKEN`].
+    /// Accepted static app tokens (`EPRO_GATEWAY_TOKENS`, comma-separated). Locally:
+    /// [`DEMO_TOKEN`].
     pub tokens: Vec<String>,
+    /// The identity provider whose JWTs (role `patient_app`) are accepted (`OIDC_*`), if any.
+    pub oidc: Option<OidcSettings>,
     /// How long (milliseconds) a submission waits for the broker's acknowledgement before it is
     /// answered 503 (`EPRO_GATEWAY_ACK_TIMEOUT_MS`; librdkafka `message.timeout.ms`).
     pub ack_timeout_ms: u64,
@@ -141,6 +153,7 @@ impl fmt::Debug for EproGatewayConfig {
             .field("ack_timeout_ms", &self.ack_timeout_ms)
             .field("clock", &self.clock)
             .field("max_future_skew_secs", &self.max_future_skew_secs)
+            .field("oidc", &self.oidc)
             .finish()
     }
 }
@@ -149,11 +162,17 @@ impl EproGatewayConfig {
     /// For in-process use (`trialflow run`, the demo, tests): the defaults with the environment
     /// variables of [`EproGatewayArgs`] (the `KAFKA_*` ones included) that are set and valid
     /// applied (see [`config::from_env_lenient`]: an invalid one is logged and its default kept),
-    /// and the demo token when `EPRO_GATEWAY_TOKENS` gives none.
+    /// the demo token when `EPRO_GATEWAY_TOKENS` gives none, and the identity provider when
+    /// `OIDC_*` configure one (an OIDC setting that does not parse leaves no token accepted).
     pub fn local() -> Self {
-        let (args, _) = config::from_env_lenient::<EproGatewayArgs>();
-        let tokens = args.tokens.clone().unwrap_or_else(|| vec![DEMO_TOKEN.to_string()]);
-        args.with_tokens(tokens)
+        let (args, refused) = config::from_env_lenient::<EproGatewayArgs>();
+        let oidc = trialflow_http::oidc::local_settings(&args.oidc, &refused);
+        let tokens = match &args.tokens {
+            _ if oidc.is_err() => Vec::new(),
+            Some(tokens) => tokens.clone(),
+            None => vec![DEMO_TOKEN.to_string()],
+        };
+        args.with_tokens(tokens, oidc.unwrap_or(None))
     }
 }
 
@@ -248,7 +267,7 @@ mod tests {
     fn debug_output_hides_the_tokens() {
         let args = EproGatewayArgs { tokens: Some(vec!["s3cr3t".into()]), ..config::defaults() };
         assert!(!format!("{args:?}").contains("s3cr3t"));
-        let config = args.with_tokens(vec!["s3cr3t".into()]);
+        let config = args.with_tokens(vec!["s3cr3t".into()], None);
         assert!(!format!("{config:?}").contains("s3cr3t"));
     }
 }

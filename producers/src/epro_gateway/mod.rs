@@ -117,7 +117,7 @@ pub fn describe_metrics() {
 /// What every handler shares.
 #[derive(Debug)]
 pub(crate) struct Gateway {
-    pub(crate) tokens: auth::AppTokens,
+    pub(crate) auth: trialflow_http::auth::Authenticator,
     pub(crate) publisher: publish::Publisher,
     pub(crate) clock: trialflow_http::clock::Clock,
     /// How far a stated instant may lead `clock`.
@@ -148,8 +148,16 @@ impl EproGateway {
         if config.ack_timeout_ms == 0 {
             return Err(EproGatewayError::Config("ack_timeout_ms must be at least 1".to_string()));
         }
-        if config.tokens.is_empty() {
-            tracing::warn!("No app tokens configured: every submission will get 401.");
+        let auth = trialflow_http::auth::Authenticator::start(
+            &auth::app_grants(&config.tokens),
+            config.oidc.as_ref(),
+        )
+        .await
+        .map_err(EproGatewayError::Config)?;
+        if !auth.accepts_anyone() {
+            tracing::warn!(
+                "No app tokens and no identity provider configured: every submission will get 401."
+            );
         }
         let producer: FutureProducer =
             producer_config(&config).create().map_err(EproGatewayError::Producer)?;
@@ -166,7 +174,7 @@ impl EproGateway {
             listener.local_addr().map_err(|source| EproGatewayError::Bind { addr: config.listen, source })?;
         describe_metrics();
         let gateway = Arc::new(Gateway {
-            tokens: auth::AppTokens::new(&config.tokens),
+            auth,
             publisher: publish::Publisher::new(producer.clone(), &config),
             clock: config.clock.clone(),
             max_future_skew: chrono::Duration::seconds(

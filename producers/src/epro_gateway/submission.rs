@@ -29,13 +29,14 @@ pub(crate) struct Accepted {
 
 pub(crate) async fn submit(
     State(gateway): State<Arc<Gateway>>,
-    _app: App,
+    App(app): App,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let received_at = gateway.clock.now();
     let body = body.map_err(|rejection| input::body_error(rejection, MAX_BODY_BYTES))?;
     let submission: QuestionnaireResponseSubmitted = input::parse_body(&body, &SUBMISSION_BODY)?;
     let subject_id = check_shape(&submission)?;
+    app.require_study(&submission.envelope.study_id)?;
     check_not_future(&submission, received_at, gateway.max_future_skew)?;
     let ack = gateway.publisher.publish(&submission, subject_id, received_at).await?;
     let accepted = Accepted {

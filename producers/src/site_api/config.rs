@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use clap::Args;
 use trialflow_http::auth::{TokenGrant, accepted_tokens, parse_tokens};
 use trialflow_http::input::{DEFAULT_MAX_FUTURE_SKEW_SECS, parse_future_skew};
+use trialflow_http::oidc::{OidcArgs, OidcSettings};
 use trialflow_outbox::SchemaName;
 use trialflow_outbox::config::{self, DEFAULT_DATABASE_URL, at_least_one, setting, trimmed};
 use trialflow_schemas::topics::TopicNames;
@@ -37,9 +38,10 @@ pub struct SiteApiArgs {
     #[arg(long, env = "SITE_API_SCHEMA", default_value = super::SCHEMA, value_parser = setting(|name| SchemaName::new(name).map_err(|e| e.to_string())))]
     pub schema: SchemaName,
 
-    /// Accepted bearer tokens, `token=role:user` separated by commas; roles admin, site_staff,
-    /// pharmacist, researcher. None when unset (see --demo-tokens). Prefer the variable: a flag
-    /// shows in the process list.
+    /// Accepted static bearer tokens, `token=role:user` separated by commas; roles admin,
+    /// site_staff, investigator, pharmacist, researcher; every study and site. For tests and
+    /// trials: production uses an identity provider (OIDC_*). None when unset (see
+    /// --demo-tokens). Prefer the variable: a flag shows in the process list.
     // A qualified `Vec`: the whole list is one value (clap would parse each item of a `Vec` alone).
     #[arg(long, env = TOKENS_VAR, hide_env_values = true, value_name = "TOKEN=ROLE:USER,...", value_parser = setting(parse_tokens))]
     pub tokens: Option<::std::vec::Vec<TokenGrant>>,
@@ -61,25 +63,32 @@ pub struct SiteApiArgs {
     /// before the command is refused; at most 86400 (a day).
     #[arg(long, env = "SITE_API_MAX_FUTURE_SKEW_SECS", value_name = "SECS", default_value_t = DEFAULT_MAX_FUTURE_SKEW_SECS, value_parser = setting(parse_future_skew))]
     pub max_future_skew_secs: u64,
+
+    #[command(flatten)]
+    pub oidc: OidcArgs,
 }
 
 impl SiteApiArgs {
-    /// The configuration of these settings: the tokens of SITE_API_TOKENS, or, when it gives none,
-    /// the demo tokens if `--demo-tokens`; else an error (no caller could be authenticated).
+    /// The configuration of these settings: the identity provider of OIDC_*, and the tokens of
+    /// SITE_API_TOKENS, or, when it gives none, the demo tokens if `--demo-tokens`; an error when
+    /// no caller could be authenticated.
     pub fn into_config(self) -> Result<SiteApiConfig, SiteApiError> {
-        let demo = self.demo_tokens;
-        let tokens = accepted_tokens(self.tokens.clone(), demo, demo_tokens).ok_or_else(|| {
-            SiteApiError::Config(
-                "no caller can be authenticated: set SITE_API_TOKENS (token=role:user,...) or pass \
+        let oidc = self.oidc.settings().map_err(SiteApiError::Config)?;
+        let tokens = accepted_tokens(self.tokens.clone(), self.demo_tokens, demo_tokens, oidc.is_some())
+            .ok_or_else(|| {
+                SiteApiError::Config(
+                    "no caller can be authenticated: configure an identity provider (OIDC_ISSUER, \
+                     OIDC_AUDIENCE, OIDC_JWKS), set SITE_API_TOKENS (token=role:user,...) or pass \
                      --demo-tokens"
-                    .to_string(),
-            )
-        })?;
-        Ok(self.with_tokens(tokens))
+                        .to_string(),
+                )
+            })?;
+        Ok(self.with_tokens(tokens, oidc))
     }
 
-    fn with_tokens(self, tokens: Vec<TokenGrant>) -> SiteApiConfig {
+    fn with_tokens(self, tokens: Vec<TokenGrant>, oidc: Option<OidcSettings>) -> SiteApiConfig {
         SiteApiConfig {
+            oidc,
             listen: self.listen,
             database_url: self.database_url,
             schema: self.schema,
@@ -101,9 +110,11 @@ pub struct SiteApiConfig {
     /// The service schema holding the API's tables and its outbox (`SITE_API_SCHEMA`; the relay
     /// must list it in `OUTBOX_SOURCES`).
     pub schema: SchemaName,
-    /// Accepted bearer tokens (`SITE_API_TOKENS="tok1=admin:alice,tok2=site_staff:bob"`; roles
-    /// admin, site_staff, pharmacist, researcher). Locally: [`DEMO_TOKENS`].
+    /// Accepted static bearer tokens (`SITE_API_TOKENS="tok1=admin:alice,tok2=site_staff:bob"`).
+    /// Locally: [`DEMO_TOKENS`].
     pub tokens: Vec<TokenGrant>,
+    /// The identity provider whose JWTs are accepted (`OIDC_*`), if any.
+    pub oidc: Option<OidcSettings>,
     /// Deployed topic names (`TOPIC_PREFIX`).
     pub topics: TopicNames,
     /// Size of the database pool (`SITE_API_MAX_CONNECTIONS`).
@@ -117,16 +128,18 @@ impl SiteApiConfig {
     /// For in-process use (`trialflow run`, the demo, tests): the defaults with the environment
     /// variables of [`SiteApiArgs`] that are set and valid applied (see
     /// [`config::from_env_lenient`]: an invalid one is logged and its default kept), and the
-    /// demo tokens when `SITE_API_TOKENS` is unset. A `SITE_API_TOKENS` that does not parse
-    /// leaves NO token accepted rather than the demo tokens.
+    /// demo tokens when `SITE_API_TOKENS` is unset, and the identity provider when `OIDC_*`
+    /// configure one. A `SITE_API_TOKENS` or an OIDC setting that does not parse leaves NO token
+    /// accepted rather than the demo tokens.
     pub fn local() -> Self {
         let (args, refused) = config::from_env_lenient::<SiteApiArgs>();
+        let oidc = trialflow_http::oidc::local_settings(&args.oidc, &refused);
         let tokens = match &args.tokens {
-            _ if refused.iter().any(|var| var == TOKENS_VAR) => Vec::new(),
+            _ if refused.iter().any(|var| var == TOKENS_VAR) || oidc.is_err() => Vec::new(),
             Some(tokens) => tokens.clone(),
             None => demo_tokens(),
         };
-        args.with_tokens(tokens)
+        args.with_tokens(tokens, oidc.unwrap_or(None))
     }
 }
 

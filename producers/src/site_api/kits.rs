@@ -122,6 +122,7 @@ pub(crate) async fn receive_shipment(
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
     principal.require(&[Role::Pharmacist, Role::Admin])?;
+    principal.require_site(&study_id, &site_id)?;
     let (key, req): (_, ReceiveShipment) = request.parse()?;
     let expiry = validate_shipment(&req)?;
     let occurred_at = api.occurred_at(req.occurred_at.as_deref())?;
@@ -156,7 +157,8 @@ pub(crate) async fn list_kits(
     principal: Principal,
     Path((study_id, site_id)): Path<(String, String)>,
 ) -> Result<axum::Json<KitList>, ApiError> {
-    principal.require(&[Role::SiteStaff, Role::Pharmacist, Role::Admin])?;
+    principal.require(&[Role::SiteStaff, Role::Investigator, Role::Pharmacist, Role::Admin])?;
+    principal.require_site(&study_id, &site_id)?;
     let s = &api.schema;
     let mut conn = api.pool.acquire().await?;
     require_study(&mut conn, s, &study_id).await?;

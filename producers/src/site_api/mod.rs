@@ -72,7 +72,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use trialflow_http::ApiError;
-use trialflow_http::auth::{HasTokens, Tokens};
+use trialflow_http::auth::{Authenticator, HasAuth};
 use trialflow_http::input::{self, BodyRules};
 use trialflow_outbox::{Outbox, SchemaName};
 use trialflow_schemas::Timestamp;
@@ -153,14 +153,14 @@ pub(crate) struct Api {
     pub(crate) outbox: Outbox,
     pub(crate) schema: SchemaName,
     pub(crate) topics: TopicNames,
-    pub(crate) tokens: Tokens,
+    pub(crate) auth: Authenticator,
     /// How far a stated instant may lead the server's clock.
     pub(crate) max_future_skew: chrono::Duration,
 }
 
-impl HasTokens for Api {
-    fn tokens(&self) -> &Tokens {
-        &self.tokens
+impl HasAuth for Api {
+    fn auth(&self) -> &Authenticator {
+        &self.auth
     }
 }
 
@@ -198,8 +198,12 @@ impl SiteApi {
         if let Some(dup) = config.tokens.iter().find(|g| !seen.insert(g.token.as_str())) {
             return Err(SiteApiError::Config(format!("a token of `{}` is given twice", dup.user)));
         }
-        if config.tokens.is_empty() {
-            tracing::warn!("No API tokens configured: every request except the probes will get 401.");
+        let auth =
+            Authenticator::start(&config.tokens, config.oidc.as_ref()).await.map_err(SiteApiError::Config)?;
+        if !auth.accepts_anyone() {
+            tracing::warn!(
+                "No API tokens and no identity provider configured: every request except the probes will get 401."
+            );
         }
         let listener = TcpListener::bind(config.listen)
             .await
@@ -218,7 +222,7 @@ impl SiteApi {
             outbox,
             schema: config.schema,
             topics: config.topics,
-            tokens: Tokens::new(&config.tokens),
+            auth,
             max_future_skew: chrono::Duration::seconds(
                 i64::try_from(config.max_future_skew_secs).unwrap_or(i64::MAX / 1_000_000),
             ),

@@ -322,6 +322,10 @@ pub fn validate_site(site: &CreateSite) -> Result<(), ApiError> {
 
 // ---- handlers ----------------------------------------------------------------------------------
 
+/// Who may read a study's set-up (blinded roles get the blinded view): everyone but patient apps.
+const STUDY_READERS: &[Role] =
+    &[Role::Admin, Role::SiteStaff, Role::Investigator, Role::Pharmacist, Role::Researcher];
+
 pub(crate) async fn create_study(
     State(api): State<Arc<Api>>,
     principal: Principal,
@@ -329,6 +333,7 @@ pub(crate) async fn create_study(
 ) -> Result<Response, ApiError> {
     principal.require(&[Role::Admin])?;
     let (key, study): (_, CreateStudy) = request.parse()?;
+    principal.require_study(&study.study_id)?;
     validate_study(&study)?;
     let occurred_at = api.occurred_at(study.occurred_at.as_deref())?;
     api.run_once(&principal, key, &request, async |command| {
@@ -366,6 +371,7 @@ pub(crate) async fn create_site(
 ) -> Result<Response, ApiError> {
     principal.require(&[Role::Admin])?;
     let (key, site): (_, CreateSite) = request.parse()?;
+    principal.require_site(&study_id, &site.site_id)?;
     validate_site(&site)?;
     api.occurred_at(site.occurred_at.as_deref())?;
     api.run_once(&principal, key, &request, async |command| {
@@ -406,6 +412,8 @@ pub(crate) async fn get_study(
     principal: Principal,
     Path(study_id): Path<String>,
 ) -> Result<axum::Json<StudyView>, ApiError> {
+    principal.require(STUDY_READERS)?;
+    principal.require_study(&study_id)?;
     let s = &api.schema;
     let mut conn = api.pool.acquire().await?;
     let setup = StudySetup::require(&mut conn, s, &study_id).await?;

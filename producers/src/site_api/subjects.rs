@@ -30,7 +30,7 @@ use super::studies::{AGE_CRITERION, Eligibility, Factor, StudySetup, no_site, si
 use super::{Api, CommandRequest, MAX_SEX_CHARS, PgQuery, SOURCE_SYSTEM, check_time_zone};
 
 /// Who may record what happens to a subject.
-const SUBJECT_ROLES: &[Role] = &[Role::SiteStaff, Role::Admin];
+const SUBJECT_ROLES: &[Role] = &[Role::SiteStaff, Role::Investigator, Role::Admin];
 
 // ---- requests ------------------------------------------------------------------------------------
 
@@ -237,6 +237,7 @@ pub(crate) async fn screen_subject(
 ) -> Result<Response, ApiError> {
     principal.require(SUBJECT_ROLES)?;
     let (key, req): (_, ScreenSubject) = request.parse()?;
+    principal.require_site(&study_id, &req.site_id)?;
     validate_screening(&req)?;
     let occurred_at = api.occurred_at(req.occurred_at.as_deref())?;
     api.run_once(&principal, key, &request, async |command| {
@@ -364,8 +365,10 @@ async fn on_active_subject<E: Event>(
     (study_id, subject_id): (&str, &str),
     record: impl AsyncFnOnce(&mut PgConnection, &Subject) -> Result<E, ApiError>,
 ) -> Result<Response, ApiError> {
+    principal.require_study(study_id)?;
     api.run_once(principal, key, request, async |command| {
-        let subject = Subject::lock_active(&mut command.tx, &api.schema, study_id, subject_id).await?;
+        let subject =
+            Subject::lock_active(&mut command.tx, &api.schema, principal, study_id, subject_id).await?;
         let event = record(&mut command.tx, &subject).await?;
         command.emit(&event, subject_id).await?;
         Ok(serde_json::json!({"subject_id": subject_id, "event_ids": [event.envelope().event_id]}))
@@ -594,10 +597,13 @@ struct Subject {
 impl Subject {
     /// Locks the subject's row (commands on one subject run one after the other, so a withdrawal
     /// and an enrollment request cannot both pass the withdrawn check): 404 when there is none,
-    /// 409 when it has been withdrawn, as nothing more may be recorded for it.
+    /// 409 when it has been withdrawn, as nothing more may be recorded for it. A caller limited
+    /// to some sites gets 403 `out_of_scope` for a subject of another site AND for one that does
+    /// not exist, with the same message: nothing is revealed about other sites' subjects.
     async fn lock_active(
         conn: &mut PgConnection,
         s: &SchemaName,
+        principal: &Principal,
         study_id: &str,
         subject_id: &str,
     ) -> Result<Self, ApiError> {
@@ -609,8 +615,18 @@ impl Subject {
         .bind(subject_id)
         .fetch_optional(&mut *conn)
         .await?;
-        let (site_id, screening_event_id, withdrawn) = row
-            .ok_or_else(|| ApiError::not_found(format!("no subject `{subject_id}` in study `{study_id}`")))?;
+        let out_of_scope =
+            || ApiError::out_of_scope(format!("subject `{subject_id}` is not at a site of your token"));
+        let Some((site_id, screening_event_id, withdrawn)) = row else {
+            return Err(if principal.all_sites() {
+                ApiError::not_found(format!("no subject `{subject_id}` in study `{study_id}`"))
+            } else {
+                out_of_scope()
+            });
+        };
+        if !principal.scope.sites.contains(&site_id) {
+            return Err(out_of_scope());
+        }
         if withdrawn {
             return Err(ApiError::conflict(
                 "subject_withdrawn",

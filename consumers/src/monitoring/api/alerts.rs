@@ -211,7 +211,7 @@ async fn fetch_alert(
 )]
 pub(super) async fn get_alert(
     State(api): State<AlertState>,
-    Researcher(_): Researcher,
+    Researcher(principal): Researcher,
     Path(raw_id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = alert_id(&raw_id)?;
@@ -220,6 +220,7 @@ pub(super) async fn get_alert(
     let mut tx = api.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
     let alert =
         fetch_alert(&mut tx, s, id).await?.ok_or_else(|| ApiError::not_found(format!("no alert `{id}`")))?;
+    in_scope(&principal, id, &alert.study_id)?;
     let evidence: Vec<EvidenceItem> = sqlx::query_as(AssertSqlSafe(format!(
         "SELECT event_id, observed_at, description, value, unit FROM {s}.alert_evidence
          WHERE alert_id = $1 ORDER BY observed_at, event_id"
@@ -239,6 +240,14 @@ pub(super) async fn get_alert(
         tracing::error!(error = %e, "Alert detail does not serialize; answering 500.");
         ApiError::internal()
     })?))
+}
+
+/// 403 `out_of_scope` for an alert of a study outside the caller's token.
+fn in_scope(principal: &Principal, id: Uuid, study_id: &str) -> Result<(), ApiError> {
+    if principal.scope.studies.contains(study_id) {
+        return Ok(());
+    }
+    Err(ApiError::out_of_scope(format!("alert `{id}` is of a study outside your token")))
 }
 
 // ---- decisions -------------------------------------------------------------------------------
@@ -427,6 +436,17 @@ async fn decide(
     let s = &api.schema;
 
     let mut tx = api.pool.begin().await?;
+    // Its study first: an alert of another study is neither changed nor described (its status).
+    let study_id: Option<String> =
+        sqlx::query_scalar(AssertSqlSafe(format!("SELECT study_id FROM {s}.alert WHERE alert_id = $1")))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    in_scope(
+        principal,
+        id,
+        study_id.as_deref().ok_or_else(|| ApiError::not_found(format!("no alert `{id}`")))?,
+    )?;
     let decided: Option<Decided> = sqlx::query_as(AssertSqlSafe(decision.update_sql(s)))
         .bind(id)
         .bind(&principal.user)

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use clap::Args;
 use trialflow_http::auth::{TokenGrant, accepted_tokens, parse_tokens};
+use trialflow_http::oidc::{OidcArgs, OidcSettings};
 use trialflow_outbox::SchemaName;
 use trialflow_outbox::config::{self, DEFAULT_DATABASE_URL, setting, trimmed};
 use trialflow_schemas::topics::TopicNames;
@@ -48,6 +49,9 @@ pub struct AlertApiArgs {
     /// Prefix of every topic name, e.g. `staging.` (several environments on one cluster).
     #[arg(long, env = "TOPIC_PREFIX", default_value = "")]
     pub topic_prefix: String,
+
+    #[command(flatten)]
+    pub oidc: OidcArgs,
 }
 
 impl AlertApiArgs {
@@ -55,19 +59,22 @@ impl AlertApiArgs {
     /// none, the demo token if `--demo-tokens`; else an error (no researcher could be
     /// authenticated).
     pub fn into_config(self) -> Result<AlertApiConfig, AlertApiError> {
-        let demo = self.demo_tokens;
-        let tokens = accepted_tokens(self.tokens.clone(), demo, demo_tokens).ok_or_else(|| {
-            AlertApiError::Config(
-                "no researcher can be authenticated: set ALERT_API_TOKENS (token=role:user,...) or \
-                     pass --demo-tokens"
-                    .to_string(),
-            )
-        })?;
-        Ok(self.with_tokens(tokens))
+        let oidc = self.oidc.settings().map_err(AlertApiError::Config)?;
+        let tokens = accepted_tokens(self.tokens.clone(), self.demo_tokens, demo_tokens, oidc.is_some())
+            .ok_or_else(|| {
+                AlertApiError::Config(
+                    "no researcher can be authenticated: configure an identity provider \
+                     (OIDC_ISSUER, OIDC_AUDIENCE, OIDC_JWKS), set ALERT_API_TOKENS \
+                     (token=role:user,...) or pass --demo-tokens"
+                        .to_string(),
+                )
+            })?;
+        Ok(self.with_tokens(tokens, oidc))
     }
 
-    fn with_tokens(self, tokens: Vec<TokenGrant>) -> AlertApiConfig {
+    fn with_tokens(self, tokens: Vec<TokenGrant>, oidc: Option<OidcSettings>) -> AlertApiConfig {
         AlertApiConfig {
+            oidc,
             listen: self.listen,
             database_url: self.database_url,
             schema: self.schema,
@@ -91,6 +98,8 @@ pub struct AlertApiConfig {
     /// (`ALERT_API_TOKENS="tok1=researcher:rita,tok2=admin:ada"`); researchers and admins may use
     /// the API, other roles get 403. Locally: [`DEMO_TOKENS`].
     pub tokens: Vec<TokenGrant>,
+    /// The identity provider whose JWTs are accepted (`OIDC_*`), if any.
+    pub oidc: Option<OidcSettings>,
     /// Deployed topic names (`TOPIC_PREFIX`).
     pub topics: TopicNames,
 }
@@ -99,16 +108,18 @@ impl AlertApiConfig {
     /// For in-process use (`trialflow run`, the demo, tests): the defaults with the environment
     /// variables of [`AlertApiArgs`] that are set and valid applied (see
     /// [`config::from_env_lenient`]: an invalid one is logged and its default kept), and the
-    /// demo token when `ALERT_API_TOKENS` is unset. An `ALERT_API_TOKENS` that does not parse
-    /// leaves NO token accepted rather than the demo token.
+    /// demo token when `ALERT_API_TOKENS` is unset, and the identity provider when `OIDC_*`
+    /// configure one. An `ALERT_API_TOKENS` or an OIDC setting that does not parse leaves NO
+    /// token accepted rather than the demo token.
     pub fn local() -> Self {
         let (args, refused) = config::from_env_lenient::<AlertApiArgs>();
+        let oidc = trialflow_http::oidc::local_settings(&args.oidc, &refused);
         let tokens = match &args.tokens {
-            _ if refused.iter().any(|var| var == TOKENS_VAR) => Vec::new(),
+            _ if refused.iter().any(|var| var == TOKENS_VAR) || oidc.is_err() => Vec::new(),
             Some(tokens) => tokens.clone(),
             None => demo_tokens(),
         };
-        args.with_tokens(tokens)
+        args.with_tokens(tokens, oidc.unwrap_or(None))
     }
 }
 

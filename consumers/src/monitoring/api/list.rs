@@ -39,6 +39,7 @@ use serde::Serialize;
 use serde_json::json;
 use sqlx::{Postgres, QueryBuilder};
 use trialflow_http::ApiError;
+use trialflow_http::auth::Ids;
 use trialflow_http::input::{self, MAX_CODE_CHARS, Problem, Text, check_id};
 use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn, ParameterStyle};
 use utoipa::openapi::schema::{ArrayBuilder, KnownFormat, ObjectBuilder, SchemaFormat, Type};
@@ -433,12 +434,15 @@ pub(super) struct AlertPage {
 }
 
 /// The alerts of `request`, and the cursor of the page after them if there is one.
-async fn page(api: &AlertState, request: &ListRequest) -> Result<AlertPage, sqlx::Error> {
+async fn page(api: &AlertState, request: &ListRequest, studies: &Ids) -> Result<AlertPage, sqlx::Error> {
     let f = &request.filter;
     let mut sql = QueryBuilder::<Postgres>::new(select_alerts(&api.schema));
     // Only the conditions given: each combination gets a plan of its own (one statement with
     // `$n IS NULL OR ...` for all would get a generic plan that serves none of them well).
     sql.push(" WHERE true");
+    if let Some(studies) = studies.listed() {
+        sql.push(" AND a.study_id = ANY(").push_bind(studies).push(")");
+    }
     for (column, value) in [
         ("study_id", &f.study_id),
         ("site_id", &f.site_id),
@@ -508,11 +512,14 @@ async fn page(api: &AlertState, request: &ListRequest) -> Result<AlertPage, sqlx
 )]
 pub(super) async fn list_alerts(
     State(api): State<AlertState>,
-    Researcher(_): Researcher,
+    Researcher(principal): Researcher,
     RawQuery(query): RawQuery,
 ) -> Result<Json<AlertPage>, ApiError> {
     let request = ListRequest::parse(query.as_deref())?;
-    Ok(Json(page(&api, &request).await?))
+    if let Some(study_id) = &request.filter.study_id {
+        principal.require_study(study_id)?;
+    }
+    Ok(Json(page(&api, &request, &principal.scope.studies).await?))
 }
 
 #[cfg(test)]

@@ -63,7 +63,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use trialflow_http::ApiError;
-use trialflow_http::auth::{Principal, Role, Tokens};
+use trialflow_http::auth::{Authenticator, Principal, Role};
 use trialflow_http::input;
 use trialflow_outbox::{Outbox, SchemaName};
 use trialflow_schemas::topics::TopicNames;
@@ -149,7 +149,7 @@ struct Shared {
     outbox: Outbox,
     schema: SchemaName,
     topics: TopicNames,
-    tokens: Tokens,
+    auth: Authenticator,
     /// Changes of this schema's alerts, from the one listener to every stream.
     changes: broadcast::Sender<stream::Signal>,
     /// Cancelled on shutdown: ends the streams, which would otherwise keep the server open.
@@ -174,15 +174,14 @@ impl FromRequestParts<AlertState> for Researcher {
 
     async fn from_request_parts(parts: &mut Parts, api: &AlertState) -> Result<Self, ApiError> {
         let authorization = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-        api.authorize(authorization).map(Researcher)
+        api.authorize(authorization).await.map(Researcher)
     }
 }
 
 impl Shared {
     /// The caller of an `Authorization` header value, if it may use the API.
-    fn authorize(&self, authorization: Option<&str>) -> Result<Principal, ApiError> {
-        let principal =
-            self.tokens.principal(authorization).cloned().ok_or_else(ApiError::unauthenticated)?;
+    async fn authorize(&self, authorization: Option<&str>) -> Result<Principal, ApiError> {
+        let principal = self.auth.authenticate(authorization).await?;
         principal.require(ROLES)?;
         Ok(principal)
     }
@@ -209,8 +208,13 @@ impl AlertApi {
         if let Some(dup) = config.tokens.iter().find(|g| !seen.insert(g.token.as_str())) {
             return Err(AlertApiError::Config(format!("a token of `{}` is given twice", dup.user)));
         }
-        if config.tokens.is_empty() {
-            tracing::warn!("No alert API tokens configured: every request except the probes will get 401.");
+        let auth = Authenticator::start(&config.tokens, config.oidc.as_ref())
+            .await
+            .map_err(AlertApiError::Config)?;
+        if !auth.accepts_anyone() {
+            tracing::warn!(
+                "No alert API tokens and no identity provider configured: every request except the probes will get 401."
+            );
         }
         let listener = TcpListener::bind(config.listen)
             .await
@@ -231,7 +235,7 @@ impl AlertApi {
             outbox,
             schema: config.schema,
             topics: config.topics,
-            tokens: Tokens::new(&config.tokens),
+            auth,
             changes,
             stop: CancellationToken::new(),
         }));

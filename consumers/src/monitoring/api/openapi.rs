@@ -116,6 +116,7 @@ impl utoipa::PartialSchema for ErrorBody {
             .property("message", text("What was wrong and what to do, for people."))
             .required("message")
             .property("field", text("The parameter, path segment or body field to blame, when there is one."))
+            .property("reason", text("Why a bearer token was refused (401 only), e.g. `token_expired`."))
             .additional_properties(Some(AdditionalProperties::FreeForm(false)));
         ObjectBuilder::new()
             .property("error", detail)
@@ -160,7 +161,8 @@ macro_rules! error_responses {
 error_responses! {
     Unauthenticated: "`unauthenticated`: no valid token.",
         "WWW-Authenticate" = "`Bearer`";
-    Forbidden: "`forbidden`: the token's role may not use this API (researchers and admins may).";
+    Forbidden: "`forbidden`: the token's role may not use this API (researchers and admins may); \
+        `out_of_scope`: the alert's study, or the `study_id` asked for, is not among the token's.";
     NoSuchAlert: "`not_found`: no alert with this id (an id that is not a UUID names none either).";
     InvalidText: "`invalid_characters` or `too_long`: a control character in, or an over-long, \
         query value or path segment (`field` names it).";

@@ -44,6 +44,7 @@ use sqlx::{AssertSqlSafe, PgPool};
 use tokio::sync::{broadcast, mpsc};
 use tracing::Instrument;
 use trialflow_http::ApiError;
+use trialflow_http::auth::Ids;
 use trialflow_outbox::SchemaName;
 use utoipa::openapi::Required;
 use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
@@ -75,6 +76,8 @@ const RELISTEN_DELAY: Duration = Duration::from_secs(1);
 pub(super) struct Change {
     id: i64,
     kind: String,
+    /// Whose it is: a stream sends only its caller's studies' changes.
+    study_id: String,
     /// The alert's JSON.
     data: String,
 }
@@ -102,7 +105,7 @@ impl HistoryRow {
             tracing::error!(error = %e, "Alert does not serialize.");
             ApiError::internal()
         })?;
-        Ok(Change { id: self.id, kind: self.kind, data })
+        Ok(Change { id: self.id, kind: self.kind, study_id: self.alert.study_id, data })
     }
 }
 
@@ -239,7 +242,7 @@ pub(super) async fn stream(
         Some(value) => value.to_str().ok(),
         None => from_query.as_deref(),
     };
-    let principal = api.authorize(authorization)?;
+    let principal = api.authorize(authorization).await?;
     let last_event_id = match headers.get("last-event-id").map(HeaderValue::to_str) {
         None => None,
         Some(Ok(text)) if text.trim().is_empty() => None,
@@ -253,7 +256,8 @@ pub(super) async fn stream(
     let changes = api.changes.subscribe();
     let (sender, mut receiver) = mpsc::channel(CLIENT_BUFFER);
     let span = tracing::info_span!("alert_stream", user = %principal.user);
-    tokio::spawn(Feed::new(api, sender, last_event_id).run(changes).instrument(span));
+    let studies = principal.scope.studies.clone();
+    tokio::spawn(Feed::new(api, sender, last_event_id, studies).run(changes).instrument(span));
     let events = futures::stream::poll_fn(move |cx| receiver.poll_recv(cx)).map(Ok::<_, Infallible>);
     let mut response = Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response();
     // Proxies that buffer responses (nginx) would hold the events back.
@@ -281,10 +285,12 @@ struct Feed {
     /// The last ids sent, to skip duplicates and to re-read from the oldest of them.
     sent: BTreeSet<i64>,
     first: bool,
+    /// The caller's studies: changes of other studies are not sent.
+    studies: Ids,
 }
 
 impl Feed {
-    fn new(api: AlertState, sender: mpsc::Sender<Event>, last_event_id: Option<i64>) -> Self {
+    fn new(api: AlertState, sender: mpsc::Sender<Event>, last_event_id: Option<i64>, studies: Ids) -> Self {
         let floor = last_event_id.unwrap_or(0);
         Self {
             api,
@@ -294,6 +300,7 @@ impl Feed {
             cursor: floor,
             sent: BTreeSet::new(),
             first: true,
+            studies,
         }
     }
 
@@ -352,11 +359,14 @@ impl Feed {
                 + &format!(
                     " CROSS JOIN LATERAL (SELECT id, kind FROM {s}.alert_history
                                          WHERE alert_id = a.alert_id ORDER BY id DESC LIMIT 1) h
-                      WHERE a.status <> 'resolved'
+                      WHERE a.status <> 'resolved' AND ($2::text[] IS NULL OR a.study_id = ANY($2))
                       ORDER BY h.id DESC LIMIT $1"
                 );
-            let rows: Vec<HistoryRow> =
-                sqlx::query_as(AssertSqlSafe(sql)).bind(SNAPSHOT_MAX).fetch_all(&self.api.pool).await?;
+            let rows: Vec<HistoryRow> = sqlx::query_as(AssertSqlSafe(sql))
+                .bind(SNAPSHOT_MAX)
+                .bind(self.studies.listed())
+                .fetch_all(&self.api.pool)
+                .await?;
             Ok::<_, sqlx::Error>((watermark, rows))
         };
         let (watermark, rows) = read.await.map_err(|e| self.failed(e.into()))?;
@@ -412,6 +422,9 @@ impl Feed {
     }
 
     async fn send(&mut self, change: &Change) -> Result<(), Ended> {
+        if !self.studies.contains(&change.study_id) {
+            return Ok(());
+        }
         let event = self.event(change);
         self.deliver(event).await?;
         self.sent.insert(change.id);
