@@ -171,6 +171,7 @@ impl TestApi {
             schema: schema.clone(),
             tokens: tokens.clone(),
             topics: topics.clone(),
+            limits: trialflow_http::limits::Limits::unthrottled(),
         };
         let api = AlertApi::bind(config).await?;
         let base = format!("http://{}", api.local_addr());

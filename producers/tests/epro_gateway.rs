@@ -74,6 +74,7 @@ impl TestGateway {
             ack_timeout_ms,
             clock,
             max_future_skew_secs: trialflow_http::input::DEFAULT_MAX_FUTURE_SKEW_SECS,
+            limits: trialflow_http::limits::Limits::unthrottled(),
         };
         let gateway = EproGateway::bind(config).await?;
         let base = format!("http://{}", gateway.local_addr());

@@ -77,6 +77,7 @@ impl TestApi {
             topics: topics.clone(),
             max_connections: 8,
             max_future_skew_secs: trialflow_http::input::DEFAULT_MAX_FUTURE_SKEW_SECS,
+            limits: trialflow_http::limits::Limits::unthrottled(),
         };
         let api = SiteApi::bind(config).await?;
         let base = format!("http://{}", api.local_addr());

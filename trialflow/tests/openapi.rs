@@ -80,6 +80,7 @@ impl Fixture {
             topics: topics.clone(),
             max_connections: 4,
             max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
+            limits: trialflow_http::limits::Limits::unthrottled(),
         })
         .await?;
         services.push(Service {
@@ -103,6 +104,7 @@ impl Fixture {
             ack_timeout_ms: 10_000,
             clock: Default::default(),
             max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
+            limits: trialflow_http::limits::Limits::unthrottled(),
         })
         .await?;
         services.push(Service {
@@ -123,6 +125,7 @@ impl Fixture {
             schema: alert_schema,
             tokens: grants,
             topics,
+            limits: trialflow_http::limits::Limits::unthrottled(),
         })
         .await?;
         services.push(Service {
