@@ -54,6 +54,8 @@ pub(crate) async fn group(kafka: &KafkaConfig, rate: u64, seconds: u64) -> anyho
         ack_timeout_ms: DEFAULT_ACK_TIMEOUT_MS,
         clock: Default::default(),
         max_future_skew_secs: trialflow_http::input::DEFAULT_MAX_FUTURE_SKEW_SECS,
+        // A benchmark of the gateway, not of its limits.
+        limits: trialflow_http::limits::Limits::unthrottled(),
     };
     let total = usize::try_from(rate * seconds)?;
     let submissions: Vec<QuestionnaireResponseSubmitted> =

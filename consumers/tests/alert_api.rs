@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use trialflow_consumers::monitoring::{self, api::AlertApi, api::AlertApiConfig, api::AlertApiError};
 use trialflow_http::auth::{Role, TokenGrant};
+use trialflow_http::limits::{Limits, Rate};
 use trialflow_outbox::SchemaName;
 use trialflow_schemas::topics::{self, TopicNames};
 use trialflow_schemas::{AlertAcknowledged, AlertResolved, Event};
@@ -155,6 +156,10 @@ struct Row {
 
 impl TestApi {
     async fn start() -> anyhow::Result<Self> {
+        Self::start_with(Limits::unthrottled()).await
+    }
+
+    async fn start_with(limits: Limits) -> anyhow::Result<Self> {
         init_logs();
         let schema = SchemaName::new(unique("alerts"))?;
         let url = database_url();
@@ -172,6 +177,7 @@ impl TestApi {
             tokens: tokens.clone(),
             oidc: None,
             topics: topics.clone(),
+            limits,
         };
         let api = AlertApi::bind(config).await?;
         let base = format!("http://{}", api.local_addr());
@@ -1254,4 +1260,138 @@ async fn produce_heart_rate(api: &TestApi, subject: &str, value: f64) -> anyhow:
     let record = FutureRecord::to(&topic).key(subject).payload(&payload).headers(headers);
     producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
     Ok(())
+}
+
+// ---- rate limits and the request timeout ---------------------------------------------------------
+
+/// The `Retry-After` (seconds) of a 429 `rate_limited` answer.
+fn retry_after(answer: &Answer) -> anyhow::Result<u64> {
+    ensure!(answer.error().0 == StatusCode::TOO_MANY_REQUESTS, "answered {}: {}", answer.status, answer.text);
+    ensure!(answer.error().1 == "rate_limited", "{}", answer.text);
+    let secs: u64 = answer.headers.get("retry-after").context("no Retry-After")?.to_str()?.parse()?;
+    ensure!(secs >= 1, "Retry-After: {secs}");
+    Ok(secs)
+}
+
+/// Sends `request` until it is refused with 429 (at most `max` times); the answers, the refusal
+/// last. Every answer before it must be `served`.
+async fn until_refused<F, Fut>(max: usize, served: StatusCode, mut request: F) -> anyhow::Result<Vec<Answer>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Answer>>,
+{
+    let mut answers = Vec::new();
+    for _ in 0..max {
+        let answer = request().await?;
+        let refused = answer.status == StatusCode::TOO_MANY_REQUESTS;
+        ensure!(refused || answer.status == served, "answered {}: {}", answer.status, answer.text);
+        answers.push(answer);
+        if refused {
+            return Ok(answers);
+        }
+    }
+    bail!("{max} requests and none was refused")
+}
+
+impl TestApi {
+    async fn get_raw(&self, token: Option<&str>, path: &str) -> anyhow::Result<Answer> {
+        let request = self.http.get(format!("{}{path}", self.base));
+        self.send(match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        })
+        .await
+    }
+
+    /// Whether any session holds (or, `waiting`, waits for) a lock on `table` of the API's schema.
+    async fn locked(&self, table: &str, waiting: bool) -> anyhow::Result<bool> {
+        let sql = "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = to_regclass($1) AND NOT (granted AND $2))";
+        let table = format!("{}.{table}", self.schema);
+        Ok(sqlx::query_scalar(sql).bind(table).bind(waiting).fetch_one(&self.pool).await?)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principal_beyond_its_rate_is_told_when_to_retry_while_others_are_served() -> anyhow::Result<()> {
+    let api = TestApi::start_with(Limits { per_principal: Rate::new(1, 3), ..Limits::unthrottled() }).await?;
+    let answers = until_refused(10, StatusCode::OK, || api.get(&api.researcher, "/v1/alerts")).await?;
+    assert!(answers.len() > 3, "the burst of 3 is served: {} answers", answers.len());
+    let wait = retry_after(answers.last().context("an answer")?)?;
+    assert_eq!(
+        api.get(&api.admin, "/v1/alerts").await?.status,
+        StatusCode::OK,
+        "another principal is served"
+    );
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    assert_eq!(
+        api.get(&api.researcher, "/v1/alerts").await?.status,
+        StatusCode::OK,
+        "served after Retry-After"
+    );
+    api.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_beyond_its_rate_is_refused_whatever_tokens_it_sends() -> anyhow::Result<()> {
+    let api = TestApi::start_with(Limits { per_address: Rate::new(1, 5), ..Limits::unthrottled() }).await?;
+    let shared = &api;
+    let forged = || {
+        let token = unique("forged");
+        async move { shared.get_raw(Some(&token), "/v1/alerts").await }
+    };
+    let answers = until_refused(20, StatusCode::UNAUTHORIZED, forged).await?;
+    assert!(answers.len() > 5, "the burst of 5 is served: {} answers", answers.len());
+    retry_after(answers.last().context("an answer")?)?;
+    for probe in ["/healthz", "/readyz"] {
+        assert_eq!(api.get_raw(None, probe).await?.status, StatusCode::OK, "{probe} is exempt");
+    }
+    api.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_beyond_the_request_timeout_is_cut_and_rolled_back_while_a_stream_stays_open()
+-> anyhow::Result<()> {
+    let timeout = Duration::from_millis(500);
+    let api = TestApi::start_with(Limits { request_timeout: timeout, ..Limits::unthrottled() }).await?;
+    let id = api.raise(&Alert::default()).await?;
+    let mut stream = api.open_stream(None).await?;
+    let opened = Instant::now();
+    let (_, caught_up) = stream.until_ready().await?;
+
+    let mut locker = api.pool.begin().await?;
+    let lock = format!("LOCK TABLE {}.alert IN ACCESS EXCLUSIVE MODE", api.schema);
+    sqlx::query(AssertSqlSafe(lock)).execute(&mut *locker).await?;
+    let (path, reason) = (format!("/v1/alerts/{id}/acknowledge"), json!({"reason": "on it"}));
+    let started = Instant::now();
+    let (answer, probe) = tokio::join!(api.post(&api.researcher, &path, &reason), async {
+        wait_until("the decision waits for the alert table", Duration::from_secs(5), || {
+            api.locked("alert", true)
+        })
+        .await?;
+        anyhow::Ok(api.get_raw(None, "/healthz").await?.status)
+    });
+    let (answer, took) = (answer?, started.elapsed());
+    assert_eq!(probe?, StatusCode::OK, "the probe answers while a decision hangs");
+    assert_eq!(answer.error(), (StatusCode::SERVICE_UNAVAILABLE, "timeout", None), "{}", answer.text);
+    assert_eq!(answer.headers.get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    assert!(took >= timeout && took < timeout + Duration::from_secs(3), "answered after {took:?}");
+
+    // Once the lock is released, the cut decision's transaction ends without committing.
+    locker.rollback().await?;
+    wait_until("the cut decision's transaction ends", Duration::from_secs(10), || async {
+        Ok(!api.locked("alert", false).await? && !api.locked("alert_history", false).await?)
+    })
+    .await?;
+    let sql = format!("SELECT status, (SELECT count(*) FROM {0}.alert_history) FROM {0}.alert", api.schema);
+    let (status, history): (String, i64) = sqlx::query_as(AssertSqlSafe(sql)).fetch_one(&api.pool).await?;
+    assert_eq!((status.as_str(), history), ("open", 1), "nothing of the cut decision is kept");
+    assert!(api.outbox().await?.is_empty(), "no event of a decision cut off");
+
+    // The stream, open since before the timeout, outlives it and carries the retried decision.
+    let retried = api.post(&api.researcher, &path, &reason).await?;
+    assert_eq!(retried.status, StatusCode::OK, "{}", retried.text);
+    let event = stream.next_after(caught_up).await?;
+    assert_eq!((event.event.as_str(), &event.data["alert_id"]), ("acknowledged", &json!(id.to_string())));
+    assert!(opened.elapsed() > timeout, "the stream was open for {:?}", opened.elapsed());
+    api.stop().await
 }

@@ -74,6 +74,18 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the service is unavailable; retry later")
     }
 
+    /// 429: the caller sent more requests than its limit allows (see [`crate::limits`], which
+    /// adds `Retry-After`).
+    pub fn rate_limited(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+    }
+
+    /// 503: the request took longer than the request timeout and was stopped (see
+    /// [`crate::limits`]).
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", message)
+    }
+
     /// 500. The cause is logged, never sent.
     pub fn internal() -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")

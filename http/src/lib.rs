@@ -12,6 +12,9 @@
 //!   JSON bodies read with duplicate keys refused and errors naming the field's path, ids and
 //!   required values — shared with the ePRO validation consumer, which refuses the same
 //!   submissions when apps publish them straight to Kafka.
+//! * [`limits`]: what one caller may send and how long one request may take — rate limits per
+//!   bearer token and per client address (429 `rate_limited`) and the request timeout (503
+//!   `timeout`).
 //! * [`clock`]: where "now" comes from; a replay drives a virtual one (read by the ePRO gateway
 //!   and by kit allocation).
 
@@ -19,6 +22,7 @@ pub mod auth;
 pub mod clock;
 pub mod error;
 pub mod input;
+pub mod limits;
 pub mod oidc;
 
 pub use error::ApiError;

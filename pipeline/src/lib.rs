@@ -26,6 +26,7 @@ use trialflow_consumers::monitoring::{
     self,
     api::{AlertApi, AlertApiConfig},
 };
+use trialflow_http::limits::Limits;
 use trialflow_outbox::{DatabaseConfig, KafkaConfig, RelayConfig};
 use trialflow_producers::epro_gateway::{self, EproGateway, EproGatewayConfig};
 use trialflow_producers::site_api::{self, SiteApi, SiteApiConfig};
@@ -52,7 +53,9 @@ pub struct PipelineConfig {
 }
 
 impl PipelineConfig {
-    /// Local defaults for every component, on `database_url` and `kafka`.
+    /// Local defaults for every component, on `database_url` and `kafka`. The HTTP services are
+    /// not rate limited unless `HTTP_RATE_LIMIT_*` is set (one client drives the demo, the replay,
+    /// the load tests and the benchmarks); see [`PipelineConfig::with_limits`].
     pub fn local(database_url: &str, kafka: &KafkaConfig) -> Self {
         let schemas = Schemas::default();
         let mut relay = RelayConfig::local(schemas.sources());
@@ -96,6 +99,16 @@ impl PipelineConfig {
     pub fn with_database(mut self, database: &DatabaseConfig) -> Self {
         self.relay.database = database.clone();
         self.consumer.database = database.clone();
+        self
+    }
+
+    /// The three HTTP services with `limits` (`trialflow run` / `replay` / `demo` pass
+    /// [`LimitsArgs::local_limits`](trialflow_http::limits::LimitsArgs::local_limits) of their
+    /// one set of settings).
+    pub fn with_limits(mut self, limits: &Limits) -> Self {
+        self.site_api.limits = limits.clone();
+        self.epro_gateway.limits = limits.clone();
+        self.alert_api.limits = limits.clone();
         self
     }
 }

@@ -4,13 +4,14 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, bail, ensure};
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use trialflow_http::clock::Clock;
+use trialflow_http::limits::{Limits, Rate};
 use trialflow_outbox::KafkaConfig;
 use trialflow_outbox::kafka::{ReadMessage, TopicReader};
 use trialflow_producers::epro_gateway::{EproGateway, EproGatewayConfig, EproGatewayError};
@@ -28,6 +29,8 @@ struct TestGateway {
     kafka: KafkaConfig,
     topic: String,
     token: String,
+    /// Another app's token.
+    other_token: String,
     http: reqwest::Client,
     shutdown: CancellationToken,
     server: JoinHandle<Result<(), EproGatewayError>>,
@@ -63,18 +66,28 @@ impl TestGateway {
     }
 
     async fn start_with(kafka: KafkaConfig, ack_timeout_ms: u64, clock: Clock) -> anyhow::Result<Self> {
+        Self::start_limited(kafka, ack_timeout_ms, clock, Limits::unthrottled()).await
+    }
+
+    async fn start_limited(
+        kafka: KafkaConfig,
+        ack_timeout_ms: u64,
+        clock: Clock,
+        limits: Limits,
+    ) -> anyhow::Result<Self> {
         init_logs();
         let topics = TopicNames::new(format!("{}.", unique("gw").replace('_', "-")));
-        let token = unique("app");
+        let (token, other_token) = (unique("app"), unique("other-app"));
         let config = EproGatewayConfig {
             listen: "127.0.0.1:0".parse()?,
             kafka: kafka.clone(),
             topics: topics.clone(),
-            tokens: vec![unique("other-app"), token.clone()],
+            tokens: vec![other_token.clone(), token.clone()],
             oidc: None,
             ack_timeout_ms,
             clock,
             max_future_skew_secs: trialflow_http::input::DEFAULT_MAX_FUTURE_SKEW_SECS,
+            limits,
         };
         let gateway = EproGateway::bind(config).await?;
         let base = format!("http://{}", gateway.local_addr());
@@ -85,6 +98,7 @@ impl TestGateway {
             kafka,
             topic: topics.of::<QuestionnaireResponseSubmitted>(),
             token,
+            other_token,
             http: reqwest::Client::new(),
             shutdown,
             server,
@@ -455,5 +469,95 @@ async fn avro_json_unions_and_a_missing_event_id_are_refused_naming_the_path() -
         assert!(message.contains(named), "{named} named in {message}");
     }
     assert!(gw.published(Duration::from_millis(500)).await?.is_empty(), "nothing published");
+    gw.stop().await
+}
+
+// ---- rate limits and the request timeout ---------------------------------------------------------
+
+/// The `Retry-After` (seconds) of a 429 `rate_limited` answer.
+fn retry_after(reply: &Reply) -> anyhow::Result<u64> {
+    ensure!(reply.status == StatusCode::TOO_MANY_REQUESTS, "answered {}: {}", reply.status, reply.body);
+    ensure!(reply.error().0 == "rate_limited", "{}", reply.body);
+    let secs: u64 = reply.headers.get("retry-after").context("no Retry-After")?.to_str()?.parse()?;
+    ensure!(secs >= 1, "Retry-After: {secs}");
+    Ok(secs)
+}
+
+/// Posts the body `{` with `authorization` until it is refused with 429 (at most `max` times); the
+/// statuses before the refusal (each `served`) and the refusal.
+async fn until_refused(
+    gw: &TestGateway,
+    max: usize,
+    served: StatusCode,
+    mut authorization: impl FnMut() -> String,
+) -> anyhow::Result<(usize, Reply)> {
+    for before in 0..max {
+        let reply = gw.post_with(Some(&authorization()), "{").await?;
+        if reply.status == StatusCode::TOO_MANY_REQUESTS {
+            return Ok((before, reply));
+        }
+        ensure!(reply.status == served, "answered {}: {}", reply.status, reply.body);
+    }
+    bail!("{max} requests and none was refused")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_beyond_its_rate_is_told_when_to_retry_while_other_apps_are_served() -> anyhow::Result<()> {
+    let limits = Limits { per_principal: Rate::new(1, 3), ..Limits::unthrottled() };
+    let gw = TestGateway::start_limited(kafka(), 10_000, Clock::System, limits).await?;
+    let app = format!("Bearer {}", gw.token);
+    // The burst is served (400: the body is not JSON; nothing is published), then the rate refuses.
+    let (served, refused) = until_refused(&gw, 10, StatusCode::BAD_REQUEST, || app.clone()).await?;
+    assert!(served >= 3, "the burst of 3 is served: {served}");
+    let wait = retry_after(&refused)?;
+    let other = gw.post_with(Some(&format!("Bearer {}", gw.other_token)), "{").await?;
+    assert_eq!(other.status, StatusCode::BAD_REQUEST, "another app is served: {}", other.body);
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    assert_eq!(
+        gw.post_with(Some(&app), "{").await?.status,
+        StatusCode::BAD_REQUEST,
+        "served after Retry-After"
+    );
+    gw.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_beyond_its_rate_is_refused_whatever_tokens_it_sends() -> anyhow::Result<()> {
+    let limits = Limits { per_address: Rate::new(1, 5), ..Limits::unthrottled() };
+    let gw = TestGateway::start_limited(kafka(), 10_000, Clock::System, limits).await?;
+    let forged = || format!("Bearer {}", unique("forged"));
+    let (served, refused) = until_refused(&gw, 20, StatusCode::UNAUTHORIZED, forged).await?;
+    assert!(served >= 5, "the burst of 5 is served: {served}");
+    retry_after(&refused)?;
+    let health = gw.http.get(format!("{}/healthz", gw.base)).send().await?;
+    assert_eq!(health.status(), StatusCode::OK, "the probe is exempt");
+    gw.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_beyond_the_request_timeout_is_503_timeout_and_the_probe_answers() -> anyhow::Result<()>
+{
+    // The broker never acknowledges (nothing listens there) and the ack timeout is longer than
+    // the request timeout: the request timeout cuts the wait.
+    let unreachable = KafkaConfig { bootstrap_servers: "127.0.0.1:1".to_string(), ..KafkaConfig::default() };
+    let timeout = Duration::from_millis(500);
+    let limits = Limits { request_timeout: timeout, ..Limits::unthrottled() };
+    // (3 s rather than the default 10 s: stopping the gateway waits that long for the record.)
+    let gw = TestGateway::start_limited(unreachable, 3_000, Clock::System, limits).await?;
+    let body = json_of(&submission())?;
+    let started = Instant::now();
+    let (reply, health) = tokio::join!(gw.post(&body), async {
+        gw.http.get(format!("{}/healthz", gw.base)).send().await.map(|r| r.status())
+    });
+    let (reply, took) = (reply?, started.elapsed());
+    assert_eq!(health?, StatusCode::OK, "the probe answers while a submission waits");
+    assert_eq!(
+        (reply.status, reply.error().0),
+        (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+        "{}",
+        reply.body
+    );
+    assert_eq!(reply.headers.get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    assert!(took >= timeout && took < timeout + Duration::from_secs(3), "answered after {took:?}");
     gw.stop().await
 }

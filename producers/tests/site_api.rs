@@ -2,7 +2,9 @@
 //! schema, binds the API on a free port with its own tokens and topic prefix, and checks the
 //! responses and the outbox rows the commands wrote (the relay is tested elsewhere).
 
-use anyhow::{Context, bail};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
@@ -11,6 +13,7 @@ use sqlx::{AssertSqlSafe, PgPool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use trialflow_http::auth::{Role, TokenGrant};
+use trialflow_http::limits::{Limits, Rate};
 use trialflow_outbox::SchemaName;
 use trialflow_producers::site_api::{self, SiteApi, SiteApiConfig, SiteApiError};
 use trialflow_schemas::topics::TopicNames;
@@ -18,7 +21,7 @@ use trialflow_schemas::{
     ConsentSigned, DateTimePrecision, EligibilityAssessed, EnrollmentRequested, Event, KitsReceived,
     StudyConfigured, SubjectScreened, SubjectWithdrawn, Timestamp,
 };
-use trialflow_testkit::{database_url, init_logs, unique};
+use trialflow_testkit::{database_url, init_logs, unique, wait_until};
 
 /// A seed no other number in a response is likely to equal, to show it never leaks.
 const SEED: i64 = 918_273_645_546;
@@ -55,6 +58,10 @@ struct Answer {
 
 impl TestApi {
     async fn start() -> anyhow::Result<Self> {
+        Self::start_with(Limits::unthrottled()).await
+    }
+
+    async fn start_with(limits: Limits) -> anyhow::Result<Self> {
         init_logs();
         let schema = SchemaName::new(unique("sa"))?;
         let url = database_url();
@@ -78,6 +85,7 @@ impl TestApi {
             topics: topics.clone(),
             max_connections: 8,
             max_future_skew_secs: trialflow_http::input::DEFAULT_MAX_FUTURE_SKEW_SECS,
+            limits,
         };
         let api = SiteApi::bind(config).await?;
         let base = format!("http://{}", api.local_addr());
@@ -804,5 +812,134 @@ async fn a_command_whose_event_the_log_cannot_take_is_413_and_writes_nothing() -
     assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", answer.text);
     assert_eq!(answer.body["error"]["code"], "event_too_large");
     assert_eq!((api.outbox().await?.len(), api.count("kit").await?), (rows, 0), "nothing written");
+    api.stop().await
+}
+
+// ---- rate limits and the request timeout ---------------------------------------------------------
+
+/// The `Retry-After` (seconds) of a 429 `rate_limited` answer.
+fn retry_after(answer: &Answer) -> anyhow::Result<u64> {
+    ensure!(answer.status == StatusCode::TOO_MANY_REQUESTS, "answered {}: {}", answer.status, answer.text);
+    ensure!(answer.body["error"]["code"] == "rate_limited", "{}", answer.text);
+    let secs: u64 = answer.headers.get("retry-after").context("no Retry-After")?.to_str()?.parse()?;
+    ensure!(secs >= 1, "Retry-After: {secs}");
+    Ok(secs)
+}
+
+/// Sends `request` until it is refused with 429 (at most `max` times); the answers, the refusal
+/// last. Every answer before it must be `served`.
+async fn until_refused<F, Fut>(max: usize, served: StatusCode, mut request: F) -> anyhow::Result<Vec<Answer>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Answer>>,
+{
+    let mut answers = Vec::new();
+    for _ in 0..max {
+        let answer = request().await?;
+        let refused = answer.status == StatusCode::TOO_MANY_REQUESTS;
+        ensure!(refused || answer.status == served, "answered {}: {}", answer.status, answer.text);
+        answers.push(answer);
+        if refused {
+            return Ok(answers);
+        }
+    }
+    bail!("{max} requests and none was refused")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principal_beyond_its_rate_is_told_when_to_retry_while_others_are_served() -> anyhow::Result<()> {
+    let api = TestApi::start_with(Limits { per_principal: Rate::new(1, 3), ..Limits::unthrottled() }).await?;
+    const PATH: &str = "/v1/studies/NO-SUCH-STUDY";
+    // The burst is served (404: no such study), then the rate refuses.
+    let answers = until_refused(10, StatusCode::NOT_FOUND, || api.get(&api.admin, PATH)).await?;
+    assert!(answers.len() > 3, "the burst of 3 is served: {} answers", answers.len());
+    let wait = retry_after(answers.last().context("an answer")?)?;
+    assert_eq!(api.get(&api.site, PATH).await?.status, StatusCode::NOT_FOUND, "another principal is served");
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    assert_eq!(api.get(&api.admin, PATH).await?.status, StatusCode::NOT_FOUND, "served after Retry-After");
+    api.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_beyond_its_rate_is_refused_whatever_tokens_it_sends() -> anyhow::Result<()> {
+    let api = TestApi::start_with(Limits { per_address: Rate::new(1, 5), ..Limits::unthrottled() }).await?;
+    let shared = &api;
+    let forged = || {
+        let token = unique("forged");
+        async move { shared.get_raw(Some(&token), "/v1/studies/NO-SUCH-STUDY").await }
+    };
+    let answers = until_refused(20, StatusCode::UNAUTHORIZED, forged).await?;
+    assert!(answers.len() > 5, "the burst of 5 is served: {} answers", answers.len());
+    retry_after(answers.last().context("an answer")?)?;
+    // Without a token too (the bucket refills one a second meanwhile).
+    let anonymous = until_refused(5, StatusCode::UNAUTHORIZED, || api.get_raw(None, "/v1/studies/X")).await?;
+    retry_after(anonymous.last().context("an answer")?)?;
+    for probe in ["/healthz", "/readyz"] {
+        assert_eq!(api.get_raw(None, probe).await?.status, StatusCode::OK, "{probe} is exempt");
+    }
+    api.stop().await
+}
+
+impl TestApi {
+    /// GETs `path` with `token`, if any.
+    async fn get_raw(&self, token: Option<&str>, path: &str) -> anyhow::Result<Answer> {
+        let request = self.http.get(format!("{}{path}", self.base));
+        self.send(match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        })
+        .await
+    }
+
+    /// Whether some session waits for a lock on `table` of the API's schema.
+    async fn waiting_for(&self, table: &str) -> anyhow::Result<bool> {
+        let sql = "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = to_regclass($1) AND NOT granted)";
+        Ok(sqlx::query_scalar(sql).bind(format!("{}.{table}", self.schema)).fetch_one(&self.pool).await?)
+    }
+
+    /// Whether any session holds or waits for a lock on `table` of the API's schema.
+    async fn locked(&self, table: &str) -> anyhow::Result<bool> {
+        let sql = "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = to_regclass($1))";
+        Ok(sqlx::query_scalar(sql).bind(format!("{}.{table}", self.schema)).fetch_one(&self.pool).await?)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_beyond_the_request_timeout_is_cut_rolled_back_and_503() -> anyhow::Result<()> {
+    let timeout = Duration::from_millis(500);
+    let api = TestApi::start_with(Limits { request_timeout: timeout, ..Limits::unthrottled() }).await?;
+    let mut locker = api.pool.begin().await?;
+    let lock = format!("LOCK TABLE {}.study IN ACCESS EXCLUSIVE MODE", api.schema);
+    sqlx::query(AssertSqlSafe(lock)).execute(&mut *locker).await?;
+    let body = study("SLOW").to_string();
+    let started = Instant::now();
+    let (answer, probes) =
+        tokio::join!(api.post_raw(Some(&api.admin), "/v1/studies", Some("slow-key"), &body), async {
+            wait_until("the command waits for the study table", Duration::from_secs(5), || {
+                api.waiting_for("study")
+            })
+            .await?;
+            anyhow::Ok([
+                api.get_raw(None, "/healthz").await?.status,
+                api.get_raw(None, "/readyz").await?.status,
+            ])
+        });
+    let (answer, took) = (answer?, started.elapsed());
+    assert_eq!(probes?, [StatusCode::OK; 2], "the probes answer while a command hangs");
+    assert_eq!(refusal(&answer), (StatusCode::SERVICE_UNAVAILABLE, "timeout".into(), String::new()));
+    assert_eq!(answer.headers.get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    assert!(took >= timeout && took < timeout + Duration::from_secs(3), "answered after {took:?}");
+
+    // Once the lock is released, the cut command's transaction ends without committing.
+    locker.rollback().await?;
+    wait_until("the cut command's transaction ends", Duration::from_secs(10), || async {
+        Ok(!api.locked("study").await?)
+    })
+    .await?;
+    assert_eq!((api.count("study").await?, api.count("idempotency").await?), (0, 0));
+    assert!(api.outbox().await?.is_empty(), "no event of a command cut off");
+    let retried = api.post_raw(Some(&api.admin), "/v1/studies", Some("slow-key"), &body).await?;
+    assert_eq!(retried.status, StatusCode::CREATED, "the retry with the same key runs: {}", retried.text);
+    assert_eq!(api.count("study").await?, 1);
     api.stop().await
 }

@@ -148,6 +148,10 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub notifier: NotifierArgs,
+
+    /// The HTTP services' rate limits (off unless set) and request timeout, for all three.
+    #[command(flatten)]
+    pub limits: trialflow_http::limits::LimitsArgs,
 }
 
 /// Every component in one process.
@@ -157,7 +161,8 @@ pub async fn run_all(args: RunArgs, shutdown: tokio_util::sync::CancellationToke
         Some(name) => PipelineConfig::isolated(name, url, kafka)?,
         None => PipelineConfig::local(url, kafka),
     }
-    .with_database(&args.database);
+    .with_database(&args.database)
+    .with_limits(&args.limits.local_limits());
     config.create_topics = !args.no_create_topics;
     config.partitions = args.partitions;
     config.settings = Settings {
@@ -343,5 +348,32 @@ mod tests {
         let Ok(Cli { command: Command::Demo(demo), .. }) = cli else { panic!("{cli:?}") };
         assert_eq!((demo.then, demo.replay.days_per_second), (demo::Then::Exit, Some(5.0)));
         assert!(Cli::try_parse_from(["trialflow", "replay", "some-other-trial"]).is_err());
+    }
+
+    #[test]
+    fn the_http_limits_are_one_set_of_settings_wherever_the_services_run() {
+        let limits = |args: &[&str]| match Cli::try_parse_from(args) {
+            Ok(Cli { command: Command::Run(run), .. }) => Some(run.limits),
+            Ok(Cli { command: Command::Demo(demo), .. }) => Some(demo.replay.limits),
+            Ok(Cli { command: Command::Replay(replay), .. }) => Some(replay.args.limits),
+            Ok(Cli { command: Command::SiteApi(args), .. }) => Some(args.limits),
+            Ok(Cli { command: Command::EproGateway(args), .. }) => Some(args.limits),
+            Ok(Cli { command: Command::AlertApi(args), .. }) => Some(args.limits),
+            other => panic!("{args:?}: {other:?}"),
+        };
+        for command in [
+            &["run"][..],
+            &["demo"],
+            &["replay", "cdisc-pilot"],
+            &["site-api"],
+            &["epro-gateway"],
+            &["alert-api"],
+        ] {
+            let mut args = vec!["trialflow"];
+            args.extend_from_slice(command);
+            args.extend_from_slice(&["--rate-limit-per-principal", "7", "--request-timeout-ms", "900"]);
+            let parsed = limits(&args).map(|l| (l.rate_limit_per_principal, l.request_timeout_ms));
+            assert_eq!(parsed, Some((Some(7), Some(900))), "{args:?}");
+        }
     }
 }

@@ -66,6 +66,10 @@ pub struct ReplayArgs {
 
     #[command(flatten)]
     pub notifier: NotifierArgs,
+
+    /// The HTTP services' rate limits (off unless set) and request timeout, for all three.
+    #[command(flatten)]
+    pub limits: trialflow_http::limits::LimitsArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -134,7 +138,8 @@ async fn run_pilot(
         Some(name) => PipelineConfig::isolated(name, url, kafka)?,
         None => PipelineConfig::local(url, kafka),
     }
-    .with_database(&args.database);
+    .with_database(&args.database)
+    .with_limits(&args.limits.local_limits());
     config.partitions = args.partitions;
     config.settings.notifier = args.notifier.clone().into_config().context("notifier configuration")?;
     let (pipeline, clock, config) =

@@ -99,6 +99,7 @@ impl Fixture {
             topics: topics.clone(),
             max_connections: 4,
             max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
+            limits: trialflow_http::limits::Limits::unthrottled(),
         })
         .await?;
         let site_base = format!("http://{}", site.local_addr());
@@ -117,6 +118,7 @@ impl Fixture {
             ack_timeout_ms: 10_000,
             clock: Default::default(),
             max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
+            limits: trialflow_http::limits::Limits::unthrottled(),
         })
         .await?;
         let gateway_base = format!("http://{}", gateway.local_addr());
@@ -132,6 +134,7 @@ impl Fixture {
             tokens: grants.clone(),
             oidc: None,
             topics,
+            limits: trialflow_http::limits::Limits::unthrottled(),
         })
         .await?;
         let alerts_base = format!("http://{}", alerts.local_addr());

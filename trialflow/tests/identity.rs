@@ -73,6 +73,7 @@ impl Fixture {
             schema: site_schema.clone(),
             tokens: vec![],
             oidc: Some(by_file),
+            limits: trialflow_http::limits::Limits::unthrottled(),
             topics: topics.clone(),
             max_connections: 4,
             max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
@@ -90,6 +91,7 @@ impl Fixture {
             topics: topics.clone(),
             tokens: vec![],
             oidc: Some(by_url.clone()),
+            limits: trialflow_http::limits::Limits::unthrottled(),
             ack_timeout_ms: 10_000,
             clock: Default::default(),
             max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
@@ -107,6 +109,7 @@ impl Fixture {
             schema: alert_schema.clone(),
             tokens: vec![],
             oidc: Some(by_url),
+            limits: trialflow_http::limits::Limits::unthrottled(),
             topics,
         })
         .await?;

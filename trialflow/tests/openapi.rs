@@ -81,6 +81,7 @@ impl Fixture {
             topics: topics.clone(),
             max_connections: 4,
             max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
+            limits: trialflow_http::limits::Limits::unthrottled(),
         })
         .await?;
         services.push(Service {
@@ -105,6 +106,7 @@ impl Fixture {
             ack_timeout_ms: 10_000,
             clock: Default::default(),
             max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
+            limits: trialflow_http::limits::Limits::unthrottled(),
         })
         .await?;
         services.push(Service {
@@ -126,6 +128,7 @@ impl Fixture {
             tokens: grants,
             oidc: None,
             topics,
+            limits: trialflow_http::limits::Limits::unthrottled(),
         })
         .await?;
         services.push(Service {

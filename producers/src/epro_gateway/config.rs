@@ -9,6 +9,7 @@ use clap::Args;
 use trialflow_http::auth::accepted_tokens;
 use trialflow_http::clock::Clock;
 use trialflow_http::input::{DEFAULT_MAX_FUTURE_SKEW_SECS, parse_future_skew};
+use trialflow_http::limits::{Limits, LimitsArgs};
 use trialflow_http::oidc::{OidcArgs, OidcSettings};
 use trialflow_outbox::KafkaConfig;
 use trialflow_outbox::config::{self, at_least_one, setting, trimmed};
@@ -63,6 +64,9 @@ pub struct EproGatewayArgs {
 
     #[command(flatten)]
     pub oidc: OidcArgs,
+    /// Rate limits per token and per client address, and the request timeout.
+    #[command(flatten)]
+    pub limits: LimitsArgs,
 }
 
 /// `Debug` never shows the tokens.
@@ -77,6 +81,7 @@ impl fmt::Debug for EproGatewayArgs {
             .field("ack_timeout_ms", &self.ack_timeout_ms)
             .field("max_future_skew_secs", &self.max_future_skew_secs)
             .field("oidc", &self.oidc)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -110,6 +115,7 @@ impl EproGatewayArgs {
             ack_timeout_ms: self.ack_timeout_ms,
             clock: Clock::System,
             max_future_skew_secs: self.max_future_skew_secs,
+            limits: self.limits.limits(),
         }
     }
 }
@@ -140,6 +146,8 @@ pub struct EproGatewayConfig {
     /// ahead of `clock` before it is refused (`EPRO_GATEWAY_MAX_FUTURE_SKEW_SECS`, at most a
     /// day).
     pub max_future_skew_secs: u64,
+    /// Rate limits and the request timeout (`HTTP_RATE_LIMIT_*`, `HTTP_REQUEST_TIMEOUT_MS`).
+    pub limits: Limits,
 }
 
 /// `Debug` never shows the tokens.
@@ -154,6 +162,7 @@ impl fmt::Debug for EproGatewayConfig {
             .field("clock", &self.clock)
             .field("max_future_skew_secs", &self.max_future_skew_secs)
             .field("oidc", &self.oidc)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -164,6 +173,7 @@ impl EproGatewayConfig {
     /// applied (see [`config::from_env_lenient`]: an invalid one is logged and its default kept),
     /// the demo token when `EPRO_GATEWAY_TOKENS` gives none, and the identity provider when
     /// `OIDC_*` configure one (an OIDC setting that does not parse leaves no token accepted).
+    /// Rate limits are off unless set ([`LimitsArgs::local_limits`]).
     pub fn local() -> Self {
         let (args, refused) = config::from_env_lenient::<EproGatewayArgs>();
         let oidc = trialflow_http::oidc::local_settings(&args.oidc, &refused);
@@ -172,7 +182,7 @@ impl EproGatewayConfig {
             Some(tokens) => tokens.clone(),
             None => vec![DEMO_TOKEN.to_string()],
         };
-        args.with_tokens(tokens, oidc.unwrap_or(None))
+        Self { limits: args.limits.local_limits(), ..args.with_tokens(tokens, oidc.unwrap_or(None)) }
     }
 }
 
@@ -201,6 +211,7 @@ mod tests {
         let args = config::defaults::<EproGatewayArgs>();
         assert_eq!(args.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!((args.ack_timeout_ms, args.max_future_skew_secs), (DEFAULT_ACK_TIMEOUT_MS, 300));
+        assert_eq!(args.limits.limits(), Limits::default(), "production limits");
         assert_eq!(args.kafka.bootstrap_servers, trialflow_outbox::config::DEFAULT_KAFKA_BOOTSTRAP_SERVERS);
         assert!(args.tokens.is_none() && !args.demo_tokens);
         let config = EproGatewayArgs { demo_tokens: true, ..args }.into_config().map(|c| c.tokens);
@@ -252,6 +263,26 @@ mod tests {
             ),
             (&["--linger-ms=-5"], "--linger-ms", "invalid"),
             (&["--producer-config", "no-equals-sign"], "--producer-config", "expected key=value"),
+            (
+                &["--rate-limit-per-principal", "1000001"],
+                "HTTP_RATE_LIMIT_PER_PRINCIPAL (--rate-limit-per-principal)",
+                "at most 1000000",
+            ),
+            (
+                &["--rate-limit-per-address", "\u{1b}[31m"],
+                "HTTP_RATE_LIMIT_PER_ADDRESS (--rate-limit-per-address)",
+                "invalid digit",
+            ),
+            (
+                &["--rate-limit-per-principal-burst", ""],
+                "HTTP_RATE_LIMIT_PER_PRINCIPAL_BURST (--rate-limit-per-principal-burst)",
+                "empty",
+            ),
+            (
+                &["--request-timeout-ms", "soon"],
+                "HTTP_REQUEST_TIMEOUT_MS (--request-timeout-ms)",
+                "invalid digit",
+            ),
         ];
         for (args, name, reason) in cases {
             let refused = refusal(args);

@@ -49,8 +49,12 @@
 //! **Errors** are the site API's body, `{"error": {"code", "message", "field"?}}` (see
 //! [`ApiError`]): 400 `invalid_json` / `duplicate_key` / `invalid_body`, 401 `unauthenticated`,
 //! 404 `not_found`, 413 `payload_too_large`, 422 `validation_failed` / `invalid_characters` /
-//! `too_long` / `in_the_future`, 503 `unavailable` (with `Retry-After`; retry the same
-//! submission), 500 `internal`.
+//! `too_long` / `in_the_future`, 429 `rate_limited` (with `Retry-After`), 503 `unavailable` (with
+//! `Retry-After`; retry the same submission) / `timeout` (the request took longer than
+//! `HTTP_REQUEST_TIMEOUT_MS`: retry the same submission; one cut after the producer took it may
+//! still be published, and the retry is then an exact duplicate), 500 `internal`. The rate limits
+//! and the timeout are [`trialflow_http::limits`]'s; keep the timeout above
+//! `EPRO_GATEWAY_ACK_TIMEOUT_MS`, so that an unacknowledged submission is answered `unavailable`.
 
 pub mod auth;
 pub mod config;
@@ -79,6 +83,7 @@ pub use publish::producer_config;
 
 use trialflow_http::ApiError;
 use trialflow_http::input;
+use trialflow_http::limits::{self, Limiter};
 
 /// The service's name.
 pub const NAME: &str = "epro-gateway";
@@ -184,7 +189,7 @@ impl EproGateway {
         Ok(Self {
             listener,
             local_addr,
-            router: router(gateway),
+            router: router(gateway, Limiter::new(NAME, &config.limits)),
             producer,
             ack_timeout: Duration::from_millis(config.ack_timeout_ms),
         })
@@ -199,7 +204,8 @@ impl EproGateway {
     /// whose client hung up.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), EproGatewayError> {
         tracing::info!(addr = %self.local_addr, "ePRO gateway listening.");
-        axum::serve(self.listener, self.router)
+        // With the peer's address: the per-address rate limit is keyed by it.
+        axum::serve(self.listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
             .map_err(EproGatewayError::Serve)?;
@@ -214,7 +220,7 @@ impl EproGateway {
     }
 }
 
-fn router(gateway: Arc<Gateway>) -> Router {
+fn router(gateway: Arc<Gateway>, limiter: Arc<Limiter>) -> Router {
     ROUTES
         .iter()
         .fold(Router::new(), |router, &(method, path)| router.route(path, endpoint(method, path)))
@@ -224,6 +230,7 @@ fn router(gateway: Arc<Gateway>) -> Router {
         .layer(middleware::from_fn(|request: Request, next: Next| {
             input::refuse_oversized(request, next, MAX_BODY_BYTES)
         }))
+        .layer(middleware::from_fn_with_state(limiter, limits::enforce))
         .with_state(gateway)
 }
 

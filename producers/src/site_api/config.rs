@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use clap::Args;
 use trialflow_http::auth::{TokenGrant, accepted_tokens, parse_tokens};
 use trialflow_http::input::{DEFAULT_MAX_FUTURE_SKEW_SECS, parse_future_skew};
+use trialflow_http::limits::{Limits, LimitsArgs};
 use trialflow_http::oidc::{OidcArgs, OidcSettings};
 use trialflow_outbox::SchemaName;
 use trialflow_outbox::config::{self, DEFAULT_DATABASE_URL, at_least_one, setting, trimmed};
@@ -66,6 +67,9 @@ pub struct SiteApiArgs {
 
     #[command(flatten)]
     pub oidc: OidcArgs,
+    /// Rate limits per token and per client address, and the request timeout.
+    #[command(flatten)]
+    pub limits: LimitsArgs,
 }
 
 impl SiteApiArgs {
@@ -96,6 +100,7 @@ impl SiteApiArgs {
             topics: TopicNames::new(self.topic_prefix),
             max_connections: self.max_connections,
             max_future_skew_secs: self.max_future_skew_secs,
+            limits: self.limits.limits(),
         }
     }
 }
@@ -122,6 +127,8 @@ pub struct SiteApiConfig {
     /// How far (seconds) a stated `occurred_at` or `signed_at` may lie ahead of the server's
     /// clock before the command is refused (`SITE_API_MAX_FUTURE_SKEW_SECS`, at most a day).
     pub max_future_skew_secs: u64,
+    /// Rate limits and the request timeout (`HTTP_RATE_LIMIT_*`, `HTTP_REQUEST_TIMEOUT_MS`).
+    pub limits: Limits,
 }
 
 impl SiteApiConfig {
@@ -131,6 +138,7 @@ impl SiteApiConfig {
     /// demo tokens when `SITE_API_TOKENS` is unset, and the identity provider when `OIDC_*`
     /// configure one. A `SITE_API_TOKENS` or an OIDC setting that does not parse leaves NO token
     /// accepted rather than the demo tokens.
+    /// Rate limits are off unless set ([`LimitsArgs::local_limits`]).
     pub fn local() -> Self {
         let (args, refused) = config::from_env_lenient::<SiteApiArgs>();
         let oidc = trialflow_http::oidc::local_settings(&args.oidc, &refused);
@@ -139,7 +147,7 @@ impl SiteApiConfig {
             Some(tokens) => tokens.clone(),
             None => demo_tokens(),
         };
-        args.with_tokens(tokens, oidc.unwrap_or(None))
+        Self { limits: args.limits.local_limits(), ..args.with_tokens(tokens, oidc.unwrap_or(None)) }
     }
 }
 
@@ -171,6 +179,7 @@ mod tests {
         assert_eq!(args.database_url, DEFAULT_DATABASE_URL);
         assert_eq!(args.topic_prefix, "");
         assert_eq!((args.max_connections, args.max_future_skew_secs), (10, 300));
+        assert_eq!(args.limits.limits(), trialflow_http::limits::Limits::default(), "production limits");
         assert!(args.tokens.is_none() && !args.demo_tokens);
         let Ok(config) = SiteApiArgs { demo_tokens: true, ..args }.into_config() else {
             panic!("the demo tokens were refused")
@@ -239,26 +248,30 @@ mod tests {
             let c = SiteApiConfig::local();
             let tokens: Vec<_> = c.tokens.iter().map(|g| g.user.as_str()).collect();
             let prefix = c.topics.prefix();
+            let rate = |rate: Option<trialflow_http::limits::Rate>| rate.map_or(0, |r| r.per_second.get());
             println!(
-                "local() = {} {} {} {} {prefix} [{}]",
+                "local() = {} {} {} {} {prefix} [{}] {}/{} {:?}",
                 c.listen,
                 c.schema,
                 c.max_connections,
                 c.max_future_skew_secs,
-                tokens.join(",")
+                tokens.join(","),
+                rate(c.limits.per_principal),
+                rate(c.limits.per_address),
+                c.limits.request_timeout,
             );
             return;
         }
         let demo = "admin,site-staff,pharmacist,researcher";
         let cases: &[(&[(&str, &str)], String)] = &[
-            (&[], format!("127.0.0.1:8081 site_api 10 300  [{demo}]")),
+            (&[], format!("127.0.0.1:8081 site_api 10 300  [{demo}] 0/0 30s")),
             (
                 &[
                     ("SITE_API_LISTEN", " 127.0.0.1:9 "),
                     ("TOPIC_PREFIX", "staging."),
                     ("SITE_API_MAX_FUTURE_SKEW_SECS", "60"),
                 ],
-                format!("127.0.0.1:9 site_api 10 60 staging. [{demo}]"),
+                format!("127.0.0.1:9 site_api 10 60 staging. [{demo}] 0/0 30s"),
             ),
             (
                 &[
@@ -266,15 +279,22 @@ mod tests {
                     ("SITE_API_SCHEMA", "Bad-Name"),
                     ("SITE_API_LISTEN", "127.0.0.1:9"),
                 ],
-                format!("127.0.0.1:9 site_api 10 300  [{demo}]"),
+                format!("127.0.0.1:9 site_api 10 300  [{demo}] 0/0 30s"),
             ),
             (
                 &[("SITE_API_SCHEMA", " "), ("SITE_API_TOKENS", "")],
-                format!("127.0.0.1:8081 site_api 10 300  [{demo}]"),
+                format!("127.0.0.1:8081 site_api 10 300  [{demo}] 0/0 30s"),
             ),
-            (&[("SITE_API_TOKENS", "t=admin:ada")], "127.0.0.1:8081 site_api 10 300  [ada]".to_string()),
-            (&[("SITE_API_TOKENS", "not-a-grant")], "127.0.0.1:8081 site_api 10 300  []".to_string()),
-            (&[("SITE_API_TOKENS", " , ")], "127.0.0.1:8081 site_api 10 300  []".to_string()),
+            (
+                &[("SITE_API_TOKENS", "t=admin:ada")],
+                "127.0.0.1:8081 site_api 10 300  [ada] 0/0 30s".to_string(),
+            ),
+            (&[("SITE_API_TOKENS", "not-a-grant")], "127.0.0.1:8081 site_api 10 300  [] 0/0 30s".to_string()),
+            (&[("SITE_API_TOKENS", " , ")], "127.0.0.1:8081 site_api 10 300  [] 0/0 30s".to_string()),
+            (
+                &[("HTTP_RATE_LIMIT_PER_PRINCIPAL", "5"), ("HTTP_REQUEST_TIMEOUT_MS", "0")],
+                format!("127.0.0.1:8081 site_api 10 300  [{demo}] 5/0 30s"),
+            ),
         ];
         let test = format!(
             "{}::local_reads_the_environment_leniently",
@@ -330,6 +350,27 @@ mod tests {
             (&["--tokens", "s3cr3t=boss:ada"], "SITE_API_TOKENS (--tokens)", "unknown role `boss`"),
             (&["--tokens", "s3cr3t=admin: "], "SITE_API_TOKENS (--tokens)", "empty token or user"),
             (&["--tokens", "s3cr3t=admin:a,s3cr3t=admin:b"], "SITE_API_TOKENS (--tokens)", "given twice"),
+            (
+                &["--rate-limit-per-principal=-1"],
+                "HTTP_RATE_LIMIT_PER_PRINCIPAL (--rate-limit-per-principal)",
+                "invalid digit",
+            ),
+            (
+                &["--rate-limit-per-address-burst", "0"],
+                "HTTP_RATE_LIMIT_PER_ADDRESS_BURST (--rate-limit-per-address-burst)",
+                "at least 1",
+            ),
+            (&["--request-timeout-ms", "0"], "HTTP_REQUEST_TIMEOUT_MS (--request-timeout-ms)", "at least 1"),
+            (
+                &["--request-timeout-ms", "99999999999999999999"],
+                "HTTP_REQUEST_TIMEOUT_MS (--request-timeout-ms)",
+                "too large",
+            ),
+            (
+                &["--request-timeout-ms", "1\0"],
+                "HTTP_REQUEST_TIMEOUT_MS (--request-timeout-ms)",
+                "invalid digit",
+            ),
         ];
         for (args, var, reason) in cases {
             let refused = refusal(args);

@@ -43,7 +43,10 @@
 //! `unauthenticated`, 403 `forbidden`, 404 `not_found`, 409 conflicts, 413 `payload_too_large`
 //! (a body beyond [`MAX_BODY_BYTES`], or events too large for the event log), 422
 //! `validation_failed` / `invalid_characters` / `too_long` / `in_the_future` /
-//! `idempotency_key_reused`, 503 `unavailable` (retry with the same key), 500 `internal`.
+//! `idempotency_key_reused`, 429 `rate_limited` (with `Retry-After`), 503 `unavailable` (retry
+//! with the same key) / `timeout` (the request took longer than `HTTP_REQUEST_TIMEOUT_MS` and was
+//! stopped, its transaction rolled back; retry with the same key), 500 `internal`. The rate limits
+//! and the timeout are [`trialflow_http::limits`]'s.
 
 pub mod config;
 pub mod error;
@@ -74,6 +77,7 @@ use tracing::Instrument;
 use trialflow_http::ApiError;
 use trialflow_http::auth::{Authenticator, HasAuth};
 use trialflow_http::input::{self, BodyRules};
+use trialflow_http::limits::{self, Limiter};
 use trialflow_outbox::{Outbox, SchemaName};
 use trialflow_schemas::Timestamp;
 use trialflow_schemas::topics::TopicNames;
@@ -227,7 +231,8 @@ impl SiteApi {
                 i64::try_from(config.max_future_skew_secs).unwrap_or(i64::MAX / 1_000_000),
             ),
         });
-        Ok(Self { listener, local_addr, router: router(api), pool })
+        let limiter = Limiter::new(NAME, &config.limits);
+        Ok(Self { listener, local_addr, router: router(api, limiter), pool })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -238,7 +243,8 @@ impl SiteApi {
     /// pool. A request cut off by a crash instead rolls back: nothing half-written remains.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), SiteApiError> {
         tracing::info!(addr = %self.local_addr, "Site API listening.");
-        axum::serve(self.listener, self.router)
+        // With the peer's address: the per-address rate limit is keyed by it.
+        axum::serve(self.listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
             .map_err(SiteApiError::Serve)?;
@@ -248,7 +254,7 @@ impl SiteApi {
     }
 }
 
-fn router(api: Arc<Api>) -> Router {
+fn router(api: Arc<Api>, limiter: Arc<Limiter>) -> Router {
     ROUTES
         .iter()
         .fold(Router::new(), |router, &(method, path)| router.route(path, endpoint(method, path)))
@@ -258,6 +264,7 @@ fn router(api: Arc<Api>) -> Router {
         .layer(middleware::from_fn(|request: Request, next: Next| {
             input::refuse_oversized(request, next, MAX_BODY_BYTES)
         }))
+        .layer(middleware::from_fn_with_state(limiter, limits::enforce))
         .layer(middleware::from_fn(track))
         .with_state(api)
 }

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use clap::Args;
 use trialflow_http::auth::{TokenGrant, accepted_tokens, parse_tokens};
+use trialflow_http::limits::{Limits, LimitsArgs};
 use trialflow_http::oidc::{OidcArgs, OidcSettings};
 use trialflow_outbox::SchemaName;
 use trialflow_outbox::config::{self, DEFAULT_DATABASE_URL, setting, trimmed};
@@ -52,6 +53,10 @@ pub struct AlertApiArgs {
 
     #[command(flatten)]
     pub oidc: OidcArgs,
+    /// Rate limits per token and per client address, and the request timeout (not of a stream's
+    /// events: a stream stays open).
+    #[command(flatten)]
+    pub limits: LimitsArgs,
 }
 
 impl AlertApiArgs {
@@ -80,6 +85,7 @@ impl AlertApiArgs {
             schema: self.schema,
             tokens,
             topics: TopicNames::new(self.topic_prefix),
+            limits: self.limits.limits(),
         }
     }
 }
@@ -102,6 +108,8 @@ pub struct AlertApiConfig {
     pub oidc: Option<OidcSettings>,
     /// Deployed topic names (`TOPIC_PREFIX`).
     pub topics: TopicNames,
+    /// Rate limits and the request timeout (`HTTP_RATE_LIMIT_*`, `HTTP_REQUEST_TIMEOUT_MS`).
+    pub limits: Limits,
 }
 
 impl AlertApiConfig {
@@ -111,6 +119,7 @@ impl AlertApiConfig {
     /// demo token when `ALERT_API_TOKENS` is unset, and the identity provider when `OIDC_*`
     /// configure one. An `ALERT_API_TOKENS` or an OIDC setting that does not parse leaves NO
     /// token accepted rather than the demo token.
+    /// Rate limits are off unless set ([`LimitsArgs::local_limits`]).
     pub fn local() -> Self {
         let (args, refused) = config::from_env_lenient::<AlertApiArgs>();
         let oidc = trialflow_http::oidc::local_settings(&args.oidc, &refused);
@@ -119,7 +128,7 @@ impl AlertApiConfig {
             Some(tokens) => tokens.clone(),
             None => demo_tokens(),
         };
-        args.with_tokens(tokens, oidc.unwrap_or(None))
+        Self { limits: args.limits.local_limits(), ..args.with_tokens(tokens, oidc.unwrap_or(None)) }
     }
 }
 
@@ -150,6 +159,7 @@ mod tests {
         assert_eq!(args.schema.as_str(), crate::monitoring::SCHEMA);
         assert_eq!(args.database_url, DEFAULT_DATABASE_URL);
         assert!(args.tokens.is_none() && !args.demo_tokens);
+        assert_eq!(args.limits.limits(), Limits::default(), "production limits");
         let Ok(config) = AlertApiArgs { demo_tokens: true, ..args }.into_config() else {
             panic!("the demo token was refused")
         };
@@ -198,6 +208,26 @@ mod tests {
                 &["--tokens", "s3cr3t=researcher:a,s3cr3t=admin:b"],
                 "ALERT_API_TOKENS (--tokens)",
                 "given twice",
+            ),
+            (
+                &["--rate-limit-per-address=-200"],
+                "HTTP_RATE_LIMIT_PER_ADDRESS (--rate-limit-per-address)",
+                "invalid digit",
+            ),
+            (
+                &["--rate-limit-per-address-burst", "4294967296"],
+                "HTTP_RATE_LIMIT_PER_ADDRESS_BURST (--rate-limit-per-address-burst)",
+                "too large",
+            ),
+            (
+                &["--request-timeout-ms", "3600001"],
+                "HTTP_REQUEST_TIMEOUT_MS (--request-timeout-ms)",
+                "at most 3600000",
+            ),
+            (
+                &["--request-timeout-ms", "5\0"],
+                "HTTP_REQUEST_TIMEOUT_MS (--request-timeout-ms)",
+                "invalid digit",
             ),
         ];
         for (args, var, reason) in cases {

@@ -35,8 +35,11 @@
 //! `unknown_parameter` / `duplicate_parameter` / `invalid_parameter` / `invalid_cursor` (the
 //! list's query), 401 `unauthenticated`, 403 `forbidden`, 404 `not_found`, 409
 //! `already_acknowledged` / `already_resolved`, 413 `payload_too_large`, 422 `validation_failed`
-//! (the reason, `Last-Event-ID`) / `invalid_characters` / `too_long`, 503 `unavailable`, 500
-//! `internal`.
+//! (the reason, `Last-Event-ID`) / `invalid_characters` / `too_long`, 429 `rate_limited` (with
+//! `Retry-After`), 503 `unavailable` / `timeout` (the request took longer than
+//! `HTTP_REQUEST_TIMEOUT_MS` and was stopped, a decision's transaction rolled back), 500
+//! `internal`. The rate limits and the timeout are [`trialflow_http::limits`]'s; the timeout
+//! bounds a stream's opening, not its events: a stream stays open.
 
 mod alerts;
 mod config;
@@ -65,6 +68,7 @@ use tracing::Instrument;
 use trialflow_http::ApiError;
 use trialflow_http::auth::{Authenticator, Principal, Role};
 use trialflow_http::input;
+use trialflow_http::limits::{self, Limiter};
 use trialflow_outbox::{Outbox, SchemaName};
 use trialflow_schemas::topics::TopicNames;
 use utoipa::OpenApi as _;
@@ -74,6 +78,8 @@ use utoipa_axum::routes;
 pub use config::{AlertApiArgs, AlertApiConfig, DEFAULT_LISTEN, DEMO_TOKENS};
 pub use openapi::{EXAMPLE_ALERT_ID, document as openapi_document};
 
+/// The service's name (the `service` label of the limits' metrics).
+pub const NAME: &str = "alert-api";
 /// `source_system` of the events the API writes.
 pub const SOURCE_SYSTEM: &str = "alert-api";
 /// Requests answered, by route template and status.
@@ -242,7 +248,7 @@ impl AlertApi {
         Ok(Self {
             listener,
             local_addr,
-            router: router(state.clone()),
+            router: router(state.clone(), Limiter::new(NAME, &config.limits)),
             state,
             notifications,
             database_url: config.database_url,
@@ -260,12 +266,14 @@ impl AlertApi {
         let stop = self.state.stop.clone();
         let forwarder =
             tokio::spawn(stream::forward(self.notifications, self.database_url, self.state.clone()));
-        let served = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move {
-                shutdown.cancelled().await;
-                stop.cancel();
-            })
-            .await;
+        // With the peer's address: the per-address rate limit is keyed by it.
+        let served =
+            axum::serve(self.listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(async move {
+                    shutdown.cancelled().await;
+                    stop.cancel();
+                })
+                .await;
         // Also when serving failed: the forwarder and the streams end with `stop`.
         self.state.stop.cancel();
         if let Err(e) = forwarder.await {
@@ -294,7 +302,7 @@ fn routes() -> OpenApiRouter<AlertState> {
         .routes(routes!(alerts::resolve))
 }
 
-fn router(state: AlertState) -> Router {
+fn router(state: AlertState, limiter: Arc<Limiter>) -> Router {
     let (router, _) = routes().split_for_parts();
     router
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
@@ -303,6 +311,7 @@ fn router(state: AlertState) -> Router {
         .layer(middleware::from_fn(|request: Request, next: Next| {
             input::refuse_oversized(request, next, MAX_BODY_BYTES)
         }))
+        .layer(middleware::from_fn_with_state(limiter, limits::enforce))
         .layer(middleware::from_fn(track))
         .with_state(state)
 }

@@ -41,7 +41,10 @@ pub const EXAMPLE_ALERT_ID: &str = "0190f3c2-7a4e-7c1d-9b2a-5e8f4d3c2b1a";
             On every route, a control character in (or a value beyond 2,048 characters of) a \
             query parameter or path segment is refused with 422 `invalid_characters` / \
             `too_long`, and a body beyond 64 KiB with 413 `payload_too_large`, before the route \
-            reads anything.",
+            reads anything. Every route but the probes is rate limited per token and per client \
+            address (429 `rate_limited`, with `Retry-After`), and a request that takes longer than \
+            the service's request timeout is stopped, keeping nothing it did (503 `timeout`, with \
+            `Retry-After`); a stream's events are not cut.",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     components(
@@ -57,7 +60,8 @@ pub const EXAMPLE_ALERT_ID: &str = "0190f3c2-7a4e-7c1d-9b2a-5e8f4d3c2b1a";
             AckConflict,
             ResolveConflict,
             Internal,
-            Unavailable
+            Unavailable,
+            RateLimited
         )
     ),
     modifiers(&TokenSchemes),
@@ -176,8 +180,12 @@ error_responses! {
         acknowledged.";
     ResolveConflict: "`already_resolved`.";
     Internal: "`internal`: a fault of the service.";
-    Unavailable: "`unavailable`: the database is unreachable or busy; retry.",
+    Unavailable: "`unavailable`: the database is unreachable or busy; or `timeout`: the request \
+        took longer than the request timeout and was stopped, its transaction rolled back. Retry.",
         "Retry-After" = "Seconds to wait before retrying.";
+    RateLimited: "`rate_limited`: more requests than this token's or this address's rate limit; \
+        retry after `Retry-After` seconds.",
+        "Retry-After" = "Whole seconds to wait before retrying (at least 1).";
 }
 
 /// The `{alert_id}` path parameter.
@@ -203,7 +211,23 @@ impl utoipa::IntoParams for AlertIdParam {
 
 /// The document, built once: the same routes as the router, from [`super::routes`].
 pub(super) static DOCUMENT: LazyLock<utoipa::openapi::OpenApi> =
-    LazyLock::new(|| super::routes().split_for_parts().1);
+    LazyLock::new(|| with_rate_limits(super::routes().split_for_parts().1));
+
+/// `doc` with a 429 answer on every operation the rate limits apply to (all but the probes):
+/// they are the middleware's, not any handler's.
+fn with_rate_limits(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    for (path, item) in doc.paths.paths.iter_mut() {
+        if trialflow_http::limits::PROBES.contains(&path.as_str()) {
+            continue;
+        }
+        let operations = [&mut item.get, &mut item.post, &mut item.put, &mut item.patch, &mut item.delete];
+        for operation in operations.into_iter().flatten() {
+            let rate_limited = RefOr::Ref(Ref::from_response_name("RateLimited"));
+            operation.responses.responses.insert("429".to_string(), rate_limited);
+        }
+    }
+    doc
+}
 
 /// The document as JSON.
 pub fn document() -> serde_json::Value {
