@@ -511,3 +511,44 @@ async fn read_until(response: &mut reqwest::Response, seen: &mut String, marker:
     .await
     .with_context(|| format!("waiting for {marker} on the stream"))?
 }
+
+/// A JWKS that is garbage, holds no usable signing key (only a shared secret), is too large or
+/// cannot be fetched: the service does not start, and says why.
+#[tokio::test]
+async fn a_service_does_not_start_on_keys_it_cannot_use() -> anyhow::Result<()> {
+    init_logs();
+    let idp = TestIdp::start().await?;
+    let url = database_url();
+    let schema = SchemaName::new(unique("sa"))?;
+    site_api::migrate(&url, &schema).await?;
+    let file = idp.jwks_file.to_string_lossy().to_string();
+    let cases: [(Vec<u8>, &str, &str); 5] = [
+        (b"\x00\xffnot json".to_vec(), &file, "is not a JWK set"),
+        (
+            br#"{"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "s"}]}"#.to_vec(),
+            &file,
+            "no usable signing key",
+        ),
+        (br#"{"keys": "all of them"}"#.to_vec(), &file, "is not a JWK set"),
+        (vec![b' '; 2 * 1024 * 1024], &file, "larger than"),
+        (vec![], "http://127.0.0.1:9/jwks", "cannot fetch the JWKS"),
+    ];
+    for (jwks, source, reason) in cases {
+        std::fs::write(&idp.jwks_file, &jwks)?;
+        let started = SiteApi::bind(SiteApiConfig {
+            listen: "127.0.0.1:0".parse()?,
+            database_url: url.clone(),
+            schema: schema.clone(),
+            tokens: vec![],
+            oidc: Some(OidcSettings::new(&idp.issuer, &idp.audience, source)),
+            limits: trialflow_http::limits::Limits::unthrottled(),
+            topics: TopicNames::new(""),
+            max_connections: 1,
+            max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
+        })
+        .await;
+        let error = started.err().map(|e| e.to_string()).unwrap_or_default();
+        ensure!(error.contains(reason), "{source}: expected `{reason}`, got `{error}`");
+    }
+    Ok(())
+}

@@ -371,6 +371,24 @@ mod tests {
                 "HTTP_REQUEST_TIMEOUT_MS (--request-timeout-ms)",
                 "invalid digit",
             ),
+            (
+                &["--oidc-issuer", "https://idp\0"],
+                "OIDC_ISSUER (--oidc-issuer)",
+                "without control characters",
+            ),
+            (&["--oidc-jwks", &"x".repeat(3000)], "OIDC_JWKS (--oidc-jwks)", "1 to 2048 characters"),
+            (&["--oidc-leeway-secs", "301"], "OIDC_LEEWAY_SECS (--oidc-leeway-secs)", "0 to 300"),
+            (&["--oidc-leeway-secs=-1"], "OIDC_LEEWAY_SECS (--oidc-leeway-secs)", "0 to 300"),
+            (
+                &["--oidc-jwks-refresh-secs", "1"],
+                "OIDC_JWKS_REFRESH_SECS (--oidc-jwks-refresh-secs)",
+                "10 to 86400",
+            ),
+            (&["--oidc-role-claim", "roles[0]"], "OIDC_ROLE_CLAIM (--oidc-role-claim)", "claim name"),
+            (&["--oidc-sites-claim", "a..b"], "OIDC_SITES_CLAIM (--oidc-sites-claim)", "claim name"),
+            (&["--oidc-issuer", "https://idp"], "OIDC_AUDIENCE", "set OIDC_AUDIENCE too"),
+            (&["--oidc-issuer", "https://idp", "--oidc-audience", "a"], "OIDC_JWKS", "set OIDC_JWKS"),
+            (&["--oidc-audience", "a", "--demo-tokens"], "OIDC_ISSUER", "without OIDC_ISSUER"),
         ];
         for (args, var, reason) in cases {
             let refused = refusal(args);
