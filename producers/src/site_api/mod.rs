@@ -74,7 +74,7 @@ use tracing::Instrument;
 use trialflow_http::ApiError;
 use trialflow_http::auth::{HasTokens, Tokens};
 use trialflow_http::input::{self, BodyRules};
-use trialflow_outbox::{Outbox, SchemaName};
+use trialflow_outbox::{AuditRecord, Outbox, SchemaName};
 use trialflow_schemas::Timestamp;
 use trialflow_schemas::topics::TopicNames;
 
@@ -347,6 +347,41 @@ impl CommandRequest {
     pub(crate) fn hash(&self) -> String {
         idempotency::request_hash(&self.method, &self.path, &self.body)
     }
+
+    /// An audit record of this command by `principal` (who, through the site API), caused by its
+    /// `Idempotency-Key`; the handler adds what changed and why.
+    pub(crate) fn audit(
+        &self,
+        principal: &trialflow_http::auth::Principal,
+        action: &str,
+        entity_type: &str,
+        entity_id: &str,
+    ) -> AuditRecord {
+        let record =
+            AuditRecord::by_person(&principal.user, principal.role.as_str(), action, entity_type, entity_id);
+        match self.key() {
+            Ok(key) => record.cause(format!("request:{key}")),
+            Err(_) => record,
+        }
+    }
+}
+
+impl Api {
+    /// Appends `record` to the service's audit trail in the command's transaction: it exists if
+    /// and only if the change does.
+    pub(crate) async fn audit(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        record: AuditRecord,
+    ) -> Result<(), ApiError> {
+        trialflow_outbox::audit::append(conn, &self.schema, &[record]).await?;
+        Ok(())
+    }
+}
+
+/// `value` as an audit record's JSON value.
+pub(crate) fn json(value: &impl serde::Serialize) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or_default()
 }
 
 /// The envelope's `occurred_at`: the request's (RFC 3339), or now.
