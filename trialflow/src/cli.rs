@@ -62,6 +62,9 @@ pub enum Command {
     /// Operate on the outboxes: rows the broker refused for good (`outbox quarantine ...`).
     #[command(subcommand)]
     Outbox(crate::quarantine::OutboxCommand),
+    /// The services' audit trails: check their hash chains, export a study's records.
+    #[command(subcommand)]
+    Audit(crate::audit::AuditCommand),
     /// Generate synthetic load against a running pipeline (site API, ePRO gateway, clinical topic).
     Load(trialflow_simulation::load::LoadArgs),
 }
@@ -284,6 +287,7 @@ pub async fn run(mut cli: Cli, shutdown: tokio_util::sync::CancellationToken) ->
         Command::Topics(command) => crate::topics::run(command).await,
         Command::Dlq(command) => crate::dlq::run(command).await,
         Command::Outbox(command) => crate::quarantine::run(command).await,
+        Command::Audit(command) => crate::audit::run(command).await,
         Command::Load(args) => trialflow_simulation::load::run(args, shutdown).await,
     }
 }
