@@ -878,3 +878,85 @@ async fn every_command_leaves_one_audit_record_in_its_transaction() -> anyhow::R
     assert!(trialflow_outbox::audit::verify(&api.pool, &api.schema).await?.is_intact());
     api.stop().await
 }
+
+/// `GET /v1/audit`: unblinded roles get every change; blinded roles never an arm (checked on the
+/// raw body); pages follow their cursors without overlap; hostile query values are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_list_keeps_arms_from_blinded_roles_and_pages_with_a_cursor() -> anyhow::Result<()> {
+    let api = TestApi::start().await?;
+    api.study_with_site("AUDL").await?;
+    api.created(
+        &api.pharmacist,
+        "/v1/studies/AUDL/sites/701/shipments",
+        &shipment("SHP-1", &["K1", "K2", "K3"]),
+    )
+    .await?;
+    for i in 0..3 {
+        api.created(
+            &api.site,
+            "/v1/studies/AUDL/subjects",
+            &screening(&format!("701-{i}"), &format!("S-{i}"), 60),
+        )
+        .await?;
+    }
+    api.study_with_site("OTHER").await?;
+
+    let full = api.get(&api.admin, "/v1/audit?study_id=AUDL").await?;
+    assert_eq!(full.status, StatusCode::OK, "{}", full.text);
+    let records = full.body["records"].as_array().cloned().unwrap_or_default();
+    assert_eq!(records.len(), 6, "{}", full.text);
+    assert!(records.iter().all(|r| r["study_id"] == "AUDL" && r["source"] == "site-api"));
+    assert!(full.text.contains("XAN_HI") && full.text.contains("PBO") && full.text.contains("\"hash\""));
+    assert_eq!(full.body["next_cursor"], Value::Null);
+    for token in [&api.site, &api.researcher] {
+        let blinded = api.get(token, "/v1/audit?study_id=AUDL").await?;
+        assert_eq!(blinded.status, StatusCode::OK, "{}", blinded.text);
+        for arm in ["PBO", "XAN_HI", "Placebo", "kit_arms", "\"arms\"", "\"hash\""] {
+            assert!(!blinded.text.contains(arm), "{arm} reached a blinded role: {}", blinded.text);
+        }
+        assert_eq!(blinded.body["records"].as_array().map(Vec::len), Some(6));
+        assert!(blinded.text.contains("K1") && blinded.text.contains("values_withheld"), "{}", blinded.text);
+    }
+
+    // Pages of 2, each from the cursor of the one before: the same 6 records, in order.
+    let mut seqs = Vec::new();
+    let mut query = "/v1/audit?study_id=AUDL&limit=2".to_string();
+    loop {
+        let page = api.get(&api.researcher, &query).await?;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.text);
+        seqs.extend(
+            page.body["records"].as_array().into_iter().flatten().map(|r| r["seq"].as_i64().unwrap_or(0)),
+        );
+        match page.body["next_cursor"].as_str() {
+            Some(cursor) => query = format!("/v1/audit?study_id=AUDL&limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    let all: Vec<i64> = records.iter().map(|r| r["seq"].as_i64().unwrap_or(0)).collect();
+    assert_eq!(seqs, all);
+    let everything = api.get(&api.admin, "/v1/audit").await?;
+    assert_eq!(everything.body["records"].as_array().map(Vec::len), Some(8), "both studies");
+
+    for (query, status, code, field) in [
+        ("limit=0", StatusCode::BAD_REQUEST, "invalid_parameter", "limit"),
+        ("limit=ten", StatusCode::BAD_REQUEST, "invalid_parameter", "limit"),
+        ("cursor=0.1%00", StatusCode::UNPROCESSABLE_ENTITY, "invalid_characters", "cursor"),
+        ("cursor=7.1", StatusCode::BAD_REQUEST, "invalid_cursor", "cursor"),
+        ("cursor=abc", StatusCode::BAD_REQUEST, "invalid_cursor", "cursor"),
+        ("study_id=a%20b", StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", "study_id"),
+        ("study_id=%1B[31m", StatusCode::UNPROCESSABLE_ENTITY, "invalid_characters", "study_id"),
+        ("study_id=A&study_id=B", StatusCode::BAD_REQUEST, "duplicate_parameter", "study_id"),
+        ("arm=PBO", StatusCode::BAD_REQUEST, "unknown_parameter", "arm"),
+    ] {
+        let answer = api.get(&api.admin, &format!("/v1/audit?{query}")).await?;
+        assert_eq!(
+            (answer.status, answer.body["error"]["code"].as_str(), answer.body["error"]["field"].as_str()),
+            (status, Some(code), Some(field)),
+            "{query}: {}",
+            answer.text
+        );
+    }
+    let anonymous = api.send(api.http.get(format!("{}/v1/audit", api.base))).await?;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    api.stop().await
+}
