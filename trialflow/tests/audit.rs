@@ -88,3 +88,57 @@ async fn verify_exits_non_zero_naming_the_broken_record_and_export_writes_json_l
     assert!(!ok && err.contains("no service `no-such-service`"), "{err}");
     Ok(())
 }
+
+/// `trialflow dlq replay` as the binary runs it: the dead letter goes back to its topic and the
+/// replay is recorded (operator, reason, where it went) in the given schema's trail; without a
+/// reason nothing is replayed.
+#[tokio::test]
+async fn a_dead_letter_replay_is_recorded_with_who_and_why() -> anyhow::Result<()> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let svc = TestService::new(Some(&trialflow_testkit::kafka()), 1).await?;
+    let dlq_topic = format!("{}.dlq", svc.topic);
+    trialflow_outbox::kafka::ensure_topics(&trialflow_testkit::kafka(), &[(&dlq_topic, 1)]).await?;
+    let producer: FutureProducer =
+        trialflow_outbox::publisher::producer_config(&trialflow_testkit::kafka(), "audit-test").create()?;
+    let event_id = uuid::Uuid::now_v7().to_string();
+    let headers = OwnedHeaders::new()
+        .insert(Header { key: "event_id", value: Some(event_id.as_str()) })
+        .insert(Header { key: "dlq.original_topic", value: Some(svc.topic.as_str()) })
+        .insert(Header { key: "dlq.consumer", value: Some("somebody") })
+        .insert(Header { key: "dlq.reason", value: Some("study not configured") });
+    let record = FutureRecord::to(&dlq_topic).key("subject-1").payload("payload").headers(headers);
+    let delivery = producer.send(record, std::time::Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
+    let schema = svc.schema.to_string();
+    let (partition, offset) = (delivery.partition.to_string(), delivery.offset.to_string());
+    let bootstrap = trialflow_testkit::kafka().bootstrap_servers;
+    let replay = |extra: &'static [&'static str]| {
+        let mut args =
+            vec!["dlq", "replay", "--topic", &dlq_topic, "--partition", &partition, "--offset", &offset];
+        args.extend_from_slice(&["--source", &schema, "--bootstrap-servers", &bootstrap]);
+        args.extend_from_slice(extra);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        trialflow(&args).await
+    };
+
+    let (ok, _, err) = run(replay(&["--by", "alice", "--reason", " "])).await?;
+    assert!(!ok && err.contains("--reason"), "{err}");
+    let (ok, out, err) = run(replay(&["--by", "alice", "--reason", "study configured now"])).await?;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains(&format!("audited in `{schema}`")), "{out}");
+
+    let mut conn = svc.pool.acquire().await?;
+    let records = audit::read(&mut conn, &svc.schema, None, 0, 10).await?;
+    let [r] = records.as_slice() else { panic!("{records:?}") };
+    assert_eq!(
+        (r.action.as_str(), r.actor_user.as_str(), r.actor_role.as_str(), r.reason.as_deref()),
+        ("dead_letter.replayed", "alice", "operator", Some("study configured now"))
+    );
+    assert_eq!(r.entity_id, format!("{dlq_topic}/{partition}/{offset}"));
+    assert!(r.changes.contains(&event_id) && r.changes.contains(&svc.topic), "{}", r.changes);
+    Ok(())
+}
