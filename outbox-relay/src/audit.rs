@@ -77,7 +77,7 @@ pub struct Change {
 /// # use trialflow_outbox::audit::AuditRecord;
 /// let record = AuditRecord::by_person("alice", "site_staff", "subject.withdrawn", "subject", "701-1015")
 ///     .study("CDISCPILOT01")
-///     .site("701")
+///     .site(Some("701"))
 ///     .change("status", "screened", "withdrawn")
 ///     .reason("WITHDRAWAL BY SUBJECT")
 ///     .cause("request:4c1f0b52");
