@@ -10,8 +10,8 @@
 //! 1.3.2 `AuditRecords` (who: `UserRef`, where: `LocationRef`, when: `DateTimeStamp`, why:
 //! `ReasonForChange`, what and what caused it: `SourceID`). ODM carries changed values in
 //! `ItemData` against study metadata this service does not keep, so the values travel in
-//! `SourceID` as JSON; the document is not validated against the ODM XSD (not available offline
-//! here).
+//! `SourceID` as JSON. The audit test checks the document against the ODM 1.3.2 XSD
+//! (`scripts/odm-validator.sh`).
 
 use std::io::Write;
 use std::path::PathBuf;

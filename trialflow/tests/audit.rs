@@ -1,7 +1,7 @@
 //! `trialflow audit verify|export` as the binary runs them, against a real PostgreSQL: exit code 0
 //! and a line per trail while the chain is intact, non-zero and a line naming the service, the
-//! seq and the kind of break once a record is deleted through SQL; the export as JSON lines (and
-//! ODM XML) of the study's records only.
+//! seq and the kind of break once a record is deleted through SQL; the export as JSON lines, and as
+//! ODM XML valid against the CDISC ODM 1.3.2 XSD, of the study's records only.
 
 use std::process::Stdio;
 
@@ -22,6 +22,22 @@ async fn trialflow(args: &[&str]) -> anyhow::Result<(bool, String, String)> {
         .await?;
     let (out, err) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     Ok((output.status.success(), out.into_owned(), err.into_owned()))
+}
+
+/// Checks `file` against the CDISC ODM 1.3.2 XSD (`scripts/odm-validator.sh` installs the schema
+/// as odmlib ships it, and xmlschema); fails, naming the script, when the tool is missing.
+async fn odm_valid(file: &std::path::Path) -> anyhow::Result<()> {
+    let tool =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/odm-validator/bin/odm-validate");
+    anyhow::ensure!(
+        tool.exists(),
+        "{} is missing: run scripts/odm-validator.sh (`make odm-validator`)",
+        tool.display()
+    );
+    let output = Command::new(&tool).arg(file).stdin(Stdio::null()).output().await?;
+    let report = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(output.status.success(), "the ODM export is not valid ODM 1.3.2:\n{report}");
+    Ok(())
 }
 
 #[tokio::test]
@@ -61,7 +77,6 @@ async fn verify_exits_non_zero_naming_the_broken_record_and_export_writes_json_l
     .await?;
     assert!(ok, "{err}");
     let xml = std::fs::read_to_string(&file)?;
-    let _ = std::fs::remove_file(&file);
     assert!(xml.contains(r#"ODMVersion="1.3.2""#) && xml.contains(r#"<ClinicalData StudyOID="S1""#), "{xml}");
     assert_eq!(xml.matches("<AuditRecord ").count(), 3, "{xml}");
     assert!(
@@ -69,6 +84,8 @@ async fn verify_exits_non_zero_naming_the_broken_record_and_export_writes_json_l
         "{xml}"
     );
     assert!(!xml.contains("<title>"), "escaped");
+    odm_valid(&file).await?;
+    let _ = std::fs::remove_file(&file);
 
     let mut tx = svc.pool.begin().await?;
     sqlx::query("SET LOCAL session_replication_role = replica").execute(&mut *tx).await?;
