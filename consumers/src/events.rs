@@ -47,6 +47,12 @@ pub fn site_of(envelope: &Envelope) -> Result<&str, HandlerError> {
 }
 
 /// The "study configuration seen" dependency that messages arriving before their study park on.
+/// The person whose request the event carries (its actor), for audit records of the changes it
+/// causes: none when the actor is the system that wrote the event.
+pub fn requested_by(envelope: &Envelope) -> Option<&str> {
+    envelope.actor.as_deref().filter(|actor| *actor != envelope.source_system)
+}
+
 pub fn study_dependency(study_id: &str) -> String {
     format!("study:{study_id}")
 }

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use sqlx::{Postgres, Transaction};
-use trialflow_outbox::Outbox;
+use trialflow_outbox::{AuditRecord, Outbox};
 use uuid::Uuid;
 
 use crate::error::HandlerError;
@@ -40,11 +40,20 @@ pub struct Context {
     /// The consumer's own outbox: events enqueued here commit with the handler's effects.
     pub outbox: Arc<Outbox>,
     pub(crate) resolved: Vec<String>,
+    pub(crate) audit: Vec<AuditRecord>,
 }
 
 impl Context {
     pub(crate) fn new(outbox: Arc<Outbox>) -> Self {
-        Self { outbox, resolved: Vec::new() }
+        Self { outbox, resolved: Vec::new(), audit: Vec::new() }
+    }
+
+    /// Records a change in the service's audit trail, in this transaction: the runtime appends
+    /// the records of the whole batch with one statement just before the commit (so the chain's
+    /// lock is held for the commit only), caused by the message's event id unless the record
+    /// names its cause.
+    pub fn audit(&mut self, record: AuditRecord) {
+        self.audit.push(record);
     }
 
     /// Says that `dependency` now exists: messages parked on it are retried right after this

@@ -57,6 +57,7 @@ async fn retry_due<H: Handler>(shared: &Shared<H>) -> Result<usize, HandlerError
     let messages: Vec<_> = due.iter().map(|row| row.message()).collect();
     shared.handler.prepare(&mut tx, &messages).await?;
     let mut resolved = Vec::new();
+    let mut audit = Vec::new();
     let mut woke_keys = false;
     for (row, msg) in due.iter().zip(messages) {
         sqlx::query("SAVEPOINT parked").execute(&mut *tx).await?;
@@ -74,6 +75,7 @@ async fn retry_due<H: Handler>(shared: &Shared<H>) -> Result<usize, HandlerError
                 shared.sql.wake_key(&mut tx, name, &msg).await?;
                 woke_keys = true;
                 resolved.extend(ctx.resolved);
+                audit.extend(crate::runtime::caused_by(ctx.audit, &row.event_id));
                 metrics::counter!(m::MESSAGES_TOTAL, "consumer" => name.to_string(), "outcome" => "unparked")
                     .increment(1);
             }
@@ -114,6 +116,9 @@ async fn retry_due<H: Handler>(shared: &Shared<H>) -> Result<usize, HandlerError
     for dependency in &resolved {
         shared.sql.wake(&mut tx, name, dependency).await?;
     }
+    trialflow_outbox::audit::append(&mut tx, &shared.spec.schema, &audit)
+        .await
+        .map_err(HandlerError::from)?;
     tx.commit().await?;
     if woke_keys {
         // Messages parked behind one of these keys are due now.

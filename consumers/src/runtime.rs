@@ -536,6 +536,7 @@ async fn try_batch<H: Handler>(
     let mut new = shared.sql.take_all(&mut tx, name, &batch[0], &take_ids, &take_offsets).await?;
 
     let mut resolved = Vec::new();
+    let mut audit = Vec::new();
     let mut outcomes: HashMap<&'static str, u64> = HashMap::new();
     let processing = metrics::histogram!(m::PROCESSING_SECONDS, "consumer" => name.to_string());
     for (msg, id) in batch.iter().zip(&ids) {
@@ -556,7 +557,7 @@ async fn try_batch<H: Handler>(
                 return Err(BatchError::Transient(HandlerError::Transient(e.clone())));
             }
             (Ok(id), None) if !new.remove(id) => "duplicate",
-            (Ok(_), None) => {
+            (Ok(id), None) => {
                 let started = Instant::now();
                 let mut ctx = Context::new(shared.outbox.clone());
                 let result = shared.handler.handle(&mut tx, msg, &mut ctx).await;
@@ -564,6 +565,7 @@ async fn try_batch<H: Handler>(
                 match result {
                     Ok(()) => {
                         resolved.extend(ctx.resolved);
+                        audit.extend(caused_by(ctx.audit, id));
                         "applied"
                     }
                     Err(HandlerError::Transient(e)) => {
@@ -578,6 +580,10 @@ async fn try_batch<H: Handler>(
     for dependency in &resolved {
         shared.sql.wake(&mut tx, name, dependency).await?;
     }
+    // Last: the chain's lock is held from here to the commit only.
+    trialflow_outbox::audit::append(&mut tx, &shared.spec.schema, &audit)
+        .await
+        .map_err(HandlerError::from)?;
     if mode == Mode::DryRun {
         tx.rollback().await?;
         return Ok(());
@@ -591,6 +597,14 @@ async fn try_batch<H: Handler>(
         shared.park_wake.notify_one();
     }
     Ok(())
+}
+
+/// The audit records of a message, caused by its event id unless they name their cause.
+pub(crate) fn caused_by(
+    records: Vec<trialflow_outbox::AuditRecord>,
+    event_id: &uuid::Uuid,
+) -> impl Iterator<Item = trialflow_outbox::AuditRecord> {
+    records.into_iter().map(move |r| r.or_cause(|| format!("event:{event_id}")))
 }
 
 /// The dependency of a message parked behind an earlier parked message of its key: it is woken

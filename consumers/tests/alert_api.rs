@@ -745,6 +745,20 @@ async fn acknowledging_records_the_decision_and_its_event_once() -> anyhow::Resu
     assert_eq!(again.error(), (StatusCode::CONFLICT, "already_acknowledged", None));
     assert_eq!(api.outbox().await?.len(), 1, "a refused decision wrote an event");
 
+    // One audit record, of the decision taken (not of the refused ones): who, old → new, why.
+    let mut conn = api.pool.acquire().await?;
+    let records = trialflow_outbox::audit::read(&mut conn, &api.schema, None, 0, 10).await?;
+    let [record] = records.as_slice() else { panic!("{records:?}") };
+    assert_eq!(
+        (record.action.as_str(), record.actor_user.as_str(), record.actor_role.as_str()),
+        ("alert.acknowledged", "rita", "researcher")
+    );
+    assert_eq!((record.entity_type.as_str(), record.entity_id.clone()), ("alert", id.to_string()));
+    assert_eq!(record.reason.as_deref(), Some("Called the site; repeat reading"));
+    assert_eq!(record.changes, r#"[{"new": "acknowledged", "old": "open", "field": "status"}]"#);
+    assert_eq!(record.study_id.as_deref(), Some("CDISCPILOT01"));
+    drop(conn);
+
     let unknown = api
         .post(&api.researcher, &format!("/v1/alerts/{}/acknowledge", Uuid::new_v4()), &json!({"reason": "x"}))
         .await?;
@@ -789,6 +803,22 @@ async fn resolving_works_from_open_and_acknowledged_once() -> anyhow::Result<()>
         .collect();
     assert_eq!(kinds, [json!("raised"), json!("acknowledged"), json!("resolved")]);
     assert_eq!(api.outbox().await?.len(), 3);
+    let mut conn = api.pool.acquire().await?;
+    let records = trialflow_outbox::audit::read(&mut conn, &api.schema, None, 0, 10).await?;
+    let resolved: Vec<(String, &str)> = records
+        .iter()
+        .filter(|r| r.action == "alert.resolved")
+        .map(|r| (r.entity_id.clone(), r.changes.as_str()))
+        .collect();
+    assert_eq!(
+        resolved,
+        [
+            (open.to_string(), r#"[{"new": "resolved", "old": "open", "field": "status"}]"#),
+            (acknowledged.to_string(), r#"[{"new": "resolved", "old": "acknowledged", "field": "status"}]"#),
+        ]
+    );
+    assert!(trialflow_outbox::audit::verify(&api.pool, &api.schema).await?.is_intact());
+    drop(conn);
     assert_eq!(api.list("?status=resolved").await?.len(), 2);
     api.stop().await
 }

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use sqlx::AssertSqlSafe;
 use trialflow_consumers::{enrollment, kit_allocation};
 use trialflow_outbox::OutboxEvent;
+use trialflow_outbox::audit;
 use trialflow_outbox::kafka::TopicReader;
 use trialflow_schemas::topics::{self};
 use trialflow_schemas::*;
@@ -109,9 +110,11 @@ fn enrollment_request(
     subject: &str,
     age_group: &str,
 ) -> anyhow::Result<OutboxEvent> {
+    let mut requested = envelope::<EnrollmentRequested>(Some(site), Some(subject));
+    requested.actor = Some("site-user".into());
     trial.event(
         &EnrollmentRequested {
-            envelope: envelope::<EnrollmentRequested>(Some(site), Some(subject)),
+            envelope: requested,
             strata: vec![StratumValue { factor: "AGEGRP".into(), value: age_group.into() }],
         },
         subject,
@@ -216,6 +219,13 @@ async fn a_study_with_two_sites_and_40_subjects_enrolls_fully() -> anyhow::Resul
     }
     assert_eq!(enrolled.len(), 40, "every subject enrolled on the blinded topic");
     assert!(enrolled.values().all(|n| *n == 1), "once each: {enrolled:?}");
+    // Batches of three partitions, in parallel, each appended to one chain per service.
+    for (schema, action) in [(enr, "subject.randomized"), (enr, "subject.enrolled"), (kit, "kit.dispensed")] {
+        let records = audit::read(&mut *pool.acquire().await?, schema, Some(STUDY), 0, 1000).await?;
+        assert_eq!(records.iter().filter(|r| r.action == action).count(), 40, "{action}");
+        let verdict = audit::verify(pool, schema).await?;
+        assert!(verdict.is_intact(), "{schema}: {verdict:?}");
+    }
     trial.stop().await
 }
 
@@ -267,6 +277,35 @@ async fn a_site_without_stock_holds_subjects_and_enrolls_them_after_a_shipment()
         .collect();
     assert_eq!(low.iter().map(|l| l.arm_code.clone()).collect::<BTreeSet<_>>(), held_arms);
     assert_eq!(low.len(), held_arms.len(), "one signal per crossing");
+
+    // The audit trails: who decided what, on whose behalf, caused by which event; the arms only
+    // in unblinded changes.
+    let mut conn = trial.pool.acquire().await?;
+    let records = audit::read(&mut conn, &trial.enrollment, Some(STUDY), 0, 100).await?;
+    let of = |action: &str| records.iter().filter(|r| r.action == action).collect::<Vec<_>>();
+    let (randomized, held, enrolled) =
+        (of("subject.randomized"), of("enrollment.on_hold"), of("subject.enrolled"));
+    assert_eq!((randomized.len(), held.len(), enrolled.len()), (4, 4, 4));
+    for r in &randomized {
+        assert_eq!((r.actor_user.as_str(), r.actor_role.as_str()), (enrollment::NAME, "system"));
+        assert_eq!(r.on_behalf_of.as_deref(), Some("site-user"));
+        assert!(r.cause.as_deref().is_some_and(|c| c.starts_with("event:")), "{:?}", r.cause);
+        assert!(r.unblinded && r.changes.contains("\"arm_code\""), "{}", r.changes);
+        let blinded = r.view("enrollment", true).to_string();
+        assert!(ARMS.iter().all(|arm| !blinded.contains(&format!("\"{arm}\""))), "{blinded}");
+        assert!(blinded.contains("randomization_number"), "{blinded}");
+    }
+    assert!(held.iter().all(|r| r.reason.as_deref().is_some_and(|w| w.contains("NO_KIT_AVAILABLE"))));
+    assert!(
+        held.iter()
+            .all(|r| r.changes.contains(r#"{"new": "on_hold", "old": "randomized", "field": "status"}"#))
+    );
+    assert!(enrolled.iter().all(|r| r.changes.contains(r#""old": "on_hold""#)), "held, then enrolled");
+    let dispensed = audit::read(&mut conn, &trial.kits, Some(STUDY), 0, 100).await?;
+    assert_eq!(dispensed.iter().filter(|r| r.action == "kit.dispensed" && r.unblinded).count(), 4);
+    assert!(audit::verify(&trial.pool, &trial.enrollment).await?.is_intact());
+    assert!(audit::verify(&trial.pool, &trial.kits).await?.is_intact());
+    drop(conn);
     trial.stop().await
 }
 

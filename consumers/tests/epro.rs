@@ -369,6 +369,19 @@ async fn a_thousand_submissions_each_end_in_exactly_one_outcome() -> anyhow::Res
     assert_eq!(windows.iter().map(|(_, n)| n).sum::<i64>(), expected_accepted as i64, "{windows:?}");
     assert!(epro::read::decisions(&pool, schema, "ANOTHER-STUDY").await?.accepted == 0);
 
+    // One audit record per decision (none for an exact duplicate), caused by its submission's
+    // event, in one unbroken chain written by six partitions' batches.
+    let records =
+        trialflow_outbox::audit::read(&mut *pool.acquire().await?, schema, Some(STUDY), 0, 5000).await?;
+    let count = |action: &str| records.iter().filter(|r| r.action == action).count();
+    assert_eq!((count("epro.accepted"), count("epro.rejected")), (expected_accepted, rejected.len()));
+    assert!(
+        records.iter().all(
+            |r| r.actor_user == epro::NAME && r.cause.as_deref().is_some_and(|c| c.starts_with("event:"))
+        )
+    );
+    assert!(trialflow_outbox::audit::verify(&pool, schema).await?.is_intact());
+
     // Only the garbage reached the dead-letter topic.
     let dlq = TopicReader::new(&kafka(), &format!("{ingestion}{}", topics::DLQ_SUFFIX), true)?
         .read_until_idle(Duration::from_secs(3), WAIT)

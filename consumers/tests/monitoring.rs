@@ -296,6 +296,15 @@ async fn an_unacknowledged_alert_escalates_after_its_time_and_stops_when_acknowl
     assert_eq!(fx.scalar("SELECT max(level)::bigint FROM {s}.alert").await?, level);
     let escalations = fx.scalar("SELECT count(*) FROM {s}.alert_history WHERE kind = 'escalated'").await?;
     assert_eq!(escalations, level, "one history row and event per level");
+    let mut conn = fx.pool.acquire().await?;
+    let records = trialflow_outbox::audit::read(&mut conn, &fx.schema, Some("ESC"), 0, 100).await?;
+    let actions: Vec<&str> = records.iter().map(|r| r.action.as_str()).collect();
+    assert_eq!(actions[0], "alert.raised", "{actions:?}");
+    assert_eq!(actions.iter().filter(|a| **a == "alert.escalated").count() as i64, level, "{actions:?}");
+    let first = records.iter().find(|r| r.action == "alert.escalated").map(|r| r.changes.as_str());
+    assert_eq!(first, Some(r#"[{"new": 1, "old": 0, "field": "level"}]"#));
+    assert!(records.iter().all(|r| r.actor_role == "system"));
+    drop(conn);
     let _ = std::fs::remove_dir_all(&dir);
     fx.stop().await
 }

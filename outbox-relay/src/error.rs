@@ -87,6 +87,10 @@ pub enum OutboxError {
     /// A discard without a name or a reason: discarding an event is audited.
     #[error("discarding row {seq} needs who (--by) and why (--reason), both non-empty")]
     DiscardUnaccounted { seq: i64 },
+
+    /// An audit record that cannot be recorded (a programming error of the writing service).
+    #[error("invalid audit record: {0}")]
+    AuditRecord(String),
 }
 
 impl OutboxError {
@@ -115,7 +119,8 @@ impl OutboxError {
             | OutboxError::KafkaRefused { .. }
             | OutboxError::UnknownSource(_)
             | OutboxError::NotQuarantined { .. }
-            | OutboxError::DiscardUnaccounted { .. } => false,
+            | OutboxError::DiscardUnaccounted { .. }
+            | OutboxError::AuditRecord(_) => false,
         }
     }
 }

@@ -5,8 +5,11 @@
 //! * [`relay::run`] — the relay that publishes outbox rows to Kafka in commit-safe order, with
 //!   shard ownership so several relays can run at once; rows the broker refuses for good go to
 //!   the [`quarantine`].
-//! * [`migrate()`] — creates a service schema's outbox.
+//! * [`audit`] — the service's hash-chained, append-only audit trail, written in the same
+//!   transaction as the change it records.
+//! * [`migrate()`] — creates a service schema's outbox and audit trail.
 
+pub mod audit;
 pub mod config;
 pub mod error;
 pub mod exactly_once;
@@ -24,6 +27,7 @@ pub mod topics;
 pub mod trace;
 pub mod writer;
 
+pub use audit::AuditRecord;
 pub use config::{DatabaseConfig, KafkaConfig, RelayConfig};
 pub use error::{OutboxError, Result};
 pub use migrate::{migrate, migrate_service, set_shard_count};

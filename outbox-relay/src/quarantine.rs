@@ -12,9 +12,11 @@
 //! become readable in the same transaction that makes the version change visible.
 
 use chrono::{DateTime, Utc};
+use serde_json::Value;
 use sqlx::{AssertSqlSafe, Connection, FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::audit::{self, AuditRecord};
 use crate::error::{OutboxError, Result};
 use crate::migrate::shard_count;
 use crate::relay::NOTIFY_CHANNEL;
@@ -80,9 +82,14 @@ pub async fn list(pool: &PgPool, schema: &SchemaName) -> Result<Vec<QuarantinedR
 }
 
 /// Puts quarantined rows back into the outbox under their original `seq` and `tx_id` (see the
-/// module docs for why), in one transaction. Returns their seqs, in commit order. The shard is
-/// recomputed with the outbox's current shard count.
-pub async fn retry(pool: &PgPool, schema: &SchemaName, which: Selection) -> Result<Vec<i64>> {
+/// module docs for why), in one transaction, with an audit record per row naming the operator
+/// `by`. Returns their seqs, in commit order. The shard is recomputed with the outbox's current
+/// shard count.
+pub async fn retry(pool: &PgPool, schema: &SchemaName, which: Selection, by: &str) -> Result<Vec<i64>> {
+    let by = by.trim();
+    if by.is_empty() {
+        return Err(OutboxError::AuditRecord("retrying quarantined rows needs who (--by)".into()));
+    }
     let mut conn = pool.acquire().await?;
     check_source(&mut conn, schema).await?;
     let mut tx = conn.begin().await?;
@@ -90,8 +97,8 @@ pub async fn retry(pool: &PgPool, schema: &SchemaName, which: Selection) -> Resu
         Selection::One(seq) => Some(seq),
         Selection::All => None,
     };
-    let rows: Vec<(i64, String)> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT seq, key FROM {schema}.outbox_quarantine
+    let rows: Vec<(i64, String, String, Uuid)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT seq, key, topic, event_id FROM {schema}.outbox_quarantine
          WHERE $1::bigint IS NULL OR seq = $1
          ORDER BY tx_id, seq
          FOR UPDATE"
@@ -109,7 +116,7 @@ pub async fn retry(pool: &PgPool, schema: &SchemaName, which: Selection) -> Resu
     // while the row was away (`set_shard_count` only waits for the outbox to be empty).
     let shards = shard_count(&mut tx, schema).await?;
     let (seqs, row_shards): (Vec<i64>, Vec<i32>) =
-        rows.iter().map(|(seq, key)| (*seq, shard_of(key, shards) as i32)).unzip();
+        rows.iter().map(|(seq, key, ..)| (*seq, shard_of(key, shards) as i32)).unzip();
     sqlx::query(AssertSqlSafe(format!(
         "WITH moved AS (
              DELETE FROM {schema}.outbox_quarantine WHERE seq = ANY($1) RETURNING {ROW_COLUMNS})
@@ -122,13 +129,25 @@ pub async fn retry(pool: &PgPool, schema: &SchemaName, which: Selection) -> Resu
     .bind(row_shards)
     .execute(&mut *tx)
     .await?;
+    let records: Vec<AuditRecord> = rows
+        .iter()
+        .map(|(seq, _, topic, event_id)| {
+            AuditRecord::by_operator(by, "outbox.quarantine_retried", "outbox_row", seq.to_string())
+                .change("state", "quarantined", "outbox")
+                .change("topic", Value::Null, topic.as_str())
+                .change("event_id", Value::Null, event_id.to_string())
+                .cause("command:trialflow outbox quarantine retry")
+        })
+        .collect();
+    audit::append(&mut tx, schema, &records).await?;
     changed(&mut tx, schema).await?;
     tx.commit().await?;
     Ok(seqs)
 }
 
 /// Deletes a quarantined row for good, recording its content with who discarded it, why and
-/// when in `outbox_quarantine_discarded` (same transaction). The later rows of its key flow on.
+/// when in `outbox_quarantine_discarded`, and an audit record (same transaction). The later rows
+/// of its key flow on.
 pub async fn discard(pool: &PgPool, schema: &SchemaName, seq: i64, by: &str, reason: &str) -> Result<()> {
     let (by, reason) = (by.trim(), reason.trim());
     if by.is_empty() || reason.is_empty() {
@@ -137,22 +156,31 @@ pub async fn discard(pool: &PgPool, schema: &SchemaName, seq: i64, by: &str, rea
     let mut conn = pool.acquire().await?;
     check_source(&mut conn, schema).await?;
     let mut tx = conn.begin().await?;
-    let done = sqlx::query(AssertSqlSafe(format!(
+    let done: Option<(String, Uuid, String)> = sqlx::query_as(AssertSqlSafe(format!(
         "WITH gone AS (
              DELETE FROM {schema}.outbox_quarantine WHERE seq = $1
              RETURNING {ROW_COLUMNS}, error, quarantined_at)
          INSERT INTO {schema}.outbox_quarantine_discarded
              ({ROW_COLUMNS}, error, quarantined_at, discarded_by, reason)
-         SELECT {ROW_COLUMNS}, error, quarantined_at, $2, $3 FROM gone"
+         SELECT {ROW_COLUMNS}, error, quarantined_at, $2, $3 FROM gone
+         RETURNING topic, event_id, event_type"
     )))
     .bind(seq)
     .bind(by)
     .bind(reason)
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    if done.rows_affected() == 0 {
+    let Some((topic, event_id, event_type)) = done else {
         return Err(OutboxError::NotQuarantined { schema: schema.to_string(), seq });
-    }
+    };
+    let record = AuditRecord::by_operator(by, "outbox.quarantine_discarded", "outbox_row", seq.to_string())
+        .change("state", "quarantined", "discarded")
+        .change("topic", Value::Null, topic)
+        .change("event_id", Value::Null, event_id.to_string())
+        .change("event_type", Value::Null, event_type)
+        .reason(reason)
+        .cause("command:trialflow outbox quarantine discard");
+    audit::append(&mut tx, schema, &[record]).await?;
     changed(&mut tx, schema).await?;
     tx.commit().await?;
     Ok(())

@@ -145,8 +145,17 @@ async fn oversized_record_is_quarantined_and_its_key_follows_after_retry() -> an
 
     // The limit raised (default producer settings), the row retried under its original ids.
     let relay = RunningRelay::start(svc.relay_config(&kafka()));
-    let seqs = quarantine::retry(&svc.pool, &svc.schema, Selection::One(q[0].seq)).await?;
+    let seqs = quarantine::retry(&svc.pool, &svc.schema, Selection::One(q[0].seq), "alice").await?;
     assert_eq!(seqs, [q[0].seq]);
+    let retried =
+        trialflow_outbox::audit::read(&mut *svc.pool.acquire().await?, &svc.schema, None, 0, 10).await?;
+    assert_eq!(
+        retried
+            .iter()
+            .map(|r| (r.action.as_str(), r.actor_user.as_str(), r.entity_id.clone()))
+            .collect::<Vec<_>>(),
+        [("outbox.quarantine_retried", "alice", q[0].seq.to_string())]
+    );
     wait_until("outbox drained after retry", WAIT, || async { Ok(svc.outbox_len().await? == 0) }).await?;
     assert!(quarantined(&svc).await?.is_empty());
     relay.stop().await?;
@@ -187,13 +196,13 @@ async fn discarded_row_is_audited_and_its_key_flows_on() -> anyhow::Result<()> {
     let unknown = quarantine::discard(&svc.pool, &svc.schema, seq + 1000, "alice", "typo").await;
     let Err(e @ OutboxError::NotQuarantined { .. }) = unknown else { panic!("{unknown:?}") };
     assert!(e.to_string().contains(&format!("no quarantined row {}", seq + 1000)), "{e}");
-    let retry_unknown = quarantine::retry(&svc.pool, &svc.schema, Selection::One(seq + 1000)).await;
+    let retry_unknown = quarantine::retry(&svc.pool, &svc.schema, Selection::One(seq + 1000), "alice").await;
     assert!(matches!(retry_unknown, Err(OutboxError::NotQuarantined { .. })), "{retry_unknown:?}");
     let nowhere = SchemaName::new(unique("no_such_source"))?;
     let missing = quarantine::list(&svc.pool, &nowhere).await;
     let Err(e @ OutboxError::UnknownSource(_)) = missing else { panic!("{missing:?}") };
     assert!(e.to_string().contains(nowhere.as_str()), "{e}");
-    assert_eq!(quarantine::retry(&svc.pool, &nowhere, Selection::All).await.ok(), None);
+    assert_eq!(quarantine::retry(&svc.pool, &nowhere, Selection::All, "alice").await.ok(), None);
 
     quarantine::discard(&svc.pool, &svc.schema, seq, "alice", "test event, never valid").await?;
     wait_until("the waiting row published by the running relay", WAIT, || async {
@@ -214,6 +223,19 @@ async fn discarded_row_is_audited_and_its_key_flows_on() -> anyhow::Result<()> {
         (seq, "alice", "test event, never valid", 40_000)
     );
     assert!(audit.4.contains("MessageSizeTooLarge"), "{}", audit.4);
+    // And in the audit trail, in the same transaction: who, why; the refused attempts left none.
+    let mut conn = svc.pool.acquire().await?;
+    let trail = trialflow_outbox::audit::read(&mut conn, &svc.schema, None, 0, 10).await?;
+    let [record] = trail.as_slice() else { panic!("{trail:?}") };
+    assert_eq!(
+        (record.action.as_str(), record.actor_user.as_str(), record.actor_role.as_str()),
+        ("outbox.quarantine_discarded", "alice", "operator")
+    );
+    assert_eq!(
+        (record.entity_id.clone(), record.reason.as_deref()),
+        (seq.to_string(), Some("test event, never valid"))
+    );
+    drop(conn);
 
     let messages =
         read(&kafka(), &svc.topic, |m| !numbers(m, "big").is_empty() && numbers(m, "k1").len() >= 3).await?;
@@ -265,7 +287,7 @@ async fn missing_topic_is_quarantined_and_others_flow() -> anyhow::Result<()> {
     assert_eq!(lease_pids(&svc).await?, sessions, "the relay's session was not restarted");
 
     cluster.create_topic(&missing, 1, 1)?;
-    assert_eq!(quarantine::retry(&svc.pool, &svc.schema, Selection::All).await?.len(), 2);
+    assert_eq!(quarantine::retry(&svc.pool, &svc.schema, Selection::All, "alice").await?.len(), 2);
     wait_until("outbox drained after retry", WAIT, || async {
         Ok(svc.outbox_len().await? == 0 && quarantined(&svc).await?.is_empty())
     })
@@ -317,7 +339,7 @@ async fn topic_authorization_failure_is_quarantined_and_retried_in_order() -> an
     assert_eq!(quarantined(&svc).await?.len(), 1, "the waiting row was never sent");
     assert_eq!(lease_pids(&svc).await?, sessions, "the relay's session was not restarted");
 
-    assert_eq!(quarantine::retry(&svc.pool, &svc.schema, Selection::All).await?, [q[0].seq]);
+    assert_eq!(quarantine::retry(&svc.pool, &svc.schema, Selection::All, "alice").await?, [q[0].seq]);
     wait_until("outbox drained after retry", WAIT, || async {
         Ok(svc.outbox_len().await? == 0 && quarantined(&svc).await?.is_empty())
     })

@@ -277,6 +277,18 @@ impl Schemas {
     pub fn sources(&self) -> Vec<SchemaName> {
         self.by_service.iter().map(|(_, schema)| schema.clone()).collect()
     }
+
+    /// Every schema with its service's name (each has an audit trail): what the site API's
+    /// `GET /v1/audit` reads.
+    pub fn audit_sources(&self) -> Vec<site_api::audit::AuditSource> {
+        self.by_service
+            .iter()
+            .map(|(service, schema)| site_api::audit::AuditSource {
+                service: service.to_string(),
+                schema: schema.clone(),
+            })
+            .collect()
+    }
 }
 
 impl std::ops::Index<&str> for Schemas {

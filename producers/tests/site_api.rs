@@ -812,6 +812,161 @@ async fn a_command_whose_event_the_log_cannot_take_is_413_and_writes_nothing() -
     assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", answer.text);
     assert_eq!(answer.body["error"]["code"], "event_too_large");
     assert_eq!((api.outbox().await?.len(), api.count("kit").await?), (rows, 0), "nothing written");
+    assert_eq!(api.count("audit_trail").await?, 2, "the shipment's audit record rolled back with it");
+    assert!(trialflow_outbox::audit::verify(&api.pool, &api.schema).await?.is_intact());
+    api.stop().await
+}
+
+/// Every command appends its audit record in its own transaction: who (user, role), what (action,
+/// entity, old → new), why, and the request that caused it; a retry under the same key adds none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_leaves_one_audit_record_in_its_transaction() -> anyhow::Result<()> {
+    let api = TestApi::start().await?;
+    api.study_with_site("AUD").await?;
+    api.created(&api.pharmacist, "/v1/studies/AUD/sites/701/shipments", &shipment("SHP-1", &["K1", "K2"]))
+        .await?;
+    api.created(&api.site, "/v1/studies/AUD/subjects", &screening("701-1", "S-1", 63)).await?;
+    let subject = "/v1/studies/AUD/subjects/701-1";
+    api.created(
+        &api.site,
+        &format!("{subject}/consent"),
+        &json!({"consent_version": "v2", "signed_at": "2014-01"}),
+    )
+    .await?;
+    api.created(&api.site, &format!("{subject}/enrollment-requests"), &json!({"strata": {"AGEGR": "<65"}}))
+        .await?;
+    let withdrawal = json!({"reason_code": "ADVERSE EVENT", "reason": "rash"});
+    let first = api
+        .post_raw(Some(&api.site), &format!("{subject}/withdrawal"), Some("w-1"), &withdrawal.to_string())
+        .await?;
+    let again = api
+        .post_raw(Some(&api.site), &format!("{subject}/withdrawal"), Some("w-1"), &withdrawal.to_string())
+        .await?;
+    assert_eq!((first.status, again.status), (StatusCode::CREATED, StatusCode::CREATED));
+    // Refused commands (here 409: withdrawn) write nothing.
+    let refused = api
+        .post(&api.site, &format!("{subject}/consent"), &json!({"consent_version": "v3", "signed_at": ""}))
+        .await?;
+    assert_eq!(refused.status, StatusCode::CONFLICT);
+
+    let mut conn = api.pool.acquire().await?;
+    let records = trialflow_outbox::audit::read(&mut conn, &api.schema, Some("AUD"), 0, 100).await?;
+    let actions: Vec<(&str, &str, &str, &str)> = records
+        .iter()
+        .map(|r| (r.action.as_str(), r.actor_user.as_str(), r.actor_role.as_str(), r.entity_id.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("study.configured", "ada", "admin", "AUD"),
+            ("site.created", "ada", "admin", "701"),
+            ("kits.received", "phil", "pharmacist", "SHP-1"),
+            ("subject.screened", "sam", "site_staff", "701-1"),
+            ("subject.consent_signed", "sam", "site_staff", "701-1"),
+            ("enrollment.requested", "sam", "site_staff", "701-1"),
+            ("subject.withdrawn", "sam", "site_staff", "701-1"),
+        ]
+    );
+    let withdrawn = &records[6];
+    assert_eq!(withdrawn.reason.as_deref(), Some("ADVERSE EVENT: rash"));
+    assert_eq!(withdrawn.cause.as_deref(), Some("request:w-1"));
+    assert_eq!(withdrawn.site_id.as_deref(), Some("701"));
+    let changes: Value = serde_json::from_str(&withdrawn.changes)?;
+    assert!(
+        changes.as_array().is_some_and(|c| c.iter().any(|c| c["field"] == "withdrawal_reason_code"
+            && c["old"].is_null()
+            && c["new"] == "ADVERSE EVENT")),
+        "{changes}"
+    );
+    // Arms and a kit's arm are unblinded changes; the seed is nowhere.
+    assert!(records[0].unblinded && records[2].unblinded && !records[3].unblinded);
+    assert!(records.iter().all(|r| !r.changes.contains(&SEED.to_string())));
+    let blinded = records[2].view("site-api", true).to_string();
+    assert!(blinded.contains("K1") && !blinded.contains("PBO") && !blinded.contains("XAN_HI"), "{blinded}");
+    assert!(records.iter().all(|r| r.recorded_at <= chrono::Utc::now()));
+    assert!(trialflow_outbox::audit::verify(&api.pool, &api.schema).await?.is_intact());
+    api.stop().await
+}
+
+/// `GET /v1/audit`: unblinded roles get every change; blinded roles never an arm (checked on the
+/// raw body); pages follow their cursors without overlap; hostile query values are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_list_keeps_arms_from_blinded_roles_and_pages_with_a_cursor() -> anyhow::Result<()> {
+    let api = TestApi::start().await?;
+    api.study_with_site("AUDL").await?;
+    api.created(
+        &api.pharmacist,
+        "/v1/studies/AUDL/sites/701/shipments",
+        &shipment("SHP-1", &["K1", "K2", "K3"]),
+    )
+    .await?;
+    for i in 0..3 {
+        api.created(
+            &api.site,
+            "/v1/studies/AUDL/subjects",
+            &screening(&format!("701-{i}"), &format!("S-{i}"), 60),
+        )
+        .await?;
+    }
+    api.study_with_site("OTHER").await?;
+
+    let full = api.get(&api.admin, "/v1/audit?study_id=AUDL").await?;
+    assert_eq!(full.status, StatusCode::OK, "{}", full.text);
+    let records = full.body["records"].as_array().cloned().unwrap_or_default();
+    assert_eq!(records.len(), 6, "{}", full.text);
+    assert!(records.iter().all(|r| r["study_id"] == "AUDL" && r["source"] == "site-api"));
+    assert!(full.text.contains("XAN_HI") && full.text.contains("PBO") && full.text.contains("\"hash\""));
+    assert_eq!(full.body["next_cursor"], Value::Null);
+    for token in [&api.site, &api.researcher] {
+        let blinded = api.get(token, "/v1/audit?study_id=AUDL").await?;
+        assert_eq!(blinded.status, StatusCode::OK, "{}", blinded.text);
+        for arm in ["PBO", "XAN_HI", "Placebo", "kit_arms", "\"arms\"", "\"hash\""] {
+            assert!(!blinded.text.contains(arm), "{arm} reached a blinded role: {}", blinded.text);
+        }
+        assert_eq!(blinded.body["records"].as_array().map(Vec::len), Some(6));
+        assert!(blinded.text.contains("K1") && blinded.text.contains("values_withheld"), "{}", blinded.text);
+    }
+
+    // Pages of 2, each from the cursor of the one before: the same 6 records, in order.
+    let mut seqs = Vec::new();
+    let mut query = "/v1/audit?study_id=AUDL&limit=2".to_string();
+    loop {
+        let page = api.get(&api.researcher, &query).await?;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.text);
+        seqs.extend(
+            page.body["records"].as_array().into_iter().flatten().map(|r| r["seq"].as_i64().unwrap_or(0)),
+        );
+        match page.body["next_cursor"].as_str() {
+            Some(cursor) => query = format!("/v1/audit?study_id=AUDL&limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    let all: Vec<i64> = records.iter().map(|r| r["seq"].as_i64().unwrap_or(0)).collect();
+    assert_eq!(seqs, all);
+    let everything = api.get(&api.admin, "/v1/audit").await?;
+    assert_eq!(everything.body["records"].as_array().map(Vec::len), Some(8), "both studies");
+
+    for (query, status, code, field) in [
+        ("limit=0", StatusCode::BAD_REQUEST, "invalid_parameter", "limit"),
+        ("limit=ten", StatusCode::BAD_REQUEST, "invalid_parameter", "limit"),
+        ("cursor=0.1%00", StatusCode::UNPROCESSABLE_ENTITY, "invalid_characters", "cursor"),
+        ("cursor=7.1", StatusCode::BAD_REQUEST, "invalid_cursor", "cursor"),
+        ("cursor=abc", StatusCode::BAD_REQUEST, "invalid_cursor", "cursor"),
+        ("study_id=a%20b", StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", "study_id"),
+        ("study_id=%1B[31m", StatusCode::UNPROCESSABLE_ENTITY, "invalid_characters", "study_id"),
+        ("study_id=A&study_id=B", StatusCode::BAD_REQUEST, "duplicate_parameter", "study_id"),
+        ("arm=PBO", StatusCode::BAD_REQUEST, "unknown_parameter", "arm"),
+    ] {
+        let answer = api.get(&api.admin, &format!("/v1/audit?{query}")).await?;
+        assert_eq!(
+            (answer.status, answer.body["error"]["code"].as_str(), answer.body["error"]["field"].as_str()),
+            (status, Some(code), Some(field)),
+            "{query}: {}",
+            answer.text
+        );
+    }
+    let anonymous = api.send(api.http.get(format!("{}/v1/audit", api.base))).await?;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
     api.stop().await
 }
 

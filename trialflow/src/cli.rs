@@ -62,6 +62,9 @@ pub enum Command {
     /// Operate on the outboxes: rows the broker refused for good (`outbox quarantine ...`).
     #[command(subcommand)]
     Outbox(crate::quarantine::OutboxCommand),
+    /// The services' audit trails: check their hash chains, export a study's records.
+    #[command(subcommand)]
+    Audit(crate::audit::AuditCommand),
     /// Generate synthetic load against a running pipeline (site API, ePRO gateway, clinical topic).
     Load(trialflow_simulation::load::LoadArgs),
 }
@@ -225,7 +228,10 @@ pub async fn serve_site_api(
     let config = args.into_config()?;
     site_api::migrate(&config.database_url, &config.schema).await.context("migrating the site-api schema")?;
     site_api::describe_metrics();
-    let api = site_api::SiteApi::bind(config).await.context("starting the site API")?;
+    // `GET /v1/audit` reads every service's trail, in the services' default schemas.
+    let audit = Schemas::default().audit_sources();
+    let api =
+        site_api::SiteApi::bind_with_audit_sources(config, audit).await.context("starting the site API")?;
     tracing::info!(addr = %api.local_addr(), "Site API listening.");
     api.run(shutdown).await.context("site API")
 }
@@ -289,6 +295,7 @@ pub async fn run(mut cli: Cli, shutdown: tokio_util::sync::CancellationToken) ->
         Command::Topics(command) => crate::topics::run(command).await,
         Command::Dlq(command) => crate::dlq::run(command).await,
         Command::Outbox(command) => crate::quarantine::run(command).await,
+        Command::Audit(command) => crate::audit::run(command).await,
         Command::Load(args) => trialflow_simulation::load::run(args, shutdown).await,
     }
 }

@@ -2,8 +2,10 @@
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use sqlx::postgres::PgPoolOptions;
 use trialflow_consumers::dlq::{self, DeadLetterEntry};
-use trialflow_outbox::KafkaConfig;
+use trialflow_outbox::{AuditRecord, DatabaseConfig, KafkaConfig, SchemaName};
+use trialflow_pipeline::services::Schemas;
 
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
@@ -23,13 +25,33 @@ pub enum DlqCommand {
         at: Coordinates,
     },
     /// Produce a dead letter again to its original topic (same key, payload, event id).
-    /// Consumers deduplicate on the event id: replaying twice applies it once.
+    /// Consumers deduplicate on the event id: replaying twice applies it once. Recorded in the
+    /// audit trail of the consumer that dead-lettered it: who, why, what.
     Replay {
         #[command(flatten)]
         target: Target,
         #[command(flatten)]
         at: Coordinates,
+        #[command(flatten)]
+        audit: ReplayAudit,
     },
+}
+
+/// Who replays a dead letter and why, recorded in an audit trail.
+#[derive(Debug, Args)]
+pub struct ReplayAudit {
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+    /// Who replays it (recorded; default: the login name, `USER`).
+    #[arg(long, env = "USER", hide_env_values = true)]
+    pub by: String,
+    /// Why (recorded), e.g. the fix that makes it pass now.
+    #[arg(long)]
+    pub reason: String,
+    /// The schema whose audit trail records the replay; default: the schema of the consumer
+    /// named in the letter's `dlq.consumer` header (see `trialflow services`).
+    #[arg(long)]
+    pub source: Option<SchemaName>,
 }
 
 #[derive(Debug, Args)]
@@ -126,24 +148,73 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        DlqCommand::Replay { target, at } => {
-            let topic = target.dlq_topic();
-            match dlq::replay(&target.kafka, &topic, at.partition, at.offset).await? {
-                Some(r) => {
-                    println!(
-                        "replayed {topic}/{}/{} to {} partition {} offset {}",
-                        at.partition, at.offset, r.topic, r.partition, r.offset
-                    );
-                    Ok(())
-                }
-                None => bail!(
-                    "no dead letter with a dlq.original_topic header at {topic} partition {} offset {}",
-                    at.partition,
-                    at.offset
-                ),
-            }
-        }
+        DlqCommand::Replay { target, at, audit } => replay(&target, &at, &audit).await,
     }
+}
+
+/// Replays a dead letter, then writes its audit record (the database is reached first, so a
+/// replay the broker refuses leaves no record, and the trail's lock is not held while waiting
+/// for the broker). The honest limit, as a dual write: a record that fails after the
+/// acknowledgement leaves a replay without it; the command then fails and says so (replaying
+/// again is harmless: consumers deduplicate on the event id).
+async fn replay(target: &Target, at: &Coordinates, audit: &ReplayAudit) -> anyhow::Result<()> {
+    let (by, reason) = (audit.by.trim(), audit.reason.trim());
+    if by.is_empty() || reason.is_empty() {
+        bail!("replaying a dead letter needs who (--by) and why (--reason), both non-empty");
+    }
+    let topic = target.dlq_topic();
+    let missing = || {
+        anyhow::anyhow!(
+            "no dead letter with a dlq.original_topic header at {topic} partition {} offset {}",
+            at.partition,
+            at.offset
+        )
+    };
+    let letter = dlq::show(&target.kafka, &topic, at.partition, at.offset).await?.ok_or_else(missing)?;
+    let entry = DeadLetterEntry::from(&letter);
+    let original = entry.original_topic.clone().ok_or_else(missing)?;
+    let schema = match (&audit.source, &entry.consumer) {
+        (Some(schema), _) => schema.clone(),
+        (None, Some(consumer)) => Schemas::default().get(consumer).cloned().with_context(|| {
+            format!("the letter names consumer `{consumer}`, which has no schema here; pass --source")
+        })?,
+        (None, None) => bail!("the letter names no consumer (dlq.consumer); pass --source"),
+    };
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(audit.database.connect_options()?)
+        .await
+        .context("connecting to the database (DATABASE_URL)")?;
+    let coordinates = format!("{topic}/{}/{}", at.partition, at.offset);
+    let record = AuditRecord::by_operator(by, "dead_letter.replayed", "dead_letter", &coordinates)
+        .change("replayed_to", serde_json::Value::Null, original.as_str())
+        .change("event_id", serde_json::Value::Null, entry.event_id.as_deref())
+        .change("event_type", serde_json::Value::Null, entry.event_type.as_deref())
+        .change("dead_letter_reason", serde_json::Value::Null, entry.reason.as_deref())
+        .reason(reason)
+        .cause("command:trialflow dlq replay");
+    let Some(r) = dlq::replay(&target.kafka, &topic, at.partition, at.offset).await? else {
+        return Err(missing());
+    };
+    let recorded = async {
+        let mut tx = pool.begin().await?;
+        trialflow_outbox::audit::append(&mut tx, &schema, &[record]).await?;
+        tx.commit().await?;
+        anyhow::Ok(())
+    };
+    recorded.await.with_context(|| {
+        format!(
+            "replayed {coordinates} to {} partition {} offset {}, but its audit record was not written; \
+             record it by replaying again (consumers apply it once)",
+            r.topic, r.partition, r.offset
+        )
+    })?;
+    pool.close().await;
+    println!(
+        "replayed {coordinates} to {} partition {} offset {} (audited in `{schema}`)",
+        r.topic, r.partition, r.offset
+    );
+    Ok(())
 }
 
 /// Printable text of any bytes: control characters escaped (`\u{0}`, `\n`), each byte of invalid

@@ -1,6 +1,7 @@
 //! The `trialflow` binary: one subcommand per component, so any component runs alone (in its own
 //! container) or all together for local runs.
 
+pub mod audit;
 pub mod cli;
 pub mod demo;
 pub mod dlq;

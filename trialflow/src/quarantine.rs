@@ -38,6 +38,9 @@ pub enum QuarantineCommand {
         /// Every quarantined row of the outbox.
         #[arg(long)]
         all: bool,
+        /// Who puts them back (recorded in the audit trail; default: the login name, `USER`).
+        #[arg(long, env = "USER", hide_env_values = true)]
+        by: String,
     },
     /// Delete a quarantined row for good; its content, who and why are kept in
     /// `<source>.outbox_quarantine_discarded`. The rows of its key that waited flow on.
@@ -88,9 +91,9 @@ pub async fn run(command: OutboxCommand) -> anyhow::Result<()> {
                 eprintln!("{} quarantined row(s) in `{schema}`", rows.len());
             }
         }
-        QuarantineCommand::Retry { seq, .. } => {
+        QuarantineCommand::Retry { seq, by, .. } => {
             let which = seq.map_or(Selection::All, Selection::One);
-            let seqs = quarantine::retry(&pool, schema, which).await?;
+            let seqs = quarantine::retry(&pool, schema, which, by).await?;
             let list = seqs.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
             println!(
                 "put {} row(s) of `{schema}` back into the outbox{}; the relay publishes each before \
@@ -183,9 +186,20 @@ mod tests {
         let Ok(QuarantineCommand::List { source, json: true }) = list else { panic!("{list:?}") };
         assert_eq!(source.source.as_str(), "enrollment");
 
-        let retry = parse(&["trialflow", "outbox", "quarantine", "retry", "--source", "epro", "42"]);
+        let retry =
+            parse(&["trialflow", "outbox", "quarantine", "retry", "--source", "epro", "42", "--by", "bob"]);
         assert!(matches!(retry, Ok(QuarantineCommand::Retry { seq: Some(42), all: false, .. })), "{retry:?}");
-        let all = parse(&["trialflow", "outbox", "quarantine", "retry", "--source", "epro", "--all"]);
+        let all = parse(&[
+            "trialflow",
+            "outbox",
+            "quarantine",
+            "retry",
+            "--source",
+            "epro",
+            "--all",
+            "--by",
+            "bob",
+        ]);
         assert!(matches!(all, Ok(QuarantineCommand::Retry { seq: None, all: true, .. })), "{all:?}");
 
         let discard = parse(&[
@@ -272,7 +286,7 @@ mod tests {
             .await
             .expect_err("an unknown seq is refused");
         assert!(error.to_string().contains(&format!("no quarantined row {}", seq + 1)), "{error}");
-        run(command(&["retry", &seq_arg])).await?;
+        run(command(&["retry", &seq_arg, "--by", "alice"])).await?;
         assert_eq!(svc.outbox_len().await?, 1, "the row is back in the outbox");
         assert!(trialflow_outbox::quarantine::list(&svc.pool, &svc.schema).await?.is_empty());
         Ok(())

@@ -133,6 +133,42 @@ async fn sites_enroll_subjects_through_the_api_and_a_shipment_releases_the_held_
         .await?;
     assert!(!kits.to_string().contains("arm_code"), "{kits}");
 
+    // The audit trails of every service, through the site API: the pipeline gave it the other
+    // services' schemas. Unblinded, the randomizations carry their arms; blinded, no arm at all.
+    let audit = |token: &'static str, query: String| {
+        let http = site.api.http.clone();
+        let url = format!("{}/v1/audit?study_id=E2E&limit=500{query}", site.api.base);
+        async move { anyhow::Ok(http.get(url).bearer_auth(token).send().await?.text().await?) }
+    };
+    let full = audit("admin-token", String::new()).await?;
+    let page: Value = serde_json::from_str(&full)?;
+    let records = page["records"].as_array().cloned().unwrap_or_default();
+    let by = |source: &str, action: &str| {
+        records.iter().filter(|r| r["source"] == source && r["action"] == action).count()
+    };
+    assert_eq!(
+        (by("enrollment", "subject.randomized"), by("kit-allocation", "kit.dispensed")),
+        (12, 12),
+        "{full}"
+    );
+    assert_eq!(by("site-api", "subject.screened"), 14);
+    assert!(full.contains("XAN_HI") || full.contains("XAN_LO"), "{full}");
+    let mut blinded = String::new();
+    let mut cursor = String::new();
+    loop {
+        let text = audit("researcher-token", cursor.clone()).await?;
+        let page: Value = serde_json::from_str(&text)?;
+        blinded.push_str(&text);
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => break,
+        }
+    }
+    for arm in ["PBO", "XAN_LO", "XAN_HI", "Placebo", "arm_code"] {
+        assert!(!blinded.contains(arm), "{arm} reached a blinded role");
+    }
+    assert!(blinded.contains("subject.randomized") && blinded.contains("randomization_number"));
+
     // An enrolled subject's app sends a PHQ-9 through the ingestion gateway; it is validated.
     let submission = phq9_submission("701-0000");
     let response = site

@@ -315,6 +315,8 @@ impl Fixture {
             format!("SELECT count(*) FROM {alerts}.outbox"),
             format!("SELECT count(*) FROM {alerts}.alert_history"),
             format!("SELECT count(*) FROM {alerts}.alert WHERE status <> 'open'"),
+            format!("SELECT count(*) FROM {site}.audit_trail"),
+            format!("SELECT count(*) FROM {alerts}.audit_trail"),
         ] {
             counts.push(sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(&self.pool).await?);
         }

@@ -439,6 +439,18 @@ async fn site_roles_act_only_on_their_sites_and_learn_nothing_of_others() -> any
         "{}",
         reply.body
     );
+    // The audit trail: a token limited to some studies names one of its own, and sees only its
+    // sites' records (and study-level ones).
+    let reply = f.call(Some(&sam), Method::GET, "/v1/audit", None).await?;
+    ensure!(reply.status == StatusCode::UNPROCESSABLE_ENTITY, "{}", reply.body);
+    f.out_of_scope(&sam, Method::GET, "/v1/audit?study_id=S2", None).await?;
+    let trail = f.expect(200, &sam, Method::GET, "/v1/audit?study_id=S1&limit=500", None).await?;
+    let sites: Vec<&str> = trail["records"]
+        .as_array()
+        .map_or(vec![], |r| r.iter().filter_map(|r| r["site_id"].as_str()).collect());
+    ensure!(sites.contains(&"701") && sites.iter().all(|s| *s == "701"), "{trail}");
+    let everything = f.expect(200, &admin, Method::GET, "/v1/audit?study_id=S1&limit=500", None).await?;
+    ensure!(everything.to_string().contains("\"702\""), "the admin sees site 702's records: {everything}");
     // Within scope the same commands pass; an admin of every site sees a missing subject as 404.
     f.expect(201, &ivy, Method::POST, &format!("{subjects}/701-0001/consent"), Some(consent.clone())).await?;
     f.expect(404, &admin, Method::POST, &format!("{subjects}/702-0404/consent"), Some(consent)).await?;

@@ -32,9 +32,10 @@ mod store;
 
 use std::collections::BTreeSet;
 
+use serde_json::Value;
 use sqlx::{Postgres, Transaction};
 use tracing::{debug, info, warn};
-use trialflow_outbox::SchemaName;
+use trialflow_outbox::{AuditRecord, SchemaName};
 use trialflow_schemas::topics::{self, TopicNames};
 use trialflow_schemas::{
     AnyEvent, ConsentSigned, EligibilityAssessed, EnrollmentOnHold, EnrollmentRequested, Envelope, Event,
@@ -46,7 +47,7 @@ use self::gates::GateFailure;
 use self::store::TakenSlot;
 use crate::config::ConsumerSpec;
 use crate::error::HandlerError;
-use crate::events::{decode, emit, study_dependency, subject_of};
+use crate::events::{decode, emit, requested_by, study_dependency, subject_of};
 use crate::handler::{Context, Handler, Message};
 
 /// Consumer name (inbox key, default group id, metric label) and `source_system` of its events.
@@ -204,7 +205,11 @@ impl Enrollment {
         }
         let stratum = match gates::check(&subject.facts, &study.factors, &e.strata) {
             Ok(stratum) => stratum,
-            Err(failures) => return self.hold(tx, ctx, &e.envelope, &subject_id, &failures, None).await,
+            Err(failures) => {
+                return self
+                    .hold(tx, ctx, &e.envelope, (&subject_id, &subject.status), &failures, None)
+                    .await;
+            }
         };
         let Some(slot) = store::take_slot(tx, &self.schema, study_id, &stratum.key, &subject_id).await?
         else {
@@ -212,7 +217,7 @@ impl Enrollment {
                 code: gates::LIST_EXHAUSTED,
                 detail: format!("the randomization list of stratum {} has no free slot", stratum.key),
             };
-            return self.hold(tx, ctx, &e.envelope, &subject_id, &[exhausted], None).await;
+            return self.hold(tx, ctx, &e.envelope, (&subject_id, &subject.status), &[exhausted], None).await;
         };
         let set = "status = 'randomized', stratum = $3, randomization_number = $4, \
                    hold_reason_code = NULL, hold_reason = NULL";
@@ -225,6 +230,7 @@ impl Enrollment {
             &[Some(&stratum.key), Some(&slot.randomization_number)],
         )
         .await?;
+        ctx.audit(randomization_audit(&e.envelope, &subject_id, &subject.status, &stratum.key, &slot));
         self.publish_randomization(tx, ctx, &e.envelope, &subject_id, &stratum.key, &slot).await
     }
 
@@ -274,17 +280,19 @@ impl Enrollment {
         Ok(())
     }
 
-    /// Puts the subject on hold (or records the screen failure) with every reason.
+    /// Puts the subject (its id and status) on hold (or records the screen failure) with every
+    /// reason.
     async fn hold(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        ctx: &Context,
+        ctx: &mut Context,
         cause: &Envelope,
-        subject_id: &str,
+        (subject_id, status): (&str, &str),
         failures: &[GateFailure],
         randomization_number: Option<&str>,
     ) -> Result<(), HandlerError> {
         let (code, reason) = gates::hold_reason(failures);
+        ctx.audit(hold_audit(cause, subject_id, status, &code, &reason));
         // A screen failure or a withdrawal keeps its status; everything else waits on hold.
         let set = "status = CASE WHEN status IN ('ineligible', 'withdrawn') THEN status ELSE 'on_hold' END, \
                    hold_reason_code = $3, hold_reason = $4";
@@ -314,7 +322,7 @@ impl Enrollment {
         &self,
         tx: &mut Transaction<'static, Postgres>,
         e: &KitAllocated,
-        ctx: &Context,
+        ctx: &mut Context,
     ) -> Result<(), HandlerError> {
         let (subject_id, subject) = self.subject(tx, &e.envelope).await?;
         if !matches!(subject.status.as_str(), "randomized" | "on_hold") {
@@ -332,6 +340,13 @@ impl Enrollment {
             &[Some(&e.kit_number)],
         )
         .await?;
+        ctx.audit(
+            AuditRecord::by_system(NAME, "subject.enrolled", "subject", &subject_id)
+                .study(&e.envelope.study_id)
+                .site(e.envelope.site_id.as_deref())
+                .change("status", subject.status.as_str(), "enrolled")
+                .change("kit_number", Value::Null, e.kit_number.as_str()),
+        );
         let enrolled = SubjectEnrolled {
             envelope: Envelope::caused_by(&e.envelope, SubjectEnrolled::NAME, NAME),
             randomization_number: e.randomization_number.clone(),
@@ -347,7 +362,7 @@ impl Enrollment {
         &self,
         tx: &mut Transaction<'static, Postgres>,
         e: &KitAllocationFailed,
-        ctx: &Context,
+        ctx: &mut Context,
     ) -> Result<(), HandlerError> {
         let (subject_id, subject) = self.subject(tx, &e.envelope).await?;
         if subject.status != "randomized" {
@@ -355,7 +370,8 @@ impl Enrollment {
         }
         let failure =
             GateFailure { code: NO_KIT_AVAILABLE, detail: format!("{}: {}", e.reason_code, e.reason) };
-        self.hold(tx, ctx, &e.envelope, &subject_id, &[failure], Some(&e.randomization_number)).await
+        let subject = (subject_id.as_str(), subject.status.as_str());
+        self.hold(tx, ctx, &e.envelope, subject, &[failure], Some(&e.randomization_number)).await
     }
 
     async fn subject_withdrawn(
@@ -370,6 +386,39 @@ impl Enrollment {
         info!(subject_id, reason_code, "Subject withdrawn.");
         Ok(())
     }
+}
+
+/// The audit record of a randomization: the subject's new status, stratum and number, and its
+/// arm (unblinded: left out of blinded views), on behalf of whoever requested the enrollment.
+fn randomization_audit(
+    cause: &Envelope,
+    subject_id: &str,
+    status: &str,
+    stratum: &str,
+    slot: &TakenSlot,
+) -> AuditRecord {
+    AuditRecord::by_system(NAME, "subject.randomized", "subject", subject_id)
+        .on_behalf_of(requested_by(cause))
+        .study(&cause.study_id)
+        .site(cause.site_id.as_deref())
+        .change("status", status, "randomized")
+        .change("stratum", Value::Null, stratum)
+        .change("randomization_number", Value::Null, slot.randomization_number.as_str())
+        .change("randomization_list_id", Value::Null, slot.list_id.as_str())
+        .unblinded_change("arm_code", Value::Null, slot.arm_code.as_str())
+}
+
+/// The audit record of a hold: the status it leaves (a screen failure or a withdrawal keeps
+/// theirs, as the update does) and the coded reason, also the record's why.
+fn hold_audit(cause: &Envelope, subject_id: &str, status: &str, code: &str, reason: &str) -> AuditRecord {
+    let new_status = if matches!(status, "ineligible" | "withdrawn") { status } else { "on_hold" };
+    AuditRecord::by_system(NAME, "enrollment.on_hold", "subject", subject_id)
+        .on_behalf_of(requested_by(cause))
+        .study(&cause.study_id)
+        .site(cause.site_id.as_deref())
+        .change("status", status, new_status)
+        .change("hold_reason_code", Value::Null, code)
+        .reason(reason)
 }
 
 impl Handler for Enrollment {

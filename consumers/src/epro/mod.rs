@@ -38,9 +38,10 @@ pub mod validate;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use serde_json::Value;
 use sqlx::{Postgres, Transaction};
 use tracing::debug;
-use trialflow_outbox::SchemaName;
+use trialflow_outbox::{AuditRecord, SchemaName};
 use trialflow_schemas::topics::{self, TopicNames};
 use trialflow_schemas::{
     AnyEvent, Envelope, Event, QuestionnaireResponseAccepted, QuestionnaireResponseRejected,
@@ -209,7 +210,7 @@ impl EproValidation {
     async fn accept(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        ctx: &Context,
+        ctx: &mut Context,
         s: &QuestionnaireResponseSubmitted,
         subject_id: &str,
         hash: &str,
@@ -219,6 +220,14 @@ impl EproValidation {
         if !store::record_accepted(tx, &self.schema, s, subject_id, hash, received_at, &accepted).await? {
             return Err(HandlerError::transient("submission recorded concurrently; deciding again"));
         }
+        ctx.audit(
+            decision_audit(s, subject_id, "epro.accepted")
+                .change("total_score", Value::Null, accepted.scored.total)
+                .change("severity_band", Value::Null, accepted.scored.band.as_deref())
+                .change("flagged_items", Value::Null, accepted.scored.flagged.clone())
+                .change("window_status", Value::Null, json(&accepted.window))
+                .change("late_sync", Value::Null, accepted.late_sync),
+        );
         let event = QuestionnaireResponseAccepted {
             envelope: Envelope::caused_by(&s.envelope, QuestionnaireResponseAccepted::NAME, NAME),
             submission_id: s.submission_id,
@@ -242,7 +251,7 @@ impl EproValidation {
     async fn reject(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        ctx: &Context,
+        ctx: &mut Context,
         s: &QuestionnaireResponseSubmitted,
         subject_id: &str,
         reasons: Vec<RejectionReason>,
@@ -250,6 +259,8 @@ impl EproValidation {
         for r in &reasons {
             metrics::counter!(REJECTION_REASONS_TOTAL, "code" => r.code.clone()).increment(1);
         }
+        let codes: Vec<&str> = reasons.iter().map(|r| r.code.as_str()).collect();
+        ctx.audit(decision_audit(s, subject_id, "epro.rejected").change("reason_codes", Value::Null, codes));
         let event = QuestionnaireResponseRejected {
             envelope: Envelope::caused_by(&s.envelope, QuestionnaireResponseRejected::NAME, NAME),
             submission_id: s.submission_id,
@@ -261,6 +272,21 @@ impl EproValidation {
         metrics::counter!(OUTCOMES_TOTAL, "outcome" => "rejected").increment(1);
         Ok(())
     }
+}
+
+/// The audit record of a decision on a submission (the service's own, on the app's data).
+fn decision_audit(s: &QuestionnaireResponseSubmitted, subject_id: &str, action: &str) -> AuditRecord {
+    let decision = action.trim_start_matches("epro.");
+    AuditRecord::by_system(NAME, action, "submission", s.submission_id.to_string())
+        .study(&s.envelope.study_id)
+        .site(s.envelope.site_id.as_deref())
+        .change("decision", Value::Null, decision)
+        .change("subject_id", Value::Null, subject_id)
+        .change("questionnaire", Value::Null, format!("{} {}", s.questionnaire, s.questionnaire_version))
+}
+
+fn json(value: &impl serde::Serialize) -> Value {
+    serde_json::to_value(value).unwrap_or_default()
 }
 
 impl Handler for EproValidation {

@@ -35,10 +35,11 @@ mod store;
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, NaiveDate, Utc};
+use serde_json::Value;
 use sqlx::{PgConnection, Postgres, Transaction};
 use tracing::{debug, info};
 use trialflow_http::clock::Clock;
-use trialflow_outbox::SchemaName;
+use trialflow_outbox::{AuditRecord, SchemaName};
 use trialflow_schemas::topics::{self, TopicNames};
 use trialflow_schemas::{
     AnyEvent, Envelope, Event, KitAllocated, KitAllocationFailed, KitsReceived, SiteStockLow,
@@ -209,7 +210,7 @@ impl KitAllocation {
     async fn try_allocate(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        ctx: &Context,
+        ctx: &mut Context,
         study: &StudySettings,
         request: &Request,
         cause: &Envelope,
@@ -231,6 +232,7 @@ impl KitAllocation {
             return Ok(false);
         };
         store::allocate(tx, &self.schema, kit, request, today, cause.event_id).await?;
+        ctx.audit(dispensing_audit(kit, request, today));
         let mut envelope = Envelope::caused_by(cause, KitAllocated::NAME, NAME);
         // A retry is caused by the shipment but belongs to the subject's enrollment flow.
         envelope.subject_id = Some(request.subject_id.clone());
@@ -303,6 +305,19 @@ impl KitAllocation {
         }
         Ok(())
     }
+}
+
+/// The audit record of a kit dispensed to a subject: the kit's status, subject and number, and
+/// its arm (unblinded: left out of blinded views; the kit number itself is blinded).
+fn dispensing_audit(kit: &rules::Kit, request: &Request, today: NaiveDate) -> AuditRecord {
+    AuditRecord::by_system(NAME, "kit.dispensed", "kit", &kit.kit_number)
+        .study(&request.study_id)
+        .site(Some(&request.site_id))
+        .change("status", "available", "allocated")
+        .change("subject_id", Value::Null, request.subject_id.as_str())
+        .change("randomization_number", Value::Null, request.randomization_number.as_str())
+        .change("allocated_on", Value::Null, today.to_string())
+        .unblinded_change("arm_code", Value::Null, kit.arm_code.as_str())
 }
 
 impl Handler for KitAllocation {

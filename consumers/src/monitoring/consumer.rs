@@ -108,10 +108,10 @@ impl Monitoring {
     async fn signal(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        ctx: &Context,
+        ctx: &mut Context,
         signal: Signal<'_>,
     ) -> Result<(), HandlerError> {
-        let outcome = episodes::apply(tx, &self.schema, &ctx.outbox, &self.topics, &signal).await?;
+        let outcome = episodes::apply(tx, &self.schema, ctx, &self.topics, &signal).await?;
         let label = match outcome {
             Outcome::Raised => "raised",
             Outcome::Updated => "updated",
@@ -124,7 +124,7 @@ impl Monitoring {
     async fn vital(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        ctx: &Context,
+        ctx: &mut Context,
         e: &VitalSignRecorded,
     ) -> Result<(), HandlerError> {
         let subject_id = subject_of(&e.envelope)?.to_string();
@@ -227,7 +227,7 @@ impl Monitoring {
     async fn adverse_event(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        ctx: &Context,
+        ctx: &mut Context,
         e: &AdverseEventReported,
     ) -> Result<(), HandlerError> {
         subject_of(&e.envelope)?; // a subject-level input must name its subject
@@ -255,7 +255,7 @@ impl Monitoring {
     async fn epro(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        ctx: &Context,
+        ctx: &mut Context,
         e: &QuestionnaireResponseAccepted,
     ) -> Result<(), HandlerError> {
         subject_of(&e.envelope)?;
@@ -291,7 +291,7 @@ impl Monitoring {
     async fn hold(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        ctx: &Context,
+        ctx: &mut Context,
         e: &EnrollmentOnHold,
     ) -> Result<(), HandlerError> {
         let subject_id = subject_of(&e.envelope)?.to_string();
@@ -312,7 +312,7 @@ impl Monitoring {
     async fn stock_low(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        ctx: &Context,
+        ctx: &mut Context,
         e: &SiteStockLow,
     ) -> Result<(), HandlerError> {
         let site_id = site_of(&e.envelope)?.to_string();

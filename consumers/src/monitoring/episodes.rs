@@ -2,8 +2,9 @@
 //! inputs add evidence to it; escalation when nobody acknowledges in time.
 
 use chrono::{DateTime, Utc};
+use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
-use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
+use trialflow_outbox::{AuditRecord, Outbox, OutboxEvent, SchemaName};
 use trialflow_schemas::topics::TopicNames;
 use trialflow_schemas::{
     AlertEscalated, AlertRaised, AlertSeverity, AlertUpdated, Envelope, Event, Evidence, Timestamp,
@@ -13,6 +14,7 @@ use uuid::Uuid;
 use super::NAME;
 use super::rules::Rule;
 use crate::error::HandlerError;
+use crate::handler::Context;
 
 /// Escalations stop at this level.
 pub const MAX_LEVEL: i32 = 3;
@@ -60,7 +62,7 @@ fn severity_of(code: &str) -> AlertSeverity {
 pub(crate) async fn apply(
     tx: &mut Transaction<'_, Postgres>,
     schema: &SchemaName,
-    outbox: &Outbox,
+    ctx: &mut Context,
     topics: &TopicNames,
     signal: &Signal<'_>,
 ) -> Result<Outcome, HandlerError> {
@@ -89,8 +91,10 @@ pub(crate) async fn apply(
             return Ok(Outcome::Unchanged);
         }
         history(tx, schema, alert_id, "updated", NAME, serde_json::json!({"evidence": added.len()})).await?;
+        let ids: Vec<String> = added.iter().map(|e| e.event_id.to_string()).collect();
+        ctx.audit(alert_audit(signal, alert_id, "alert.evidence_added").change("evidence", Value::Null, ids));
         let event = AlertUpdated { envelope: envelope::<AlertUpdated>(signal), alert_id, evidence: added };
-        enqueue(tx, outbox, topics, &event, alert_id).await?;
+        enqueue(tx, &ctx.outbox, topics, &event, alert_id).await?;
         return Ok(Outcome::Updated);
     }
     let alert_id = Uuid::now_v7();
@@ -121,6 +125,14 @@ pub(crate) async fn apply(
     }
     add_evidence(tx, schema, alert_id, &signal.evidence).await?;
     history(tx, schema, alert_id, "raised", NAME, serde_json::json!({"rule_id": rule.rule_id})).await?;
+    ctx.audit(
+        alert_audit(signal, alert_id, "alert.raised")
+            .change("status", Value::Null, "open")
+            .change("rule_id", Value::Null, rule.rule_id.as_str())
+            .change("severity", Value::Null, severity_code(rule.severity))
+            .change("summary", Value::Null, signal.summary.as_str())
+            .change("subject_id", Value::Null, signal.subject_id.as_deref()),
+    );
     let event = AlertRaised {
         envelope: envelope::<AlertRaised>(signal),
         alert_id,
@@ -131,8 +143,15 @@ pub(crate) async fn apply(
         summary: signal.summary.clone(),
         evidence: signal.evidence.clone(),
     };
-    enqueue(tx, outbox, topics, &event, alert_id).await?;
+    enqueue(tx, &ctx.outbox, topics, &event, alert_id).await?;
     Ok(Outcome::Raised)
+}
+
+/// An audit record of the monitoring service about an alert of `signal`.
+fn alert_audit(signal: &Signal<'_>, alert_id: Uuid, action: &str) -> AuditRecord {
+    AuditRecord::by_system(NAME, action, "alert", alert_id.to_string())
+        .study(&signal.cause.study_id)
+        .site(signal.site_id.as_deref())
 }
 
 fn envelope<E: Event>(signal: &Signal<'_>) -> Envelope {
@@ -229,6 +248,7 @@ pub(crate) async fn escalate_due(
          RETURNING a.alert_id, a.study_id, a.site_id, a.subject_id, a.level, a.severity"
     );
     let rows = sqlx::query(AssertSqlSafe(sql)).bind(MAX_LEVEL).fetch_all(&mut *tx).await?;
+    let mut audit = Vec::with_capacity(rows.len());
     for row in &rows {
         let alert_id: Uuid = row.try_get(0)?;
         let study_id: String = row.try_get(1)?;
@@ -239,9 +259,18 @@ pub(crate) async fn escalate_due(
         envelope.site_id = row.try_get(2)?;
         envelope.subject_id = row.try_get(3)?;
         envelope.actor = Some(NAME.to_string());
+        audit.push(
+            AuditRecord::by_system(NAME, "alert.escalated", "alert", alert_id.to_string())
+                .study(&study_id)
+                .site(envelope.site_id.as_deref())
+                .change("level", level - 1, level)
+                .reason("not acknowledged within the rule's escalation time")
+                .cause("timer:escalation"),
+        );
         let event = AlertEscalated { envelope, alert_id, level, severity: severity_of(&severity) };
         enqueue(&mut tx, outbox, topics, &event, alert_id).await?;
     }
+    trialflow_outbox::audit::append(&mut tx, schema, &audit).await?;
     tx.commit().await?;
     Ok(rows.len())
 }

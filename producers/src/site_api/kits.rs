@@ -12,11 +12,12 @@ use axum::extract::{Path, State};
 use axum::response::Response;
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgConnection};
 use trialflow_http::ApiError;
 use trialflow_http::auth::{Principal, Role};
 use trialflow_http::input::{MAX_CODE_CHARS, check_id, check_text};
-use trialflow_outbox::SchemaName;
+use trialflow_outbox::{AuditRecord, SchemaName};
 use trialflow_schemas::{Date, Envelope, Event, KitsReceived, ReceivedKit, Timestamp};
 
 use super::error::conflict_on;
@@ -140,6 +141,11 @@ pub(crate) async fn receive_shipment(
         insert_kits(&mut command.tx, s, &event, &expiry)
             .await
             .map_err(conflict_on("kit_number_unique", || kit_number_exists(&study_id, &req, None)))?;
+        api.audit(
+            &mut command.tx,
+            shipment_audit(request.audit(&principal, "kits.received", "shipment", &req.shipment_id), &event),
+        )
+        .await?;
         command.emit(&event, &site_id).await?;
         let kits = req.kits.len();
         tracing::info!(study_id, site_id, shipment_id = %req.shipment_id, kits, "Received kit shipment.");
@@ -264,6 +270,31 @@ async fn refuse_received(
         Some(i) => Err(kit_number_exists(study_id, req, Some(i))),
         None => Ok(()),
     }
+}
+
+/// The audit record of a shipment: the kits received (blinded: number, sequence, type, lot,
+/// expiry) and, unblinded, each kit's arm.
+fn shipment_audit(record: AuditRecord, event: &KitsReceived) -> AuditRecord {
+    let kits: Vec<Value> = event
+        .kits
+        .iter()
+        .map(|k| {
+            serde_json::json!({
+                "kit_number": k.kit_number,
+                "sequence_number": k.sequence_number,
+                "kit_type": k.kit_type,
+                "lot": k.lot,
+                "expiry_date": k.expiry_date.to_naive().map(|d| d.format("%Y-%m-%d").to_string()),
+            })
+        })
+        .collect();
+    let arms: serde_json::Map<String, Value> =
+        event.kits.iter().map(|k| (k.kit_number.clone(), Value::from(k.arm_code.as_str()))).collect();
+    record
+        .study(&event.envelope.study_id)
+        .site(event.envelope.site_id.as_deref())
+        .change("kits", Value::Null, kits)
+        .unblinded_change("kit_arms", Value::Null, arms)
 }
 
 /// The KitsReceived event of a shipment; its rows are written from it.

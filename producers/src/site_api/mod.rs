@@ -19,6 +19,11 @@
 //! | `POST .../subjects/{subject_id}/consent` | site_staff, admin | consent | ConsentSigned (same) |
 //! | `POST .../subjects/{subject_id}/enrollment-requests` | site_staff, admin | enrollment request | EnrollmentRequested (same) |
 //! | `POST .../subjects/{subject_id}/withdrawal` | site_staff, admin | subject | SubjectWithdrawn (same) |
+//! | `GET /v1/audit` | any (blinded roles: the blinded view) | – | – |
+//!
+//! **Audit trail.** Every command also appends its audit record (who, what with old → new, why,
+//! caused by its `Idempotency-Key`) to the schema's audit trail in its transaction (see
+//! `trialflow_outbox::audit`); `GET /v1/audit` reads the trails ([`audit`]).
 //!
 //! `GET /healthz` (liveness, no auth) and `GET /readyz` (database reachable, no auth) are for probes.
 //! `GET /openapi.json` (no auth) is the API's OpenAPI 3.1 document (see [`openapi`]).
@@ -48,6 +53,7 @@
 //! stopped, its transaction rolled back; retry with the same key), 500 `internal`. The rate limits
 //! and the timeout are [`trialflow_http::limits`]'s.
 
+pub mod audit;
 pub mod config;
 pub mod error;
 pub mod idempotency;
@@ -78,7 +84,7 @@ use trialflow_http::ApiError;
 use trialflow_http::auth::{Authenticator, HasAuth};
 use trialflow_http::input::{self, BodyRules};
 use trialflow_http::limits::{self, Limiter};
-use trialflow_outbox::{Outbox, SchemaName};
+use trialflow_outbox::{AuditRecord, Outbox, SchemaName};
 use trialflow_schemas::Timestamp;
 use trialflow_schemas::topics::TopicNames;
 
@@ -129,6 +135,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/studies/{study_id}/subjects/{subject_id}/consent"),
     ("POST", "/v1/studies/{study_id}/subjects/{subject_id}/enrollment-requests"),
     ("POST", "/v1/studies/{study_id}/subjects/{subject_id}/withdrawal"),
+    ("GET", "/v1/audit"),
 ];
 
 pub fn schema() -> SchemaName {
@@ -160,6 +167,8 @@ pub(crate) struct Api {
     pub(crate) auth: Authenticator,
     /// How far a stated instant may lead the server's clock.
     pub(crate) max_future_skew: chrono::Duration,
+    /// The audit trails `GET /v1/audit` reads: this schema's first.
+    pub(crate) audit_sources: Vec<audit::AuditSource>,
 }
 
 impl HasAuth for Api {
@@ -196,8 +205,17 @@ pub struct SiteApi {
 
 impl SiteApi {
     /// Binds the listener (port 0 picks a free one) and connects the database pool. Fails when
-    /// the schema is not migrated.
+    /// the schema is not migrated. `GET /v1/audit` reads the API's own audit trail only.
     pub async fn bind(config: SiteApiConfig) -> Result<Self, SiteApiError> {
+        Self::bind_with_audit_sources(config, Vec::new()).await
+    }
+
+    /// [`SiteApi::bind`], with `GET /v1/audit` reading the trails of `others` too (the other
+    /// services' schemas, from the registry of services), after the API's own.
+    pub async fn bind_with_audit_sources(
+        config: SiteApiConfig,
+        others: Vec<audit::AuditSource>,
+    ) -> Result<Self, SiteApiError> {
         let mut seen = std::collections::HashSet::new();
         if let Some(dup) = config.tokens.iter().find(|g| !seen.insert(g.token.as_str())) {
             return Err(SiteApiError::Config(format!("a token of `{}` is given twice", dup.user)));
@@ -221,6 +239,7 @@ impl SiteApi {
             .await?;
         let outbox = Outbox::open(&pool, config.schema.clone()).await?;
         describe_metrics();
+        let audit_sources = audit_sources(&config.schema, others);
         let api = Arc::new(Api {
             pool: pool.clone(),
             outbox,
@@ -230,6 +249,7 @@ impl SiteApi {
             max_future_skew: chrono::Duration::seconds(
                 i64::try_from(config.max_future_skew_secs).unwrap_or(i64::MAX / 1_000_000),
             ),
+            audit_sources,
         });
         let limiter = Limiter::new(NAME, &config.limits);
         Ok(Self { listener, local_addr, router: router(api, limiter), pool })
@@ -252,6 +272,17 @@ impl SiteApi {
         tracing::info!("Site API stopped.");
         Ok(())
     }
+}
+
+/// The API's own trail first, then each other one once.
+fn audit_sources(own: &SchemaName, others: Vec<audit::AuditSource>) -> Vec<audit::AuditSource> {
+    let mut sources = vec![audit::AuditSource { service: NAME.to_string(), schema: own.clone() }];
+    for source in others {
+        if !sources.iter().any(|s| s.schema == source.schema) {
+            sources.push(source);
+        }
+    }
+    sources
 }
 
 fn router(api: Arc<Api>, limiter: Arc<Limiter>) -> Router {
@@ -289,6 +320,7 @@ fn endpoint(method: &str, path: &str) -> MethodRouter<Arc<Api>> {
         ("POST", "/v1/studies/{study_id}/subjects/{subject_id}/withdrawal") => {
             post(subjects::withdraw_subject)
         }
+        ("GET", "/v1/audit") => get(audit::list_audit),
         _ => unreachable!("{method} {path} is listed in ROUTES without a handler"),
     }
 }
@@ -358,6 +390,41 @@ impl CommandRequest {
     pub(crate) fn hash(&self) -> String {
         idempotency::request_hash(&self.method, &self.path, &self.body)
     }
+
+    /// An audit record of this command by `principal` (who, through the site API), caused by its
+    /// `Idempotency-Key`; the handler adds what changed and why.
+    pub(crate) fn audit(
+        &self,
+        principal: &trialflow_http::auth::Principal,
+        action: &str,
+        entity_type: &str,
+        entity_id: &str,
+    ) -> AuditRecord {
+        let record =
+            AuditRecord::by_person(&principal.user, principal.role.as_str(), action, entity_type, entity_id);
+        match self.key() {
+            Ok(key) => record.cause(format!("request:{key}")),
+            Err(_) => record,
+        }
+    }
+}
+
+impl Api {
+    /// Appends `record` to the service's audit trail in the command's transaction: it exists if
+    /// and only if the change does.
+    pub(crate) async fn audit(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        record: AuditRecord,
+    ) -> Result<(), ApiError> {
+        trialflow_outbox::audit::append(conn, &self.schema, &[record]).await?;
+        Ok(())
+    }
+}
+
+/// `value` as an audit record's JSON value.
+pub(crate) fn json(value: &impl serde::Serialize) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or_default()
 }
 
 /// The envelope's `occurred_at`: the request's (RFC 3339), or now.

@@ -11,19 +11,22 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgConnection};
 use trialflow_http::ApiError;
 use trialflow_http::auth::{Principal, Role};
 use trialflow_http::input::{
     MAX_CODE_CHARS, MAX_FREE_TEXT_CHARS, MAX_NAME_CHARS, check_free_text, check_id, check_text,
 };
-use trialflow_outbox::SchemaName;
+use trialflow_outbox::{AuditRecord, SchemaName};
 use trialflow_schemas::{
     Envelope, Event, KitTypeSettings, RandomizationSettings, StratificationFactor, StudyArm, StudyConfigured,
 };
 
 use super::error::conflict_on;
-use super::{Api, CommandRequest, MAX_TITLE_CHARS, PgQuery, SOURCE_SYSTEM, check_time_zone, occurred_at};
+use super::{
+    Api, CommandRequest, MAX_TITLE_CHARS, PgQuery, SOURCE_SYSTEM, check_time_zone, json, occurred_at,
+};
 
 /// The configuration version a new study starts with.
 pub const FIRST_CONFIG_VERSION: i32 = 1;
@@ -350,6 +353,11 @@ pub(crate) async fn create_study(
             .await
             .map_err(conflict_on("study_pk", already_exists))?;
         insert_study_setup(&mut command.tx, s, &study).await?;
+        api.audit(
+            &mut command.tx,
+            study_audit(request.audit(&principal, "study.configured", "study", &study.study_id), &study),
+        )
+        .await?;
         let event = study_configured(&study, &principal, occurred_at);
         let event_id = event.envelope.event_id;
         command.emit(&event, &study.study_id).await?;
@@ -401,6 +409,11 @@ pub(crate) async fn create_site(
         .await
         // A concurrent request for the same site may have committed first.
         .map_err(conflict_on("site_pk", site_exists))?;
+        api.audit(
+            &mut command.tx,
+            site_audit(request.audit(&principal, "site.created", "site", &site.site_id), &study_id, &site),
+        )
+        .await?;
         tracing::info!(study_id, site_id = %site.site_id, user = %principal.user, "Added site.");
         Ok(serde_json::json!({"study_id": study_id, "site_id": site.site_id}))
     })
@@ -503,6 +516,40 @@ fn study_configured(
             .collect(),
         enrollment_kit_type: study.enrollment_kit_type.clone(),
     }
+}
+
+/// The audit record of a study set-up: every setting, old values none (a new study). Arms and
+/// the block settings are unblinded (blinded views leave them out); the seed is not recorded at
+/// all, as it is concealed from every role.
+fn study_audit(record: AuditRecord, study: &CreateStudy) -> AuditRecord {
+    let r = &study.randomization;
+    record
+        .study(&study.study_id)
+        .change("title", Value::Null, study.title.as_str())
+        .change("config_version", Value::Null, FIRST_CONFIG_VERSION)
+        .change("stratification_factors", Value::Null, json(&study.stratification_factors))
+        .change("eligibility", Value::Null, json(&study.eligibility))
+        .change("kit_types", Value::Null, json(&study.kit_types))
+        .change("enrollment_kit_type", Value::Null, study.enrollment_kit_type.as_str())
+        .unblinded_change("arms", Value::Null, json(&study.arms))
+        .unblinded_change(
+            "randomization",
+            Value::Null,
+            serde_json::json!({
+                "block_multiples": r.block_multiples,
+                "slots_per_stratum": r.slots_per_stratum,
+                "warn_slots_left": r.warn_slots_left,
+            }),
+        )
+}
+
+fn site_audit(record: AuditRecord, study_id: &str, site: &CreateSite) -> AuditRecord {
+    record
+        .study(study_id)
+        .site(Some(&site.site_id))
+        .change("name", Value::Null, site.name.as_str())
+        .change("country", Value::Null, site.country.as_deref())
+        .change("time_zone", Value::Null, site.time_zone.as_str())
 }
 
 /// The study's own row (config version 1); the error is left raw so the caller can tell a

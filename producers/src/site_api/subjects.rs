@@ -13,12 +13,13 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, PgConnection};
 use trialflow_http::ApiError;
 use trialflow_http::auth::{Principal, Role};
 use trialflow_http::input::{MAX_CODE_CHARS, MAX_FREE_TEXT_CHARS, check_free_text, check_id, check_text};
-use trialflow_outbox::SchemaName;
+use trialflow_outbox::{AuditRecord, SchemaName};
 use trialflow_schemas::{
     ConsentSigned, CriterionResult, DateTimePrecision, EligibilityAssessed, EnrollmentRequested, Envelope,
     Event, PartialDateTime, StratumValue, SubjectScreened, SubjectWithdrawn, Timestamp,
@@ -27,7 +28,7 @@ use uuid::Uuid;
 
 use super::error::unique_violation;
 use super::studies::{AGE_CRITERION, Eligibility, Factor, StudySetup, no_site, site_time_zone};
-use super::{Api, CommandRequest, MAX_SEX_CHARS, PgQuery, SOURCE_SYSTEM, check_time_zone};
+use super::{Api, CommandRequest, MAX_SEX_CHARS, PgQuery, SOURCE_SYSTEM, check_time_zone, json};
 
 /// Who may record what happens to a subject.
 const SUBJECT_ROLES: &[Role] = &[Role::SiteStaff, Role::Investigator, Role::Admin];
@@ -267,6 +268,15 @@ pub(crate) async fn screen_subject(
             .await
             .map_err(|e| ids.on_insert_error(e))?;
         insert_eligibility_results(&mut command.tx, s, &assessed).await?;
+        api.audit(
+            &mut command.tx,
+            screening_audit(
+                request.audit(&principal, "subject.screened", "subject", &subject_id),
+                &screened,
+                &assessed,
+            ),
+        )
+        .await?;
         command
             .emit_all(&[api.outbox_event(&screened, &subject_id)?, api.outbox_event(&assessed, &subject_id)?])
             .await?;
@@ -298,6 +308,14 @@ pub(crate) async fn sign_consent(
         let envelope = subject.envelope(ConsentSigned::NAME, &principal, occurred_at);
         let event = ConsentSigned { envelope, consent_version: req.consent_version.clone(), signed_at };
         insert_consent(tx, &api.schema, &event).await?;
+        api.audit(
+            tx,
+            consent_audit(
+                request.audit(&principal, "subject.consent_signed", "subject", &subject_id),
+                &event,
+            ),
+        )
+        .await?;
         tracing::info!(study_id, subject_id, consent_version = %req.consent_version, "Recorded consent.");
         Ok(event)
     })
@@ -320,6 +338,14 @@ pub(crate) async fn request_enrollment(
         let envelope = subject.envelope(EnrollmentRequested::NAME, &principal, occurred_at);
         let event = EnrollmentRequested { envelope, strata };
         insert_enrollment_request(tx, s, &event).await?;
+        api.audit(
+            tx,
+            enrollment_request_audit(
+                request.audit(&principal, "enrollment.requested", "subject", &subject_id),
+                &event,
+            ),
+        )
+        .await?;
         let missing: Vec<&str> = setup
             .factors
             .iter()
@@ -347,6 +373,11 @@ pub(crate) async fn withdraw_subject(
         let event =
             SubjectWithdrawn { envelope, reason_code: req.reason_code.clone(), reason: req.reason.clone() };
         record_withdrawal(tx, &api.schema, &event).await?;
+        api.audit(
+            tx,
+            withdrawal_audit(request.audit(&principal, "subject.withdrawn", "subject", &subject_id), &event),
+        )
+        .await?;
         tracing::info!(study_id, subject_id, reason_code = %req.reason_code, "Withdrew subject.");
         Ok(event)
     })
@@ -581,6 +612,55 @@ async fn record_withdrawal(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+// ---- audit records, written from the events they record -------------------------------------------
+
+/// `record` about the subject of `e`: study, site, and the event the change announces.
+fn about(record: AuditRecord, e: &Envelope) -> AuditRecord {
+    record.study(&e.study_id).site(e.site_id.as_deref()).change(
+        "event_id",
+        Value::Null,
+        e.event_id.to_string(),
+    )
+}
+
+fn screening_audit(
+    record: AuditRecord,
+    screened: &SubjectScreened,
+    assessed: &EligibilityAssessed,
+) -> AuditRecord {
+    about(record, &screened.envelope)
+        .change("screening_number", Value::Null, screened.screening_number.as_str())
+        .change("age_years", Value::Null, screened.age_years)
+        .change("sex", Value::Null, screened.sex.as_deref())
+        .change("time_zone", Value::Null, screened.time_zone.as_str())
+        .change("eligible", Value::Null, assessed.eligible)
+        .change("eligibility", Value::Null, json(&assessed.criteria))
+}
+
+fn consent_audit(record: AuditRecord, event: &ConsentSigned) -> AuditRecord {
+    about(record, &event.envelope)
+        .change("consent_version", Value::Null, event.consent_version.as_str())
+        .change("consent_signed_at", Value::Null, event.signed_at.raw.as_str())
+}
+
+fn enrollment_request_audit(record: AuditRecord, event: &EnrollmentRequested) -> AuditRecord {
+    about(record, &event.envelope).change("strata", Value::Null, json(&event.strata))
+}
+
+/// A withdrawal's why is its reason code, with the free text when given.
+fn withdrawal_audit(record: AuditRecord, event: &SubjectWithdrawn) -> AuditRecord {
+    let at = to_datetime(event.envelope.occurred_at).to_rfc3339();
+    let why = match &event.reason {
+        Some(text) if !text.trim().is_empty() => format!("{}: {text}", event.reason_code),
+        _ => event.reason_code.clone(),
+    };
+    about(record, &event.envelope)
+        .change("withdrawn_at", Value::Null, at)
+        .change("withdrawal_reason_code", Value::Null, event.reason_code.as_str())
+        .change("withdrawal_reason", Value::Null, event.reason.as_deref())
+        .reason(why)
 }
 
 // ---- the stored subject --------------------------------------------------------------------------

@@ -11,7 +11,7 @@ use sqlx::{AssertSqlSafe, PgConnection};
 use trialflow_http::ApiError;
 use trialflow_http::auth::Principal;
 use trialflow_http::input::{self, BodyRules, MAX_FREE_TEXT_CHARS, check_free_text};
-use trialflow_outbox::{OutboxEvent, SchemaName};
+use trialflow_outbox::{AuditRecord, OutboxEvent, SchemaName};
 use trialflow_schemas::topics::TopicNames;
 use trialflow_schemas::{AlertAcknowledged, AlertResolved, Envelope, Event, Timestamp};
 use uuid::Uuid;
@@ -289,14 +289,17 @@ impl Decision {
                  SET status = 'acknowledged', acknowledged_at = now(), acknowledged_by = $2,
                      ack_reason = $3, escalate_at = NULL, updated_at = now()
                  WHERE alert_id = $1 AND status = 'open'
-                 RETURNING study_id, site_id, subject_id, acknowledged_at AS decided_at"
+                 RETURNING study_id, site_id, subject_id, acknowledged_at AS decided_at,
+                           'open' AS previous_status"
             ),
             Decision::Resolve => format!(
                 "UPDATE {s}.alert
                  SET status = 'resolved', resolved_at = now(), resolved_by = $2,
                      resolve_reason = $3, escalate_at = NULL, updated_at = now()
                  WHERE alert_id = $1 AND status IN ('open', 'acknowledged')
-                 RETURNING study_id, site_id, subject_id, resolved_at AS decided_at"
+                 RETURNING study_id, site_id, subject_id, resolved_at AS decided_at,
+                           CASE WHEN acknowledged_at IS NULL THEN 'open' ELSE 'acknowledged' END
+                               AS previous_status"
             ),
         }
     }
@@ -348,6 +351,8 @@ struct Decided {
     site_id: Option<String>,
     subject_id: Option<String>,
     decided_at: Option<DateTime<Utc>>,
+    /// The status before the decision (an acknowledged alert keeps its `acknowledged_at`).
+    previous_status: String,
 }
 
 /// Acknowledge an alert: someone is on it
@@ -473,6 +478,12 @@ async fn decide(
     .bind(serde_json::json!({ "reason": reason }))
     .execute(&mut *tx)
     .await?;
+    trialflow_outbox::audit::append(
+        &mut tx,
+        s,
+        &[decision_audit(principal, id, decision, &decided, &reason)],
+    )
+    .await?;
 
     let occurred_at = decided.decided_at.map_or_else(Timestamp::now, Timestamp::from);
     let mut envelope = Envelope::new(decision.event_type(), &decided.study_id, SOURCE_SYSTEM, occurred_at);
@@ -487,6 +498,32 @@ async fn decide(
     tx.commit().await?;
     tracing::info!(alert_id = %id, user = %principal.user, decision = decision.status(), "Decided on alert.");
     Ok(Json(alert))
+}
+
+/// The audit record of a decision: who, the status it changed, and the reason it requires.
+fn decision_audit(
+    principal: &Principal,
+    id: Uuid,
+    decision: Decision,
+    decided: &Decided,
+    reason: &str,
+) -> AuditRecord {
+    let verb = match decision {
+        Decision::Acknowledge => "acknowledge",
+        Decision::Resolve => "resolve",
+    };
+    AuditRecord::by_person(
+        &principal.user,
+        principal.role.as_str(),
+        format!("alert.{}", decision.status()),
+        "alert",
+        id.to_string(),
+    )
+    .study(&decided.study_id)
+    .site(decided.site_id.as_deref())
+    .change("status", decided.previous_status.as_str(), decision.status())
+    .reason(reason)
+    .cause(format!("request:POST /v1/alerts/{id}/{verb}"))
 }
 
 #[cfg(test)]
