@@ -26,9 +26,12 @@ use trialflow_outbox::SchemaName;
 use trialflow_outbox::kafka::TopicReader;
 use trialflow_producers::epro_gateway::{self, EproGateway, EproGatewayConfig};
 use trialflow_producers::site_api::{self, SiteApi, SiteApiConfig};
+use trialflow_schemas::QuestionnaireResponseSubmitted;
 use trialflow_schemas::topics::TopicNames;
-use trialflow_schemas::{Answer, Envelope, Event, QuestionnaireResponseSubmitted, ResponseStatus, Timestamp};
 use trialflow_testkit::{database_url, init_logs, kafka, unique};
+
+mod common;
+use common::{study, submission};
 use uuid::Uuid;
 
 const MARK: &str = "@@hostile@@";
@@ -274,7 +277,7 @@ impl Fixture {
             (Service::Site, "enrollment-requests") => Some(json!({"strata": {"AGEGR": "<65"}})),
             (Service::Site, "withdrawal") => Some(json!({"reason_code": "WITHDRAWAL BY SUBJECT"})),
             (Service::Gateway, "submissions") => {
-                let s = submission();
+                let s = submission("S1");
                 self.valid_submissions
                     .lock()
                     .map_err(|_| anyhow::anyhow!("poisoned"))?
@@ -321,37 +324,6 @@ impl Fixture {
             counts.push(sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(&self.pool).await?);
         }
         Ok(counts)
-    }
-}
-
-fn study(study_id: &str) -> Value {
-    json!({
-        "study_id": study_id,
-        "title": "Hostile inputs",
-        "arms": [{"arm_code": "PBO", "name": "Placebo", "ratio": 1}, {"arm_code": "ACT", "name": "Active", "ratio": 1}],
-        "stratification_factors": [{"factor": "AGEGR", "values": ["<65", ">=65"]}],
-        "eligibility": {"criteria": [{"criterion_id": "INC01", "description": "Adult"}]},
-        "randomization": {"seed": 7, "block_multiples": [1], "slots_per_stratum": 50, "warn_slots_left": 5},
-        "kit_types": [{"kit_type": "TTS", "do_not_dispense_days": 0, "do_not_count_days": 0, "low_stock_threshold": 1}],
-        "enrollment_kit_type": "TTS"
-    })
-}
-
-fn submission() -> QuestionnaireResponseSubmitted {
-    let now = Timestamp::now();
-    let mut envelope = Envelope::new(QuestionnaireResponseSubmitted::NAME, "S1", "epro-app", now);
-    envelope.subject_id = Some("701-0001".into());
-    let answer = |link_id: &str, value: i32| Answer::integer(link_id, value);
-    QuestionnaireResponseSubmitted {
-        envelope,
-        submission_id: Uuid::new_v4(),
-        questionnaire: "PHQ-9".into(),
-        questionnaire_version: "1.0".into(),
-        scheduled_occurrence: None,
-        status: ResponseStatus::Completed,
-        authored_at: now,
-        device_time_zone: "America/New_York".into(),
-        items: vec![answer("44250-9", 1), answer("44255-8", 0)],
     }
 }
 

@@ -25,11 +25,14 @@ use trialflow_http::oidc::OidcSettings;
 use trialflow_outbox::SchemaName;
 use trialflow_producers::epro_gateway::{EproGateway, EproGatewayConfig};
 use trialflow_producers::site_api::{self, SiteApi, SiteApiConfig};
+use trialflow_schemas::QuestionnaireResponseSubmitted;
 use trialflow_schemas::topics::TopicNames;
-use trialflow_schemas::{Answer, Envelope, Event, QuestionnaireResponseSubmitted, ResponseStatus, Timestamp};
 use trialflow_testkit::idp::{TestIdp, base64url, now};
 use trialflow_testkit::{database_url, init_logs, kafka, unique};
 use uuid::Uuid;
+
+mod common;
+use common::study;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -244,39 +247,13 @@ impl Fixture {
     }
 }
 
-fn study(study_id: &str) -> Value {
-    json!({
-        "study_id": study_id,
-        "title": "Identities",
-        "arms": [{"arm_code": "PBO", "name": "Placebo", "ratio": 1}, {"arm_code": "ACT", "name": "Active", "ratio": 1}],
-        "stratification_factors": [{"factor": "AGEGR", "values": ["<65", ">=65"]}],
-        "eligibility": {"criteria": [{"criterion_id": "INC01", "description": "Adult"}]},
-        "randomization": {"seed": 7, "block_multiples": [1], "slots_per_stratum": 50, "warn_slots_left": 5},
-        "kit_types": [{"kit_type": "TTS", "do_not_dispense_days": 0, "do_not_count_days": 0, "low_stock_threshold": 1}],
-        "enrollment_kit_type": "TTS"
-    })
-}
-
 fn screening(site_id: &str, subject_id: &str) -> Value {
     json!({"site_id": site_id, "screening_number": format!("SCR-{subject_id}"), "subject_id": subject_id,
            "age_years": 60, "criteria": {"INC01": true}})
 }
 
 fn submission(study_id: &str) -> anyhow::Result<Value> {
-    let now = Timestamp::now();
-    let mut envelope = Envelope::new(QuestionnaireResponseSubmitted::NAME, study_id, "epro-app", now);
-    envelope.subject_id = Some("701-0001".into());
-    Ok(serde_json::to_value(QuestionnaireResponseSubmitted {
-        envelope,
-        submission_id: Uuid::new_v4(),
-        questionnaire: "PHQ-9".into(),
-        questionnaire_version: "1.0".into(),
-        scheduled_occurrence: None,
-        status: ResponseStatus::Completed,
-        authored_at: now,
-        device_time_zone: "America/New_York".into(),
-        items: vec![Answer::integer("44250-9", 1)],
-    })?)
+    Ok(serde_json::to_value(common::submission(study_id))?)
 }
 
 #[tokio::test]
