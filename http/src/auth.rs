@@ -243,6 +243,29 @@ impl Principal {
         Err(ApiError::out_of_scope(format!("site `{site_id}` is not among the sites of your token")))
     }
 
+    /// 401 `authentication_too_old` unless the user signed in at the identity provider at most
+    /// `max_age_secs` before `now` (Unix seconds) — the token's `auth_time`. A token without
+    /// `auth_time` (every static token) never counts as fresh.
+    pub fn require_fresh_authentication(&self, max_age_secs: u64, now: i64) -> Result<(), ApiError> {
+        let max_age = i64::try_from(max_age_secs).unwrap_or(i64::MAX);
+        match self.auth_time {
+            Some(at) if at <= now.saturating_add(60) && now.saturating_sub(at) <= max_age => Ok(()),
+            Some(_) => Err(ApiError::authentication_too_old(
+                max_age_secs,
+                format!(
+                    "sign in again: this needs a sign-in at most {max_age_secs} s old (the token's auth_time)"
+                ),
+            )),
+            None => Err(ApiError::authentication_too_old(
+                max_age_secs,
+                format!(
+                    "sign in again at the identity provider: this needs a token with an auth_time at most \
+                     {max_age_secs} s old"
+                ),
+            )),
+        }
+    }
+
     /// Whether the caller acts on every site (a subject lookup then may answer 404: nothing is
     /// revealed to someone who may see every site anyway).
     pub fn all_sites(&self) -> bool {
@@ -440,5 +463,22 @@ mod tests {
         assert!(!sam.all_sites() && Principal::unscoped("ada", Role::Admin).all_sites());
         assert_eq!(only(&["b", "a"]).listed(), Some(vec!["a".to_string(), "b".to_string()]));
         assert_eq!(Ids::All.listed(), None);
+    }
+
+    #[test]
+    fn fresh_authentication_is_an_auth_time_within_the_age_and_not_ahead_of_the_clock() {
+        let now = 1_800_000_000;
+        let signed_in =
+            |at: Option<i64>| Principal { auth_time: at, ..Principal::unscoped("ian", Role::Investigator) };
+        assert!(signed_in(Some(now - 300)).require_fresh_authentication(300, now).is_ok());
+        assert!(signed_in(Some(now + 30)).require_fresh_authentication(300, now).is_ok(), "clock skew");
+        for stale in [None, Some(now - 301), Some(now + 3_600), Some(i64::MIN)] {
+            let refused = signed_in(stale).require_fresh_authentication(300, now).err();
+            assert_eq!(
+                refused.as_ref().map(|e| (e.status, e.reason, e.max_auth_age)),
+                Some((axum::http::StatusCode::UNAUTHORIZED, Some("authentication_too_old"), Some(300))),
+                "{stale:?}"
+            );
+        }
     }
 }

@@ -17,11 +17,14 @@ pub struct ApiError {
     pub field: Option<String>,
     /// Why a token was refused (401 only), e.g. `token_expired`.
     pub reason: Option<&'static str>,
+    /// A 401 that asks for a fresh sign-in at the identity provider: the most seconds since it
+    /// that the request accepts (RFC 9470 step-up, `max_age` of the challenge).
+    pub max_auth_age: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), field: None, reason: None }
+        Self { status, code, message: message.into(), field: None, reason: None, max_auth_age: None }
     }
 
     pub fn with_field(mut self, field: impl Into<String>) -> Self {
@@ -58,6 +61,17 @@ impl ApiError {
     /// 401 with the reason a bearer token was refused (`token_expired`, `wrong_audience`, ...).
     pub fn unauthenticated_because(reason: &'static str, message: impl Into<String>) -> Self {
         Self { reason: Some(reason), ..Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", message) }
+    }
+
+    /// 401 `authentication_too_old`: the request needs a sign-in at the identity provider at most
+    /// `max_age_secs` ago (the token's `auth_time`). The challenge is RFC 9470's
+    /// `error="insufficient_user_authentication"` with `max_age`, which a client passes on to the
+    /// provider's authorization request to get such a token.
+    pub fn authentication_too_old(max_age_secs: u64, message: impl Into<String>) -> Self {
+        Self {
+            max_auth_age: Some(max_age_secs),
+            ..Self::unauthenticated_because("authentication_too_old", message)
+        }
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
@@ -122,12 +136,17 @@ impl IntoResponse for ApiError {
         match self.status {
             // RFC 6750: a token was sent and refused, or none was sent.
             StatusCode::UNAUTHORIZED => {
-                let challenge = match self.reason {
-                    Some(reason) => HeaderValue::from_str(&format!(
+                let challenge = match (self.reason, self.max_auth_age) {
+                    (Some(reason), Some(max_age)) => HeaderValue::from_str(&format!(
+                        "Bearer error=\"insufficient_user_authentication\", \
+                         error_description=\"{reason}\", max_age=\"{max_age}\""
+                    ))
+                    .unwrap_or(HeaderValue::from_static("Bearer error=\"insufficient_user_authentication\"")),
+                    (Some(reason), None) => HeaderValue::from_str(&format!(
                         "Bearer error=\"invalid_token\", error_description=\"{reason}\""
                     ))
                     .unwrap_or(HeaderValue::from_static("Bearer error=\"invalid_token\"")),
-                    None => HeaderValue::from_static("Bearer"),
+                    (None, _) => HeaderValue::from_static("Bearer"),
                 };
                 headers.insert(header::WWW_AUTHENTICATE, challenge);
             }

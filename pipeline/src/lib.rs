@@ -257,10 +257,8 @@ impl Pipeline {
         let gateway_stop = stop.clone();
         tasks.spawn("ePRO gateway", async move { gateway.run(gateway_stop).await.context("ePRO gateway") });
         site_api::describe_metrics();
-        let audit = config.schemas.audit_sources();
-        let api = SiteApi::bind_with_audit_sources(config.site_api, audit)
-            .await
-            .context("starting the site API")?;
+        let links = config.schemas.site_api_links();
+        let api = SiteApi::bind_linked(config.site_api, links).await.context("starting the site API")?;
         let site_api_addr = api.local_addr();
         let api_stop = stop.clone();
         tasks.spawn("site API", async move { api.run(api_stop).await.context("site API") });

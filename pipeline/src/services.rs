@@ -291,6 +291,41 @@ impl Schemas {
     }
 }
 
+impl Schemas {
+    /// What the site API reads of the other services: their audit trails (`GET /v1/audit`) and
+    /// the enrollment service's randomization records (the code break).
+    pub fn site_api_links(&self) -> site_api::Links {
+        let enrollment = self[enrollment::NAME].clone();
+        site_api::Links {
+            audit_sources: self.audit_sources(),
+            treatments: Some(std::sync::Arc::new(EnrollmentTreatments(enrollment))),
+        }
+    }
+}
+
+/// The enrollment service's randomization records (in its schema), as the site API's code break
+/// reads them.
+#[derive(Debug)]
+pub struct EnrollmentTreatments(pub SchemaName);
+
+impl site_api::code_break::TreatmentRecords for EnrollmentTreatments {
+    fn treatment<'c>(
+        &'c self,
+        conn: &'c mut sqlx::PgConnection,
+        study_id: &'c str,
+        subject_id: &'c str,
+    ) -> futures::future::BoxFuture<'c, sqlx::Result<Option<site_api::code_break::Treatment>>> {
+        Box::pin(async move {
+            let found = enrollment::read::treatment(conn, &self.0, study_id, subject_id).await?;
+            Ok(found.map(|t| site_api::code_break::Treatment {
+                arm_code: t.arm_code,
+                randomization_number: t.randomization_number,
+                kit_number: t.kit_number,
+            }))
+        })
+    }
+}
+
 impl std::ops::Index<&str> for Schemas {
     type Output = SchemaName;
 

@@ -85,6 +85,8 @@ impl TestApi {
             topics: topics.clone(),
             max_connections: 8,
             max_future_skew_secs: trialflow_http::input::DEFAULT_MAX_FUTURE_SKEW_SECS,
+            code_break_max_auth_age_secs:
+                trialflow_producers::site_api::code_break::DEFAULT_MAX_AUTH_AGE_SECS,
             limits,
         };
         let api = SiteApi::bind(config).await?;

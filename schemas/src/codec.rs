@@ -288,6 +288,7 @@ mod tests {
             any::<SubjectEnrolled>().prop_map(AnyEvent::from),
             any::<EnrollmentOnHold>().prop_map(AnyEvent::from),
             any::<SubjectWithdrawn>().prop_map(AnyEvent::from),
+            any::<CodeBroken>().prop_map(AnyEvent::from),
             any::<TreatmentAssigned>().prop_map(AnyEvent::from),
             any::<KitsReceived>().prop_map(AnyEvent::from),
             any::<SiteStockLow>().prop_map(AnyEvent::from),
@@ -311,7 +312,7 @@ mod tests {
     #[test]
     fn the_strategy_covers_every_event() {
         // prop_oneof! above must list every variant; a new event without a strategy fails here.
-        assert_eq!(AnyEvent::NAMES.len(), 27);
+        assert_eq!(AnyEvent::NAMES.len(), 28);
     }
 
     proptest! {

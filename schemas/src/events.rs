@@ -106,6 +106,7 @@ events! {
     SubjectEnrolled => topics::SUBJECT_LIFECYCLE,
     EnrollmentOnHold => topics::SUBJECT_LIFECYCLE,
     SubjectWithdrawn => topics::SUBJECT_LIFECYCLE,
+    CodeBroken => topics::SUBJECT_LIFECYCLE,
     TreatmentAssigned => topics::TREATMENT_ASSIGNMENTS,
     KitsReceived => topics::KIT_INVENTORY,
     SiteStockLow => topics::KIT_INVENTORY,
@@ -266,6 +267,16 @@ pub struct SubjectWithdrawn {
     pub envelope: Envelope,
     pub reason_code: String,
     pub reason: Option<String>,
+}
+
+/// Emergency unblinding: an authorised user (the envelope's `actor`) was shown the subject's
+/// treatment. Blinded: it says that it happened, who did it and why, never what was shown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct CodeBroken {
+    pub envelope: Envelope,
+    pub actor_role: String,
+    pub reason: String,
 }
 
 // ---- unblinded -----------------------------------------------------------------------------

@@ -228,10 +228,10 @@ pub async fn serve_site_api(
     let config = args.into_config()?;
     site_api::migrate(&config.database_url, &config.schema).await.context("migrating the site-api schema")?;
     site_api::describe_metrics();
-    // `GET /v1/audit` reads every service's trail, in the services' default schemas.
-    let audit = Schemas::default().audit_sources();
-    let api =
-        site_api::SiteApi::bind_with_audit_sources(config, audit).await.context("starting the site API")?;
+    // `GET /v1/audit` reads every service's trail, and the code break the enrollment service's
+    // randomization records, in the services' default schemas.
+    let links = Schemas::default().site_api_links();
+    let api = site_api::SiteApi::bind_linked(config, links).await.context("starting the site API")?;
     tracing::info!(addr = %api.local_addr(), "Site API listening.");
     api.run(shutdown).await.context("site API")
 }

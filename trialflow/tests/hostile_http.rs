@@ -11,6 +11,7 @@
 //! path and query cases only.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
@@ -19,15 +20,19 @@ use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use trialflow_consumers::enrollment;
 use trialflow_consumers::monitoring::{self, api::AlertApi, api::AlertApiConfig};
 use trialflow_http::auth::{Role, TokenGrant};
 use trialflow_http::input::DEFAULT_MAX_FUTURE_SKEW_SECS;
+use trialflow_http::oidc::OidcSettings;
 use trialflow_outbox::SchemaName;
 use trialflow_outbox::kafka::TopicReader;
+use trialflow_pipeline::services::EnrollmentTreatments;
 use trialflow_producers::epro_gateway::{self, EproGateway, EproGatewayConfig};
 use trialflow_producers::site_api::{self, SiteApi, SiteApiConfig};
 use trialflow_schemas::QuestionnaireResponseSubmitted;
 use trialflow_schemas::topics::TopicNames;
+use trialflow_testkit::idp::TestIdp;
 use trialflow_testkit::{database_url, init_logs, kafka, unique};
 
 mod common;
@@ -62,6 +67,10 @@ struct Fixture {
     alerts: String,
     site_schema: SchemaName,
     alert_schema: SchemaName,
+    /// The randomization records the code break reads (seeded by [`Fixture::randomize`]).
+    enrollment_schema: SchemaName,
+    /// Investigators' tokens (the code break needs a recent sign-in, which static tokens lack).
+    idp: TestIdp,
     pool: PgPool,
     topic: String,
     admin: String,
@@ -93,17 +102,28 @@ impl Fixture {
 
         let site_schema = SchemaName::new(unique("sa"))?;
         site_api::migrate(&url, &site_schema).await.context("migrating (is `make up` running?)")?;
-        let site = SiteApi::bind(SiteApiConfig {
-            listen: "127.0.0.1:0".parse()?,
-            database_url: url.clone(),
-            schema: site_schema.clone(),
-            tokens: grants.clone(),
-            oidc: None,
-            topics: topics.clone(),
-            max_connections: 4,
-            max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
-            limits: trialflow_http::limits::Limits::unthrottled(),
-        })
+        let enrollment_schema = SchemaName::new(unique("enr"))?;
+        enrollment::migrate(&url, &enrollment_schema).await?;
+        let idp = TestIdp::start().await?;
+        let links = site_api::Links {
+            audit_sources: Vec::new(),
+            treatments: Some(Arc::new(EnrollmentTreatments(enrollment_schema.clone()))),
+        };
+        let site = SiteApi::bind_linked(
+            SiteApiConfig {
+                listen: "127.0.0.1:0".parse()?,
+                database_url: url.clone(),
+                schema: site_schema.clone(),
+                tokens: grants.clone(),
+                oidc: Some(OidcSettings::new(&idp.issuer, &idp.audience, &idp.jwks_url)),
+                topics: topics.clone(),
+                max_connections: 4,
+                max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
+                code_break_max_auth_age_secs: site_api::code_break::DEFAULT_MAX_AUTH_AGE_SECS,
+                limits: trialflow_http::limits::Limits::unthrottled(),
+            },
+            links,
+        )
         .await?;
         let site_base = format!("http://{}", site.local_addr());
         let stop = shutdown.clone();
@@ -152,6 +172,8 @@ impl Fixture {
             alerts: alerts_base,
             site_schema,
             alert_schema,
+            enrollment_schema,
+            idp,
             pool: PgPool::connect(&url).await?,
             topic,
             admin,
@@ -193,14 +215,23 @@ impl Fixture {
     }
 
     /// Who may use `path` of `service`.
-    fn token(&self, service: Service, path: &str) -> &str {
-        match service {
-            Service::Gateway => &self.app,
-            Service::Alerts => &self.researcher,
-            Service::Site if path.contains("/subjects") => &self.staff,
-            Service::Site if path.ends_with("/shipments") => &self.pharmacist,
-            Service::Site => &self.admin,
-        }
+    fn token(&self, service: Service, path: &str) -> anyhow::Result<String> {
+        Ok(match service {
+            Service::Gateway => self.app.clone(),
+            Service::Alerts => self.researcher.clone(),
+            // An investigator of site 701 who signed in just now.
+            Service::Site if path.ends_with("/code-break") => {
+                self.idp.token(&self.idp.claims("ian", "investigator", &["S1"], &["701"]))?
+            }
+            Service::Site if path.contains("/subjects") => self.staff.clone(),
+            Service::Site if path.ends_with("/shipments") => self.pharmacist.clone(),
+            Service::Site => self.admin.clone(),
+        })
+    }
+
+    /// Gives subject `subject_id` of S1 a treatment, as the enrollment service would.
+    async fn randomize(&self, subject_id: &str, n: usize) -> anyhow::Result<()> {
+        common::randomize(&self.pool, &self.enrollment_schema, ("S1", subject_id), i32::try_from(n)?).await
     }
 
     fn request(
@@ -213,7 +244,7 @@ impl Fixture {
         let mut request = self
             .http
             .request(method.clone(), format!("{}{path}", self.base(service)))
-            .bearer_auth(self.token(service, path))
+            .bearer_auth(self.token(service, path).unwrap_or_default())
             .header("Idempotency-Key", Uuid::new_v4().to_string());
         if let Some(body) = body {
             request = request.header("content-type", "application/json").body(body);
@@ -276,6 +307,10 @@ impl Fixture {
             (Service::Site, "consent") => Some(json!({"consent_version": "v1", "signed_at": "2014-01-02"})),
             (Service::Site, "enrollment-requests") => Some(json!({"strata": {"AGEGR": "<65"}})),
             (Service::Site, "withdrawal") => Some(json!({"reason_code": "WITHDRAWAL BY SUBJECT"})),
+            (Service::Site, "code-break") => {
+                self.randomize(&subject(), n).await?;
+                Some(json!({"reason": "SAE: the emergency physician needs the treatment."}))
+            }
             (Service::Gateway, "submissions") => {
                 let s = submission("S1");
                 self.valid_submissions
@@ -338,6 +373,7 @@ fn routes() -> anyhow::Result<Vec<Route>> {
             (Service::Site, "consent") => ("/consent_version", "consent_version"),
             (Service::Site, "enrollment-requests") => ("/strata/AGEGR", "strata.AGEGR"),
             (Service::Site, "withdrawal") => ("/reason_code", "reason_code"),
+            (Service::Site, "code-break") => ("/reason", "reason"),
             (Service::Gateway, "submissions") => ("/envelope/subject_id", "envelope.subject_id"),
             (Service::Alerts, "acknowledge" | "resolve") => ("/reason", "reason"),
             _ => return None,

@@ -80,6 +80,7 @@ impl Fixture {
             topics: topics.clone(),
             max_connections: 4,
             max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
+            code_break_max_auth_age_secs: site_api::code_break::DEFAULT_MAX_AUTH_AGE_SECS,
         })
         .await?;
         let site_base = format!("http://{}", site.local_addr());
@@ -534,6 +535,7 @@ async fn a_service_does_not_start_on_keys_it_cannot_use() -> anyhow::Result<()> 
             topics: TopicNames::new(""),
             max_connections: 1,
             max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
+            code_break_max_auth_age_secs: site_api::code_break::DEFAULT_MAX_AUTH_AGE_SECS,
         })
         .await;
         let error = started.err().map(|e| e.to_string()).unwrap_or_default();

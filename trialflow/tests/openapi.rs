@@ -21,6 +21,7 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
@@ -29,16 +30,22 @@ use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use trialflow_consumers::enrollment;
 use trialflow_consumers::monitoring::{self, api::AlertApi, api::AlertApiConfig};
 use trialflow_http::auth::{Role, TokenGrant};
 use trialflow_http::input::DEFAULT_MAX_FUTURE_SKEW_SECS;
+use trialflow_http::oidc::OidcSettings;
 use trialflow_outbox::SchemaName;
+use trialflow_pipeline::services::EnrollmentTreatments;
 use trialflow_producers::epro_gateway::{self, EproGateway, EproGatewayConfig};
 use trialflow_producers::site_api::{self, SiteApi, SiteApiConfig};
 use trialflow_schemas::QuestionnaireResponseSubmitted;
 use trialflow_schemas::topics::TopicNames;
+use trialflow_testkit::idp::TestIdp;
 use trialflow_testkit::{database_url, init_logs, kafka, unique};
 use uuid::Uuid;
+
+mod common;
 
 /// Methods a route could be served with besides the documented ones.
 const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
@@ -47,8 +54,10 @@ const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
 struct Service {
     name: &'static str,
     base: String,
-    /// A token every secured operation of the service accepts.
+    /// A token every secured operation of the service accepts, but those of `tokens`.
     token: String,
+    /// The token of the operations whose path ends with the suffix (the code break's investigator).
+    tokens: Vec<(&'static str, String)>,
     routes: &'static [(&'static str, &'static str)],
 }
 
@@ -56,6 +65,12 @@ struct Fixture {
     services: Vec<Service>,
     shutdown: CancellationToken,
     servers: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Service {
+    fn token_for(&self, path: &str) -> &str {
+        self.tokens.iter().find(|(suffix, _)| path.ends_with(suffix)).map_or(self.token.as_str(), |(_, t)| t)
+    }
 }
 
 impl Fixture {
@@ -72,23 +87,44 @@ impl Fixture {
 
         let site_schema = SchemaName::new(unique("sa"))?;
         site_api::migrate(&url, &site_schema).await.context("migrating (is `make up` running?)")?;
-        let site = SiteApi::bind(SiteApiConfig {
-            listen: "127.0.0.1:0".parse()?,
-            database_url: url.clone(),
-            schema: site_schema,
-            tokens: grants.clone(),
-            oidc: None,
-            topics: topics.clone(),
-            max_connections: 4,
-            max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
-            limits: trialflow_http::limits::Limits::unthrottled(),
-        })
+        // The code break reads the randomization records, and needs a recent sign-in.
+        let enrollment_schema = SchemaName::new(unique("enr"))?;
+        enrollment::migrate(&url, &enrollment_schema).await?;
+        let pool = PgPool::connect(&url).await?;
+        let document: Value = serde_json::from_str(site_api::openapi::DOCUMENT)?;
+        let parameter =
+            |name: &str| document["components"]["parameters"][name]["example"].as_str().map(str::to_string);
+        let (study_id, subject_id) =
+            parameter("StudyId").zip(parameter("SubjectId")).context("path examples")?;
+        common::randomize(&pool, &enrollment_schema, (&study_id, &subject_id), 1).await?;
+        let idp = TestIdp::start().await?;
+        let investigator = idp.token(&idp.claims("ian", "investigator", &["*"], &["*"]))?;
+        let links = site_api::Links {
+            audit_sources: Vec::new(),
+            treatments: Some(Arc::new(EnrollmentTreatments(enrollment_schema))),
+        };
+        let site = SiteApi::bind_linked(
+            SiteApiConfig {
+                listen: "127.0.0.1:0".parse()?,
+                database_url: url.clone(),
+                schema: site_schema,
+                tokens: grants.clone(),
+                oidc: Some(OidcSettings::new(&idp.issuer, &idp.audience, &idp.jwks_url)),
+                topics: topics.clone(),
+                max_connections: 4,
+                max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
+                code_break_max_auth_age_secs: site_api::code_break::DEFAULT_MAX_AUTH_AGE_SECS,
+                limits: trialflow_http::limits::Limits::unthrottled(),
+            },
+            links,
+        )
         .await?;
         services.push(Service {
             name: "site API",
             base: format!("http://{}", site.local_addr()),
-            // Admins may do everything the site API offers.
+            // Admins may do everything the site API offers but break a code.
             token: admin.token.clone(),
+            tokens: vec![("/code-break", investigator)],
             routes: site_api::ROUTES,
         });
         let stop = shutdown.clone();
@@ -113,6 +149,7 @@ impl Fixture {
             name: "ePRO gateway",
             base: format!("http://{}", gateway.local_addr()),
             token: app,
+            tokens: Vec::new(),
             routes: epro_gateway::ROUTES,
         });
         let stop = shutdown.clone();
@@ -135,6 +172,7 @@ impl Fixture {
             name: "alert API",
             base: format!("http://{}", alerts.local_addr()),
             token: researcher.token.clone(),
+            tokens: Vec::new(),
             routes: monitoring::api::ROUTES,
         });
         let stop = shutdown.clone();
@@ -434,7 +472,7 @@ async fn check_service(http: &Client, service: &Service, doc: &Value) -> anyhow:
             ensure!(status == StatusCode::UNAUTHORIZED, "{name} without a token answered {status}");
             requests += 1;
         }
-        let token = example.secured.then_some(service.token.as_str());
+        let token = example.secured.then_some(service.token_for(&op.path));
         let status = check_answer(doc, op, request(token).send().await?).await.context(name.clone())?;
         ensure!(status.is_success(), "{name}: its documented example answered {status}");
         requests += 1;

@@ -65,3 +65,29 @@ pub async fn on_hold_by_reason(
     );
     sqlx::query_as(AssertSqlSafe(sql)).bind(study_id).fetch_all(pool).await
 }
+
+/// UNBLINDED: what a subject was randomized to — for the emergency code break only.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Treatment {
+    pub arm_code: String,
+    pub randomization_number: String,
+    /// The kit dispensed at enrollment, once one is.
+    pub kit_number: Option<String>,
+}
+
+/// The treatment of subject `subject_id` of study `study_id`, if randomized. Reads in `conn`
+/// (the code break's transaction, in the same database).
+pub async fn treatment(
+    conn: &mut sqlx::PgConnection,
+    schema: &SchemaName,
+    study_id: &str,
+    subject_id: &str,
+) -> sqlx::Result<Option<Treatment>> {
+    let sql = format!(
+        "SELECT slot.arm_code, slot.randomization_number, s.kit_number
+         FROM {schema}.randomization_slot slot
+         LEFT JOIN {schema}.subject s ON s.study_id = slot.study_id AND s.subject_id = slot.subject_id
+         WHERE slot.study_id = $1 AND slot.subject_id = $2"
+    );
+    sqlx::query_as(AssertSqlSafe(sql)).bind(study_id).bind(subject_id).fetch_optional(conn).await
+}

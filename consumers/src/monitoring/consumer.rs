@@ -17,8 +17,8 @@ use tracing::{info, warn};
 use trialflow_outbox::{Outbox, SchemaName};
 use trialflow_schemas::topics::{self, TopicNames};
 use trialflow_schemas::{
-    AdverseEventReported, AnyEvent, EnrollmentOnHold, Envelope, Evidence, QuestionnaireResponseAccepted,
-    SiteStockLow, Timestamp, VitalSignRecorded,
+    AdverseEventReported, AnyEvent, CodeBroken, EnrollmentOnHold, Envelope, Evidence,
+    QuestionnaireResponseAccepted, SiteStockLow, Timestamp, VitalSignRecorded,
 };
 
 use super::NAME;
@@ -326,6 +326,27 @@ impl Monitoring {
         }
         Ok(())
     }
+
+    /// An emergency unblinding: the study team learns that, who and why — the event carries no
+    /// treatment, and neither does the alert.
+    async fn code_broken(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        ctx: &mut Context,
+        e: &CodeBroken,
+    ) -> Result<(), HandlerError> {
+        let subject_id = subject_of(&e.envelope)?.to_string();
+        let at = effective(&e.envelope, None)?;
+        let by = e.envelope.actor.as_deref().unwrap_or("unknown user");
+        for rule in self.rules.rules(&e.envelope.study_id) {
+            let RuleInput::CodeBreak = &rule.input else { continue };
+            let description =
+                format!("subject {subject_id}: code broken by {by} ({}), reason: {}", e.actor_role, e.reason);
+            let signal = event_signal(rule, &e.envelope, at, description, None);
+            self.signal(tx, ctx, signal).await?;
+        }
+        Ok(())
+    }
 }
 
 /// A signal whose evidence is the input event itself, at `at`.
@@ -404,6 +425,7 @@ impl Handler for Monitoring {
             AnyEvent::QuestionnaireResponseAccepted(e) => self.epro(tx, ctx, &e).await,
             AnyEvent::EnrollmentOnHold(e) => self.hold(tx, ctx, &e).await,
             AnyEvent::SiteStockLow(e) => self.stock_low(tx, ctx, &e).await,
+            AnyEvent::CodeBroken(e) => self.code_broken(tx, ctx, &e).await,
             _ => Ok(()),
         }
     }

@@ -75,6 +75,9 @@ pub enum RuleInput {
         reason_code: String,
     },
     SiteStockLow,
+    /// `CodeBroken`: a subject's treatment code was broken (emergency unblinding). The alert says
+    /// who broke it and why, never the treatment.
+    CodeBreak,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -326,6 +329,7 @@ mod tests {
             "PHQ9-SEVERE",
             "HOLD-NO-KIT",
             "SITE-LOW-STOCK",
+            "CODE-BREAK",
         ] {
             assert!(ids.contains(&id), "{id}");
         }

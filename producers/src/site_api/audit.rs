@@ -1,5 +1,5 @@
 //! `GET /v1/audit`: the audit trails (see `trialflow_outbox::audit`) of the site API and of the
-//! other services whose schemas it was given ([`super::SiteApi::bind_with_audit_sources`]; the
+//! other services whose schemas it was given ([`super::SiteApi::bind_linked`]; the
 //! pipeline and `trialflow site-api` give every service of the registry), one page at a time.
 //!
 //! Roles: every role. Unblinded roles (admin, pharmacist) get the full records, unblinded changes

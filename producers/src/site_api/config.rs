@@ -65,6 +65,11 @@ pub struct SiteApiArgs {
     #[arg(long, env = "SITE_API_MAX_FUTURE_SKEW_SECS", value_name = "SECS", default_value_t = DEFAULT_MAX_FUTURE_SKEW_SECS, value_parser = setting(parse_future_skew))]
     pub max_future_skew_secs: u64,
 
+    /// How long ago (seconds) an investigator must have signed in at the identity provider (the
+    /// token's `auth_time`) to break a treatment code; 1 to 3600.
+    #[arg(long, env = "SITE_API_CODE_BREAK_MAX_AUTH_AGE_SECS", value_name = "SECS", default_value_t = super::code_break::DEFAULT_MAX_AUTH_AGE_SECS, value_parser = setting(super::code_break::parse_max_auth_age))]
+    pub code_break_max_auth_age_secs: u64,
+
     #[command(flatten)]
     pub oidc: OidcArgs,
     /// Rate limits per token and per client address, and the request timeout.
@@ -100,6 +105,7 @@ impl SiteApiArgs {
             topics: TopicNames::new(self.topic_prefix),
             max_connections: self.max_connections,
             max_future_skew_secs: self.max_future_skew_secs,
+            code_break_max_auth_age_secs: self.code_break_max_auth_age_secs,
             limits: self.limits.limits(),
         }
     }
@@ -127,6 +133,9 @@ pub struct SiteApiConfig {
     /// How far (seconds) a stated `occurred_at` or `signed_at` may lie ahead of the server's
     /// clock before the command is refused (`SITE_API_MAX_FUTURE_SKEW_SECS`, at most a day).
     pub max_future_skew_secs: u64,
+    /// How long ago (seconds) an investigator must have signed in to break a treatment code
+    /// (`SITE_API_CODE_BREAK_MAX_AUTH_AGE_SECS`, 1 to 3600).
+    pub code_break_max_auth_age_secs: u64,
     /// Rate limits and the request timeout (`HTTP_RATE_LIMIT_*`, `HTTP_REQUEST_TIMEOUT_MS`).
     pub limits: Limits,
 }

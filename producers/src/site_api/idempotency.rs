@@ -76,7 +76,38 @@ enum Started<'a> {
     /// The key is new: run the command.
     Run(Command<'a>),
     /// The key was used before for this very request: answer with the stored response.
-    Replay(Response),
+    Replay(StatusCode, serde_json::Value),
+}
+
+/// What [`Api::run_once_answer`] answers.
+#[derive(Debug)]
+pub(crate) enum Answer {
+    /// The command ran now and committed: 201 with this body.
+    Created(serde_json::Value),
+    /// A retry of a committed command: its stored status and body.
+    Replayed(StatusCode, serde_json::Value),
+}
+
+impl Answer {
+    /// The body, to add what is never stored (the code break's treatment).
+    pub(crate) fn body_mut(&mut self) -> &mut serde_json::Value {
+        match self {
+            Answer::Created(body) | Answer::Replayed(_, body) => body,
+        }
+    }
+}
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        match self {
+            Answer::Created(body) => (StatusCode::CREATED, axum::Json(body)).into_response(),
+            Answer::Replayed(status, body) => {
+                let mut response = (status, axum::Json(body)).into_response();
+                response.headers_mut().insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+                response
+            }
+        }
+    }
 }
 
 /// Opens the command's transaction and claims `key` for `principal` in it.
@@ -142,9 +173,7 @@ async fn start<'a>(
         ApiError::internal()
     })?;
     tracing::debug!(user = %principal.user, key, %status, "Replaying stored response.");
-    let mut response = (status, axum::Json(body)).into_response();
-    response.headers_mut().insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
-    Ok(Started::Replay(response))
+    Ok(Started::Replay(status, body))
 }
 
 impl Api {
@@ -159,12 +188,25 @@ impl Api {
         request: &CommandRequest,
         run: impl AsyncFnOnce(&mut Command<'_>) -> Result<serde_json::Value, ApiError>,
     ) -> Result<Response, ApiError> {
+        Ok(self.run_once_answer(principal, key, request, run).await?.into_response())
+    }
+
+    /// [`Api::run_once`], answering before the response is made, so that the caller may add to
+    /// the body what must not be stored with the key.
+    pub(crate) async fn run_once_answer(
+        &self,
+        principal: &Principal,
+        key: String,
+        request: &CommandRequest,
+        run: impl AsyncFnOnce(&mut Command<'_>) -> Result<serde_json::Value, ApiError>,
+    ) -> Result<Answer, ApiError> {
         let mut command = match start(self, principal, key, request.hash()).await? {
             Started::Run(command) => command,
-            Started::Replay(response) => return Ok(response),
+            Started::Replay(status, body) => return Ok(Answer::Replayed(status, body)),
         };
         let body = run(&mut command).await?;
-        command.finish(StatusCode::CREATED, body).await
+        command.finish(StatusCode::CREATED, &body).await?;
+        Ok(Answer::Created(body))
     }
 
     /// `event` as an outbox row: encoded with its schema, to the deployed topic of its type.
@@ -188,7 +230,7 @@ impl Command<'_> {
     }
 
     /// Stores the response under the key and commits: rows, events and the key all at once.
-    async fn finish(mut self, status: StatusCode, body: serde_json::Value) -> Result<Response, ApiError> {
+    async fn finish(mut self, status: StatusCode, body: &serde_json::Value) -> Result<(), ApiError> {
         let s = &self.api.schema;
         sqlx::query(AssertSqlSafe(format!(
             "UPDATE {s}.idempotency SET status = $3, body = $4 WHERE principal = $1 AND key = $2"
@@ -196,11 +238,11 @@ impl Command<'_> {
         .bind(&self.principal)
         .bind(&self.key)
         .bind(i32::from(status.as_u16()))
-        .bind(&body)
+        .bind(body)
         .execute(&mut *self.tx)
         .await?;
         self.tx.commit().await?;
-        Ok((status, axum::Json(body)).into_response())
+        Ok(())
     }
 }
 

@@ -19,6 +19,7 @@
 //! | `POST .../subjects/{subject_id}/consent` | site_staff, admin | consent | ConsentSigned (same) |
 //! | `POST .../subjects/{subject_id}/enrollment-requests` | site_staff, admin | enrollment request | EnrollmentRequested (same) |
 //! | `POST .../subjects/{subject_id}/withdrawal` | site_staff, admin | subject | SubjectWithdrawn (same) |
+//! | `POST .../subjects/{subject_id}/code-break` | investigator, signed in recently | – (its audit record) | CodeBroken (same; no treatment): see [`code_break`] |
 //! | `GET /v1/audit` | any (blinded roles: the blinded view) | – | – |
 //!
 //! **Audit trail.** Every command also appends its audit record (who, what with old → new, why,
@@ -54,6 +55,7 @@
 //! and the timeout are [`trialflow_http::limits`]'s.
 
 pub mod audit;
+pub mod code_break;
 pub mod config;
 pub mod error;
 pub mod idempotency;
@@ -135,6 +137,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/studies/{study_id}/subjects/{subject_id}/consent"),
     ("POST", "/v1/studies/{study_id}/subjects/{subject_id}/enrollment-requests"),
     ("POST", "/v1/studies/{study_id}/subjects/{subject_id}/withdrawal"),
+    ("POST", "/v1/studies/{study_id}/subjects/{subject_id}/code-break"),
     ("GET", "/v1/audit"),
 ];
 
@@ -169,6 +172,10 @@ pub(crate) struct Api {
     pub(crate) max_future_skew: chrono::Duration,
     /// The audit trails `GET /v1/audit` reads: this schema's first.
     pub(crate) audit_sources: Vec<audit::AuditSource>,
+    /// Where the code break reads treatments (none: the code break answers 503).
+    pub(crate) treatments: Option<Arc<dyn code_break::TreatmentRecords>>,
+    /// The oldest sign-in a code break accepts, seconds.
+    pub(crate) code_break_max_auth_age_secs: u64,
 }
 
 impl HasAuth for Api {
@@ -205,17 +212,15 @@ pub struct SiteApi {
 
 impl SiteApi {
     /// Binds the listener (port 0 picks a free one) and connects the database pool. Fails when
-    /// the schema is not migrated. `GET /v1/audit` reads the API's own audit trail only.
+    /// the schema is not migrated. `GET /v1/audit` reads the API's own audit trail only, and the
+    /// code break is unavailable (503).
     pub async fn bind(config: SiteApiConfig) -> Result<Self, SiteApiError> {
-        Self::bind_with_audit_sources(config, Vec::new()).await
+        Self::bind_linked(config, Links::default()).await
     }
 
-    /// [`SiteApi::bind`], with `GET /v1/audit` reading the trails of `others` too (the other
-    /// services' schemas, from the registry of services), after the API's own.
-    pub async fn bind_with_audit_sources(
-        config: SiteApiConfig,
-        others: Vec<audit::AuditSource>,
-    ) -> Result<Self, SiteApiError> {
+    /// [`SiteApi::bind`], reading the other services' records `links` names.
+    pub async fn bind_linked(config: SiteApiConfig, links: Links) -> Result<Self, SiteApiError> {
+        let Links { audit_sources: others, treatments } = links;
         let mut seen = std::collections::HashSet::new();
         if let Some(dup) = config.tokens.iter().find(|g| !seen.insert(g.token.as_str())) {
             return Err(SiteApiError::Config(format!("a token of `{}` is given twice", dup.user)));
@@ -250,6 +255,8 @@ impl SiteApi {
                 i64::try_from(config.max_future_skew_secs).unwrap_or(i64::MAX / 1_000_000),
             ),
             audit_sources,
+            treatments,
+            code_break_max_auth_age_secs: config.code_break_max_auth_age_secs,
         });
         let limiter = Limiter::new(NAME, &config.limits);
         Ok(Self { listener, local_addr, router: router(api, limiter), pool })
@@ -272,6 +279,16 @@ impl SiteApi {
         tracing::info!("Site API stopped.");
         Ok(())
     }
+}
+
+/// What the site API reads of other services' records (in the same database).
+#[derive(Debug, Default)]
+pub struct Links {
+    /// The trails `GET /v1/audit` reads too (the other services' schemas, from the registry of
+    /// services), after the API's own.
+    pub audit_sources: Vec<audit::AuditSource>,
+    /// The randomization records the code break reads treatments from.
+    pub treatments: Option<Arc<dyn code_break::TreatmentRecords>>,
 }
 
 /// The API's own trail first, then each other one once.
@@ -320,6 +337,7 @@ fn endpoint(method: &str, path: &str) -> MethodRouter<Arc<Api>> {
         ("POST", "/v1/studies/{study_id}/subjects/{subject_id}/withdrawal") => {
             post(subjects::withdraw_subject)
         }
+        ("POST", "/v1/studies/{study_id}/subjects/{subject_id}/code-break") => post(code_break::break_code),
         ("GET", "/v1/audit") => get(audit::list_audit),
         _ => unreachable!("{method} {path} is listed in ROUTES without a handler"),
     }

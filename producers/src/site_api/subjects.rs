@@ -617,7 +617,7 @@ async fn record_withdrawal(
 // ---- audit records, written from the events they record -------------------------------------------
 
 /// `record` about the subject of `e`: study, site, and the event the change announces.
-fn about(record: AuditRecord, e: &Envelope) -> AuditRecord {
+pub(crate) fn about(record: AuditRecord, e: &Envelope) -> AuditRecord {
     record.study(&e.study_id).site(e.site_id.as_deref()).change(
         "event_id",
         Value::Null,
@@ -667,11 +667,13 @@ fn withdrawal_audit(record: AuditRecord, event: &SubjectWithdrawn) -> AuditRecor
 
 /// A subject as later commands need it, its row locked until the command ends.
 #[derive(Debug)]
-struct Subject {
-    study_id: String,
-    subject_id: String,
-    site_id: String,
+pub(crate) struct Subject {
+    pub(crate) study_id: String,
+    pub(crate) subject_id: String,
+    pub(crate) site_id: String,
     screening_event_id: Uuid,
+    /// Whether the subject has been withdrawn from the study.
+    pub(crate) withdrawn: bool,
 }
 
 impl Subject {
@@ -681,6 +683,24 @@ impl Subject {
     /// to some sites gets 403 `out_of_scope` for a subject of another site AND for one that does
     /// not exist, with the same message: nothing is revealed about other sites' subjects.
     async fn lock_active(
+        conn: &mut PgConnection,
+        s: &SchemaName,
+        principal: &Principal,
+        study_id: &str,
+        subject_id: &str,
+    ) -> Result<Self, ApiError> {
+        let subject = Self::lock(conn, s, principal, study_id, subject_id).await?;
+        if subject.withdrawn {
+            return Err(ApiError::conflict(
+                "subject_withdrawn",
+                "the subject has been withdrawn from the study",
+            ));
+        }
+        Ok(subject)
+    }
+
+    /// [`Subject::lock_active`] for a subject in the study or withdrawn from it.
+    pub(crate) async fn lock(
         conn: &mut PgConnection,
         s: &SchemaName,
         principal: &Principal,
@@ -707,18 +727,17 @@ impl Subject {
         if !principal.scope.sites.contains(&site_id) {
             return Err(out_of_scope());
         }
-        if withdrawn {
-            return Err(ApiError::conflict(
-                "subject_withdrawn",
-                "the subject has been withdrawn from the study",
-            ));
-        }
         let (study_id, subject_id) = (study_id.to_string(), subject_id.to_string());
-        Ok(Self { study_id, subject_id, site_id, screening_event_id })
+        Ok(Self { study_id, subject_id, site_id, screening_event_id, withdrawn })
     }
 
     /// The envelope of a later event of the subject, correlated with its screening.
-    fn envelope(&self, event_type: &str, principal: &Principal, occurred_at: Timestamp) -> Envelope {
+    pub(crate) fn envelope(
+        &self,
+        event_type: &str,
+        principal: &Principal,
+        occurred_at: Timestamp,
+    ) -> Envelope {
         subject_envelope(
             event_type,
             &self.study_id,
@@ -748,7 +767,7 @@ fn subject_envelope(
     envelope
 }
 
-fn to_datetime(t: Timestamp) -> chrono::DateTime<chrono::Utc> {
+pub(crate) fn to_datetime(t: Timestamp) -> chrono::DateTime<chrono::Utc> {
     t.to_datetime().unwrap_or_default()
 }
 

@@ -1,10 +1,13 @@
 //! Request bodies the HTTP tests of the three front doors share.
 
 use serde_json::{Value, json};
+use sqlx::{AssertSqlSafe, PgPool};
+use trialflow_outbox::SchemaName;
 use trialflow_schemas::{Answer, Envelope, Event, QuestionnaireResponseSubmitted, ResponseStatus, Timestamp};
 use uuid::Uuid;
 
 /// A valid `POST /v1/studies` body: two arms, one stratification factor, one criterion, one kit type.
+#[allow(dead_code, reason = "not every test binary sets up a study this way")]
 pub(crate) fn study(study_id: &str) -> Value {
     json!({
         "study_id": study_id,
@@ -19,6 +22,7 @@ pub(crate) fn study(study_id: &str) -> Value {
 }
 
 /// A valid PHQ-9 submission of subject 701-0001 in `study_id`, with fresh ids.
+#[allow(dead_code, reason = "not every test binary submits")]
 pub(crate) fn submission(study_id: &str) -> QuestionnaireResponseSubmitted {
     let now = Timestamp::now();
     let mut envelope = Envelope::new(QuestionnaireResponseSubmitted::NAME, study_id, "epro-app", now);
@@ -34,4 +38,43 @@ pub(crate) fn submission(study_id: &str) -> QuestionnaireResponseSubmitted {
         device_time_zone: "America/New_York".into(),
         items: vec![Answer::integer("44250-9", 1), Answer::integer("44255-8", 0)],
     }
+}
+
+/// Gives subject `subject_id` of `study_id` treatment `ACT` with randomization number `R<number>`
+/// in the enrollment records of `schema`, as the enrollment service would — for the code break,
+/// which reads them, where no enrollment consumer runs.
+#[allow(dead_code, reason = "not every test binary breaks a code")]
+pub(crate) async fn randomize(
+    pool: &PgPool,
+    schema: &SchemaName,
+    (study_id, subject_id): (&str, &str),
+    number: i32,
+) -> anyhow::Result<()> {
+    let s = schema;
+    let study = format!(
+        "INSERT INTO {s}.study (study_id, config_version, arms, factors, seed, block_multiples,
+                                slots_per_stratum, warn_slots_left)
+         VALUES ($1, 1, '[[\"PBO\", 1], [\"ACT\", 1]]', '[]', 7, '{{1}}', 100000, 5)
+         ON CONFLICT DO NOTHING"
+    );
+    let list = format!(
+        "INSERT INTO {s}.randomization_list (study_id, stratum, list_id, ordinal, slots_total)
+         VALUES ($1, '', $1 || '-L1', 1, 100000) ON CONFLICT DO NOTHING"
+    );
+    for sql in [study, list] {
+        sqlx::query(AssertSqlSafe(sql)).bind(study_id).execute(pool).await?;
+    }
+    let slot = format!(
+        "INSERT INTO {s}.randomization_slot (study_id, stratum, sequence, block, arm_code,
+                                            randomization_number, subject_id, used_at)
+         VALUES ($1, '', $2, 1, 'ACT', $3, $4, now())"
+    );
+    sqlx::query(AssertSqlSafe(slot))
+        .bind(study_id)
+        .bind(number)
+        .bind(format!("R{number:05}"))
+        .bind(subject_id)
+        .execute(pool)
+        .await?;
+    Ok(())
 }
