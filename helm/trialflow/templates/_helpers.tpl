@@ -290,6 +290,14 @@ Call with (dict "root" $ "c" $component); jobs pass a component of kind `migrate
       - {key: {{ required "kafka.tls.keyKey is required with kafka.tls.certKey" $tls.keyKey }}, path: tls.key}
       {{- end }}
 {{- end }}
+{{- if and $c.database $root.Values.database.caSecret }}
+- name: postgres-ca
+  secret:
+    secretName: {{ $root.Values.database.caSecret }}
+    defaultMode: 0440
+    items:
+      - {key: {{ $root.Values.database.caKey }}, path: ca.crt}
+{{- end }}
 {{- if and (eq $c.name "monitoring") $c.values.rulesConfigMap }}
 - name: monitoring-rules
   configMap:
@@ -308,6 +316,9 @@ Call with (dict "root" $ "c" $component); jobs pass a component of kind `migrate
 - {name: tmp, mountPath: /tmp}
 {{- if and $c.kafka $root.Values.kafka.tls.enabled }}
 - {name: kafka-tls, mountPath: /etc/trialflow/kafka-tls, readOnly: true}
+{{- end }}
+{{- if and $c.database $root.Values.database.caSecret }}
+- {name: postgres-ca, mountPath: /etc/trialflow/postgres, readOnly: true}
 {{- end }}
 {{- if and (eq $c.name "monitoring") $c.values.rulesConfigMap }}
 - {name: monitoring-rules, mountPath: /etc/trialflow/monitoring-rules, readOnly: true}
