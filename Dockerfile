@@ -22,7 +22,8 @@ RUN cargo chef prepare --recipe-path recipe.json
 FROM chef AS builder
 # rdkafka builds librdkafka from its bundled source (make and the C toolchain of this image) and
 # links it statically; its `ssl` feature links the system OpenSSL (libssl3 in the runtime image,
-# the same Debian 12 ABI). zlib is linked statically: distroless/cc has none.
+# the same Debian 12 ABI). zlib is linked statically: distroless/cc has none. What remains dynamic
+# (`ldd` of a build on Debian 12): libssl.so.3, libcrypto.so.3, libgcc_s.so.1, libm, libc.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libssl-dev pkg-config \
     && rm -rf /var/lib/apt/lists/*
