@@ -7,7 +7,7 @@ export DATABASE_URL ?= postgres://postgres@127.0.0.1:55432/trialflow
 export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:19092
 ONLY ?=
 
-.PHONY: help up down status build-deps build release migrate demo run relay test browser lint fmt bench interop interop-setup openapi-validator odm-validator clean
+.PHONY: help up down status build-deps build release migrate demo run relay test browser lint fmt bench interop interop-setup openapi-validator odm-validator helm-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,7 +43,7 @@ run: up release ## Run every component (site API, ePRO gateway, alert API, relay
 relay: up release ## Run one relay instance in the foreground
 	$(CARGO) run -q --release -p trialflow -- relay
 
-test: lint up browser interop-setup openapi-validator odm-validator ## fmt-check, clippy -D warnings, then every test against the local stack
+test: lint up browser interop-setup openapi-validator odm-validator helm-check ## fmt-check, clippy -D warnings, then every test against the local stack
 	$(CARGO) test --workspace --all-targets
 
 browser: ## Install headless Chromium and chromedriver (Debian packages) for the inbox page test
@@ -64,6 +64,9 @@ openapi-validator: ## Install openapi-spec-validator (pinned, PyPI) into .tools/
 
 odm-validator: ## Install the CDISC ODM 1.3.2 XSD (odmlib) and xmlschema (pinned, PyPI) into .tools/ for the audit export test
 	@scripts/odm-validator.sh >/dev/null
+
+helm-check: ## Lint the Dockerfile, lint and render the Helm chart (every helm/trialflow/ci/ file), validate it offline
+	@scripts/helm-check.sh >/dev/null
 
 interop-setup: ## Install the foreign clients' libraries (fastavro, confluent-kafka, Apache Avro and Kafka for Java) into .tools/interop/
 	@interop/setup.sh

@@ -67,6 +67,9 @@ pub enum Command {
     Audit(crate::audit::AuditCommand),
     /// Generate synthetic load against a running pipeline (site API, ePRO gateway, clinical topic).
     Load(trialflow_simulation::load::LoadArgs),
+    /// Check a component's configuration without starting it (`config check consume notifier`).
+    #[command(subcommand)]
+    Config(crate::config_check::ConfigCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -297,6 +300,7 @@ pub async fn run(mut cli: Cli, shutdown: tokio_util::sync::CancellationToken) ->
         Command::Outbox(command) => crate::quarantine::run(command).await,
         Command::Audit(command) => crate::audit::run(command).await,
         Command::Load(args) => trialflow_simulation::load::run(args, shutdown).await,
+        Command::Config(command) => crate::config_check::run(command),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod cli;
+pub mod config_check;
 pub mod demo;
 pub mod dlq;
 pub mod quarantine;

@@ -1,12 +1,26 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches};
-use trialflow::cli::Cli;
+use trialflow::cli::{Cli, Command};
 use trialflow_pipeline::shutdown;
 
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // `config check` starts nothing: no telemetry (its metrics listener would bind METRICS_ADDR),
+    // no signal handlers, no runtime.
+    let cli = match cli {
+        Cli { command: Command::Config(command), .. } => {
+            return match trialflow::config_check::run(command) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        cli => cli,
+    };
     // What the watchdog names when the command itself does not end.
     let command = format!("the {} command", matches.subcommand_name().unwrap_or("trialflow"));
     // Before the runtime: the signal handlers and the watchdog do not depend on it.
