@@ -29,6 +29,9 @@ pub(crate) struct RebalanceContext {
     pub(crate) consumer: std::sync::OnceLock<std::sync::Weak<StreamConsumer<RebalanceContext>>>,
     pub(crate) assigned: mpsc::UnboundedSender<(Key, PartitionQueue)>,
     pub(crate) revoke_wait: Duration,
+    /// The consumer's name in the process's readiness (`GET /readyz`): ready once the group
+    /// gave it its partitions.
+    pub(crate) health: String,
 }
 
 pub(crate) type PartitionQueue = rdkafka::consumer::stream_consumer::StreamPartitionQueue<RebalanceContext>;
@@ -87,6 +90,7 @@ impl ConsumerContext for RebalanceContext {
                 None => warn!(topic = e.topic(), partition = e.partition(), "Cannot split partition queue."),
             }
         }
+        trialflow_outbox::health::ready(&self.health);
         info!(partitions = assigned.count(), "Partitions assigned.");
     }
 }

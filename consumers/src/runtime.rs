@@ -27,6 +27,11 @@ use crate::rebalance::{Key, PartitionQueue, RebalanceContext, WorkerHandle};
 use crate::shared::Shared;
 use crate::store::Sql;
 
+/// The consumer's name in the process's readiness.
+fn health_name(consumer: &str) -> String {
+    format!("consumer:{consumer}")
+}
+
 /// Runs a consumer until `shutdown`: subscribes, applies messages through `handler`, retries
 /// parked messages, expires old inbox rows. Returns after finishing in-flight batches and leaving
 /// the group.
@@ -46,6 +51,9 @@ pub async fn run<H: Handler>(
     let outbox = Arc::new(Outbox::open(&pool, spec.schema.clone()).await?);
     let workers: Arc<Mutex<HashMap<Key, WorkerHandle>>> = Arc::default();
     let (assigned_tx, mut assigned) = mpsc::unbounded_channel();
+    let health = health_name(&spec.name);
+    trialflow_outbox::health::not_ready(&health, "joining the consumer group");
+    trialflow_outbox::health::watch_database(&health, pool.clone());
     let consumer = Arc::new(create_consumer(&spec, &config, workers.clone(), assigned_tx)?);
     let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
     let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
@@ -133,6 +141,7 @@ pub async fn run<H: Handler>(
         debug!(%error, "Final offset commit had nothing to do.");
     }
     consumer.unsubscribe();
+    trialflow_outbox::health::forget(&health);
     info!(consumer = %shared.spec.name, "Consumer stopped.");
     outcome
 }
@@ -159,6 +168,7 @@ fn create_consumer(
         consumer: std::sync::OnceLock::new(),
         assigned,
         revoke_wait: config.revoke_wait(),
+        health: health_name(&spec.name),
     };
     Ok(client.create_with_context(context)?)
 }

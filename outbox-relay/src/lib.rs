@@ -13,6 +13,7 @@ pub mod audit;
 pub mod config;
 pub mod error;
 pub mod exactly_once;
+pub mod health;
 pub mod kafka;
 pub mod metrics;
 pub mod migrate;

@@ -273,13 +273,22 @@ struct SourceRelay {
 }
 
 impl SourceRelay {
+    /// Its name in the process's readiness (`GET /readyz`).
+    fn health_name(&self) -> String {
+        format!("relay:{}", self.source)
+    }
+
     async fn run(self) {
+        let health = self.health_name();
+        crate::health::not_ready(&health, "connecting the lease session");
+        crate::health::watch_database(&health, self.pool.clone());
         let mut failures = 0u32;
         while !self.shutdown.is_cancelled() {
             let error = match self.session(&mut failures).await {
                 Ok(()) => break,
                 Err(e) => e,
             };
+            crate::health::not_ready(&health, format!("lease session failed: {error}"));
             failures += 1;
             let delay = backoff_delay(failures, self.config.max_backoff());
             let kind = if error.is_transient() { "transient" } else { "permanent" };
@@ -289,12 +298,14 @@ impl SourceRelay {
             sleep_or_shutdown(delay, &self.shutdown).await;
         }
         metrics::gauge!(m::OWNED_SHARDS, "source" => self.source.to_string()).set(0.0);
+        crate::health::forget(&health);
     }
 
     /// One lease session: owns shards and publishes until shutdown (Ok) or a failure (Err). The
     /// lease connection is closed on return, which releases every shard.
     async fn session(&self, failures: &mut u32) -> Result<()> {
         let mut lease = ShardLease::connect(&self.lease_options, &self.source).await?;
+        crate::health::ready(&self.health_name());
         let mut in_flight = Pipeline::default();
         let mut transactions =
             self.config.exactly_once.then(|| Transactions::new(self.config.clone(), self.source.clone()));

@@ -90,17 +90,57 @@ fn otlp_provider(service: &'static str) -> anyhow::Result<SdkTracerProvider> {
     Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
 }
 
+/// How often histograms are compacted when nobody scrapes.
+const METRICS_UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves, on `addr` (empty: nothing), `GET /metrics` (Prometheus), `GET /healthz` (liveness:
+/// the process answers) and `GET /readyz` (readiness: every long-running component of the
+/// process is working and reaches its database, see `trialflow_outbox::health`; 503 with each
+/// component's reason otherwise). The listener is bound here, so a taken port fails the start.
 fn install_metrics(addr: &str) -> anyhow::Result<()> {
+    use axum::routing::get;
     if addr.trim().is_empty() {
         return Ok(());
     }
     let addr: SocketAddr = addr.parse().with_context(|| format!("METRICS_ADDR `{addr}` is not host:port"))?;
-    metrics_exporter_prometheus::PrometheusBuilder::new().with_http_listener(addr).install().with_context(
-        || {
-            format!(
-                "serving Prometheus metrics on {addr} (set METRICS_ADDR to another port, or empty to disable)"
-            )
-        },
-    )?;
+    let taken = || {
+        format!(
+            "serving metrics and probes on {addr} (set METRICS_ADDR to another port, or empty to disable)"
+        )
+    };
+    let listener = std::net::TcpListener::bind(addr).with_context(taken)?;
+    listener.set_nonblocking(true).with_context(taken)?;
+    let listener = tokio::net::TcpListener::from_std(listener).with_context(taken)?;
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the Prometheus recorder")?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(METRICS_UPKEEP).await;
+            upkeep.run_upkeep();
+        }
+    });
+    let app = axum::Router::new()
+        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .route("/healthz", get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+        .route("/readyz", get(readiness));
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "The metrics and probes endpoint stopped.");
+        }
+    });
     Ok(())
+}
+
+/// `GET /readyz`: 200 when every component is ready, else 503; each component with its reason.
+async fn readiness() -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
+    let states = trialflow_outbox::health::check().await;
+    let ready = states.values().all(Option::is_none);
+    let components: serde_json::Map<String, serde_json::Value> = states
+        .into_iter()
+        .map(|(name, why)| (name, why.map_or(serde_json::json!("ready"), serde_json::Value::from)))
+        .collect();
+    let status = if ready { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(serde_json::json!({"ready": ready, "components": components})))
 }
