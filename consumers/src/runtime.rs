@@ -155,7 +155,8 @@ fn create_consumer(
     let client = config.kafka.consumer(&format!("trialflow-{}", spec.name), |client| {
         client
             .set("group.id", config.group_id.clone().unwrap_or_else(|| spec.name.clone()))
-            .set("enable.auto.commit", "false")
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", COMMIT_INTERVAL_MS.to_string())
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", config.session_timeout_ms.to_string())
@@ -225,7 +226,7 @@ async fn partition_worker<H: Handler>(
             break;
         }
         let last = &batch[batch.len() - 1];
-        commit_offset(&shared, &last.topic, last.partition, last.offset + 1);
+        store_offset(&shared, &last.topic, last.partition, last.offset + 1);
     }
     // The queue goes before the worker says it is done, so that nothing of this partition is
     // still queued here when the revocation completes.
@@ -350,7 +351,7 @@ where
                 return false;
             }
         }
-        commit_offset(shared, &batch[i].topic, batch[i].partition, batch[i].offset + 1);
+        store_offset(shared, &batch[i].topic, batch[i].partition, batch[i].offset + 1);
         i += 1;
     }
     true
@@ -370,6 +371,10 @@ async fn apply_alone<H: Handler>(
 
 /// Other messages tried as witnesses that the environment works, at most.
 const MAX_WITNESSES: usize = 8;
+
+/// How often librdkafka commits the offsets of applied batches (ms). Only how soon lag reads 0
+/// depends on it: a redelivery after a crash is skipped by the inbox.
+pub const COMMIT_INTERVAL_MS: u64 = 1000;
 
 /// Whether `batch[i]`, which keeps failing alone, is to blame: another message of the partition
 /// applies (rolled back). With no other message fetched, only after twice the attempts and a
@@ -448,13 +453,20 @@ async fn guarded<H: Handler>(
     }))
 }
 
-fn commit_offset<H>(shared: &Shared<H>, topic: &str, partition: i32, next: i64) {
+/// Marks everything up to `next` as applied (its transaction committed). librdkafka commits the
+/// stored offsets every [`COMMIT_INTERVAL_MS`], on revocation and on close, and tries again at the
+/// next interval when a commit fails: a commit lost in a coordinator failover cannot leave the
+/// group's offset behind for good on a partition that receives nothing more.
+fn store_offset<H>(shared: &Shared<H>, topic: &str, partition: i32, next: i64) {
+    // `store_offsets` stores the offsets as given (`store_offset` would store `next + 1`).
     let mut tpl = TopicPartitionList::new();
-    if tpl.add_partition_offset(topic, partition, Offset::Offset(next)).is_ok()
-        && let Err(error) = shared.consumer.commit(&tpl, CommitMode::Async)
-    {
-        // Not fatal: the messages come again and the inbox skips them.
-        warn!(%error, topic, partition, "Offset commit failed.");
+    let stored = tpl
+        .add_partition_offset(topic, partition, Offset::Offset(next))
+        .and_then(|()| shared.consumer.store_offsets(&tpl));
+    if let Err(error) = stored {
+        // The partition was revoked meanwhile: its next owner gets the messages again and the
+        // inbox skips them.
+        debug!(%error, topic, partition, "Offset not stored.");
     }
 }
 
