@@ -246,22 +246,19 @@ fn canceled(seq: i64) -> OutboxError {
 /// rows behind it; a transient failure does.
 async fn await_acks(rows: Vec<(Sent, DeliveryFuture)>, commit_to_ack: metrics::Histogram) -> Acks {
     let mut acks = Acks { acked: Vec::with_capacity(rows.len()), ..Acks::default() };
-    for (row, delivery) in rows {
+    for (mut row, delivery) in rows {
         match delivery.await {
             Ok(Ok(delivery)) => {
                 let age = (Utc::now() - row.created_at).to_std().unwrap_or_default();
                 commit_to_ack.record(age.as_secs_f64());
                 acks.acked.push(row.seq);
-                let mut row = row;
                 row.span.acknowledged(delivery.partition, delivery.offset);
             }
             Ok(Err((error, _))) if publisher::classify(&error) == Fault::Row => {
-                let mut row = row;
                 row.span.failed(&error);
                 acks.refused.push(Refused { row, error });
             }
             Ok(Err((source, _))) => {
-                let mut row = row;
                 row.span.failed(&source);
                 acks.failure = Some(OutboxError::Delivery { seq: row.seq, topic: row.topic, source });
                 break;
