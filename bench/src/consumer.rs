@@ -1,6 +1,7 @@
 //! Group `consumer`: the consumer runtime applying 200,000 events (6 partitions, one instance) with
 //! a trivial handler that writes one row per event, against PostgreSQL's raw rate for the same
 //! inserts batched the same way (transactions of `max_batch` rows, one writer per partition).
+//! Then once more with spans exported (`consumer_throughput_traced`): the cost of tracing.
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use trialflow_consumers::{ConsumerConfig, ConsumerSpec, Context, Handler, Handle
 use trialflow_outbox::{KafkaConfig, SchemaName};
 use uuid::Uuid;
 
+use crate::traced::Subscriber;
 use crate::{bench, progress};
 
 const PARTITIONS: i32 = 6;
@@ -76,14 +78,60 @@ pub(crate) async fn group(
     bench("raw_consume_throughput", read.len() as f64 / started.elapsed().as_secs_f64(), "events/s");
 
     progress("consumer applying them");
+    let Some(handle) = metrics_handle else { bail!("the consumer benchmark needs the metrics recorder") };
+    let spec =
+        ConsumerSpec { name: format!("bench-{run}"), schema: schema.clone(), topics: vec![topic.clone()] };
+    let rate = consume(spec, config.clone(), insert.clone(), events, handle).await?;
+    bench("consumer_throughput", rate, "events/s");
+    for line in handle.render().lines().filter(|l| {
+        l.starts_with("trialflow_consumer_")
+            && (l.contains("quantile=\"0.5\"") || l.contains("_sum") || l.contains("_count"))
+    }) {
+        progress(line);
+    }
+
+    // The same events again, by a second and a third group, under the subscriber `trialflow`
+    // installs: its logs alone (no OTLP endpoint), then with spans exported (a `process` span per
+    // message, a child of its traceparent header, batched and sent over OTLP/HTTP to a receiver
+    // in this process).
+    let mut figures = Vec::new();
+    for (subscriber, suffix) in [(Subscriber::Logs, "logs"), (Subscriber::LogsAndSpans, "traced")] {
+        progress(&format!("consumer applying them again, {subscriber:?}"));
+        sqlx::query(AssertSqlSafe(format!("TRUNCATE {schema}.bench_rows"))).execute(pool).await?;
+        let spec = ConsumerSpec {
+            name: format!("bench-{run}-{suffix}"),
+            schema: schema.clone(),
+            topics: vec![topic.clone()],
+        };
+        let (config, insert, handle) = (config.clone(), insert.clone(), handle.clone());
+        let work = move || async move { consume(spec, config, insert, events, &handle).await };
+        figures.push(crate::traced::run(subscriber, work).await?);
+    }
+    let [(logs, _), (traced, exported)] = figures[..] else { bail!("two subscribed runs") };
+    bench("consumer_throughput_logs", logs, "events/s");
+    bench("consumer_throughput_traced", traced, "events/s");
+    bench("consumer_traced_vs_untraced", 100.0 * traced / rate, "%");
+    bench("consumer_traced_vs_logs", 100.0 * traced / logs, "%");
+    bench("consumer_traced_spans_exported", exported as f64, "spans");
+    bench("consumer_vs_raw_insert", 100.0 * rate / raw, "%");
+    sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(pool).await?;
+    Ok(())
+}
+
+/// Runs the consumer runtime over the topic until `events` are applied; events/s from the first
+/// applied one (joining the group is not throughput). Progress is read from the runtime's own
+/// counter, so measuring puts no load on the database.
+async fn consume(
+    spec: ConsumerSpec,
+    config: ConsumerConfig,
+    insert: String,
+    events: u64,
+    handle: &metrics_exporter_prometheus::PrometheusHandle,
+) -> anyhow::Result<f64> {
     let stop = CancellationToken::new();
-    let name = format!("bench-{run}");
-    let spec = ConsumerSpec { name: name.clone(), schema: schema.clone(), topics: vec![topic] };
+    let name = spec.name.clone();
     let consumer =
         tokio::spawn(trialflow_consumers::runtime::run(spec, config, RowWriter { insert }, stop.clone()));
-    // Timed from the first applied event: joining the group is not throughput. Progress is read
-    // from the runtime's own counter, so measuring puts no load on the database.
-    let Some(handle) = metrics_handle else { bail!("the consumer benchmark needs the metrics recorder") };
     let counter = format!("trialflow_consumer_messages_total{{consumer=\"{name}\",outcome=\"applied\"}} ");
     let count = || {
         handle
@@ -105,26 +153,14 @@ pub(crate) async fn group(
             break;
         }
         if Instant::now() > deadline {
-            bail!("consumer applied {n} of {events} events in 15 minutes");
+            bail!("consumer {name} applied {n} of {events} events in 15 minutes");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(f64::NAN);
-    let rate = (events as i64 - first) as f64 / elapsed;
     stop.cancel();
     consumer.await??;
-    bench("consumer_throughput", rate, "events/s");
-    if let Some(handle) = metrics_handle {
-        for line in handle.render().lines().filter(|l| {
-            l.starts_with("trialflow_consumer_")
-                && (l.contains("quantile=\"0.5\"") || l.contains("_sum") || l.contains("_count"))
-        }) {
-            progress(line);
-        }
-    }
-    bench("consumer_vs_raw_insert", 100.0 * rate / raw, "%");
-    sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(pool).await?;
-    Ok(())
+    Ok((events as i64 - first) as f64 / elapsed)
 }
 
 async fn raw_inserts(pool: &PgPool, insert: &str, events: u64, batch: u64) -> anyhow::Result<f64> {
@@ -165,7 +201,11 @@ async fn produce(kafka: &KafkaConfig, topic: &str, events: u64) -> anyhow::Resul
     for i in 0..events {
         let id = Uuid::now_v7().to_string();
         let key = format!("subject-{:05}", i % 1000);
-        let headers = OwnedHeaders::new().insert(Header { key: "event_id", value: Some(id.as_bytes()) });
+        // As the relay sends a traced writer's rows: the traced run's spans continue these traces.
+        let traceparent = format!("00-{}-{:016x}-01", Uuid::new_v4().simple(), i + 1);
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "event_id", value: Some(id.as_bytes()) })
+            .insert(Header { key: "traceparent", value: Some(traceparent.as_bytes()) });
         in_flight.push_back(
             producer
                 .send_result(FutureRecord::to(topic).key(&key).payload("x").headers(headers))

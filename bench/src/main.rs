@@ -24,6 +24,7 @@ mod consumer;
 mod epro;
 mod epro_gateway;
 mod load;
+mod traced;
 
 #[derive(Debug, Parser)]
 #[command(about = "trialflow benchmarks")]

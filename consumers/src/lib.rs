@@ -21,6 +21,7 @@ mod parking;
 mod rebalance;
 pub mod runtime;
 mod shared;
+mod span;
 pub mod store;
 
 pub use config::{ConsumerConfig, ConsumerSpec};

@@ -7,7 +7,7 @@ use futures::FutureExt;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use crate::error::HandlerError;
 use crate::failure::{parked_retry_delay, retry_delay, send_to_dlq};
@@ -62,10 +62,14 @@ async fn retry_due<H: Handler>(shared: &Shared<H>) -> Result<usize, HandlerError
     for (row, msg) in due.iter().zip(messages) {
         sqlx::query("SAVEPOINT parked").execute(&mut *tx).await?;
         let mut ctx = Context::new(shared.outbox.clone());
-        let attempt =
-            std::panic::AssertUnwindSafe(shared.handler.handle(&mut tx, &msg, &mut ctx)).catch_unwind();
+        let span = crate::span::process(&shared.group, &msg);
+        let handled = shared.handler.handle(&mut tx, &msg, &mut ctx).instrument(span.clone());
+        let attempt = std::panic::AssertUnwindSafe(handled).catch_unwind();
         let result =
             attempt.await.unwrap_or_else(|_| Err(HandlerError::Transient("handler panicked".into())));
+        if let Err(e) = &result {
+            crate::span::failed(&span, e);
+        }
         let aged = chrono::Utc::now() - row.parked_at >= max_age;
         match result {
             Ok(()) => {

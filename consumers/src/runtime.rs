@@ -15,7 +15,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 use trialflow_outbox::Outbox;
 
 use crate::config::{ConsumerConfig, ConsumerSpec};
@@ -60,6 +60,7 @@ pub async fn run<H: Handler>(
     consumer.subscribe(&topics)?;
     let shared = Arc::new(Shared {
         sql: Sql::new(&spec.schema),
+        group: config.group_id.clone().unwrap_or_else(|| spec.name.clone()),
         spec,
         config,
         handler,
@@ -582,8 +583,12 @@ async fn try_batch<H: Handler>(
             (Ok(id), None) => {
                 let started = Instant::now();
                 let mut ctx = Context::new(shared.outbox.clone());
-                let result = shared.handler.handle(&mut tx, msg, &mut ctx).await;
+                let span = crate::span::process(&shared.group, msg);
+                let result = shared.handler.handle(&mut tx, msg, &mut ctx).instrument(span.clone()).await;
                 processing.record(started.elapsed().as_secs_f64());
+                if let Err(e) = &result {
+                    crate::span::failed(&span, e);
+                }
                 match result {
                     Ok(()) => {
                         resolved.extend(ctx.resolved);

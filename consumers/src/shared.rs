@@ -15,6 +15,8 @@ use crate::store::Sql;
 pub(crate) struct Shared<H> {
     pub(crate) spec: ConsumerSpec,
     pub(crate) config: ConsumerConfig,
+    /// The consumer group id (the spans' `messaging.consumer.group.name`).
+    pub(crate) group: String,
     pub(crate) handler: H,
     pub(crate) pool: PgPool,
     pub(crate) outbox: Arc<Outbox>,

@@ -233,10 +233,6 @@ struct ShardOutcome {
     aborted: bool,
 }
 
-fn sent(row: &OutboxRow) -> Sent {
-    Sent { seq: row.seq, key: row.key.clone(), topic: row.topic.clone(), created_at: row.created_at }
-}
-
 async fn publish_shard(
     shard: i32,
     producer: FutureProducer,
@@ -252,9 +248,10 @@ async fn publish_shard(
         if refused_keys.contains(row.key.as_str()) {
             continue;
         }
+        let mut sent = Sent::of(row);
         loop {
-            match publisher::send(&producer, row) {
-                Ok(delivery) => deliveries.push((sent(row), delivery)),
+            match publisher::send(&producer, row, &sent.span) {
+                Ok(delivery) => deliveries.push((sent, delivery)),
                 // librdkafka drains its queue on its own threads.
                 Err(SendError::QueueFull) => {
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -264,7 +261,8 @@ async fn publish_shard(
                 Err(SendError::Failed(OutboxError::Delivery { source, .. }))
                     if publisher::classify(&source) == Fault::Row =>
                 {
-                    outcome.refused.push(Refused { row: sent(row), error: source });
+                    sent.span.failed(&source);
+                    outcome.refused.push(Refused { row: sent, error: source });
                     refused_keys.insert(&row.key);
                 }
                 Err(SendError::Failed(error)) => {

@@ -8,6 +8,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use crate::config::KafkaConfig;
 use crate::error::{OutboxError, Result};
 use crate::store::OutboxRow;
+use crate::trace::semconv;
 
 /// Kafka header names set on every published event.
 pub mod headers {
@@ -40,7 +41,7 @@ pub fn producer_config(kafka: &KafkaConfig, client_id: &str) -> ClientConfig {
 
 /// Builds the idempotent producer the relay publishes with.
 pub fn build_producer(kafka: &KafkaConfig) -> Result<FutureProducer> {
-    producer_config(kafka, "trialflow-relay").create().map_err(OutboxError::KafkaConfig)
+    producer_config(kafka, RELAY_CLIENT_ID).create().map_err(OutboxError::KafkaConfig)
 }
 
 /// Whose fault a failed delivery is: what the relay does about it.
@@ -108,8 +109,81 @@ pub enum SendError {
     Failed(OutboxError),
 }
 
-/// Hands `row` to the producer; the returned future resolves on broker acknowledgement.
-pub fn send(producer: &FutureProducer, row: &OutboxRow) -> Result<DeliveryFuture, SendError> {
+/// The `publish <topic>` span of one traced row, from its hand-off to the producer to the broker's
+/// acknowledgement (dropped then, which ends it). A child of the context the writer stored with
+/// the row; the record's `traceparent` header names this span, so the consumers' spans are its
+/// children. Rows written without a trace context get no span (so a relay that does not export
+/// spans costs nothing per row), and where the relay does not export spans the stored
+/// `traceparent` is passed on unchanged.
+#[derive(Debug, Default)]
+pub struct PublishSpan {
+    span: Option<tracing::Span>,
+    traceparent: Option<String>,
+}
+
+impl PublishSpan {
+    /// The span for `row`, made once per row (not per send attempt: a full queue retries).
+    pub fn of(row: &OutboxRow) -> Self {
+        let Some(stored) = row.traceparent.as_deref() else { return Self::default() };
+        if row.raw_header_names.is_some() {
+            // Raw records (dead letters, replays) carry their headers byte for byte.
+            return Self::default();
+        }
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = format!("publish {}", row.topic),
+            otel.kind = "producer",
+            otel.status_code = tracing::field::Empty,
+            { semconv::MESSAGING_SYSTEM } = semconv::KAFKA,
+            { semconv::OPERATION_TYPE } = "publish",
+            { semconv::OPERATION_NAME } = "publish",
+            { semconv::DESTINATION_NAME } = %row.topic,
+            { semconv::KAFKA_MESSAGE_KEY } = %row.key,
+            { semconv::MESSAGE_ID } = %row.event_id,
+            { semconv::CLIENT_ID } = RELAY_CLIENT_ID,
+            { semconv::PARTITION_ID } = tracing::field::Empty,
+            { semconv::KAFKA_OFFSET } = tracing::field::Empty,
+            { semconv::ERROR_TYPE } = tracing::field::Empty,
+            "outbox.seq" = row.seq,
+            "event_type" = %row.event_type,
+        );
+        crate::trace::continue_trace(&span, Some(stored));
+        let traceparent = crate::trace::traceparent_of(&span).or_else(|| Some(stored.to_string()));
+        Self { span: Some(span), traceparent }
+    }
+
+    /// The broker acknowledged the record at `partition` / `offset`.
+    pub fn acknowledged(&mut self, partition: i32, offset: i64) {
+        if let Some(span) = self.span.take() {
+            span.record(semconv::PARTITION_ID, tracing::field::display(partition));
+            span.record(semconv::KAFKA_OFFSET, offset);
+        }
+    }
+
+    /// The delivery failed (refused for good, or transiently: the row is published again, under a
+    /// new span of the same parent).
+    pub fn failed(&mut self, error: &KafkaError) {
+        if let Some(span) = self.span.take() {
+            span.record("otel.status_code", "ERROR");
+            let kind = match error {
+                KafkaError::MessageProduction(code) => format!("{code:?}"),
+                other => format!("{other}"),
+            };
+            span.record(semconv::ERROR_TYPE, kind.as_str());
+        }
+    }
+}
+
+/// The relay producer's `client.id`.
+pub const RELAY_CLIENT_ID: &str = "trialflow-relay";
+
+/// Hands `row` to the producer; the returned future resolves on broker acknowledgement. The
+/// record's `traceparent` is `span`'s.
+pub fn send(
+    producer: &FutureProducer,
+    row: &OutboxRow,
+    span: &PublishSpan,
+) -> Result<DeliveryFuture, SendError> {
     if let (Some(names), Some(values)) = (&row.raw_header_names, &row.raw_header_values) {
         return send_raw(producer, row, names, values);
     }
@@ -118,7 +192,7 @@ pub fn send(producer: &FutureProducer, row: &OutboxRow) -> Result<DeliveryFuture
         .insert(Header { key: headers::EVENT_ID, value: Some(event_id.as_bytes()) })
         .insert(Header { key: headers::EVENT_TYPE, value: Some(row.event_type.as_bytes()) })
         .insert(Header { key: headers::CONTENT_TYPE, value: Some(row.content_type.as_bytes()) });
-    if let Some(tp) = &row.traceparent {
+    if let Some(tp) = span.traceparent.as_deref().or(row.traceparent.as_deref()) {
         headers = headers.insert(Header { key: headers::TRACEPARENT, value: Some(tp.as_bytes()) });
     }
     for (key, value) in row.headers.iter() {

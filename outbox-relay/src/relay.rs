@@ -206,6 +206,20 @@ pub(crate) struct Sent {
     pub(crate) key: String,
     pub(crate) topic: String,
     pub(crate) created_at: DateTime<Utc>,
+    /// Ends when the delivery does (see [`publisher::PublishSpan`]).
+    pub(crate) span: publisher::PublishSpan,
+}
+
+impl Sent {
+    pub(crate) fn of(row: &OutboxRow) -> Self {
+        Self {
+            seq: row.seq,
+            key: row.key.clone(),
+            topic: row.topic.clone(),
+            created_at: row.created_at,
+            span: publisher::PublishSpan::of(row),
+        }
+    }
 }
 
 /// A row the broker refuses for good, on its way to the quarantine.
@@ -232,17 +246,20 @@ fn canceled(seq: i64) -> OutboxError {
 /// rows behind it; a transient failure does.
 async fn await_acks(rows: Vec<(Sent, DeliveryFuture)>, commit_to_ack: metrics::Histogram) -> Acks {
     let mut acks = Acks { acked: Vec::with_capacity(rows.len()), ..Acks::default() };
-    for (row, delivery) in rows {
+    for (mut row, delivery) in rows {
         match delivery.await {
-            Ok(Ok(_)) => {
+            Ok(Ok(delivery)) => {
                 let age = (Utc::now() - row.created_at).to_std().unwrap_or_default();
                 commit_to_ack.record(age.as_secs_f64());
                 acks.acked.push(row.seq);
+                row.span.acknowledged(delivery.partition, delivery.offset);
             }
             Ok(Err((error, _))) if publisher::classify(&error) == Fault::Row => {
+                row.span.failed(&error);
                 acks.refused.push(Refused { row, error });
             }
             Ok(Err((source, _))) => {
+                row.span.failed(&source);
                 acks.failure = Some(OutboxError::Delivery { seq: row.seq, topic: row.topic, source });
                 break;
             }
@@ -427,16 +444,11 @@ impl SourceRelay {
             if refused_keys.contains(row.key.as_str()) {
                 continue;
             }
-            let sent = || Sent {
-                seq: row.seq,
-                key: row.key.clone(),
-                topic: row.topic.clone(),
-                created_at: row.created_at,
-            };
+            let sent = Sent::of(row);
             loop {
-                match publisher::send(&self.producer, row) {
+                match publisher::send(&self.producer, row, &sent.span) {
                     Ok(delivery) => {
-                        deliveries.push((sent(), delivery));
+                        deliveries.push((sent, delivery));
                         break;
                     }
                     Err(SendError::QueueFull) if !in_flight.batches.is_empty() => {
@@ -446,7 +458,9 @@ impl SourceRelay {
                     Err(SendError::Failed(OutboxError::Delivery { source, .. }))
                         if publisher::classify(&source) == Fault::Row =>
                     {
-                        self.quarantine(vec![Refused { row: sent(), error: source }]).await?;
+                        let mut sent = sent;
+                        sent.span.failed(&source);
+                        self.quarantine(vec![Refused { row: sent, error: source }]).await?;
                         refused_keys.insert(&row.key);
                         break;
                     }

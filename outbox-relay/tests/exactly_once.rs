@@ -45,7 +45,10 @@ async fn send(
 ) -> anyhow::Result<()> {
     let mut deliveries = Vec::new();
     for row in rows {
-        deliveries.push(publisher::send(producer, row).map_err(|e| anyhow::anyhow!("{e:?}"))?);
+        deliveries.push(
+            publisher::send(producer, row, &publisher::PublishSpan::default())
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        );
     }
     if let Some(topic) = state_topic {
         // The marker's format as the README documents it: the published rows' seqs and event ids.

@@ -8,6 +8,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use trialflow_outbox::KafkaConfig;
 use trialflow_outbox::publisher::{headers, producer_config};
+use trialflow_outbox::trace::semconv;
 use trialflow_schemas::topics::TopicNames;
 use trialflow_schemas::{CONTENT_TYPE, CodecError, Event};
 
@@ -56,16 +57,38 @@ impl EdcPublisher {
 
     /// Hands `event` to the producer; the future resolves when the broker acknowledged it. When
     /// the local queue is full, returns `Ok(None)`: await earlier deliveries, then send again.
+    ///
+    /// Traced as a `publish <topic>` producer span (a child of the caller's current span, if
+    /// any) covering the hand-off, whose `traceparent` the record carries: where a trace of the
+    /// pipeline starts when the data comes from the EDC.
     pub fn send<E: Event>(&self, event: &E) -> Result<Option<DeliveryFuture>, EdcError> {
         let envelope = event.envelope();
         let key = envelope.subject_id.as_deref().ok_or(EdcError::NoKey)?;
         let payload = trialflow_schemas::encode(event)?;
         let event_id = envelope.event_id.to_string();
-        let record_headers = OwnedHeaders::new_with_capacity(3)
+        let topic = self.topics.of::<E>();
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = format!("publish {topic}"),
+            otel.kind = "producer",
+            { semconv::MESSAGING_SYSTEM } = semconv::KAFKA,
+            { semconv::OPERATION_TYPE } = "publish",
+            { semconv::OPERATION_NAME } = "publish",
+            { semconv::DESTINATION_NAME } = %topic,
+            { semconv::KAFKA_MESSAGE_KEY } = key,
+            { semconv::MESSAGE_ID } = %event_id,
+            { semconv::CLIENT_ID } = CLIENT_ID,
+        );
+        let traceparent = trialflow_outbox::trace::traceparent_of(&span);
+        let _entered = span.enter();
+        let mut record_headers = OwnedHeaders::new_with_capacity(4)
             .insert(Header { key: headers::EVENT_ID, value: Some(event_id.as_bytes()) })
             .insert(Header { key: headers::EVENT_TYPE, value: Some(E::NAME) })
             .insert(Header { key: headers::CONTENT_TYPE, value: Some(CONTENT_TYPE) });
-        let topic = self.topics.of::<E>();
+        if let Some(traceparent) = &traceparent {
+            record_headers = record_headers
+                .insert(Header { key: headers::TRACEPARENT, value: Some(traceparent.as_bytes()) });
+        }
         let record = FutureRecord::to(&topic).key(key).payload(&payload).headers(record_headers);
         match self.producer.send_result(record) {
             Ok(delivery) => Ok(Some(delivery)),

@@ -7,6 +7,7 @@ use clap::{Args, ValueEnum};
 use opentelemetry::trace::TracerProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -36,6 +37,16 @@ pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
 }
 
+impl TelemetryGuard {
+    /// Exports every span ended so far (the batch exporter otherwise sends every few seconds).
+    pub fn force_flush(&self) -> anyhow::Result<()> {
+        match &self.provider {
+            Some(provider) => provider.force_flush().context("flushing spans to the OTLP endpoint"),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
         if let Some(provider) = self.provider.take() {
@@ -47,6 +58,9 @@ impl Drop for TelemetryGuard {
 /// The log filter when `RUST_LOG` is not set.
 pub const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn";
 
+/// Which spans are exported over OTLP, whatever `RUST_LOG` says: trialflow's spans are at INFO.
+pub const SPAN_FILTER: &str = "info";
+
 /// Installs the tracing subscriber (filter from `RUST_LOG`, default `default_filter`), the OTLP
 /// span exporter when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (OTLP over HTTP; the standard `OTEL_*`
 /// variables apply), and the Prometheus endpoint.
@@ -55,20 +69,48 @@ pub fn init(
     service: &'static str,
     default_filter: &str,
 ) -> anyhow::Result<TelemetryGuard> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
-        Ok(endpoint) if !endpoint.is_empty() => Some(otlp_provider(service)?),
+        Ok(endpoint) if !endpoint.is_empty() => Some(otlp_provider(service, None)?),
         _ => None,
     };
-    let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("trialflow")));
-    let (human, json) = match config.log_format {
-        LogFormat::Human => (Some(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)), None),
-        LogFormat::Json => (None, Some(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))),
+    let guard = install_subscriber(config, default_filter, provider)?;
+    install_metrics(&config.metrics_addr)?;
+    Ok(guard)
+}
+
+/// Like [`init`], with spans exported over OTLP/HTTP to `traces_url`, the full URL of the
+/// collector's traces endpoint (e.g. `http://127.0.0.1:4318/v1/traces`), whatever the
+/// environment says: for tests and benchmarks that receive the spans in-process.
+pub fn init_with_otlp_endpoint(
+    config: &TelemetryConfig,
+    service: &'static str,
+    default_filter: &str,
+    traces_url: &str,
+) -> anyhow::Result<TelemetryGuard> {
+    let provider = otlp_provider(service, Some(traces_url))?;
+    let guard = install_subscriber(config, default_filter, Some(provider))?;
+    install_metrics(&config.metrics_addr)?;
+    Ok(guard)
+}
+
+fn install_subscriber(
+    config: &TelemetryConfig,
+    default_filter: &str,
+    provider: Option<SdkTracerProvider>,
+) -> anyhow::Result<TelemetryGuard> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let logs = match config.log_format {
+        LogFormat::Human => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed(),
     };
+    // Spans have a filter of their own: quieter logs (`RUST_LOG=warn`) must not end the traces.
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("trialflow"))
+            .with_filter(EnvFilter::new(SPAN_FILTER))
+    });
     tracing_subscriber::registry()
-        .with(filter)
-        .with(human)
-        .with(json)
+        .with(logs.with_filter(filter))
         .with(otel)
         .try_init()
         .context("installing the tracing subscriber")?;
@@ -77,15 +119,19 @@ pub fn init(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
         );
     }
-    install_metrics(&config.metrics_addr)?;
     Ok(TelemetryGuard { provider })
 }
 
-fn otlp_provider(service: &'static str) -> anyhow::Result<SdkTracerProvider> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .build()
-        .context("building the OTLP span exporter (check OTEL_EXPORTER_OTLP_ENDPOINT)")?;
+/// The span pipeline: batches exported over OTLP/HTTP (protobuf) to `traces_url`, or where the
+/// standard `OTEL_EXPORTER_OTLP_*` variables say.
+fn otlp_provider(service: &'static str, traces_url: Option<&str>) -> anyhow::Result<SdkTracerProvider> {
+    use opentelemetry_otlp::WithExportConfig;
+    let mut builder = opentelemetry_otlp::SpanExporter::builder().with_http();
+    if let Some(url) = traces_url {
+        builder = builder.with_endpoint(url);
+    }
+    let exporter =
+        builder.build().context("building the OTLP span exporter (check OTEL_EXPORTER_OTLP_ENDPOINT)")?;
     let resource = opentelemetry_sdk::Resource::builder().with_service_name(service).build();
     Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
 }

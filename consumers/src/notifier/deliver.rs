@@ -14,7 +14,7 @@ use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 use trialflow_outbox::retry::{backoff_delay, sleep_or_shutdown};
 use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
 use trialflow_schemas::topics::TopicNames;
@@ -245,14 +245,39 @@ impl Attempts {
     /// One attempt of one claimed delivery, and its outcome recorded. If recording fails the
     /// claim's lease runs out and the delivery is attempted again: the receiver sees the same
     /// Idempotency-Key.
+    ///
+    /// Traced as a `deliver notification` span, a child of the notifier's `process` span that
+    /// created the delivery (its `traceparent` is stored with the row), around the webhook's HTTP
+    /// client span and the outcome's transaction (so `NotificationDelivered` / `Failed` continue
+    /// the alert's trace). Each attempt is a span of its own under the same parent.
     async fn attempt(self: Arc<Self>, d: Claimed) {
-        let outcome = self.post(&d).await;
-        if let Err(error) = self.record(&d, &outcome).await {
-            warn!(
-                %error, alert_id = %d.alert_id, recipient_id = %d.recipient_id, ?outcome,
-                "Delivery outcome not recorded; it will be attempted again when the claim expires."
-            );
+        let span = tracing::info_span!(
+            "deliver notification",
+            alert_id = %d.alert_id,
+            recipient_id = %d.recipient_id,
+            channel = %d.channel,
+            escalation_level = d.escalation_level,
+            attempt = d.attempts,
+            outcome = tracing::field::Empty,
+        );
+        trialflow_outbox::trace::continue_trace(&span, d.traceparent.as_deref());
+        async {
+            let outcome = self.post(&d).await;
+            let name = match &outcome {
+                Outcome::Delivered => "delivered",
+                Outcome::Retry(_) => "retry",
+                Outcome::Fail(_) => "failed",
+            };
+            tracing::Span::current().record("outcome", name);
+            if let Err(error) = self.record(&d, &outcome).await {
+                warn!(
+                    %error, alert_id = %d.alert_id, recipient_id = %d.recipient_id, ?outcome,
+                    "Delivery outcome not recorded; it will be attempted again when the claim expires."
+                );
+            }
         }
+        .instrument(span)
+        .await
     }
 
     async fn post(&self, d: &Claimed) -> Outcome {
@@ -283,7 +308,8 @@ impl Attempts {
             }
         }
         let key = idempotency_key(d);
-        let request = w
+        let span = http_client_span(&d.url);
+        let mut request = w
             .http
             .post(&d.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -291,7 +317,26 @@ impl Attempts {
             .header(TIMESTAMP_HEADER, chrono::Utc::now().timestamp().to_string())
             .header(IDEMPOTENCY_KEY_HEADER, &key)
             .body(d.body.clone());
-        let outcome = match request.send().await {
+        if let Some(traceparent) = trialflow_outbox::trace::traceparent_of(&span) {
+            request = request.header(trialflow_outbox::publisher::headers::TRACEPARENT, traceparent);
+        }
+        let sent = request.send().instrument(span.clone()).await;
+        match &sent {
+            Ok(response) => {
+                let status = response.status();
+                span.record("http.response.status_code", status.as_u16());
+                if status.is_client_error() || status.is_server_error() {
+                    span.record("otel.status_code", "ERROR");
+                    span.record("error.type", status.as_str());
+                }
+            }
+            Err(e) => {
+                span.record("otel.status_code", "ERROR");
+                span.record("error.type", if e.is_timeout() { "timeout" } else { "transport" });
+            }
+        }
+        drop(span);
+        let outcome = match sent {
             Ok(response) => outcome_of(response.status()),
             Err(e) if e.is_builder() => {
                 // Not the endpoint's doing: its circuit learns nothing.
@@ -413,6 +458,41 @@ fn channel_of(d: &Claimed) -> trialflow_schemas::NotificationChannel {
     Channel::parse(&d.channel).map_or(trialflow_schemas::NotificationChannel::Other, Channel::event_channel)
 }
 
+/// The webhook request's HTTP client span (OpenTelemetry HTTP semantic conventions): named after
+/// the method, with the server's address and port and the URL without its secrets (see
+/// [`redacted_url`]); the status code is recorded when the answer arrives.
+fn http_client_span(url: &str) -> tracing::Span {
+    let parsed = reqwest::Url::parse(url).ok();
+    let host = parsed.as_ref().and_then(|u| u.host_str().map(str::to_string)).unwrap_or_default();
+    let port = parsed.as_ref().and_then(reqwest::Url::port_or_known_default).map(i64::from);
+    tracing::info_span!(
+        "POST",
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        "http.request.method" = "POST",
+        "server.address" = %host,
+        "server.port" = port,
+        "url.full" = %redacted_url(url),
+        "http.response.status_code" = tracing::field::Empty,
+        "error.type" = tracing::field::Empty,
+    )
+}
+
+/// `url` for a span attribute: credentials (`user:password@`) and the values of query parameters
+/// replaced by `REDACTED`, as webhook URLs often carry their token there; the path is kept.
+fn redacted_url(url: &str) -> String {
+    let Ok(mut parsed) = reqwest::Url::parse(url) else { return "REDACTED".to_string() };
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        let _ = parsed.set_username("REDACTED");
+        let _ = parsed.set_password(Some("REDACTED"));
+    }
+    if parsed.query().is_some() {
+        let keys: Vec<String> = parsed.query_pairs().map(|(k, _)| k.into_owned()).collect();
+        parsed.query_pairs_mut().clear().extend_pairs(keys.iter().map(|k| (k.as_str(), "REDACTED")));
+    }
+    parsed.to_string()
+}
+
 /// `<alert_id>:<recipient_id>:<channel>:<level>`: one delivery's key, the same on every attempt.
 fn idempotency_key(d: &Claimed) -> String {
     format!("{}:{}:{}:{}", d.alert_id, d.recipient_id, d.channel, d.escalation_level)
@@ -445,6 +525,19 @@ mod tests {
             let status = StatusCode::from_u16(s).unwrap_or_default();
             assert!(matches!(outcome_of(status), Outcome::Fail(_)), "{s}");
         }
+    }
+
+    #[test]
+    fn span_urls_keep_no_secrets() {
+        assert_eq!(
+            redacted_url("https://hooks.example.org/v1/alerts"),
+            "https://hooks.example.org/v1/alerts"
+        );
+        assert_eq!(
+            redacted_url("https://bob:hunter2@hooks.example.org/a?token=s3cret&x=1"),
+            "https://REDACTED:REDACTED@hooks.example.org/a?token=REDACTED&x=REDACTED"
+        );
+        assert_eq!(redacted_url("not a url"), "REDACTED");
     }
 
     #[test]

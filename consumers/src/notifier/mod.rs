@@ -234,6 +234,7 @@ impl Notifier {
         let cause_json = serde_json::to_value(cause)
             .map_err(|e| HandlerError::permanent(format!("{} as JSON: {e}", E::NAME)))?;
         let triggered_at = envelope.recorded_at.to_datetime().unwrap_or_else(chrono::Utc::now);
+        let traceparent = trialflow_outbox::trace::current_traceparent();
         Ok(picked
             .into_iter()
             .map(|s| NewDelivery {
@@ -246,6 +247,7 @@ impl Notifier {
                 cause: cause_json.clone(),
                 triggered_at,
                 body: body.clone(),
+                traceparent: traceparent.clone(),
             })
             .collect())
     }

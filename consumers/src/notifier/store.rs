@@ -104,6 +104,8 @@ pub(crate) struct NewDelivery {
     pub(crate) cause: serde_json::Value,
     pub(crate) triggered_at: DateTime<Utc>,
     pub(crate) body: String,
+    /// The creating transaction's trace context (see [`trialflow_outbox::trace`]).
+    pub(crate) traceparent: Option<String>,
 }
 
 /// Creates the deliveries that do not exist yet (the unique key decides). Returns how many are new.
@@ -117,9 +119,10 @@ pub(crate) async fn create_deliveries(
     }
     let sql = format!(
         "INSERT INTO {schema}.delivery
-             (alert_id, recipient_id, channel, escalation_level, url, cause_type, cause, triggered_at, body)
+             (alert_id, recipient_id, channel, escalation_level, url, cause_type, cause, triggered_at, body,
+              traceparent)
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::text[], $6::text[],
-                              $7::jsonb[], $8::timestamptz[], $9::text[])
+                              $7::jsonb[], $8::timestamptz[], $9::text[], $10::text[])
          ON CONFLICT (alert_id, recipient_id, channel, escalation_level) DO NOTHING"
     );
     let column = |f: fn(&NewDelivery) -> String| rows.iter().map(f).collect::<Vec<_>>();
@@ -133,6 +136,7 @@ pub(crate) async fn create_deliveries(
         .bind(rows.iter().map(|r| Json(&r.cause)).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.triggered_at).collect::<Vec<_>>())
         .bind(column(|r| r.body.clone()))
+        .bind(rows.iter().map(|r| r.traceparent.clone()).collect::<Vec<_>>())
         .execute(&mut *conn)
         .await?;
     Ok(done.rows_affected())
@@ -154,6 +158,8 @@ pub(crate) struct Claimed {
     pub(crate) triggered_at: DateTime<Utc>,
     /// Attempts including this one.
     pub(crate) attempts: i32,
+    /// The trace the attempt's spans continue.
+    pub(crate) traceparent: Option<String>,
 }
 
 /// The deliveries and the worker's statements on them.
@@ -170,7 +176,7 @@ impl Deliveries {
     pub(crate) fn new(schema: &SchemaName) -> Self {
         let returning =
             "d.delivery_id, d.claim_id, d.alert_id, d.recipient_id, d.channel, d.escalation_level,
-                         d.url, d.body, d.cause_type, d.cause, d.triggered_at, d.attempts";
+                         d.url, d.body, d.cause_type, d.cause, d.triggered_at, d.attempts, d.traceparent";
         Self {
             // Due, unclaimed (or claimed by a worker whose lease ran out), oldest first; SKIP LOCKED
             // lets several workers claim side by side without waiting for each other.
@@ -241,6 +247,7 @@ impl Deliveries {
                     cause,
                     triggered_at: row.try_get("triggered_at")?,
                     attempts: row.try_get("attempts")?,
+                    traceparent: row.try_get("traceparent")?,
                 })
             })
             .collect()
