@@ -32,6 +32,13 @@ fn health_name(consumer: &str) -> String {
     format!("consumer:{consumer}")
 }
 
+/// Registers consumer `name` in the process's readiness as starting, before whatever its service
+/// does ahead of [`run`] (connecting, loading its configuration): a process is not ready while a
+/// consumer is still on its way.
+pub fn starting(name: &str) {
+    trialflow_outbox::health::not_ready(&health_name(name), "starting");
+}
+
 /// Runs a consumer until `shutdown`: subscribes, applies messages through `handler`, retries
 /// parked messages, expires old inbox rows. Returns after finishing in-flight batches and leaving
 /// the group.

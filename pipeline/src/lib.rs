@@ -218,6 +218,7 @@ impl Pipeline {
                 settings: config.settings.clone(),
                 stop: stop.clone(),
             };
+            trialflow_consumers::runtime::starting(&start.spec.name);
             let run = (consumer.start)(start).with_context(|| format!("configuring {}", service.name))?;
             consumers.push((service.name, run));
         }

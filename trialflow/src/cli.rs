@@ -267,6 +267,7 @@ pub async fn consume(args: ConsumeArgs, shutdown: tokio_util::sync::Cancellation
         },
         stop: shutdown,
     };
+    trialflow_consumers::runtime::starting(&start.spec.name);
     (consumer.start)(start).with_context(|| format!("configuring {}", service.name))?.await
 }
 

@@ -26,7 +26,8 @@ pub struct TelemetryConfig {
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Human, global = true)]
     pub log_format: LogFormat,
 
-    /// Address of the Prometheus `/metrics` endpoint; empty disables it.
+    /// Address of the Prometheus `/metrics` endpoint and the `/healthz` and `/readyz` probes; empty
+    /// disables them.
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9464", global = true)]
     pub metrics_addr: String,
 }

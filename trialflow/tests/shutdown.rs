@@ -3,14 +3,13 @@
 //! its database is down and a partition keeps failing, and a replay whose settle times out exits
 //! non-zero at once instead of running on.
 
-use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::process::{Trialflow, free_addr};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
 use trialflow_schemas::topics::{self, TopicNames};
 use trialflow_testkit::{PgProxy, database_addr, database_url, kafka};
 
@@ -20,110 +19,25 @@ const GRACE: Duration = Duration::from_secs(20);
 const MARGIN: Duration = Duration::from_secs(5);
 const START: Duration = Duration::from_secs(180);
 
-/// A `trialflow` process whose output lines are collected as they come.
-struct Trialflow {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Trialflow {
-    fn spawn(args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Self> {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_trialflow"));
-        command
-            .args(args)
-            .env("KAFKA_BOOTSTRAP_SERVERS", kafka().bootstrap_servers)
-            .env("METRICS_ADDR", "")
-            .env("SHUTDOWN_GRACE_SECS", GRACE.as_secs().to_string())
-            .env("TOPIC_PARTITIONS", "2")
-            .env("RUST_LOG", "info,sqlx=warn,librdkafka=off,rdkafka=off")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        let mut child = command.spawn()?;
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        if let Some(out) = child.stdout.take() {
-            collect(out, lines.clone());
-        }
-        if let Some(err) = child.stderr.take() {
-            collect(err, lines.clone());
-        }
-        Ok(Self { child, lines })
-    }
-
-    fn output(&self) -> String {
-        self.lines.lock().unwrap_or_else(|e| e.into_inner()).join("\n")
-    }
-
-    /// The first output line containing `needle`, waiting for it up to `within`.
-    async fn line(&mut self, needle: &str, within: Duration) -> anyhow::Result<String> {
-        let deadline = Instant::now() + within;
-        loop {
-            let found = self
-                .lines
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .find(|l| l.contains(needle))
-                .cloned();
-            if let Some(line) = found {
-                return Ok(line);
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                anyhow::bail!("trialflow exited ({status}) before printing `{needle}`:\n{}", self.output());
-            }
-            if Instant::now() > deadline {
-                anyhow::bail!("no `{needle}` within {within:?}:\n{}", self.output());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn terminate(&self) -> anyhow::Result<()> {
-        let pid = self.child.id().ok_or_else(|| anyhow::anyhow!("trialflow has already exited"))?;
-        let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
-        anyhow::ensure!(status.success(), "kill -TERM {pid}: {status}");
-        Ok(())
-    }
-
-    /// Its exit status, if it comes within `limit` (otherwise it is killed and the test fails).
-    async fn exit_within(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
-        match tokio::time::timeout(limit, self.child.wait()).await {
-            Ok(status) => {
-                // Let the readers take the last lines.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                Ok(status?)
-            }
-            Err(_) => {
-                self.child.start_kill()?;
-                anyhow::bail!("still running {limit:?} later; killed it. Output:\n{}", self.output())
-            }
-        }
-    }
-}
-
-fn collect(stream: impl AsyncRead + Unpin + Send + 'static, lines: Arc<Mutex<Vec<String>>>) {
-    tokio::spawn(async move {
-        let mut reader = BufReader::new(stream).lines();
-        while let Ok(Some(line)) = reader.next_line().await {
-            lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-        }
-    });
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_stops_within_the_shutdown_grace_while_the_database_is_down() -> anyhow::Result<()> {
     let proxy = PgProxy::start(database_addr()?).await?;
+    let probes = free_addr()?;
     let mut trialflow = Trialflow::spawn(
         &["run"],
-        &[("DATABASE_URL", proxy.database_url()), ("PIPELINE_ISOLATED", "shutdown".into())],
+        &[
+            ("DATABASE_URL", proxy.database_url()),
+            ("METRICS_ADDR", probes.clone()),
+            ("PIPELINE_ISOLATED", "shutdown".into()),
+            ("SHUTDOWN_GRACE_SECS", GRACE.as_secs().to_string()),
+        ],
     )?;
     let banner = trialflow.line("topic prefix `", START).await?;
     let prefix = banner.split('`').nth(1).unwrap_or_default().to_string();
     trialflow.line("trialflow is running", START).await?;
+    // Every component started (the database going away during a consumer's start-up is a start
+    // failure, not what this test is about).
+    trialflow.wait_readiness(&probes, 200, None).await?;
 
     // A message the monitoring consumer cannot apply while the database is away: its partition
     // keeps failing and retrying, as does every other component that needs the database.
@@ -157,6 +71,7 @@ async fn a_replay_whose_settle_times_out_exits_non_zero_at_once() -> anyhow::Res
     let mut trialflow = Trialflow::spawn(
         &["replay", "cdisc-pilot", "--sites", "706"],
         &[
+            ("SHUTDOWN_GRACE_SECS", GRACE.as_secs().to_string()),
             ("DATABASE_URL", database_url()),
             ("PIPELINE_ISOLATED", "shutdown_replay".into()),
             ("CDISC_PILOT_DIR", data_dir.display().to_string()),

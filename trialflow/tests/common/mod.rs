@@ -1,4 +1,7 @@
-//! Request bodies the HTTP tests of the three front doors share.
+//! What several test binaries share: request bodies of the three front doors, a real process.
+
+#[allow(dead_code, reason = "not every test binary runs the binary")]
+pub(crate) mod process;
 
 use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, PgPool};
