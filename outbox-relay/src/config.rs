@@ -399,7 +399,7 @@ impl RelayConfig {
 
     /// The lease timeout, or an error when a healthy relay could not keep its lease (it touches
     /// its lease session at least every poll and rebalance interval).
-    pub(crate) fn lease_timeout(&self) -> Result<Option<Duration>, String> {
+    pub fn lease_timeout(&self) -> Result<Option<Duration>, String> {
         if self.lease_timeout_ms == 0 {
             return Ok(None);
         }

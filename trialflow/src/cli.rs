@@ -240,24 +240,41 @@ pub async fn serve_site_api(
 }
 
 pub async fn consume(args: ConsumeArgs, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
-    let (service, consumer) = services::consumers()
-        .find(|(s, _)| s.name == args.consumer)
-        .with_context(|| format!("no consumer `{}`", args.consumer))?;
-    let schema = Schemas::default()[service.name].clone();
+    let (service, consumer) = consumer_named(&args.consumer)?;
     // Before the migration: a cluster that refuses our settings (SASL, TLS) is reported first.
     trialflow_outbox::kafka::check_connection(
         &args.config.kafka,
         trialflow_outbox::kafka::ClientKind::Consumer,
     )
     .await?;
-    service.migrate(&args.config.database.database_url, &schema).await?;
+    service.migrate(&args.config.database.database_url, &Schemas::default()[service.name]).await?;
+    let start = consumer_start(service, consumer, args, shutdown)?;
+    trialflow_consumers::runtime::starting(&start.spec.name);
+    (consumer.start)(start).with_context(|| format!("configuring {}", service.name))?.await
+}
+
+/// The service whose consumer is `name` (a `trialflow consume` choice).
+pub(crate) fn consumer_named(
+    name: &str,
+) -> anyhow::Result<(&'static services::Service, &'static services::Consumer)> {
+    services::consumers().find(|(s, _)| s.name == name).with_context(|| format!("no consumer {name:?}"))
+}
+
+/// What `trialflow consume` hands `service` to start its consumer: the default schema, the topics
+/// of the prefix, the settings of `args`; it runs until `stop`.
+pub(crate) fn consumer_start(
+    service: &services::Service,
+    consumer: &services::Consumer,
+    args: ConsumeArgs,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<services::Start> {
     let topics = TopicNames::new(args.topic_prefix);
     let notifier = match service.name {
         notifier::NAME => args.notifier.into_config().context("notifier configuration")?,
         _ => NotifierConfig::default(),
     };
-    let start = services::Start {
-        spec: (consumer.spec)(schema, &topics),
+    Ok(services::Start {
+        spec: (consumer.spec)(Schemas::default()[service.name].clone(), &topics),
         config: args.config,
         topics,
         settings: Settings {
@@ -265,10 +282,8 @@ pub async fn consume(args: ConsumeArgs, shutdown: tokio_util::sync::Cancellation
             monitoring_rules_dir: args.monitoring_rules_dir,
             notifier,
         },
-        stop: shutdown,
-    };
-    trialflow_consumers::runtime::starting(&start.spec.name);
-    (consumer.start)(start).with_context(|| format!("configuring {}", service.name))?.await
+        stop,
+    })
 }
 
 /// Runs the command until it ends or `shutdown` (the process's, see [`shutdown::install`]).

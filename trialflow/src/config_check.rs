@@ -13,10 +13,6 @@
 //! subcommand reads is refused: a typo (`SITE_API_TOKEN`), or a setting given to the wrong
 //! component, which would otherwise be ignored in silence. The Helm chart's drift test
 //! (`trialflow/tests/helm_chart.rs`) runs this on every container the chart renders.
-//!
-//! Limit: the relay's check that `OUTBOX_LEASE_TIMEOUT_MS` is at least three times the poll and
-//! rebalance intervals lives in `trialflow_outbox` and is not public; `trialflow relay` still
-//! refuses such a setting at start.
 
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
@@ -24,12 +20,9 @@ use std::ffi::{OsStr, OsString};
 use anyhow::{Context, anyhow, bail};
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches};
 use tokio_util::sync::CancellationToken;
-use trialflow_consumers::notifier::{self, NotifierConfig};
 use trialflow_outbox::DatabaseConfig;
-use trialflow_pipeline::services::{self, Schemas, Settings};
-use trialflow_schemas::topics::TopicNames;
 
-use crate::cli::{Cli, Command, relay_with_default_sources};
+use crate::cli::{Cli, Command, consumer_named, consumer_start, relay_with_default_sources};
 use crate::topics::TopicsCommand;
 
 #[derive(Debug, clap::Subcommand)]
@@ -168,6 +161,7 @@ fn validate(command: Command, read: &mut BTreeSet<String>) -> anyhow::Result<()>
         Command::Relay(config) => {
             let config = relay_with_default_sources(config);
             config.database.connect_options().context("DATABASE_URL")?;
+            config.lease_timeout().map_err(|why| anyhow!(why))?;
         }
         Command::SiteApi(args) => {
             // The pool's session limits come from the environment (`DatabaseConfig::from_env`).
@@ -184,27 +178,9 @@ fn validate(command: Command, read: &mut BTreeSet<String>) -> anyhow::Result<()>
             args.into_config()?;
         }
         Command::Consume(args) => {
-            let (service, consumer) = services::consumers()
-                .find(|(s, _)| s.name == args.consumer)
-                .with_context(|| format!("no consumer `{}`", shown_text(&args.consumer)))?;
+            let (service, consumer) = consumer_named(&args.consumer)?;
             args.config.database.connect_options().context("DATABASE_URL")?;
-            let schema = Schemas::default()[service.name].clone();
-            let topics = TopicNames::new(args.topic_prefix);
-            let notifier = match service.name {
-                notifier::NAME => args.notifier.into_config().context("notifier configuration")?,
-                _ => NotifierConfig::default(),
-            };
-            let start = services::Start {
-                spec: (consumer.spec)(schema, &topics),
-                config: args.config,
-                topics,
-                settings: Settings {
-                    epro_config_dir: args.epro_config_dir,
-                    monitoring_rules_dir: args.monitoring_rules_dir,
-                    notifier,
-                },
-                stop: CancellationToken::new(),
-            };
+            let start = consumer_start(service, consumer, args, CancellationToken::new())?;
             // Built as `trialflow consume` builds it (rule sets, questionnaires read and checked);
             // the future that would connect is dropped unpolled.
             drop((consumer.start)(start).with_context(|| format!("configuring {}", service.name))?);

@@ -105,6 +105,11 @@ fn the_components_own_validation_runs() {
         &check(&["relay"], &[(DATABASE.0, os("postgres://db.invalid:port/x"))]),
         &["DATABASE_URL"],
     );
+    // A lease timeout healthy relays could not keep: what `trialflow relay` says at start.
+    assert_refused(
+        &check(&["relay"], &[("OUTBOX_LEASE_TIMEOUT_MS", os("100")), ("OUTBOX_POLL_INTERVAL_MS", os("50"))]),
+        &["OUTBOX_LEASE_TIMEOUT_MS=100", "healthy relays would lose their shards"],
+    );
 }
 
 #[test]
