@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use trialflow_simulation::stats::nearest_rank;
 
 use anyhow::bail;
-use axum::routing::post;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -58,26 +57,15 @@ type Received = Arc<Mutex<HashMap<String, Instant>>>;
 async fn receiver(stop: CancellationToken) -> anyhow::Result<(String, Received)> {
     let received: Received = Arc::default();
     let seen = received.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        post(move |body: axum::body::Bytes| {
-            let seen = seen.clone();
-            async move {
-                let now = Instant::now();
-                if let Ok(json) = serde_json::from_slice::<serde_json::Value>(&body)
-                    && let Some(subject) = json["subject_id"].as_str()
-                {
-                    seen.lock().unwrap_or_else(|e| e.into_inner()).entry(subject.to_string()).or_insert(now);
-                }
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/hook", listener.local_addr()?);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
-    });
+    let url = trialflow_testkit::webhook::receiver(stop, move |_, body| {
+        let now = Instant::now();
+        if let Ok(json) = serde_json::from_slice::<serde_json::Value>(body)
+            && let Some(subject) = json["subject_id"].as_str()
+        {
+            seen.lock().unwrap_or_else(|e| e.into_inner()).entry(subject.to_string()).or_insert(now);
+        }
+    })
+    .await?;
     Ok((url, received))
 }
 

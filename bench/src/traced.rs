@@ -11,13 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
-use axum::body::Bytes;
-use axum::routing::post;
 use opentelemetry::trace::TracerProvider;
 use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -91,25 +87,11 @@ where
 async fn receiver(stop: CancellationToken) -> anyhow::Result<(String, Arc<AtomicU64>)> {
     let spans = Arc::new(AtomicU64::new(0));
     let count = spans.clone();
-    let app = axum::Router::new().route(
-        "/v1/traces",
-        post(move |body: Bytes| {
-            let count = count.clone();
-            async move {
-                let Ok(request) = ExportTraceServiceRequest::decode(body) else {
-                    return axum::http::StatusCode::BAD_REQUEST;
-                };
-                let n: usize =
-                    request.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
-                count.fetch_add(n as u64, Ordering::Relaxed);
-                axum::http::StatusCode::OK
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/v1/traces", listener.local_addr()?);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
-    });
+    let url = trialflow_testkit::otlp::receiver(stop, move |request| {
+        let n: usize =
+            request.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
+        count.fetch_add(n as u64, Ordering::Relaxed);
+    })
+    .await?;
     Ok((url, spans))
 }

@@ -8,8 +8,10 @@
 
 pub mod idp;
 pub mod kafka_cluster;
+pub mod otlp;
 pub mod pg_server;
 pub mod tls;
+pub mod webhook;
 pub mod workload;
 
 use std::future::Future;
@@ -244,4 +246,14 @@ impl SiteApi {
         anyhow::ensure!(status == reqwest::StatusCode::CREATED, "POST {path}: {status} {body}");
         Ok(body)
     }
+}
+
+/// Serves `app` on a free local port until `stop`; returns the address.
+pub async fn serve(stop: CancellationToken, app: axum::Router) -> anyhow::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+    });
+    Ok(addr)
 }

@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use axum::routing::post;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -47,21 +46,10 @@ type Received = Arc<Mutex<Vec<String>>>;
 async fn webhook(stop: CancellationToken) -> anyhow::Result<(String, Received)> {
     let received: Received = Arc::default();
     let seen = received.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        post(move |body: String| {
-            let seen = seen.clone();
-            async move {
-                seen.lock().unwrap_or_else(|e| e.into_inner()).push(body);
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/hook", listener.local_addr()?);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
-    });
+    let url = trialflow_testkit::webhook::receiver(stop, move |_, body| {
+        seen.lock().unwrap_or_else(|e| e.into_inner()).push(String::from_utf8_lossy(body).into_owned());
+    })
+    .await?;
     Ok((url, received))
 }
 

@@ -21,7 +21,6 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
@@ -34,11 +33,9 @@ use trialflow_consumers::enrollment;
 use trialflow_consumers::monitoring::{self, api::AlertApi, api::AlertApiConfig};
 use trialflow_http::auth::{Role, TokenGrant};
 use trialflow_http::input::DEFAULT_MAX_FUTURE_SKEW_SECS;
-use trialflow_http::oidc::OidcSettings;
 use trialflow_outbox::SchemaName;
-use trialflow_pipeline::services::EnrollmentTreatments;
 use trialflow_producers::epro_gateway::{self, EproGateway, EproGatewayConfig};
-use trialflow_producers::site_api::{self, SiteApi, SiteApiConfig};
+use trialflow_producers::site_api;
 use trialflow_schemas::QuestionnaireResponseSubmitted;
 use trialflow_schemas::topics::TopicNames;
 use trialflow_testkit::idp::TestIdp;
@@ -99,26 +96,8 @@ impl Fixture {
         common::randomize(&pool, &enrollment_schema, (&study_id, &subject_id), 1).await?;
         let idp = TestIdp::start().await?;
         let investigator = idp.token(&idp.claims("ian", "investigator", &["*"], &["*"]))?;
-        let links = site_api::Links {
-            audit_sources: Vec::new(),
-            treatments: Some(Arc::new(EnrollmentTreatments(enrollment_schema))),
-        };
-        let site = SiteApi::bind_linked(
-            SiteApiConfig {
-                listen: "127.0.0.1:0".parse()?,
-                database_url: url.clone(),
-                schema: site_schema,
-                tokens: grants.clone(),
-                oidc: Some(OidcSettings::new(&idp.issuer, &idp.audience, &idp.jwks_url)),
-                topics: topics.clone(),
-                max_connections: 4,
-                max_future_skew_secs: DEFAULT_MAX_FUTURE_SKEW_SECS,
-                code_break_max_auth_age_secs: site_api::code_break::DEFAULT_MAX_AUTH_AGE_SECS,
-                limits: trialflow_http::limits::Limits::unthrottled(),
-            },
-            links,
-        )
-        .await?;
+        let site =
+            common::site_api(&url, site_schema, enrollment_schema, grants.clone(), &idp, &topics).await?;
         services.push(Service {
             name: "site API",
             base: format!("http://{}", site.local_addr()),

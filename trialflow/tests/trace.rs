@@ -19,16 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::body::Bytes;
-use axum::http::HeaderMap;
-use axum::routing::post;
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
-use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 use trialflow::telemetry::{self, LogFormat, TelemetryConfig};
 use trialflow_consumers::notifier::config::parse_subscriptions;
@@ -48,40 +41,26 @@ type Received = Arc<Mutex<Vec<(String, Span)>>>;
 async fn otlp_receiver(stop: CancellationToken) -> anyhow::Result<(String, Received)> {
     let received: Received = Arc::default();
     let sink = received.clone();
-    let app = axum::Router::new().route(
-        "/v1/traces",
-        post(move |body: Bytes| {
-            let sink = sink.clone();
-            async move {
-                let Ok(request) = ExportTraceServiceRequest::decode(body) else {
-                    return (axum::http::StatusCode::BAD_REQUEST, Vec::new());
-                };
-                let mut spans = sink.lock().unwrap_or_else(|e| e.into_inner());
-                for resource in request.resource_spans {
-                    let service = resource
-                        .resource
-                        .iter()
-                        .flat_map(|r| &r.attributes)
-                        .find(|kv| kv.key == "service.name")
-                        .and_then(|kv| kv.value.as_ref())
-                        .and_then(|v| match &v.value {
-                            Some(AnyValue::StringValue(s)) => Some(s.clone()),
-                            _ => None,
-                        })
-                        .unwrap_or_default();
-                    for scope in resource.scope_spans {
-                        spans.extend(scope.spans.into_iter().map(|s| (service.clone(), s)));
-                    }
-                }
-                (axum::http::StatusCode::OK, ExportTraceServiceResponse::default().encode_to_vec())
+    let url = trialflow_testkit::otlp::receiver(stop, move |request| {
+        let mut spans = sink.lock().unwrap_or_else(|e| e.into_inner());
+        for resource in request.resource_spans {
+            let service = resource
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.as_ref())
+                .and_then(|v| match &v.value {
+                    Some(AnyValue::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for scope in resource.scope_spans {
+                spans.extend(scope.spans.into_iter().map(|s| (service.clone(), s)));
             }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/v1/traces", listener.local_addr()?);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
-    });
+        }
+    })
+    .await?;
     Ok((url, received))
 }
 
@@ -89,23 +68,11 @@ async fn otlp_receiver(stop: CancellationToken) -> anyhow::Result<(String, Recei
 async fn webhook(stop: CancellationToken) -> anyhow::Result<(String, Arc<Mutex<Vec<Option<String>>>>)> {
     let received: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
     let sink = received.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        post(move |headers: HeaderMap| {
-            let sink = sink.clone();
-            async move {
-                let traceparent =
-                    headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string);
-                sink.lock().unwrap_or_else(|e| e.into_inner()).push(traceparent);
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/hook", listener.local_addr()?);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
-    });
+    let url = trialflow_testkit::webhook::receiver(stop, move |headers, _| {
+        let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string);
+        sink.lock().unwrap_or_else(|e| e.into_inner()).push(traceparent);
+    })
+    .await?;
     Ok((url, received))
 }
 

@@ -81,3 +81,36 @@ pub(crate) async fn randomize(
         .await?;
     Ok(())
 }
+
+/// A site API on a free port for the HTTP tests: static `tokens` and `idp`'s tokens, its code
+/// break reading the randomization records of `enrollment_schema`, no rate limits.
+#[allow(dead_code, reason = "not every test binary serves the site API")]
+pub(crate) async fn site_api(
+    database_url: &str,
+    schema: SchemaName,
+    enrollment_schema: SchemaName,
+    tokens: Vec<trialflow_http::auth::TokenGrant>,
+    idp: &trialflow_testkit::idp::TestIdp,
+    topics: &trialflow_schemas::topics::TopicNames,
+) -> anyhow::Result<trialflow_producers::site_api::SiteApi> {
+    use trialflow_producers::site_api::{self, SiteApi, SiteApiConfig};
+    let links = site_api::Links {
+        audit_sources: Vec::new(),
+        treatments: Some(std::sync::Arc::new(trialflow_pipeline::services::EnrollmentTreatments(
+            enrollment_schema,
+        ))),
+    };
+    let config = SiteApiConfig {
+        listen: "127.0.0.1:0".parse()?,
+        database_url: database_url.to_string(),
+        schema,
+        tokens,
+        oidc: Some(trialflow_http::oidc::OidcSettings::new(&idp.issuer, &idp.audience, &idp.jwks_url)),
+        topics: topics.clone(),
+        max_connections: 4,
+        max_future_skew_secs: trialflow_http::input::DEFAULT_MAX_FUTURE_SKEW_SECS,
+        code_break_max_auth_age_secs: site_api::code_break::DEFAULT_MAX_AUTH_AGE_SECS,
+        limits: trialflow_http::limits::Limits::unthrottled(),
+    };
+    Ok(SiteApi::bind_linked(config, links).await?)
+}
