@@ -19,6 +19,7 @@ pub mod monitoring;
 pub mod notifier;
 mod parking;
 mod rebalance;
+pub mod risk;
 pub mod runtime;
 mod shared;
 mod span;

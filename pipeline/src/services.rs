@@ -20,6 +20,7 @@ use trialflow_consumers::epro::{self, EproValidation, catalogue::Catalogue};
 use trialflow_consumers::kit_allocation::{self, KitAllocation};
 use trialflow_consumers::monitoring::{self, rules::RuleBook};
 use trialflow_consumers::notifier::{self, NotifierConfig};
+use trialflow_consumers::risk;
 use trialflow_consumers::{ConsumerConfig, ConsumerSpec, runtime};
 use trialflow_outbox::SchemaName;
 use trialflow_producers::{epro_gateway, site_api};
@@ -191,6 +192,21 @@ pub static SERVICES: &[Service] = &[
         }),
         http: Some("alert-api"),
         writes: &[topics::ALERTS],
+    },
+    Service {
+        name: risk::NAME,
+        about: "key risk indicators per study and site, scored as {gsm} does (central monitoring)",
+        store: Some(Store {
+            schema: risk::schema,
+            tag: "risk",
+            migrate: |url, schema| Box::pin(async move { risk::migrate(&url, &schema).await }),
+        }),
+        consumer: Some(Consumer {
+            spec: risk::spec,
+            start: |s| Ok(Box::pin(async move { Ok(risk::run(s.spec, s.config, s.stop).await?) })),
+        }),
+        http: None,
+        writes: &[],
     },
     Service {
         name: notifier::NAME,

@@ -13,6 +13,7 @@ consumer (`trialflow consume <consumer>`). The names and commands follow `trialf
 - {key: eproValidation, name: epro-validation, kind: consumer, consumer: epro-validation, args: [consume, epro-validation], database: true, kafka: true}
 - {key: monitoring, name: monitoring, kind: consumer, consumer: monitoring, args: [consume, monitoring], database: true, kafka: true}
 - {key: notifier, name: notifier, kind: consumer, consumer: notifier, args: [consume, notifier], database: true, kafka: true}
+- {key: risk, name: risk, kind: consumer, consumer: risk, args: [consume, risk], database: true, kafka: true}
 {{- end -}}
 
 {{/* The enabled components, each with its values merged in as `.values`. */}}

@@ -1,0 +1,172 @@
+//! The evaluator: scores the KRIs of every study whose counts changed, beside the consumer.
+//!
+//! Messages only update counts and mark their study (cheap, no contention between partitions);
+//! every [`EVALUATE_INTERVAL`] the evaluator takes the marks, and per study, holding its `study`
+//! row (one evaluator per study at a time, whatever the number of instances), computes every
+//! site's counts, scores each KRI ([`kri::analyze`]) and stores the result. A flag that changes
+//! is logged; its event and alert come with the alert path of the risk service.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use sqlx::{AssertSqlSafe, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use trialflow_outbox::SchemaName;
+
+use super::kri::{self, Analysis, Kri, SiteCounts, Thresholds};
+use super::store;
+
+/// How often marked studies are evaluated: the most an adverse event waits for its site's score.
+pub const EVALUATE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// A site's flag that changed at an evaluation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlagChange {
+    pub study_id: String,
+    pub site_id: String,
+    pub kri: &'static str,
+    pub from: Option<i8>,
+    pub to: Option<i8>,
+    pub score: Option<f64>,
+}
+
+/// Evaluates marked studies until `shutdown`.
+pub(crate) async fn run(pool: PgPool, schema: SchemaName, shutdown: CancellationToken) {
+    loop {
+        match evaluate_marked(&pool, &schema).await {
+            Ok(changes) => {
+                for c in changes {
+                    info!(study_id = %c.study_id, site_id = %c.site_id, kri = c.kri, from = ?c.from, to = ?c.to,
+                        score = ?c.score, "KRI flag changed.");
+                }
+            }
+            Err(error) => warn!(%error, "KRI evaluation failed; retrying."),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(EVALUATE_INTERVAL) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Takes the marks and evaluates their studies in one transaction; the flags that changed.
+pub async fn evaluate_marked(pool: &PgPool, schema: &SchemaName) -> Result<Vec<FlagChange>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let sql = format!("DELETE FROM {schema}.dirty RETURNING study_id");
+    let marked: BTreeSet<String> =
+        sqlx::query_scalar(AssertSqlSafe(sql)).fetch_all(&mut *tx).await?.into_iter().collect();
+    let mut changes = Vec::new();
+    for study_id in &marked {
+        changes.extend(evaluate(&mut tx, schema, study_id).await?);
+    }
+    tx.commit().await?;
+    Ok(changes)
+}
+
+/// The counts of `kri` at each site.
+fn counts_of(kri: &Kri, sites: &[store::SiteCounts]) -> Vec<SiteCounts> {
+    sites
+        .iter()
+        .map(|s| {
+            let (numerator, denominator) = match kri.id {
+                "AE_RATE" => (s.adverse_events, s.exposure_days),
+                "SAE_RATE" => (s.serious_adverse_events, s.exposure_days),
+                "DISCONTINUATION" => (s.withdrawn, s.enrolled),
+                "SCREEN_FAILURE" => (s.screen_failed, s.assessed),
+                other => unreachable!("KRI {other} has no counts"),
+            };
+            SiteCounts {
+                site: s.site_id.clone(),
+                numerator: numerator as f64,
+                denominator: denominator as f64,
+            }
+        })
+        .collect()
+}
+
+/// Scores every KRI of `study_id` and stores the result (holding the study's row); the flags that
+/// changed.
+pub async fn evaluate(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    study_id: &str,
+) -> Result<Vec<FlagChange>, sqlx::Error> {
+    let sql = format!(
+        "INSERT INTO {schema}.study (study_id, evaluated_at) VALUES ($1, now())
+         ON CONFLICT (study_id) DO UPDATE SET evaluated_at = now()"
+    );
+    sqlx::query(AssertSqlSafe(sql)).bind(study_id).execute(&mut *conn).await?;
+    let sites = store::site_counts(conn, schema, study_id).await?;
+    let mut changes = Vec::new();
+    for kri in kri::CATALOGUE {
+        let analysis = kri::analyze(kri.method, &counts_of(kri, &sites), &Thresholds::default_for(kri));
+        changes.extend(save(conn, schema, study_id, kri, &analysis).await?);
+    }
+    Ok(changes)
+}
+
+async fn save(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    study_id: &str,
+    kri: &Kri,
+    analysis: &Analysis,
+) -> Result<Vec<FlagChange>, sqlx::Error> {
+    let sql = format!(
+        "INSERT INTO {schema}.study_kri (study_id, kri, overall, factor) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (study_id, kri) DO UPDATE SET overall = excluded.overall, factor = excluded.factor"
+    );
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(study_id)
+        .bind(kri.id)
+        .bind(analysis.overall)
+        .bind(analysis.factor)
+        .execute(&mut *conn)
+        .await?;
+    // The flag before, then the new row; flag_changed_at moves only with the flag.
+    let sql = format!(
+        "WITH before AS (
+             SELECT flag FROM {schema}.site_kri WHERE study_id = $1 AND site_id = $2 AND kri = $3
+         ), saved AS (
+             INSERT INTO {schema}.site_kri AS t
+                 (study_id, site_id, kri, numerator, denominator, metric, score, flag, flag_changed_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
+             ON CONFLICT (study_id, site_id, kri) DO UPDATE SET
+                 numerator = excluded.numerator, denominator = excluded.denominator,
+                 metric = excluded.metric, score = excluded.score, flag = excluded.flag,
+                 flag_changed_at = CASE WHEN t.flag IS NOT DISTINCT FROM excluded.flag
+                                        THEN t.flag_changed_at ELSE excluded.flag_changed_at END
+         )
+         SELECT EXISTS (SELECT 1 FROM before), (SELECT flag FROM before)"
+    );
+    let mut changes = Vec::new();
+    for site in &analysis.sites {
+        let (existed, before): (bool, Option<i16>) = sqlx::query_as(AssertSqlSafe(sql.clone()))
+            .bind(study_id)
+            .bind(&site.site)
+            .bind(kri.id)
+            .bind(site.numerator)
+            .bind(site.denominator)
+            .bind(site.metric)
+            .bind(site.score)
+            .bind(site.flag.map(i16::from))
+            .fetch_one(&mut *conn)
+            .await?;
+        let from = before.and_then(|f| i8::try_from(f).ok());
+        if !existed && site.flag.is_none() {
+            continue;
+        }
+        if from != site.flag {
+            changes.push(FlagChange {
+                study_id: study_id.to_string(),
+                site_id: site.site.clone(),
+                kri: kri.id,
+                from,
+                to: site.flag,
+                score: site.score,
+            });
+        }
+    }
+    Ok(changes)
+}

@@ -1,0 +1,157 @@
+//! The risk service: key risk indicators per study and site, kept continuously from the events
+//! the pipeline carries, scored as {gsm} scores them ([`kri`]), for central monitoring (ICH E6(R3)
+//! risk-based quality management).
+//!
+//! What it counts, per subject (merged so that arrival order does not matter, see [`store`]):
+//! * `SubjectScreened` → the subject and its site;
+//! * `EligibilityAssessed` → assessed, and whether eligible (the latest assessment wins);
+//! * `SubjectEnrolled` → enrolled on that date; `SubjectWithdrawn` → withdrawn on that date;
+//! * `AdverseEventReported` → one adverse event per `ae_id`, serious once reported serious;
+//! * every event of the subject (vital signs included) → the last date it was seen, which ends
+//!   the exposure of a subject still on study.
+//!
+//! The KRIs, their numerators and denominators are in [`kri::CATALOGUE`] and the README. Scores
+//! are computed by the evaluator ([`evaluate`]), beside the consumer, for the studies whose
+//! counts changed; the results are in `site_kri` and `study_kri` ([`read`]).
+
+pub mod evaluate;
+pub mod kri;
+pub mod read;
+mod store;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio_util::sync::CancellationToken;
+use trialflow_outbox::SchemaName;
+use trialflow_schemas::topics::{self, TopicNames};
+use trialflow_schemas::{AnyEvent, Envelope};
+
+pub use self::store::SiteCounts;
+use self::store::{Fact, Lifecycle};
+use crate::config::{ConsumerConfig, ConsumerSpec};
+use crate::error::{ConsumerError, HandlerError};
+use crate::events::{decode, subject_of};
+use crate::handler::{Context, Handler, Message};
+
+/// Consumer name (inbox key, default group id, metric label).
+pub const NAME: &str = "risk";
+/// Its default service schema.
+pub const SCHEMA: &str = "risk";
+
+pub fn schema() -> SchemaName {
+    SchemaName::new(SCHEMA).unwrap_or_else(|_| unreachable!("`{SCHEMA}` is a valid schema name"))
+}
+
+/// Creates the consumer's schema: outbox, inbox, parked and its own tables.
+pub async fn migrate(database_url: &str, schema: &SchemaName) -> trialflow_outbox::Result<()> {
+    crate::migrate(database_url, schema, Some(sqlx::migrate!("./migrations/risk"))).await
+}
+
+/// What it consumes.
+pub fn spec(schema: SchemaName, topics: &TopicNames) -> ConsumerSpec {
+    ConsumerSpec {
+        name: NAME.to_string(),
+        schema,
+        topics: topics.names(&[
+            topics::SUBJECT_LIFECYCLE,
+            topics::ADVERSE_EVENTS,
+            topics::CLINICAL_OBSERVATIONS,
+        ]),
+    }
+}
+
+/// Runs the consumer and the evaluator until `shutdown`.
+pub async fn run(
+    spec: ConsumerSpec,
+    config: ConsumerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), ConsumerError> {
+    let pool = PgPool::connect_with(config.database.connect_options()?).await?;
+    let stop = shutdown.child_token();
+    let evaluator = tokio::spawn(evaluate::run(pool, spec.schema.clone(), stop.clone()));
+    let handler = Risk::new(spec.schema.clone());
+    let result = crate::runtime::run(spec, config, handler, shutdown).await;
+    stop.cancel();
+    let _ = evaluator.await;
+    result
+}
+
+/// The handler: counts.
+#[derive(Debug, Clone)]
+pub struct Risk {
+    schema: SchemaName,
+}
+
+impl Risk {
+    pub fn new(schema: SchemaName) -> Self {
+        Self { schema }
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        message: &Message,
+        envelope: &Envelope,
+        what: What<'_>,
+    ) -> Result<(), HandlerError> {
+        let fact = Fact {
+            study_id: &envelope.study_id,
+            subject_id: subject_of(envelope)?,
+            site_id: envelope.site_id.as_deref(),
+            at: occurred(envelope)?,
+        };
+        let mut changed = store::touch(tx, &self.schema, fact).await?;
+        changed |= match what {
+            What::Seen => false,
+            What::Lifecycle(l) => store::lifecycle(tx, &self.schema, fact, l).await?,
+            What::AdverseEvent { ae_id, serious } => {
+                store::adverse_event(tx, &self.schema, fact, ae_id, serious).await?
+            }
+        };
+        if changed {
+            let partition = format!("{}/{}", message.topic, message.partition);
+            store::mark(tx, &self.schema, fact.study_id, &partition).await?;
+        }
+        Ok(())
+    }
+}
+
+/// What an event tells the risk service.
+enum What<'a> {
+    Seen,
+    Lifecycle(Lifecycle),
+    AdverseEvent { ae_id: &'a str, serious: bool },
+}
+
+fn occurred(envelope: &Envelope) -> Result<DateTime<Utc>, HandlerError> {
+    envelope
+        .occurred_at
+        .to_datetime()
+        .ok_or_else(|| HandlerError::permanent(format!("{}: occurred_at out of range", envelope.event_type)))
+}
+
+impl Handler for Risk {
+    async fn handle(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        message: &Message,
+        _ctx: &mut Context,
+    ) -> Result<(), HandlerError> {
+        let event = decode(message)?;
+        let (envelope, what) = match &event {
+            AnyEvent::SubjectScreened(e) => (&e.envelope, What::Seen),
+            AnyEvent::EligibilityAssessed(e) => {
+                (&e.envelope, What::Lifecycle(Lifecycle::Assessed { eligible: e.eligible }))
+            }
+            AnyEvent::SubjectEnrolled(e) => (&e.envelope, What::Lifecycle(Lifecycle::Enrolled)),
+            AnyEvent::SubjectWithdrawn(e) => (&e.envelope, What::Lifecycle(Lifecycle::Withdrawn)),
+            AnyEvent::AdverseEventReported(e) => {
+                (&e.envelope, What::AdverseEvent { ae_id: &e.ae_id, serious: e.serious })
+            }
+            AnyEvent::VitalSignRecorded(e) => (&e.envelope, What::Seen),
+            // Consent, enrollment requests, randomization, code breaks: nothing a KRI counts.
+            _ => return Ok(()),
+        };
+        self.apply(tx, message, envelope, what).await
+    }
+}

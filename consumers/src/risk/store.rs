@@ -1,0 +1,193 @@
+//! The risk service's rows: what each event changes, merged so that the order of arrival does
+//! not matter (see the migration).
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::{AssertSqlSafe, PgConnection, Row};
+use trialflow_outbox::SchemaName;
+
+use crate::error::HandlerError;
+
+/// Who an event is about and when it happened.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fact<'a> {
+    pub study_id: &'a str,
+    pub subject_id: &'a str,
+    pub site_id: Option<&'a str>,
+    pub at: DateTime<Utc>,
+}
+
+impl Fact<'_> {
+    fn on(&self) -> NaiveDate {
+        self.at.date_naive()
+    }
+}
+
+/// Notes that the subject exists (at its site) and was seen on the fact's date. Whether anything
+/// the KRIs count changed: a new subject, its site learnt, a later day seen.
+pub(crate) async fn touch(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    fact: Fact<'_>,
+) -> Result<bool, HandlerError> {
+    let sql = format!(
+        "INSERT INTO {schema}.subject AS t (study_id, subject_id, site_id, last_seen_on) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (study_id, subject_id) DO UPDATE
+           SET site_id = coalesce(t.site_id, excluded.site_id),
+               last_seen_on = greatest(t.last_seen_on, excluded.last_seen_on)
+           WHERE t.last_seen_on < excluded.last_seen_on OR (t.site_id IS NULL AND excluded.site_id IS NOT NULL)
+         RETURNING 1"
+    );
+    let changed = sqlx::query(AssertSqlSafe(sql))
+        .bind(fact.study_id)
+        .bind(fact.subject_id)
+        .bind(fact.site_id)
+        .bind(fact.on())
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(changed.is_some())
+}
+
+/// Which lifecycle fact changes the subject's row.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Lifecycle {
+    Assessed { eligible: bool },
+    Enrolled,
+    Withdrawn,
+}
+
+/// Applies a lifecycle fact (after [`touch`]). Whether the row changed.
+pub(crate) async fn lifecycle(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    fact: Fact<'_>,
+    what: Lifecycle,
+) -> Result<bool, HandlerError> {
+    let key = "t.study_id = $1 AND t.subject_id = $2";
+    let query = match what {
+        // The latest assessment wins, by when it happened.
+        Lifecycle::Assessed { eligible } => {
+            let sql = format!(
+                "UPDATE {schema}.subject AS t SET eligible = $4, assessed_at = $3
+                 WHERE {key} AND (t.assessed_at IS NULL OR t.assessed_at < $3)"
+            );
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(fact.study_id)
+                .bind(fact.subject_id)
+                .bind(fact.at)
+                .bind(eligible)
+        }
+        // The first enrollment and withdrawal dates: a resend never moves them later.
+        Lifecycle::Enrolled | Lifecycle::Withdrawn => {
+            let column = if matches!(what, Lifecycle::Enrolled) { "enrolled_on" } else { "withdrawn_on" };
+            let sql = format!(
+                "UPDATE {schema}.subject AS t SET {column} = $3
+                 WHERE {key} AND (t.{column} IS NULL OR t.{column} > $3)"
+            );
+            sqlx::query(AssertSqlSafe(sql)).bind(fact.study_id).bind(fact.subject_id).bind(fact.on())
+        }
+    };
+    Ok(query.execute(&mut *conn).await?.rows_affected() > 0)
+}
+
+/// Records an adverse event (one per `ae_id`; serious once reported serious). Whether it is new
+/// or newly serious.
+pub(crate) async fn adverse_event(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    fact: Fact<'_>,
+    ae_id: &str,
+    serious: bool,
+) -> Result<bool, HandlerError> {
+    let sql = format!(
+        "INSERT INTO {schema}.adverse_event AS t (study_id, subject_id, ae_id, serious) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (study_id, subject_id, ae_id) DO UPDATE SET serious = true
+           WHERE excluded.serious AND NOT t.serious
+         RETURNING 1"
+    );
+    let changed = sqlx::query(AssertSqlSafe(sql))
+        .bind(fact.study_id)
+        .bind(fact.subject_id)
+        .bind(ae_id)
+        .bind(serious)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(changed.is_some())
+}
+
+/// Marks the study for evaluation, under the message's partition (see the migration).
+pub(crate) async fn mark(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    study_id: &str,
+    partition: &str,
+) -> Result<(), HandlerError> {
+    let sql =
+        format!("INSERT INTO {schema}.dirty (study_id, partition) VALUES ($1, $2) ON CONFLICT DO NOTHING");
+    sqlx::query(AssertSqlSafe(sql)).bind(study_id).bind(partition).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// A site's counts for every KRI of the catalogue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SiteCounts {
+    pub site_id: String,
+    /// Subjects whose eligibility was assessed, and those found not eligible.
+    pub assessed: i64,
+    pub screen_failed: i64,
+    /// Subjects enrolled, and those of them withdrawn.
+    pub enrolled: i64,
+    pub withdrawn: i64,
+    /// Exposure days of the enrolled subjects.
+    pub exposure_days: i64,
+    /// Adverse events and serious ones of the enrolled subjects.
+    pub adverse_events: i64,
+    pub serious_adverse_events: i64,
+}
+
+/// Every site's counts in `study_id`, by site id. A subject's exposure is the days from its
+/// enrollment date to its withdrawal date, or else to the last date it was seen, both included.
+pub(crate) async fn site_counts(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    study_id: &str,
+) -> Result<Vec<SiteCounts>, sqlx::Error> {
+    let sql = format!(
+        "WITH s AS (
+             SELECT subject_id, site_id, eligible, assessed_at, enrolled_on, withdrawn_on,
+                    CASE WHEN enrolled_on IS NULL THEN 0
+                         ELSE greatest(coalesce(withdrawn_on, last_seen_on), enrolled_on) - enrolled_on + 1
+                    END AS exposure
+             FROM {schema}.subject WHERE study_id = $1 AND site_id IS NOT NULL
+         ), ae AS (
+             SELECT s.site_id, count(*) AS aes, count(*) FILTER (WHERE a.serious) AS saes
+             FROM {schema}.adverse_event a JOIN s USING (subject_id)
+             WHERE a.study_id = $1 AND s.enrolled_on IS NOT NULL
+             GROUP BY s.site_id
+         )
+         SELECT s.site_id,
+                count(*) FILTER (WHERE s.assessed_at IS NOT NULL),
+                count(*) FILTER (WHERE s.assessed_at IS NOT NULL AND NOT s.eligible),
+                count(*) FILTER (WHERE s.enrolled_on IS NOT NULL),
+                count(*) FILTER (WHERE s.enrolled_on IS NOT NULL AND s.withdrawn_on IS NOT NULL),
+                coalesce(sum(s.exposure), 0)::bigint,
+                coalesce(max(ae.aes), 0),
+                coalesce(max(ae.saes), 0)
+         FROM s LEFT JOIN ae USING (site_id)
+         GROUP BY s.site_id ORDER BY s.site_id"
+    );
+    let rows = sqlx::query(AssertSqlSafe(sql)).bind(study_id).fetch_all(&mut *conn).await?;
+    rows.iter()
+        .map(|r| {
+            Ok(SiteCounts {
+                site_id: r.try_get(0)?,
+                assessed: r.try_get(1)?,
+                screen_failed: r.try_get(2)?,
+                enrolled: r.try_get(3)?,
+                withdrawn: r.try_get(4)?,
+                exposure_days: r.try_get(5)?,
+                adverse_events: r.try_get(6)?,
+                serious_adverse_events: r.try_get(7)?,
+            })
+        })
+        .collect()
+}

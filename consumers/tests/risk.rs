@@ -1,0 +1,321 @@
+//! The risk service over the real stack: a study of six sites whose subjects are screened,
+//! assessed, enrolled, withdrawn, seen at visits and report adverse events (some reported twice,
+//! one turned serious by an update), every event published in a shuffled order across its three
+//! topics and a fifth of them twice. The KRI table it keeps must equal the one this test computes
+//! on its own from the same facts, with the {gsm} formulas written out here: counts exactly,
+//! scores to 1e-9, flags by the ±2/±3 thresholds and the minimum denominators. Hostile bytes on its
+//! topics are dead-lettered and the rest flows on.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Days, TimeZone, Utc};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use trialflow_consumers::risk::{self, read::SiteKri};
+use trialflow_consumers::{ConsumerConfig, ConsumerError};
+use trialflow_outbox::kafka::TopicReader;
+use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
+use trialflow_schemas::topics::{self, TopicNames};
+use trialflow_schemas::*;
+use trialflow_testkit::{RunningRelay, database_url, init_logs, kafka, relay_config, unique};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(120);
+const STUDY: &str = "RISKTEST";
+
+/// One subject's facts, as the test draws them.
+#[derive(Debug, Clone)]
+struct Subject {
+    id: String,
+    site: String,
+    eligible: bool,
+    /// Days after the study start (enrollment, withdrawal, visits).
+    enrolled: Option<u64>,
+    withdrawn: Option<u64>,
+    visits: Vec<u64>,
+    /// (ae_id, day, serious at first report, serious in a later update)
+    adverse_events: Vec<(String, u64, bool, bool)>,
+}
+
+fn day(d: u64) -> DateTime<Utc> {
+    let start = Utc.with_ymd_and_hms(2026, 1, 5, 12, 0, 0).single().unwrap_or_default();
+    start.checked_add_days(Days::new(d)).unwrap_or(start)
+}
+
+/// Six sites of different sizes and habits; site 706 loses many subjects, 703 reports many AEs,
+/// 705 too few subjects to be scored on proportions.
+fn draw() -> Vec<Subject> {
+    let mut rng = ChaCha8Rng::seed_from_u64(19);
+    let sites = [
+        ("701", 14, 0.03, 0.1),
+        ("702", 12, 0.03, 0.1),
+        ("703", 12, 0.12, 0.1),
+        ("704", 16, 0.02, 0.05),
+        ("705", 2, 0.03, 0.0),
+        ("706", 12, 0.03, 0.6),
+    ];
+    let mut out = Vec::new();
+    for (site, n, ae_per_day, withdraw) in sites {
+        for i in 0..n {
+            let eligible = rng.random_bool(0.8);
+            let enrolled = eligible.then(|| rng.random_range(0..20));
+            let withdrawn =
+                enrolled.filter(|_| rng.random_bool(withdraw)).map(|e| e + rng.random_range(5..60));
+            let end = withdrawn.unwrap_or(90);
+            let visits = enrolled.map(|e| (e..=end + 10).step_by(14).collect()).unwrap_or_default();
+            let mut adverse_events = Vec::new();
+            if let Some(e) = enrolled {
+                for d in e..=end {
+                    if rng.random_bool(ae_per_day) {
+                        let serious = rng.random_bool(0.15);
+                        let upgraded = !serious && rng.random_bool(0.1);
+                        adverse_events.push((format!("AE-{site}-{i}-{d}"), d, serious, upgraded));
+                    }
+                }
+            }
+            out.push(Subject {
+                id: format!("{site}-{i:03}"),
+                site: site.to_string(),
+                eligible,
+                enrolled,
+                withdrawn,
+                visits,
+                adverse_events,
+            });
+        }
+    }
+    out
+}
+
+fn envelope(event_type: &str, s: &Subject, at: DateTime<Utc>) -> Envelope {
+    let mut e = Envelope::new(event_type, STUDY, "test", Timestamp::from(at));
+    e.subject_id = Some(s.id.clone());
+    e.site_id = Some(s.site.clone());
+    e
+}
+
+/// Every event of the subjects, each once.
+fn events(subjects: &[Subject], names: &TopicNames) -> anyhow::Result<Vec<OutboxEvent>> {
+    let mut out = Vec::new();
+    for s in subjects {
+        let key = s.id.clone();
+        let screened = SubjectScreened {
+            envelope: envelope("SubjectScreened", s, day(0)),
+            screening_number: s.id.clone(),
+            time_zone: "UTC".into(),
+            age_years: Some(60),
+            sex: None,
+        };
+        out.push(OutboxEvent::avro(&screened, names.of::<SubjectScreened>(), key.clone())?);
+        let assessed = EligibilityAssessed {
+            envelope: envelope("EligibilityAssessed", s, day(0)),
+            eligible: s.eligible,
+            criteria: vec![CriterionResult { criterion_id: "IC1".into(), met: s.eligible, detail: None }],
+        };
+        out.push(OutboxEvent::avro(&assessed, names.of::<EligibilityAssessed>(), key.clone())?);
+        if let Some(e) = s.enrolled {
+            let enrolled = SubjectEnrolled {
+                envelope: envelope("SubjectEnrolled", s, day(e)),
+                randomization_number: format!("R{}", s.id),
+                kit_number: format!("K{}", s.id),
+            };
+            out.push(OutboxEvent::avro(&enrolled, names.of::<SubjectEnrolled>(), key.clone())?);
+        }
+        if let Some(w) = s.withdrawn {
+            let withdrawn = SubjectWithdrawn {
+                envelope: envelope("SubjectWithdrawn", s, day(w)),
+                reason_code: "WITHDRAWAL BY SUBJECT".into(),
+                reason: None,
+            };
+            out.push(OutboxEvent::avro(&withdrawn, names.of::<SubjectWithdrawn>(), key.clone())?);
+        }
+        for v in &s.visits {
+            let vital = VitalSignRecorded {
+                envelope: envelope("VitalSignRecorded", s, day(*v)),
+                observation_id: Uuid::new_v4().to_string(),
+                loinc_code: "8867-4".into(),
+                value: 70.0,
+                unit: "/min".into(),
+                position: None,
+                effective: PartialDateTime::parse(&day(*v).format("%Y-%m-%dT%H:%M:%S").to_string()),
+                visit: Some(format!("DAY {v}")),
+                visit_day: None,
+            };
+            out.push(OutboxEvent::avro(&vital, names.of::<VitalSignRecorded>(), key.clone())?);
+        }
+        for (ae_id, d, serious, upgraded) in &s.adverse_events {
+            let report = |serious: bool| AdverseEventReported {
+                envelope: envelope("AdverseEventReported", s, day(*d)),
+                ae_id: ae_id.clone(),
+                term: "Headache".into(),
+                meddra_code: None,
+                severity: Some("MILD".into()),
+                ctcae_grade: None,
+                serious,
+                seriousness_criteria: if serious { vec!["HOSPITALIZATION".into()] } else { Vec::new() },
+                onset: PartialDateTime::parse(&day(*d).format("%Y-%m-%d").to_string()),
+                sponsor_received_at: Timestamp::from(day(*d)),
+            };
+            out.push(OutboxEvent::avro(&report(*serious), names.of::<AdverseEventReported>(), key.clone())?);
+            // A follow-up report of the same AE: one AE all the same, serious if either says so.
+            out.push(OutboxEvent::avro(
+                &report(*upgraded || *serious),
+                names.of::<AdverseEventReported>(),
+                key.clone(),
+            )?);
+        }
+    }
+    Ok(out)
+}
+
+/// What the risk service must show per site and KRI, computed here from the facts:
+/// (numerator, denominator, score, flag).
+type Expected = BTreeMap<(String, String), (f64, f64, Option<f64>, Option<i16>)>;
+
+fn expected(subjects: &[Subject]) -> Expected {
+    // Per site: assessed, failed, enrolled, withdrawn, exposure days, AEs, SAEs.
+    let mut sites: BTreeMap<String, [f64; 7]> = BTreeMap::new();
+    for s in subjects {
+        let c = sites.entry(s.site.clone()).or_default();
+        c[0] += 1.0;
+        c[1] += f64::from(u8::from(!s.eligible));
+        if let Some(e) = s.enrolled {
+            c[2] += 1.0;
+            c[3] += f64::from(u8::from(s.withdrawn.is_some()));
+            let last_seen = s
+                .visits
+                .iter()
+                .chain(s.adverse_events.iter().map(|a| &a.1))
+                .copied()
+                .max()
+                .unwrap_or(e)
+                .max(e);
+            let end = s.withdrawn.unwrap_or(last_seen).max(e);
+            c[4] += (end - e + 1) as f64;
+            c[5] += s.adverse_events.len() as f64;
+            c[6] += s.adverse_events.iter().filter(|a| a.2 || a.3).count() as f64;
+        }
+    }
+    // (KRI, numerator index, denominator index, binary?, minimum denominator)
+    let kris = [
+        ("AE_RATE", 5, 4, false, 30.0),
+        ("SAE_RATE", 6, 4, false, 30.0),
+        ("DISCONTINUATION", 3, 2, true, 3.0),
+        ("SCREEN_FAILURE", 1, 0, true, 3.0),
+    ];
+    let mut out = Expected::new();
+    for (kri, x, n, binary, min) in kris {
+        let rows: Vec<(&String, f64, f64)> =
+            sites.iter().map(|(site, c)| (site, c[x], c[n])).filter(|r| r.2 > 0.0).collect();
+        let mu = rows.iter().map(|r| r.1).sum::<f64>() / rows.iter().map(|r| r.2).sum::<f64>();
+        let sd = |n: f64| if binary { (mu * (1.0 - mu) / n).sqrt() } else { (mu / n).sqrt() };
+        let z0: Vec<f64> = rows.iter().map(|r| (r.1 / r.2 - mu) / sd(r.2)).collect();
+        let phi = z0.iter().map(|z| z.powi(2)).sum::<f64>() / z0.len() as f64;
+        for (r, z0) in rows.iter().zip(&z0) {
+            let score =
+                (r.2 >= min && phi > 0.0 && mu > 0.0 && (!binary || mu < 1.0)).then(|| z0 / phi.sqrt());
+            let flag = score.map(|z| match z {
+                z if z < -3.0 => -2,
+                z if z < -2.0 => -1,
+                z if z < 2.0 => 0,
+                z if z < 3.0 => 1,
+                _ => 2,
+            });
+            out.insert((r.0.clone(), kri.to_string()), (r.1, r.2, score, flag));
+        }
+    }
+    out
+}
+
+fn matches(kept: &[SiteKri], expected: &Expected) -> bool {
+    kept.len() == expected.len()
+        && kept.iter().all(|k| {
+            expected.get(&(k.site_id.clone(), k.kri.clone())).is_some_and(|(x, n, score, flag)| {
+                k.numerator == *x
+                    && k.denominator == *n
+                    && k.flag == *flag
+                    && match (k.score, score) {
+                        (Some(a), Some(b)) => (a - b).abs() < 1e-9,
+                        (None, None) => true,
+                        _ => false,
+                    }
+            })
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kri_table_equals_an_independent_computation_whatever_the_order_and_duplicates()
+-> anyhow::Result<()> {
+    init_logs();
+    let names = TopicNames::new(format!("{}.", unique("risk").replace('_', "-")));
+    trialflow_outbox::kafka::ensure_catalogue_topics(&kafka(), &names, 3, topics::DLQ_SUFFIX).await?;
+    let url = database_url();
+    let (source, schema) = (SchemaName::new(unique("src"))?, SchemaName::new(unique("risk"))?);
+    trialflow_outbox::migrate(&url, &source).await?;
+    risk::migrate(&url, &schema).await?;
+    let pool = sqlx::PgPool::connect(&url).await?;
+    let outbox = Outbox::open(&pool, source.clone()).await?;
+    let relay = RunningRelay::start(relay_config(&kafka(), vec![source, schema.clone()]));
+    let mut config = ConsumerConfig::local();
+    config.database.database_url = url;
+    config.kafka = kafka();
+    config.group_id = Some(format!("risk-{schema}"));
+    config.max_backoff_ms = 500;
+    let stop = CancellationToken::new();
+    let consumer: JoinHandle<Result<(), ConsumerError>> =
+        tokio::spawn(risk::run(risk::spec(schema.clone(), &names), config, stop.clone()));
+
+    let subjects = draw();
+    let mut all = events(&subjects, &names)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let again: Vec<OutboxEvent> = all.iter().filter(|_| rng.random_bool(0.2)).cloned().collect();
+    all.extend(again);
+    all.shuffle(&mut rng);
+    // Hostile bytes on each topic it reads: dead letters, and everything behind them applies.
+    for topic in [topics::SUBJECT_LIFECYCLE, topics::ADVERSE_EVENTS, topics::CLINICAL_OBSERVATIONS] {
+        let garbage = OutboxEvent {
+            topic: names.name(topic),
+            key: "701-000".into(),
+            event_type: "Garbage".into(),
+            event_id: Uuid::new_v4(),
+            content_type: "application/octet-stream".into(),
+            payload: b"\x00\xffnot avro\x07".to_vec(),
+            headers: Default::default(),
+        };
+        all.insert(all.len() / 2, garbage);
+    }
+    let mut tx = pool.begin().await?;
+    outbox.enqueue_all(&mut tx, &all).await?;
+    tx.commit().await?;
+
+    let want = expected(&subjects);
+    assert!(want.values().any(|v| v.3.is_some_and(|f| f != 0)), "the draw flags some site: {want:?}");
+    assert!(want.values().any(|v| v.2.is_none()), "the draw leaves some site unscored: {want:?}");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let kept = risk::read::site_kris(&pool, &schema, STUDY).await?;
+        if matches(&kept, &want) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "kept {kept:#?}\nexpected {want:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let study = risk::read::study_kris(&pool, &schema, STUDY).await?;
+    assert_eq!(study.len(), 4, "{study:?}");
+
+    let mut letters = 0;
+    for topic in [topics::SUBJECT_LIFECYCLE, topics::ADVERSE_EVENTS, topics::CLINICAL_OBSERVATIONS] {
+        let dlq = format!("{}{}", names.name(topic), topics::DLQ_SUFFIX);
+        letters += TopicReader::new(&kafka(), &dlq, true)?.read_until(WAIT, |m| !m.is_empty()).await?.len();
+    }
+    assert_eq!(letters, 3, "one dead letter per garbage record");
+
+    stop.cancel();
+    consumer.await??;
+    relay.stop().await?;
+    Ok(())
+}
