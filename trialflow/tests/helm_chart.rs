@@ -267,7 +267,8 @@ fn every_container_the_chart_renders_passes_config_check_with_exactly_its_enviro
     assert!(failures.is_empty(), "the chart and the binary disagree:\n  {}", failures.join("\n  "));
     // Every component of the registry: a new consumer without its Deployment fails here.
     let consumers = trialflow_pipeline::services::consumers().map(|(s, _)| format!("consume {}", s.name));
-    let fixed = ["site-api", "epro-gateway", "alert-api", "relay", "migrate", "topics apply"].map(String::from);
+    let fixed =
+        ["site-api", "epro-gateway", "alert-api", "relay", "migrate", "topics apply"].map(String::from);
     for expected in fixed.into_iter().chain(consumers) {
         assert!(checked.contains(&expected), "no values file renders `trialflow {expected}`: {checked:?}");
     }
