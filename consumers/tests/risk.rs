@@ -3,8 +3,9 @@
 //! one turned serious by an update), every event published in a shuffled order across its three
 //! topics and a fifth of them twice. The KRI table it keeps must equal the one this test computes
 //! on its own from the same facts, with the {gsm} formulas written out here: counts exactly,
-//! scores to 1e-9, flags by the ±2/±3 thresholds and the minimum denominators. Hostile bytes on its
-//! topics are dead-lettered and the rest flows on.
+//! scores to 1e-9, flags by the ±2/±3 thresholds and the minimum denominators. Every flag change
+//! is a `KriFlagChanged` and the monitoring service raises the site-level alerts of the default
+//! rules. Hostile bytes on its topics are dead-lettered and the rest flows on.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use trialflow_consumers::monitoring::{self, rules::RuleBook};
 use trialflow_consumers::risk::{self, read::SiteKri};
 use trialflow_consumers::{ConsumerConfig, ConsumerError};
 use trialflow_outbox::kafka::TopicReader;
@@ -257,17 +259,29 @@ async fn the_kri_table_equals_an_independent_computation_whatever_the_order_and_
     let (source, schema) = (SchemaName::new(unique("src"))?, SchemaName::new(unique("risk"))?);
     trialflow_outbox::migrate(&url, &source).await?;
     risk::migrate(&url, &schema).await?;
+    let monitoring_schema = SchemaName::new(unique("mon"))?;
+    monitoring::migrate(&url, &monitoring_schema).await?;
     let pool = sqlx::PgPool::connect(&url).await?;
     let outbox = Outbox::open(&pool, source.clone()).await?;
-    let relay = RunningRelay::start(relay_config(&kafka(), vec![source, schema.clone()]));
+    let relay =
+        RunningRelay::start(relay_config(&kafka(), vec![source, schema.clone(), monitoring_schema.clone()]));
     let mut config = ConsumerConfig::local();
     config.database.database_url = url;
     config.kafka = kafka();
     config.group_id = Some(format!("risk-{schema}"));
     config.max_backoff_ms = 500;
     let stop = CancellationToken::new();
+    let mut monitoring_config = config.clone();
+    monitoring_config.group_id = Some(format!("mon-{monitoring_schema}"));
+    let alerts: JoinHandle<Result<(), ConsumerError>> = tokio::spawn(monitoring::run(
+        monitoring::spec(monitoring_schema.clone(), &names),
+        monitoring_config,
+        RuleBook::load(None).map_err(anyhow::Error::msg)?,
+        names.clone(),
+        stop.clone(),
+    ));
     let consumer: JoinHandle<Result<(), ConsumerError>> =
-        tokio::spawn(risk::run(risk::spec(schema.clone(), &names), config, stop.clone()));
+        tokio::spawn(risk::run(risk::spec(schema.clone(), &names), config, names.clone(), stop.clone()));
 
     let subjects = draw();
     let mut all = events(&subjects, &names)?;
@@ -307,6 +321,55 @@ async fn the_kri_table_equals_an_independent_computation_whatever_the_order_and_
     let study = risk::read::study_kris(&pool, &schema, STUDY).await?;
     assert_eq!(study.len(), 4, "{study:?}");
 
+    // Every flag change is a KriFlagChanged on its site's key, in order: the last one of each site
+    // and KRI says the flag the table ends with, and every site flagged now had one.
+    let flags = TopicReader::new(&kafka(), &names.name(topics::KRI_FLAGS), true)?
+        .read_until_idle(Duration::from_secs(2), WAIT)
+        .await?;
+    let mut last: BTreeMap<(String, String), Option<i16>> = BTreeMap::new();
+    for m in &flags {
+        let Ok(AnyEvent::KriFlagChanged(e)) = decode_any(&m.payload) else {
+            panic!("not a KriFlagChanged: {m:?}");
+        };
+        assert_eq!(m.key, format!("{STUDY}/{}", e.envelope.site_id.clone().unwrap_or_default()));
+        let flag = e.flag.and_then(|f| i16::try_from(f).ok());
+        last.insert((e.envelope.site_id.unwrap_or_default(), e.kri_id), flag);
+    }
+    for (key, (_, _, _, flag)) in &want {
+        match last.get(key) {
+            Some(seen) => assert_eq!(seen.unwrap_or(0), flag.unwrap_or(0), "{key:?}"),
+            None => assert_eq!(flag.unwrap_or(0), 0, "{key:?} flagged without an event"),
+        }
+    }
+
+    // The monitoring service turned them into site-level alerts: KRI-RED for every site with a
+    // red flag at the end, KRI-AMBER (or red, which passed amber) for every amber one.
+    for ((site, kri), (_, _, _, flag)) in &want {
+        let rule = match flag.map(i16::unsigned_abs) {
+            Some(2) => "KRI-RED",
+            Some(1) => "KRI-AMBER",
+            _ => continue,
+        };
+        let sql = format!(
+            "SELECT count(*) FROM {monitoring_schema}.alert
+             WHERE study_id = $1 AND site_id = $2 AND rule_id = $3 AND subject_id IS NULL"
+        );
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(STUDY)
+                .bind(site)
+                .bind(rule)
+                .fetch_one(&pool)
+                .await?;
+            if n > 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no {rule} alert for site {site} ({kri})");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     let mut letters = 0;
     for topic in [topics::SUBJECT_LIFECYCLE, topics::ADVERSE_EVENTS, topics::CLINICAL_OBSERVATIONS] {
         let dlq = format!("{}{}", names.name(topic), topics::DLQ_SUFFIX);
@@ -316,6 +379,7 @@ async fn the_kri_table_equals_an_independent_computation_whatever_the_order_and_
 
     stop.cancel();
     consumer.await??;
+    alerts.await??;
     relay.stop().await?;
     Ok(())
 }

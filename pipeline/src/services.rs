@@ -203,10 +203,10 @@ pub static SERVICES: &[Service] = &[
         }),
         consumer: Some(Consumer {
             spec: risk::spec,
-            start: |s| Ok(Box::pin(async move { Ok(risk::run(s.spec, s.config, s.stop).await?) })),
+            start: |s| Ok(Box::pin(async move { Ok(risk::run(s.spec, s.config, s.topics, s.stop).await?) })),
         }),
         http: None,
-        writes: &[],
+        writes: &[topics::KRI_FLAGS],
     },
     Service {
         name: notifier::NAME,

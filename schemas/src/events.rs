@@ -124,6 +124,7 @@ events! {
     AlertResolved => topics::ALERTS,
     NotificationDelivered => topics::NOTIFICATIONS,
     NotificationFailed => topics::NOTIFICATIONS,
+    KriFlagChanged => topics::KRI_FLAGS,
 }
 
 // ---- study set-up ---------------------------------------------------------------------------
@@ -613,4 +614,27 @@ pub struct NotificationFailed {
     pub escalation_level: i32,
     pub attempts: i32,
     pub last_error: String,
+}
+
+// ---- central monitoring ------------------------------------------------------------------------
+
+/// A site's flag for one key risk indicator changed (risk service); blinded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct KriFlagChanged {
+    pub envelope: Envelope,
+    pub kri_id: String,
+    pub kri_name: String,
+    pub previous_flag: Option<i32>,
+    pub flag: Option<i32>,
+    #[cfg_attr(test, proptest(strategy = "crate::testing::opt_finite()"))]
+    pub score: Option<f64>,
+    #[cfg_attr(test, proptest(strategy = "crate::testing::finite()"))]
+    pub numerator: f64,
+    #[cfg_attr(test, proptest(strategy = "crate::testing::finite()"))]
+    pub denominator: f64,
+    #[cfg_attr(test, proptest(strategy = "crate::testing::finite()"))]
+    pub metric: f64,
+    #[cfg_attr(test, proptest(strategy = "crate::testing::finite()"))]
+    pub study_metric: f64,
 }

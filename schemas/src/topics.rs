@@ -24,6 +24,8 @@ pub const ADVERSE_EVENTS: &str = "safety.adverse-events.v1";
 pub const ALERTS: &str = "monitoring.alerts.v1";
 /// Notification outcomes, keyed by alert id.
 pub const NOTIFICATIONS: &str = "monitoring.notifications.v1";
+/// Key risk indicator flags of sites (risk service → monitoring); key: `<study>/<site>`.
+pub const KRI_FLAGS: &str = "risk.kri-flags.v1";
 
 /// Topics that carry unblinded data: only unblinded roles and services may read them.
 pub const RESTRICTED: &[&str] = &[STUDY_CONFIGURATION, TREATMENT_ASSIGNMENTS, KIT_INVENTORY];
@@ -99,6 +101,7 @@ pub const ALL: &[&str] = &[
     ADVERSE_EVENTS,
     ALERTS,
     NOTIFICATIONS,
+    KRI_FLAGS,
 ];
 
 /// How long a topic keeps its messages.
@@ -147,6 +150,7 @@ pub const POLICIES: &[TopicPolicy] = &[
     TopicPolicy { topic: ADVERSE_EVENTS, retention: YEAR, compacted: false },
     TopicPolicy { topic: ALERTS, retention: YEAR, compacted: false },
     TopicPolicy { topic: NOTIFICATIONS, retention: Retention::Days(90), compacted: false },
+    TopicPolicy { topic: KRI_FLAGS, retention: YEAR, compacted: false },
 ];
 
 /// The policy of catalogue topic `topic`; `None` for a name outside the catalogue.

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use trialflow_outbox::{Outbox, SchemaName};
 use trialflow_schemas::topics::{self, TopicNames};
 use trialflow_schemas::{
-    AdverseEventReported, AnyEvent, CodeBroken, EnrollmentOnHold, Envelope, Evidence,
+    AdverseEventReported, AnyEvent, CodeBroken, EnrollmentOnHold, Envelope, Evidence, KriFlagChanged,
     QuestionnaireResponseAccepted, SiteStockLow, Timestamp, VitalSignRecorded,
 };
 
@@ -42,6 +42,7 @@ pub fn spec(schema: SchemaName, topics: &TopicNames) -> ConsumerSpec {
             topics::EPRO_RESPONSES,
             topics::SUBJECT_LIFECYCLE,
             topics::KIT_INVENTORY,
+            topics::KRI_FLAGS,
         ]),
     }
 }
@@ -349,6 +350,43 @@ impl Monitoring {
     }
 }
 
+impl Monitoring {
+    /// A site's key risk indicator flagged by the risk service: a site-level alert when it reaches
+    /// the rule's level (a flag going back down raises nothing; the episode stays for review).
+    async fn kri_flag(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        ctx: &mut Context,
+        e: &KriFlagChanged,
+    ) -> Result<(), HandlerError> {
+        let site_id = site_of(&e.envelope)?.to_string();
+        let at = effective(&e.envelope, None)?;
+        let level = e.flag.map_or(0, i32::unsigned_abs);
+        let previous = e.previous_flag.map_or(0, i32::unsigned_abs);
+        for rule in self.rules.rules(&e.envelope.study_id) {
+            let RuleInput::KriFlag { min_level } = &rule.input else { continue };
+            let min = u32::from(*min_level);
+            if level < min || previous >= min {
+                continue;
+            }
+            let side = if e.flag.unwrap_or(0) > 0 { "above" } else { "below" };
+            let colour = if level >= 2 { "red" } else { "amber" };
+            let description = format!(
+                "site {site_id}: {} {colour}, {side} the study ({:.4} against {:.4}; {} / {}), score {}",
+                e.kri_name,
+                e.metric,
+                e.study_metric,
+                e.numerator,
+                e.denominator,
+                e.score.map_or("–".to_string(), |z| format!("{z:.2}")),
+            );
+            let signal = event_signal(rule, &e.envelope, at, description, e.score);
+            self.signal(tx, ctx, signal).await?;
+        }
+        Ok(())
+    }
+}
+
 /// A signal whose evidence is the input event itself, at `at`.
 fn event_signal<'a>(
     rule: &'a Rule,
@@ -426,6 +464,7 @@ impl Handler for Monitoring {
             AnyEvent::EnrollmentOnHold(e) => self.hold(tx, ctx, &e).await,
             AnyEvent::SiteStockLow(e) => self.stock_low(tx, ctx, &e).await,
             AnyEvent::CodeBroken(e) => self.code_broken(tx, ctx, &e).await,
+            AnyEvent::KriFlagChanged(e) => self.kri_flag(tx, ctx, &e).await,
             _ => Ok(()),
         }
     }

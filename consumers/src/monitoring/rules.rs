@@ -78,6 +78,12 @@ pub enum RuleInput {
     /// `CodeBroken`: a subject's treatment code was broken (emergency unblinding). The alert says
     /// who broke it and why, never the treatment.
     CodeBreak,
+    /// `KriFlagChanged` (risk service): a site's key risk indicator reached amber (`min_level` 1)
+    /// or red (2) on either side. A site-level alert: which KRI, the site's value against the
+    /// study's, the score.
+    KriFlag {
+        min_level: u8,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -269,6 +275,14 @@ impl RuleBook {
             {
                 return Err(format!("{file}: rule {} has no condition", rule.rule_id));
             }
+            if let RuleInput::KriFlag { min_level } = &rule.input
+                && !(1..=2).contains(min_level)
+            {
+                return Err(format!(
+                    "{file}: rule {}: min_level must be 1 (amber) or 2 (red), not {min_level}",
+                    rule.rule_id
+                ));
+            }
         }
         self.sets.insert(set.study_id.clone(), set);
         Ok(())
@@ -330,6 +344,8 @@ mod tests {
             "HOLD-NO-KIT",
             "SITE-LOW-STOCK",
             "CODE-BREAK",
+            "KRI-AMBER",
+            "KRI-RED",
         ] {
             assert!(ids.contains(&id), "{id}");
         }

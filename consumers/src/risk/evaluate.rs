@@ -4,7 +4,8 @@
 //! every [`EVALUATE_INTERVAL`] the evaluator takes the marks, and per study, holding its `study`
 //! row (one evaluator per study at a time, whatever the number of instances), computes every
 //! site's counts, scores each KRI ([`kri::analyze`]) and stores the result. A flag that changes
-//! is logged; its event and alert come with the alert path of the risk service.
+//! level (an unscored site counts as 0) is a `KriFlagChanged` event on `risk.kri-flags.v1`,
+//! enqueued in the same transaction: the monitoring service turns it into a site-level alert.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -12,7 +13,9 @@ use std::time::Duration;
 use sqlx::{AssertSqlSafe, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use trialflow_outbox::SchemaName;
+use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
+use trialflow_schemas::topics::TopicNames;
+use trialflow_schemas::{Envelope, Event, KriFlagChanged, Timestamp};
 
 use super::kri::{self, Analysis, Kri, SiteCounts, Thresholds};
 use super::store;
@@ -24,21 +27,48 @@ pub const EVALUATE_INTERVAL: Duration = Duration::from_millis(250);
 #[derive(Debug, Clone, PartialEq)]
 pub struct FlagChange {
     pub study_id: String,
-    pub site_id: String,
-    pub kri: &'static str,
+    pub kri: &'static Kri,
     pub from: Option<i8>,
     pub to: Option<i8>,
-    pub score: Option<f64>,
+    /// The site's result now.
+    pub site: kri::SiteScore,
+    /// The study's metric.
+    pub study_metric: f64,
+}
+
+impl FlagChange {
+    /// The change as the event the monitoring service alerts on.
+    pub fn event(&self) -> KriFlagChanged {
+        let mut envelope = Envelope::new(KriFlagChanged::NAME, &self.study_id, super::NAME, Timestamp::now());
+        envelope.site_id = Some(self.site.site.clone());
+        KriFlagChanged {
+            envelope,
+            kri_id: self.kri.id.to_string(),
+            kri_name: self.kri.name.to_string(),
+            previous_flag: self.from.map(i32::from),
+            flag: self.to.map(i32::from),
+            score: self.site.score,
+            numerator: self.site.numerator,
+            denominator: self.site.denominator,
+            metric: self.site.metric,
+            study_metric: self.study_metric,
+        }
+    }
+
+    /// The event's key: one site's changes in order.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.study_id, self.site.site)
+    }
 }
 
 /// Evaluates marked studies until `shutdown`.
-pub(crate) async fn run(pool: PgPool, schema: SchemaName, shutdown: CancellationToken) {
+pub(crate) async fn run(pool: PgPool, outbox: Outbox, topics: TopicNames, shutdown: CancellationToken) {
     loop {
-        match evaluate_marked(&pool, &schema).await {
+        match evaluate_marked(&pool, &outbox, &topics).await {
             Ok(changes) => {
                 for c in changes {
-                    info!(study_id = %c.study_id, site_id = %c.site_id, kri = c.kri, from = ?c.from, to = ?c.to,
-                        score = ?c.score, "KRI flag changed.");
+                    info!(study_id = %c.study_id, site_id = %c.site.site, kri = c.kri.id, from = ?c.from,
+                        to = ?c.to, score = ?c.site.score, "KRI flag changed.");
                 }
             }
             Err(error) => warn!(%error, "KRI evaluation failed; retrying."),
@@ -50,8 +80,14 @@ pub(crate) async fn run(pool: PgPool, schema: SchemaName, shutdown: Cancellation
     }
 }
 
-/// Takes the marks and evaluates their studies in one transaction; the flags that changed.
-pub async fn evaluate_marked(pool: &PgPool, schema: &SchemaName) -> Result<Vec<FlagChange>, sqlx::Error> {
+/// Takes the marks and evaluates their studies in one transaction, with the events of the flags
+/// that changed; returns those.
+pub async fn evaluate_marked(
+    pool: &PgPool,
+    outbox: &Outbox,
+    topics: &TopicNames,
+) -> Result<Vec<FlagChange>, EvaluateError> {
+    let schema = outbox.schema();
     let mut tx = pool.begin().await?;
     let sql = format!("DELETE FROM {schema}.dirty RETURNING study_id");
     let marked: BTreeSet<String> =
@@ -60,8 +96,23 @@ pub async fn evaluate_marked(pool: &PgPool, schema: &SchemaName) -> Result<Vec<F
     for study_id in &marked {
         changes.extend(evaluate(&mut tx, schema, study_id).await?);
     }
+    for change in &changes {
+        let row = OutboxEvent::avro(&change.event(), topics.of::<KriFlagChanged>(), change.key())?;
+        outbox.enqueue(&mut tx, row).await?;
+    }
     tx.commit().await?;
     Ok(changes)
+}
+
+/// Why an evaluation failed (it is retried at the next interval).
+#[derive(Debug, thiserror::Error)]
+pub enum EvaluateError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("outbox: {0}")]
+    Outbox(#[from] trialflow_outbox::OutboxError),
+    #[error("encoding KriFlagChanged: {0}")]
+    Encoding(#[from] trialflow_schemas::CodecError),
 }
 
 /// The counts of `kri` at each site.
@@ -110,7 +161,7 @@ async fn save(
     conn: &mut PgConnection,
     schema: &SchemaName,
     study_id: &str,
-    kri: &Kri,
+    kri: &'static Kri,
     analysis: &Analysis,
 ) -> Result<Vec<FlagChange>, sqlx::Error> {
     let sql = format!(
@@ -142,7 +193,7 @@ async fn save(
     );
     let mut changes = Vec::new();
     for site in &analysis.sites {
-        let (existed, before): (bool, Option<i16>) = sqlx::query_as(AssertSqlSafe(sql.clone()))
+        let (_existed, before): (bool, Option<i16>) = sqlx::query_as(AssertSqlSafe(sql.clone()))
             .bind(study_id)
             .bind(&site.site)
             .bind(kri.id)
@@ -154,17 +205,15 @@ async fn save(
             .fetch_one(&mut *conn)
             .await?;
         let from = before.and_then(|f| i8::try_from(f).ok());
-        if !existed && site.flag.is_none() {
-            continue;
-        }
-        if from != site.flag {
+        // An unscored site counts as 0: becoming scored at 0 (or unscored from 0) is no change.
+        if from.unwrap_or(0) != site.flag.unwrap_or(0) {
             changes.push(FlagChange {
                 study_id: study_id.to_string(),
-                site_id: site.site.clone(),
-                kri: kri.id,
+                kri,
                 from,
                 to: site.flag,
-                score: site.score,
+                site: site.clone(),
+                study_metric: analysis.overall,
             });
         }
     }

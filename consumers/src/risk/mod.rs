@@ -22,7 +22,7 @@ mod store;
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
-use trialflow_outbox::SchemaName;
+use trialflow_outbox::{Outbox, SchemaName};
 use trialflow_schemas::topics::{self, TopicNames};
 use trialflow_schemas::{AnyEvent, Envelope};
 
@@ -64,11 +64,13 @@ pub fn spec(schema: SchemaName, topics: &TopicNames) -> ConsumerSpec {
 pub async fn run(
     spec: ConsumerSpec,
     config: ConsumerConfig,
+    topics: TopicNames,
     shutdown: CancellationToken,
 ) -> Result<(), ConsumerError> {
     let pool = PgPool::connect_with(config.database.connect_options()?).await?;
+    let outbox = Outbox::open(&pool, spec.schema.clone()).await?;
     let stop = shutdown.child_token();
-    let evaluator = tokio::spawn(evaluate::run(pool, spec.schema.clone(), stop.clone()));
+    let evaluator = tokio::spawn(evaluate::run(pool, outbox, topics, stop.clone()));
     let handler = Risk::new(spec.schema.clone());
     let result = crate::runtime::run(spec, config, handler, shutdown).await;
     stop.cancel();
