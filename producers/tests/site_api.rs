@@ -368,6 +368,8 @@ async fn a_subject_goes_from_study_set_up_to_withdrawal() -> anyhow::Result<()> 
     );
     let withdrawn: SubjectWithdrawn = api.decode(&rows, "01-701-1015")?;
     assert_eq!(withdrawn.reason_code, "WITHDRAWAL BY SUBJECT");
+    let reasons = site_api::read::withdrawn_by_reason(&api.pool, &api.schema, "CDISCPILOT01").await?;
+    assert_eq!(reasons, [("WITHDRAWAL BY SUBJECT".to_string(), 1)], "the summary's withdrawals by reason");
     for correlation in
         [assessed.envelope.correlation_id, consent.envelope.correlation_id, withdrawn.envelope.correlation_id]
     {

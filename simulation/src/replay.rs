@@ -452,6 +452,14 @@ impl Driver {
                 let path = format!("/v1/studies/{study}/subjects/{subject_id}/enrollment-requests");
                 self.command(SITE, path, &format!("enroll/{study}/{subject_id}"), body).await
             }
+            Action::Withdraw { subject_id, body } => {
+                // Days or weeks after the enrollment on the timeline, milliseconds after it here:
+                // sent before the subject's kit is allocated, it would overtake the enrollment
+                // (see `wait_until_enrolled`).
+                self.wait_until_enrolled(subject_id).await?;
+                let path = format!("/v1/studies/{study}/subjects/{subject_id}/withdrawal");
+                self.command(SITE, path, &format!("withdraw/{study}/{subject_id}"), body).await
+            }
             Action::Vital(event) => {
                 self.publish(event.as_ref()).await?;
                 self.stats.vitals_published += 1;
@@ -542,8 +550,10 @@ impl Driver {
     /// Waits until the validator knows that `subject` is enrolled. On the study's timeline two
     /// weeks pass between enrollment and the first questionnaire; compressed, the questionnaire
     /// would overtake the enrollment, be parked, and its duplicate (sent a study day later) could be
-    /// decided first and judged by its own, later, arrival. Live, that cannot happen; so the
-    /// replay keeps the order the timeline implies.
+    /// decided first and judged by its own, later, arrival. A withdrawal would overtake it too:
+    /// recorded before the kit is allocated, it leaves the subject randomized without a kit
+    /// (enrollment ignores an allocation for a withdrawn subject). Live, neither can happen; so
+    /// the replay keeps the order the timeline implies.
     async fn wait_until_enrolled(&self, subject: &str) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut every = tokio::time::interval(Duration::from_millis(20));

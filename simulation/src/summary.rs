@@ -7,7 +7,7 @@
 //!
 //! | part | read from |
 //! |------|-----------|
-//! | `subjects.screened`, `screen_failed`, `withdrawn` | the site API (`subject`: what the sites recorded) |
+//! | `subjects.screened`, `screen_failed`, `withdrawn`, `withdrawn_by_reason` | the site API (`subject`: what the sites recorded) |
 //! | `subjects.randomized`, `enrolled`, `on_hold`, `by_arm`, `on_hold_by_reason` | the enrollment consumer (`subject`, `randomization_slot`, `study`) |
 //! | `kits` | the kit-allocation consumer (`kit`) |
 //! | `epro` | the epro-validation consumer (`submission`, `response`, `conflicting_submission`) |
@@ -21,7 +21,8 @@
 //! subjects: screened, screen_failed, randomized, enrolled, on_hold, withdrawn,
 //!           by_site: [{site_id, screened, screen_failed, randomized, enrolled, on_hold, withdrawn}],
 //!           by_arm: [{arm_code, randomized, enrolled, on_hold}],
-//!           on_hold_by_reason: [{reason_code, subjects}]
+//!           on_hold_by_reason: [{reason_code, subjects}],
+//!           withdrawn_by_reason: [{reason_code, subjects}]
 //! kits: received, allocated, available, by_site: [{site_id, received, allocated, available}]
 //! epro: decided, accepted, accepted_late_sync, rejected,
 //!       rejected_by_reason: [{code, submissions}], accepted_by_window: [{status, submissions}]
@@ -78,6 +79,9 @@ pub struct SubjectSummary {
     pub by_arm: Vec<ArmSubjects>,
     /// Subjects on hold by reason code; a subject held for several reasons counts under each.
     pub on_hold_by_reason: Vec<HoldReason>,
+    /// Withdrawn subjects by the withdrawal's reason code (the replayed pilot's are CDISC DS
+    /// `DSDECOD` terms: `ADVERSE EVENT`, `WITHDRAWAL BY SUBJECT`, ...); they add up to `withdrawn`.
+    pub withdrawn_by_reason: Vec<WithdrawalReason>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +102,13 @@ pub struct ArmSubjects {
     pub enrolled: u64,
     /// Randomized to this arm and waiting for a kit.
     pub on_hold: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WithdrawalReason {
+    /// A `SubjectWithdrawn` reason code.
+    pub reason_code: String,
+    pub subjects: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,6 +283,14 @@ async fn subjects(
     let mut on_hold_by_reason: Vec<HoldReason> =
         reasons.into_iter().map(|(reason_code, n)| HoldReason { reason_code, subjects: count(n) }).collect();
     on_hold_by_reason.sort_by(|a, b| a.reason_code.cmp(&b.reason_code));
+    let withdrawals = site_api::read::withdrawn_by_reason(pool, site_api, study_id)
+        .await
+        .with_context(|| reading("the withdrawal reasons"))?;
+    let mut withdrawn_by_reason: Vec<WithdrawalReason> = withdrawals
+        .into_iter()
+        .map(|(reason_code, n)| WithdrawalReason { reason_code, subjects: count(n) })
+        .collect();
+    withdrawn_by_reason.sort_by(|a, b| a.reason_code.cmp(&b.reason_code));
 
     let by_site: Vec<SiteSubjects> = by_site.into_values().collect();
     let sum = |f: fn(&SiteSubjects) -> u64| by_site.iter().map(f).sum::<u64>();
@@ -284,6 +303,7 @@ async fn subjects(
         withdrawn: sum(|s| s.withdrawn),
         by_arm: by_arm.into_values().collect(),
         on_hold_by_reason,
+        withdrawn_by_reason,
         by_site,
     })
 }
@@ -425,6 +445,11 @@ impl StudySummary {
             &["on hold for", "subjects"],
             s.on_hold_by_reason.iter().map(|r| row(&r.reason_code, &[r.subjects])),
         );
+        table(
+            &mut out,
+            &["withdrawn for", "subjects"],
+            s.withdrawn_by_reason.iter().map(|r| row(&r.reason_code, &[r.subjects])),
+        );
 
         let k = &self.kits;
         let _ = writeln!(
@@ -528,6 +553,7 @@ mod tests {
                 by_site: vec![SiteSubjects::default()],
                 by_arm: vec![ArmSubjects::default()],
                 on_hold_by_reason: vec![HoldReason::default()],
+                withdrawn_by_reason: vec![WithdrawalReason::default()],
                 ..SubjectSummary::default()
             },
             kits: KitSummary { by_site: vec![SiteKits::default()], ..KitSummary::default() },
@@ -583,6 +609,9 @@ mod tests {
             "subjects.on_hold_by_reason",
             "subjects.on_hold_by_reason[].reason_code",
             "subjects.on_hold_by_reason[].subjects",
+            "subjects.withdrawn_by_reason",
+            "subjects.withdrawn_by_reason[].reason_code",
+            "subjects.withdrawn_by_reason[].subjects",
             "kits",
             "kits.received",
             "kits.allocated",

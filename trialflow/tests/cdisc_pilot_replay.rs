@@ -58,6 +58,10 @@ async fn a_slice_of_the_pilot_replays_to_the_expected_outcome_and_a_second_repla
         first.replay.new_events.get("SubjectEnrolled").copied().unwrap_or(0),
         expected.randomized.values().sum::<u64>()
     );
+    assert_eq!(
+        first.replay.new_events.get("SubjectWithdrawn").copied().unwrap_or(0),
+        expected.withdrawn.values().sum::<u64>()
+    );
 
     // Again: every command is answered as a replay, every record is one the consumers know.
     let second = replay::replay(&plan, &pipeline, &config, &clock, &options, &shutdown).await?;
@@ -85,6 +89,9 @@ struct Expected {
     screened: BTreeMap<String, u64>,
     screen_failed: BTreeMap<String, u64>,
     randomized: BTreeMap<String, u64>,
+    /// Randomized subjects with an early termination in DS, per site and per reason (`DSDECOD`).
+    withdrawn: BTreeMap<String, u64>,
+    withdrawn_by_reason: BTreeMap<String, u64>,
     kits_received: u64,
     accepted: u64,
     accepted_late_sync: u64,
@@ -125,6 +132,39 @@ impl Expected {
         }
         e.kits_received = e.randomized.values().map(|n| (n + 3) * 3).sum();
 
+        // Withdrawals: a randomized subject's disposition event that is not a completion, on its
+        // date at noon in New York. Nothing the subject fills in may be authored from then on.
+        let mut withdrawn_at: HashMap<String, chrono::DateTime<chrono::Utc>> = HashMap::new();
+        for r in &source.ds {
+            let subject = text(r, "USUBJID");
+            let reason = text(r, "DSDECOD");
+            if text(r, "DSCAT") != "DISPOSITION EVENT"
+                || reason == "COMPLETED"
+                || !started.contains_key(subject)
+            {
+                continue;
+            }
+            assert_ne!(reason, "SCREEN FAILURE", "{subject} was randomized");
+            assert!(
+                !withdrawn_at.contains_key(subject),
+                "{subject}: one disposition event each in the pilot"
+            );
+            let site = &subject[3..6];
+            *e.withdrawn.entry(site.to_string()).or_default() += 1;
+            *e.withdrawn_by_reason.entry(reason.to_string()).or_default() += 1;
+            let noon = date(text(r, "DSSTDTC")).and_hms_opt(12, 0, 0).unwrap_or_default();
+            let instant =
+                noon.and_local_timezone(chrono_tz::America::New_York).earliest().map(|t| t.to_utc());
+            withdrawn_at.insert(subject.to_string(), instant.unwrap_or_default());
+        }
+
+        // Vital signs and adverse events after a withdrawal are sent and judged like any other
+        // (safety follow-up): the rules below take every row, and the slice has such rows.
+        let after_withdrawal = |subject: &str, day: &str| {
+            withdrawn_at.get(subject).is_some_and(|w| day.len() >= 10 && date(day) > w.date_naive())
+        };
+        assert!(source.vs.iter().any(|r| after_withdrawal(text(r, "USUBJID"), text(r, "VSDTC"))));
+        assert!(source.ae.iter().any(|r| after_withdrawal(text(r, "USUBJID"), text(r, "AEDTC"))));
         let mut rules: BTreeMap<&str, Triggers> = BTreeMap::new();
         vitals(source, &mut rules);
         for r in &source.ae {
@@ -159,6 +199,12 @@ impl Expected {
             e.accepted += 1;
             e.accepted_late_sync += u64::from(*delivery == Delivery::LateSync);
             let subject = s.envelope.subject_id.clone().unwrap_or_default();
+            // None authored after a withdrawal: the validator would reject it (SUBJECT_WITHDRAWN).
+            if let (Some(withdrawn), Some(authored)) =
+                (withdrawn_at.get(&subject), s.authored_at.to_datetime())
+            {
+                assert!(authored < *withdrawn, "{subject}'s PHQ-9 of {authored} follows the withdrawal");
+            }
             let zone = chrono_tz::America::New_York;
             let authored = s.authored_at.to_datetime().map(|t| t.with_timezone(&zone).date_naive());
             let due = started[&subject]
@@ -195,11 +241,30 @@ impl Expected {
         assert_eq!(subjects.randomized, sum(&self.randomized));
         assert_eq!(subjects.enrolled, sum(&self.randomized), "every randomized subject enrolled");
         assert_eq!(subjects.on_hold, 0);
+        assert_eq!(subjects.withdrawn, sum(&self.withdrawn), "early terminations in DS");
+        assert!(subjects.withdrawn > 0, "the slice has early terminations");
+        let by_reason: BTreeMap<String, u64> =
+            subjects.withdrawn_by_reason.iter().map(|r| (r.reason_code.clone(), r.subjects)).collect();
+        assert_eq!(by_reason, self.withdrawn_by_reason);
         for site in &subjects.by_site {
             let of = |m: &BTreeMap<String, u64>| m.get(&site.site_id).copied().unwrap_or(0);
             assert_eq!(
-                (site.screened, site.screen_failed, site.randomized, site.enrolled, site.on_hold),
-                (of(&self.screened), of(&self.screen_failed), of(&self.randomized), of(&self.randomized), 0),
+                (
+                    site.screened,
+                    site.screen_failed,
+                    site.randomized,
+                    site.enrolled,
+                    site.on_hold,
+                    site.withdrawn
+                ),
+                (
+                    of(&self.screened),
+                    of(&self.screen_failed),
+                    of(&self.randomized),
+                    of(&self.randomized),
+                    0,
+                    of(&self.withdrawn)
+                ),
                 "site {}",
                 site.site_id
             );

@@ -22,7 +22,7 @@ use trialflow_schemas::{
 use trialflow_simulation::settle::{self, Backlog};
 use trialflow_simulation::summary::{
     self, AlertSummary, ArmSubjects, DeadLetters, EproSummary, HoldReason, KitSummary, ReasonCount,
-    RuleAlerts, SiteKits, SiteSubjects, StudySummary, SubjectSummary, WindowCount,
+    RuleAlerts, SiteKits, SiteSubjects, StudySummary, SubjectSummary, WindowCount, WithdrawalReason,
 };
 use trialflow_testkit::{SiteApi, database_url, init_logs, kafka, unique};
 
@@ -363,6 +363,10 @@ async fn the_summary_after_settling_counts_exactly_what_the_scenario_sent() -> a
                 HoldReason { reason_code: "NO_KIT_AVAILABLE".into(), subjects: 2 },
                 HoldReason { reason_code: "STRATUM_MISSING".into(), subjects: 1 },
             ],
+            withdrawn_by_reason: vec![WithdrawalReason {
+                reason_code: "WITHDRAWAL BY SUBJECT".into(),
+                subjects: 2,
+            }],
         },
         kits: KitSummary {
             received: 6,
@@ -412,6 +416,8 @@ async fn the_summary_after_settling_counts_exactly_what_the_scenario_sent() -> a
         "  site  screened  screen failed  randomized  enrolled  on hold  withdrawn",
         "  101          4              1           2         2        1          1",
         "  NO_KIT_AVAILABLE         2",
+        "  withdrawn for          subjects",
+        "  WITHDRAWAL BY SUBJECT         2",
         "Kits: 6 received, 2 allocated, 4 available",
         "ePRO: 5 decided, 2 accepted (1 late sync), 3 rejected",
         "Alerts: 4 episodes, 5 triggering readings",

@@ -36,3 +36,17 @@ pub async fn screening_by_site(
     );
     sqlx::query_as(AssertSqlSafe(sql)).bind(study_id).fetch_all(pool).await
 }
+
+/// Withdrawn subjects per withdrawal reason code of study `study_id` (e.g. CDISC DSDECOD
+/// `ADVERSE EVENT`), in no particular order.
+pub async fn withdrawn_by_reason(
+    pool: &PgPool,
+    schema: &SchemaName,
+    study_id: &str,
+) -> sqlx::Result<Vec<(String, i64)>> {
+    let sql = format!(
+        "SELECT coalesce(withdrawal_reason_code, ''), count(*) FROM {schema}.subject
+         WHERE study_id = $1 AND withdrawn_at IS NOT NULL GROUP BY 1"
+    );
+    sqlx::query_as(AssertSqlSafe(sql)).bind(study_id).fetch_all(pool).await
+}

