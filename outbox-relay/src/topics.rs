@@ -329,8 +329,51 @@ pub async fn apply(kafka: &KafkaConfig, plan: &Plan) -> Result<Applied> {
                 }
             }
         }
+        settings_visible(&admin, plan).await?;
     }
     Ok(applied)
+}
+
+/// Waits until every setting `plan` configures reads back as set: the controller acknowledges an
+/// AlterConfigs before the brokers serve the new value (KRaft applies it from the metadata log), so
+/// a `plan` right after `apply` could still see the old one. At most [`TIMEOUT`].
+async fn settings_visible(admin: &AdminClient<DefaultClientContext>, plan: &Plan) -> Result<()> {
+    type Settings = Vec<(&'static str, Option<String>, String)>;
+    let wanted: Vec<(&String, &Settings)> = plan
+        .changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Configure { topic, settings, .. } => Some((topic, settings)),
+            _ => None,
+        })
+        .collect();
+    let names: Vec<String> = wanted.iter().map(|(t, _)| (*t).clone()).collect();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let live = live(admin, &names).await?;
+        let pending: Vec<String> = wanted
+            .iter()
+            .flat_map(|(topic, settings)| {
+                let values = live.get(topic.as_str()).map(|t| &t.values);
+                settings
+                    .iter()
+                    .filter(move |(k, _, v)| {
+                        values.and_then(|m| m.get(*k)).and_then(Option::as_deref) != Some(v.as_str())
+                    })
+                    .map(move |(k, _, v)| format!("{topic}: {k}={v}"))
+            })
+            .collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(OutboxError::TopicsNotReady(format!(
+                "configured, but the cluster does not show it after {TIMEOUT:?}: {}",
+                pending.join(", ")
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 fn refused(doing: &str, topic: &str, code: RDKafkaErrorCode) -> OutboxError {

@@ -29,6 +29,8 @@ pub struct Backlog {
     pub consumer_lag: i64,
     /// Messages parked by the consumers, waiting for a dependency.
     pub parked: i64,
+    /// Studies whose changed counts the risk service has not evaluated yet (`<schema>.dirty`).
+    pub pending_evaluations: i64,
 }
 
 /// Budget of one broker round trip (metadata, watermarks, committed offsets, reading to the end).
@@ -72,13 +74,15 @@ async fn settle(
     mut on_progress: impl FnMut(&Backlog),
 ) -> anyhow::Result<Backlog> {
     let deadline = Instant::now() + timeout;
-    let consumer_schemas = with_parked_table(pool, outboxes).await?;
+    let consumer_schemas = with_table(pool, outboxes, "parked").await?;
+    let evaluated_schemas = with_table(pool, outboxes, "dirty").await?;
     let committed = Arc::new(CommittedOffsets::new(kafka, groups)?);
     let mut parked_since: Option<(i64, Instant)> = None;
     let mut quiet_before = false;
     loop {
         let started = Instant::now();
-        let check = check(pool, groups, outboxes, &consumer_schemas, kafka, &committed).await?;
+        let check =
+            check(pool, groups, outboxes, (&consumer_schemas, &evaluated_schemas), kafka, &committed).await?;
         let backlog = check.backlog;
         let parked_still = match parked_since {
             Some((count, since)) if count == backlog.parked => since.elapsed() >= PARKED_QUIET,
@@ -87,8 +91,10 @@ async fn settle(
                 false
             }
         };
-        let quiet =
-            backlog.outbox_rows == 0 && backlog.consumer_lag == 0 && (backlog.parked == 0 || parked_still);
+        let quiet = backlog.outbox_rows == 0
+            && backlog.consumer_lag == 0
+            && backlog.pending_evaluations == 0
+            && (backlog.parked == 0 || parked_still);
         on_progress(&backlog);
         if quiet && quiet_before {
             return Ok(backlog);
@@ -278,6 +284,8 @@ struct Check {
     lagging: Vec<Lag>,
     /// (schema, consumer, parked messages).
     parked: Vec<(String, String, i64)>,
+    /// (schema, studies waiting for their KRI evaluation).
+    pending: Vec<(String, i64)>,
 }
 
 impl Check {
@@ -305,6 +313,10 @@ impl Check {
             }
             out.push(lag);
         }
+        let pending: Vec<String> = self.pending.iter().map(|(s, n)| format!("{s} {n}")).collect();
+        if !pending.is_empty() {
+            out.push(format!("studies waiting for their KRI evaluation: {}", pending.join(", ")));
+        }
         let parked: Vec<String> = self.parked.iter().map(|(s, c, n)| format!("{c} ({s}) {n}")).collect();
         if parked_moving && !parked.is_empty() {
             out.push(format!("parked messages still changing: {}", parked.join(", ")));
@@ -317,18 +329,20 @@ impl Check {
     }
 }
 
-/// The schemas among `schemas` that have a `parked` table: the consumers' (the site API's has none).
-async fn with_parked_table(pool: &PgPool, schemas: &[SchemaName]) -> anyhow::Result<Vec<SchemaName>> {
+/// The schemas among `schemas` that have a table `table`: `parked` for the consumers (the site
+/// API has none), `dirty` for the risk service's studies waiting for an evaluation.
+async fn with_table(pool: &PgPool, schemas: &[SchemaName], table: &str) -> anyhow::Result<Vec<SchemaName>> {
     let mut out = Vec::new();
     for schema in schemas {
         let exists: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM information_schema.tables
-                            WHERE table_schema = $1 AND table_name = 'parked')",
+                            WHERE table_schema = $1 AND table_name = $2)",
         )
         .bind(schema.as_str())
+        .bind(table)
         .fetch_one(pool)
         .await
-        .with_context(|| format!("looking for {schema}.parked"))?;
+        .with_context(|| format!("looking for {schema}.{table}"))?;
         if exists {
             out.push(schema.clone());
         }
@@ -340,7 +354,7 @@ async fn check(
     pool: &PgPool,
     groups: &[ConsumerGroup],
     outboxes: &[SchemaName],
-    consumer_schemas: &[SchemaName],
+    (consumer_schemas, evaluated_schemas): (&[SchemaName], &[SchemaName]),
     kafka: &KafkaConfig,
     committed: &Arc<CommittedOffsets>,
 ) -> anyhow::Result<Check> {
@@ -389,6 +403,17 @@ async fn check(
         for (consumer, n) in rows {
             check.backlog.parked += n;
             check.parked.push((schema.to_string(), consumer, n));
+        }
+    }
+    for schema in evaluated_schemas {
+        let sql = format!("SELECT count(DISTINCT study_id) FROM {schema}.dirty");
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(pool)
+            .await
+            .with_context(|| format!("counting the rows of {schema}.dirty"))?;
+        check.backlog.pending_evaluations += n;
+        if n > 0 {
+            check.pending.push((schema.to_string(), n));
         }
     }
     Ok(check)

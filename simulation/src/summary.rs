@@ -12,6 +12,7 @@
 //! | `kits` | the kit-allocation consumer (`kit`) |
 //! | `epro` | the epro-validation consumer (`submission`, `response`, `conflicting_submission`) |
 //! | `alerts` | the monitoring service (`alert`, `alert_evidence`) |
+//! | `risk` | the risk service (`site_kri`, at its last evaluation) |
 //! | `dead_letters` | the broker: messages on `<topic><dlq suffix>` |
 //!
 //! # JSON (field names are a stable contract; every list is sorted by its first field)
@@ -28,6 +29,8 @@
 //!       rejected_by_reason: [{code, submissions}], accepted_by_window: [{status, submissions}]
 //! alerts: episodes, triggering_readings,
 //!         by_rule: [{rule_id, severity, episodes, triggering_readings, open, acknowledged, resolved, escalated}]
+//! risk: kris: [{site_id, kri, numerator, denominator, metric, score, flag}],
+//!       flagged_sites: [{site_id, risk_score, kris}]
 //! dead_letters: [{topic, messages}]
 //! ```
 
@@ -37,20 +40,21 @@ use std::fmt::Write as _;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use trialflow_consumers::{enrollment, epro, kit_allocation, monitoring};
+use trialflow_consumers::{enrollment, epro, kit_allocation, monitoring, risk};
 use trialflow_outbox::{KafkaConfig, SchemaName};
 use trialflow_pipeline::Schemas;
 use trialflow_producers::site_api;
 use trialflow_schemas::topics::TopicNames;
 
 /// A study after a run.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StudySummary {
     pub study_id: String,
     pub subjects: SubjectSummary,
     pub kits: KitSummary,
     pub epro: EproSummary,
     pub alerts: AlertSummary,
+    pub risk: RiskSummary,
     /// Every dead-letter topic of the pipeline's topics, also the empty ones.
     pub dead_letters: Vec<DeadLetters>,
 }
@@ -187,6 +191,35 @@ pub struct RuleAlerts {
     pub escalated: u64,
 }
 
+/// Key risk indicators (risk service) at the last evaluation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RiskSummary {
+    /// Every site's result per KRI, by site then KRI.
+    pub kris: Vec<SiteKriSummary>,
+    /// Sites with an amber or red KRI: the site risk score (sum of |flag|) and `KRI:flag` each.
+    pub flagged_sites: Vec<FlaggedSite>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SiteKriSummary {
+    pub site_id: String,
+    pub kri: String,
+    pub numerator: f64,
+    pub denominator: f64,
+    pub metric: f64,
+    /// The over-dispersion-adjusted z-score; `null` when the site is not scored.
+    pub score: Option<f64>,
+    /// −2 … 2; `null` when the site is not scored.
+    pub flag: Option<i16>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlaggedSite {
+    pub site_id: String,
+    pub risk_score: u32,
+    pub kris: Vec<String>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetters {
     /// The dead-letter topic (`<topic><dlq suffix>`).
@@ -212,8 +245,38 @@ pub async fn collect(
         kits: kits(pool, &schemas[kit_allocation::NAME], study_id, &sites).await?,
         epro: epro(pool, &schemas[epro::NAME], study_id).await?,
         alerts: alerts(pool, &schemas[monitoring::NAME], study_id).await?,
+        risk: risk_summary(pool, &schemas[risk::NAME], study_id).await?,
         dead_letters: dead_letters(kafka, topics, dlq_suffix).await?,
     })
+}
+
+async fn risk_summary(pool: &PgPool, schema: &SchemaName, study_id: &str) -> anyhow::Result<RiskSummary> {
+    let rows = risk::read::site_kris(pool, schema, study_id)
+        .await
+        .with_context(|| format!("reading the key risk indicators of study {study_id}"))?;
+    let kris: Vec<SiteKriSummary> = rows
+        .into_iter()
+        .map(|r| SiteKriSummary {
+            site_id: r.site_id,
+            kri: r.kri,
+            numerator: r.numerator,
+            denominator: r.denominator,
+            metric: r.metric,
+            score: r.score,
+            flag: r.flag,
+        })
+        .collect();
+    let mut flagged: BTreeMap<&str, FlaggedSite> = BTreeMap::new();
+    for k in kris.iter().filter(|k| k.flag.is_some_and(|f| f != 0)) {
+        let site = flagged
+            .entry(&k.site_id)
+            .or_insert_with(|| FlaggedSite { site_id: k.site_id.clone(), ..FlaggedSite::default() });
+        let flag = k.flag.unwrap_or_default();
+        site.risk_score += u32::from(flag.unsigned_abs());
+        site.kris.push(format!("{}:{flag:+}", k.kri));
+    }
+    let flagged_sites = flagged.into_values().collect();
+    Ok(RiskSummary { kris, flagged_sites })
 }
 
 fn count(n: i64) -> u64 {
@@ -494,6 +557,24 @@ impl StudySummary {
             }),
         );
 
+        let r = &self.risk;
+        let _ = writeln!(out, "Key risk indicators: {} sites flagged amber or red", r.flagged_sites.len());
+        table(
+            &mut out,
+            &["site", "KRI", "numerator", "denominator", "metric", "score", "flag"],
+            r.kris.iter().map(|k| {
+                vec![
+                    k.site_id.clone(),
+                    k.kri.clone(),
+                    format!("{}", k.numerator),
+                    format!("{}", k.denominator),
+                    format!("{:.4}", k.metric),
+                    k.score.map_or("–".to_string(), |z| format!("{z:+.2}")),
+                    k.flag.map_or("–".to_string(), |f| format!("{f:+}")),
+                ]
+            }),
+        );
+
         let letters: u64 = self.dead_letters.iter().map(|d| d.messages).sum();
         let _ = writeln!(out, "Dead-letter messages: {letters}");
         table(
@@ -563,6 +644,10 @@ mod tests {
                 ..EproSummary::default()
             },
             alerts: AlertSummary { by_rule: vec![RuleAlerts::default()], ..AlertSummary::default() },
+            risk: RiskSummary {
+                kris: vec![SiteKriSummary::default()],
+                flagged_sites: vec![FlaggedSite::default()],
+            },
             dead_letters: vec![DeadLetters::default()],
             ..StudySummary::default()
         };
@@ -644,6 +729,19 @@ mod tests {
             "alerts.by_rule[].acknowledged",
             "alerts.by_rule[].resolved",
             "alerts.by_rule[].escalated",
+            "risk",
+            "risk.kris",
+            "risk.kris[].site_id",
+            "risk.kris[].kri",
+            "risk.kris[].numerator",
+            "risk.kris[].denominator",
+            "risk.kris[].metric",
+            "risk.kris[].score",
+            "risk.kris[].flag",
+            "risk.flagged_sites",
+            "risk.flagged_sites[].site_id",
+            "risk.flagged_sites[].risk_score",
+            "risk.flagged_sites[].kris",
             "dead_letters",
             "dead_letters[].topic",
             "dead_letters[].messages",

@@ -285,7 +285,7 @@ async fn the_summary_after_settling_counts_exactly_what_the_scenario_sent() -> a
     producer.send(garbage, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
 
     let (backlog, checks) = settled(&pool, &groups, &schemas).await?;
-    let parked = Backlog { outbox_rows: 0, consumer_lag: 0, parked: 1 };
+    let parked = Backlog { outbox_rows: 0, consumer_lag: 0, parked: 1, pending_evaluations: 0 };
     assert_eq!(backlog, parked, "only the unenrolled subject's submission is left, parked");
     assert!(checks >= 2, "settled means two quiet checks, each reported");
 
@@ -402,9 +402,32 @@ async fn the_summary_after_settling_counts_exactly_what_the_scenario_sent() -> a
                 rule("PHQ9-ITEM9", "CRITICAL", 1, 1),
             ],
         },
+        // Checked below on its own: the exposure days behind the AE rates depend on the clock.
+        risk: summary.risk.clone(),
         dead_letters,
     };
     assert_eq!(summary, expected);
+
+    // Screen failure, from the site API's screenings: 101 one of four, 102 none of three. The
+    // study's p = 1/7; z₀ = (pᵢ − p)/√(p(1−p)/nᵢ), φ = mean z₀², z = z₀/√φ: no flag with two
+    // sites this close.
+    let p: f64 = 1.0 / 7.0;
+    let z0 = [(0.25 - p) / (p * (1.0 - p) / 4.0).sqrt(), (0.0 - p) / (p * (1.0 - p) / 3.0).sqrt()];
+    let phi = (z0[0].powi(2) + z0[1].powi(2)) / 2.0;
+    let screen_failure: Vec<(&str, f64, f64, Option<f64>, Option<i16>)> = summary
+        .risk
+        .kris
+        .iter()
+        .filter(|k| k.kri == "SCREEN_FAILURE")
+        .map(|k| (k.site_id.as_str(), k.numerator, k.denominator, k.score, k.flag))
+        .collect();
+    assert_eq!(screen_failure.len(), 2, "{:?}", summary.risk);
+    for ((site, x, n, score, flag), (want_site, want_x, want_n, z0)) in
+        screen_failure.into_iter().zip([("101", 1.0, 4.0, z0[0]), ("102", 0.0, 3.0, z0[1])])
+    {
+        assert_eq!((site, x, n, flag), (want_site, want_x, want_n, Some(0)));
+        assert!((score.unwrap_or(f64::NAN) - z0 / phi.sqrt()).abs() < 1e-9, "{site}: {score:?}");
+    }
 
     // The JSON contract round-trips, and the text report is the same numbers, aligned.
     let json = serde_json::to_value(&summary)?;
