@@ -15,7 +15,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
-use trialflow_consumers::{enrollment, epro, kit_allocation, monitoring, notifier};
+use trialflow_consumers::{enrollment, epro, monitoring, notifier};
 use trialflow_outbox::SchemaName;
 use trialflow_outbox::kafka::{ReadMessage, TopicReader};
 use trialflow_pipeline::{Pipeline, PipelineConfig, consumer_groups};
@@ -252,14 +252,10 @@ async fn hostile_messages_on_every_consumed_topic_never_block_and_are_dead_lette
     let partitions = config.partitions;
     let dlq_suffix = config.consumer.dlq_suffix.clone();
     let sources = config.schemas.sources();
-    // Which consumer (name, schema) reads each topic.
-    let consumers: Vec<(&str, SchemaName)> = vec![
-        (enrollment::NAME, s[enrollment::NAME].clone()),
-        (kit_allocation::NAME, s[kit_allocation::NAME].clone()),
-        (epro::NAME, s[epro::NAME].clone()),
-        (monitoring::NAME, s[monitoring::NAME].clone()),
-        (notifier::NAME, s[notifier::NAME].clone()),
-    ];
+    // Which consumer (name, schema) reads each topic: every consumer of the registry.
+    let consumers: Vec<(&str, SchemaName)> = trialflow_pipeline::services::consumers()
+        .map(|(service, _)| (service.name, s[service.name].clone()))
+        .collect();
     let mut readers: HashMap<String, Vec<(&str, SchemaName)>> = HashMap::new();
     for group in &groups {
         let (name, schema) = consumers

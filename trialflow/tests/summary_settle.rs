@@ -183,12 +183,12 @@ async fn the_summary_after_settling_counts_exactly_what_the_scenario_sent() -> a
     // The groups are exactly the pipeline's consumers, with the topics each one reads.
     let group_names: Vec<&str> = groups.iter().map(|g| g.group_id.as_str()).collect();
     let expected_names: Vec<String> =
-        ["enrollment", "kit-allocation", "epro-validation", "monitoring", "notifier"]
+        ["enrollment", "kit-allocation", "epro-validation", "monitoring", "risk", "notifier"]
             .iter()
             .map(|n| format!("{}{n}", names.prefix()))
             .collect();
     assert_eq!(group_names, expected_names);
-    assert_eq!(groups[4].topics, vec![names.name(topics::ALERTS)]);
+    assert_eq!(groups[5].topics, vec![names.name(topics::ALERTS)]);
 
     // Set-up: two sites; 101 gets two kits per arm, 102 two kits too close to expiry to dispense
     // (today < expiry - 30 days fails), so every subject randomized at 102 waits for a kit.
