@@ -300,7 +300,55 @@ impl Expected {
             .collect();
         assert_eq!(alerts, self.alerts, "alerts by rule: (episodes, triggering readings)");
         assert!(s.study.dead_letters.iter().all(|d| d.messages == 0), "{:?}", s.study.dead_letters);
+        self.check_kris(s);
         Ok(())
+    }
+
+    /// The proportion KRIs of the risk service against the same formulas written out here, from
+    /// the DM and DS rows: screen failure (screen failed / screened) and discontinuation (early
+    /// terminations / randomized), per site; scores to 1e-6.
+    fn check_kris(&self, s: &DemoSummary) {
+        let kept: BTreeMap<(String, String), (f64, f64, Option<f64>, Option<i16>)> = s
+            .study
+            .risk
+            .kris
+            .iter()
+            .map(|k| ((k.kri.clone(), k.site_id.clone()), (k.numerator, k.denominator, k.score, k.flag)))
+            .collect();
+        for (kri, numerators, denominators) in [
+            ("SCREEN_FAILURE", &self.screen_failed, &self.screened),
+            ("DISCONTINUATION", &self.withdrawn, &self.randomized),
+        ] {
+            let rows: Vec<(&String, f64, f64)> = denominators
+                .iter()
+                .map(|(site, n)| (site, numerators.get(site).copied().unwrap_or(0) as f64, *n as f64))
+                .filter(|(_, _, n)| *n > 0.0)
+                .collect();
+            let p = rows.iter().map(|r| r.1).sum::<f64>() / rows.iter().map(|r| r.2).sum::<f64>();
+            let z0: Vec<f64> =
+                rows.iter().map(|(_, x, n)| (x / n - p) / (p * (1.0 - p) / n).sqrt()).collect();
+            let phi = z0.iter().map(|z| z * z).sum::<f64>() / z0.len() as f64;
+            for ((site, x, n), z0) in rows.iter().zip(&z0) {
+                let key = (kri.to_string(), (*site).clone());
+                let Some((kx, kn, score, flag)) = kept.get(&key) else {
+                    panic!("no {kri} for site {site}: {:?}", s.study.risk);
+                };
+                assert_eq!((*kx, *kn), (*x, *n), "{key:?}");
+                let want = (*n >= 3.0 && phi > 0.0 && p > 0.0 && p < 1.0).then(|| z0 / phi.sqrt());
+                match (score, want) {
+                    (Some(a), Some(b)) => assert!((a - b).abs() < 1e-6, "{key:?}: {a} against {b}"),
+                    (a, b) => assert_eq!(*a, b, "{key:?}"),
+                }
+                let want_flag = want.map(|z| match z {
+                    z if z < -3.0 => -2,
+                    z if z < -2.0 => -1,
+                    z if z < 2.0 => 0,
+                    z if z < 3.0 => 1,
+                    _ => 2,
+                });
+                assert_eq!(*flag, want_flag, "{key:?}");
+            }
+        }
     }
 }
 
