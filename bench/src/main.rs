@@ -24,12 +24,13 @@ mod consumer;
 mod epro;
 mod epro_gateway;
 mod load;
+mod risk;
 mod traced;
 
 #[derive(Debug, Parser)]
 #[command(about = "trialflow benchmarks")]
 struct Args {
-    /// Run only this group (`relay`, `consumer`, `epro`, `alerts` or `load`).
+    /// Run only this group (`relay`, `consumer`, `epro`, `alerts`, `risk` or `load`).
     #[arg(long)]
     only: Option<String>,
 
@@ -74,7 +75,7 @@ struct Args {
     latency_secs: u64,
 }
 
-const GROUPS: &[&str] = &["relay", "consumer", "epro", "alerts", "load"];
+const GROUPS: &[&str] = &["relay", "consumer", "epro", "alerts", "risk", "load"];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -105,6 +106,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.only.as_deref().is_none_or(|g| g == "alerts") {
         alerts::group(&args.database_url, &kafka, 1_000, 15).await?;
+    }
+    if args.only.as_deref().is_none_or(|g| g == "risk") {
+        risk::group(&args.database_url, &kafka, &pool, Some(&metrics)).await?;
     }
     if args.only.as_deref().is_none_or(|g| g == "load") {
         load::group(&args.database_url, &kafka, &pool).await?;
