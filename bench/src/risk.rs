@@ -178,8 +178,13 @@ pub(crate) async fn group(
         group_id: Some(format!("bench-risk-{run}")),
         ..ConsumerConfig::local()
     };
-    let consumer =
-        tokio::spawn(risk::run(risk::spec(schema.clone(), &names), config, names.clone(), stop.clone()));
+    let consumer = tokio::spawn(risk::run(
+        risk::spec(schema.clone(), &names),
+        config,
+        names.clone(),
+        risk::RiskConfig::default(),
+        stop.clone(),
+    ));
     let Some(handle) = metrics_handle else { bail!("the risk benchmark needs the metrics recorder") };
     let counter =
         format!("trialflow_consumer_messages_total{{consumer=\"{}\",outcome=\"applied\"}} ", risk::NAME);

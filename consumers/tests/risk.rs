@@ -280,8 +280,13 @@ async fn the_kri_table_equals_an_independent_computation_whatever_the_order_and_
         names.clone(),
         stop.clone(),
     ));
-    let consumer: JoinHandle<Result<(), ConsumerError>> =
-        tokio::spawn(risk::run(risk::spec(schema.clone(), &names), config, names.clone(), stop.clone()));
+    let consumer: JoinHandle<Result<(), ConsumerError>> = tokio::spawn(risk::run(
+        risk::spec(schema.clone(), &names),
+        config,
+        names.clone(),
+        risk::RiskConfig::default(),
+        stop.clone(),
+    ));
 
     let subjects = draw();
     let mut all = events(&subjects, &names)?;

@@ -89,6 +89,8 @@ pub struct Settings {
     pub epro_config_dir: Option<PathBuf>,
     /// monitoring: per-study rule sets beyond the default one.
     pub monitoring_rules_dir: Option<PathBuf>,
+    /// risk: per-study KRI thresholds beyond the defaults.
+    pub risk_config_dir: Option<PathBuf>,
     /// notifier: who is notified (empty: alerts are recorded, nobody is paged).
     pub notifier: NotifierConfig,
 }
@@ -203,7 +205,13 @@ pub static SERVICES: &[Service] = &[
         }),
         consumer: Some(Consumer {
             spec: risk::spec,
-            start: |s| Ok(Box::pin(async move { Ok(risk::run(s.spec, s.config, s.topics, s.stop).await?) })),
+            start: |s| {
+                let thresholds = risk::RiskConfig::load(s.settings.risk_config_dir.as_deref())
+                    .map_err(anyhow::Error::msg)?;
+                Ok(Box::pin(
+                    async move { Ok(risk::run(s.spec, s.config, s.topics, thresholds, s.stop).await?) },
+                ))
+            },
         }),
         http: None,
         writes: &[topics::KRI_FLAGS],

@@ -99,6 +99,11 @@ pub struct ConsumeArgs {
     #[arg(long, env = "MONITORING_RULES_DIR")]
     pub monitoring_rules_dir: Option<std::path::PathBuf>,
 
+    /// risk: a folder of per-study KRI thresholds (`*.json`); KRIs not named keep ±2/±3 and
+    /// their minimum denominator.
+    #[arg(long, env = "RISK_CONFIG_DIR")]
+    pub risk_config_dir: Option<std::path::PathBuf>,
+
     /// epro-validation: a folder of questionnaire definitions and schedules (`*.json`) added to,
     /// or replacing, the built-in ones.
     #[arg(long, env = "EPRO_CONFIG_DIR")]
@@ -146,6 +151,10 @@ pub struct RunArgs {
     #[arg(long, env = "MONITORING_RULES_DIR")]
     pub monitoring_rules_dir: Option<std::path::PathBuf>,
 
+    /// A folder of per-study KRI thresholds (`*.json`) for the risk service.
+    #[arg(long, env = "RISK_CONFIG_DIR")]
+    pub risk_config_dir: Option<std::path::PathBuf>,
+
     /// Run on private schemas and topics named after NAME (lower-case letters, digits, `_`) plus a
     /// random suffix, and on free ports (printed at start): a pipeline that shares the database and
     /// broker without touching anyone's data (tests, a trial next to a running demo).
@@ -174,6 +183,7 @@ pub async fn run_all(args: RunArgs, shutdown: tokio_util::sync::CancellationToke
     config.settings = Settings {
         epro_config_dir: args.epro_config_dir,
         monitoring_rules_dir: args.monitoring_rules_dir,
+        risk_config_dir: args.risk_config_dir,
         notifier: args.notifier.into_config().context("notifier configuration")?,
     };
     if args.isolated.is_some() {
@@ -280,6 +290,7 @@ pub(crate) fn consumer_start(
         settings: Settings {
             epro_config_dir: args.epro_config_dir,
             monitoring_rules_dir: args.monitoring_rules_dir,
+            risk_config_dir: args.risk_config_dir,
             notifier,
         },
         stop,

@@ -60,6 +60,7 @@ pub const OUR_PREFIXES: &[&str] = &[
     "OUTBOX_",
     "PIPELINE_",
     "REPLAY_",
+    "RISK_",
     "SHUTDOWN_",
     "SITE_API_",
     "TOPIC_",

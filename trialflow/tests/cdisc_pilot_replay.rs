@@ -308,7 +308,7 @@ impl Expected {
     /// the DM and DS rows: screen failure (screen failed / screened) and discontinuation (early
     /// terminations / randomized), per site; scores to 1e-6.
     fn check_kris(&self, s: &DemoSummary) {
-        let kept: BTreeMap<(String, String), (f64, f64, Option<f64>, Option<i16>)> = s
+        let kept: BTreeMap<_, _> = s
             .study
             .risk
             .kris

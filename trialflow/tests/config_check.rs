@@ -96,6 +96,11 @@ fn the_components_own_validation_runs() {
         &check(&["consume", "notifier"], &[("NOTIFIER_SUBSCRIPTIONS", os(r#"[{"recipient_id":"x"}]"#))]),
         &["NOTIFIER_SUBSCRIPTIONS"],
     );
+    // A thresholds folder that is not there.
+    assert_refused(
+        &check(&["consume", "risk"], &[("RISK_CONFIG_DIR", os("/nonexistent/risk"))]),
+        &["RISK_CONFIG_DIR", "/nonexistent/risk"],
+    );
     // A rules folder that is not there.
     assert_refused(
         &check(&["consume", "monitoring"], &[("MONITORING_RULES_DIR", os("/nonexistent/rules"))]),

@@ -414,7 +414,7 @@ async fn the_summary_after_settling_counts_exactly_what_the_scenario_sent() -> a
     let p: f64 = 1.0 / 7.0;
     let z0 = [(0.25 - p) / (p * (1.0 - p) / 4.0).sqrt(), (0.0 - p) / (p * (1.0 - p) / 3.0).sqrt()];
     let phi = (z0[0].powi(2) + z0[1].powi(2)) / 2.0;
-    let screen_failure: Vec<(&str, f64, f64, Option<f64>, Option<i16>)> = summary
+    let screen_failure: Vec<_> = summary
         .risk
         .kris
         .iter()

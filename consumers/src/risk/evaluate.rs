@@ -17,7 +17,8 @@ use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
 use trialflow_schemas::topics::TopicNames;
 use trialflow_schemas::{Envelope, Event, KriFlagChanged, Timestamp};
 
-use super::kri::{self, Analysis, Kri, SiteCounts, Thresholds};
+use super::config::RiskConfig;
+use super::kri::{self, Analysis, Kri, SiteCounts};
 use super::store;
 
 /// How often marked studies are evaluated: the most an adverse event waits for its site's score.
@@ -62,9 +63,15 @@ impl FlagChange {
 }
 
 /// Evaluates marked studies until `shutdown`.
-pub(crate) async fn run(pool: PgPool, outbox: Outbox, topics: TopicNames, shutdown: CancellationToken) {
+pub(crate) async fn run(
+    pool: PgPool,
+    outbox: Outbox,
+    topics: TopicNames,
+    thresholds: RiskConfig,
+    shutdown: CancellationToken,
+) {
     loop {
-        match evaluate_marked(&pool, &outbox, &topics).await {
+        match evaluate_marked(&pool, &outbox, &topics, &thresholds).await {
             Ok(changes) => {
                 for c in changes {
                     info!(study_id = %c.study_id, site_id = %c.site.site, kri = c.kri.id, from = ?c.from,
@@ -86,6 +93,7 @@ pub async fn evaluate_marked(
     pool: &PgPool,
     outbox: &Outbox,
     topics: &TopicNames,
+    thresholds: &RiskConfig,
 ) -> Result<Vec<FlagChange>, EvaluateError> {
     let schema = outbox.schema();
     let mut tx = pool.begin().await?;
@@ -94,7 +102,7 @@ pub async fn evaluate_marked(
         sqlx::query_scalar(AssertSqlSafe(sql)).fetch_all(&mut *tx).await?.into_iter().collect();
     let mut changes = Vec::new();
     for study_id in &marked {
-        changes.extend(evaluate(&mut tx, schema, study_id).await?);
+        changes.extend(evaluate(&mut tx, schema, study_id, thresholds).await?);
     }
     for change in &changes {
         let row = OutboxEvent::avro(&change.event(), topics.of::<KriFlagChanged>(), change.key())?;
@@ -142,6 +150,7 @@ pub async fn evaluate(
     conn: &mut PgConnection,
     schema: &SchemaName,
     study_id: &str,
+    thresholds: &RiskConfig,
 ) -> Result<Vec<FlagChange>, sqlx::Error> {
     let sql = format!(
         "INSERT INTO {schema}.study (study_id, evaluated_at) VALUES ($1, now())
@@ -151,7 +160,8 @@ pub async fn evaluate(
     let sites = store::site_counts(conn, schema, study_id).await?;
     let mut changes = Vec::new();
     for kri in kri::CATALOGUE {
-        let analysis = kri::analyze(kri.method, &counts_of(kri, &sites), &Thresholds::default_for(kri));
+        let analysis =
+            kri::analyze(kri.method, &counts_of(kri, &sites), &thresholds.thresholds(study_id, kri));
         changes.extend(save(conn, schema, study_id, kri, &analysis).await?);
     }
     Ok(changes)

@@ -109,6 +109,7 @@ pub fn kri(id: &str) -> Option<&'static Kri> {
 
 /// Where a score turns amber and red (both sides), and the minimum denominator.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Thresholds {
     pub amber: f64,
     pub red: f64,

@@ -14,6 +14,7 @@
 //! are computed by the evaluator ([`evaluate`]), beside the consumer, for the studies whose
 //! counts changed; the results are in `site_kri` and `study_kri` ([`read`]).
 
+pub mod config;
 pub mod evaluate;
 pub mod kri;
 pub mod read;
@@ -26,6 +27,7 @@ use trialflow_outbox::{Outbox, SchemaName};
 use trialflow_schemas::topics::{self, TopicNames};
 use trialflow_schemas::{AnyEvent, Envelope};
 
+pub use self::config::RiskConfig;
 pub use self::store::SiteCounts;
 use self::store::{Fact, Lifecycle};
 use crate::config::{ConsumerConfig, ConsumerSpec};
@@ -65,12 +67,13 @@ pub async fn run(
     spec: ConsumerSpec,
     config: ConsumerConfig,
     topics: TopicNames,
+    thresholds: RiskConfig,
     shutdown: CancellationToken,
 ) -> Result<(), ConsumerError> {
     let pool = PgPool::connect_with(config.database.connect_options()?).await?;
     let outbox = Outbox::open(&pool, spec.schema.clone()).await?;
     let stop = shutdown.child_token();
-    let evaluator = tokio::spawn(evaluate::run(pool, outbox, topics, stop.clone()));
+    let evaluator = tokio::spawn(evaluate::run(pool, outbox, topics, thresholds, stop.clone()));
     let handler = Risk::new(spec.schema.clone());
     let result = crate::runtime::run(spec, config, handler, shutdown).await;
     stop.cancel();

@@ -256,6 +256,10 @@ Call with (dict "root" $ "c" $component); jobs pass a component of kind `migrate
 - name: EPRO_CONFIG_DIR
   value: /etc/trialflow/epro
 {{- end }}
+{{- if and (eq $c.name "risk") $c.values.configMap }}
+- name: RISK_CONFIG_DIR
+  value: /etc/trialflow/risk
+{{- end }}
 {{- if eq $c.kind "topics" }}
 - name: TOPIC_PARTITIONS
   value: {{ $v.topics.partitions | quote }}
@@ -309,6 +313,11 @@ Call with (dict "root" $ "c" $component); jobs pass a component of kind `migrate
   configMap:
     name: {{ $c.values.configMap }}
 {{- end }}
+{{- if and (eq $c.name "risk") $c.values.configMap }}
+- name: risk-config
+  configMap:
+    name: {{ $c.values.configMap }}
+{{- end }}
 {{- end -}}
 
 {{- define "trialflow.volumeMounts" -}}
@@ -326,6 +335,9 @@ Call with (dict "root" $ "c" $component); jobs pass a component of kind `migrate
 {{- end }}
 {{- if and (eq $c.name "epro-validation") $c.values.configMap }}
 - {name: epro-config, mountPath: /etc/trialflow/epro, readOnly: true}
+{{- end }}
+{{- if and (eq $c.name "risk") $c.values.configMap }}
+- {name: risk-config, mountPath: /etc/trialflow/risk, readOnly: true}
 {{- end }}
 {{- end -}}
 
