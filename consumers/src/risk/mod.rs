@@ -20,7 +20,9 @@ pub mod kri;
 pub mod read;
 mod store;
 
-use chrono::{DateTime, Utc};
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 use trialflow_outbox::{Outbox, SchemaName};
@@ -92,33 +94,53 @@ impl Risk {
         Self { schema }
     }
 
-    async fn apply(
+    /// Applies a lifecycle fact (after the batch's sightings, see [`Handler::prepare`]).
+    async fn lifecycle(
         &self,
         tx: &mut Transaction<'static, Postgres>,
         message: &Message,
         envelope: &Envelope,
-        what: What<'_>,
+        what: Lifecycle,
     ) -> Result<(), HandlerError> {
-        let fact = Fact {
-            study_id: &envelope.study_id,
-            subject_id: subject_of(envelope)?,
-            site_id: envelope.site_id.as_deref(),
-            at: occurred(envelope)?,
-        };
-        let mut changed = store::touch(tx, &self.schema, fact).await?;
-        changed |= match what {
-            What::Seen => false,
-            What::Lifecycle(l) => store::lifecycle(tx, &self.schema, fact, l).await?,
-            What::AdverseEvent { ae_id, serious } => {
-                store::adverse_event(tx, &self.schema, fact, ae_id, serious).await?
-            }
-        };
-        if changed {
-            let partition = format!("{}/{}", message.topic, message.partition);
-            store::mark(tx, &self.schema, fact.study_id, &partition).await?;
+        let fact = fact(envelope)?;
+        if store::lifecycle(tx, &self.schema, fact, what).await? {
+            store::mark(tx, &self.schema, fact.study_id, &partition_of(message)).await?;
         }
         Ok(())
     }
+}
+
+/// The partition a message came from, under which it marks its study.
+fn partition_of(message: &Message) -> String {
+    format!("{}/{}", message.topic, message.partition)
+}
+
+/// Who an event is about and when, or why it can never count (a permanent error: dead letter).
+fn fact(envelope: &Envelope) -> Result<Fact<'_>, HandlerError> {
+    Ok(Fact {
+        study_id: &envelope.study_id,
+        subject_id: subject_of(envelope)?,
+        site_id: envelope.site_id.as_deref(),
+        at: occurred(envelope)?,
+    })
+}
+
+/// The event's envelope and what it tells the risk service; `None` for events it does not count.
+fn what(event: &AnyEvent) -> Option<(&Envelope, What<'_>)> {
+    Some(match event {
+        AnyEvent::SubjectScreened(e) => (&e.envelope, What::Seen),
+        AnyEvent::EligibilityAssessed(e) => {
+            (&e.envelope, What::Lifecycle(Lifecycle::Assessed { eligible: e.eligible }))
+        }
+        AnyEvent::SubjectEnrolled(e) => (&e.envelope, What::Lifecycle(Lifecycle::Enrolled)),
+        AnyEvent::SubjectWithdrawn(e) => (&e.envelope, What::Lifecycle(Lifecycle::Withdrawn)),
+        AnyEvent::AdverseEventReported(e) => {
+            (&e.envelope, What::AdverseEvent { ae_id: &e.ae_id, serious: e.serious })
+        }
+        AnyEvent::VitalSignRecorded(e) => (&e.envelope, What::Seen),
+        // Consent, enrollment requests, randomization, code breaks: nothing a KRI counts.
+        _ => return None,
+    })
 }
 
 /// What an event tells the risk service.
@@ -136,6 +158,43 @@ fn occurred(envelope: &Envelope) -> Result<DateTime<Utc>, HandlerError> {
 }
 
 impl Handler for Risk {
+    /// The batch's sightings (every counted event: its subject, site and date) and adverse events
+    /// in two set-based statements, keys sorted (a fixed lock order between batches of the three
+    /// topics' partitions), and one mark per changed study. Both merges are idempotent, so the
+    /// duplicates the inbox will skip change nothing; messages that cannot count are left to
+    /// `handle`, which dead-letters them.
+    async fn prepare(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        batch: &[Message],
+    ) -> Result<(), HandlerError> {
+        let mut sightings: BTreeMap<(String, String), (Option<String>, NaiveDate)> = BTreeMap::new();
+        let mut adverse_events: BTreeMap<(String, String, String), bool> = BTreeMap::new();
+        for message in batch {
+            let Ok(event) = decode(message) else { continue };
+            let Some((envelope, what)) = what(&event) else { continue };
+            let Ok(fact) = fact(envelope) else { continue };
+            let key = (fact.study_id.to_string(), fact.subject_id.to_string());
+            let day = fact.at.date_naive();
+            let seen = sightings.entry(key).or_insert((None, day));
+            seen.0 = seen.0.take().or_else(|| fact.site_id.map(str::to_string));
+            seen.1 = seen.1.max(day);
+            if let What::AdverseEvent { ae_id, serious } = what {
+                let key = (fact.study_id.to_string(), fact.subject_id.to_string(), ae_id.to_string());
+                *adverse_events.entry(key).or_default() |= serious;
+            }
+        }
+        let mut changed = store::sightings(tx, &self.schema, &sightings).await?;
+        changed.extend(store::adverse_events(tx, &self.schema, &adverse_events).await?);
+        if let Some(first) = batch.first() {
+            let partition = partition_of(first);
+            for study_id in &changed {
+                store::mark(tx, &self.schema, study_id, &partition).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn handle(
         &self,
         tx: &mut Transaction<'static, Postgres>,
@@ -143,20 +202,13 @@ impl Handler for Risk {
         _ctx: &mut Context,
     ) -> Result<(), HandlerError> {
         let event = decode(message)?;
-        let (envelope, what) = match &event {
-            AnyEvent::SubjectScreened(e) => (&e.envelope, What::Seen),
-            AnyEvent::EligibilityAssessed(e) => {
-                (&e.envelope, What::Lifecycle(Lifecycle::Assessed { eligible: e.eligible }))
-            }
-            AnyEvent::SubjectEnrolled(e) => (&e.envelope, What::Lifecycle(Lifecycle::Enrolled)),
-            AnyEvent::SubjectWithdrawn(e) => (&e.envelope, What::Lifecycle(Lifecycle::Withdrawn)),
-            AnyEvent::AdverseEventReported(e) => {
-                (&e.envelope, What::AdverseEvent { ae_id: &e.ae_id, serious: e.serious })
-            }
-            AnyEvent::VitalSignRecorded(e) => (&e.envelope, What::Seen),
-            // Consent, enrollment requests, randomization, code breaks: nothing a KRI counts.
-            _ => return Ok(()),
-        };
-        self.apply(tx, message, envelope, what).await
+        let Some((envelope, what)) = what(&event) else { return Ok(()) };
+        // Checked again: an event `prepare` could not count is a dead letter.
+        fact(envelope)?;
+        match what {
+            What::Lifecycle(l) => self.lifecycle(tx, message, envelope, l).await,
+            // Counted with the batch in `prepare`.
+            What::Seen | What::AdverseEvent { .. } => Ok(()),
+        }
     }
 }

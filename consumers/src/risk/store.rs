@@ -1,6 +1,8 @@
 //! The risk service's rows: what each event changes, merged so that the order of arrival does
 //! not matter (see the migration).
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 use trialflow_outbox::SchemaName;
@@ -22,29 +24,38 @@ impl Fact<'_> {
     }
 }
 
-/// Notes that the subject exists (at its site) and was seen on the fact's date. Whether anything
-/// the KRIs count changed: a new subject, its site learnt, a later day seen.
-pub(crate) async fn touch(
+/// Notes that each subject exists (at its site) and was seen on its date: one statement for a
+/// batch, keys in order. The studies where anything the KRIs count changed: a new subject, its
+/// site learnt, a later day seen.
+pub(crate) async fn sightings(
     conn: &mut PgConnection,
     schema: &SchemaName,
-    fact: Fact<'_>,
-) -> Result<bool, HandlerError> {
+    seen: &BTreeMap<(String, String), (Option<String>, NaiveDate)>,
+) -> Result<BTreeSet<String>, HandlerError> {
+    if seen.is_empty() {
+        return Ok(BTreeSet::new());
+    }
     let sql = format!(
-        "INSERT INTO {schema}.subject AS t (study_id, subject_id, site_id, last_seen_on) VALUES ($1, $2, $3, $4)
+        "INSERT INTO {schema}.subject AS t (study_id, subject_id, site_id, last_seen_on)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::date[])
          ON CONFLICT (study_id, subject_id) DO UPDATE
            SET site_id = coalesce(t.site_id, excluded.site_id),
                last_seen_on = greatest(t.last_seen_on, excluded.last_seen_on)
            WHERE t.last_seen_on < excluded.last_seen_on OR (t.site_id IS NULL AND excluded.site_id IS NOT NULL)
-         RETURNING 1"
+         RETURNING study_id"
     );
-    let changed = sqlx::query(AssertSqlSafe(sql))
-        .bind(fact.study_id)
-        .bind(fact.subject_id)
-        .bind(fact.site_id)
-        .bind(fact.on())
-        .fetch_optional(&mut *conn)
+    let studies: Vec<&str> = seen.keys().map(|(study, _)| study.as_str()).collect();
+    let subjects: Vec<&str> = seen.keys().map(|(_, subject)| subject.as_str()).collect();
+    let sites: Vec<Option<&str>> = seen.values().map(|(site, _)| site.as_deref()).collect();
+    let days: Vec<NaiveDate> = seen.values().map(|(_, day)| *day).collect();
+    let changed: Vec<String> = sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(studies)
+        .bind(subjects)
+        .bind(sites)
+        .bind(days)
+        .fetch_all(&mut *conn)
         .await?;
-    Ok(changed.is_some())
+    Ok(changed.into_iter().collect())
 }
 
 /// Which lifecycle fact changes the subject's row.
@@ -89,29 +100,35 @@ pub(crate) async fn lifecycle(
     Ok(query.execute(&mut *conn).await?.rows_affected() > 0)
 }
 
-/// Records an adverse event (one per `ae_id`; serious once reported serious). Whether it is new
-/// or newly serious.
-pub(crate) async fn adverse_event(
+/// Records the batch's adverse events (one per `ae_id`; serious once reported serious), keys in
+/// order. The studies with a new or newly serious one.
+pub(crate) async fn adverse_events(
     conn: &mut PgConnection,
     schema: &SchemaName,
-    fact: Fact<'_>,
-    ae_id: &str,
-    serious: bool,
-) -> Result<bool, HandlerError> {
+    events: &BTreeMap<(String, String, String), bool>,
+) -> Result<BTreeSet<String>, HandlerError> {
+    if events.is_empty() {
+        return Ok(BTreeSet::new());
+    }
     let sql = format!(
-        "INSERT INTO {schema}.adverse_event AS t (study_id, subject_id, ae_id, serious) VALUES ($1, $2, $3, $4)
+        "INSERT INTO {schema}.adverse_event AS t (study_id, subject_id, ae_id, serious)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::boolean[])
          ON CONFLICT (study_id, subject_id, ae_id) DO UPDATE SET serious = true
            WHERE excluded.serious AND NOT t.serious
-         RETURNING 1"
+         RETURNING study_id"
     );
-    let changed = sqlx::query(AssertSqlSafe(sql))
-        .bind(fact.study_id)
-        .bind(fact.subject_id)
-        .bind(ae_id)
+    let column = |i: usize| -> Vec<&str> {
+        events.keys().map(|k| [k.0.as_str(), k.1.as_str(), k.2.as_str()][i]).collect()
+    };
+    let serious: Vec<bool> = events.values().copied().collect();
+    let changed: Vec<String> = sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(column(0))
+        .bind(column(1))
+        .bind(column(2))
         .bind(serious)
-        .fetch_optional(&mut *conn)
+        .fetch_all(&mut *conn)
         .await?;
-    Ok(changed.is_some())
+    Ok(changed.into_iter().collect())
 }
 
 /// Marks the study for evaluation, under the message's partition (see the migration).
