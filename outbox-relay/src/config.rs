@@ -295,7 +295,7 @@ pub struct RelayConfig {
         long = "sources",
         env = "OUTBOX_SOURCES",
         value_delimiter = ',',
-        default_value = "site_api,enrollment,kit_allocation,epro,monitoring,notifier"
+        default_value = "site_api,enrollment,kit_allocation,epro,monitoring,risk,notifier"
     )]
     pub sources: Vec<SchemaName>,
 

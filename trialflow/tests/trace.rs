@@ -112,8 +112,32 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
 
 /// The one span of `trace` named `name` whose parent is `parent`, with `kind`.
 fn child<'a>(spans: &'a [Span], parent: &Span, name: &str, kind: SpanKind) -> anyhow::Result<&'a Span> {
+    child_where(spans, parent, name, kind, |_| true)
+}
+
+/// The one span of consumer group `group` named `name` under `parent`, with `kind`: a topic
+/// several groups read has one `process` span per group under the record's `publish` span.
+fn child_of_group<'a>(
+    spans: &'a [Span],
+    parent: &Span,
+    name: &str,
+    kind: SpanKind,
+    group: &str,
+) -> anyhow::Result<&'a Span> {
+    child_where(spans, parent, name, kind, |s| {
+        attribute(s, "messaging.consumer.group.name").as_deref() == Some(group)
+    })
+}
+
+fn child_where<'a>(
+    spans: &'a [Span],
+    parent: &Span,
+    name: &str,
+    kind: SpanKind,
+    also: impl Fn(&Span) -> bool,
+) -> anyhow::Result<&'a Span> {
     let found: Vec<&Span> =
-        spans.iter().filter(|s| s.name == name && s.parent_span_id == parent.span_id).collect();
+        spans.iter().filter(|s| s.name == name && s.parent_span_id == parent.span_id && also(s)).collect();
     match found.as_slice() {
         [one] => {
             anyhow::ensure!(one.kind == kind as i32, "span `{name}` is of kind {} not {kind:?}", one.kind);
@@ -234,7 +258,14 @@ async fn one_trace_connects_a_vital_sign_to_the_webhook_it_raises() -> anyhow::R
             ("messaging.kafka.message.key", "701-0001"),
         ],
     );
-    let monitored = child(&spans, ingest, &format!("process {clinical}"), SpanKind::Consumer)?;
+    // Monitoring and the risk service both read the clinical topic: one `process` span each.
+    let monitored = child_of_group(
+        &spans,
+        ingest,
+        &format!("process {clinical}"),
+        SpanKind::Consumer,
+        &monitoring_group,
+    )?;
     assert_attributes(
         monitored,
         &[
