@@ -138,34 +138,7 @@ async fn validation(
         stop.clone(),
     ));
     let Some(handle) = metrics_handle else { bail!("the epro benchmark needs the metrics recorder") };
-    let counter =
-        format!("trialflow_consumer_messages_total{{consumer=\"{}\",outcome=\"applied\"}} ", epro::NAME);
-    let applied = || {
-        handle
-            .render()
-            .lines()
-            .find_map(|l| l.strip_prefix(counter.as_str()))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as u64
-    };
-    // Timed from the first decision: joining the group is not throughput.
-    let before = applied();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let (mut started, mut first) = (None, 0);
-    loop {
-        let done = applied() - before;
-        if started.is_none() && done > 0 {
-            (started, first) = (Some(Instant::now()), done);
-        }
-        if done >= n {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("validation decided {done} of {n} submissions in 10 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let rate = (n - first) as f64 / started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(f64::NAN);
+    let rate = crate::applied_rate(handle, epro::NAME, n).await?;
     stop.cancel();
     consumer.await??;
     let outcomes = format!("SELECT count(*) FROM {schema}.outbox");

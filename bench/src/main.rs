@@ -116,6 +116,39 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The rate (messages/s) at which consumer `consumer` applies its next `n` messages, read from the
+/// runtime's `applied` counter in `handle`; timed from its first application (joining the group is
+/// not throughput). Call it right after starting the consumer.
+pub(crate) async fn applied_rate(handle: &PrometheusHandle, consumer: &str, n: u64) -> anyhow::Result<f64> {
+    let counter =
+        format!("trialflow_consumer_messages_total{{consumer=\"{consumer}\",outcome=\"applied\"}} ");
+    let applied = || {
+        handle
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(counter.as_str()))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    };
+    let before = applied();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let (mut started, mut first) = (None, 0);
+    loop {
+        let done = applied() - before;
+        if started.is_none() && done > 0 {
+            (started, first) = (Some(Instant::now()), done);
+        }
+        if done >= n {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{consumer} applied {done} of {n} messages in 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((n - first) as f64 / started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(f64::NAN))
+}
+
 pub(crate) fn bench(name: &str, value: f64, unit: &str) {
     println!("BENCH {name}={value:.1} {unit}");
 }

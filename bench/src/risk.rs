@@ -186,33 +186,7 @@ pub(crate) async fn group(
         stop.clone(),
     ));
     let Some(handle) = metrics_handle else { bail!("the risk benchmark needs the metrics recorder") };
-    let counter =
-        format!("trialflow_consumer_messages_total{{consumer=\"{}\",outcome=\"applied\"}} ", risk::NAME);
-    let applied = || {
-        handle
-            .render()
-            .lines()
-            .find_map(|l| l.strip_prefix(counter.as_str()))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as u64
-    };
-    let before = applied();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let (mut started, mut first) = (None, 0);
-    loop {
-        let done = applied() - before;
-        if started.is_none() && done > 0 {
-            (started, first) = (Some(Instant::now()), done);
-        }
-        if done >= n {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the risk service counted {done} of {n} events in 10 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let rate = (n - first) as f64 / started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(f64::NAN);
+    let rate = crate::applied_rate(handle, risk::NAME, n).await?;
     bench("risk_throughput", rate, "events/s");
     bench("risk_share_of_raw_consume", 100.0 * rate / raw_rate, "%");
 
