@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use chrono::{DateTime, Days, TimeZone, Utc};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -100,6 +101,22 @@ fn envelope(event_type: &str, s: &Subject, at: DateTime<Utc>) -> Envelope {
     e
 }
 
+/// How many days after its clinical day an input is recorded: site 704 enters every other
+/// reading late, every fifth day's adverse events are reported late (first reports only).
+fn entry_lag(site: &str, reading: bool, day: u64) -> u64 {
+    match (reading, site) {
+        (true, "704") if day.is_multiple_of(28) => 15,
+        (true, _) => 1,
+        (false, _) if day.is_multiple_of(5) => 12,
+        (false, _) => 2,
+    }
+}
+
+fn recorded(mut e: Envelope, site: &str, reading: bool, day_: u64) -> Envelope {
+    e.recorded_at = Timestamp::from(day(day_ + entry_lag(site, reading, day_)));
+    e
+}
+
 /// Every event of the subjects, each once.
 fn events(subjects: &[Subject], names: &TopicNames) -> anyhow::Result<Vec<OutboxEvent>> {
     let mut out = Vec::new();
@@ -137,7 +154,7 @@ fn events(subjects: &[Subject], names: &TopicNames) -> anyhow::Result<Vec<Outbox
         }
         for v in &s.visits {
             let vital = VitalSignRecorded {
-                envelope: envelope("VitalSignRecorded", s, day(*v)),
+                envelope: recorded(envelope("VitalSignRecorded", s, day(*v)), &s.site, true, *v),
                 observation_id: Uuid::new_v4().to_string(),
                 loinc_code: "8867-4".into(),
                 value: 70.0,
@@ -151,7 +168,7 @@ fn events(subjects: &[Subject], names: &TopicNames) -> anyhow::Result<Vec<Outbox
         }
         for (ae_id, d, serious, upgraded) in &s.adverse_events {
             let report = |serious: bool| AdverseEventReported {
-                envelope: envelope("AdverseEventReported", s, day(*d)),
+                envelope: recorded(envelope("AdverseEventReported", s, day(*d)), &s.site, false, *d),
                 ae_id: ae_id.clone(),
                 term: "Headache".into(),
                 meddra_code: None,
@@ -179,8 +196,11 @@ fn events(subjects: &[Subject], names: &TopicNames) -> anyhow::Result<Vec<Outbox
 type Expected = BTreeMap<(String, String), (f64, f64, Option<f64>, Option<i16>)>;
 
 fn expected(subjects: &[Subject]) -> Expected {
-    // Per site: assessed, failed, enrolled, withdrawn, exposure days, AEs, SAEs.
-    let mut sites: BTreeMap<String, [f64; 7]> = BTreeMap::new();
+    // Per site: assessed, failed, enrolled, withdrawn, exposure days, AEs, SAEs, inputs (readings
+    // and AE reports, all dated to the day), inputs recorded more than 10 days late, queries (the
+    // default AFTER_WITHDRAWAL check: visits after the withdrawal day), outstanding queries (none
+    // is 30 days old).
+    let mut sites: BTreeMap<String, [f64; 11]> = BTreeMap::new();
     for s in subjects {
         let c = sites.entry(s.site.clone()).or_default();
         c[0] += 1.0;
@@ -201,6 +221,19 @@ fn expected(subjects: &[Subject]) -> Expected {
             c[5] += s.adverse_events.len() as f64;
             c[6] += s.adverse_events.iter().filter(|a| a.2 || a.3).count() as f64;
         }
+        // Each AE has two reports; each report is an input.
+        let days = s
+            .visits
+            .iter()
+            .map(|v| (true, *v))
+            .chain(s.adverse_events.iter().flat_map(|a| [(false, a.1); 2]));
+        for (reading, d) in days {
+            c[7] += 1.0;
+            c[8] += f64::from(u8::from(entry_lag(&s.site, reading, d) > 10));
+        }
+        if let Some(w) = s.withdrawn {
+            c[9] += s.visits.iter().filter(|v| **v > w).count() as f64;
+        }
     }
     // (KRI, numerator index, denominator index, binary?, minimum denominator)
     let kris = [
@@ -208,6 +241,9 @@ fn expected(subjects: &[Subject]) -> Expected {
         ("SAE_RATE", 6, 4, false, 30.0),
         ("DISCONTINUATION", 3, 2, true, 3.0),
         ("SCREEN_FAILURE", 1, 0, true, 3.0),
+        ("DATA_ENTRY_LAG", 8, 7, true, 30.0),
+        ("QUERY_RATE", 9, 7, false, 30.0),
+        ("QUERY_AGE", 10, 9, true, 3.0),
     ];
     let mut out = Expected::new();
     for (kri, x, n, binary, min) in kris {
@@ -295,7 +331,9 @@ async fn the_kri_table_equals_an_independent_computation_whatever_the_order_and_
     all.extend(again);
     all.shuffle(&mut rng);
     // Hostile bytes on each topic it reads: dead letters, and everything behind them applies.
-    for topic in [topics::SUBJECT_LIFECYCLE, topics::ADVERSE_EVENTS, topics::CLINICAL_OBSERVATIONS] {
+    for topic in
+        [topics::SUBJECT_LIFECYCLE, topics::ADVERSE_EVENTS, topics::CLINICAL_OBSERVATIONS, topics::QUERIES]
+    {
         let garbage = OutboxEvent {
             topic: names.name(topic),
             key: "701-000".into(),
@@ -324,7 +362,7 @@ async fn the_kri_table_equals_an_independent_computation_whatever_the_order_and_
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let study = risk::read::study_kris(&pool, &schema, STUDY).await?;
-    assert_eq!(study.len(), 4, "{study:?}");
+    assert_eq!(study.len(), 7, "{study:?}");
 
     // Every flag change is a KriFlagChanged on its site's key, in order: the last one of each site
     // and KRI says the flag the table ends with, and every site flagged now had one.
@@ -382,9 +420,116 @@ async fn the_kri_table_equals_an_independent_computation_whatever_the_order_and_
     }
     assert_eq!(letters, 3, "one dead letter per garbage record");
 
+    queries_are_opened_once_and_answered_then_closed(&pool, &schema, &outbox, &names, &subjects).await?;
+
     stop.cancel();
     consumer.await??;
     alerts.await??;
     relay.stop().await?;
+    Ok(())
+}
+
+/// The queries the edit checks opened: one per visit after a withdrawal (deterministic ids, so
+/// the duplicated events opened nothing twice), each a `QueryOpened`; then the life of one: an
+/// answer (delivered twice), a closing; a closing of a query never answered is kept as not
+/// applied; an answer to an unknown query is a dead letter and the topic flows on.
+async fn queries_are_opened_once_and_answered_then_closed(
+    pool: &sqlx::PgPool,
+    schema: &SchemaName,
+    outbox: &Outbox,
+    names: &TopicNames,
+    subjects: &[Subject],
+) -> anyhow::Result<()> {
+    let want: usize = subjects
+        .iter()
+        .filter_map(|s| s.withdrawn.map(|w| s.visits.iter().filter(|v| **v > w).count()))
+        .sum();
+    assert!(want > 0, "the draw has visits after a withdrawal");
+    let sql = format!("SELECT query_id, subject_id, check_id, status FROM {schema}.query ORDER BY query_id");
+    let rows: Vec<(Uuid, String, String, String)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).fetch_all(pool).await?;
+    assert_eq!(rows.len(), want, "{rows:?}");
+    assert!(rows.iter().all(|r| r.2 == "AFTER_WITHDRAWAL" && r.3 == "open"), "{rows:?}");
+    let opened = TopicReader::new(&kafka(), &names.name(topics::QUERIES), true)?
+        .read_until(WAIT, move |read| {
+            read.iter().filter(|m| matches!(decode_any(&m.payload), Ok(AnyEvent::QueryOpened(_)))).count()
+                >= want
+        })
+        .await?;
+    let mut ids: Vec<Uuid> = opened
+        .iter()
+        .filter_map(|m| match decode_any(&m.payload) {
+            Ok(AnyEvent::QueryOpened(e)) => Some(e.query_id),
+            _ => None,
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, rows.iter().map(|r| r.0).collect::<Vec<_>>(), "one QueryOpened per query");
+
+    let (answered, unanswered) = (rows[0].0, rows[rows.len() - 1].0);
+    let subject = subjects.iter().find(|s| s.id == rows[0].1).context("the query's subject")?;
+    let decision = |event_type: &str| {
+        let mut e = envelope(event_type, subject, Utc::now());
+        e.actor = Some("site-user-1".into());
+        e
+    };
+    let answer = QueryAnswered {
+        envelope: decision("QueryAnswered"),
+        query_id: answered,
+        answer: "Visit done after the withdrawal for safety follow-up.".into(),
+    };
+    let close = QueryClosed {
+        envelope: decision("QueryClosed"),
+        query_id: answered,
+        reason: "Answer accepted.".into(),
+    };
+    let early_close = QueryClosed {
+        envelope: decision("QueryClosed"),
+        query_id: unanswered,
+        reason: "Closed unanswered.".into(),
+    };
+    let unknown =
+        QueryAnswered { envelope: decision("QueryAnswered"), query_id: Uuid::new_v4(), answer: "?".into() };
+    let topic = names.name(topics::QUERIES);
+    let rows_out = vec![
+        OutboxEvent::avro(&unknown, topic.clone(), unknown.query_id.to_string())?,
+        OutboxEvent::avro(&answer, topic.clone(), answered.to_string())?,
+        OutboxEvent::avro(&answer, topic.clone(), answered.to_string())?,
+        OutboxEvent::avro(&close, topic.clone(), answered.to_string())?,
+        OutboxEvent::avro(&early_close, topic.clone(), unanswered.to_string())?,
+    ];
+    let mut tx = pool.begin().await?;
+    outbox.enqueue_all(&mut tx, &rows_out).await?;
+    tx.commit().await?;
+
+    let status = format!("SELECT status, answer, closed_by FROM {schema}.query WHERE query_id = $1");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (s, answer, by): (String, Option<String>, Option<String>) =
+            sqlx::query_as(sqlx::AssertSqlSafe(status.clone())).bind(answered).fetch_one(pool).await?;
+        let history =
+            format!("SELECT count(*) FROM {schema}.query_history WHERE query_id = $1 AND NOT applied");
+        let refused: i64 =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(history)).bind(unanswered).fetch_one(pool).await?;
+        if s == "closed" && refused == 1 {
+            assert_eq!(answer.as_deref(), Some("Visit done after the withdrawal for safety follow-up."));
+            assert_eq!(by.as_deref(), Some("site-user-1"));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "query {answered}: {s}; refused closings {refused}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (s, _, _): (String, Option<String>, Option<String>) =
+        sqlx::query_as(sqlx::AssertSqlSafe(status)).bind(unanswered).fetch_one(pool).await?;
+    assert_eq!(s, "open", "a closing without an answer changes nothing");
+    let audit =
+        format!("SELECT count(*) FROM {schema}.audit_trail WHERE entity_id = $1 AND action LIKE 'query.%'");
+    let records: i64 =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(audit)).bind(answered.to_string()).fetch_one(pool).await?;
+    assert_eq!(records, 3, "opened, answered, closed: one audit record each");
+    let dlq = format!("{topic}{}", topics::DLQ_SUFFIX);
+    let letters = TopicReader::new(&kafka(), &dlq, true)?.read_until(WAIT, |m| m.len() >= 2).await?;
+    let reasons: Vec<&str> = letters.iter().filter_map(|m| m.header("dlq.reason")).collect();
+    assert!(reasons.iter().any(|r| r.contains("unknown query")), "{reasons:?}");
     Ok(())
 }

@@ -197,7 +197,7 @@ pub static SERVICES: &[Service] = &[
     },
     Service {
         name: risk::NAME,
-        about: "key risk indicators per study and site, scored as {gsm} does (central monitoring)",
+        about: "key risk indicators per study and site, scored as {gsm} does; edit checks and their queries; quality tolerance limits",
         store: Some(Store {
             schema: risk::schema,
             tag: "risk",
@@ -214,7 +214,7 @@ pub static SERVICES: &[Service] = &[
             },
         }),
         http: None,
-        writes: &[topics::KRI_FLAGS],
+        writes: &[topics::KRI_FLAGS, topics::QUERIES],
     },
     Service {
         name: notifier::NAME,

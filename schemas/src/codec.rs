@@ -312,7 +312,7 @@ mod tests {
     #[test]
     fn the_strategy_covers_every_event() {
         // prop_oneof! above must list every variant; a new event without a strategy fails here.
-        assert_eq!(AnyEvent::NAMES.len(), 29);
+        assert_eq!(AnyEvent::NAMES.len(), 33);
     }
 
     proptest! {

@@ -125,6 +125,10 @@ events! {
     NotificationDelivered => topics::NOTIFICATIONS,
     NotificationFailed => topics::NOTIFICATIONS,
     KriFlagChanged => topics::KRI_FLAGS,
+    QtlStatusChanged => topics::KRI_FLAGS,
+    QueryOpened => topics::QUERIES,
+    QueryAnswered => topics::QUERIES,
+    QueryClosed => topics::QUERIES,
 }
 
 // ---- study set-up ---------------------------------------------------------------------------
@@ -637,4 +641,64 @@ pub struct KriFlagChanged {
     pub metric: f64,
     #[cfg_attr(test, proptest(strategy = "crate::testing::finite()"))]
     pub study_metric: f64,
+}
+
+/// A study-level quality tolerance limit was breached, or no longer is (risk service); blinded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct QtlStatusChanged {
+    pub envelope: Envelope,
+    pub qtl_id: String,
+    pub qtl_name: String,
+    pub breached: bool,
+    #[cfg_attr(test, proptest(strategy = "crate::testing::finite()"))]
+    pub numerator: f64,
+    #[cfg_attr(test, proptest(strategy = "crate::testing::finite()"))]
+    pub denominator: f64,
+    #[cfg_attr(test, proptest(strategy = "crate::testing::finite()"))]
+    pub observed: f64,
+    #[cfg_attr(test, proptest(strategy = "crate::testing::finite()"))]
+    pub expected: f64,
+    #[cfg_attr(test, proptest(strategy = "crate::testing::finite()"))]
+    pub limit: f64,
+}
+
+// ---- data queries --------------------------------------------------------------------------
+
+/// An edit check failed on a data point and opened a query to its site (risk service).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct QueryOpened {
+    pub envelope: Envelope,
+    #[cfg_attr(test, proptest(strategy = "crate::testing::uuid()"))]
+    #[serde(with = "crate::types::uuid_string")]
+    pub query_id: Uuid,
+    pub check_id: String,
+    pub check_kind: String,
+    pub item: String,
+    pub data_event_ids: Vec<String>,
+    pub value: Option<String>,
+    pub message: String,
+}
+
+/// Site staff answered an open query (site API).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct QueryAnswered {
+    pub envelope: Envelope,
+    #[cfg_attr(test, proptest(strategy = "crate::testing::uuid()"))]
+    #[serde(with = "crate::types::uuid_string")]
+    pub query_id: Uuid,
+    pub answer: String,
+}
+
+/// A researcher closed an answered query (alert API).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+pub struct QueryClosed {
+    pub envelope: Envelope,
+    #[cfg_attr(test, proptest(strategy = "crate::testing::uuid()"))]
+    #[serde(with = "crate::types::uuid_string")]
+    pub query_id: Uuid,
+    pub reason: String,
 }

@@ -24,8 +24,11 @@ pub const ADVERSE_EVENTS: &str = "safety.adverse-events.v1";
 pub const ALERTS: &str = "monitoring.alerts.v1";
 /// Notification outcomes, keyed by alert id.
 pub const NOTIFICATIONS: &str = "monitoring.notifications.v1";
-/// Key risk indicator flags of sites (risk service → monitoring); key: `<study>/<site>`.
+/// Key risk indicator flags of sites (key `<study>/<site>`) and quality tolerance limits of
+/// studies (key `<study>`): risk service → monitoring.
 pub const KRI_FLAGS: &str = "risk.kri-flags.v1";
+/// Data queries (opened by edit checks, answered by sites, closed by researchers); key: query id.
+pub const QUERIES: &str = "risk.queries.v1";
 
 /// Topics that carry unblinded data: only unblinded roles and services may read them.
 pub const RESTRICTED: &[&str] = &[STUDY_CONFIGURATION, TREATMENT_ASSIGNMENTS, KIT_INVENTORY];
@@ -102,6 +105,7 @@ pub const ALL: &[&str] = &[
     ALERTS,
     NOTIFICATIONS,
     KRI_FLAGS,
+    QUERIES,
 ];
 
 /// How long a topic keeps its messages.
@@ -151,6 +155,7 @@ pub const POLICIES: &[TopicPolicy] = &[
     TopicPolicy { topic: ALERTS, retention: YEAR, compacted: false },
     TopicPolicy { topic: NOTIFICATIONS, retention: Retention::Days(90), compacted: false },
     TopicPolicy { topic: KRI_FLAGS, retention: YEAR, compacted: false },
+    TopicPolicy { topic: QUERIES, retention: YEAR, compacted: false },
 ];
 
 /// The policy of catalogue topic `topic`; `None` for a name outside the catalogue.

@@ -6,6 +6,12 @@
 //! site's counts, scores each KRI ([`kri::analyze`]) and stores the result. A flag that changes
 //! level (an unscored site counts as 0) is a `KriFlagChanged` event on `risk.kri-flags.v1`,
 //! enqueued in the same transaction: the monitoring service turns it into a site-level alert.
+//!
+//! Before the KRIs, the evaluator runs the study's edit checks on its subjects due for them and
+//! opens their queries ([`super::queries`]), so the query KRIs count them at once. After the
+//! KRIs, it judges the study's quality tolerance limits ([`Qtl`]): a limit that becomes breached
+//! (or no longer is) is a `QtlStatusChanged` on `risk.kri-flags.v1`, keyed by study, which the
+//! monitoring service turns into a study-level alert that needs an evaluation.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -15,10 +21,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
 use trialflow_schemas::topics::TopicNames;
-use trialflow_schemas::{Envelope, Event, KriFlagChanged, Timestamp};
+use trialflow_schemas::{Envelope, Event, KriFlagChanged, QtlStatusChanged, Timestamp};
 
-use super::config::RiskConfig;
+use super::config::{Qtl, RiskConfig};
 use super::kri::{self, Analysis, Kri, SiteCounts};
+use super::queries::{self, OpenedQuery};
 use super::store;
 
 /// How often marked studies are evaluated: the most an adverse event waits for its site's score.
@@ -62,20 +69,87 @@ impl FlagChange {
     }
 }
 
+/// What one evaluation changed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Evaluation {
+    pub flags: Vec<FlagChange>,
+    pub queries: Vec<OpenedQuery>,
+    pub qtls: Vec<QtlChange>,
+}
+
+/// A quality tolerance limit that became breached, or no longer is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QtlChange {
+    pub study_id: String,
+    pub qtl: Qtl,
+    pub status: QtlStatus,
+}
+
+/// A quality tolerance limit of a study at an evaluation.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct QtlStatus {
+    pub numerator: f64,
+    pub denominator: f64,
+    pub observed: f64,
+    pub expected: f64,
+    pub limit: f64,
+    pub breached: bool,
+}
+
+impl QtlStatus {
+    /// The limit's status for the study's totals of its KRI: judged from `min_denominator` on.
+    pub fn of(qtl: &Qtl, numerator: f64, denominator: f64) -> Self {
+        let observed = if denominator > 0.0 { numerator / denominator } else { 0.0 };
+        let limit = if denominator > 0.0 { qtl.limit(denominator) } else { 1.0 };
+        Self {
+            numerator,
+            denominator,
+            observed,
+            expected: qtl.expected,
+            limit,
+            breached: denominator >= qtl.min_denominator && observed > limit,
+        }
+    }
+}
+
+impl QtlChange {
+    pub fn event(&self) -> QtlStatusChanged {
+        let envelope = Envelope::new(QtlStatusChanged::NAME, &self.study_id, super::NAME, Timestamp::now());
+        QtlStatusChanged {
+            envelope,
+            qtl_id: self.qtl.id.clone(),
+            qtl_name: self.qtl.name.clone(),
+            breached: self.status.breached,
+            numerator: self.status.numerator,
+            denominator: self.status.denominator,
+            observed: self.status.observed,
+            expected: self.status.expected,
+            limit: self.status.limit,
+        }
+    }
+}
+
 /// Evaluates marked studies until `shutdown`.
 pub(crate) async fn run(
     pool: PgPool,
     outbox: Outbox,
     topics: TopicNames,
-    thresholds: RiskConfig,
+    config: RiskConfig,
     shutdown: CancellationToken,
 ) {
     loop {
-        match evaluate_marked(&pool, &outbox, &topics, &thresholds).await {
-            Ok(changes) => {
-                for c in changes {
+        match evaluate_marked(&pool, &outbox, &topics, &config).await {
+            Ok(evaluation) => {
+                for c in evaluation.flags {
                     info!(study_id = %c.study_id, site_id = %c.site.site, kri = c.kri.id, from = ?c.from,
                         to = ?c.to, score = ?c.site.score, "KRI flag changed.");
+                }
+                if !evaluation.queries.is_empty() {
+                    info!(queries = evaluation.queries.len(), "Edit checks opened queries.");
+                }
+                for c in evaluation.qtls {
+                    info!(study_id = %c.study_id, qtl = %c.qtl.id, breached = c.status.breached,
+                        observed = c.status.observed, limit = c.status.limit, "Quality tolerance limit changed.");
                 }
             }
             Err(error) => warn!(%error, "KRI evaluation failed; retrying."),
@@ -87,28 +161,94 @@ pub(crate) async fn run(
     }
 }
 
-/// Takes the marks and evaluates their studies in one transaction, with the events of the flags
-/// that changed; returns those.
+/// Takes the marks and evaluates their studies in one transaction (edit checks, KRIs, QTLs),
+/// with the events of what changed; returns those.
 pub async fn evaluate_marked(
     pool: &PgPool,
     outbox: &Outbox,
     topics: &TopicNames,
-    thresholds: &RiskConfig,
-) -> Result<Vec<FlagChange>, EvaluateError> {
+    config: &RiskConfig,
+) -> Result<Evaluation, EvaluateError> {
     let schema = outbox.schema();
     let mut tx = pool.begin().await?;
     let sql = format!("DELETE FROM {schema}.dirty RETURNING study_id");
-    let marked: BTreeSet<String> =
+    let mut marked: BTreeSet<String> =
         sqlx::query_scalar(AssertSqlSafe(sql)).fetch_all(&mut *tx).await?.into_iter().collect();
-    let mut changes = Vec::new();
-    for study_id in &marked {
-        changes.extend(evaluate(&mut tx, schema, study_id, thresholds).await?);
+    let due = queries::due_studies(&mut tx, schema).await?;
+    let mut evaluation = Evaluation::default();
+    for study_id in &due {
+        let opened =
+            queries::open_queries(&mut tx, outbox, topics, study_id, config.edit_checks(study_id)).await?;
+        if !opened.is_empty() {
+            marked.insert(study_id.clone());
+        }
+        evaluation.queries.extend(opened);
     }
-    for change in &changes {
+    for study_id in &marked {
+        evaluation.flags.extend(evaluate(&mut tx, schema, study_id, config).await?);
+        evaluation.qtls.extend(judge_qtls(&mut tx, schema, study_id, config.qtls(study_id)).await?);
+    }
+    for change in &evaluation.flags {
         let row = OutboxEvent::avro(&change.event(), topics.of::<KriFlagChanged>(), change.key())?;
         outbox.enqueue(&mut tx, row).await?;
     }
+    for change in &evaluation.qtls {
+        let row =
+            OutboxEvent::avro(&change.event(), topics.of::<QtlStatusChanged>(), change.study_id.clone())?;
+        outbox.enqueue(&mut tx, row).await?;
+    }
     tx.commit().await?;
+    Ok(evaluation)
+}
+
+/// Judges the study's QTLs on the study totals of their KRIs (as stored by [`evaluate`]) and
+/// stores them; the ones whose breach status changed (a first evaluation that is not breached is
+/// no change).
+async fn judge_qtls(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    study_id: &str,
+    qtls: &[Qtl],
+) -> Result<Vec<QtlChange>, sqlx::Error> {
+    let mut changes = Vec::new();
+    for qtl in qtls {
+        let sql = format!(
+            "SELECT coalesce(sum(numerator), 0), coalesce(sum(denominator), 0) FROM {schema}.site_kri
+             WHERE study_id = $1 AND kri = $2"
+        );
+        let (x, n): (f64, f64) =
+            sqlx::query_as(AssertSqlSafe(sql)).bind(study_id).bind(&qtl.kri).fetch_one(&mut *conn).await?;
+        let status = QtlStatus::of(qtl, x, n);
+        let sql = format!(
+            "WITH before AS (
+                 SELECT breached FROM {schema}.study_qtl WHERE study_id = $1 AND qtl = $2
+             ), saved AS (
+                 INSERT INTO {schema}.study_qtl AS t
+                     (study_id, qtl, numerator, denominator, observed, expected, qtl_limit, breached, changed_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
+                 ON CONFLICT (study_id, qtl) DO UPDATE SET
+                     numerator = excluded.numerator, denominator = excluded.denominator,
+                     observed = excluded.observed, expected = excluded.expected, qtl_limit = excluded.qtl_limit,
+                     breached = excluded.breached,
+                     changed_at = CASE WHEN t.breached = excluded.breached THEN t.changed_at ELSE now() END
+             )
+             SELECT (SELECT breached FROM before)"
+        );
+        let before: Option<bool> = sqlx::query_scalar(AssertSqlSafe(sql))
+            .bind(study_id)
+            .bind(&qtl.id)
+            .bind(status.numerator)
+            .bind(status.denominator)
+            .bind(status.observed)
+            .bind(status.expected)
+            .bind(status.limit)
+            .bind(status.breached)
+            .fetch_one(&mut *conn)
+            .await?;
+        if before.unwrap_or(false) != status.breached {
+            changes.push(QtlChange { study_id: study_id.to_string(), qtl: qtl.clone(), status });
+        }
+    }
     Ok(changes)
 }
 
@@ -119,7 +259,7 @@ pub enum EvaluateError {
     Database(#[from] sqlx::Error),
     #[error("outbox: {0}")]
     Outbox(#[from] trialflow_outbox::OutboxError),
-    #[error("encoding KriFlagChanged: {0}")]
+    #[error("encoding an event: {0}")]
     Encoding(#[from] trialflow_schemas::CodecError),
 }
 
@@ -133,6 +273,9 @@ fn counts_of(kri: &Kri, sites: &[store::SiteCounts]) -> Vec<SiteCounts> {
                 "SAE_RATE" => (s.serious_adverse_events, s.exposure_days),
                 "DISCONTINUATION" => (s.withdrawn, s.enrolled),
                 "SCREEN_FAILURE" => (s.screen_failed, s.assessed),
+                "DATA_ENTRY_LAG" => (s.lagging_inputs, s.dated_inputs),
+                "QUERY_RATE" => (s.queries, s.data_points),
+                "QUERY_AGE" => (s.outstanding_queries, s.queries),
                 other => unreachable!("KRI {other} has no counts"),
             };
             SiteCounts {
@@ -157,7 +300,7 @@ pub async fn evaluate(
          ON CONFLICT (study_id) DO UPDATE SET evaluated_at = now()"
     );
     sqlx::query(AssertSqlSafe(sql)).bind(study_id).execute(&mut *conn).await?;
-    let sites = store::site_counts(conn, schema, study_id).await?;
+    let sites = store::site_counts(conn, schema, study_id, thresholds.data_entry_lag_days(study_id)).await?;
     let mut changes = Vec::new();
     for kri in kri::CATALOGUE {
         let analysis =

@@ -99,8 +99,45 @@ pub const SCREEN_FAILURE: Kri = Kri {
     gsm: "kri0012",
 };
 
+/// Inputs recorded late after their clinical date.
+pub const DATA_ENTRY_LAG: Kri = Kri {
+    id: "DATA_ENTRY_LAG",
+    name: "Data-entry lag",
+    method: Method::Binary,
+    numerator: "inputs recorded more than `data_entry_lag_days` (default 10) days after their clinical date",
+    denominator: "inputs (vital-sign readings by effective date, adverse-event reports by onset date) dated to the day",
+    min_denominator: 30.0,
+    gsm: "kri0010",
+};
+
+/// Queries opened per data point.
+pub const QUERY_RATE: Kri = Kri {
+    id: "QUERY_RATE",
+    name: "Query rate",
+    method: Method::Rate,
+    numerator: "queries opened by edit checks",
+    denominator: "data points (vital-sign readings and adverse-event reports)",
+    min_denominator: 30.0,
+    gsm: "kri0008",
+};
+
+/// Queries left open more than 30 days.
+pub const QUERY_AGE: Kri = Kri {
+    id: "QUERY_AGE",
+    name: "Outstanding queries",
+    method: Method::Binary,
+    numerator: "queries not closed more than 30 days after they were opened (server clock)",
+    denominator: "queries opened",
+    min_denominator: 3.0,
+    gsm: "kri0009",
+};
+
 /// Every KRI the risk service keeps.
-pub const CATALOGUE: &[Kri] = &[AE_RATE, SAE_RATE, DISCONTINUATION, SCREEN_FAILURE];
+pub const CATALOGUE: &[Kri] =
+    &[AE_RATE, SAE_RATE, DISCONTINUATION, SCREEN_FAILURE, DATA_ENTRY_LAG, QUERY_RATE, QUERY_AGE];
+
+/// How long a query may stay open before it counts as outstanding ([`QUERY_AGE`]).
+pub const QUERY_AGE_DAYS: i32 = 30;
 
 /// The KRI called `id`.
 pub fn kri(id: &str) -> Option<&'static Kri> {

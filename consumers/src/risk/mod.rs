@@ -6,17 +6,24 @@
 //! * `SubjectScreened` → the subject and its site;
 //! * `EligibilityAssessed` → assessed, and whether eligible (the latest assessment wins);
 //! * `SubjectEnrolled` → enrolled on that date; `SubjectWithdrawn` → withdrawn on that date;
-//! * `AdverseEventReported` → one adverse event per `ae_id`, serious once reported serious;
-//! * every event of the subject (vital signs included) → the last date it was seen, which ends
-//!   the exposure of a subject still on study.
+//! * `ConsentSigned` → the consent date (the edit checks compare inputs with it);
+//! * `AdverseEventReported` → one adverse event per `ae_id`, serious once reported serious, and
+//!   each report as an input of the edit checks and of the data-entry lag;
+//! * `VitalSignRecorded` → each reading, as such an input;
+//! * every event of the subject → the last date it was seen, which ends the exposure of a subject
+//!   still on study, and the subject due for the edit checks ([`queries`]);
+//! * `QueryAnswered`, `QueryClosed` (`risk.queries.v1`) → a query's status.
 //!
-//! The KRIs, their numerators and denominators are in [`kri::CATALOGUE`] and the README. Scores
-//! are computed by the evaluator ([`evaluate`]), beside the consumer, for the studies whose
-//! counts changed; the results are in `site_kri` and `study_kri` ([`read`]).
+//! The KRIs, their numerators and denominators are in [`kri::CATALOGUE`] and the README. Scores,
+//! edit checks and quality tolerance limits are computed by the evaluator ([`evaluate`]), beside
+//! the consumer, for the studies whose data changed; the results are in `site_kri`, `study_kri`,
+//! `query` and `study_qtl` ([`read`]).
 
+pub mod checks;
 pub mod config;
 pub mod evaluate;
 pub mod kri;
+pub mod queries;
 pub mod read;
 mod store;
 
@@ -27,7 +34,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 use trialflow_outbox::{Outbox, SchemaName};
 use trialflow_schemas::topics::{self, TopicNames};
-use trialflow_schemas::{AnyEvent, Envelope};
+use trialflow_schemas::{AdverseEventReported, AnyEvent, Envelope, VitalSignRecorded};
 
 pub use self::config::RiskConfig;
 pub use self::store::SiteCounts;
@@ -60,6 +67,7 @@ pub fn spec(schema: SchemaName, topics: &TopicNames) -> ConsumerSpec {
             topics::SUBJECT_LIFECYCLE,
             topics::ADVERSE_EVENTS,
             topics::CLINICAL_OBSERVATIONS,
+            topics::QUERIES,
         ]),
     }
 }
@@ -100,7 +108,7 @@ impl Risk {
         tx: &mut Transaction<'static, Postgres>,
         message: &Message,
         envelope: &Envelope,
-        what: Lifecycle,
+        what: Lifecycle<'_>,
     ) -> Result<(), HandlerError> {
         let fact = fact(envelope)?;
         if store::lifecycle(tx, &self.schema, fact, what).await? {
@@ -132,13 +140,18 @@ fn what(event: &AnyEvent) -> Option<(&Envelope, What<'_>)> {
         AnyEvent::EligibilityAssessed(e) => {
             (&e.envelope, What::Lifecycle(Lifecycle::Assessed { eligible: e.eligible }))
         }
-        AnyEvent::SubjectEnrolled(e) => (&e.envelope, What::Lifecycle(Lifecycle::Enrolled)),
-        AnyEvent::SubjectWithdrawn(e) => (&e.envelope, What::Lifecycle(Lifecycle::Withdrawn)),
-        AnyEvent::AdverseEventReported(e) => {
-            (&e.envelope, What::AdverseEvent { ae_id: &e.ae_id, serious: e.serious })
+        AnyEvent::ConsentSigned(e) => {
+            let on = queries::source_date(&e.signed_at);
+            let on = on.earliest.filter(|_| on.to_the_day).map(|t| t.date_naive());
+            (&e.envelope, What::Lifecycle(Lifecycle::Consented { on }))
         }
-        AnyEvent::VitalSignRecorded(e) => (&e.envelope, What::Seen),
-        // Consent, enrollment requests, randomization, code breaks: nothing a KRI counts.
+        AnyEvent::SubjectEnrolled(e) => (&e.envelope, What::Lifecycle(Lifecycle::Enrolled)),
+        AnyEvent::SubjectWithdrawn(e) => {
+            (&e.envelope, What::Lifecycle(Lifecycle::Withdrawn { reason_code: &e.reason_code }))
+        }
+        AnyEvent::AdverseEventReported(e) => (&e.envelope, What::AdverseEvent(e)),
+        AnyEvent::VitalSignRecorded(e) => (&e.envelope, What::Reading(e)),
+        // Enrollment requests, randomization, code breaks: nothing a KRI or a check counts.
         _ => return None,
     })
 }
@@ -146,8 +159,9 @@ fn what(event: &AnyEvent) -> Option<(&Envelope, What<'_>)> {
 /// What an event tells the risk service.
 enum What<'a> {
     Seen,
-    Lifecycle(Lifecycle),
-    AdverseEvent { ae_id: &'a str, serious: bool },
+    Lifecycle(Lifecycle<'a>),
+    AdverseEvent(&'a AdverseEventReported),
+    Reading(&'a VitalSignRecorded),
 }
 
 fn occurred(envelope: &Envelope) -> Result<DateTime<Utc>, HandlerError> {
@@ -170,22 +184,32 @@ impl Handler for Risk {
     ) -> Result<(), HandlerError> {
         let mut sightings: BTreeMap<(String, String), (Option<String>, NaiveDate)> = BTreeMap::new();
         let mut adverse_events: BTreeMap<(String, String, String), bool> = BTreeMap::new();
-        for message in batch {
-            let Ok(event) = decode(message) else { continue };
-            let Some((envelope, what)) = what(&event) else { continue };
+        let events: Vec<AnyEvent> = batch.iter().filter_map(|m| decode(m).ok()).collect();
+        let mut inputs = queries::Inputs::default();
+        for event in &events {
+            let Some((envelope, what)) = what(event) else { continue };
             let Ok(fact) = fact(envelope) else { continue };
             let key = (fact.study_id.to_string(), fact.subject_id.to_string());
             let day = fact.at.date_naive();
             let seen = sightings.entry(key).or_insert((None, day));
             seen.0 = seen.0.take().or_else(|| fact.site_id.map(str::to_string));
             seen.1 = seen.1.max(day);
-            if let What::AdverseEvent { ae_id, serious } = what {
-                let key = (fact.study_id.to_string(), fact.subject_id.to_string(), ae_id.to_string());
-                *adverse_events.entry(key).or_default() |= serious;
+            match what {
+                What::AdverseEvent(e) => {
+                    let key = (fact.study_id.to_string(), fact.subject_id.to_string(), e.ae_id.clone());
+                    *adverse_events.entry(key).or_default() |= e.serious;
+                    inputs.adverse_events.push(e);
+                }
+                What::Reading(e) => inputs.readings.push(e),
+                What::Seen | What::Lifecycle(_) => {}
             }
         }
         let mut changed = store::sightings(tx, &self.schema, &sightings).await?;
         changed.extend(store::adverse_events(tx, &self.schema, &adverse_events).await?);
+        queries::store_inputs(tx, &self.schema, &inputs).await?;
+        // Every subject heard of is checked again (its lifecycle facts follow in `handle`, in
+        // this transaction, before the evaluator can take the mark).
+        queries::mark_due(tx, &self.schema, sightings.keys()).await?;
         if let Some(first) = batch.first() {
             let partition = partition_of(first);
             for study_id in &changed {
@@ -199,16 +223,27 @@ impl Handler for Risk {
         &self,
         tx: &mut Transaction<'static, Postgres>,
         message: &Message,
-        _ctx: &mut Context,
+        ctx: &mut Context,
     ) -> Result<(), HandlerError> {
         let event = decode(message)?;
+        let decision = match &event {
+            AnyEvent::QueryAnswered(e) => Some(queries::Decision::Answer(e)),
+            AnyEvent::QueryClosed(e) => Some(queries::Decision::Close(e)),
+            _ => None,
+        };
+        if let Some(decision) = decision {
+            if let Some(record) = queries::apply(tx, &self.schema, decision).await? {
+                ctx.audit(record);
+            }
+            return Ok(());
+        }
         let Some((envelope, what)) = what(&event) else { return Ok(()) };
         // Checked again: an event `prepare` could not count is a dead letter.
         fact(envelope)?;
         match what {
             What::Lifecycle(l) => self.lifecycle(tx, message, envelope, l).await,
             // Counted with the batch in `prepare`.
-            What::Seen | What::AdverseEvent { .. } => Ok(()),
+            What::Seen | What::AdverseEvent(_) | What::Reading(_) => Ok(()),
         }
     }
 }

@@ -60,10 +60,18 @@ pub(crate) async fn sightings(
 
 /// Which lifecycle fact changes the subject's row.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Lifecycle {
-    Assessed { eligible: bool },
+pub(crate) enum Lifecycle<'a> {
+    Assessed {
+        eligible: bool,
+    },
+    /// Consent signed on that day (`None`: the source gave no day-precise date).
+    Consented {
+        on: Option<NaiveDate>,
+    },
     Enrolled,
-    Withdrawn,
+    Withdrawn {
+        reason_code: &'a str,
+    },
 }
 
 /// Applies a lifecycle fact (after [`touch`]). Whether the row changed.
@@ -71,7 +79,7 @@ pub(crate) async fn lifecycle(
     conn: &mut PgConnection,
     schema: &SchemaName,
     fact: Fact<'_>,
-    what: Lifecycle,
+    what: Lifecycle<'_>,
 ) -> Result<bool, HandlerError> {
     let key = "t.study_id = $1 AND t.subject_id = $2";
     let query = match what {
@@ -87,14 +95,33 @@ pub(crate) async fn lifecycle(
                 .bind(fact.at)
                 .bind(eligible)
         }
-        // The first enrollment and withdrawal dates: a resend never moves them later.
-        Lifecycle::Enrolled | Lifecycle::Withdrawn => {
-            let column = if matches!(what, Lifecycle::Enrolled) { "enrolled_on" } else { "withdrawn_on" };
+        // The first consent: the edit checks compare inputs with it.
+        Lifecycle::Consented { on } => {
             let sql = format!(
-                "UPDATE {schema}.subject AS t SET {column} = $3
-                 WHERE {key} AND (t.{column} IS NULL OR t.{column} > $3)"
+                "UPDATE {schema}.subject AS t SET consented_on = $3
+                 WHERE {key} AND $3 IS NOT NULL AND (t.consented_on IS NULL OR t.consented_on > $3)"
+            );
+            sqlx::query(AssertSqlSafe(sql)).bind(fact.study_id).bind(fact.subject_id).bind(on)
+        }
+        // The first enrollment date: a resend never moves it later.
+        Lifecycle::Enrolled => {
+            let sql = format!(
+                "UPDATE {schema}.subject AS t SET enrolled_on = $3
+                 WHERE {key} AND (t.enrolled_on IS NULL OR t.enrolled_on > $3)"
             );
             sqlx::query(AssertSqlSafe(sql)).bind(fact.study_id).bind(fact.subject_id).bind(fact.on())
+        }
+        // The first withdrawal, with its reason.
+        Lifecycle::Withdrawn { reason_code } => {
+            let sql = format!(
+                "UPDATE {schema}.subject AS t SET withdrawn_on = $3, withdrawal_reason = $4
+                 WHERE {key} AND (t.withdrawn_on IS NULL OR t.withdrawn_on > $3)"
+            );
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(fact.study_id)
+                .bind(fact.subject_id)
+                .bind(fact.on())
+                .bind(reason_code)
         }
     };
     Ok(query.execute(&mut *conn).await?.rows_affected() > 0)
@@ -159,14 +186,24 @@ pub struct SiteCounts {
     /// Adverse events and serious ones of the enrolled subjects.
     pub adverse_events: i64,
     pub serious_adverse_events: i64,
+    /// Inputs dated to the day, and those recorded late.
+    pub dated_inputs: i64,
+    pub lagging_inputs: i64,
+    /// Data points (readings and adverse-event reports).
+    pub data_points: i64,
+    /// Queries opened, and those outstanding for more than [`super::kri::QUERY_AGE_DAYS`].
+    pub queries: i64,
+    pub outstanding_queries: i64,
 }
 
 /// Every site's counts in `study_id`, by site id. A subject's exposure is the days from its
 /// enrollment date to its withdrawal date, or else to the last date it was seen, both included.
+/// An input lags when its UTC recording day is more than `lag_days` after its clinical day.
 pub(crate) async fn site_counts(
     conn: &mut PgConnection,
     schema: &SchemaName,
     study_id: &str,
+    lag_days: u32,
 ) -> Result<Vec<SiteCounts>, sqlx::Error> {
     let sql = format!(
         "WITH s AS (
@@ -180,6 +217,23 @@ pub(crate) async fn site_counts(
              FROM {schema}.adverse_event a JOIN s USING (subject_id)
              WHERE a.study_id = $1 AND s.enrolled_on IS NOT NULL
              GROUP BY s.site_id
+         ), inp AS (
+             SELECT subject_id, effective_on AS on_day, recorded_at FROM {schema}.reading WHERE study_id = $1
+             UNION ALL
+             SELECT subject_id, onset_on, recorded_at FROM {schema}.ae_report WHERE study_id = $1
+         ), inputs AS (
+             SELECT s.site_id, count(*) AS points,
+                    count(*) FILTER (WHERE i.on_day IS NOT NULL) AS dated,
+                    count(*) FILTER (WHERE (i.recorded_at AT TIME ZONE 'UTC')::date - i.on_day > $2) AS lagging
+             FROM inp i JOIN s USING (subject_id)
+             GROUP BY s.site_id
+         ), q AS (
+             SELECT s.site_id, count(*) AS queries,
+                    count(*) FILTER (WHERE q.status <> 'closed'
+                                       AND q.opened_at < now() - make_interval(days => $3)) AS outstanding
+             FROM {schema}.query q JOIN s USING (subject_id)
+             WHERE q.study_id = $1
+             GROUP BY s.site_id
          )
          SELECT s.site_id,
                 count(*) FILTER (WHERE s.assessed_at IS NOT NULL),
@@ -188,11 +242,22 @@ pub(crate) async fn site_counts(
                 count(*) FILTER (WHERE s.enrolled_on IS NOT NULL AND s.withdrawn_on IS NOT NULL),
                 coalesce(sum(s.exposure), 0)::bigint,
                 coalesce(max(ae.aes), 0),
-                coalesce(max(ae.saes), 0)
-         FROM s LEFT JOIN ae USING (site_id)
+                coalesce(max(ae.saes), 0),
+                coalesce(max(inputs.dated), 0),
+                coalesce(max(inputs.lagging), 0),
+                coalesce(max(inputs.points), 0),
+                coalesce(max(q.queries), 0),
+                coalesce(max(q.outstanding), 0)
+         FROM s LEFT JOIN ae USING (site_id) LEFT JOIN inputs USING (site_id) LEFT JOIN q USING (site_id)
          GROUP BY s.site_id ORDER BY s.site_id"
     );
-    let rows = sqlx::query(AssertSqlSafe(sql)).bind(study_id).fetch_all(&mut *conn).await?;
+    let lag_days = i32::try_from(lag_days).unwrap_or(i32::MAX);
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(study_id)
+        .bind(lag_days)
+        .bind(super::kri::QUERY_AGE_DAYS)
+        .fetch_all(&mut *conn)
+        .await?;
     rows.iter()
         .map(|r| {
             Ok(SiteCounts {
@@ -204,6 +269,11 @@ pub(crate) async fn site_counts(
                 exposure_days: r.try_get(5)?,
                 adverse_events: r.try_get(6)?,
                 serious_adverse_events: r.try_get(7)?,
+                dated_inputs: r.try_get(8)?,
+                lagging_inputs: r.try_get(9)?,
+                data_points: r.try_get(10)?,
+                queries: r.try_get(11)?,
+                outstanding_queries: r.try_get(12)?,
             })
         })
         .collect()

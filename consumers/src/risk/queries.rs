@@ -1,0 +1,445 @@
+//! Data queries: the inputs the edit checks judge, the checks' runs, and each query's life.
+//!
+//! * The consumer stores every vital-sign reading and adverse-event report ([`store_inputs`]) and
+//!   marks its subject due for checking ([`mark_due`]), with the batch.
+//! * The evaluator takes the due subjects of a study, runs the study's edit checks on each
+//!   subject's data ([`super::checks::run`]) and opens a query per finding: a `query` row, an audit
+//!   record and a `QueryOpened` on `risk.queries.v1`, in its transaction ([`open_queries`]).
+//!   Query ids derive from the study, the check and the data, so a finding made again (a replay,
+//!   another run after more data) opens nothing.
+//! * Site staff answer a query through the site API (`QueryAnswered`), researchers close it
+//!   through the alert API (`QueryClosed`); the consumer applies both ([`apply`]):
+//!   open → answered → closed. An answer to a query closed meanwhile, or a closing of a query no
+//!   one answered, is kept in `query_history` as not applied.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde_json::Value;
+use sqlx::{AssertSqlSafe, PgConnection, Postgres, Row, Transaction};
+use trialflow_outbox::audit::{self, AuditRecord};
+use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
+use trialflow_schemas::topics::TopicNames;
+use trialflow_schemas::{
+    AdverseEventReported, DateTimePrecision, Envelope, Event, PartialDateTime, QueryAnswered, QueryClosed,
+    QueryOpened, Timestamp, VitalSignRecorded,
+};
+use uuid::Uuid;
+
+use super::checks::{self, AeReport, EditCheck, Finding, Reading, SourceDate, SubjectData};
+use crate::error::HandlerError;
+
+/// A partial date as the checks see it.
+pub(crate) fn source_date(date: &PartialDateTime) -> SourceDate {
+    use DateTimePrecision as P;
+    SourceDate {
+        earliest: date.earliest.and_then(|t| t.to_datetime()),
+        to_the_day: matches!(date.precision, P::Day | P::Hour | P::Minute | P::Second),
+    }
+}
+
+fn instant(t: Timestamp, what: &str) -> Result<DateTime<Utc>, HandlerError> {
+    t.to_datetime().ok_or_else(|| HandlerError::permanent(format!("{what} out of range")))
+}
+
+/// The batch's inputs, stored in one statement per kind (a duplicate changes nothing).
+#[derive(Debug, Default)]
+pub(crate) struct Inputs<'a> {
+    pub readings: Vec<&'a VitalSignRecorded>,
+    pub adverse_events: Vec<&'a AdverseEventReported>,
+}
+
+/// Stores the batch's readings and adverse-event reports. Inputs whose times are out of range or
+/// lack a subject are left out (`handle` dead-letters them).
+pub(crate) async fn store_inputs(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    inputs: &Inputs<'_>,
+) -> Result<(), HandlerError> {
+    if !inputs.readings.is_empty() {
+        let mut rows: Vec<(&VitalSignRecorded, DateTime<Utc>, DateTime<Utc>, SourceDate)> = Vec::new();
+        for r in &inputs.readings {
+            let (Ok(occurred), Ok(recorded)) = (
+                instant(r.envelope.occurred_at, "occurred_at"),
+                instant(r.envelope.recorded_at, "recorded_at"),
+            ) else {
+                continue;
+            };
+            if r.envelope.subject_id.is_some() {
+                rows.push((r, occurred, recorded, source_date(&r.effective)));
+            }
+        }
+        rows.sort_by_key(|(r, ..)| {
+            (r.envelope.study_id.clone(), r.envelope.subject_id.clone(), r.envelope.event_id)
+        });
+        let sql = format!(
+            "INSERT INTO {schema}.reading (study_id, subject_id, event_id, site_id, code, name, value, unit,
+                 position, visit, effective_at, effective_on, occurred_at, recorded_at)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+                 $7::float8[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::date[],
+                 $13::timestamptz[], $14::timestamptz[])
+             ON CONFLICT DO NOTHING"
+        );
+        let col = |f: fn(&VitalSignRecorded) -> Option<String>| -> Vec<Option<String>> {
+            rows.iter().map(|(r, ..)| f(r)).collect()
+        };
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(col(|r| Some(r.envelope.study_id.clone())))
+            .bind(col(|r| r.envelope.subject_id.clone()))
+            .bind(rows.iter().map(|(r, ..)| r.envelope.event_id).collect::<Vec<Uuid>>())
+            .bind(col(|r| r.envelope.site_id.clone()))
+            .bind(col(|r| Some(r.loinc_code.clone())))
+            .bind(col(|r| Some(vital_name(&r.loinc_code).to_string())))
+            .bind(rows.iter().map(|(r, ..)| r.value).collect::<Vec<f64>>())
+            .bind(col(|r| Some(r.unit.clone())))
+            .bind(col(|r| r.position.clone()))
+            .bind(col(|r| r.visit.clone()))
+            .bind(rows.iter().map(|(.., d)| d.earliest).collect::<Vec<_>>())
+            .bind(rows.iter().map(|(.., d)| day_of(d)).collect::<Vec<_>>())
+            .bind(rows.iter().map(|(_, o, ..)| *o).collect::<Vec<_>>())
+            .bind(rows.iter().map(|(_, _, r, _)| *r).collect::<Vec<_>>())
+            .execute(&mut *conn)
+            .await?;
+    }
+    if !inputs.adverse_events.is_empty() {
+        let mut rows: Vec<(&AdverseEventReported, DateTime<Utc>, DateTime<Utc>, SourceDate)> = Vec::new();
+        for a in &inputs.adverse_events {
+            let (Ok(occurred), Ok(recorded)) = (
+                instant(a.envelope.occurred_at, "occurred_at"),
+                instant(a.envelope.recorded_at, "recorded_at"),
+            ) else {
+                continue;
+            };
+            if a.envelope.subject_id.is_some() {
+                rows.push((a, occurred, recorded, source_date(&a.onset)));
+            }
+        }
+        rows.sort_by_key(|(a, ..)| {
+            (a.envelope.study_id.clone(), a.envelope.subject_id.clone(), a.envelope.event_id)
+        });
+        let sql = format!(
+            "INSERT INTO {schema}.ae_report (study_id, subject_id, event_id, site_id, ae_id, term, onset_at,
+                 onset_on, occurred_at, recorded_at)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+                 $7::timestamptz[], $8::date[], $9::timestamptz[], $10::timestamptz[])
+             ON CONFLICT DO NOTHING"
+        );
+        let col = |f: fn(&AdverseEventReported) -> Option<String>| -> Vec<Option<String>> {
+            rows.iter().map(|(a, ..)| f(a)).collect()
+        };
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(col(|a| Some(a.envelope.study_id.clone())))
+            .bind(col(|a| a.envelope.subject_id.clone()))
+            .bind(rows.iter().map(|(a, ..)| a.envelope.event_id).collect::<Vec<Uuid>>())
+            .bind(col(|a| a.envelope.site_id.clone()))
+            .bind(col(|a| Some(a.ae_id.clone())))
+            .bind(col(|a| Some(a.term.clone())))
+            .bind(rows.iter().map(|(.., d)| d.earliest).collect::<Vec<_>>())
+            .bind(rows.iter().map(|(.., d)| day_of(d)).collect::<Vec<_>>())
+            .bind(rows.iter().map(|(_, o, ..)| *o).collect::<Vec<_>>())
+            .bind(rows.iter().map(|(_, _, r, _)| *r).collect::<Vec<_>>())
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+fn day_of(date: &SourceDate) -> Option<NaiveDate> {
+    date.earliest.filter(|_| date.to_the_day).map(|t| t.date_naive())
+}
+
+/// The name of a vital sign for query messages (its LOINC code when unknown).
+fn vital_name(code: &str) -> &str {
+    match code {
+        "8480-6" => "Systolic blood pressure",
+        "8462-4" => "Diastolic blood pressure",
+        "8867-4" => "Heart rate",
+        "8310-5" => "Body temperature",
+        "29463-7" => "Body weight",
+        "9279-1" => "Respiratory rate",
+        "59408-5" => "Oxygen saturation",
+        other => other,
+    }
+}
+
+/// Marks subjects due for the edit checks, keys in order (one lock order between batches).
+pub(crate) async fn mark_due<'a>(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    subjects: impl Iterator<Item = &'a (String, String)>,
+) -> Result<(), HandlerError> {
+    let (studies, subjects): (Vec<&str>, Vec<&str>) = subjects.map(|(a, b)| (a.as_str(), b.as_str())).unzip();
+    if studies.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "INSERT INTO {schema}.check_due (study_id, subject_id)
+         SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING"
+    );
+    sqlx::query(AssertSqlSafe(sql)).bind(studies).bind(subjects).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// The studies with subjects due for checking.
+pub(crate) async fn due_studies(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+) -> Result<Vec<String>, sqlx::Error> {
+    let sql = format!("SELECT DISTINCT study_id FROM {schema}.check_due ORDER BY study_id");
+    sqlx::query_scalar(AssertSqlSafe(sql)).fetch_all(&mut *conn).await
+}
+
+/// A query opened at an evaluation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenedQuery {
+    pub query_id: Uuid,
+    pub study_id: String,
+    pub site_id: Option<String>,
+    pub subject_id: String,
+    pub finding: Finding,
+}
+
+impl OpenedQuery {
+    pub fn event(&self) -> QueryOpened {
+        let mut envelope = Envelope::new(QueryOpened::NAME, &self.study_id, super::NAME, Timestamp::now());
+        envelope.site_id = self.site_id.clone();
+        envelope.subject_id = Some(self.subject_id.clone());
+        envelope.actor = Some(super::NAME.to_string());
+        envelope.causation_id = self.finding.data_event_ids.first().copied();
+        QueryOpened {
+            envelope,
+            query_id: self.query_id,
+            check_id: self.finding.check_id.clone(),
+            check_kind: self.finding.check_kind.to_string(),
+            item: self.finding.item.clone(),
+            data_event_ids: self.finding.data_event_ids.iter().map(Uuid::to_string).collect(),
+            value: self.finding.value.clone(),
+            message: self.finding.message.clone(),
+        }
+    }
+}
+
+/// Runs `checks` on the due subjects of `study_id` and opens a query per new finding (rows, audit
+/// records and events in `conn`'s transaction).
+pub(crate) async fn open_queries(
+    tx: &mut Transaction<'static, Postgres>,
+    outbox: &Outbox,
+    topics: &TopicNames,
+    study_id: &str,
+    checks: &[EditCheck],
+) -> Result<Vec<OpenedQuery>, super::evaluate::EvaluateError> {
+    let schema = outbox.schema();
+    let conn: &mut PgConnection = tx;
+    let sql = format!("DELETE FROM {schema}.check_due WHERE study_id = $1 RETURNING subject_id");
+    let mut due: Vec<String> =
+        sqlx::query_scalar(AssertSqlSafe(sql)).bind(study_id).fetch_all(&mut *conn).await?;
+    due.sort();
+    if due.is_empty() || checks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let subjects = load(conn, schema, study_id, &due).await?;
+    let mut opened = Vec::new();
+    for (subject_id, (site_id, data)) in &subjects {
+        for finding in checks::run(checks, data) {
+            opened.push(OpenedQuery {
+                query_id: finding.query_id(study_id),
+                study_id: study_id.to_string(),
+                site_id: site_id.clone(),
+                subject_id: subject_id.clone(),
+                finding,
+            });
+        }
+    }
+    if opened.is_empty() {
+        return Ok(opened);
+    }
+    let sql = format!(
+        "INSERT INTO {schema}.query (query_id, study_id, site_id, subject_id, check_id, check_kind, item,
+             data_event_ids, value, message, opened_at)
+         SELECT q.*, now() FROM jsonb_to_recordset($1) AS q(query_id uuid, study_id text, site_id text,
+             subject_id text, check_id text, check_kind text, item text, data_event_ids uuid[], value text,
+             message text)
+         ON CONFLICT (query_id) DO NOTHING
+         RETURNING query_id"
+    );
+    let rows: Vec<Value> = opened
+        .iter()
+        .map(|q| {
+            serde_json::json!({
+                "query_id": q.query_id, "study_id": q.study_id, "site_id": q.site_id, "subject_id": q.subject_id,
+                "check_id": q.finding.check_id, "check_kind": q.finding.check_kind, "item": q.finding.item,
+                "data_event_ids": q.finding.data_event_ids, "value": q.finding.value, "message": q.finding.message,
+            })
+        })
+        .collect();
+    let new: std::collections::BTreeSet<Uuid> = sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(Value::Array(rows))
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
+    opened.retain(|q| new.contains(&q.query_id));
+    let mut records = Vec::with_capacity(opened.len());
+    for q in &opened {
+        let row = OutboxEvent::avro(&q.event(), topics.of::<QueryOpened>(), q.query_id.to_string())?;
+        outbox.enqueue(tx, row).await?;
+        records.push(
+            AuditRecord::by_system(super::NAME, "query.opened", "query", q.query_id.to_string())
+                .study(study_id)
+                .site(q.site_id.clone())
+                .change("status", Value::Null, "open")
+                .change("check", Value::Null, q.finding.check_id.clone())
+                .change("message", Value::Null, q.finding.message.clone())
+                .cause(format!("event:{}", q.finding.data_event_ids.first().copied().unwrap_or_default())),
+        );
+    }
+    audit::append(tx, schema, &records).await?;
+    Ok(opened)
+}
+
+/// The data of `subjects` (sorted) of `study_id`: site and what the checks judge.
+async fn load(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    study_id: &str,
+    subjects: &[String],
+) -> Result<BTreeMap<String, (Option<String>, SubjectData)>, sqlx::Error> {
+    let mut out: BTreeMap<String, (Option<String>, SubjectData)> = BTreeMap::new();
+    let sql = format!(
+        "SELECT subject_id, site_id, consented_on, withdrawn_on, withdrawal_reason FROM {schema}.subject
+         WHERE study_id = $1 AND subject_id = ANY($2)"
+    );
+    for r in sqlx::query(AssertSqlSafe(sql)).bind(study_id).bind(subjects).fetch_all(&mut *conn).await? {
+        let data = SubjectData {
+            consented_on: r.try_get(2)?,
+            withdrawn_on: r.try_get(3)?,
+            withdrawal_reason: r.try_get(4)?,
+            ..SubjectData::default()
+        };
+        out.insert(r.try_get(0)?, (r.try_get(1)?, data));
+    }
+    let sql = format!(
+        "SELECT subject_id, event_id, code, name, value, unit, position, visit, effective_at, effective_on,
+                recorded_at, site_id
+         FROM {schema}.reading WHERE study_id = $1 AND subject_id = ANY($2) ORDER BY subject_id, event_id"
+    );
+    for r in sqlx::query(AssertSqlSafe(sql)).bind(study_id).bind(subjects).fetch_all(&mut *conn).await? {
+        let subject: String = r.try_get(0)?;
+        let on: Option<NaiveDate> = r.try_get(9)?;
+        let entry = out.entry(subject).or_insert_with(|| (None, SubjectData::default()));
+        if entry.0.is_none() {
+            entry.0 = r.try_get(11)?;
+        }
+        entry.1.readings.push(Reading {
+            event_id: r.try_get(1)?,
+            code: r.try_get(2)?,
+            name: r.try_get(3)?,
+            value: r.try_get(4)?,
+            unit: r.try_get(5)?,
+            position: r.try_get(6)?,
+            visit: r.try_get(7)?,
+            effective: SourceDate { earliest: r.try_get(8)?, to_the_day: on.is_some() },
+            recorded_at: r.try_get(10)?,
+        });
+    }
+    let sql = format!(
+        "SELECT subject_id, event_id, ae_id, term, onset_at, onset_on, recorded_at, site_id
+         FROM {schema}.ae_report WHERE study_id = $1 AND subject_id = ANY($2) ORDER BY subject_id, event_id"
+    );
+    for r in sqlx::query(AssertSqlSafe(sql)).bind(study_id).bind(subjects).fetch_all(&mut *conn).await? {
+        let subject: String = r.try_get(0)?;
+        let on: Option<NaiveDate> = r.try_get(5)?;
+        let entry = out.entry(subject).or_insert_with(|| (None, SubjectData::default()));
+        if entry.0.is_none() {
+            entry.0 = r.try_get(7)?;
+        }
+        entry.1.adverse_events.push(AeReport {
+            event_id: r.try_get(1)?,
+            ae_id: r.try_get(2)?,
+            term: r.try_get(3)?,
+            onset: SourceDate { earliest: r.try_get(4)?, to_the_day: on.is_some() },
+            recorded_at: r.try_get(6)?,
+        });
+    }
+    Ok(out)
+}
+
+/// What a query event asks.
+pub(crate) enum Decision<'a> {
+    Answer(&'a QueryAnswered),
+    Close(&'a QueryClosed),
+}
+
+/// Applies an answer or a closing: the status moves open → answered → closed, and the event is
+/// kept in `query_history` either way (applied or not). An unknown query is a permanent error
+/// (dead letter); a redelivered event changes nothing. The audit record of an applied decision.
+pub(crate) async fn apply(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    decision: Decision<'_>,
+) -> Result<Option<AuditRecord>, HandlerError> {
+    let (envelope, query_id, action, text, from, to) = match decision {
+        Decision::Answer(e) => (&e.envelope, e.query_id, "answered", e.answer.as_str(), "open", "answered"),
+        Decision::Close(e) => (&e.envelope, e.query_id, "closed", e.reason.as_str(), "answered", "closed"),
+    };
+    let sql = format!("SELECT study_id, site_id, status FROM {schema}.query WHERE query_id = $1 FOR UPDATE");
+    let Some(row) = sqlx::query(AssertSqlSafe(sql)).bind(query_id).fetch_optional(&mut *conn).await? else {
+        return Err(HandlerError::permanent(format!("{}: unknown query {query_id}", envelope.event_type)));
+    };
+    let (study_id, site_id, status): (String, Option<String>, String) =
+        (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+    if study_id != envelope.study_id {
+        return Err(HandlerError::permanent(format!(
+            "{}: query {query_id} belongs to another study",
+            envelope.event_type
+        )));
+    }
+    let applied = status == from;
+    let at = instant(envelope.occurred_at, "occurred_at")?;
+    let actor = envelope.actor.clone();
+    let sql = format!(
+        "INSERT INTO {schema}.query_history (event_id, query_id, action, actor, at, text, applied)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id) DO NOTHING"
+    );
+    let inserted = sqlx::query(AssertSqlSafe(sql))
+        .bind(envelope.event_id)
+        .bind(query_id)
+        .bind(action)
+        .bind(&actor)
+        .bind(at)
+        .bind(text)
+        .bind(applied)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()
+        > 0;
+    if !inserted || !applied {
+        return Ok(None);
+    }
+    let sql = match to {
+        "answered" => format!(
+            "UPDATE {schema}.query SET status = 'answered', answered_at = $2, answered_by = $3, answer = $4
+             WHERE query_id = $1"
+        ),
+        _ => format!(
+            "UPDATE {schema}.query SET status = 'closed', closed_at = $2, closed_by = $3, close_reason = $4
+             WHERE query_id = $1"
+        ),
+    };
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(query_id)
+        .bind(at)
+        .bind(&actor)
+        .bind(text)
+        .execute(&mut *conn)
+        .await?;
+    let record =
+        AuditRecord::by_system(super::NAME, format!("query.{action}"), "query", query_id.to_string())
+            .on_behalf_of(actor)
+            .study(study_id)
+            .site(site_id)
+            .change("status", from, to)
+            .reason(text)
+            .cause(format!("event:{}", envelope.event_id));
+    Ok(Some(record))
+}
