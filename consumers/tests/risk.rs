@@ -320,7 +320,7 @@ async fn the_kri_table_equals_an_independent_computation_whatever_the_order_and_
         risk::spec(schema.clone(), &names),
         config,
         names.clone(),
-        risk::RiskConfig::default(),
+        qtl_config()?,
         stop.clone(),
     ));
 
@@ -371,8 +371,15 @@ async fn the_kri_table_equals_an_independent_computation_whatever_the_order_and_
         .await?;
     let mut last: BTreeMap<(String, String), Option<i16>> = BTreeMap::new();
     for m in &flags {
-        let Ok(AnyEvent::KriFlagChanged(e)) = decode_any(&m.payload) else {
-            panic!("not a KriFlagChanged: {m:?}");
+        let e = match decode_any(&m.payload) {
+            Ok(AnyEvent::KriFlagChanged(e)) => e,
+            // The study's QTLs share the topic (keyed by study): checked below.
+            Ok(AnyEvent::QtlStatusChanged(e)) => {
+                assert_eq!(m.key, STUDY);
+                assert!(e.breached && e.qtl_id == "QTL_DISCONTINUATION", "{e:?}");
+                continue;
+            }
+            other => panic!("neither a KriFlagChanged nor a QtlStatusChanged: {other:?}"),
         };
         assert_eq!(m.key, format!("{STUDY}/{}", e.envelope.site_id.clone().unwrap_or_default()));
         let flag = e.flag.and_then(|f| i16::try_from(f).ok());
@@ -421,6 +428,7 @@ async fn the_kri_table_equals_an_independent_computation_whatever_the_order_and_
     assert_eq!(letters, 3, "one dead letter per garbage record");
 
     queries_are_opened_once_and_answered_then_closed(&pool, &schema, &outbox, &names, &subjects).await?;
+    a_breached_qtl_is_a_study_level_alert(&pool, &schema, &monitoring_schema, &subjects).await?;
 
     stop.cancel();
     consumer.await??;
@@ -532,4 +540,61 @@ async fn queries_are_opened_once_and_answered_then_closed(
     let reasons: Vec<&str> = letters.iter().filter_map(|m| m.header("dlq.reason")).collect();
     assert!(reasons.iter().any(|r| r.contains("unknown query")), "{reasons:?}");
     Ok(())
+}
+
+/// The built-in configuration with this study's QTLs: discontinuation expected at 2 % (the draw
+/// loses far more: breached), screen failure at 50 % (far fewer: not breached).
+fn qtl_config() -> anyhow::Result<risk::RiskConfig> {
+    let dir = std::env::temp_dir().join(unique("risk-config"));
+    std::fs::create_dir_all(&dir)?;
+    let file = serde_json::json!({
+        "study_id": STUDY,
+        "qtls": [
+            {"id": "QTL_DISCONTINUATION", "name": "Study discontinuation", "kri": "DISCONTINUATION", "expected": 0.02},
+            {"id": "QTL_SCREEN_FAILURE", "name": "Screen failure", "kri": "SCREEN_FAILURE", "expected": 0.5, "k": 2.5},
+        ],
+    });
+    std::fs::write(dir.join("study.json"), file.to_string())?;
+    let config = risk::RiskConfig::load(Some(&dir)).map_err(anyhow::Error::msg);
+    std::fs::remove_dir_all(&dir)?;
+    config
+}
+
+/// The QTLs equal p₀ + k·√(p₀(1−p₀)/N) on the study's totals, computed here; the breached one is
+/// a study-level QTL-BREACH alert (no site, no subject).
+async fn a_breached_qtl_is_a_study_level_alert(
+    pool: &sqlx::PgPool,
+    schema: &SchemaName,
+    monitoring_schema: &SchemaName,
+    subjects: &[Subject],
+) -> anyhow::Result<()> {
+    let enrolled = subjects.iter().filter(|s| s.enrolled.is_some()).count() as f64;
+    let withdrawn = subjects.iter().filter(|s| s.enrolled.is_some() && s.withdrawn.is_some()).count() as f64;
+    let assessed = subjects.len() as f64;
+    let failed = subjects.iter().filter(|s| !s.eligible).count() as f64;
+    let want = [
+        ("QTL_DISCONTINUATION", withdrawn, enrolled, 0.02 + 3.0 * (0.02f64 * 0.98 / enrolled).sqrt()),
+        ("QTL_SCREEN_FAILURE", failed, assessed, 0.5 + 2.5 * (0.25 / assessed).sqrt()),
+    ];
+    let qtls = risk::evaluate::qtls(pool, schema, STUDY).await?;
+    assert_eq!(qtls.len(), 2, "{qtls:?}");
+    for (q, (id, x, n, limit)) in qtls.iter().zip(want) {
+        assert_eq!((q.qtl.as_str(), q.numerator, q.denominator), (id, x, n), "{q:?}");
+        assert!((q.limit - limit).abs() < 1e-12, "{q:?} limit {limit}");
+        assert_eq!(q.breached, x / n > limit, "{q:?}");
+    }
+    assert!(qtls[0].breached && !qtls[1].breached, "the draw breaches discontinuation only: {qtls:?}");
+    let sql = format!(
+        "SELECT count(*) FROM {monitoring_schema}.alert
+         WHERE study_id = $1 AND rule_id = 'QTL-BREACH' AND site_id IS NULL AND subject_id IS NULL"
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone())).bind(STUDY).fetch_one(pool).await?;
+        if n == 1 {
+            return Ok(());
+        }
+        assert!(n == 0 && std::time::Instant::now() < deadline, "{n} QTL-BREACH alerts");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

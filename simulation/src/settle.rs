@@ -29,7 +29,8 @@ pub struct Backlog {
     pub consumer_lag: i64,
     /// Messages parked by the consumers, waiting for a dependency.
     pub parked: i64,
-    /// Studies whose changed counts the risk service has not evaluated yet (`<schema>.dirty`).
+    /// Studies whose changed counts or subjects the risk service has not evaluated yet
+    /// (`<schema>.dirty`, `<schema>.check_due`).
     pub pending_evaluations: i64,
 }
 
@@ -406,11 +407,14 @@ async fn check(
         }
     }
     for schema in evaluated_schemas {
-        let sql = format!("SELECT count(DISTINCT study_id) FROM {schema}.dirty");
+        let sql = format!(
+            "SELECT count(DISTINCT study_id) FROM (SELECT study_id FROM {schema}.dirty
+             UNION ALL SELECT study_id FROM {schema}.check_due) marks"
+        );
         let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
             .fetch_one(pool)
             .await
-            .with_context(|| format!("counting the rows of {schema}.dirty"))?;
+            .with_context(|| format!("counting the rows of {schema}.dirty and check_due"))?;
         check.backlog.pending_evaluations += n;
         if n > 0 {
             check.pending.push((schema.to_string(), n));

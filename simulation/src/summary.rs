@@ -30,7 +30,9 @@
 //! alerts: episodes, triggering_readings,
 //!         by_rule: [{rule_id, severity, episodes, triggering_readings, open, acknowledged, resolved, escalated}]
 //! risk: kris: [{site_id, kri, numerator, denominator, metric, score, flag}],
-//!       flagged_sites: [{site_id, risk_score, kris}]
+//!       flagged_sites: [{site_id, risk_score, kris}],
+//!       queries_by_check: [{check_id, opened, open, answered, closed}],
+//!       qtls: [{qtl, numerator, denominator, observed, expected, limit, breached}]
 //! dead_letters: [{topic, messages}]
 //! ```
 
@@ -198,6 +200,10 @@ pub struct RiskSummary {
     pub kris: Vec<SiteKriSummary>,
     /// Sites with an amber or red KRI: the site risk score (sum of |flag|) and `KRI:flag` each.
     pub flagged_sites: Vec<FlaggedSite>,
+    /// The queries each edit check opened, by status.
+    pub queries_by_check: Vec<risk::queries::CheckQueries>,
+    /// The quality tolerance limits at the last evaluation.
+    pub qtls: Vec<risk::evaluate::StoredQtl>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -276,7 +282,13 @@ async fn risk_summary(pool: &PgPool, schema: &SchemaName, study_id: &str) -> any
         site.kris.push(format!("{}:{flag:+}", k.kri));
     }
     let flagged_sites = flagged.into_values().collect();
-    Ok(RiskSummary { kris, flagged_sites })
+    let queries_by_check = risk::queries::counts_by_check(pool, schema, study_id)
+        .await
+        .with_context(|| format!("reading the queries of study {study_id}"))?;
+    let qtls = risk::evaluate::qtls(pool, schema, study_id)
+        .await
+        .with_context(|| format!("reading the quality tolerance limits of study {study_id}"))?;
+    Ok(RiskSummary { kris, flagged_sites, queries_by_check, qtls })
 }
 
 fn count(n: i64) -> u64 {
@@ -575,6 +587,33 @@ impl StudySummary {
             }),
         );
 
+        let opened: i64 = r.queries_by_check.iter().map(|q| q.opened).sum();
+        let _ = writeln!(out, "Queries opened by edit checks: {opened}");
+        table(
+            &mut out,
+            &["check", "opened", "open", "answered", "closed"],
+            r.queries_by_check.iter().map(|q| {
+                let n = [q.opened, q.open, q.answered, q.closed];
+                std::iter::once(q.check_id.clone()).chain(n.iter().map(i64::to_string)).collect()
+            }),
+        );
+        let breached = r.qtls.iter().filter(|q| q.breached).count();
+        let _ = writeln!(out, "Quality tolerance limits: {breached} of {} breached", r.qtls.len());
+        table(
+            &mut out,
+            &["QTL", "observed", "expected", "limit", "N", "breached"],
+            r.qtls.iter().map(|q| {
+                vec![
+                    q.qtl.clone(),
+                    format!("{:.4}", q.observed),
+                    format!("{:.4}", q.expected),
+                    format!("{:.4}", q.limit),
+                    format!("{}", q.denominator),
+                    if q.breached { "yes".to_string() } else { "no".to_string() },
+                ]
+            }),
+        );
+
         let letters: u64 = self.dead_letters.iter().map(|d| d.messages).sum();
         let _ = writeln!(out, "Dead-letter messages: {letters}");
         table(
@@ -647,6 +686,8 @@ mod tests {
             risk: RiskSummary {
                 kris: vec![SiteKriSummary::default()],
                 flagged_sites: vec![FlaggedSite::default()],
+                queries_by_check: vec![risk::queries::CheckQueries::default()],
+                qtls: vec![risk::evaluate::StoredQtl::default()],
             },
             dead_letters: vec![DeadLetters::default()],
             ..StudySummary::default()
@@ -742,6 +783,20 @@ mod tests {
             "risk.flagged_sites[].site_id",
             "risk.flagged_sites[].risk_score",
             "risk.flagged_sites[].kris",
+            "risk.queries_by_check",
+            "risk.queries_by_check[].check_id",
+            "risk.queries_by_check[].opened",
+            "risk.queries_by_check[].open",
+            "risk.queries_by_check[].answered",
+            "risk.queries_by_check[].closed",
+            "risk.qtls",
+            "risk.qtls[].qtl",
+            "risk.qtls[].numerator",
+            "risk.qtls[].denominator",
+            "risk.qtls[].observed",
+            "risk.qtls[].expected",
+            "risk.qtls[].limit",
+            "risk.qtls[].breached",
             "dead_letters",
             "dead_letters[].topic",
             "dead_letters[].messages",

@@ -18,7 +18,7 @@ use trialflow_outbox::{Outbox, SchemaName};
 use trialflow_schemas::topics::{self, TopicNames};
 use trialflow_schemas::{
     AdverseEventReported, AnyEvent, CodeBroken, EnrollmentOnHold, Envelope, Evidence, KriFlagChanged,
-    QuestionnaireResponseAccepted, SiteStockLow, Timestamp, VitalSignRecorded,
+    QtlStatusChanged, QuestionnaireResponseAccepted, SiteStockLow, Timestamp, VitalSignRecorded,
 };
 
 use super::NAME;
@@ -387,6 +387,35 @@ impl Monitoring {
     }
 }
 
+impl Monitoring {
+    /// A study's quality tolerance limit breached: a study-level alert (the limit no longer
+    /// breached raises nothing; the episode stays for its evaluation).
+    async fn qtl(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        ctx: &mut Context,
+        e: &QtlStatusChanged,
+    ) -> Result<(), HandlerError> {
+        if !e.breached {
+            return Ok(());
+        }
+        let at = effective(&e.envelope, None)?;
+        for rule in self.rules.rules(&e.envelope.study_id) {
+            let RuleInput::Qtl = &rule.input else { continue };
+            let description = format!(
+                "study {}: {} {:.4} ({} / {}) above its limit {:.4} (expected {:.4})",
+                e.envelope.study_id, e.qtl_name, e.observed, e.numerator, e.denominator, e.limit, e.expected
+            );
+            let mut signal = event_signal(rule, &e.envelope, at, description, Some(e.observed));
+            // Study level: whatever the event's envelope says, no site and no subject.
+            signal.site_id = None;
+            signal.subject_id = None;
+            self.signal(tx, ctx, signal).await?;
+        }
+        Ok(())
+    }
+}
+
 /// A signal whose evidence is the input event itself, at `at`.
 fn event_signal<'a>(
     rule: &'a Rule,
@@ -465,6 +494,7 @@ impl Handler for Monitoring {
             AnyEvent::SiteStockLow(e) => self.stock_low(tx, ctx, &e).await,
             AnyEvent::CodeBroken(e) => self.code_broken(tx, ctx, &e).await,
             AnyEvent::KriFlagChanged(e) => self.kri_flag(tx, ctx, &e).await,
+            AnyEvent::QtlStatusChanged(e) => self.qtl(tx, ctx, &e).await,
             _ => Ok(()),
         }
     }

@@ -72,7 +72,7 @@ pub(crate) async fn apply(
         .unwrap_or_else(|| format!("site:{}", signal.site_id.as_deref().unwrap_or("")));
     let find = format!(
         "SELECT alert_id FROM {schema}.alert
-         WHERE study_id = $1 AND coalesce(subject_id, 'site:' || site_id) = $2 AND rule_id = $3
+         WHERE study_id = $1 AND coalesce(subject_id, 'site:' || coalesce(site_id, '')) = $2 AND rule_id = $3
            AND (status <> 'resolved' OR (effective_at <= $4 AND resolved_at >= $4))
          -- A resolved episode whose span holds the input's time claims it (a late input); else
          -- the open one.

@@ -84,6 +84,10 @@ pub enum RuleInput {
     KriFlag {
         min_level: u8,
     },
+    /// `QtlStatusChanged` (risk service): a study-level quality tolerance limit was breached. A
+    /// study-level alert (no site, no subject) that a researcher evaluates and acknowledges with
+    /// a reason.
+    Qtl,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -346,6 +350,7 @@ mod tests {
             "CODE-BREAK",
             "KRI-AMBER",
             "KRI-RED",
+            "QTL-BREACH",
         ] {
             assert!(ids.contains(&id), "{id}");
         }

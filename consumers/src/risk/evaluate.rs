@@ -171,14 +171,20 @@ pub async fn evaluate_marked(
 ) -> Result<Evaluation, EvaluateError> {
     let schema = outbox.schema();
     let mut tx = pool.begin().await?;
-    let sql = format!("DELETE FROM {schema}.dirty RETURNING study_id");
+    // The marks, locked in the order the consumers lock them (check marks, then study marks), so
+    // that a batch marking again holds its mark until it commits: taken after, never lost.
+    let due = queries::take_due(&mut tx, schema).await?;
+    let sql = format!(
+        "DELETE FROM {schema}.dirty WHERE (study_id, partition) IN (
+             SELECT study_id, partition FROM {schema}.dirty ORDER BY study_id, partition FOR UPDATE)
+         RETURNING study_id"
+    );
     let mut marked: BTreeSet<String> =
         sqlx::query_scalar(AssertSqlSafe(sql)).fetch_all(&mut *tx).await?.into_iter().collect();
-    let due = queries::due_studies(&mut tx, schema).await?;
     let mut evaluation = Evaluation::default();
-    for study_id in &due {
-        let opened =
-            queries::open_queries(&mut tx, outbox, topics, study_id, config.edit_checks(study_id)).await?;
+    for (study_id, subjects) in &due {
+        let checks = config.edit_checks(study_id);
+        let opened = queries::open_queries(&mut tx, outbox, topics, study_id, subjects, checks).await?;
         if !opened.is_empty() {
             marked.insert(study_id.clone());
         }
@@ -371,4 +377,38 @@ async fn save(
         }
     }
     Ok(changes)
+}
+
+/// A quality tolerance limit of a study at the last evaluation.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StoredQtl {
+    pub qtl: String,
+    pub numerator: f64,
+    pub denominator: f64,
+    pub observed: f64,
+    pub expected: f64,
+    pub limit: f64,
+    pub breached: bool,
+}
+
+/// The quality tolerance limits of `study_id` at the last evaluation, by id.
+pub async fn qtls(pool: &PgPool, schema: &SchemaName, study_id: &str) -> Result<Vec<StoredQtl>, sqlx::Error> {
+    let sql = format!(
+        "SELECT qtl, numerator, denominator, observed, expected, qtl_limit, breached FROM {schema}.study_qtl
+         WHERE study_id = $1 ORDER BY qtl"
+    );
+    let rows: Vec<(String, f64, f64, f64, f64, f64, bool)> =
+        sqlx::query_as(AssertSqlSafe(sql)).bind(study_id).fetch_all(pool).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(qtl, numerator, denominator, observed, expected, limit, breached)| StoredQtl {
+            qtl,
+            numerator,
+            denominator,
+            observed,
+            expected,
+            limit,
+            breached,
+        })
+        .collect())
 }

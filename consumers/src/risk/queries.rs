@@ -162,7 +162,9 @@ fn vital_name(code: &str) -> &str {
     }
 }
 
-/// Marks subjects due for the edit checks, keys in order (one lock order between batches).
+/// Marks subjects due for the edit checks, keys in order (one lock order between batches). A
+/// mark that exists already is locked all the same (a no-op update): the evaluator cannot take it
+/// and read the subject's data before this transaction commits, so no change goes unchecked.
 pub(crate) async fn mark_due<'a>(
     conn: &mut PgConnection,
     schema: &SchemaName,
@@ -174,19 +176,32 @@ pub(crate) async fn mark_due<'a>(
     }
     let sql = format!(
         "INSERT INTO {schema}.check_due (study_id, subject_id)
-         SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING"
+         SELECT * FROM unnest($1::text[], $2::text[])
+         ON CONFLICT (study_id, subject_id) DO UPDATE SET study_id = excluded.study_id"
     );
     sqlx::query(AssertSqlSafe(sql)).bind(studies).bind(subjects).execute(&mut *conn).await?;
     Ok(())
 }
 
-/// The studies with subjects due for checking.
-pub(crate) async fn due_studies(
+/// Takes every mark (locked in key order, as the consumers lock them): the due subjects by study.
+pub(crate) async fn take_due(
     conn: &mut PgConnection,
     schema: &SchemaName,
-) -> Result<Vec<String>, sqlx::Error> {
-    let sql = format!("SELECT DISTINCT study_id FROM {schema}.check_due ORDER BY study_id");
-    sqlx::query_scalar(AssertSqlSafe(sql)).fetch_all(&mut *conn).await
+) -> Result<BTreeMap<String, Vec<String>>, sqlx::Error> {
+    let sql = format!(
+        "DELETE FROM {schema}.check_due WHERE (study_id, subject_id) IN (
+             SELECT study_id, subject_id FROM {schema}.check_due ORDER BY study_id, subject_id FOR UPDATE)
+         RETURNING study_id, subject_id"
+    );
+    let rows: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(sql)).fetch_all(&mut *conn).await?;
+    let mut due: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (study, subject) in rows {
+        due.entry(study).or_default().push(subject);
+    }
+    for subjects in due.values_mut() {
+        subjects.sort();
+    }
+    Ok(due)
 }
 
 /// A query opened at an evaluation.
@@ -220,24 +235,21 @@ impl OpenedQuery {
 }
 
 /// Runs `checks` on the due subjects of `study_id` and opens a query per new finding (rows, audit
-/// records and events in `conn`'s transaction).
+/// records and events in `tx`).
 pub(crate) async fn open_queries(
     tx: &mut Transaction<'static, Postgres>,
     outbox: &Outbox,
     topics: &TopicNames,
     study_id: &str,
+    due: &[String],
     checks: &[EditCheck],
 ) -> Result<Vec<OpenedQuery>, super::evaluate::EvaluateError> {
     let schema = outbox.schema();
     let conn: &mut PgConnection = tx;
-    let sql = format!("DELETE FROM {schema}.check_due WHERE study_id = $1 RETURNING subject_id");
-    let mut due: Vec<String> =
-        sqlx::query_scalar(AssertSqlSafe(sql)).bind(study_id).fetch_all(&mut *conn).await?;
-    due.sort();
     if due.is_empty() || checks.is_empty() {
         return Ok(Vec::new());
     }
-    let subjects = load(conn, schema, study_id, &due).await?;
+    let subjects = load(conn, schema, study_id, due).await?;
     let mut opened = Vec::new();
     for (subject_id, (site_id, data)) in &subjects {
         for finding in checks::run(checks, data) {
@@ -442,4 +454,39 @@ pub(crate) async fn apply(
             .reason(text)
             .cause(format!("event:{}", envelope.event_id));
     Ok(Some(record))
+}
+
+/// How many queries each edit check opened in a study, by status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CheckQueries {
+    pub check_id: String,
+    pub opened: i64,
+    pub open: i64,
+    pub answered: i64,
+    pub closed: i64,
+}
+
+/// The queries of `study_id` per check, by check id.
+pub async fn counts_by_check(
+    pool: &sqlx::PgPool,
+    schema: &SchemaName,
+    study_id: &str,
+) -> Result<Vec<CheckQueries>, sqlx::Error> {
+    let sql = format!(
+        "SELECT check_id, count(*), count(*) FILTER (WHERE status = 'open'),
+                count(*) FILTER (WHERE status = 'answered'), count(*) FILTER (WHERE status = 'closed')
+         FROM {schema}.query WHERE study_id = $1 GROUP BY check_id ORDER BY check_id"
+    );
+    let rows: Vec<(String, i64, i64, i64, i64)> =
+        sqlx::query_as(AssertSqlSafe(sql)).bind(study_id).fetch_all(pool).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(check_id, opened, open, answered, closed)| CheckQueries {
+            check_id,
+            opened,
+            open,
+            answered,
+            closed,
+        })
+        .collect())
 }

@@ -165,8 +165,12 @@ pub(crate) async fn mark(
     study_id: &str,
     partition: &str,
 ) -> Result<(), HandlerError> {
-    let sql =
-        format!("INSERT INTO {schema}.dirty (study_id, partition) VALUES ($1, $2) ON CONFLICT DO NOTHING");
+    // An existing mark is locked all the same (a no-op update), so the evaluator takes it only
+    // after this transaction commits and sees its changes.
+    let sql = format!(
+        "INSERT INTO {schema}.dirty (study_id, partition) VALUES ($1, $2)
+         ON CONFLICT (study_id, partition) DO UPDATE SET study_id = excluded.study_id"
+    );
     sqlx::query(AssertSqlSafe(sql)).bind(study_id).bind(partition).execute(&mut *conn).await?;
     Ok(())
 }
