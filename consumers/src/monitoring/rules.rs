@@ -349,6 +349,7 @@ mod tests {
             "CTCAE-FEVER-G4",
             "CTCAE-HYPOXIA-G3",
             "PROTOCOL-HR-HIGH",
+            "BASELINE-WEIGHT",
             "SAE",
             "AE-GRADE-3",
             "PHQ9-ITEM9",
@@ -362,6 +363,22 @@ mod tests {
             assert!(ids.contains(&id), "{id}");
         }
         assert_eq!(rule("PROTOCOL-HTN-SEVERE").source_label, "protocol", "not labelled as CTCAE");
+    }
+
+    #[test]
+    fn the_default_weight_baseline_asks_for_5_kg_away_from_the_subjects_own_median() -> Result<(), String> {
+        let weight = rule("BASELINE-WEIGHT");
+        assert_eq!(weight.severity, AlertSeverity::Warning, "a reason to look, not a grade");
+        let RuleInput::VitalBaseline(b) = &weight.input else { return Err("not a baseline rule".into()) };
+        let kg = |day: i64, value: f64| {
+            reading("29463-7", value, "kg", day * 24 * 60, Some(&format!("DAY {day}")))
+        };
+        // 70.0 70.4 69.8 70.2 → median 70.1, MAD 0.2 (σ ≈ 0.30): 74.5 is z ≈ 14.8 but only 4.4 kg.
+        let history = [kg(0, 70.0), kg(14, 70.4), kg(28, 69.8), kg(42, 70.2)];
+        assert!(crate::monitoring::baseline::judge(b, &kg(56, 74.5), &history).is_none(), "under 5 kg");
+        let d = crate::monitoring::baseline::judge(b, &kg(56, 64.9), &history).ok_or("5.2 kg lost fires")?;
+        assert!((d.median - 70.1).abs() < 1e-9 && (d.mad - 0.2).abs() < 1e-9, "{d:?}");
+        Ok(())
     }
 
     #[test]
