@@ -110,7 +110,7 @@ impl Deviation {
         self.value - self.median
     }
 
-    /// "z 4.2", or why there is none.
+    /// "robust z 4.2", or why there is none.
     pub fn z_text(&self) -> String {
         self.z.map_or_else(|| "z undefined (MAD 0, flat history)".to_string(), |z| format!("robust z {z:.1}"))
     }
