@@ -2,7 +2,8 @@
 //! positions per blood-pressure measurement, temperatures), some published twice, produces exactly
 //! the alert episodes the test computes on its own from the same readings; escalation fires after
 //! its time and stops once acknowledged; readings without a visit, or too few of one visit, never
-//! make a visit mean.
+//! make a visit mean; a reading far from its subject's own history raises one explained
+//! subject-baseline episode, a steady subject none.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -417,5 +418,86 @@ async fn readings_without_a_visit_or_too_few_of_one_visit_never_make_a_visit_mea
         1,
         "only NV-2, whose WEEK 2 has its three readings"
     );
+    fx.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_far_from_the_subjects_own_history_raises_one_explained_baseline_alert()
+-> anyhow::Result<()> {
+    // The documented example rule set (study EXAMPLE-BASELINE): systolic window 5, at least 3
+    // earlier readings, |z| ≥ 3.5 and a change of at least 20 mm[Hg].
+    let dir = std::env::temp_dir().join(format!("trialflow-mon-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/examples/monitoring-baseline-rules.json");
+    std::fs::copy(example, dir.join("baseline.json"))?;
+    let fx = Fixture::start(Some(&dir)).await?;
+    let study = "EXAMPLE-BASELINE";
+    let t0 = Utc::now() - chrono::Duration::days(90);
+    // Three positions per visit, two minutes apart; visits two weeks apart.
+    let visit = |subject: &str, week: i64, values: [f64; 3]| -> Vec<Obs> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(position, value)| Obs {
+                subject: subject.into(),
+                code: SBP,
+                value: *value,
+                unit: "mm[Hg]",
+                at: t0 + chrono::Duration::weeks(week) + chrono::Duration::minutes(2 * position as i64),
+                visit: Some(format!("WEEK {week}")),
+            })
+            .collect()
+    };
+    // BL-1: steady around 120 for three visits, then 150/152/149 at week 6. BL-2: steady around
+    // 127 with ordinary noise; at week 4 a standing 112 (z ≈ −10 against median 127, MAD 1) stays
+    // under the 20 mm[Hg] floor, and the positions of one visit never judge each other.
+    let mut stream = Vec::new();
+    stream.extend(visit("BL-1", 0, [120.0, 118.0, 123.0]));
+    stream.extend(visit("BL-1", 2, [121.0, 119.0, 120.0]));
+    stream.extend(visit("BL-1", 4, [122.0, 118.0, 121.0]));
+    stream.extend(visit("BL-1", 6, [150.0, 152.0, 149.0]));
+    stream.extend(visit("BL-2", 0, [131.0, 125.0, 128.0]));
+    stream.extend(visit("BL-2", 2, [129.0, 124.0, 127.0]));
+    stream.extend(visit("BL-2", 4, [134.0, 112.0, 126.0]));
+    stream.extend(visit("BL-2", 6, [130.0, 126.0, 125.0]));
+    let mut events: Vec<OutboxEvent> = stream
+        .iter()
+        .map(|o| OutboxEvent::avro(&vital(study, o), fx.names.of::<VitalSignRecorded>(), o.subject.clone()))
+        .collect::<Result<_, _>>()?;
+    // The 150 redelivered (the same event) before BL-1's next reading: it must not raise twice.
+    events.insert(10, events[9].clone());
+    fx.send(&events).await?;
+    let n = stream.len() as i64;
+    wait_until("every reading judged", WAIT, || async {
+        Ok(fx.scalar("SELECT count(*) FROM {s}.observation").await? == n
+            && fx.scalar("SELECT count(*) FROM {s}.inbox").await? >= n)
+    })
+    .await?;
+    assert_eq!(fx.scalar("SELECT count(*) FROM {s}.alert").await?, 1, "one episode: BL-1's week 6");
+    assert_eq!(fx.scalar("SELECT count(*) FROM {s}.alert_history WHERE kind = 'raised'").await?, 1);
+    let (subject, rule, severity, summary): (String, String, String, String) = sqlx::query_as(AssertSqlSafe(
+        format!("SELECT subject_id, rule_id, severity, summary FROM {}.alert", fx.schema),
+    ))
+    .fetch_one(&fx.pool)
+    .await?;
+    assert_eq!((subject.as_str(), rule.as_str(), severity.as_str()), ("BL-1", "BASELINE-SBP", "WARNING"));
+    // The first position raised it: 150 against the last five readings before week 6 (119 120 of
+    // week 2, 122 118 121 of week 4): median 120, |xᵢ − 120| = 1 0 2 2 1 → MAD 1, z = 30 / 1.4826
+    // ≈ 20.2. 152 and 149 are judged against the same five (not against each other): evidence.
+    let explained = "150 mm[Hg] against the median 120.0 mm[Hg] of the subject's last 5 readings \
+                     (MAD 1.0, robust z 20.2; change +30.0 mm[Hg], floor 20 mm[Hg], limit |z| 3.5)";
+    assert!(summary.ends_with(explained), "{summary}");
+    // Evidence: the five history readings and the three readings of week 6, each once.
+    let evidence: Vec<(f64, String)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT value, description FROM {}.alert_evidence ORDER BY observed_at, value",
+        fx.schema
+    )))
+    .fetch_all(&fx.pool)
+    .await?;
+    let values: Vec<f64> = evidence.iter().map(|(v, _)| *v).collect();
+    assert_eq!(values, [119.0, 120.0, 122.0, 118.0, 121.0, 150.0, 152.0, 149.0], "{evidence:?}");
+    assert_eq!(evidence.iter().filter(|(_, d)| d.ends_with("(baseline history)")).count(), 5);
+    assert!(evidence[5].1.ends_with(explained), "{}", evidence[5].1);
+    let _ = std::fs::remove_dir_all(&dir);
     fx.stop().await
 }

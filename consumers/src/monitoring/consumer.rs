@@ -5,7 +5,8 @@
 //! one joins the right visit mean or persistence run, and a late input whose time falls inside a
 //! resolved episode adds evidence to that episode instead of opening a new one. A reading without
 //! a visit is kept too (a persistence run is judged by time), but never makes or joins a visit
-//! mean ([`judge`]).
+//! mean ([`judge`]). A subject-baseline rule judges a reading against the subject's readings
+//! before it ([`baseline`]), as known when it is handled.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,7 @@ use trialflow_schemas::{
 };
 
 use super::NAME;
+use super::baseline::{self, Baseline, Deviation};
 use super::episodes::{self, Outcome, Signal};
 use super::rules::{Reading, Rule, RuleBook, RuleInput, judge};
 use crate::config::{ConsumerConfig, ConsumerSpec};
@@ -156,6 +158,25 @@ impl Monitoring {
             .await?;
         let mut series: Option<Vec<Reading>> = None;
         for rule in self.rules.rules(study_id) {
+            if let RuleInput::VitalBaseline(baseline) = &rule.input
+                && baseline.code == current.code
+            {
+                if baseline.unit != current.unit {
+                    warn!(rule = %rule.rule_id, unit = %current.unit, expected = %baseline.unit, "Reading in another unit; rule not applied.");
+                    continue;
+                }
+                if series.is_none() {
+                    series = Some(self.series(tx, study_id, &subject_id, &current.code).await?);
+                }
+                let Some(deviation) =
+                    baseline::judge(baseline, &current, series.as_deref().unwrap_or_default())
+                else {
+                    continue;
+                };
+                let signal = baseline_signal(rule, baseline, &e.envelope, &subject_id, &current, &deviation);
+                self.signal(tx, ctx, signal).await?;
+                continue;
+            }
             let RuleInput::Vital { any, aggregation } = &rule.input else { continue };
             for condition in any.iter().filter(|c| c.code == current.code) {
                 if condition.unit != current.unit {
@@ -438,6 +459,47 @@ fn event_signal<'a>(
             value,
             unit: None,
         }],
+    }
+}
+
+/// A reading far from its subject's baseline, explained: the summary gives the numbers (value,
+/// median, MAD, z, how many readings), the evidence is the reading itself followed by the history
+/// it was judged against (their event ids). The episode's time is the reading's, not its history's.
+fn baseline_signal<'a>(
+    rule: &'a Rule,
+    baseline: &Baseline,
+    cause: &'a Envelope,
+    subject_id: &str,
+    current: &Reading,
+    d: &Deviation,
+) -> Signal<'a> {
+    let unit = &current.unit;
+    let numbers = format!(
+        "{} {unit} against the median {:.1} {unit} of the subject's last {} readings (MAD {:.1}, {}; change {:+.1} {unit}, floor {} {unit}, limit |z| {})",
+        current.value,
+        d.median,
+        d.history.len(),
+        d.mad,
+        d.z_text(),
+        d.change(),
+        baseline.min_abs_change,
+        baseline.max_abs_z,
+    );
+    let mut judged = reading_evidence(current, &baseline.name);
+    judged.description = format!("{}: {numbers}", judged.description);
+    let history = d.history.iter().map(|r| {
+        let mut e = reading_evidence(r, &baseline.name);
+        e.description = format!("{} (baseline history)", e.description);
+        e
+    });
+    Signal {
+        rule,
+        cause,
+        subject_id: Some(subject_id.to_string()),
+        site_id: cause.site_id.clone(),
+        effective_at: current.effective_at,
+        summary: format!("{}: {} {numbers}", rule.title, baseline.name),
+        evidence: std::iter::once(judged).chain(history).collect(),
     }
 }
 

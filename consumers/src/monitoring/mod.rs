@@ -3,6 +3,7 @@
 //! and, sharing its schema, the researchers' alert API (`api`).
 
 pub mod api;
+pub mod baseline;
 mod consumer;
 mod episodes;
 pub mod read;

@@ -11,6 +11,10 @@
 //! * `persistence` — matching readings that follow each other (by effective time, no
 //!   non-matching reading between them) for longer than the given duration.
 //!
+//! A `vital_baseline` rule judges a reading against the subject's own history instead of a fixed
+//! threshold (robust z-score against the median and MAD of the last readings before it, other
+//! visits only; [`super::baseline`]).
+//!
 //! A rule never fires on less evidence than it declares: a visit mean with a minimum of N readings
 //! needs N distinct readings of **one** visit, and a reading without a visit (or with a blank one)
 //! is never a visit of its own, so it is judged by `single` rules (and by `persistence`, which
@@ -23,6 +27,8 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use trialflow_schemas::AlertSeverity;
 use uuid::Uuid;
+
+pub use super::baseline::Baseline;
 
 const BUILTIN: &str = include_str!("../../rules/default.json");
 
@@ -88,6 +94,9 @@ pub enum RuleInput {
     /// study-level alert (no site, no subject) that a researcher evaluates and acknowledges with
     /// a reason.
     Qtl,
+    /// A vital-sign reading far from the subject's own recent readings of the same code (robust
+    /// z-score against their median and MAD, with a floor in the unit): [`super::baseline`].
+    VitalBaseline(Baseline),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -279,6 +288,9 @@ impl RuleBook {
             {
                 return Err(format!("{file}: rule {} has no condition", rule.rule_id));
             }
+            if let RuleInput::VitalBaseline(baseline) = &rule.input {
+                baseline.check().map_err(|e| format!("{file}: rule {}: {e}", rule.rule_id))?;
+            }
             if let RuleInput::KriFlag { min_level } = &rule.input
                 && !(1..=2).contains(min_level)
             {
@@ -341,6 +353,7 @@ mod tests {
             "CTCAE-FEVER-G4",
             "CTCAE-HYPOXIA-G3",
             "PROTOCOL-HR-HIGH",
+            "BASELINE-WEIGHT",
             "SAE",
             "AE-GRADE-3",
             "PHQ9-ITEM9",
@@ -355,6 +368,22 @@ mod tests {
             assert!(ids.contains(&id), "{id}");
         }
         assert_eq!(rule("PROTOCOL-HTN-SEVERE").source_label, "protocol", "not labelled as CTCAE");
+    }
+
+    #[test]
+    fn the_default_weight_baseline_asks_for_5_kg_away_from_the_subjects_own_median() -> Result<(), String> {
+        let weight = rule("BASELINE-WEIGHT");
+        assert_eq!(weight.severity, AlertSeverity::Warning, "a reason to look, not a grade");
+        let RuleInput::VitalBaseline(b) = &weight.input else { return Err("not a baseline rule".into()) };
+        let kg = |day: i64, value: f64| {
+            reading("29463-7", value, "kg", day * 24 * 60, Some(&format!("DAY {day}")))
+        };
+        // 70.0 70.4 69.8 70.2 → median 70.1, MAD 0.2 (σ ≈ 0.30): 74.5 is z ≈ 14.8 but only 4.4 kg.
+        let history = [kg(0, 70.0), kg(14, 70.4), kg(28, 69.8), kg(42, 70.2)];
+        assert!(crate::monitoring::baseline::judge(b, &kg(56, 74.5), &history).is_none(), "under 5 kg");
+        let d = crate::monitoring::baseline::judge(b, &kg(56, 64.9), &history).ok_or("5.2 kg lost fires")?;
+        assert!((d.median - 70.1).abs() < 1e-9 && (d.mad - 0.2).abs() < 1e-9, "{d:?}");
+        Ok(())
     }
 
     #[test]
@@ -490,6 +519,119 @@ mod tests {
             judge(&any[0], agg, &run[4], &with_late).is_some(),
             "a reading after the run does not break it"
         );
+    }
+
+    /// A rule set of one `vital_baseline` rule whose input is `input`.
+    fn baseline_set(input: &str) -> String {
+        format!(
+            r#"{{"study_id": "B", "version": 1, "rules": [{{"rule_id": "SBP-BASELINE", "version": 1,
+                "title": "t", "severity": "WARNING", "source_label": "protocol", "escalation_seconds": 60,
+                "input": {input}}}]}}"#
+        )
+    }
+
+    #[test]
+    fn a_baseline_rule_loads_with_its_parameters_as_data() -> Result<(), String> {
+        let mut book = RuleBook::default();
+        book.add(
+            "b.json",
+            &baseline_set(
+                r#"{"kind": "vital_baseline", "code": "8480-6", "name": "Systolic blood pressure",
+                    "unit": "mm[Hg]", "window": 5, "min_history": 3, "max_abs_z": 3.5, "min_abs_change": 20}"#,
+            ),
+        )?;
+        let RuleInput::VitalBaseline(b) = &book.rules("B")[0].input else {
+            return Err("not a baseline rule".into());
+        };
+        assert_eq!((b.window, b.min_history, b.max_abs_z, b.min_abs_change), (5, 3, 3.5, 20.0));
+        Ok(())
+    }
+
+    /// The example the docs give (`docs/examples/monitoring-baseline-rules.json`) loads.
+    #[test]
+    fn the_documented_baseline_example_loads() -> Result<(), String> {
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/examples/monitoring-baseline-rules.json");
+        let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+        let mut book = RuleBook::default();
+        book.add(file, &text)?;
+        let rules = book.rules("EXAMPLE-BASELINE");
+        assert_eq!(rules.len(), 2);
+        assert!(rules.iter().all(|r| matches!(r.input, RuleInput::VitalBaseline(_))
+            && r.severity == AlertSeverity::Warning
+            && r.source_label.starts_with("protocol: subject-baseline deviation")));
+        Ok(())
+    }
+
+    #[test]
+    fn hostile_baseline_rules_are_refused_with_what_was_wrong() {
+        let refused = |input: &str| RuleBook::default().add("b.json", &baseline_set(input)).err();
+        let with = |fields: &str| {
+            refused(&format!(
+                r#"{{"kind": "vital_baseline", "code": "8480-6", "name": "SBP", "unit": "mm[Hg]", {fields}}}"#
+            ))
+            .unwrap_or_default()
+        };
+        let ok = r#""window": 5, "min_history": 3, "max_abs_z": 3.5, "min_abs_change": 20"#;
+        assert_eq!(with(ok), "", "the reference rule loads");
+        for (fields, says) in [
+            (
+                r#""window": 2, "min_history": 3, "max_abs_z": 3.5, "min_abs_change": 20"#,
+                "b.json: rule SBP-BASELINE: window (2) must be at least min_history (3)",
+            ),
+            (
+                r#""window": 5, "min_history": 1, "max_abs_z": 3.5, "min_abs_change": 20"#,
+                "b.json: rule SBP-BASELINE: min_history must be at least 3, not 1",
+            ),
+            (
+                r#""window": 5, "min_history": 3, "max_abs_z": 0, "min_abs_change": 20"#,
+                "b.json: rule SBP-BASELINE: max_abs_z must be a number above 0, not 0",
+            ),
+            (
+                r#""window": 5, "min_history": 3, "max_abs_z": 3.5, "min_abs_change": -5"#,
+                "b.json: rule SBP-BASELINE: min_abs_change must be a number of at least 0, not -5",
+            ),
+        ] {
+            assert_eq!(with(fields), says, "{fields}");
+        }
+        // Wrong types, missing and unknown fields, negative counts: the parser says which.
+        for (fields, says) in [
+            (
+                r#""window": -5, "min_history": 3, "max_abs_z": 3.5, "min_abs_change": 20"#,
+                "invalid value: integer `-5`",
+            ),
+            (
+                r#""window": "5", "min_history": 3, "max_abs_z": 3.5, "min_abs_change": 20"#,
+                "invalid type: string \"5\"",
+            ),
+            (
+                r#""window": 5.5, "min_history": 3, "max_abs_z": 3.5, "min_abs_change": 20"#,
+                "invalid type: floating point `5.5`",
+            ),
+            (
+                r#""window": 5, "min_history": 3, "max_abs_z": null, "min_abs_change": 20"#,
+                "invalid type: null",
+            ),
+            (
+                r#""window": 5, "min_history": 3, "max_abs_z": 1e999, "min_abs_change": 20"#,
+                "number out of range",
+            ),
+            (r#""window": 5, "min_history": 3, "max_abs_z": 3.5"#, "missing field `min_abs_change`"),
+            (
+                r#""window": 5, "min_history": 3, "max_abs_z": 3.5, "min_abs_change": 20, "k": 5"#,
+                "unknown field `k`",
+            ),
+        ] {
+            let message = with(fields);
+            assert!(message.starts_with("b.json: ") && message.contains(says), "{fields}: {message}");
+        }
+        assert!(
+            refused(
+                r#"{"kind": "vital_baseline", "code": "8480-6", "name": "SBP", "unit": "", "window": 5,
+                        "min_history": 3, "max_abs_z": 3.5, "min_abs_change": 20}"#
+            )
+            .is_some_and(|m| m.ends_with("code and unit must not be blank"))
+        );
+        assert!(refused(r#"{"kind": "vital_baselines"}"#).is_some_and(|m| m.contains("unknown variant")));
     }
 
     #[test]
