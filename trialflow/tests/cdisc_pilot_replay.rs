@@ -99,6 +99,10 @@ struct Expected {
     by_window: BTreeMap<String, u64>,
     /// Rule → (episodes, triggering readings).
     alerts: BTreeMap<String, (u64, u64)>,
+    /// Edit checks: (check id, site) → queries opened.
+    queries: BTreeMap<(String, String), u64>,
+    /// Per site: inputs dated to the day, those recorded more than 10 days late, data points.
+    inputs: BTreeMap<String, (u64, u64, u64)>,
 }
 
 /// Readings of one rule: subjects with at least one, and how many.
@@ -230,6 +234,19 @@ impl Expected {
             .into_iter()
             .map(|(rule, t)| (rule.to_string(), (t.subjects.len() as u64, t.readings.len() as u64)))
             .collect();
+        let mut withdrawals: HashMap<String, (NaiveDate, String)> = HashMap::new();
+        for r in &source.ds {
+            let subject = text(r, "USUBJID");
+            // The disposition event the withdrawal above came from (DS has other rows too).
+            if withdrawn_at.contains_key(subject)
+                && text(r, "DSCAT") == "DISPOSITION EVENT"
+                && text(r, "DSDECOD") != "COMPLETED"
+            {
+                withdrawals
+                    .insert(subject.to_string(), (date(text(r, "DSSTDTC")), text(r, "DSDECOD").to_string()));
+            }
+        }
+        (e.queries, e.inputs) = edit_checks(plan, &withdrawals);
         e
     }
 
@@ -296,12 +313,66 @@ impl Expected {
             .by_rule
             .iter()
             .filter(|r| r.episodes > 0)
+            // Site KRI flags and study QTLs move while the replay runs (their final state is
+            // checked below): their episodes depend on the order data arrived in.
+            .filter(|r| !r.rule_id.starts_with("KRI-") && !r.rule_id.starts_with("QTL-"))
             .map(|r| (r.rule_id.clone(), (r.episodes, r.triggering_readings)))
             .collect();
         assert_eq!(alerts, self.alerts, "alerts by rule: (episodes, triggering readings)");
         assert!(s.study.dead_letters.iter().all(|d| d.messages == 0), "{:?}", s.study.dead_letters);
         self.check_kris(s);
+        self.check_queries_and_qtls(s);
         Ok(())
+    }
+
+    /// The queries by check against the checks written out in [`edit_checks`]; the data-entry lag
+    /// and query-rate KRIs from the same counts; the QTLs against p₀ + 3·√(p₀(1−p₀)/N), p₀ = 0.3.
+    fn check_queries_and_qtls(&self, s: &DemoSummary) {
+        let r = &s.study.risk;
+        let mut by_check: BTreeMap<String, u64> = BTreeMap::new();
+        let mut by_site: BTreeMap<String, u64> = BTreeMap::new();
+        for ((check, site), n) in &self.queries {
+            *by_check.entry(check.clone()).or_default() += n;
+            *by_site.entry(site.clone()).or_default() += n;
+        }
+        let kept: BTreeMap<String, u64> =
+            r.queries_by_check.iter().map(|q| (q.check_id.clone(), q.opened as u64)).collect();
+        assert_eq!(kept, by_check, "queries by edit check");
+        assert!(r.queries_by_check.iter().all(|q| q.open == q.opened), "nobody answered: {r:?}");
+        assert!(!by_check.is_empty(), "the slice has data the checks query");
+        let kri = |id: &str, site: &str| r.kris.iter().find(|k| k.kri == id && k.site_id == site);
+        for (site, (dated, late, points)) in &self.inputs {
+            let lag = kri("DATA_ENTRY_LAG", site);
+            assert_eq!(
+                lag.map(|k| (k.numerator, k.denominator)),
+                Some((*late as f64, *dated as f64)),
+                "{site}"
+            );
+            let rate = kri("QUERY_RATE", site);
+            let queries = by_site.get(site).copied().unwrap_or(0) as f64;
+            assert_eq!(rate.map(|k| (k.numerator, k.denominator)), Some((queries, *points as f64)), "{site}");
+        }
+        let sum = |m: &BTreeMap<String, u64>| m.values().sum::<u64>() as f64;
+        let qtls: BTreeMap<&str, (f64, f64, f64, bool)> = r
+            .qtls
+            .iter()
+            .map(|q| (q.qtl.as_str(), (q.numerator, q.denominator, q.limit, q.breached)))
+            .collect();
+        for (id, x, n) in [
+            ("QTL_DISCONTINUATION", sum(&self.withdrawn), sum(&self.randomized)),
+            ("QTL_SCREEN_FAILURE", sum(&self.screen_failed), sum(&self.screened)),
+        ] {
+            let limit = 0.3 + 3.0 * (0.3f64 * 0.7 / n).sqrt();
+            let Some((kx, kn, klimit, breached)) = qtls.get(id) else { panic!("no {id}: {r:?}") };
+            assert_eq!((*kx, *kn), (x, n), "{id}");
+            assert!((klimit - limit).abs() < 1e-9, "{id}: limit {klimit} against {limit}");
+            assert_eq!(*breached, n >= 10.0 && x / n > limit, "{id}");
+        }
+        let breach_alerts =
+            s.study.alerts.by_rule.iter().find(|a| a.rule_id == "QTL-BREACH").map_or(0, |a| a.episodes);
+        if qtls.values().any(|q| q.3) {
+            assert!(breach_alerts >= 1, "a QTL is breached without a QTL-BREACH alert");
+        }
     }
 
     /// The proportion KRIs of the risk service against the same formulas written out here, from
@@ -350,6 +421,135 @@ impl Expected {
             }
         }
     }
+}
+
+/// The built-in edit checks written out over the readings and adverse events the replay sends
+/// (the plan's events): (check, site) → queries, and per site the inputs of the data-entry lag
+/// (dated to the day, recorded more than 10 days late) and the data points.
+#[allow(clippy::type_complexity, reason = "two plain tables")]
+fn edit_checks(
+    plan: &Plan,
+    withdrawals: &HashMap<String, (NaiveDate, String)>,
+) -> (BTreeMap<(String, String), u64>, BTreeMap<String, (u64, u64, u64)>) {
+    use trialflow_schemas::{DateTimePrecision as P, PartialDateTime};
+    let day_of = |d: &PartialDateTime| {
+        matches!(d.precision, P::Day | P::Hour | P::Minute | P::Second)
+            .then(|| d.earliest.and_then(|t| t.to_datetime()).map(|t| t.date_naive()))
+            .flatten()
+    };
+    let mut queries: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut inputs: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    let mut add =
+        |check: &str, site: &str| *queries.entry((check.to_string(), site.to_string())).or_default() += 1;
+    let mut input = |site: &str, day: Option<NaiveDate>, recorded: Option<chrono::DateTime<chrono::Utc>>| {
+        let i = inputs.entry(site.to_string()).or_default();
+        i.2 += 1;
+        if let (Some(day), Some(recorded)) = (day, recorded) {
+            i.0 += 1;
+            i.1 += u64::from((recorded.date_naive() - day).num_days() > 10);
+        }
+    };
+    let after = |subject: &str, day: Option<NaiveDate>| {
+        let (on, reason) = withdrawals.get(subject)?;
+        day.filter(|d| d > on).map(|_| if reason == "DEATH" { "AFTER_DEATH" } else { "AFTER_WITHDRAWAL" })
+    };
+    let ranges: HashMap<(&str, &str), (&str, f64, f64)> = [
+        (("8480-6", "mm[Hg]"), ("SYSBP_RANGE", 60.0, 250.0)),
+        (("8462-4", "mm[Hg]"), ("DIABP_RANGE", 30.0, 150.0)),
+        (("8867-4", "/min"), ("PULSE_RANGE", 30.0, 200.0)),
+        (("8310-5", "Cel"), ("TEMP_RANGE", 34.0, 42.0)),
+        (("29463-7", "kg"), ("WEIGHT_RANGE", 30.0, 250.0)),
+    ]
+    .into();
+    // Systolic readings by time point (subject, effective date-time as sent, position, visit).
+    let mut systolic: HashMap<(String, String, Option<String>, Option<String>), Vec<f64>> = HashMap::new();
+    let mut weights: BTreeMap<String, Vec<(chrono::DateTime<chrono::Utc>, uuid::Uuid, NaiveDate, f64)>> =
+        BTreeMap::new();
+    let vitals: Vec<&trialflow_schemas::VitalSignRecorded> = plan
+        .steps
+        .iter()
+        .filter_map(|s| if let Action::Vital(v) = &s.action { Some(&**v) } else { None })
+        .collect();
+    for v in &vitals {
+        let subject = v.envelope.subject_id.clone().unwrap_or_default();
+        let site = v.envelope.site_id.clone().unwrap_or_default();
+        let day = day_of(&v.effective);
+        input(&site, day, v.envelope.recorded_at.to_datetime());
+        if let Some((id, min, max)) = ranges.get(&(v.loinc_code.as_str(), v.unit.as_str()))
+            && (v.value < *min || v.value > *max)
+        {
+            add(id, &site);
+        }
+        if let Some(check) = after(&subject, day) {
+            add(check, &site);
+        }
+        let at = v.effective.earliest.and_then(|t| t.to_datetime());
+        if let (Some(at), Some(recorded)) = (at, v.envelope.recorded_at.to_datetime())
+            && at > recorded + chrono::Duration::hours(24)
+        {
+            add("FUTURE_DATE", &site);
+        }
+        if at.is_none() {
+            add("DATE_REQUIRED", &site);
+        }
+        let key = (subject.clone(), v.effective.raw.clone(), v.position.clone(), v.visit.clone());
+        if v.loinc_code == "8480-6" && at.is_some() {
+            systolic.entry(key).or_default().push(v.value);
+        }
+        if let (Some(at), Some(day), true) =
+            (at, day, (v.loinc_code.as_str(), v.unit.as_str()) == ("29463-7", "kg"))
+        {
+            weights.entry(subject).or_default().push((at, v.envelope.event_id, day, v.value));
+        }
+    }
+    for v in &vitals {
+        if v.loinc_code != "8462-4" {
+            continue;
+        }
+        let subject = v.envelope.subject_id.clone().unwrap_or_default();
+        let key = (subject, v.effective.raw.clone(), v.position.clone(), v.visit.clone());
+        for sys in systolic.get(&key).into_iter().flatten() {
+            if v.value >= *sys {
+                add("DIABP_GE_SYSBP", v.envelope.site_id.as_deref().unwrap_or_default());
+            }
+        }
+    }
+    for (subject, mut series) in weights {
+        let site = &subject[3..6];
+        series.sort_by_key(|w| (w.0, w.1));
+        let mut days: Vec<(NaiveDate, f64)> = Vec::new();
+        for (_, _, day, value) in series {
+            match days.last_mut() {
+                Some(last) if last.0 == day => last.1 = value,
+                _ => days.push((day, value)),
+            }
+        }
+        for pair in days.windows(2) {
+            if pair[0].1 > 0.0 && ((pair[1].1 - pair[0].1) / pair[0].1).abs() > 0.1 {
+                add("WEIGHT_CHANGE", site);
+            }
+        }
+    }
+    for step in &plan.steps {
+        let Action::AdverseEvent(a) = &step.action else { continue };
+        let subject = a.envelope.subject_id.clone().unwrap_or_default();
+        let site = a.envelope.site_id.clone().unwrap_or_default();
+        let day = day_of(&a.onset);
+        input(&site, day, a.envelope.recorded_at.to_datetime());
+        let at = a.onset.earliest.and_then(|t| t.to_datetime());
+        if at.is_none() {
+            add("DATE_REQUIRED", &site);
+        }
+        if let (Some(at), Some(recorded)) = (at, a.envelope.recorded_at.to_datetime())
+            && at > recorded + chrono::Duration::hours(24)
+        {
+            add("FUTURE_DATE", &site);
+        }
+        if let Some(check) = after(&subject, day) {
+            add(check, &site);
+        }
+    }
+    (queries, inputs)
 }
 
 fn date(raw: &str) -> NaiveDate {
