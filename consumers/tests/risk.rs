@@ -101,6 +101,11 @@ fn envelope(event_type: &str, s: &Subject, at: DateTime<Utc>) -> Envelope {
     e
 }
 
+/// Sites whose enrolled subjects answer their first diary (PHQ-9/D1); nobody answers another.
+fn completes_diaries(site: &str) -> bool {
+    ["701", "702", "703"].contains(&site)
+}
+
 /// How many days after its clinical day an input is recorded: site 704 enters every other
 /// reading late, every fifth day's adverse events are reported late (first reports only).
 fn entry_lag(site: &str, reading: bool, day: u64) -> u64 {
@@ -166,6 +171,22 @@ fn events(subjects: &[Subject], names: &TopicNames) -> anyhow::Result<Vec<Outbox
             };
             out.push(OutboxEvent::avro(&vital, names.of::<VitalSignRecorded>(), key.clone())?);
         }
+        if s.enrolled.is_some() && completes_diaries(&s.site) {
+            let accepted = QuestionnaireResponseAccepted {
+                envelope: envelope("QuestionnaireResponseAccepted", s, day(s.enrolled.unwrap_or_default())),
+                submission_id: Uuid::new_v4(),
+                questionnaire: "PHQ-9".into(),
+                questionnaire_version: "1".into(),
+                scheduled_occurrence: Some("PHQ-9/D1".into()),
+                authored_at: Timestamp::from(day(s.enrolled.unwrap_or_default())),
+                total_score: Some(2),
+                severity_band: Some("minimal".into()),
+                flagged_items: Vec::new(),
+                window_status: WindowStatus::InWindow,
+                late_sync: false,
+            };
+            out.push(OutboxEvent::avro(&accepted, names.of::<QuestionnaireResponseAccepted>(), key.clone())?);
+        }
         for (ae_id, d, serious, upgraded) in &s.adverse_events {
             let report = |serious: bool| AdverseEventReported {
                 envelope: recorded(envelope("AdverseEventReported", s, day(*d)), &s.site, false, *d),
@@ -199,8 +220,8 @@ fn expected(subjects: &[Subject]) -> Expected {
     // Per site: assessed, failed, enrolled, withdrawn, exposure days, AEs, SAEs, inputs (readings
     // and AE reports, all dated to the day), inputs recorded more than 10 days late, queries (the
     // default AFTER_WITHDRAWAL check: visits after the withdrawal day), outstanding queries (none
-    // is 30 days old).
-    let mut sites: BTreeMap<String, [f64; 11]> = BTreeMap::new();
+    // is 30 days old), ePRO occurrences missed and due (below).
+    let mut sites: BTreeMap<String, [f64; 13]> = BTreeMap::new();
     for s in subjects {
         let c = sites.entry(s.site.clone()).or_default();
         c[0] += 1.0;
@@ -245,6 +266,42 @@ fn expected(subjects: &[Subject]) -> Expected {
         ("QUERY_RATE", 9, 7, false, 30.0),
         ("QUERY_AGE", 10, 9, true, 3.0),
     ];
+    // ePRO compliance: the default schedule's occurrences whose last accepted day (due + after +
+    // grace) is before the study's last day seen, and that fell due before a withdrawal.
+    let schedule = trialflow_consumers::epro::catalogue::Catalogue::load(None)
+        .map(|c| c.schedule(STUDY).occurrences.clone())
+        .unwrap_or_default();
+    assert!(!schedule.is_empty());
+    let as_of = subjects
+        .iter()
+        .flat_map(|s| {
+            s.visits
+                .iter()
+                .chain(s.adverse_events.iter().map(|a| &a.1))
+                .chain(s.withdrawn.iter())
+                .chain(s.enrolled.iter())
+        })
+        .copied()
+        .max()
+        .unwrap_or_default();
+    let mut epro: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for s in subjects {
+        let Some(e) = s.enrolled else { continue };
+        for o in &schedule {
+            let due = e + u64::from(o.study_day) - 1;
+            let last = due + u64::from(o.window_after_days + o.grace_days);
+            if last < as_of && s.withdrawn.is_none_or(|w| due < w) {
+                let c = epro.entry(s.site.clone()).or_default();
+                c.1 += 1.0;
+                c.0 += f64::from(u8::from(!(o.id == "PHQ-9/D1" && completes_diaries(&s.site))));
+            }
+        }
+    }
+    for (site, (missed, due)) in epro {
+        let c = sites.entry(site).or_default();
+        (c[11], c[12]) = (missed, due);
+    }
+    let kris = [kris.as_slice(), &[("EPRO_COMPLIANCE", 11, 12, true, 10.0)]].concat();
     let mut out = Expected::new();
     for (kri, x, n, binary, min) in kris {
         let rows: Vec<(&String, f64, f64)> =
@@ -331,9 +388,13 @@ async fn the_kri_table_equals_an_independent_computation_whatever_the_order_and_
     all.extend(again);
     all.shuffle(&mut rng);
     // Hostile bytes on each topic it reads: dead letters, and everything behind them applies.
-    for topic in
-        [topics::SUBJECT_LIFECYCLE, topics::ADVERSE_EVENTS, topics::CLINICAL_OBSERVATIONS, topics::QUERIES]
-    {
+    for topic in [
+        topics::SUBJECT_LIFECYCLE,
+        topics::ADVERSE_EVENTS,
+        topics::CLINICAL_OBSERVATIONS,
+        topics::EPRO_RESPONSES,
+        topics::QUERIES,
+    ] {
         let garbage = OutboxEvent {
             topic: names.name(topic),
             key: "701-000".into(),
@@ -362,7 +423,7 @@ async fn the_kri_table_equals_an_independent_computation_whatever_the_order_and_
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let study = risk::read::study_kris(&pool, &schema, STUDY).await?;
-    assert_eq!(study.len(), 7, "{study:?}");
+    assert_eq!(study.len(), 8, "{study:?}");
 
     // Every flag change is a KriFlagChanged on its site's key, in order: the last one of each site
     // and KRI says the flag the table ends with, and every site flagged now had one.

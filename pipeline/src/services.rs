@@ -206,8 +206,11 @@ pub static SERVICES: &[Service] = &[
         consumer: Some(Consumer {
             spec: risk::spec,
             start: |s| {
+                let schedules = Catalogue::load(s.settings.epro_config_dir.as_deref())
+                    .context("questionnaire catalogue (ePRO compliance)")?;
                 let thresholds = risk::RiskConfig::load(s.settings.risk_config_dir.as_deref())
-                    .map_err(anyhow::Error::msg)?;
+                    .map_err(anyhow::Error::msg)?
+                    .with_schedules(schedules);
                 Ok(Box::pin(
                     async move { Ok(risk::run(s.spec, s.config, s.topics, thresholds, s.stop).await?) },
                 ))

@@ -21,6 +21,8 @@ use serde::Deserialize;
 
 use super::checks::EditCheck;
 use super::kri::{self, Kri, Method, Thresholds};
+use crate::epro::catalogue::Catalogue;
+use crate::epro::schedule::Schedule;
 
 /// Largest configuration file read (bytes): a folder of settings, not a data set.
 const MAX_FILE_BYTES: u64 = 1024 * 1024;
@@ -106,11 +108,13 @@ impl Qtl {
 }
 
 /// The risk configuration of every study.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct RiskConfig {
     /// Study id (or `*`) → its file.
     studies: BTreeMap<String, StudyConfig>,
     builtin: StudyConfig,
+    /// The ePRO schedules (the ePRO validation service's catalogue): ePRO compliance.
+    schedules: Catalogue,
 }
 
 impl Default for RiskConfig {
@@ -118,7 +122,9 @@ impl Default for RiskConfig {
     fn default() -> Self {
         let builtin = parse("built-in risk configuration", BUILTIN)
             .unwrap_or_else(|e| unreachable!("the built-in risk configuration is tested: {e}"));
-        Self { studies: BTreeMap::new(), builtin }
+        let schedules = Catalogue::load(None)
+            .unwrap_or_else(|e| unreachable!("the built-in ePRO catalogue is tested: {e}"));
+        Self { studies: BTreeMap::new(), builtin, schedules }
     }
 }
 
@@ -217,6 +223,17 @@ impl RiskConfig {
     /// The quality tolerance limits of `study_id`.
     pub fn qtls(&self, study_id: &str) -> &[Qtl] {
         self.first(study_id, |c| c.qtls.as_deref()).unwrap_or_default()
+    }
+
+    /// The ePRO schedules of `catalogue` (`EPRO_CONFIG_DIR`) instead of the built-in ones.
+    pub fn with_schedules(mut self, catalogue: Catalogue) -> Self {
+        self.schedules = catalogue;
+        self
+    }
+
+    /// The ePRO schedule of `study_id`.
+    pub fn schedule(&self, study_id: &str) -> &Schedule {
+        self.schedules.schedule(study_id)
     }
 
     /// How many days after it happened an input may be recorded before it counts as lagging.

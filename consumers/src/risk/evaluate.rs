@@ -282,6 +282,7 @@ fn counts_of(kri: &Kri, sites: &[store::SiteCounts]) -> Vec<SiteCounts> {
                 "DATA_ENTRY_LAG" => (s.lagging_inputs, s.dated_inputs),
                 "QUERY_RATE" => (s.queries, s.data_points),
                 "QUERY_AGE" => (s.outstanding_queries, s.queries),
+                "EPRO_COMPLIANCE" => (s.epro_missed, s.epro_due),
                 other => unreachable!("KRI {other} has no counts"),
             };
             SiteCounts {
@@ -306,7 +307,12 @@ pub async fn evaluate(
          ON CONFLICT (study_id) DO UPDATE SET evaluated_at = now()"
     );
     sqlx::query(AssertSqlSafe(sql)).bind(study_id).execute(&mut *conn).await?;
-    let sites = store::site_counts(conn, schema, study_id, thresholds.data_entry_lag_days(study_id)).await?;
+    let mut sites =
+        store::site_counts(conn, schema, study_id, thresholds.data_entry_lag_days(study_id)).await?;
+    let epro = store::epro_counts(conn, schema, study_id, thresholds.schedule(study_id)).await?;
+    for site in &mut sites {
+        (site.epro_due, site.epro_missed) = epro.get(&site.site_id).copied().unwrap_or_default();
+    }
     let mut changes = Vec::new();
     for kri in kri::CATALOGUE {
         let analysis =

@@ -132,9 +132,28 @@ pub const QUERY_AGE: Kri = Kri {
     gsm: "kri0009",
 };
 
+/// Scheduled ePRO occurrences missed.
+pub const EPRO_COMPLIANCE: Kri = Kri {
+    id: "EPRO_COMPLIANCE",
+    name: "ePRO occurrences missed",
+    method: Method::Binary,
+    numerator: "scheduled questionnaire occurrences due without an accepted response",
+    denominator: "scheduled questionnaire occurrences of enrolled subjects due by the study's clock, before their withdrawal",
+    min_denominator: 10.0,
+    gsm: "–",
+};
+
 /// Every KRI the risk service keeps.
-pub const CATALOGUE: &[Kri] =
-    &[AE_RATE, SAE_RATE, DISCONTINUATION, SCREEN_FAILURE, DATA_ENTRY_LAG, QUERY_RATE, QUERY_AGE];
+pub const CATALOGUE: &[Kri] = &[
+    AE_RATE,
+    SAE_RATE,
+    DISCONTINUATION,
+    SCREEN_FAILURE,
+    DATA_ENTRY_LAG,
+    QUERY_RATE,
+    QUERY_AGE,
+    EPRO_COMPLIANCE,
+];
 
 /// How long a query may stay open before it counts as outstanding ([`QUERY_AGE`]).
 pub const QUERY_AGE_DAYS: i32 = 30;

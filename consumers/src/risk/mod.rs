@@ -12,7 +12,9 @@
 //! * `VitalSignRecorded` → each reading, as such an input;
 //! * every event of the subject → the last date it was seen, which ends the exposure of a subject
 //!   still on study, and the subject due for the edit checks ([`queries`]);
-//! * `QueryAnswered`, `QueryClosed` (`risk.queries.v1`) → a query's status.
+//! * `QueryAnswered`, `QueryClosed` (`risk.queries.v1`) → a query's status;
+//! * `QuestionnaireResponseAccepted` with a `scheduled_occurrence` → the occurrence completed
+//!   (ePRO compliance, [`epro`]; not a sighting: a diary does not extend the exposure).
 //!
 //! The KRIs, their numerators and denominators are in [`kri::CATALOGUE`] and the README. Scores,
 //! edit checks and quality tolerance limits are computed by the evaluator ([`evaluate`]), beside
@@ -21,6 +23,7 @@
 
 pub mod checks;
 pub mod config;
+pub mod epro;
 pub mod evaluate;
 pub mod kri;
 pub mod queries;
@@ -67,6 +70,7 @@ pub fn spec(schema: SchemaName, topics: &TopicNames) -> ConsumerSpec {
             topics::SUBJECT_LIFECYCLE,
             topics::ADVERSE_EVENTS,
             topics::CLINICAL_OBSERVATIONS,
+            topics::EPRO_RESPONSES,
             topics::QUERIES,
         ]),
     }
@@ -136,7 +140,9 @@ fn fact(envelope: &Envelope) -> Result<Fact<'_>, HandlerError> {
 /// The event's envelope and what it tells the risk service; `None` for events it does not count.
 fn what(event: &AnyEvent) -> Option<(&Envelope, What<'_>)> {
     Some(match event {
-        AnyEvent::SubjectScreened(e) => (&e.envelope, What::Seen),
+        AnyEvent::SubjectScreened(e) => {
+            (&e.envelope, What::Lifecycle(Lifecycle::Screened { time_zone: &e.time_zone }))
+        }
         AnyEvent::EligibilityAssessed(e) => {
             (&e.envelope, What::Lifecycle(Lifecycle::Assessed { eligible: e.eligible }))
         }
@@ -158,7 +164,6 @@ fn what(event: &AnyEvent) -> Option<(&Envelope, What<'_>)> {
 
 /// What an event tells the risk service.
 enum What<'a> {
-    Seen,
     Lifecycle(Lifecycle<'a>),
     AdverseEvent(&'a AdverseEventReported),
     Reading(&'a VitalSignRecorded),
@@ -201,7 +206,7 @@ impl Handler for Risk {
                     inputs.adverse_events.push(e);
                 }
                 What::Reading(e) => inputs.readings.push(e),
-                What::Seen | What::Lifecycle(_) => {}
+                What::Lifecycle(_) => {}
             }
         }
         let mut changed = store::sightings(tx, &self.schema, &sightings).await?;
@@ -237,13 +242,21 @@ impl Handler for Risk {
             }
             return Ok(());
         }
+        if let AnyEvent::QuestionnaireResponseAccepted(e) = &event {
+            let Some(occurrence) = e.scheduled_occurrence.as_deref() else { return Ok(()) };
+            let fact = fact(&e.envelope)?;
+            if store::epro_completed(tx, &self.schema, fact, occurrence).await? {
+                store::mark(tx, &self.schema, fact.study_id, &partition_of(message)).await?;
+            }
+            return Ok(());
+        }
         let Some((envelope, what)) = what(&event) else { return Ok(()) };
         // Checked again: an event `prepare` could not count is a dead letter.
         fact(envelope)?;
         match what {
             What::Lifecycle(l) => self.lifecycle(tx, message, envelope, l).await,
             // Counted with the batch in `prepare`.
-            What::Seen | What::AdverseEvent(_) | What::Reading(_) => Ok(()),
+            What::AdverseEvent(_) | What::Reading(_) => Ok(()),
         }
     }
 }

@@ -61,6 +61,10 @@ pub(crate) async fn sightings(
 /// Which lifecycle fact changes the subject's row.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Lifecycle<'a> {
+    /// Screened, living in that time zone (the first one given wins).
+    Screened {
+        time_zone: &'a str,
+    },
     Assessed {
         eligible: bool,
     },
@@ -103,13 +107,23 @@ pub(crate) async fn lifecycle(
             );
             sqlx::query(AssertSqlSafe(sql)).bind(fact.study_id).bind(fact.subject_id).bind(on)
         }
-        // The first enrollment date: a resend never moves it later.
+        Lifecycle::Screened { time_zone } => {
+            let sql = format!(
+                "UPDATE {schema}.subject AS t SET time_zone = $3 WHERE {key} AND t.time_zone IS NULL"
+            );
+            sqlx::query(AssertSqlSafe(sql)).bind(fact.study_id).bind(fact.subject_id).bind(time_zone)
+        }
+        // The first enrollment: a resend never moves it later.
         Lifecycle::Enrolled => {
             let sql = format!(
-                "UPDATE {schema}.subject AS t SET enrolled_on = $3
-                 WHERE {key} AND (t.enrolled_on IS NULL OR t.enrolled_on > $3)"
+                "UPDATE {schema}.subject AS t SET enrolled_on = $3, enrolled_at = $4
+                 WHERE {key} AND (t.enrolled_at IS NULL OR t.enrolled_at > $4)"
             );
-            sqlx::query(AssertSqlSafe(sql)).bind(fact.study_id).bind(fact.subject_id).bind(fact.on())
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(fact.study_id)
+                .bind(fact.subject_id)
+                .bind(fact.on())
+                .bind(fact.at)
         }
         // The first withdrawal, with its reason.
         Lifecycle::Withdrawn { reason_code } => {
@@ -198,6 +212,9 @@ pub struct SiteCounts {
     /// Queries opened, and those outstanding for more than [`super::kri::QUERY_AGE_DAYS`].
     pub queries: i64,
     pub outstanding_queries: i64,
+    /// Scheduled ePRO occurrences due, and those missed (see [`super::epro`]).
+    pub epro_due: i64,
+    pub epro_missed: i64,
 }
 
 /// Every site's counts in `study_id`, by site id. A subject's exposure is the days from its
@@ -278,7 +295,67 @@ pub(crate) async fn site_counts(
                 data_points: r.try_get(10)?,
                 queries: r.try_get(11)?,
                 outstanding_queries: r.try_get(12)?,
+                epro_due: 0,
+                epro_missed: 0,
             })
         })
         .collect()
+}
+
+/// Notes an accepted response to a scheduled occurrence; whether it is new.
+pub(crate) async fn epro_completed(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    fact: Fact<'_>,
+    occurrence: &str,
+) -> Result<bool, HandlerError> {
+    let sql = format!(
+        "INSERT INTO {schema}.epro_completed (study_id, subject_id, occurrence) VALUES ($1, $2, $3)
+         ON CONFLICT DO NOTHING"
+    );
+    let done = sqlx::query(AssertSqlSafe(sql))
+        .bind(fact.study_id)
+        .bind(fact.subject_id)
+        .bind(occurrence)
+        .execute(&mut *conn)
+        .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Per site, the ePRO occurrences due and missed by the study's clock (the latest day any of its
+/// subjects was seen) under `schedule`. Subjects without a known time zone are placed in UTC.
+pub(crate) async fn epro_counts(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    study_id: &str,
+    schedule: &crate::epro::schedule::Schedule,
+) -> Result<BTreeMap<String, (i64, i64)>, sqlx::Error> {
+    let sql = format!(
+        "SELECT s.site_id, s.enrolled_at, s.withdrawn_on, s.time_zone,
+                coalesce(array_agg(e.occurrence) FILTER (WHERE e.occurrence IS NOT NULL), '{{}}'),
+                (SELECT max(last_seen_on) FROM {schema}.subject WHERE study_id = $1)
+         FROM {schema}.subject s
+         LEFT JOIN {schema}.epro_completed e USING (study_id, subject_id)
+         WHERE s.study_id = $1 AND s.site_id IS NOT NULL AND s.enrolled_at IS NOT NULL
+         GROUP BY s.subject_id, s.site_id, s.enrolled_at, s.withdrawn_on, s.time_zone"
+    );
+    let rows = sqlx::query(AssertSqlSafe(sql)).bind(study_id).fetch_all(&mut *conn).await?;
+    let mut out: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for r in rows {
+        let site: String = r.try_get(0)?;
+        let zone: Option<String> = r.try_get(3)?;
+        let completed: Vec<String> = r.try_get(4)?;
+        let Some(as_of): Option<NaiveDate> = r.try_get(5)? else { continue };
+        let subject = super::epro::EnrolledSubject {
+            enrolled_at: r.try_get(1)?,
+            withdrawn_on: r.try_get(2)?,
+            time_zone: zone.and_then(|z| z.parse().ok()).unwrap_or(chrono_tz::UTC),
+            completed: completed.into_iter().collect(),
+        };
+        let (due, missed) = super::epro::compliance(schedule, &subject, as_of);
+        let counts = out.entry(site).or_default();
+        counts.0 += i64::from(due);
+        counts.1 += i64::from(missed);
+    }
+    Ok(out)
 }
