@@ -519,6 +519,10 @@ async fn site_pages_show_the_sites(api: &Api, risk: &Value) -> anyhow::Result<()
     let alerts = red["alerts"].as_array().context("alerts")?;
     assert!(alerts.iter().any(|a| a["subject_id"].is_null() && a["rule_id"].as_str().is_some_and(|r| r.starts_with("KRI"))), "{alerts:?}");
 
+    // Each KRI of the site once, its fields once each (what a JSON parser would hide).
+    let raw = api.get(Some(&api.researcher), &format!("/v1/studies/{STUDY}/sites/D12")).await?.text;
+    assert_eq!(raw.matches("\"kri_id\"").count(), kri_ids.len(), "{raw}");
+
     let d01 = api.ok(&format!("/v1/studies/{STUDY}/sites/D01")).await?;
     let watched = d01["subjects"]
         .as_array()

@@ -175,9 +175,18 @@ pub(super) struct SitePage {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(super) struct SiteKriDetail {
     #[serde(flatten)]
-    kri: StudyKriView,
-    #[serde(flatten)]
     site: SiteKriView,
+    name: String,
+    #[schema(schema_with = method_schema)]
+    method: String,
+    /// The study's metric.
+    overall: f64,
+    /// The over-dispersion factor; `null` when nothing distinguishes the sites.
+    #[schema(required = true)]
+    factor: Option<f64>,
+    amber: f64,
+    red: f64,
+    min_denominator: f64,
 }
 
 /// A subject of a site and what the monitoring service holds of it.
@@ -583,8 +592,17 @@ pub(super) async fn site(
     let kris: Vec<SiteKriDetail> = site_kris
         .into_iter()
         .filter_map(|site| {
-            let kri = study_kris.iter().find(|k| k.kri_id == site.kri_id)?.clone();
-            Some(SiteKriDetail { kri, site })
+            let kri = study_kris.iter().find(|k| k.kri_id == site.kri_id)?;
+            Some(SiteKriDetail {
+                name: kri.name.clone(),
+                method: kri.method.clone(),
+                overall: kri.overall,
+                factor: kri.factor,
+                amber: kri.amber,
+                red: kri.red,
+                min_denominator: kri.min_denominator,
+                site,
+            })
         })
         .collect();
 
