@@ -3,13 +3,11 @@
 //! ([`raise`]), and checks the answers, the rows and the outbox events of the decisions, the
 //! event stream, and (in headless Chromium) the inbox page.
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use chrono::{DateTime, TimeDelta, Utc};
-use fantoccini::{Client, ClientBuilder, Locator};
+use fantoccini::{Client, Locator};
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
@@ -25,6 +23,10 @@ use trialflow_schemas::topics::{self, TopicNames};
 use trialflow_schemas::{AlertAcknowledged, AlertResolved, Event};
 use trialflow_testkit::{database_url, init_logs, unique, wait_until};
 use uuid::Uuid;
+
+mod common;
+
+use common::browser::{Driver, headless_chromium, tools};
 
 /// How long a change may take to reach a stream or the page.
 const LIVE: Duration = Duration::from_secs(10);
@@ -174,6 +176,9 @@ impl TestApi {
             listen: "127.0.0.1:0".parse()?,
             database_url: url.clone(),
             schema: schema.clone(),
+            risk_schema: trialflow_consumers::risk::schema(),
+            rules: Default::default(),
+            thresholds: Default::default(),
             tokens: tokens.clone(),
             oidc: None,
             topics: topics.clone(),
@@ -1067,66 +1072,6 @@ async fn stream_sends_changes_live_and_resumes_after_last_event_id() -> anyhow::
 
 // ---- the inbox page in a browser ------------------------------------------------------------------
 
-/// An executable on PATH (or at `$var`).
-fn executable(var: &str, names: &[&str]) -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os(var).map(PathBuf::from).filter(|p| p.is_file()) {
-        return Some(path);
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).flat_map(|dir| names.iter().map(move |n| dir.join(n))).find(|p| p.is_file())
-}
-
-/// chromedriver on a free port, stopped when dropped.
-struct Driver {
-    url: String,
-    process: tokio::process::Child,
-}
-
-impl Driver {
-    async fn start(chromedriver: &Path) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let process = tokio::process::Command::new(chromedriver)
-            .arg(format!("--port={port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", chromedriver.display()))?;
-        let url = format!("http://127.0.0.1:{port}");
-        let status = format!("{url}/status");
-        let http = reqwest::Client::new();
-        wait_until("chromedriver is ready", Duration::from_secs(20), || async {
-            let Ok(response) = http.get(&status).send().await else { return Ok(false) };
-            Ok(response.json::<Value>().await.is_ok_and(|s| s["value"]["ready"] == true))
-        })
-        .await?;
-        Ok(Self { url, process })
-    }
-
-    async fn stop(mut self) {
-        let _ = self.process.kill().await;
-    }
-}
-
-async fn headless_chromium(driver: &Driver, chromium: &Path) -> anyhow::Result<Client> {
-    let options = json!({
-        "binary": chromium.to_string_lossy(),
-        "args": [
-            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-            "--window-size=1280,900",
-        ],
-    });
-    let mut capabilities = serde_json::Map::new();
-    capabilities.insert("browserName".into(), json!("chrome"));
-    capabilities.insert("goog:chromeOptions".into(), options);
-    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    let mut builder = ClientBuilder::new(connector);
-    let session = builder.capabilities(capabilities).connect(&driver.url);
-    Ok(tokio::time::timeout(Duration::from_secs(60), session).await.context("Chromium did not start")??)
-}
-
 /// The page's row of `id`.
 fn row(id: Uuid) -> String {
     format!("tr[data-alert-id=\"{id}\"]")
@@ -1134,15 +1079,7 @@ fn row(id: Uuid) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbox_page_shows_new_alerts_live_and_acknowledges_them() -> anyhow::Result<()> {
-    let (Some(chromium), Some(chromedriver)) = (
-        executable("CHROMIUM", &["chromium", "chromium-browser"]),
-        executable("CHROMEDRIVER", &["chromedriver"]),
-    ) else {
-        bail!(
-            "the inbox's browser test needs headless Chromium and chromedriver: run scripts/chromium.sh \
-             (installs Debian's chromium and chromium-driver)"
-        );
-    };
+    let (chromium, chromedriver) = tools("the inbox's browser test")?;
     let started = Instant::now();
     let api = TestApi::start().await?;
     let driver = Driver::start(&chromedriver).await?;

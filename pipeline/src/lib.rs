@@ -246,6 +246,16 @@ impl Pipeline {
         config.site_api.topics = topics.clone();
         config.epro_gateway.topics = topics.clone();
         config.alert_api.schema = s[monitoring::NAME].clone();
+        config.alert_api.risk_schema = s[trialflow_consumers::risk::NAME].clone();
+        // The dashboard draws the thresholds the monitoring and risk services of this pipeline use.
+        let settings = &config.settings;
+        config.alert_api.rules = monitoring::rules::RuleBook::load(settings.monitoring_rules_dir.as_deref())
+            .map_err(anyhow::Error::msg)
+            .context("monitoring rules for the alert API's dashboard")?;
+        config.alert_api.thresholds =
+            trialflow_consumers::risk::RiskConfig::load(settings.risk_config_dir.as_deref())
+                .map_err(anyhow::Error::msg)
+                .context("KRI thresholds for the alert API's dashboard")?;
         config.alert_api.topics = topics;
         monitoring::api::describe_metrics();
         let alert_api = AlertApi::bind(config.alert_api).await.context("starting the alert API")?;

@@ -136,10 +136,15 @@ impl Fixture {
 
         let alert_schema = SchemaName::new(unique("alerts"))?;
         monitoring::migrate(&url, &alert_schema).await?;
+        let risk_schema = SchemaName::new(unique("risk"))?;
+        trialflow_consumers::risk::migrate(&url, &risk_schema).await?;
         let alerts = AlertApi::bind(AlertApiConfig {
             listen: "127.0.0.1:0".parse()?,
             database_url: url.clone(),
             schema: alert_schema.clone(),
+            risk_schema,
+            rules: Default::default(),
+            thresholds: Default::default(),
             tokens: grants.clone(),
             oidc: None,
             topics,
@@ -272,6 +277,10 @@ impl Fixture {
             self.expect_2xx(Method::POST, "/v1/studies/S1/subjects", Some(screening)).await?;
         }
         let alert = if route.template.contains("{alert_id}") { Some(self.raise().await?) } else { None };
+        if route.service == Service::Alerts && route.template.starts_with("/v1/studies") {
+            // The dashboard's routes answer 404 for a study, site or subject nobody knows.
+            self.observe(&subject()).await?;
+        }
         let path = route
             .template
             .replace("{study_id}", "S1")
@@ -326,6 +335,30 @@ impl Fixture {
         .execute(&self.pool)
         .await?;
         Ok(id)
+    }
+
+    /// A vital-sign reading of `subject_id` of S1, kept as the monitoring consumer keeps one, and an
+    /// alert of it at site 701.
+    async fn observe(&self, subject_id: &str) -> anyhow::Result<()> {
+        let s = &self.alert_schema;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {s}.observation (event_id, study_id, subject_id, code, value, unit, effective_at)
+             VALUES ($1, 'S1', $2, '8480-6', 182, 'mm[Hg]', now())"
+        )))
+        .bind(Uuid::now_v7())
+        .bind(subject_id)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {s}.alert (alert_id, study_id, site_id, subject_id, rule_id, rule_version, severity,
+                                    source_label, summary, effective_at)
+             VALUES ($1, 'S1', '701', $2, 'vs.sysbp.high', 1, 'HIGH', 'Vital signs', 'SBP 182', now())"
+        )))
+        .bind(Uuid::now_v7())
+        .bind(subject_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// What a refused request must leave as it was: the rows and events of all three services

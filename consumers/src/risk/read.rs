@@ -52,3 +52,72 @@ pub async fn study_kris(
     let sql = format!("SELECT kri, overall, factor FROM {schema}.study_kri WHERE study_id = $1 ORDER BY kri");
     sqlx::query_as(AssertSqlSafe(sql)).bind(study_id).fetch_all(pool).await
 }
+
+/// A study's last evaluation as a whole: when, the study's metric and factor per KRI, and every
+/// site's result, read in one snapshot (the evaluator replaces them in one transaction, so two
+/// separate reads could mix two evaluations).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    /// `None`: never evaluated (then both lists are empty).
+    pub evaluated_at: Option<DateTime<Utc>>,
+    /// By KRI.
+    pub study: Vec<StudyKri>,
+    /// By site, then KRI.
+    pub sites: Vec<SiteKri>,
+}
+
+/// The last evaluation of `study_id`, in one snapshot.
+pub async fn evaluation(
+    pool: &PgPool,
+    schema: &SchemaName,
+    study_id: &str,
+) -> Result<Evaluation, sqlx::Error> {
+    let mut tx = pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
+    let evaluated_at = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT evaluated_at FROM {schema}.study WHERE study_id = $1"
+    )))
+    .bind(study_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let study = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT kri, overall, factor FROM {schema}.study_kri WHERE study_id = $1 ORDER BY kri"
+    )))
+    .bind(study_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let sites = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT site_id, kri, numerator, denominator, metric, score, flag, flag_changed_at
+         FROM {schema}.site_kri WHERE study_id = $1 ORDER BY site_id, kri"
+    )))
+    .bind(study_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Evaluation { evaluated_at, study, sites })
+}
+
+/// The subjects the risk service has heard of at `site_id` of `study_id` (their site is the one
+/// of the first event naming it), by id.
+pub async fn site_subjects(
+    pool: &PgPool,
+    schema: &SchemaName,
+    study_id: &str,
+    site_id: &str,
+) -> Result<Vec<String>, sqlx::Error> {
+    let sql = format!(
+        "SELECT subject_id FROM {schema}.subject WHERE study_id = $1 AND site_id = $2 ORDER BY subject_id"
+    );
+    sqlx::query_scalar(AssertSqlSafe(sql)).bind(study_id).bind(site_id).fetch_all(pool).await
+}
+
+/// The site of a subject of `study_id`: `None` when the risk service never heard of the subject,
+/// `Some(None)` when no event of it named a site.
+pub async fn subject_site(
+    pool: &PgPool,
+    schema: &SchemaName,
+    study_id: &str,
+    subject_id: &str,
+) -> Result<Option<Option<String>>, sqlx::Error> {
+    let sql = format!("SELECT site_id FROM {schema}.subject WHERE study_id = $1 AND subject_id = $2");
+    sqlx::query_scalar(AssertSqlSafe(sql)).bind(study_id).bind(subject_id).fetch_optional(pool).await
+}

@@ -4,6 +4,8 @@
 //! site API. Each test binary uses part of it.
 #![allow(dead_code)]
 
+pub(crate) mod browser;
+
 use std::time::Duration;
 
 use sqlx::{AssertSqlSafe, PgPool};

@@ -252,6 +252,15 @@ Call with (dict "root" $ "c" $component); jobs pass a component of kind `migrate
 - name: MONITORING_RULES_DIR
   value: /etc/trialflow/monitoring-rules
 {{- end }}
+{{- /* The alert API's dashboard draws the thresholds the monitoring and risk services use. */}}
+{{- if and (eq $c.name "alert-api") $v.components.monitoring.rulesConfigMap }}
+- name: MONITORING_RULES_DIR
+  value: /etc/trialflow/monitoring-rules
+{{- end }}
+{{- if and (eq $c.name "alert-api") $v.components.risk.configMap }}
+- name: RISK_CONFIG_DIR
+  value: /etc/trialflow/risk
+{{- end }}
 {{- if and (eq $c.name "epro-validation") $c.values.configMap }}
 - name: EPRO_CONFIG_DIR
   value: /etc/trialflow/epro
@@ -308,6 +317,16 @@ Call with (dict "root" $ "c" $component); jobs pass a component of kind `migrate
   configMap:
     name: {{ $c.values.rulesConfigMap }}
 {{- end }}
+{{- if and (eq $c.name "alert-api") $root.Values.components.monitoring.rulesConfigMap }}
+- name: monitoring-rules
+  configMap:
+    name: {{ $root.Values.components.monitoring.rulesConfigMap }}
+{{- end }}
+{{- if and (eq $c.name "alert-api") $root.Values.components.risk.configMap }}
+- name: risk-config
+  configMap:
+    name: {{ $root.Values.components.risk.configMap }}
+{{- end }}
 {{- if and (eq $c.name "epro-validation") $c.values.configMap }}
 - name: epro-config
   configMap:
@@ -332,6 +351,12 @@ Call with (dict "root" $ "c" $component); jobs pass a component of kind `migrate
 {{- end }}
 {{- if and (eq $c.name "monitoring") $c.values.rulesConfigMap }}
 - {name: monitoring-rules, mountPath: /etc/trialflow/monitoring-rules, readOnly: true}
+{{- end }}
+{{- if and (eq $c.name "alert-api") $root.Values.components.monitoring.rulesConfigMap }}
+- {name: monitoring-rules, mountPath: /etc/trialflow/monitoring-rules, readOnly: true}
+{{- end }}
+{{- if and (eq $c.name "alert-api") $root.Values.components.risk.configMap }}
+- {name: risk-config, mountPath: /etc/trialflow/risk, readOnly: true}
 {{- end }}
 {{- if and (eq $c.name "epro-validation") $c.values.configMap }}
 - {name: epro-config, mountPath: /etc/trialflow/epro, readOnly: true}

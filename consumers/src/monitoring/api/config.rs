@@ -3,6 +3,7 @@
 //! [`AlertApiConfig`], what the service runs with.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use clap::Args;
 use trialflow_http::auth::{TokenGrant, accepted_tokens, parse_tokens};
@@ -13,6 +14,8 @@ use trialflow_outbox::config::{self, DEFAULT_DATABASE_URL, setting, trimmed};
 use trialflow_schemas::topics::TopicNames;
 
 use super::AlertApiError;
+use crate::monitoring::rules::RuleBook;
+use crate::risk::RiskConfig;
 
 /// Where the API listens by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8083";
@@ -34,6 +37,21 @@ pub struct AlertApiArgs {
     /// The monitoring service's schema: its alert tables and the outbox the API's events go to.
     #[arg(long, env = "ALERT_API_SCHEMA", default_value = crate::monitoring::SCHEMA, value_parser = setting(|name| SchemaName::new(name).map_err(|e| e.to_string())))]
     pub schema: SchemaName,
+
+    /// The risk service's schema: the KRI table the dashboard's study and site pages show.
+    #[arg(long, env = "ALERT_API_RISK_SCHEMA", default_value = crate::risk::SCHEMA, value_parser = setting(|name| SchemaName::new(name).map_err(|e| e.to_string())))]
+    pub risk_schema: SchemaName,
+
+    /// The monitoring service's folder of per-study rule sets (`*.json`): the dashboard draws a
+    /// subject's vital signs against the thresholds of its study's rules. The default rules
+    /// only when unset.
+    #[arg(long, env = "MONITORING_RULES_DIR", value_name = "DIR")]
+    pub monitoring_rules_dir: Option<PathBuf>,
+
+    /// The risk service's folder of per-study KRI thresholds (`*.json`): the amber and red limits
+    /// the dashboard's funnel plots draw. ±2/±3 when unset.
+    #[arg(long, env = "RISK_CONFIG_DIR", value_name = "DIR")]
+    pub risk_config_dir: Option<PathBuf>,
 
     /// Accepted bearer tokens, in the format of SITE_API_TOKENS (`token=role:user,...`);
     /// researchers and admins may use the API, other roles get 403. None when unset (see
@@ -74,15 +92,29 @@ impl AlertApiArgs {
                         .to_string(),
                 )
             })?;
-        Ok(self.with_tokens(tokens, oidc))
+        let rules = RuleBook::load(self.monitoring_rules_dir.as_deref()).map_err(|e| {
+            AlertApiError::Config(format!("MONITORING_RULES_DIR (--monitoring-rules-dir): {e}"))
+        })?;
+        let thresholds = RiskConfig::load(self.risk_config_dir.as_deref())
+            .map_err(|e| AlertApiError::Config(format!("RISK_CONFIG_DIR (--risk-config-dir): {e}")))?;
+        Ok(self.with_tokens(tokens, oidc, rules, thresholds))
     }
 
-    fn with_tokens(self, tokens: Vec<TokenGrant>, oidc: Option<OidcSettings>) -> AlertApiConfig {
+    fn with_tokens(
+        self,
+        tokens: Vec<TokenGrant>,
+        oidc: Option<OidcSettings>,
+        rules: RuleBook,
+        thresholds: RiskConfig,
+    ) -> AlertApiConfig {
         AlertApiConfig {
             oidc,
             listen: self.listen,
             database_url: self.database_url,
             schema: self.schema,
+            risk_schema: self.risk_schema,
+            rules,
+            thresholds,
             tokens,
             topics: TopicNames::new(self.topic_prefix),
             limits: self.limits.limits(),
@@ -100,6 +132,13 @@ pub struct AlertApiConfig {
     /// The monitoring service's schema: its alert tables and the outbox the API's events go to
     /// (`ALERT_API_SCHEMA`).
     pub schema: SchemaName,
+    /// The risk service's schema: the KRI table of the dashboard (`ALERT_API_RISK_SCHEMA`).
+    pub risk_schema: SchemaName,
+    /// The monitoring rules, whose vital-sign thresholds the subject page draws
+    /// (`MONITORING_RULES_DIR`).
+    pub rules: RuleBook,
+    /// The KRI thresholds, whose amber and red limits the funnel plots draw (`RISK_CONFIG_DIR`).
+    pub thresholds: RiskConfig,
     /// Accepted bearer tokens, in the format of `SITE_API_TOKENS`
     /// (`ALERT_API_TOKENS="tok1=researcher:rita,tok2=admin:ada"`); researchers and admins may use
     /// the API, other roles get 403. Locally: [`DEMO_TOKENS`].
@@ -128,7 +167,17 @@ impl AlertApiConfig {
             Some(tokens) => tokens.clone(),
             None => demo_tokens(),
         };
-        Self { limits: args.limits.local_limits(), ..args.with_tokens(tokens, oidc.unwrap_or(None)) }
+        // Folders that cannot be read leave the defaults, as an invalid variable does.
+        let rules = RuleBook::load(args.monitoring_rules_dir.as_deref()).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "MONITORING_RULES_DIR unusable; the dashboard draws the default rules.");
+            RuleBook::load(None).unwrap_or_default()
+        });
+        let thresholds = RiskConfig::load(args.risk_config_dir.as_deref()).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "RISK_CONFIG_DIR unusable; the dashboard draws the default KRI limits.");
+            RiskConfig::default()
+        });
+        let limits = args.limits.local_limits();
+        Self { limits, ..args.with_tokens(tokens, oidc.unwrap_or(None), rules, thresholds) }
     }
 }
 
@@ -157,6 +206,8 @@ mod tests {
         let args = config::defaults::<AlertApiArgs>();
         assert_eq!(args.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(args.schema.as_str(), crate::monitoring::SCHEMA);
+        assert_eq!(args.risk_schema.as_str(), crate::risk::SCHEMA);
+        assert!(args.monitoring_rules_dir.is_none() && args.risk_config_dir.is_none());
         assert_eq!(args.database_url, DEFAULT_DATABASE_URL);
         assert!(args.tokens.is_none() && !args.demo_tokens);
         assert_eq!(args.limits.limits(), Limits::default(), "production limits");
@@ -198,6 +249,18 @@ mod tests {
             (&["--listen", "127.0.0.1:8083\0"], "ALERT_API_LISTEN (--listen)", "invalid socket address"),
             (&["--schema", "monitoring\n"], "ALERT_API_SCHEMA (--schema)", "schema name"),
             (&["--schema", &"m".repeat(64)], "ALERT_API_SCHEMA (--schema)", "schema name"),
+            (&["--risk-schema", "risk\n"], "ALERT_API_RISK_SCHEMA (--risk-schema)", "schema name"),
+            (&["--risk-schema", "Risk Schema"], "ALERT_API_RISK_SCHEMA (--risk-schema)", "schema name"),
+            (
+                &["--demo-tokens", "--monitoring-rules-dir", "/nonexistent/rules"],
+                "MONITORING_RULES_DIR (--monitoring-rules-dir)",
+                "/nonexistent/rules",
+            ),
+            (
+                &["--demo-tokens", "--risk-config-dir", "/nonexistent/risk"],
+                "RISK_CONFIG_DIR (--risk-config-dir)",
+                "/nonexistent/risk",
+            ),
             (&["--tokens", "s3cr3t"], "ALERT_API_TOKENS (--tokens)", "token #1 is not `token=role:user`"),
             (
                 &["--tokens", "a=researcher:rita,s3cr3t=chief:x"],

@@ -9,11 +9,21 @@
 //! | `POST /v1/alerts/{alert_id}/acknowledge` `{"reason"}` | researcher, admin | alert, alert_history | AlertAcknowledged (`monitoring.alerts.v1`, alert id) |
 //! | `POST /v1/alerts/{alert_id}/resolve` `{"reason"}` | researcher, admin | alert, alert_history | AlertResolved (same) |
 //! | `GET /v1/alerts/stream` (server-sent events) | researcher, admin | – | – |
+//! | `GET /v1/studies/{study_id}/risk`: the site risk table, KRIs' funnel limits (see [`dashboard`]) | researcher, admin | – | – |
+//! | `GET /v1/studies/{study_id}/sites/{site_id}`: a site's KRIs, subjects, site-level alerts | researcher, admin | – | – |
+//! | `GET /v1/studies/{study_id}/subjects/{subject_id}/vitals`: vital signs, thresholds, alerts | researcher, admin | – | – |
 //! | `GET /` and `GET /inbox`: the inbox page (no data, no auth) | – | – | – |
+//! | `GET /dashboard`: the researcher dashboard (no data, no auth; `#/study/{id}[/site/{id}\|/subject/{id}]`) | – | – | – |
 //!
 //! `GET /healthz` (liveness) and `GET /readyz` (database reachable) are for probes, without auth;
 //! `GET /openapi.json` is the API's OpenAPI 3.1 document, generated from the handlers (see
 //! [`openapi`]), without auth.
+//!
+//! **Dashboard.** The `/v1/studies` routes read the risk service's KRI table
+//! (`ALERT_API_RISK_SCHEMA`) beside the monitoring schema, and draw thresholds from the KRI
+//! configuration (`RISK_CONFIG_DIR`) and the monitoring rules (`MONITORING_RULES_DIR`) the two
+//! services use; the site risk score is the sum of `|flag|` over a site's KRIs (see [`dashboard`]
+//! for the limits and the scope rules).
 //!
 //! A decision writes the alert row, its `alert_history` entry and its event in ONE transaction:
 //! the event is published if and only if the decision is recorded. The monitoring consumer sees
@@ -35,7 +45,7 @@
 //! `unknown_parameter` / `duplicate_parameter` / `invalid_parameter` / `invalid_cursor` (the
 //! list's query), 401 `unauthenticated`, 403 `forbidden`, 404 `not_found`, 409
 //! `already_acknowledged` / `already_resolved`, 413 `payload_too_large`, 422 `validation_failed`
-//! (the reason, `Last-Event-ID`) / `invalid_characters` / `too_long`, 429 `rate_limited` (with
+//! (the reason, `Last-Event-ID`, a dashboard route's path id) / `invalid_characters` / `too_long`, 429 `rate_limited` (with
 //! `Retry-After`), 503 `unavailable` / `timeout` (the request took longer than
 //! `HTTP_REQUEST_TIMEOUT_MS` and was stopped, a decision's transaction rolled back), 500
 //! `internal`. The rate limits and the timeout are [`trialflow_http::limits`]'s; the timeout
@@ -44,6 +54,7 @@
 mod alerts;
 mod config;
 mod cursor;
+mod dashboard;
 mod list;
 mod openapi;
 mod stream;
@@ -75,6 +86,9 @@ use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::monitoring::rules::RuleBook;
+use crate::risk::RiskConfig;
+
 pub use config::{AlertApiArgs, AlertApiConfig, DEFAULT_LISTEN, DEMO_TOKENS};
 pub use openapi::{EXAMPLE_ALERT_ID, document as openapi_document};
 
@@ -93,6 +107,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/"),
     ("GET", "/inbox"),
+    ("GET", "/dashboard"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/openapi.json"),
@@ -101,6 +116,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/alerts/{alert_id}"),
     ("POST", "/v1/alerts/{alert_id}/acknowledge"),
     ("POST", "/v1/alerts/{alert_id}/resolve"),
+    ("GET", "/v1/studies/{study_id}/risk"),
+    ("GET", "/v1/studies/{study_id}/sites/{site_id}"),
+    ("GET", "/v1/studies/{study_id}/subjects/{subject_id}/vitals"),
 ];
 
 /// Who may use the API. Researchers are blinded; nothing here shows an arm.
@@ -111,6 +129,8 @@ const MAX_CONNECTIONS: u32 = 10;
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The inbox page: static, no build step, all data rendered as text by its script.
 const INBOX_HTML: &str = include_str!("inbox.html");
+/// The researcher dashboard: static like the inbox, its data from the `/v1/studies` routes.
+const DASHBOARD_HTML: &str = include_str!("dashboard.html");
 
 /// Why the alert API could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +174,12 @@ struct Shared {
     pool: PgPool,
     outbox: Outbox,
     schema: SchemaName,
+    /// The risk service's schema (the dashboard's KRI table).
+    risk_schema: SchemaName,
+    /// The monitoring rules: the vital-sign thresholds of the subject page.
+    rules: RuleBook,
+    /// The KRI thresholds: the amber and red limits of the funnel plots.
+    thresholds: RiskConfig,
     topics: TopicNames,
     auth: Authenticator,
     /// Changes of this schema's alerts, from the one listener to every stream.
@@ -240,6 +266,9 @@ impl AlertApi {
             pool,
             outbox,
             schema: config.schema,
+            risk_schema: config.risk_schema,
+            rules: config.rules,
+            thresholds: config.thresholds,
             topics: config.topics,
             auth,
             changes,
@@ -292,6 +321,7 @@ fn routes() -> OpenApiRouter<AlertState> {
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(inbox_root))
         .routes(routes!(inbox_page))
+        .routes(routes!(dashboard_page))
         .routes(routes!(healthz))
         .routes(routes!(ready))
         .routes(routes!(openapi::openapi_json))
@@ -300,6 +330,9 @@ fn routes() -> OpenApiRouter<AlertState> {
         .routes(routes!(alerts::get_alert))
         .routes(routes!(alerts::acknowledge))
         .routes(routes!(alerts::resolve))
+        .routes(routes!(dashboard::study_risk))
+        .routes(routes!(dashboard::site))
+        .routes(routes!(dashboard::subject_vitals))
 }
 
 fn router(state: AlertState, limiter: Arc<Limiter>) -> Router {
@@ -368,8 +401,30 @@ async fn inbox_page() -> Response {
     inbox()
 }
 
+/// The researcher dashboard
+///
+/// Static HTML without data, signed in like the inbox (the same token, kept for the browser
+/// tab): a study's site risk table and one funnel plot per KRI, a site's KRIs and subjects, a
+/// subject's vital signs against the thresholds of the study's rules with its alerts marked.
+/// Pages are addressed by the fragment: `#/study/{study_id}`, `#/study/{study_id}/site/{site_id}`,
+/// `#/study/{study_id}/subject/{subject_id}`.
+#[utoipa::path(
+    get,
+    path = "/dashboard",
+    tag = "pages",
+    responses((status = 200, description = "The dashboard page.", content_type = "text/html", body = String)),
+)]
+async fn dashboard_page() -> Response {
+    page(DASHBOARD_HTML)
+}
+
 /// The inbox page. It carries no data: it asks the API with the token the researcher gives it.
 fn inbox() -> Response {
+    page(INBOX_HTML)
+}
+
+/// A static page of this API, `html`, with the headers that keep it to itself.
+fn page(html: &'static str) -> Response {
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -384,7 +439,7 @@ fn inbox() -> Response {
     );
     headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     headers.insert(HeaderName::from_static("x-content-type-options"), HeaderValue::from_static("nosniff"));
-    (headers, INBOX_HTML).into_response()
+    (headers, html).into_response()
 }
 
 /// Request metrics and the request span.

@@ -31,7 +31,8 @@ pub const EXAMPLE_ALERT_ID: &str = "0190f3c2-7a4e-7c1d-9b2a-5e8f4d3c2b1a";
         title = "trialflow alert API",
         description = "The researchers' alert API: the alerts the monitoring service raises, \
             their evidence and timeline, the two decisions researchers take on them (acknowledge, \
-            resolve), a live stream of changes, and the inbox page.\n\n\
+            resolve), a live stream of changes, the inbox page, and the dashboard (a study's site \
+            risk table and funnel plots, sites, subjects' vital signs) with its data.\n\n\
             **Tokens.** Every `/v1` route needs a researcher's or an admin's token as \
             `Authorization: Bearer <token>` (401 without a valid one, 403 for other roles); the \
             stream also takes it as `?access_token=`, because browsers' `EventSource` cannot \
@@ -53,6 +54,8 @@ pub const EXAMPLE_ALERT_ID: &str = "0190f3c2-7a4e-7c1d-9b2a-5e8f4d3c2b1a";
             Unauthenticated,
             Forbidden,
             NoSuchAlert,
+            NotKnown,
+            InvalidId,
             InvalidText,
             InvalidReason,
             BadBody,
@@ -67,7 +70,8 @@ pub const EXAMPLE_ALERT_ID: &str = "0190f3c2-7a4e-7c1d-9b2a-5e8f4d3c2b1a";
     modifiers(&TokenSchemes),
     tags(
         (name = "alerts", description = "Alerts, their detail, the decisions on them and the stream of changes."),
-        (name = "pages", description = "The researcher's inbox page (static; it asks the API with the researcher's token)."),
+        (name = "dashboard", description = "The researcher dashboard's data: a study's site risk table and funnel limits, a site, a subject's vital signs with their thresholds and alerts."),
+        (name = "pages", description = "The researcher's inbox and dashboard pages (static; they ask the API with the researcher's token)."),
         (name = "service", description = "Probes and this document."),
     )
 )]
@@ -168,6 +172,11 @@ error_responses! {
     Forbidden: "`forbidden`: the token's role may not use this API (researchers and admins may); \
         `out_of_scope`: the alert's study, or the `study_id` asked for, is not among the token's.";
     NoSuchAlert: "`not_found`: no alert with this id (an id that is not a UUID names none either).";
+    NotKnown: "`not_found`: neither the risk nor the monitoring service knows this study, site or \
+        subject (a subject of a site outside the token's sites is not found either).";
+    InvalidId: "`validation_failed`: a path segment that is not an id (1 to 64 letters, digits, \
+        `.`, `_`, `-`); `invalid_characters` or `too_long`: a control character in, or an \
+        over-long, path segment or query value (`field` names it).";
     InvalidText: "`invalid_characters` or `too_long`: a control character in, or an over-long, \
         query value or path segment (`field` names it).";
     InvalidReason: "`validation_failed` (the reason is missing or blank), `invalid_characters` \
