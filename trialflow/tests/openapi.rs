@@ -136,12 +136,15 @@ impl Fixture {
 
         let alert_schema = SchemaName::new(unique("alerts"))?;
         monitoring::migrate(&url, &alert_schema).await?;
+        // The dashboard's routes read the risk service's tables: a private, migrated schema.
+        let risk_schema = SchemaName::new(unique("risk"))?;
+        trialflow_consumers::risk::migrate(&url, &risk_schema).await?;
         raise_example_alert(&url, &alert_schema).await?;
         let alerts = AlertApi::bind(AlertApiConfig {
             listen: "127.0.0.1:0".parse()?,
             database_url: url.clone(),
             schema: alert_schema,
-            risk_schema: trialflow_consumers::risk::schema(),
+            risk_schema,
             rules: Default::default(),
             thresholds: Default::default(),
             tokens: grants,
