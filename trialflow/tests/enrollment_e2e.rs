@@ -102,9 +102,12 @@ async fn sites_enroll_subjects_through_the_api_and_a_shipment_releases_the_held_
     site.enroll("701", 101, 60, json!({})).await?;
 
     let pool = PgPool::connect(&database_url()).await?;
-    wait_until("701 enrolled, 702 on hold", WAIT, || async {
+    // Every subject decided (subjects are handled on several partitions, in any order).
+    wait_until("701 enrolled, 702 on hold, 100 ineligible, 101 without strata", WAIT, || async {
         Ok(count(&pool, &enrollment, "status = 'enrolled'").await? == 6
-            && count(&pool, &enrollment, "hold_reason_code = 'NO_KIT_AVAILABLE'").await? == 6)
+            && count(&pool, &enrollment, "hold_reason_code = 'NO_KIT_AVAILABLE'").await? == 6
+            && count(&pool, &enrollment, "subject_id = '701-0100' AND status = 'ineligible'").await? == 1
+            && count(&pool, &enrollment, "hold_reason_code = 'STRATUM_MISSING'").await? == 1)
     })
     .await?;
     assert_eq!(count(&pool, &enrollment, "subject_id = '701-0100' AND status = 'ineligible'").await?, 1);
