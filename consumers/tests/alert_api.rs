@@ -174,6 +174,7 @@ impl TestApi {
             listen: "127.0.0.1:0".parse()?,
             database_url: url.clone(),
             schema: schema.clone(),
+            risk_schema: trialflow_consumers::risk::schema(),
             tokens: tokens.clone(),
             oidc: None,
             topics: topics.clone(),

@@ -246,6 +246,7 @@ impl Pipeline {
         config.site_api.topics = topics.clone();
         config.epro_gateway.topics = topics.clone();
         config.alert_api.schema = s[monitoring::NAME].clone();
+        config.alert_api.risk_schema = s[trialflow_consumers::risk::NAME].clone();
         config.alert_api.topics = topics;
         monitoring::api::describe_metrics();
         let alert_api = AlertApi::bind(config.alert_api).await.context("starting the alert API")?;

@@ -111,6 +111,7 @@ impl Fixture {
             listen: "127.0.0.1:0".parse()?,
             database_url: url.clone(),
             schema: alert_schema.clone(),
+            risk_schema: trialflow_consumers::risk::schema(),
             tokens: vec![],
             oidc: Some(by_url),
             limits: trialflow_http::limits::Limits::unthrottled(),

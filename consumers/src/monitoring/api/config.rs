@@ -35,6 +35,10 @@ pub struct AlertApiArgs {
     #[arg(long, env = "ALERT_API_SCHEMA", default_value = crate::monitoring::SCHEMA, value_parser = setting(|name| SchemaName::new(name).map_err(|e| e.to_string())))]
     pub schema: SchemaName,
 
+    /// The risk service's schema: the KRI table the dashboard's study and site pages show.
+    #[arg(long, env = "ALERT_API_RISK_SCHEMA", default_value = crate::risk::SCHEMA, value_parser = setting(|name| SchemaName::new(name).map_err(|e| e.to_string())))]
+    pub risk_schema: SchemaName,
+
     /// Accepted bearer tokens, in the format of SITE_API_TOKENS (`token=role:user,...`);
     /// researchers and admins may use the API, other roles get 403. None when unset (see
     /// --demo-tokens). Prefer the variable: a flag shows in the process list.
@@ -83,6 +87,7 @@ impl AlertApiArgs {
             listen: self.listen,
             database_url: self.database_url,
             schema: self.schema,
+            risk_schema: self.risk_schema,
             tokens,
             topics: TopicNames::new(self.topic_prefix),
             limits: self.limits.limits(),
@@ -100,6 +105,8 @@ pub struct AlertApiConfig {
     /// The monitoring service's schema: its alert tables and the outbox the API's events go to
     /// (`ALERT_API_SCHEMA`).
     pub schema: SchemaName,
+    /// The risk service's schema: the KRI table of the dashboard (`ALERT_API_RISK_SCHEMA`).
+    pub risk_schema: SchemaName,
     /// Accepted bearer tokens, in the format of `SITE_API_TOKENS`
     /// (`ALERT_API_TOKENS="tok1=researcher:rita,tok2=admin:ada"`); researchers and admins may use
     /// the API, other roles get 403. Locally: [`DEMO_TOKENS`].
@@ -157,6 +164,7 @@ mod tests {
         let args = config::defaults::<AlertApiArgs>();
         assert_eq!(args.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(args.schema.as_str(), crate::monitoring::SCHEMA);
+        assert_eq!(args.risk_schema.as_str(), crate::risk::SCHEMA);
         assert_eq!(args.database_url, DEFAULT_DATABASE_URL);
         assert!(args.tokens.is_none() && !args.demo_tokens);
         assert_eq!(args.limits.limits(), Limits::default(), "production limits");

@@ -9,6 +9,8 @@
 //! | `POST /v1/alerts/{alert_id}/acknowledge` `{"reason"}` | researcher, admin | alert, alert_history | AlertAcknowledged (`monitoring.alerts.v1`, alert id) |
 //! | `POST /v1/alerts/{alert_id}/resolve` `{"reason"}` | researcher, admin | alert, alert_history | AlertResolved (same) |
 //! | `GET /v1/alerts/stream` (server-sent events) | researcher, admin | – | – |
+//! | `GET /v1/queries?study_id=&status=` (the risk service's data queries, see [`queries`]) | researcher, admin | – | – |
+//! | `POST /v1/queries/{query_id}/close` `{"reason"}` | researcher, admin | – (its audit record) | QueryClosed (`risk.queries.v1`, query id) |
 //! | `GET /` and `GET /inbox`: the inbox page (no data, no auth) | – | – | – |
 //!
 //! `GET /healthz` (liveness) and `GET /readyz` (database reachable) are for probes, without auth;
@@ -46,6 +48,7 @@ mod config;
 mod cursor;
 mod list;
 mod openapi;
+mod queries;
 mod stream;
 
 use std::net::SocketAddr;
@@ -77,6 +80,7 @@ use utoipa_axum::routes;
 
 pub use config::{AlertApiArgs, AlertApiConfig, DEFAULT_LISTEN, DEMO_TOKENS};
 pub use openapi::{EXAMPLE_ALERT_ID, document as openapi_document};
+pub use queries::EXAMPLE_QUERY_ID;
 
 /// The service's name (the `service` label of the limits' metrics).
 pub const NAME: &str = "alert-api";
@@ -101,6 +105,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/alerts/{alert_id}"),
     ("POST", "/v1/alerts/{alert_id}/acknowledge"),
     ("POST", "/v1/alerts/{alert_id}/resolve"),
+    ("GET", "/v1/queries"),
+    ("POST", "/v1/queries/{query_id}/close"),
 ];
 
 /// Who may use the API. Researchers are blinded; nothing here shows an arm.
@@ -154,6 +160,8 @@ struct Shared {
     pool: PgPool,
     outbox: Outbox,
     schema: SchemaName,
+    /// The risk service's schema (the dashboard's KRI table).
+    risk_schema: SchemaName,
     topics: TopicNames,
     auth: Authenticator,
     /// Changes of this schema's alerts, from the one listener to every stream.
@@ -240,6 +248,7 @@ impl AlertApi {
             pool,
             outbox,
             schema: config.schema,
+            risk_schema: config.risk_schema,
             topics: config.topics,
             auth,
             changes,
@@ -300,6 +309,8 @@ fn routes() -> OpenApiRouter<AlertState> {
         .routes(routes!(alerts::get_alert))
         .routes(routes!(alerts::acknowledge))
         .routes(routes!(alerts::resolve))
+        .routes(routes!(queries::list_queries))
+        .routes(routes!(queries::close_query))
 }
 
 fn router(state: AlertState, limiter: Arc<Limiter>) -> Router {

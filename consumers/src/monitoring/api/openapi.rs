@@ -67,6 +67,7 @@ pub const EXAMPLE_ALERT_ID: &str = "0190f3c2-7a4e-7c1d-9b2a-5e8f4d3c2b1a";
     modifiers(&TokenSchemes),
     tags(
         (name = "alerts", description = "Alerts, their detail, the decisions on them and the stream of changes."),
+        (name = "queries", description = "The risk service's data queries: the list, and closing an answered one."),
         (name = "pages", description = "The researcher's inbox page (static; it asks the API with the researcher's token)."),
         (name = "service", description = "Probes and this document."),
     )
