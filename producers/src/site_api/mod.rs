@@ -52,8 +52,9 @@
 //! (a body beyond [`MAX_BODY_BYTES`], or events too large for the event log), 422
 //! `validation_failed` / `invalid_characters` / `too_long` / `in_the_future` /
 //! `idempotency_key_reused`, 429 `rate_limited` (with `Retry-After`), 503 `unavailable` (retry
-//! with the same key) / `timeout` (the request took longer than `HTTP_REQUEST_TIMEOUT_MS` and was
-//! stopped, its transaction rolled back; retry with the same key), 500 `internal`. The rate limits
+//! with the same key) / `queries_unavailable` (no risk schema linked) / `timeout` (the request
+//! took longer than `HTTP_REQUEST_TIMEOUT_MS` and was stopped, its transaction rolled back; retry
+//! with the same key), 500 `internal`. The rate limits
 //! and the timeout are [`trialflow_http::limits`]'s.
 
 pub mod audit;

@@ -36,8 +36,8 @@
 //! [`ApiError`]): 400 `invalid_json` / `duplicate_key` / `invalid_body` (a decision's body) and
 //! `unknown_parameter` / `duplicate_parameter` / `invalid_parameter` / `invalid_cursor` (the
 //! list's query), 401 `unauthenticated`, 403 `forbidden`, 404 `not_found`, 409
-//! `already_acknowledged` / `already_resolved`, 413 `payload_too_large`, 422 `validation_failed`
-//! (the reason, `Last-Event-ID`) / `invalid_characters` / `too_long`, 429 `rate_limited` (with
+//! `already_acknowledged` / `already_resolved` / `query_not_answered`, 413 `payload_too_large`,
+//! 422 `validation_failed` (the reason, `Last-Event-ID`) / `invalid_characters` / `too_long`, 429 `rate_limited` (with
 //! `Retry-After`), 503 `unavailable` / `timeout` (the request took longer than
 //! `HTTP_REQUEST_TIMEOUT_MS` and was stopped, a decision's transaction rolled back), 500
 //! `internal`. The rate limits and the timeout are [`trialflow_http::limits`]'s; the timeout
