@@ -99,7 +99,7 @@ pub struct Settings {
 pub static SERVICES: &[Service] = &[
     Service {
         name: site_api::NAME,
-        about: "sites and sponsors: studies, kit shipments, screening, consent, enrollment requests, withdrawals",
+        about: "sites and sponsors: studies, kit shipments, screening, consent, enrollment requests, withdrawals, answers to data queries",
         store: Some(Store {
             schema: site_api::schema,
             tag: "sa",
@@ -107,7 +107,12 @@ pub static SERVICES: &[Service] = &[
         }),
         consumer: None,
         http: Some("site-api"),
-        writes: &[topics::STUDY_CONFIGURATION, topics::SUBJECT_LIFECYCLE, topics::KIT_INVENTORY],
+        writes: &[
+            topics::STUDY_CONFIGURATION,
+            topics::SUBJECT_LIFECYCLE,
+            topics::KIT_INVENTORY,
+            topics::QUERIES,
+        ],
     },
     Service {
         name: epro_gateway::NAME,
@@ -176,7 +181,7 @@ pub static SERVICES: &[Service] = &[
     },
     Service {
         name: monitoring::NAME,
-        about: "per-study rules → alert episodes with escalation; the researchers' alert API",
+        about: "per-study rules → alert episodes with escalation; the researchers' alert API (alerts, closing data queries)",
         store: Some(Store {
             schema: monitoring::schema,
             tag: "mon",
@@ -193,7 +198,7 @@ pub static SERVICES: &[Service] = &[
             },
         }),
         http: Some("alert-api"),
-        writes: &[topics::ALERTS],
+        writes: &[topics::ALERTS, topics::QUERIES],
     },
     Service {
         name: risk::NAME,
@@ -319,13 +324,15 @@ impl Schemas {
 }
 
 impl Schemas {
-    /// What the site API reads of the other services: their audit trails (`GET /v1/audit`) and
-    /// the enrollment service's randomization records (the code break).
+    /// What the site API reads of the other services: their audit trails (`GET /v1/audit`), the
+    /// enrollment service's randomization records (the code break) and the risk service's data
+    /// queries (`/v1/queries`).
     pub fn site_api_links(&self) -> site_api::Links {
         let enrollment = self[enrollment::NAME].clone();
         site_api::Links {
             audit_sources: self.audit_sources(),
             treatments: Some(std::sync::Arc::new(EnrollmentTreatments(enrollment))),
+            queries: Some(self[risk::NAME].clone()),
         }
     }
 }

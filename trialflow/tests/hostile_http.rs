@@ -19,8 +19,8 @@ use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use trialflow_consumers::enrollment;
 use trialflow_consumers::monitoring::{self, api::AlertApi, api::AlertApiConfig};
+use trialflow_consumers::{enrollment, risk};
 use trialflow_http::auth::{Role, TokenGrant};
 use trialflow_http::input::DEFAULT_MAX_FUTURE_SKEW_SECS;
 use trialflow_outbox::SchemaName;
@@ -66,6 +66,8 @@ struct Fixture {
     alert_schema: SchemaName,
     /// The randomization records the code break reads (seeded by [`Fixture::randomize`]).
     enrollment_schema: SchemaName,
+    /// The data queries the site API answers and the alert API closes (seeded by [`Fixture::query`]).
+    risk_schema: SchemaName,
     /// Investigators' tokens (the code break needs a recent sign-in, which static tokens lack).
     idp: TestIdp,
     pool: PgPool,
@@ -101,11 +103,14 @@ impl Fixture {
         site_api::migrate(&url, &site_schema).await.context("migrating (is `make up` running?)")?;
         let enrollment_schema = SchemaName::new(unique("enr"))?;
         enrollment::migrate(&url, &enrollment_schema).await?;
+        let risk_schema = SchemaName::new(unique("risk"))?;
+        risk::migrate(&url, &risk_schema).await?;
         let idp = TestIdp::start().await?;
         let site = common::site_api(
             &url,
             site_schema.clone(),
             enrollment_schema.clone(),
+            risk_schema.clone(),
             grants.clone(),
             &idp,
             &topics,
@@ -136,13 +141,11 @@ impl Fixture {
 
         let alert_schema = SchemaName::new(unique("alerts"))?;
         monitoring::migrate(&url, &alert_schema).await?;
-        let risk_schema = SchemaName::new(unique("risk"))?;
-        trialflow_consumers::risk::migrate(&url, &risk_schema).await?;
         let alerts = AlertApi::bind(AlertApiConfig {
             listen: "127.0.0.1:0".parse()?,
             database_url: url.clone(),
             schema: alert_schema.clone(),
-            risk_schema,
+            risk_schema: risk_schema.clone(),
             rules: Default::default(),
             thresholds: Default::default(),
             tokens: grants.clone(),
@@ -164,6 +167,7 @@ impl Fixture {
             site_schema,
             alert_schema,
             enrollment_schema,
+            risk_schema,
             idp,
             pool: PgPool::connect(&url).await?,
             topic,
@@ -214,7 +218,9 @@ impl Fixture {
             Service::Site if path.ends_with("/code-break") => {
                 self.idp.token(&self.idp.claims("ian", "investigator", &["S1"], &["701"]))?
             }
-            Service::Site if path.contains("/subjects") => self.staff.clone(),
+            Service::Site if path.contains("/subjects") || path.starts_with("/v1/queries") => {
+                self.staff.clone()
+            }
             Service::Site if path.ends_with("/shipments") => self.pharmacist.clone(),
             Service::Site => self.admin.clone(),
         })
@@ -281,12 +287,19 @@ impl Fixture {
             // The dashboard's routes answer 404 for a study, site or subject nobody knows.
             self.observe(&subject()).await?;
         }
+        // A query the site can answer, or one it answered that a researcher can close.
+        let query = match route.service {
+            _ if !route.template.contains("{query_id}") => None,
+            Service::Alerts => Some(self.query("answered").await?),
+            _ => Some(self.query("open").await?),
+        };
         let path = route
             .template
             .replace("{study_id}", "S1")
             .replace("{site_id}", "701")
             .replace("{subject_id}", &subject())
-            .replace("{alert_id}", &alert.map(|a| a.to_string()).unwrap_or_default());
+            .replace("{alert_id}", &alert.map(|a| a.to_string()).unwrap_or_default())
+            .replace("{query_id}", &query.map(|q| q.to_string()).unwrap_or_default());
         let body = match (route.service, route.template.rsplit('/').next().unwrap_or_default()) {
             (Service::Site, "studies") => Some(study(&format!("S-{n}"))),
             (Service::Site, "sites") => {
@@ -315,6 +328,8 @@ impl Fixture {
                 Some(serde_json::to_value(&s)?)
             }
             (Service::Alerts, "acknowledge" | "resolve") => Some(json!({"reason": "Called the site."})),
+            (Service::Site, "answer") => Some(json!({"answer": "Transcription error; corrected."})),
+            (Service::Alerts, "close") => Some(json!({"reason": "Answer accepted."})),
             _ => None,
         };
         Ok((path, body))
@@ -361,6 +376,14 @@ impl Fixture {
         Ok(())
     }
 
+    /// A data query of a subject of site 701 in `status`, as the risk service keeps it.
+    async fn query(&self, status: &str) -> anyhow::Result<Uuid> {
+        let id = Uuid::now_v7();
+        let subject = format!("701-Q{}", self.next());
+        common::seed_query(&self.pool, &self.risk_schema, id, ("S1", "701", &subject), status).await?;
+        Ok(id)
+    }
+
     /// What a refused request must leave as it was: the rows and events of all three services
     /// (the gateway's topic is read once, at the end).
     async fn written(&self) -> anyhow::Result<Vec<i64>> {
@@ -394,7 +417,8 @@ fn routes() -> anyhow::Result<Vec<Route>> {
             (Service::Site, "withdrawal") => ("/reason_code", "reason_code"),
             (Service::Site, "code-break") => ("/reason", "reason"),
             (Service::Gateway, "submissions") => ("/envelope/subject_id", "envelope.subject_id"),
-            (Service::Alerts, "acknowledge" | "resolve") => ("/reason", "reason"),
+            (Service::Alerts, "acknowledge" | "resolve" | "close") => ("/reason", "reason"),
+            (Service::Site, "answer") => ("/answer", "answer"),
             _ => return None,
         })
     };

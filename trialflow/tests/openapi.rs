@@ -29,8 +29,8 @@ use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use trialflow_consumers::enrollment;
 use trialflow_consumers::monitoring::{self, api::AlertApi, api::AlertApiConfig};
+use trialflow_consumers::{enrollment, risk};
 use trialflow_http::auth::{Role, TokenGrant};
 use trialflow_http::input::DEFAULT_MAX_FUTURE_SKEW_SECS;
 use trialflow_outbox::SchemaName;
@@ -94,10 +94,27 @@ impl Fixture {
         let (study_id, subject_id) =
             parameter("StudyId").zip(parameter("SubjectId")).context("path examples")?;
         common::randomize(&pool, &enrollment_schema, (&study_id, &subject_id), 1).await?;
+        // The data queries the examples answer (open, site API) and close (answered, alert API).
+        let risk_schema = SchemaName::new(unique("risk"))?;
+        risk::migrate(&url, &risk_schema).await?;
+        let answer = &document["paths"]["/v1/queries/{query_id}/answer"]["post"]["parameters"][0]["example"];
+        let open_query: Uuid = answer.as_str().context("the answer's query id example")?.parse()?;
+        let answered_query: Uuid = monitoring::api::EXAMPLE_QUERY_ID.parse()?;
+        let subject = (study_id.as_str(), "701", subject_id.as_str());
+        common::seed_query(&pool, &risk_schema, open_query, subject, "open").await?;
+        common::seed_query(&pool, &risk_schema, answered_query, subject, "answered").await?;
         let idp = TestIdp::start().await?;
         let investigator = idp.token(&idp.claims("ian", "investigator", &["*"], &["*"]))?;
-        let site =
-            common::site_api(&url, site_schema, enrollment_schema, grants.clone(), &idp, &topics).await?;
+        let site = common::site_api(
+            &url,
+            site_schema,
+            enrollment_schema,
+            risk_schema.clone(),
+            grants.clone(),
+            &idp,
+            &topics,
+        )
+        .await?;
         services.push(Service {
             name: "site API",
             base: format!("http://{}", site.local_addr()),
@@ -136,9 +153,7 @@ impl Fixture {
 
         let alert_schema = SchemaName::new(unique("alerts"))?;
         monitoring::migrate(&url, &alert_schema).await?;
-        // The dashboard's routes read the risk service's tables: a private, migrated schema.
-        let risk_schema = SchemaName::new(unique("risk"))?;
-        trialflow_consumers::risk::migrate(&url, &risk_schema).await?;
+        // The dashboard's and the queries' routes read the same private, migrated risk schema.
         raise_example_alert(&url, &alert_schema).await?;
         let alerts = AlertApi::bind(AlertApiConfig {
             listen: "127.0.0.1:0".parse()?,

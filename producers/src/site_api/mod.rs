@@ -21,6 +21,8 @@
 //! | `POST .../subjects/{subject_id}/withdrawal` | site_staff, admin | subject | SubjectWithdrawn (same) |
 //! | `POST .../subjects/{subject_id}/code-break` | investigator, signed in recently | – (its audit record) | CodeBroken (same; no treatment): see [`code_break`] |
 //! | `GET /v1/audit` | any (blinded roles: the blinded view) | – | – |
+//! | `GET /v1/queries?study_id=&site_id=&status=&limit=` | site_staff, investigator, admin (their sites' queries) | – | – |
+//! | `POST /v1/queries/{query_id}/answer` | site_staff, investigator, admin | – (its audit record) | QueryAnswered (`risk.queries.v1`, query id): see [`queries`] |
 //!
 //! **Audit trail.** Every command also appends its audit record (who, what with old → new, why,
 //! caused by its `Idempotency-Key`) to the schema's audit trail in its transaction (see
@@ -50,8 +52,9 @@
 //! (a body beyond [`MAX_BODY_BYTES`], or events too large for the event log), 422
 //! `validation_failed` / `invalid_characters` / `too_long` / `in_the_future` /
 //! `idempotency_key_reused`, 429 `rate_limited` (with `Retry-After`), 503 `unavailable` (retry
-//! with the same key) / `timeout` (the request took longer than `HTTP_REQUEST_TIMEOUT_MS` and was
-//! stopped, its transaction rolled back; retry with the same key), 500 `internal`. The rate limits
+//! with the same key) / `queries_unavailable` (no risk schema linked) / `timeout` (the request
+//! took longer than `HTTP_REQUEST_TIMEOUT_MS` and was stopped, its transaction rolled back; retry
+//! with the same key), 500 `internal`. The rate limits
 //! and the timeout are [`trialflow_http::limits`]'s.
 
 pub mod audit;
@@ -61,6 +64,7 @@ pub mod error;
 pub mod idempotency;
 pub mod kits;
 pub mod openapi;
+pub mod queries;
 pub mod read;
 pub mod studies;
 pub mod subjects;
@@ -119,7 +123,8 @@ pub const MAX_TITLE_CHARS: usize = input::MAX_LINE_CHARS;
 /// Longest sex as the source codes it (`F`, `M`, `UNDIFFERENTIATED`).
 pub const MAX_SEX_CHARS: usize = 32;
 /// The free-text fields of the bodies; every other string is single-line.
-pub const BODY_RULES: BodyRules = BodyRules { free_text: &["eligibility.criteria[].description", "reason"] };
+pub const BODY_RULES: BodyRules =
+    BodyRules { free_text: &["eligibility.criteria[].description", "reason", "answer"] };
 
 /// Every route the router serves (method, template): the router is built from this table (see
 /// `endpoint`), the OpenAPI test checks the document against it, the hostile-HTTP test attacks
@@ -139,6 +144,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/studies/{study_id}/subjects/{subject_id}/withdrawal"),
     ("POST", "/v1/studies/{study_id}/subjects/{subject_id}/code-break"),
     ("GET", "/v1/audit"),
+    ("GET", "/v1/queries"),
+    ("POST", "/v1/queries/{query_id}/answer"),
 ];
 
 pub fn schema() -> SchemaName {
@@ -176,6 +183,8 @@ pub(crate) struct Api {
     pub(crate) treatments: Option<Arc<dyn code_break::TreatmentRecords>>,
     /// The oldest sign-in a code break accepts, seconds.
     pub(crate) code_break_max_auth_age_secs: u64,
+    /// The risk service's schema, whose data queries `/v1/queries` reads (none: 503).
+    pub(crate) queries: Option<SchemaName>,
 }
 
 impl HasAuth for Api {
@@ -213,14 +222,14 @@ pub struct SiteApi {
 impl SiteApi {
     /// Binds the listener (port 0 picks a free one) and connects the database pool. Fails when
     /// the schema is not migrated. `GET /v1/audit` reads the API's own audit trail only, and the
-    /// code break is unavailable (503).
+    /// code break and the data queries are unavailable (503).
     pub async fn bind(config: SiteApiConfig) -> Result<Self, SiteApiError> {
         Self::bind_linked(config, Links::default()).await
     }
 
     /// [`SiteApi::bind`], reading the other services' records `links` names.
     pub async fn bind_linked(config: SiteApiConfig, links: Links) -> Result<Self, SiteApiError> {
-        let Links { audit_sources: others, treatments } = links;
+        let Links { audit_sources: others, treatments, queries } = links;
         let mut seen = std::collections::HashSet::new();
         if let Some(dup) = config.tokens.iter().find(|g| !seen.insert(g.token.as_str())) {
             return Err(SiteApiError::Config(format!("a token of `{}` is given twice", dup.user)));
@@ -257,6 +266,7 @@ impl SiteApi {
             audit_sources,
             treatments,
             code_break_max_auth_age_secs: config.code_break_max_auth_age_secs,
+            queries,
         });
         let limiter = Limiter::new(NAME, &config.limits);
         Ok(Self { listener, local_addr, router: router(api, limiter), pool })
@@ -289,6 +299,8 @@ pub struct Links {
     pub audit_sources: Vec<audit::AuditSource>,
     /// The randomization records the code break reads treatments from.
     pub treatments: Option<Arc<dyn code_break::TreatmentRecords>>,
+    /// The risk service's schema: the data queries sites see and answer (`/v1/queries`).
+    pub queries: Option<SchemaName>,
 }
 
 /// The API's own trail first, then each other one once.
@@ -339,6 +351,8 @@ fn endpoint(method: &str, path: &str) -> MethodRouter<Arc<Api>> {
         }
         ("POST", "/v1/studies/{study_id}/subjects/{subject_id}/code-break") => post(code_break::break_code),
         ("GET", "/v1/audit") => get(audit::list_audit),
+        ("GET", "/v1/queries") => get(queries::list_queries),
+        ("POST", "/v1/queries/{query_id}/answer") => post(queries::answer_query),
         _ => unreachable!("{method} {path} is listed in ROUTES without a handler"),
     }
 }

@@ -83,12 +83,14 @@ pub(crate) async fn randomize(
 }
 
 /// A site API on a free port for the HTTP tests: static `tokens` and `idp`'s tokens, its code
-/// break reading the randomization records of `enrollment_schema`, no rate limits.
+/// break reading the randomization records of `enrollment_schema`, its data queries those of the
+/// risk schema `risk_schema`, no rate limits.
 #[allow(dead_code, reason = "not every test binary serves the site API")]
 pub(crate) async fn site_api(
     database_url: &str,
     schema: SchemaName,
     enrollment_schema: SchemaName,
+    risk_schema: SchemaName,
     tokens: Vec<trialflow_http::auth::TokenGrant>,
     idp: &trialflow_testkit::idp::TestIdp,
     topics: &trialflow_schemas::topics::TopicNames,
@@ -99,6 +101,7 @@ pub(crate) async fn site_api(
         treatments: Some(std::sync::Arc::new(trialflow_pipeline::services::EnrollmentTreatments(
             enrollment_schema,
         ))),
+        queries: Some(risk_schema),
     };
     let config = SiteApiConfig {
         listen: "127.0.0.1:0".parse()?,
@@ -113,4 +116,34 @@ pub(crate) async fn site_api(
         limits: trialflow_http::limits::Limits::unthrottled(),
     };
     Ok(SiteApi::bind_linked(config, links).await?)
+}
+
+/// A data query of subject `subject` (`(study, site, subject)`) in `status` (`open` or
+/// `answered`), as the risk service's edit checks open it and its consumer applies an answer.
+#[allow(dead_code, reason = "not every test binary answers queries")]
+pub(crate) async fn seed_query(
+    pool: &PgPool,
+    risk_schema: &SchemaName,
+    query_id: uuid::Uuid,
+    (study_id, site_id, subject_id): (&str, &str, &str),
+    status: &str,
+) -> anyhow::Result<()> {
+    let s = risk_schema;
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {s}.query (query_id, study_id, site_id, subject_id, check_id, check_kind, item,
+                                data_event_ids, value, message, status, opened_at, answered_at,
+                                answered_by, answer)
+         VALUES ($1, $2, $3, $4, 'SYSBP_RANGE', 'range', 'VitalSignRecorded/8480-6', ARRAY[gen_random_uuid()],
+                 '400 mm[Hg]', 'Systolic blood pressure 400 mm[Hg] is outside 60 to 250 mm[Hg]', $5, now(),
+                 CASE WHEN $5 = 'answered' THEN now() END, CASE WHEN $5 = 'answered' THEN 'sam' END,
+                 CASE WHEN $5 = 'answered' THEN 'Transcription error; corrected.' END)"
+    )))
+    .bind(query_id)
+    .bind(study_id)
+    .bind(site_id)
+    .bind(subject_id)
+    .bind(status)
+    .execute(pool)
+    .await?;
+    Ok(())
 }

@@ -12,6 +12,8 @@
 //! | `GET /v1/studies/{study_id}/risk`: the site risk table, KRIs' funnel limits (see [`dashboard`]) | researcher, admin | – | – |
 //! | `GET /v1/studies/{study_id}/sites/{site_id}`: a site's KRIs, subjects, site-level alerts | researcher, admin | – | – |
 //! | `GET /v1/studies/{study_id}/subjects/{subject_id}/vitals`: vital signs, thresholds, alerts | researcher, admin | – | – |
+//! | `GET /v1/queries?study_id=&status=` (the risk service's data queries, see [`queries`]) | researcher, admin | – | – |
+//! | `POST /v1/queries/{query_id}/close` `{"reason"}` | researcher, admin | – (its audit record) | QueryClosed (`risk.queries.v1`, query id) |
 //! | `GET /` and `GET /inbox`: the inbox page (no data, no auth) | – | – | – |
 //! | `GET /dashboard`: the researcher dashboard (no data, no auth; `#/study/{id}[/site/{id}\|/subject/{id}]`) | – | – | – |
 //!
@@ -44,8 +46,9 @@
 //! [`ApiError`]): 400 `invalid_json` / `duplicate_key` / `invalid_body` (a decision's body) and
 //! `unknown_parameter` / `duplicate_parameter` / `invalid_parameter` / `invalid_cursor` (the
 //! list's query), 401 `unauthenticated`, 403 `forbidden`, 404 `not_found`, 409
-//! `already_acknowledged` / `already_resolved`, 413 `payload_too_large`, 422 `validation_failed`
-//! (the reason, `Last-Event-ID`, a dashboard route's path id) / `invalid_characters` / `too_long`, 429 `rate_limited` (with
+//! `already_acknowledged` / `already_resolved` / `query_not_answered`, 413 `payload_too_large`,
+//! 422 `validation_failed` (the reason, `Last-Event-ID`, a dashboard route's path id) /
+//! `invalid_characters` / `too_long`, 429 `rate_limited` (with
 //! `Retry-After`), 503 `unavailable` / `timeout` (the request took longer than
 //! `HTTP_REQUEST_TIMEOUT_MS` and was stopped, a decision's transaction rolled back), 500
 //! `internal`. The rate limits and the timeout are [`trialflow_http::limits`]'s; the timeout
@@ -57,6 +60,7 @@ mod cursor;
 mod dashboard;
 mod list;
 mod openapi;
+mod queries;
 mod stream;
 
 use std::net::SocketAddr;
@@ -91,6 +95,7 @@ use crate::risk::RiskConfig;
 
 pub use config::{AlertApiArgs, AlertApiConfig, DEFAULT_LISTEN, DEMO_TOKENS};
 pub use openapi::{EXAMPLE_ALERT_ID, document as openapi_document};
+pub use queries::EXAMPLE_QUERY_ID;
 
 /// The service's name (the `service` label of the limits' metrics).
 pub const NAME: &str = "alert-api";
@@ -119,6 +124,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/studies/{study_id}/risk"),
     ("GET", "/v1/studies/{study_id}/sites/{site_id}"),
     ("GET", "/v1/studies/{study_id}/subjects/{subject_id}/vitals"),
+    ("GET", "/v1/queries"),
+    ("POST", "/v1/queries/{query_id}/close"),
 ];
 
 /// Who may use the API. Researchers are blinded; nothing here shows an arm.
@@ -333,6 +340,8 @@ fn routes() -> OpenApiRouter<AlertState> {
         .routes(routes!(dashboard::study_risk))
         .routes(routes!(dashboard::site))
         .routes(routes!(dashboard::subject_vitals))
+        .routes(routes!(queries::list_queries))
+        .routes(routes!(queries::close_query))
 }
 
 fn router(state: AlertState, limiter: Arc<Limiter>) -> Router {

@@ -72,6 +72,7 @@ pub const EXAMPLE_ALERT_ID: &str = "0190f3c2-7a4e-7c1d-9b2a-5e8f4d3c2b1a";
         (name = "alerts", description = "Alerts, their detail, the decisions on them and the stream of changes."),
         (name = "dashboard", description = "The researcher dashboard's data: a study's site risk table and funnel limits, a site, a subject's vital signs with their thresholds and alerts."),
         (name = "pages", description = "The researcher's inbox and dashboard pages (static; they ask the API with the researcher's token)."),
+        (name = "queries", description = "The risk service's data queries: the list, and closing an answered one."),
         (name = "service", description = "Probes and this document."),
     )
 )]
