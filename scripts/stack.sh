@@ -67,6 +67,15 @@ synchronous_commit = on
 log_min_messages = warning
 CONF
   fi
+  # Logical decoding, for the Debezium side-by-side benchmark (`make bench ONLY=debezium`); a
+  # cluster initialised before it gets the settings appended and takes them at its next start.
+  if ! grep -q '^wal_level' "$PG_DIR/postgresql.conf"; then
+    printf 'wal_level = logical\nmax_replication_slots = 16\nmax_wal_senders = 16\n' >> "$PG_DIR/postgresql.conf"
+    if as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR" status >/dev/null 2>&1; then
+      log "restarting PostgreSQL for wal_level = logical"
+      as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR" -m fast -w stop >/dev/null
+    fi
+  fi
   if ! as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR" status >/dev/null 2>&1; then
     log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
     as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR" -l "$PG_DIR/server.log" -w -t 60 start >/dev/null \
