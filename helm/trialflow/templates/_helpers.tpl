@@ -269,6 +269,11 @@ Call with (dict "root" $ "c" $component); jobs pass a component of kind `migrate
 - name: RISK_CONFIG_DIR
   value: /etc/trialflow/risk
 {{- end }}
+{{- /* The risk service's ePRO compliance counts the occurrences of the ePRO service's schedules. */}}
+{{- if and (eq $c.name "risk") $v.components.eproValidation.configMap }}
+- name: EPRO_CONFIG_DIR
+  value: /etc/trialflow/epro
+{{- end }}
 {{- if eq $c.kind "topics" }}
 - name: TOPIC_PARTITIONS
   value: {{ $v.topics.partitions | quote }}
@@ -337,6 +342,11 @@ Call with (dict "root" $ "c" $component); jobs pass a component of kind `migrate
   configMap:
     name: {{ $c.values.configMap }}
 {{- end }}
+{{- if and (eq $c.name "risk") $root.Values.components.eproValidation.configMap }}
+- name: epro-config
+  configMap:
+    name: {{ $root.Values.components.eproValidation.configMap }}
+{{- end }}
 {{- end -}}
 
 {{- define "trialflow.volumeMounts" -}}
@@ -363,6 +373,9 @@ Call with (dict "root" $ "c" $component); jobs pass a component of kind `migrate
 {{- end }}
 {{- if and (eq $c.name "risk") $c.values.configMap }}
 - {name: risk-config, mountPath: /etc/trialflow/risk, readOnly: true}
+{{- end }}
+{{- if and (eq $c.name "risk") $root.Values.components.eproValidation.configMap }}
+- {name: epro-config, mountPath: /etc/trialflow/epro, readOnly: true}
 {{- end }}
 {{- end -}}
 
