@@ -389,6 +389,9 @@ pub fn render(summary: &DemoSummary) -> String {
         }
     }
     out.push_str(&format!("== researcher inbox: {}\n", summary.inbox_url));
+    // The dashboard is served beside the inbox, with the same token.
+    let dashboard = summary.inbox_url.replacen("/inbox?", "/dashboard?", 1);
+    out.push_str(&format!("== researcher dashboard: {dashboard}#/study/{}\n", summary.study_id));
     out
 }
 
