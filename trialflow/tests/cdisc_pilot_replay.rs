@@ -103,6 +103,9 @@ struct Expected {
     queries: BTreeMap<(String, String), u64>,
     /// Per site: inputs dated to the day, those recorded more than 10 days late, data points.
     inputs: BTreeMap<String, (u64, u64, u64)>,
+    /// Per site: PHQ-9 occurrences due by the slice's last day (before a withdrawal), and those
+    /// without an accepted response.
+    epro_compliance: BTreeMap<String, (u64, u64)>,
 }
 
 /// Readings of one rule: subjects with at least one, and how many.
@@ -192,6 +195,7 @@ impl Expected {
             ("PHQ-9/W26", 182),
         ]
         .into();
+        let mut completed: BTreeSet<(String, String)> = BTreeSet::new();
         for step in &plan.steps {
             let Action::Submit { submission: s, delivery, resend } = &step.action else { continue };
             if *resend {
@@ -203,6 +207,7 @@ impl Expected {
             e.accepted += 1;
             e.accepted_late_sync += u64::from(*delivery == Delivery::LateSync);
             let subject = s.envelope.subject_id.clone().unwrap_or_default();
+            completed.insert((subject.clone(), s.scheduled_occurrence.clone().unwrap_or_default()));
             // None authored after a withdrawal: the validator would reject it (SUBJECT_WITHDRAWN).
             if let (Some(withdrawn), Some(authored)) =
                 (withdrawn_at.get(&subject), s.authored_at.to_datetime())
@@ -228,6 +233,32 @@ impl Expected {
             }
             if values.iter().sum::<i32>() >= 20 {
                 rules.entry("PHQ9-SEVERE").or_default().add(&subject, id);
+            }
+        }
+        // ePRO compliance, by the study's clock: the last day any of its inputs happened.
+        let as_of = plan
+            .steps
+            .iter()
+            .filter_map(|step| match &step.action {
+                Action::Vital(v) => v.envelope.occurred_at.to_datetime(),
+                Action::AdverseEvent(a) => a.envelope.occurred_at.to_datetime(),
+                Action::Submit { submission, .. } => submission.envelope.occurred_at.to_datetime(),
+                _ => None,
+            })
+            .map(|t| t.date_naive())
+            .max()
+            .unwrap_or_default();
+        for (subject, enrolled) in &started {
+            let counts = e.epro_compliance.entry(subject[3..6].to_string()).or_default();
+            for (occurrence, study_day) in &schedule {
+                let due = *enrolled + chrono::Duration::days(study_day - 1);
+                // Accepted until the window's end (2 days) and the grace days (3) have passed.
+                let passed = due + chrono::Duration::days(2 + 3) < as_of;
+                let before_withdrawal = withdrawn_at.get(subject).is_none_or(|w| due < w.date_naive());
+                if passed && before_withdrawal {
+                    counts.0 += 1;
+                    counts.1 += u64::from(!completed.contains(&(subject.clone(), occurrence.to_string())));
+                }
             }
         }
         e.alerts = rules
@@ -325,7 +356,8 @@ impl Expected {
         Ok(())
     }
 
-    /// The queries by check against the checks written out in [`edit_checks`]; the data-entry lag
+    /// ePRO compliance per site as counted in [`Expected::compute`]; the queries by check against
+    /// the checks written out in [`edit_checks`]; the data-entry lag
     /// and query-rate KRIs from the same counts; the QTLs against p₀ + 3·√(p₀(1−p₀)/N), p₀ = 0.3.
     fn check_queries_and_qtls(&self, s: &DemoSummary) {
         let r = &s.study.risk;
@@ -341,6 +373,11 @@ impl Expected {
         assert!(r.queries_by_check.iter().all(|q| q.open == q.opened), "nobody answered: {r:?}");
         assert!(!by_check.is_empty(), "the slice has data the checks query");
         let kri = |id: &str, site: &str| r.kris.iter().find(|k| k.kri == id && k.site_id == site);
+        for (site, (due, missed)) in &self.epro_compliance {
+            let kept = kri("EPRO_COMPLIANCE", site).map(|k| (k.numerator, k.denominator));
+            assert_eq!(kept, Some((*missed as f64, *due as f64)), "EPRO_COMPLIANCE of {site}");
+        }
+        assert!(self.epro_compliance.values().any(|(_, missed)| *missed > 0), "the slice misses some");
         for (site, (dated, late, points)) in &self.inputs {
             let lag = kri("DATA_ENTRY_LAG", site);
             assert_eq!(
