@@ -128,10 +128,27 @@ async fn consume(
     events: u64,
     handle: &metrics_exporter_prometheus::PrometheusHandle,
 ) -> anyhow::Result<f64> {
+    consume_with(spec, config, insert, events, handle, 1).await
+}
+
+/// [`consume`] by `instances` members of one consumer group (the partitions split between them).
+pub(crate) async fn consume_with(
+    spec: ConsumerSpec,
+    config: ConsumerConfig,
+    insert: String,
+    events: u64,
+    handle: &metrics_exporter_prometheus::PrometheusHandle,
+    instances: usize,
+) -> anyhow::Result<f64> {
     let stop = CancellationToken::new();
     let name = spec.name.clone();
-    let consumer =
-        tokio::spawn(trialflow_consumers::runtime::run(spec, config, RowWriter { insert }, stop.clone()));
+    let consumers: Vec<_> = (0..instances)
+        .map(|_| {
+            let (spec, config, handler) =
+                (spec.clone(), config.clone(), RowWriter { insert: insert.clone() });
+            tokio::spawn(trialflow_consumers::runtime::run(spec, config, handler, stop.clone()))
+        })
+        .collect();
     let counter = format!("trialflow_consumer_messages_total{{consumer=\"{name}\",outcome=\"applied\"}} ");
     let count = || {
         handle
@@ -159,7 +176,9 @@ async fn consume(
     }
     let elapsed = started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(f64::NAN);
     stop.cancel();
-    consumer.await??;
+    for consumer in consumers {
+        consumer.await??;
+    }
     Ok((events as i64 - first) as f64 / elapsed)
 }
 
@@ -194,7 +213,7 @@ async fn raw_inserts(pool: &PgPool, insert: &str, events: u64, batch: u64) -> an
     Ok(events as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn produce(kafka: &KafkaConfig, topic: &str, events: u64) -> anyhow::Result<()> {
+pub(crate) async fn produce(kafka: &KafkaConfig, topic: &str, events: u64) -> anyhow::Result<()> {
     let producer: FutureProducer =
         trialflow_outbox::publisher::producer_config(kafka, "bench-consumer").create()?;
     let mut in_flight = std::collections::VecDeque::new();

@@ -25,12 +25,13 @@ mod epro;
 mod epro_gateway;
 mod load;
 mod risk;
+mod scaling;
 mod traced;
 
 #[derive(Debug, Parser)]
 #[command(about = "trialflow benchmarks")]
 struct Args {
-    /// Run only this group (`relay`, `consumer`, `epro`, `alerts`, `risk` or `load`).
+    /// Run only this group (`relay`, `consumer`, `epro`, `alerts`, `risk`, `load` or `scaling`).
     #[arg(long)]
     only: Option<String>,
 
@@ -73,9 +74,17 @@ struct Args {
     /// Duration of the latency run in seconds.
     #[arg(long, default_value_t = 10)]
     latency_secs: u64,
+
+    /// Rows of the `scaling` group's backlog-drain run (0 skips it).
+    #[arg(long, default_value_t = 5_000_000)]
+    backlog_rows: u64,
+
+    /// Where the `scaling` group writes its SVG plot (an existing folder, e.g. docs/benchmarks).
+    #[arg(long, value_parser = scaling::plot_dir)]
+    plot_dir: Option<std::path::PathBuf>,
 }
 
-const GROUPS: &[&str] = &["relay", "consumer", "epro", "alerts", "risk", "load"];
+const GROUPS: &[&str] = &["relay", "consumer", "epro", "alerts", "risk", "load", "scaling"];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -112,6 +121,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.only.as_deref().is_none_or(|g| g == "load") {
         load::group(&args.database_url, &kafka, &pool).await?;
+    }
+    if args.only.as_deref().is_none_or(|g| g == "scaling") {
+        scaling::group(&args, &kafka, &pool, &metrics).await?;
     }
     Ok(())
 }
