@@ -217,20 +217,30 @@ async fn relay_group(
     pool: &PgPool,
     metrics: &PrometheusHandle,
 ) -> anyhow::Result<()> {
-    let run = &Uuid::new_v4().simple().to_string()[..8];
-    let topic = format!("bench.relay.{run}");
-    trialflow_outbox::kafka::ensure_topics(kafka, &[(&topic, args.partitions)]).await?;
-    let payload = vec![b'x'; args.payload_bytes];
-
-    // Baseline: a bare idempotent rdkafka producer, same messages, same broker.
-    progress(&format!("raw produce: {} messages of {} bytes", args.events, args.payload_bytes));
-    let raw = raw_produce(args, kafka, &topic, &payload).await?;
-    bench("raw_produce_throughput", raw, "events/s");
-
+    let (run, topic, payload, raw) = relay_baseline(args, kafka, "relay", "raw_produce_throughput").await?;
     for exactly_once in [false, true] {
-        relay_mode(args, kafka, pool, metrics, run, &topic, &payload, raw, exactly_once).await?;
+        relay_mode(args, kafka, pool, metrics, &run, &topic, &payload, raw, exactly_once).await?;
     }
     Ok(())
+}
+
+/// A fresh topic `bench.<group>.<run>` and the relay groups' baseline on it: a bare idempotent
+/// rdkafka producer sending the same messages to the same broker (printed as `figure`).
+/// Returns the run id, the topic, the payload and the raw rate (events/s).
+async fn relay_baseline(
+    args: &Args,
+    kafka: &KafkaConfig,
+    group: &str,
+    figure: &str,
+) -> anyhow::Result<(String, String, Vec<u8>, f64)> {
+    let run = Uuid::new_v4().simple().to_string()[..8].to_string();
+    let topic = format!("bench.{group}.{run}");
+    trialflow_outbox::kafka::ensure_topics(kafka, &[(&topic, args.partitions)]).await?;
+    let payload = vec![b'x'; args.payload_bytes];
+    progress(&format!("raw produce: {} messages of {} bytes", args.events, args.payload_bytes));
+    let raw = raw_produce(args, kafka, &topic, &payload).await?;
+    bench(figure, raw, "events/s");
+    Ok((run, topic, payload, raw))
 }
 
 /// The relay's throughput (draining a pre-filled outbox) and commit-to-ack latency (at a steady

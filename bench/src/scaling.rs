@@ -29,7 +29,7 @@ use trialflow_outbox::shard::shard_lock_namespace;
 use trialflow_outbox::{KafkaConfig, Outbox, SchemaName};
 use uuid::Uuid;
 
-use crate::{Args, bench, consumer, event, progress, raw_produce, relay_config, wait_empty};
+use crate::{Args, bench, consumer, event, progress, relay_baseline, relay_config, wait_empty};
 
 const INSTANCES: &[usize] = &[1, 2, 4];
 const SHARDS: &[u32] = &[16, 64];
@@ -40,15 +40,9 @@ pub(crate) async fn group(
     pool: &PgPool,
     metrics: &PrometheusHandle,
 ) -> anyhow::Result<()> {
-    let run = &Uuid::new_v4().simple().to_string()[..8];
-    let topic = format!("bench.scaling.{run}");
-    trialflow_outbox::kafka::ensure_topics(kafka, &[(&topic, args.partitions)]).await?;
-    let payload = vec![b'x'; args.payload_bytes];
-
-    progress(&format!("raw produce: {} messages of {} bytes", args.events, args.payload_bytes));
-    let raw = raw_produce(args, kafka, &topic, &payload).await?;
-    bench("scaling_raw_produce_throughput", raw, "events/s");
-
+    let (run, topic, payload, raw) =
+        relay_baseline(args, kafka, "scaling", "scaling_raw_produce_throughput").await?;
+    let run = run.as_str();
     let mut curve: Vec<(u32, usize, f64)> = Vec::new();
     for &shards in SHARDS {
         for &instances in INSTANCES {
