@@ -596,8 +596,38 @@ async fn the_dashboard_shows_the_risk_tables_and_vital_signs_in_json_and_in_the_
     let vitals = subject_page_shows_the_readings(&api).await?;
     scope_keeps_others_out_and_tells_them_nothing(&api).await?;
     hostile_input_is_refused(&api).await?;
+    seed_queries(&seeded).await?;
     in_the_browser(&api, &risk, &vitals).await?;
     api.stop().await
+}
+
+/// Two queries waiting (one open, one answered) and a closed one, as the risk consumer keeps them
+/// (their life through the events is `trialflow/tests/queries.rs`'s): the study page lists the
+/// two waiting ones.
+async fn seed_queries(seeded: &Seeded) -> anyhow::Result<()> {
+    let s = &seeded.risk;
+    for (n, status) in ["open", "answered", "closed"].into_iter().enumerate() {
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {s}.query (query_id, study_id, site_id, subject_id, check_id, check_kind, item,
+                                    data_event_ids, value, message, status, opened_at, answered_at,
+                                    answered_by, answer, closed_at, closed_by, close_reason)
+             VALUES ($1, $2, 'D01', $3, 'SYSBP_RANGE', 'range', 'VitalSignRecorded/8480-6',
+                     ARRAY[gen_random_uuid()], '400 mm[Hg]', 'Systolic blood pressure 400 mm[Hg] is outside 60 to 250 mm[Hg]',
+                     $4, now() - make_interval(days => $5),
+                     CASE WHEN $4 <> 'open' THEN now() END, CASE WHEN $4 <> 'open' THEN 'sam' END,
+                     CASE WHEN $4 <> 'open' THEN 'Transcription error.' END,
+                     CASE WHEN $4 = 'closed' THEN now() END, CASE WHEN $4 = 'closed' THEN 'rita' END,
+                     CASE WHEN $4 = 'closed' THEN 'Corrected at the site.' END)"
+        )))
+        .bind(Uuid::now_v7())
+        .bind(STUDY)
+        .bind(WATCHED)
+        .bind(status)
+        .bind(3 - n as i32)
+        .execute(&seeded.pool)
+        .await?;
+    }
+    Ok(())
 }
 
 /// A researcher of another study is refused every route of this one, exactly as for a study that
@@ -782,6 +812,26 @@ async fn use_the_dashboard(api: &Api, browser: &Client, risk: &Value, vitals: &V
             assert!(close(metric, number(&k["metric"])?), "{kri_id}: {metric}");
         }
     }
+
+    // The data queries waiting: the open one, then the answered one (oldest first); not the closed.
+    let queries = api.ok(&format!("/v1/queries?study_id={STUDY}&limit=500")).await?;
+    let waiting: Vec<(String, String)> = queries["queries"]
+        .as_array()
+        .context("queries")?
+        .iter()
+        .filter(|q| q["status"] != "closed")
+        .map(|q| {
+            let text = |key: &str| q[key].as_str().unwrap_or_default().to_string();
+            (text("query_id"), text("status"))
+        })
+        .collect();
+    assert_eq!(waiting.len(), 2, "{queries}");
+    browser.wait().at_most(PAGE).for_element(Locator::Css("#queries[aria-busy=\"false\"]")).await?;
+    let mut shown = Vec::new();
+    for tr in browser.find_all(Locator::Css("#queries-table tbody tr")).await? {
+        shown.push((attr(&tr, "data-query-id").await?, attr(&tr, "data-status").await?));
+    }
+    assert_eq!(shown, waiting);
 
     // One funnel plot per KRI: a circle per site with a denominator, the scored ones marked,
     // four limit curves where the KRI has a factor, none where it has not.
