@@ -24,13 +24,14 @@ mod consumer;
 mod epro;
 mod epro_gateway;
 mod load;
+mod monitoring;
 mod risk;
 mod traced;
 
 #[derive(Debug, Parser)]
 #[command(about = "trialflow benchmarks")]
 struct Args {
-    /// Run only this group (`relay`, `consumer`, `epro`, `alerts`, `risk` or `load`).
+    /// Run only this group (`relay`, `consumer`, `epro`, `monitoring`, `alerts`, `risk` or `load`).
     #[arg(long)]
     only: Option<String>,
 
@@ -75,7 +76,7 @@ struct Args {
     latency_secs: u64,
 }
 
-const GROUPS: &[&str] = &["relay", "consumer", "epro", "alerts", "risk", "load"];
+const GROUPS: &[&str] = &["relay", "consumer", "epro", "monitoring", "alerts", "risk", "load"];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -103,6 +104,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.only.as_deref().is_none_or(|g| g == "epro") {
         epro::group(&args.database_url, &kafka, &pool, Some(&metrics)).await?;
+    }
+    if args.only.as_deref().is_none_or(|g| g == "monitoring") {
+        monitoring::group(&args.database_url, &kafka, &pool, Some(&metrics)).await?;
     }
     if args.only.as_deref().is_none_or(|g| g == "alerts") {
         alerts::group(&args.database_url, &kafka, 1_000, 15).await?;
