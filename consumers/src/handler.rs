@@ -112,8 +112,8 @@ impl Context {
 /// submissions, open episodes …) instead of one query per message, and may gather its writes to
 /// make them set-based in `finish`. Handlers without a use for it say `type Batch = ();`.
 ///
-/// The state must stay what the database would answer at each message, as the runtime gives no
-/// other guarantee than this:
+/// The state must answer, at each message, what the database would: a batch decides its messages
+/// exactly as they would be decided one transaction each. The handler's part and the runtime's:
 /// * `handle` updates it with each effect a later message of the batch can depend on (a second
 ///   submission of one subject sees the first; a reading that opens an episode, then one that
 ///   adds to it), as the per-message queries of the database would have seen it;

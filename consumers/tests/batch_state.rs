@@ -100,7 +100,7 @@ const PHQ9: [&str; 9] =
     ["44250-9", "44255-8", "44259-0", "44254-1", "44251-7", "44258-2", "44252-5", "44253-3", "44260-8"];
 
 /// A PHQ-9 week-2 submission of subject 701-001 (enrolled 2026-06-01 in New York), all items
-/// `score`.
+/// `score` (at least 1: the difficulty item it answers is only asked then).
 fn submission(score: i32, status: ResponseStatus) -> QuestionnaireResponseSubmitted {
     let mut envelope = Envelope::new(
         QuestionnaireResponseSubmitted::NAME,
