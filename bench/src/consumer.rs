@@ -24,11 +24,14 @@ struct RowWriter {
 }
 
 impl Handler for RowWriter {
+    type Batch = ();
+
     async fn handle(
         &self,
         tx: &mut Transaction<'static, Postgres>,
         msg: &Message,
         _ctx: &mut Context,
+        _batch: &mut (),
     ) -> Result<(), HandlerError> {
         let event_id = self.event_id(msg)?;
         sqlx::query(AssertSqlSafe(self.insert.as_str()))

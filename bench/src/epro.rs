@@ -116,11 +116,8 @@ async fn validation(
     let read = trialflow_outbox::kafka::TopicReader::new(kafka, &topic, true)?
         .read_until(Duration::from_secs(300), move |m| m.len() >= count)
         .await?;
-    bench(
-        "epro_raw_consume_throughput",
-        read.len() as f64 / started.elapsed().as_secs_f64(),
-        "submissions/s",
-    );
+    let raw = read.len() as f64 / started.elapsed().as_secs_f64();
+    bench("epro_raw_consume_throughput", raw, "submissions/s");
 
     progress("validation consumer deciding them");
     let stop = CancellationToken::new();
@@ -147,6 +144,7 @@ async fn validation(
         bail!("{rows} outcome rows in the outbox for {n} submissions");
     }
     bench("epro_validation_throughput", rate, "submissions/s");
+    bench("epro_validation_vs_raw_consume", 100.0 * rate / raw, "%");
     sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(pool).await?;
     Ok(())
 }

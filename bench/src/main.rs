@@ -24,6 +24,7 @@ mod consumer;
 mod epro;
 mod epro_gateway;
 mod load;
+mod monitoring;
 mod risk;
 mod scaling;
 mod traced;
@@ -31,7 +32,8 @@ mod traced;
 #[derive(Debug, Parser)]
 #[command(about = "trialflow benchmarks")]
 struct Args {
-    /// Run only this group (`relay`, `consumer`, `epro`, `alerts`, `risk`, `load` or `scaling`).
+    /// Run only this group (`relay`, `consumer`, `epro`, `monitoring`, `alerts`, `risk`, `load` or
+    /// `scaling`).
     #[arg(long)]
     only: Option<String>,
 
@@ -84,7 +86,7 @@ struct Args {
     plot_dir: Option<std::path::PathBuf>,
 }
 
-const GROUPS: &[&str] = &["relay", "consumer", "epro", "alerts", "risk", "load", "scaling"];
+const GROUPS: &[&str] = &["relay", "consumer", "epro", "monitoring", "alerts", "risk", "load", "scaling"];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -112,6 +114,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.only.as_deref().is_none_or(|g| g == "epro") {
         epro::group(&args.database_url, &kafka, &pool, Some(&metrics)).await?;
+    }
+    if args.only.as_deref().is_none_or(|g| g == "monitoring") {
+        monitoring::group(&args.database_url, &kafka, &pool, Some(&metrics)).await?;
     }
     if args.only.as_deref().is_none_or(|g| g == "alerts") {
         alerts::group(&args.database_url, &kafka, 1_000, 15).await?;

@@ -1,6 +1,5 @@
 //! Reading catalogue events from messages and emitting them through the consumer's outbox.
 
-use sqlx::{Postgres, Transaction};
 use trialflow_outbox::OutboxEvent;
 use trialflow_schemas::topics::TopicNames;
 use trialflow_schemas::{AnyEvent, Envelope, Event};
@@ -15,18 +14,17 @@ pub fn decode(message: &Message) -> Result<AnyEvent, HandlerError> {
         .map_err(|e| HandlerError::permanent(format!("undecodable {} message: {e}", message.topic)))
 }
 
-/// Enqueues `event` on its topic under `key`; it is published once `tx` commits.
-pub async fn emit<E: Event>(
-    tx: &mut Transaction<'static, Postgres>,
-    ctx: &Context,
+/// Queues `event` on its topic under `key` ([`Context::enqueue`]); it is published once the
+/// batch's transaction commits.
+pub fn emit<E: Event>(
+    ctx: &mut Context,
     topics: &TopicNames,
     event: &E,
     key: &str,
 ) -> Result<(), HandlerError> {
     let row = OutboxEvent::avro(event, topics.of::<E>(), key)
         .map_err(|e| HandlerError::permanent(format!("encoding {}: {e}", E::NAME)))?;
-    ctx.outbox.enqueue(tx, row).await?;
-    Ok(())
+    ctx.enqueue(row)
 }
 
 /// The subject an event is about (its envelope's subject id), or a permanent error naming the

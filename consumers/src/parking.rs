@@ -53,7 +53,8 @@ async fn retry_due<H: Handler>(shared: &Shared<H>) -> Result<usize, HandlerError
         debug!(consumer = name, ?dependencies, "Retrying parked messages.");
     }
     // The same lock order as a live batch (see `Handler::prepare`), or parked messages released
-    // together could deadlock with one.
+    // together could deadlock with one. Its state is not used: each message runs alone below, in
+    // a savepoint, with a state of its own (a rolled-back message must leave nothing in it).
     let messages: Vec<_> = due.iter().map(|row| row.message()).collect();
     shared.handler.prepare(&mut tx, &messages).await?;
     let mut resolved = Vec::new();
@@ -63,7 +64,14 @@ async fn retry_due<H: Handler>(shared: &Shared<H>) -> Result<usize, HandlerError
         sqlx::query("SAVEPOINT parked").execute(&mut *tx).await?;
         let mut ctx = Context::new(shared.outbox.clone());
         let span = crate::span::process(&shared.group, &msg);
-        let handled = shared.handler.handle(&mut tx, &msg, &mut ctx).instrument(span.clone());
+        let handled = async {
+            let mut state = shared.handler.prepare(&mut tx, std::slice::from_ref(&msg)).await?;
+            shared.handler.handle(&mut tx, &msg, &mut ctx, &mut state).await?;
+            shared.handler.finish(&mut tx, state).await?;
+            shared.outbox.enqueue_traced(&mut tx, &ctx.events).await?;
+            Ok::<(), HandlerError>(())
+        }
+        .instrument(span.clone());
         let attempt = std::panic::AssertUnwindSafe(handled).catch_unwind();
         let result =
             attempt.await.unwrap_or_else(|_| Err(HandlerError::Transient("handler panicked".into())));

@@ -529,10 +529,12 @@ async fn apply_batch<H: Handler>(
     }
 }
 
-/// One transaction: the handler's batch-wide locks ([`Handler::prepare`]), the inbox rows of the
-/// whole batch in one statement (a conflict means already taken), then the handler per new
-/// message in offset order, dead letters and parked messages of the set-aside ones, messages
-/// parked behind an earlier parked message of their key, dependency wake-ups; commit.
+/// One transaction: the handler's batch state and batch-wide locks ([`Handler::prepare`]), the
+/// inbox rows of the whole batch in one statement (a conflict means already taken), then the
+/// handler per new message in offset order, dead letters and parked messages of the set-aside
+/// ones, messages parked behind an earlier parked message of their key; the handler's batch
+/// writes ([`Handler::finish`]), the outbox events of the applied messages in one statement,
+/// dependency wake-ups, the audit records; commit.
 async fn try_batch<H: Handler>(
     shared: &Shared<H>,
     batch: &[Message],
@@ -553,9 +555,12 @@ async fn try_batch<H: Handler>(
     let mut tx = shared.pool.begin().await?;
     // Whatever `prepare` says, the batch is retried whole: it runs before any message is applied,
     // so no single message can be set aside for it.
-    if let Err(e) = shared.handler.prepare(&mut tx, batch).await {
-        return Err(BatchError::Transient(HandlerError::Transient(format!("preparing the batch: {e}"))));
-    }
+    let mut state = match shared.handler.prepare(&mut tx, batch).await {
+        Ok(state) => state,
+        Err(e) => {
+            return Err(BatchError::Transient(HandlerError::Transient(format!("preparing the batch: {e}"))));
+        }
+    };
     let behind = behind_parked_keys(shared, &mut tx, batch, &ids, excluded).await?;
     let (take_ids, take_offsets): (Vec<uuid::Uuid>, Vec<i64>) = batch
         .iter()
@@ -567,6 +572,7 @@ async fn try_batch<H: Handler>(
 
     let mut resolved = Vec::new();
     let mut audit = Vec::new();
+    let mut events = Vec::new();
     let mut outcomes: HashMap<&'static str, u64> = HashMap::new();
     let processing = metrics::histogram!(m::PROCESSING_SECONDS, "consumer" => name.to_string());
     for (msg, id) in batch.iter().zip(&ids) {
@@ -591,7 +597,8 @@ async fn try_batch<H: Handler>(
                 let started = Instant::now();
                 let mut ctx = Context::new(shared.outbox.clone());
                 let span = crate::span::process(&shared.group, msg);
-                let result = shared.handler.handle(&mut tx, msg, &mut ctx).instrument(span.clone()).await;
+                let result =
+                    shared.handler.handle(&mut tx, msg, &mut ctx, &mut state).instrument(span.clone()).await;
                 processing.record(started.elapsed().as_secs_f64());
                 if let Err(e) = &result {
                     crate::span::failed(&span, e);
@@ -600,6 +607,7 @@ async fn try_batch<H: Handler>(
                     Ok(()) => {
                         resolved.extend(ctx.resolved);
                         audit.extend(caused_by(ctx.audit, id));
+                        events.extend(ctx.events);
                         "applied"
                     }
                     Err(HandlerError::Transient(e)) => {
@@ -611,6 +619,12 @@ async fn try_batch<H: Handler>(
         };
         *outcomes.entry(outcome).or_default() += 1;
     }
+    // Like `prepare`, not one message's doing: the batch is retried whole (and, if it keeps
+    // failing, applied one message at a time by the poison fence).
+    if let Err(e) = shared.handler.finish(&mut tx, state).await {
+        return Err(BatchError::Transient(HandlerError::Transient(format!("finishing the batch: {e}"))));
+    }
+    shared.outbox.enqueue_traced(&mut tx, &events).await.map_err(HandlerError::from)?;
     for dependency in &resolved {
         shared.sql.wake(&mut tx, name, dependency).await?;
     }

@@ -62,11 +62,14 @@ impl Drop for Running<'_> {
 }
 
 impl Handler for Recorder {
+    type Batch = ();
+
     async fn handle(
         &self,
         tx: &mut Transaction<'static, Postgres>,
         msg: &Message,
         ctx: &mut Context,
+        _batch: &mut (),
     ) -> Result<(), HandlerError> {
         {
             let _running = Running::start(self, msg.partition);

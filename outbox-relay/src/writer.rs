@@ -91,7 +91,8 @@ pub fn printable(bytes: &[u8]) -> String {
 }
 
 impl OutboxEvent {
-    fn size(&self) -> usize {
+    /// Its size as [`MAX_EVENT_BYTES`] counts it: key, payload and headers.
+    pub fn size(&self) -> usize {
         self.key.len()
             + self.payload.len()
             + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
@@ -149,10 +150,31 @@ impl Outbox {
         tx: &mut Transaction<'_, Postgres>,
         events: &[OutboxEvent],
     ) -> Result<()> {
+        let traceparent = current_traceparent();
+        self.insert(tx, events.iter().map(|e| (e, traceparent.as_deref())).collect()).await
+    }
+
+    /// Queues events gathered earlier, in the given order, with one statement, each with the
+    /// `traceparent` of the span it was made in (taken with
+    /// [`crate::trace::current_traceparent`] then): a consumer that writes a whole batch's events
+    /// at its end keeps each message's trace.
+    pub async fn enqueue_traced(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        events: &[(OutboxEvent, Option<String>)],
+    ) -> Result<()> {
+        self.insert(tx, events.iter().map(|(e, t)| (e, t.as_deref())).collect()).await
+    }
+
+    async fn insert(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        events: Vec<(&OutboxEvent, Option<&str>)>,
+    ) -> Result<()> {
         if events.is_empty() {
             return Ok(());
         }
-        if let Some(e) = events.iter().find(|e| e.size() > MAX_EVENT_BYTES) {
+        if let Some((e, _)) = events.iter().find(|(e, _)| e.size() > MAX_EVENT_BYTES) {
             return Err(OutboxError::TooLarge {
                 topic: e.topic.clone(),
                 event_type: e.event_type.clone(),
@@ -161,7 +183,6 @@ impl Outbox {
             });
         }
         let conn: &mut PgConnection = tx;
-        let traceparent = current_traceparent();
         let n = events.len();
         let mut shards = Vec::with_capacity(n);
         let mut topics = Vec::with_capacity(n);
@@ -171,7 +192,8 @@ impl Outbox {
         let mut content_types = Vec::with_capacity(n);
         let mut payloads = Vec::with_capacity(n);
         let mut headers = Vec::with_capacity(n);
-        for e in events {
+        let mut traceparents = Vec::with_capacity(n);
+        for (e, traceparent) in events {
             shards.push(shard_of(&e.key, self.shard_count) as i32);
             topics.push(e.topic.as_str());
             keys.push(e.key.as_str());
@@ -180,6 +202,7 @@ impl Outbox {
             content_types.push(e.content_type.as_str());
             payloads.push(e.payload.as_slice());
             headers.push(sqlx::types::Json(&e.headers));
+            traceparents.push(traceparent);
         }
         // Rows are inserted in array order, so `seq` follows the order the caller gave.
         sqlx::query(AssertSqlSafe(self.insert_sql.as_str()))
@@ -191,7 +214,7 @@ impl Outbox {
             .bind(content_types)
             .bind(payloads)
             .bind(headers)
-            .bind(vec![traceparent; n])
+            .bind(traceparents)
             .execute(conn)
             .await?;
         Ok(())

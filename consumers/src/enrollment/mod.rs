@@ -237,7 +237,7 @@ impl Enrollment {
     async fn publish_randomization(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        ctx: &Context,
+        ctx: &mut Context,
         cause: &Envelope,
         subject_id: &str,
         stratum: &str,
@@ -249,14 +249,14 @@ impl Enrollment {
             randomization_list_id: slot.list_id.clone(),
             stratum: stratum.to_string(),
         };
-        emit(tx, ctx, &self.topics, &randomized, subject_id).await?;
+        emit(ctx, &self.topics, &randomized, subject_id)?;
         let assigned = TreatmentAssigned {
             envelope: Envelope::caused_by(cause, TreatmentAssigned::NAME, NAME),
             randomization_number: slot.randomization_number.clone(),
             randomization_list_id: slot.list_id.clone(),
             arm_code: slot.arm_code.clone(),
         };
-        emit(tx, ctx, &self.topics, &assigned, subject_id).await?;
+        emit(ctx, &self.topics, &assigned, subject_id)?;
         let study_id = &cause.study_id;
         metrics::counter!(RANDOMIZED_TOTAL).increment(1);
         metrics::gauge!(SLOTS_LEFT, "study" => study_id.clone(), "stratum" => stratum.to_string())
@@ -274,7 +274,7 @@ impl Enrollment {
                 slots_left: slot.slots_left as i32,
                 slots_total: slot.slots_total as i32,
             };
-            emit(tx, ctx, &self.topics, &low, &slot.list_id).await?;
+            emit(ctx, &self.topics, &low, &slot.list_id)?;
             warn!(list = %slot.list_id, slots_left = slot.slots_left, "Randomization list running out.");
         }
         Ok(())
@@ -311,7 +311,7 @@ impl Enrollment {
             reason,
             randomization_number: randomization_number.map(str::to_string),
         };
-        emit(tx, ctx, &self.topics, &held, subject_id).await?;
+        emit(ctx, &self.topics, &held, subject_id)?;
         let first = failures.first().map_or("UNKNOWN", |f| f.code);
         metrics::counter!(HOLDS_TOTAL, "reason" => first).increment(1);
         info!(subject_id, reason_code = %code, "Enrollment on hold.");
@@ -352,7 +352,7 @@ impl Enrollment {
             randomization_number: e.randomization_number.clone(),
             kit_number: e.kit_number.clone(),
         };
-        emit(tx, ctx, &self.topics, &enrolled, &subject_id).await?;
+        emit(ctx, &self.topics, &enrolled, &subject_id)?;
         metrics::counter!(ENROLLED_TOTAL).increment(1);
         info!(subject_id, "Subject enrolled.");
         Ok(())
@@ -422,6 +422,8 @@ fn hold_audit(cause: &Envelope, subject_id: &str, status: &str, code: &str, reas
 }
 
 impl Handler for Enrollment {
+    type Batch = ();
+
     /// Locks the randomization lists of every study with an `EnrollmentRequested` in the batch (see
     /// the module documentation); a batch without one locks nothing. Undecodable messages are
     /// skipped here and dead-lettered by `handle`.
@@ -449,6 +451,7 @@ impl Handler for Enrollment {
         tx: &mut Transaction<'static, Postgres>,
         message: &Message,
         ctx: &mut Context,
+        _batch: &mut (),
     ) -> Result<(), HandlerError> {
         match decode(message)? {
             AnyEvent::StudyConfigured(e) => self.study_configured(tx, &e, ctx).await,

@@ -26,6 +26,13 @@
 //! are stored with their answers and score (`response`), every decision by submission id
 //! (`submission`), and rejected resubmissions with other content by event id
 //! (`conflicting_submission`).
+//!
+//! Round trips per batch, not per submission ([`EproBatch`]): `prepare` decodes the batch once and
+//! reads the earlier submissions with the batch's ids, its subjects and the occurrences its
+//! completed responses fill (one query each); each submission is decided from that state, which
+//! it updates (a second submission with the same id in the batch is a duplicate of the first,
+//! a second completed response for one occurrence a `DUPLICATE_OCCURRENCE`); `finish` writes the
+//! batch's decisions with one statement per table, and the runtime its events with one more.
 
 pub mod catalogue;
 pub mod questionnaire;
@@ -35,6 +42,7 @@ pub mod schedule;
 mod store;
 pub mod validate;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -50,7 +58,7 @@ use trialflow_schemas::{
 use uuid::Uuid;
 
 use self::catalogue::Catalogue;
-use self::store::SubjectFact;
+use self::store::{Decisions, OccurrenceKey, Prefetched, SubjectFact, SubjectKey};
 use self::validate::{Accepted, CONFLICTING_DUPLICATE, DUPLICATE_OCCURRENCE, reason};
 use crate::config::ConsumerSpec;
 use crate::error::HandlerError;
@@ -114,6 +122,7 @@ impl EproValidation {
         tx: &mut Transaction<'static, Postgres>,
         event: AnyEvent,
         ctx: &mut Context,
+        batch: &mut EproBatch,
     ) -> Result<(), HandlerError> {
         let envelope = event.envelope().clone();
         let at = || instant(&envelope);
@@ -125,6 +134,8 @@ impl EproValidation {
         };
         let subject_id = subject_of(&envelope)?;
         store::record_subject(tx, &self.schema, &envelope.study_id, subject_id, fact).await?;
+        // A submission of this subject later in the batch reads it again.
+        batch.known.subjects.remove(&(envelope.study_id.clone(), subject_id.to_string()));
         if matches!(fact, SubjectFact::Enrolled { .. }) {
             ctx.resolve(enrolled_dependency(&envelope.study_id, subject_id));
         }
@@ -137,6 +148,7 @@ impl EproValidation {
         message: &Message,
         s: &QuestionnaireResponseSubmitted,
         ctx: &mut Context,
+        batch: &mut EproBatch,
     ) -> Result<(), HandlerError> {
         // The hash is of the submission as sent, so its exact resend is still a duplicate.
         let hash = validate::content_hash(s);
@@ -150,8 +162,8 @@ impl EproValidation {
         };
         let subject_id = subject_of(&s.envelope)?;
         let study_id = &s.envelope.study_id;
-        let known = store::known(tx, &self.schema, s.submission_id, study_id, subject_id).await?;
-        if let Some(earlier) = known.earlier {
+        let (earlier, subject) = batch.known(tx, &self.schema, s, subject_id).await?;
+        if let Some(earlier) = earlier {
             if earlier == hash {
                 metrics::counter!(OUTCOMES_TOTAL, "outcome" => "duplicate").increment(1);
                 debug!(submission_id = %s.submission_id, "Exact duplicate acknowledged.");
@@ -166,17 +178,15 @@ impl EproValidation {
                 ),
             );
             let reasons = vec![conflict];
-            store::record_conflict(tx, &self.schema, s, subject_id, &hash, &reasons).await?;
-            return self.reject(tx, ctx, s, subject_id, reasons).await;
+            batch.decisions.conflict(s, subject_id, &hash, &reasons);
+            return self.reject(ctx, s, subject_id, reasons);
         }
         if !unstorable.is_empty() {
             // Decided at once, enrolled or not: no later fact makes these strings acceptable.
-            if !store::record_decision(tx, &self.schema, s, subject_id, &hash, &unstorable).await? {
-                return Err(HandlerError::transient("submission recorded concurrently; deciding again"));
-            }
-            return self.reject(tx, ctx, s, subject_id, unstorable).await;
+            batch.rejected(s, subject_id, &hash, &unstorable);
+            return self.reject(ctx, s, subject_id, unstorable);
         }
-        let Some(subject) = known.subject else {
+        let Some(subject) = subject else {
             return Err(HandlerError::not_yet(
                 enrolled_dependency(study_id, subject_id),
                 format!("subject {subject_id} of study {study_id} is not enrolled (yet)"),
@@ -186,7 +196,7 @@ impl EproValidation {
         let mut decision = validate::decide(&self.catalogue, s, &subject, received_at);
         if decision.is_ok()
             && s.status == trialflow_schemas::ResponseStatus::Completed
-            && store::occurrence_completed(tx, &self.schema, s, subject_id).await?
+            && batch.occurrence_completed(tx, &self.schema, s, subject_id).await?
         {
             let detail = format!(
                 "{} already has a completed response for {}; send status AMENDED to correct it",
@@ -196,30 +206,25 @@ impl EproValidation {
             decision = Err(vec![reason(DUPLICATE_OCCURRENCE, None, detail)]);
         }
         match decision {
-            Ok(accepted) => self.accept(tx, ctx, s, subject_id, &hash, received_at, accepted).await,
+            Ok(accepted) => {
+                batch.accepted(s, subject_id, &hash, received_at, &accepted)?;
+                self.accept(ctx, s, subject_id, accepted)
+            }
             Err(reasons) => {
-                if !store::record_decision(tx, &self.schema, s, subject_id, &hash, &reasons).await? {
-                    return Err(HandlerError::transient("submission recorded concurrently; deciding again"));
-                }
-                self.reject(tx, ctx, s, subject_id, reasons).await
+                batch.rejected(s, subject_id, &hash, &reasons);
+                self.reject(ctx, s, subject_id, reasons)
             }
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn accept(
+    /// Announces an accepted submission (its rows are in the batch's decisions).
+    fn accept(
         &self,
-        tx: &mut Transaction<'static, Postgres>,
         ctx: &mut Context,
         s: &QuestionnaireResponseSubmitted,
         subject_id: &str,
-        hash: &str,
-        received_at: DateTime<Utc>,
         accepted: Accepted,
     ) -> Result<(), HandlerError> {
-        if !store::record_accepted(tx, &self.schema, s, subject_id, hash, received_at, &accepted).await? {
-            return Err(HandlerError::transient("submission recorded concurrently; deciding again"));
-        }
         ctx.audit(
             decision_audit(s, subject_id, "epro.accepted")
                 .change("total_score", Value::Null, accepted.scored.total)
@@ -241,16 +246,15 @@ impl EproValidation {
             window_status: accepted.window,
             late_sync: accepted.late_sync,
         };
-        emit(tx, ctx, &self.topics, &event, subject_id).await?;
+        emit(ctx, &self.topics, &event, subject_id)?;
         metrics::counter!(OUTCOMES_TOTAL, "outcome" => "accepted").increment(1);
         Ok(())
     }
 
-    /// Emits the rejection (the decision is recorded by the caller, except for a conflicting
-    /// duplicate, whose id belongs to the first submission).
-    async fn reject(
+    /// Announces the rejection (its row is in the batch's decisions: the submission's, or for a
+    /// conflicting duplicate, whose id belongs to the first submission, the resubmission's).
+    fn reject(
         &self,
-        tx: &mut Transaction<'static, Postgres>,
         ctx: &mut Context,
         s: &QuestionnaireResponseSubmitted,
         subject_id: &str,
@@ -268,10 +272,102 @@ impl EproValidation {
             questionnaire_version: s.questionnaire_version.clone(),
             reasons,
         };
-        emit(tx, ctx, &self.topics, &event, subject_id).await?;
+        emit(ctx, &self.topics, &event, subject_id)?;
         metrics::counter!(OUTCOMES_TOTAL, "outcome" => "rejected").increment(1);
         Ok(())
     }
+}
+
+/// A batch of the epro-validation consumer (see [`Handler`]): its events decoded once, what its
+/// submissions need to be decided (read by `prepare`, updated by each decision), and the
+/// decisions to write at its end.
+#[derive(Debug, Default)]
+pub struct EproBatch {
+    /// The batch's events by (partition, offset), decoded by `prepare`; `handle` takes its own.
+    events: HashMap<(i32, i64), AnyEvent>,
+    known: Prefetched,
+    decisions: Decisions,
+}
+
+impl EproBatch {
+    /// The earlier submission with `s`'s id (its content hash) and `s`'s subject if enrolled: from
+    /// the batch's state, else from the database.
+    async fn known(
+        &mut self,
+        tx: &mut Transaction<'static, Postgres>,
+        schema: &SchemaName,
+        s: &QuestionnaireResponseSubmitted,
+        subject_id: &str,
+    ) -> Result<(Option<String>, Option<validate::Subject>), HandlerError> {
+        let study_id = &s.envelope.study_id;
+        let key: SubjectKey = (study_id.clone(), subject_id.to_string());
+        if let (Some(earlier), Some(subject)) =
+            (self.known.earlier.get(&s.submission_id), self.known.subjects.get(&key))
+        {
+            return Ok((earlier.clone(), subject.clone()));
+        }
+        let known = store::known(tx, schema, s.submission_id, study_id, subject_id).await?;
+        // Decided earlier in this batch (not written yet) wins over the database.
+        let earlier = match self.known.earlier.get(&s.submission_id) {
+            Some(Some(hash)) => Some(hash.clone()),
+            _ => known.earlier,
+        };
+        self.known.subjects.insert(key, known.subject.clone());
+        Ok((earlier, known.subject))
+    }
+
+    /// Whether `s`'s occurrence already has a completed response, in the database or decided
+    /// earlier in this batch.
+    async fn occurrence_completed(
+        &mut self,
+        tx: &mut Transaction<'static, Postgres>,
+        schema: &SchemaName,
+        s: &QuestionnaireResponseSubmitted,
+        subject_id: &str,
+    ) -> Result<bool, HandlerError> {
+        let Some(key) = occurrence_key(s, subject_id) else { return Ok(false) };
+        if let Some(done) = self.known.completed.get(&key) {
+            return Ok(*done);
+        }
+        let done = store::occurrence_completed(tx, schema, s, subject_id).await?;
+        self.known.completed.insert(key, done);
+        Ok(done)
+    }
+
+    fn rejected(
+        &mut self,
+        s: &QuestionnaireResponseSubmitted,
+        subject_id: &str,
+        hash: &str,
+        reasons: &[RejectionReason],
+    ) {
+        self.decisions.rejected(s, subject_id, hash, reasons);
+        self.known.earlier.insert(s.submission_id, Some(hash.to_string()));
+    }
+
+    fn accepted(
+        &mut self,
+        s: &QuestionnaireResponseSubmitted,
+        subject_id: &str,
+        hash: &str,
+        received_at: DateTime<Utc>,
+        accepted: &Accepted,
+    ) -> Result<(), HandlerError> {
+        self.decisions.accepted(s, subject_id, hash, received_at, accepted)?;
+        self.known.earlier.insert(s.submission_id, Some(hash.to_string()));
+        if s.status == trialflow_schemas::ResponseStatus::Completed
+            && let Some(key) = occurrence_key(s, subject_id)
+        {
+            self.known.completed.insert(key, true);
+        }
+        Ok(())
+    }
+}
+
+/// The occurrence a submission answers, if scheduled.
+fn occurrence_key(s: &QuestionnaireResponseSubmitted, subject_id: &str) -> Option<OccurrenceKey> {
+    let occurrence = s.scheduled_occurrence.as_ref()?;
+    Some((s.envelope.study_id.clone(), subject_id.to_string(), s.questionnaire.clone(), occurrence.clone()))
 }
 
 /// The audit record of a decision on a submission (the service's own, on the app's data).
@@ -290,6 +386,8 @@ fn json(value: &impl serde::Serialize) -> Value {
 }
 
 impl Handler for EproValidation {
+    type Batch = EproBatch;
+
     /// Apps may publish without an `event_id` header: then the envelope's event id is used.
     fn event_id(&self, message: &Message) -> Result<Uuid, HandlerError> {
         if let Some(id) = message.header_str("event_id").and_then(|h| Uuid::parse_str(h).ok()) {
@@ -298,13 +396,55 @@ impl Handler for EproValidation {
         Ok(decode(message)?.envelope().event_id)
     }
 
+    /// Decodes the batch and reads what its submissions need (see [`EproBatch`]). Submissions
+    /// whose strings the database cannot take are left out of the reads (`handle` rejects them
+    /// with their strings made storable, asking the database itself).
+    async fn prepare(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        batch: &[Message],
+    ) -> Result<EproBatch, HandlerError> {
+        let ingestion = self.topics.name(topics::EPRO_SUBMISSIONS);
+        let mut state = EproBatch::default();
+        let (mut ids, mut subjects, mut occurrences) = (Vec::new(), Vec::new(), Vec::new());
+        for message in batch {
+            let Ok(event) = decode(message) else { continue };
+            if message.topic == ingestion
+                && let AnyEvent::QuestionnaireResponseSubmitted(s) = &event
+            {
+                ids.push(s.submission_id);
+                if let Some(subject_id) = s.envelope.subject_id.as_deref()
+                    && validate::unstorable_text(s).is_empty()
+                {
+                    subjects.push((s.envelope.study_id.clone(), subject_id.to_string()));
+                    if s.status == trialflow_schemas::ResponseStatus::Completed {
+                        occurrences.extend(occurrence_key(s, subject_id));
+                    }
+                }
+            }
+            state.events.insert((message.partition, message.offset), event);
+        }
+        subjects.sort();
+        subjects.dedup();
+        occurrences.sort();
+        occurrences.dedup();
+        ids.sort();
+        ids.dedup();
+        state.known = store::prefetch(tx, &self.schema, &ids, &subjects, &occurrences).await?;
+        Ok(state)
+    }
+
     async fn handle(
         &self,
         tx: &mut Transaction<'static, Postgres>,
         message: &Message,
         ctx: &mut Context,
+        batch: &mut EproBatch,
     ) -> Result<(), HandlerError> {
-        let event = decode(message)?;
+        let event = match batch.events.remove(&(message.partition, message.offset)) {
+            Some(event) => event,
+            None => decode(message)?,
+        };
         if message.topic == self.topics.name(topics::EPRO_SUBMISSIONS) {
             let AnyEvent::QuestionnaireResponseSubmitted(s) = event else {
                 return Err(HandlerError::permanent(format!(
@@ -312,9 +452,18 @@ impl Handler for EproValidation {
                     event.name()
                 )));
             };
-            return self.submission(tx, message, &s, ctx).await;
+            return self.submission(tx, message, &s, ctx, batch).await;
         }
-        self.lifecycle(tx, event, ctx).await
+        self.lifecycle(tx, event, ctx, batch).await
+    }
+
+    /// Writes the batch's decisions, one statement per table.
+    async fn finish(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        batch: EproBatch,
+    ) -> Result<(), HandlerError> {
+        batch.decisions.write(tx, &self.schema).await
     }
 }
 

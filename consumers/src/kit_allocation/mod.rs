@@ -175,7 +175,7 @@ impl KitAllocation {
                     request.kit_type
                 ),
             };
-            emit(tx, ctx, &self.topics, &failed, subject_id).await?;
+            emit(ctx, &self.topics, &failed, subject_id)?;
             metrics::counter!(FAILED_TOTAL).increment(1);
             info!(subject_id, site_id, "No dispensable kit; subject waits for a shipment.");
         }
@@ -244,7 +244,7 @@ impl KitAllocation {
             kit_number: kit.kit_number.clone(),
             kit_type: kit.kit_type.clone(),
         };
-        emit(tx, ctx, &self.topics, &allocated, &request.subject_id).await?;
+        emit(ctx, &self.topics, &allocated, &request.subject_id)?;
         metrics::counter!(ALLOCATED_TOTAL).increment(1);
         debug!(subject_id = %request.subject_id, kit = %kit.kit_number, "Kit allocated.");
         Ok(true)
@@ -255,7 +255,7 @@ impl KitAllocation {
     async fn check_stock(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        ctx: &Context,
+        ctx: &mut Context,
         study: &StudySettings,
         cause: &Envelope,
         site_id: &str,
@@ -286,7 +286,7 @@ impl KitAllocation {
                     countable: i32::try_from(countable).unwrap_or(i32::MAX),
                     threshold: i32::try_from(settings.low_stock_threshold).unwrap_or(i32::MAX),
                 };
-                emit(tx, ctx, &self.topics, &signal, site_id).await?;
+                emit(ctx, &self.topics, &signal, site_id)?;
                 metrics::counter!(STOCK_LOW_TOTAL).increment(1);
                 info!(site_id, kit_type, countable, "Site stock low.");
             }
@@ -321,6 +321,8 @@ fn dispensing_audit(kit: &rules::Kit, request: &Request, today: NaiveDate) -> Au
 }
 
 impl Handler for KitAllocation {
+    type Batch = ();
+
     /// Locks the inventory of every site a shipment or an assignment of the batch is for (see the
     /// module documentation). Undecodable messages and messages without a site are skipped here;
     /// `handle` dead-letters them.
@@ -350,6 +352,7 @@ impl Handler for KitAllocation {
         tx: &mut Transaction<'static, Postgres>,
         message: &Message,
         ctx: &mut Context,
+        _batch: &mut (),
     ) -> Result<(), HandlerError> {
         match decode(message)? {
             AnyEvent::StudyConfigured(e) => self.study_configured(tx, &e, ctx).await,

@@ -7,7 +7,14 @@
 //! a visit is kept too (a persistence run is judged by time), but never makes or joins a visit
 //! mean ([`judge`]). A subject-baseline rule judges a reading against the subject's readings
 //! before it ([`baseline`]), as known when it is handled.
-
+//!
+//! Round trips per batch, not per reading ([`MonitoringBatch`]): `prepare` decodes the batch once,
+//! reads the series of every (subject, code) of its readings that a rule judges, and reads and
+//! locks the episodes of its subjects (one query each); a reading joins its series in the state
+//! as it is handled (the next reading of the batch is judged with it), an episode opened joins
+//! the state's episodes (the next signal of the batch adds evidence to it); `finish` stores the
+//! batch's readings with one statement. A signal is applied with one statement.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +31,7 @@ use trialflow_schemas::{
 
 use super::NAME;
 use super::baseline::{self, Baseline, Deviation};
-use super::episodes::{self, Outcome, Signal};
+use super::episodes::{self, EpisodeKey, Episodes, Outcome, Signal};
 use super::rules::{Reading, Rule, RuleBook, RuleInput, judge};
 use crate::config::{ConsumerConfig, ConsumerSpec};
 use crate::error::{ConsumerError, HandlerError};
@@ -112,9 +119,11 @@ impl Monitoring {
         &self,
         tx: &mut Transaction<'static, Postgres>,
         ctx: &mut Context,
+        batch: &mut MonitoringBatch,
         signal: Signal<'_>,
     ) -> Result<(), HandlerError> {
-        let outcome = episodes::apply(tx, &self.schema, ctx, &self.topics, &signal).await?;
+        let outcome =
+            episodes::apply(tx, &self.schema, ctx, &self.topics, &mut batch.episodes, &signal).await?;
         let label = match outcome {
             Outcome::Raised => "raised",
             Outcome::Updated => "updated",
@@ -128,6 +137,7 @@ impl Monitoring {
         &self,
         tx: &mut Transaction<'static, Postgres>,
         ctx: &mut Context,
+        batch: &mut MonitoringBatch,
         e: &VitalSignRecorded,
     ) -> Result<(), HandlerError> {
         let subject_id = subject_of(&e.envelope)?.to_string();
@@ -140,23 +150,36 @@ impl Monitoring {
             effective_at: effective(&e.envelope, e.effective.earliest)?,
             visit: e.visit.clone(),
         };
-        let store = format!(
-            "INSERT INTO {}.observation (event_id, study_id, subject_id, code, value, unit, effective_at, visit)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
-            self.schema
-        );
-        sqlx::query(AssertSqlSafe(store))
-            .bind(current.event_id)
-            .bind(study_id)
-            .bind(&subject_id)
-            .bind(&current.code)
-            .bind(current.value)
-            .bind(&current.unit)
-            .bind(current.effective_at)
-            .bind(&current.visit)
-            .execute(&mut **tx)
-            .await?;
-        let mut series: Option<Vec<Reading>> = None;
+        let series_key = (study_id.clone(), subject_id.clone(), current.code.clone());
+        if !self.judged_codes(study_id).contains(current.code.as_str()) {
+            // Kept all the same (a rule set may judge it tomorrow), but no series to read.
+            batch.observations.push((series_key.0, series_key.1, current));
+            return Ok(());
+        }
+        if !batch.series.contains_key(&series_key) {
+            let read = self.series(tx, study_id, &subject_id, &current.code).await?;
+            batch.series.insert(series_key.clone(), read);
+        }
+        batch.observe(series_key.clone(), &current);
+        let series = batch.series.remove(&series_key).unwrap_or_default();
+        let judged = self.judge_vital(tx, ctx, batch, e, &subject_id, &current, &series).await;
+        batch.series.insert(series_key, series);
+        judged
+    }
+
+    /// Judges a reading with every rule of its study, against its series (itself included).
+    #[allow(clippy::too_many_arguments)]
+    async fn judge_vital(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        ctx: &mut Context,
+        batch: &mut MonitoringBatch,
+        e: &VitalSignRecorded,
+        subject_id: &str,
+        current: &Reading,
+        series: &[Reading],
+    ) -> Result<(), HandlerError> {
+        let study_id = &e.envelope.study_id;
         for rule in self.rules.rules(study_id) {
             if let RuleInput::VitalBaseline(baseline) = &rule.input
                 && baseline.code == current.code
@@ -165,16 +188,11 @@ impl Monitoring {
                     warn!(rule = %rule.rule_id, unit = %current.unit, expected = %baseline.unit, "Reading in another unit; rule not applied.");
                     continue;
                 }
-                if series.is_none() {
-                    series = Some(self.series(tx, study_id, &subject_id, &current.code).await?);
-                }
-                let Some(deviation) =
-                    baseline::judge(baseline, &current, series.as_deref().unwrap_or_default())
-                else {
+                let Some(deviation) = baseline::judge(baseline, current, series) else {
                     continue;
                 };
-                let signal = baseline_signal(rule, baseline, &e.envelope, &subject_id, &current, &deviation);
-                self.signal(tx, ctx, signal).await?;
+                let signal = baseline_signal(rule, baseline, &e.envelope, subject_id, current, &deviation);
+                self.signal(tx, ctx, batch, signal).await?;
                 continue;
             }
             let RuleInput::Vital { any, aggregation } = &rule.input else { continue };
@@ -183,12 +201,7 @@ impl Monitoring {
                     warn!(rule = %rule.rule_id, unit = %current.unit, expected = %condition.unit, "Reading in another unit; rule not applied.");
                     continue;
                 }
-                if series.is_none() {
-                    series = Some(self.series(tx, study_id, &subject_id, &current.code).await?);
-                }
-                let Some(readings) =
-                    judge(condition, *aggregation, &current, series.as_deref().unwrap_or_default())
-                else {
+                let Some(readings) = judge(condition, *aggregation, current, series) else {
                     continue;
                 };
                 let evidence: Vec<Evidence> =
@@ -197,7 +210,7 @@ impl Monitoring {
                 let signal = Signal {
                     rule,
                     cause: &e.envelope,
-                    subject_id: Some(subject_id.clone()),
+                    subject_id: Some(subject_id.to_string()),
                     site_id: e.envelope.site_id.clone(),
                     effective_at: readings
                         .iter()
@@ -207,7 +220,7 @@ impl Monitoring {
                     summary,
                     evidence,
                 };
-                self.signal(tx, ctx, signal).await?;
+                self.signal(tx, ctx, batch, signal).await?;
                 break; // one signal per rule and reading
             }
         }
@@ -250,6 +263,7 @@ impl Monitoring {
         &self,
         tx: &mut Transaction<'static, Postgres>,
         ctx: &mut Context,
+        batch: &mut MonitoringBatch,
         e: &AdverseEventReported,
     ) -> Result<(), HandlerError> {
         subject_of(&e.envelope)?; // a subject-level input must name its subject
@@ -269,7 +283,7 @@ impl Monitoring {
             };
             let description = format!("AE {} {}{grade}{serious}, onset {}", e.ae_id, e.term, e.onset.raw);
             let signal = event_signal(rule, &e.envelope, at, description, e.ctcae_grade.map(f64::from));
-            self.signal(tx, ctx, signal).await?;
+            self.signal(tx, ctx, batch, signal).await?;
         }
         Ok(())
     }
@@ -278,6 +292,7 @@ impl Monitoring {
         &self,
         tx: &mut Transaction<'static, Postgres>,
         ctx: &mut Context,
+        batch: &mut MonitoringBatch,
         e: &QuestionnaireResponseAccepted,
     ) -> Result<(), HandlerError> {
         subject_of(&e.envelope)?;
@@ -305,7 +320,7 @@ impl Monitoring {
                 }
             );
             let signal = event_signal(rule, &e.envelope, at, description, e.total_score.map(f64::from));
-            self.signal(tx, ctx, signal).await?;
+            self.signal(tx, ctx, batch, signal).await?;
         }
         Ok(())
     }
@@ -314,6 +329,7 @@ impl Monitoring {
         &self,
         tx: &mut Transaction<'static, Postgres>,
         ctx: &mut Context,
+        batch: &mut MonitoringBatch,
         e: &EnrollmentOnHold,
     ) -> Result<(), HandlerError> {
         let subject_id = subject_of(&e.envelope)?.to_string();
@@ -325,7 +341,7 @@ impl Monitoring {
             }
             let description = format!("subject {subject_id} on hold ({}): {}", e.reason_code, e.reason);
             let signal = event_signal(rule, &e.envelope, at, description, None);
-            self.signal(tx, ctx, signal).await?;
+            self.signal(tx, ctx, batch, signal).await?;
         }
         Ok(())
     }
@@ -335,6 +351,7 @@ impl Monitoring {
         &self,
         tx: &mut Transaction<'static, Postgres>,
         ctx: &mut Context,
+        batch: &mut MonitoringBatch,
         e: &SiteStockLow,
     ) -> Result<(), HandlerError> {
         let site_id = site_of(&e.envelope)?.to_string();
@@ -344,7 +361,7 @@ impl Monitoring {
             let description =
                 format!("site {site_id}: {} kits of one treatment below the resupply threshold", e.kit_type);
             let signal = event_signal(rule, &e.envelope, at, description, None);
-            self.signal(tx, ctx, signal).await?;
+            self.signal(tx, ctx, batch, signal).await?;
         }
         Ok(())
     }
@@ -355,6 +372,7 @@ impl Monitoring {
         &self,
         tx: &mut Transaction<'static, Postgres>,
         ctx: &mut Context,
+        batch: &mut MonitoringBatch,
         e: &CodeBroken,
     ) -> Result<(), HandlerError> {
         let subject_id = subject_of(&e.envelope)?.to_string();
@@ -365,7 +383,7 @@ impl Monitoring {
             let description =
                 format!("subject {subject_id}: code broken by {by} ({}), reason: {}", e.actor_role, e.reason);
             let signal = event_signal(rule, &e.envelope, at, description, None);
-            self.signal(tx, ctx, signal).await?;
+            self.signal(tx, ctx, batch, signal).await?;
         }
         Ok(())
     }
@@ -378,6 +396,7 @@ impl Monitoring {
         &self,
         tx: &mut Transaction<'static, Postgres>,
         ctx: &mut Context,
+        batch: &mut MonitoringBatch,
         e: &KriFlagChanged,
     ) -> Result<(), HandlerError> {
         let site_id = site_of(&e.envelope)?.to_string();
@@ -402,7 +421,7 @@ impl Monitoring {
                 e.score.map_or("–".to_string(), |z| format!("{z:.2}")),
             );
             let signal = event_signal(rule, &e.envelope, at, description, e.score);
-            self.signal(tx, ctx, signal).await?;
+            self.signal(tx, ctx, batch, signal).await?;
         }
         Ok(())
     }
@@ -415,6 +434,7 @@ impl Monitoring {
         &self,
         tx: &mut Transaction<'static, Postgres>,
         ctx: &mut Context,
+        batch: &mut MonitoringBatch,
         e: &QtlStatusChanged,
     ) -> Result<(), HandlerError> {
         if !e.breached {
@@ -431,7 +451,7 @@ impl Monitoring {
             // Study level: whatever the event's envelope says, no site and no subject.
             signal.site_id = None;
             signal.subject_id = None;
-            self.signal(tx, ctx, signal).await?;
+            self.signal(tx, ctx, batch, signal).await?;
         }
         Ok(())
     }
@@ -541,23 +561,204 @@ fn vital_summary(
     }
 }
 
+/// A batch of the monitoring consumer (see [`Handler`]): its events decoded once, the series its
+/// readings are judged against and the episodes its signals go to (read by `prepare`, updated by
+/// each message), and the readings to store at its end.
+#[derive(Debug, Default)]
+pub struct MonitoringBatch {
+    /// The batch's events by (partition, offset), decoded by `prepare`; `handle` takes its own.
+    events: HashMap<(i32, i64), AnyEvent>,
+    /// Readings by (study, subject, code), by effective time: the stored ones and this batch's.
+    series: HashMap<SeriesKey, Vec<Reading>>,
+    episodes: Episodes,
+    /// This batch's readings, to store: (study, subject, reading).
+    observations: Vec<(String, String, Reading)>,
+}
+
+/// A subject's readings of one code: (study id, subject id, LOINC code).
+type SeriesKey = (String, String, String);
+
+impl MonitoringBatch {
+    /// Adds a reading to its series (by effective time, after the readings of the same time, as
+    /// the stored series would order it) and to the readings to store, unless it is there
+    /// already (stored by an earlier delivery: a reading counts once).
+    fn observe(&mut self, key: SeriesKey, reading: &Reading) {
+        let (study_id, subject_id) = (key.0.clone(), key.1.clone());
+        let series = self.series.entry(key).or_default();
+        if series.iter().any(|r| r.event_id == reading.event_id) {
+            return;
+        }
+        let at = series.partition_point(|r| r.effective_at <= reading.effective_at);
+        series.insert(at, reading.clone());
+        self.observations.push((study_id, subject_id, reading.clone()));
+    }
+}
+
+impl Monitoring {
+    /// The codes the rules of `study_id` judge readings of.
+    fn judged_codes(&self, study_id: &str) -> BTreeSet<&str> {
+        let mut codes = BTreeSet::new();
+        for rule in self.rules.rules(study_id) {
+            match &rule.input {
+                RuleInput::Vital { any, .. } => codes.extend(any.iter().map(|c| c.code.as_str())),
+                RuleInput::VitalBaseline(baseline) => {
+                    codes.insert(baseline.code.as_str());
+                }
+                _ => {}
+            }
+        }
+        codes
+    }
+
+    /// The series of `keys`, with one query.
+    async fn all_series(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        keys: &BTreeSet<SeriesKey>,
+    ) -> Result<HashMap<SeriesKey, Vec<Reading>>, HandlerError> {
+        let mut all: HashMap<SeriesKey, Vec<Reading>> =
+            keys.iter().map(|k| (k.clone(), Vec::new())).collect();
+        if keys.is_empty() {
+            return Ok(all);
+        }
+        let sql = format!(
+            "SELECT o.study_id, o.subject_id, o.code, o.event_id, o.value, o.unit, o.effective_at, o.visit
+             FROM unnest($1::text[], $2::text[], $3::text[]) AS k(study_id, subject_id, code)
+             JOIN {}.observation o USING (study_id, subject_id, code)
+             ORDER BY o.study_id, o.subject_id, o.code, o.effective_at",
+            self.schema
+        );
+        let mut columns: [Vec<&str>; 3] = Default::default();
+        for (study, subject, code) in keys {
+            columns[0].push(study);
+            columns[1].push(subject);
+            columns[2].push(code);
+        }
+        let [studies, subjects, codes] = columns;
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(studies)
+            .bind(subjects)
+            .bind(codes)
+            .fetch_all(&mut **tx)
+            .await?;
+        for r in rows {
+            let key: SeriesKey = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+            let reading = Reading {
+                event_id: r.try_get(3)?,
+                code: key.2.clone(),
+                value: r.try_get(4)?,
+                unit: r.try_get(5)?,
+                effective_at: r.try_get(6)?,
+                visit: r.try_get(7)?,
+            };
+            all.entry(key).or_default().push(reading);
+        }
+        Ok(all)
+    }
+}
+
+/// The subject an event is about and its effective time, for the episodes `prepare` reads; `None`
+/// for events about no subject (their signals read their episode themselves).
+fn subject_input(event: &AnyEvent) -> Option<(&Envelope, Option<Timestamp>)> {
+    let (envelope, at) = match event {
+        AnyEvent::VitalSignRecorded(e) => (&e.envelope, e.effective.earliest),
+        AnyEvent::AdverseEventReported(e) => (&e.envelope, e.onset.earliest),
+        AnyEvent::QuestionnaireResponseAccepted(e) => (&e.envelope, Some(e.authored_at)),
+        AnyEvent::EnrollmentOnHold(e) => (&e.envelope, None),
+        AnyEvent::CodeBroken(e) => (&e.envelope, None),
+        _ => return None,
+    };
+    envelope.subject_id.as_ref()?;
+    Some((envelope, at))
+}
+
 impl Handler for Monitoring {
+    type Batch = MonitoringBatch;
+
+    /// Decodes the batch; reads the series of its readings' (subject, code) that a rule judges and
+    /// the episodes of its subjects (locked, in alert id order: batches of the four subject-keyed
+    /// topics that share subjects queue instead of deadlocking).
+    async fn prepare(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        batch: &[Message],
+    ) -> Result<MonitoringBatch, HandlerError> {
+        let mut state = MonitoringBatch::default();
+        let mut series = BTreeSet::new();
+        let mut subjects: BTreeMap<EpisodeKey, (DateTime<Utc>, DateTime<Utc>)> = BTreeMap::new();
+        for message in batch {
+            let Ok(event) = decode(message) else { continue };
+            if let Some((envelope, at)) = subject_input(&event)
+                && let (Some(subject_id), Ok(at)) = (envelope.subject_id.as_ref(), effective(envelope, at))
+            {
+                let span =
+                    subjects.entry((envelope.study_id.clone(), subject_id.clone())).or_insert((at, at));
+                *span = (span.0.min(at), span.1.max(at));
+                if let AnyEvent::VitalSignRecorded(e) = &event
+                    && self.judged_codes(&envelope.study_id).contains(e.loinc_code.as_str())
+                {
+                    series.insert((envelope.study_id.clone(), subject_id.clone(), e.loinc_code.clone()));
+                }
+            }
+            state.events.insert((message.partition, message.offset), event);
+        }
+        state.series = self.all_series(tx, &series).await?;
+        state.episodes = Episodes::prefetch(tx, &self.schema, &subjects).await?;
+        Ok(state)
+    }
+
     async fn handle(
         &self,
         tx: &mut Transaction<'static, Postgres>,
         message: &Message,
         ctx: &mut Context,
+        batch: &mut MonitoringBatch,
     ) -> Result<(), HandlerError> {
-        match decode(message)? {
-            AnyEvent::VitalSignRecorded(e) => self.vital(tx, ctx, &e).await,
-            AnyEvent::AdverseEventReported(e) => self.adverse_event(tx, ctx, &e).await,
-            AnyEvent::QuestionnaireResponseAccepted(e) => self.epro(tx, ctx, &e).await,
-            AnyEvent::EnrollmentOnHold(e) => self.hold(tx, ctx, &e).await,
-            AnyEvent::SiteStockLow(e) => self.stock_low(tx, ctx, &e).await,
-            AnyEvent::CodeBroken(e) => self.code_broken(tx, ctx, &e).await,
-            AnyEvent::KriFlagChanged(e) => self.kri_flag(tx, ctx, &e).await,
-            AnyEvent::QtlStatusChanged(e) => self.qtl(tx, ctx, &e).await,
+        let event = match batch.events.remove(&(message.partition, message.offset)) {
+            Some(event) => event,
+            None => decode(message)?,
+        };
+        match event {
+            AnyEvent::VitalSignRecorded(e) => self.vital(tx, ctx, batch, &e).await,
+            AnyEvent::AdverseEventReported(e) => self.adverse_event(tx, ctx, batch, &e).await,
+            AnyEvent::QuestionnaireResponseAccepted(e) => self.epro(tx, ctx, batch, &e).await,
+            AnyEvent::EnrollmentOnHold(e) => self.hold(tx, ctx, batch, &e).await,
+            AnyEvent::SiteStockLow(e) => self.stock_low(tx, ctx, batch, &e).await,
+            AnyEvent::CodeBroken(e) => self.code_broken(tx, ctx, batch, &e).await,
+            AnyEvent::KriFlagChanged(e) => self.kri_flag(tx, ctx, batch, &e).await,
+            AnyEvent::QtlStatusChanged(e) => self.qtl(tx, ctx, batch, &e).await,
             _ => Ok(()),
         }
+    }
+
+    /// Stores the batch's readings with one statement.
+    async fn finish(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        batch: MonitoringBatch,
+    ) -> Result<(), HandlerError> {
+        if batch.observations.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "INSERT INTO {}.observation (event_id, study_id, subject_id, code, value, unit, effective_at, visit)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::text[],
+                                  $7::timestamptz[], $8::text[])
+             ON CONFLICT DO NOTHING",
+            self.schema
+        );
+        let o = &batch.observations;
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(o.iter().map(|(_, _, r)| r.event_id).collect::<Vec<_>>())
+            .bind(o.iter().map(|(study, _, _)| study.as_str()).collect::<Vec<_>>())
+            .bind(o.iter().map(|(_, subject, _)| subject.as_str()).collect::<Vec<_>>())
+            .bind(o.iter().map(|(_, _, r)| r.code.as_str()).collect::<Vec<_>>())
+            .bind(o.iter().map(|(_, _, r)| r.value).collect::<Vec<_>>())
+            .bind(o.iter().map(|(_, _, r)| r.unit.as_str()).collect::<Vec<_>>())
+            .bind(o.iter().map(|(_, _, r)| r.effective_at).collect::<Vec<_>>())
+            .bind(o.iter().map(|(_, _, r)| r.visit.as_deref()).collect::<Vec<_>>())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
     }
 }

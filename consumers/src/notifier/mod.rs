@@ -307,6 +307,8 @@ impl Notifier {
 }
 
 impl Handler for Notifier {
+    type Batch = ();
+
     /// Without an `event_id` header the envelope's event id is used.
     fn event_id(&self, message: &Message) -> Result<Uuid, HandlerError> {
         if let Some(id) = message.header_str("event_id").and_then(|h| Uuid::parse_str(h).ok()) {
@@ -320,6 +322,7 @@ impl Handler for Notifier {
         tx: &mut Transaction<'static, Postgres>,
         message: &Message,
         ctx: &mut Context,
+        _batch: &mut (),
     ) -> Result<(), HandlerError> {
         match decode(message)? {
             AnyEvent::AlertRaised(r) => self.raised(tx, &r, ctx).await,

@@ -177,6 +177,8 @@ fn occurred(envelope: &Envelope) -> Result<DateTime<Utc>, HandlerError> {
 }
 
 impl Handler for Risk {
+    type Batch = ();
+
     /// The batch's sightings (every counted event: its subject, site and date) and adverse events
     /// in two set-based statements, keys sorted (a fixed lock order between batches of the three
     /// topics' partitions), and one mark per changed study. Both merges are idempotent, so the
@@ -229,6 +231,7 @@ impl Handler for Risk {
         tx: &mut Transaction<'static, Postgres>,
         message: &Message,
         ctx: &mut Context,
+        _batch: &mut (),
     ) -> Result<(), HandlerError> {
         let event = decode(message)?;
         let decision = match &event {
