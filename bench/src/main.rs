@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 mod alerts;
 mod consumer;
+mod debezium;
 mod epro;
 mod epro_gateway;
 mod load;
@@ -30,7 +31,7 @@ mod traced;
 #[derive(Debug, Parser)]
 #[command(about = "trialflow benchmarks")]
 struct Args {
-    /// Run only this group (`relay`, `consumer`, `epro`, `alerts`, `risk` or `load`).
+    /// Run only this group (`relay`, `debezium`, `consumer`, `epro`, `alerts`, `risk` or `load`).
     #[arg(long)]
     only: Option<String>,
 
@@ -75,7 +76,7 @@ struct Args {
     latency_secs: u64,
 }
 
-const GROUPS: &[&str] = &["relay", "consumer", "epro", "alerts", "risk", "load"];
+const GROUPS: &[&str] = &["relay", "debezium", "consumer", "epro", "alerts", "risk", "load"];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -97,6 +98,9 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("connecting to {} (is `make up` running?)", args.database_url))?;
     if args.only.as_deref().is_none_or(|g| g == "relay") {
         relay_group(&args, &kafka, &pool, &metrics).await?;
+    }
+    if args.only.as_deref().is_none_or(|g| g == "debezium") {
+        debezium::group(&args, &kafka, &pool).await?;
     }
     if args.only.as_deref().is_none_or(|g| g == "consumer") {
         consumer::group(&args.database_url, &kafka, &pool, args.events, Some(&metrics)).await?;
