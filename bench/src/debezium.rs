@@ -13,9 +13,10 @@
 //!   transaction, as the `relay` group) before the pipeline starts; events/s from the first
 //!   record the reader sees to the last. Debezium's slot is created before the fill, so its
 //!   stream starts at the first row.
-//! * **commit-to-visible latency**: once a probe row has come through (the pipeline streams), 8
-//!   writers commit one row per transaction on a fixed schedule ([`LATENCY_RATE`] for
-//!   [`LATENCY_SECS`], open loop); per row, from just after its commit returned to the writer to
+//! * **commit-to-visible latency**: once a probe row has come through (the pipeline streams) and
+//!   after [`WARMUP_SECS`] of the same load (not counted: a freshly started JVM is still
+//!   compiling, and a deployed pipeline is warm), 8 writers commit one row per transaction on a
+//!   fixed schedule ([`LATENCY_RATE`] for [`LATENCY_SECS`], open loop); per row, from just after its commit returned to the writer to
 //!   the moment the reader sees its record (matched on the event id header).
 //!
 //! The raw produce baseline is the `relay` group's, rerun here.
@@ -48,6 +49,8 @@ use super::{Args, bench, progress};
 const LATENCY_RATE: u64 = 1_000;
 /// Length of the latency runs.
 const LATENCY_SECS: u64 = 15;
+/// Load before the latency run, at the same rate, not counted.
+const WARMUP_SECS: u64 = 5;
 /// Writers sharing the steady rate, as in the `relay` group.
 const WRITERS: u64 = 8;
 /// How long Connect may take from start to the first record (JVM start, plugin scan, slot).
@@ -187,7 +190,7 @@ impl BenchRun<'_> {
     async fn debezium_latency(&self, topic: &str) -> anyhow::Result<Vec<f64>> {
         let capture = Capture::create(self.pool, &format!("bench_dbz_lat_{}", self.run)).await?;
         let measured = async {
-            let expected = 1 + LATENCY_RATE * LATENCY_SECS;
+            let expected = 1 + LATENCY_RATE * (WARMUP_SECS + LATENCY_SECS);
             let reader =
                 Reader::start(self.kafka, topic, self.args.partitions, expected, Some(DEBEZIUM_ID_HEADER))?;
             let mut connect = Connect::start(self, &capture, "lat").await?;
@@ -199,7 +202,8 @@ impl BenchRun<'_> {
                     "Debezium latency: {LATENCY_RATE} events/s for {LATENCY_SECS} s, one event per transaction"
                 ));
                 let writer = Writer::Debezium(&capture);
-                let committed = self.steady_writes(&writer, topic).await?;
+                self.steady_writes(&writer, topic, WARMUP_SECS).await?;
+                let committed = self.steady_writes(&writer, topic, LATENCY_SECS).await?;
                 reader.wait_seen(expected, Duration::from_secs(120), || connect.check_running()).await?;
                 Ok::<_, anyhow::Error>(committed)
             }
@@ -216,7 +220,7 @@ impl BenchRun<'_> {
         trialflow_outbox::migrate(&self.args.database_url, &schema).await?;
         let measured = async {
             let outbox = Outbox::open(self.pool, schema.clone()).await?;
-            let expected = 1 + LATENCY_RATE * LATENCY_SECS;
+            let expected = 1 + LATENCY_RATE * (WARMUP_SECS + LATENCY_SECS);
             let reader =
                 Reader::start(self.kafka, topic, self.args.partitions, expected, Some(RELAY_ID_HEADER))?;
             let stop = CancellationToken::new();
@@ -229,7 +233,8 @@ impl BenchRun<'_> {
                 progress(&format!(
                     "relay latency: {LATENCY_RATE} events/s for {LATENCY_SECS} s, one event per transaction"
                 ));
-                let committed = self.steady_writes(&writer, topic).await?;
+                self.steady_writes(&writer, topic, WARMUP_SECS).await?;
+                let committed = self.steady_writes(&writer, topic, LATENCY_SECS).await?;
                 reader.wait_seen(expected, Duration::from_secs(120), || Ok(())).await?;
                 Ok::<_, anyhow::Error>(committed)
             }
@@ -251,11 +256,16 @@ impl BenchRun<'_> {
         tokio::spawn(trialflow_outbox::relay::run(config, stop.clone()))
     }
 
-    /// [`LATENCY_RATE`] events/s for [`LATENCY_SECS`], each in its own transaction, from
+    /// [`LATENCY_RATE`] events/s for `secs`, each in its own transaction, from
     /// [`WRITERS`] writers on a fixed schedule (a late writer catches up rather than lowering the
     /// rate); returns each event id with the instant its commit returned.
-    async fn steady_writes(&self, writer: &Writer<'_>, topic: &str) -> anyhow::Result<Vec<(Uuid, Instant)>> {
-        let total = LATENCY_RATE * LATENCY_SECS;
+    async fn steady_writes(
+        &self,
+        writer: &Writer<'_>,
+        topic: &str,
+        secs: u64,
+    ) -> anyhow::Result<Vec<(Uuid, Instant)>> {
+        let total = LATENCY_RATE * secs;
         let start = tokio::time::Instant::now();
         let writes = (0..WRITERS).map(|w| async move {
             let mut committed = Vec::new();
@@ -270,7 +280,7 @@ impl BenchRun<'_> {
         let committed: Vec<(Uuid, Instant)> =
             futures::future::try_join_all(writes).await?.into_iter().flatten().collect();
         let achieved = total as f64 / start.elapsed().as_secs_f64();
-        progress(&format!("latency run wrote {total} events at {achieved:.0} events/s"));
+        progress(&format!("wrote {total} events at {achieved:.0} events/s"));
         Ok(committed)
     }
 }
