@@ -56,7 +56,7 @@ lint: build-deps ## cargo fmt --check and clippy with warnings as errors
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
-bench: up build-deps ## Benchmarks with their raw baselines (`make bench ONLY=relay|consumer|epro|monitoring|alerts|risk|load|scaling` for one group)
+bench: up build-deps ## Benchmarks with their raw baselines (`make bench ONLY=relay|debezium|consumer|epro|monitoring|alerts|risk|load|scaling` for one group)
 	$(CARGO) run -q --release -p trialflow-bench -- $(if $(ONLY),--only $(ONLY),)
 
 openapi-validator: ## Install openapi-spec-validator (pinned, PyPI) into .tools/ for the OpenAPI test

@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 mod alerts;
 mod consumer;
+mod debezium;
 mod epro;
 mod epro_gateway;
 mod load;
@@ -32,8 +33,8 @@ mod traced;
 #[derive(Debug, Parser)]
 #[command(about = "trialflow benchmarks")]
 struct Args {
-    /// Run only this group (`relay`, `consumer`, `epro`, `monitoring`, `alerts`, `risk`, `load` or
-    /// `scaling`).
+    /// Run only this group (`relay`, `debezium`, `consumer`, `epro`, `monitoring`, `alerts`, `risk`,
+    /// `load` or `scaling`).
     #[arg(long)]
     only: Option<String>,
 
@@ -86,7 +87,8 @@ struct Args {
     plot_dir: Option<std::path::PathBuf>,
 }
 
-const GROUPS: &[&str] = &["relay", "consumer", "epro", "monitoring", "alerts", "risk", "load", "scaling"];
+const GROUPS: &[&str] =
+    &["relay", "debezium", "consumer", "epro", "monitoring", "alerts", "risk", "load", "scaling"];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -108,6 +110,9 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("connecting to {} (is `make up` running?)", args.database_url))?;
     if args.only.as_deref().is_none_or(|g| g == "relay") {
         relay_group(&args, &kafka, &pool, &metrics).await?;
+    }
+    if args.only.as_deref().is_none_or(|g| g == "debezium") {
+        debezium::group(&args, &kafka, &pool).await?;
     }
     if args.only.as_deref().is_none_or(|g| g == "consumer") {
         consumer::group(&args.database_url, &kafka, &pool, args.events, Some(&metrics)).await?;
