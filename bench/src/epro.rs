@@ -7,8 +7,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use chrono::Utc;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
 use trialflow_consumers::ConsumerConfig;
@@ -52,27 +50,7 @@ fn submission(i: u64) -> QuestionnaireResponseSubmitted {
 }
 
 async fn produce(kafka: &KafkaConfig, topic: &str, n: u64) -> anyhow::Result<()> {
-    let producer: FutureProducer =
-        trialflow_outbox::publisher::producer_config(kafka, "bench-epro").create()?;
-    let mut pending = Vec::new();
-    for i in 0..n {
-        let s = submission(i);
-        let payload = trialflow_schemas::encode(&s)?;
-        let key = s.envelope.subject_id.clone().unwrap_or_default();
-        let id = s.envelope.event_id.to_string();
-        let headers = OwnedHeaders::new().insert(Header { key: "event_id", value: Some(id.as_str()) });
-        let record = FutureRecord::to(topic).key(&key).payload(&payload).headers(headers);
-        pending.push(producer.send_result(record).map_err(|(e, _)| e)?);
-        if pending.len() >= 5000 {
-            for d in pending.drain(..) {
-                d.await?.map_err(|(e, _)| e)?;
-            }
-        }
-    }
-    for d in pending {
-        d.await?.map_err(|(e, _)| e)?;
-    }
-    Ok(())
+    crate::produce_events(kafka, topic, "bench-epro", n, submission).await
 }
 
 pub(crate) async fn group(

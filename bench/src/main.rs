@@ -205,6 +205,37 @@ pub(crate) async fn paced_produce(
     Ok(sent)
 }
 
+/// Produces `n` events made by `make(i)` to `topic`, keyed by subject, each with its `event_id`
+/// header (as the relay sends them), Avro-encoded; waits for every acknowledgement.
+pub(crate) async fn produce_events<E: trialflow_schemas::Event>(
+    kafka: &KafkaConfig,
+    topic: &str,
+    client: &str,
+    n: u64,
+    make: impl Fn(u64) -> E,
+) -> anyhow::Result<()> {
+    let producer: FutureProducer = trialflow_outbox::publisher::producer_config(kafka, client).create()?;
+    let mut pending = Vec::new();
+    for i in 0..n {
+        let event = make(i);
+        let payload = trialflow_schemas::encode(&event)?;
+        let key = event.envelope().subject_id.clone().unwrap_or_default();
+        let id = event.envelope().event_id.to_string();
+        let headers = OwnedHeaders::new().insert(Header { key: "event_id", value: Some(id.as_str()) });
+        let record = FutureRecord::to(topic).key(&key).payload(&payload).headers(headers);
+        pending.push(producer.send_result(record).map_err(|(e, _)| e)?);
+        if pending.len() >= 5000 {
+            for d in pending.drain(..) {
+                d.await?.map_err(|(e, _)| e)?;
+            }
+        }
+    }
+    for d in pending {
+        d.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
 pub(crate) fn progress(msg: &str) {
     eprintln!("[bench] {msg}");
 }

@@ -12,8 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use chrono::Utc;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{AssertSqlSafe, PgPool};
 use tokio_util::sync::CancellationToken;
 use trialflow_consumers::ConsumerConfig;
@@ -65,27 +63,7 @@ fn high(i: u64) -> bool {
 }
 
 async fn produce(kafka: &KafkaConfig, topic: &str, n: u64) -> anyhow::Result<()> {
-    let producer: FutureProducer =
-        trialflow_outbox::publisher::producer_config(kafka, "bench-monitoring").create()?;
-    let mut pending = Vec::new();
-    for i in 0..n {
-        let v = vital(i);
-        let payload = trialflow_schemas::encode(&v)?;
-        let key = v.envelope.subject_id.clone().unwrap_or_default();
-        let id = v.envelope.event_id.to_string();
-        let headers = OwnedHeaders::new().insert(Header { key: "event_id", value: Some(id.as_str()) });
-        let record = FutureRecord::to(topic).key(&key).payload(&payload).headers(headers);
-        pending.push(producer.send_result(record).map_err(|(e, _)| e)?);
-        if pending.len() >= 5000 {
-            for d in pending.drain(..) {
-                d.await?.map_err(|(e, _)| e)?;
-            }
-        }
-    }
-    for d in pending {
-        d.await?.map_err(|(e, _)| e)?;
-    }
-    Ok(())
+    crate::produce_events(kafka, topic, "bench-monitoring", n, vital).await
 }
 
 pub(crate) async fn group(
