@@ -328,8 +328,14 @@ auto.create.topics.enable=false
 
     /// Formats every node's storage, the nodes in parallel (one JVM each).
     async fn format(&self) -> anyhow::Result<()> {
-        let cluster_id =
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes());
+        // URL-safe base64 of a random UUID, as Kafka's own ids; like Kafka, never one starting
+        // with '-' (1 in 64 would): the tool's argument parser takes `-t -x…` for two options.
+        let cluster_id = loop {
+            let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes());
+            if !id.starts_with('-') {
+                break id;
+            }
+        };
         let mut formats = Vec::new();
         for node in &self.nodes {
             let mut command = tokio::process::Command::from(self.java());
