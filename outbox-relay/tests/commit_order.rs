@@ -8,7 +8,7 @@ use sqlx::Connection;
 use trialflow_outbox::kafka::TopicReader;
 use trialflow_outbox::store::Store;
 use trialflow_outbox::{Outbox, OutboxEvent};
-use trialflow_testkit::{RunningRelay, TestService, kafka, wait_until};
+use trialflow_testkit::{RunningRelay, TestService, kafka, readable_rows, wait_until};
 use uuid::Uuid;
 
 fn event(topic: &str, key: &str) -> OutboxEvent {
@@ -54,16 +54,7 @@ async fn late_commit_with_lower_sequence_is_published() -> anyhow::Result<()> {
     assert!(visible.is_empty(), "rows of a younger transaction were readable while an older one was open");
 
     tx_a.commit().await?;
-    // The snapshot xmin is cluster-wide: transactions of tests running beside this one can hold
-    // it back for a moment, so wait for the rows rather than expect them at once.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let visible = loop {
-        let visible = store.read_batch(&mut conn, &all_shards, None, 100).await?;
-        if visible.len() == 2 || std::time::Instant::now() > deadline {
-            break visible;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let visible = readable_rows(&store, &mut conn, &all_shards, 2, Duration::from_secs(20)).await?;
     let ids: Vec<Uuid> = visible.iter().map(|r| r.event_id).collect();
     assert_eq!(ids, vec![a.event_id, b.event_id], "both rows, in (tx_id, seq) order");
 

@@ -19,7 +19,7 @@ use trialflow_outbox::kafka::{TopicReader, ensure_topics};
 use trialflow_outbox::publisher;
 use trialflow_outbox::store::{OutboxRow, Store};
 use trialflow_testkit::workload::{check_delivery, read_events};
-use trialflow_testkit::{RunningRelay, TestService, kafka, unique, wait_until};
+use trialflow_testkit::{RunningRelay, TestService, kafka, readable_rows, unique, wait_until};
 
 const EVENTS: u64 = 200;
 const PREFIX: &str = "test-relay.";
@@ -73,8 +73,8 @@ async fn a_new_owner_finishes_what_a_dead_owner_committed_or_left_open() -> anyh
     svc.workload.generate("eos", 20, EVENTS, 4, Arc::new(AtomicU64::new(0))).await?;
 
     let mut conn = svc.pool.acquire().await?;
-    let rows =
-        Store::new(&svc.schema).read_batch(&mut conn, &(0..16).collect::<Vec<_>>(), None, 1000).await?;
+    let all_shards: Vec<i32> = (0..16).collect();
+    let rows = readable_rows(&Store::new(&svc.schema), &mut conn, &all_shards, EVENTS as usize, WAIT).await?;
     assert_eq!(rows.len() as u64, EVENTS);
     let (shard_a, shard_b) = (rows[0].shard, rows.iter().map(|r| r.shard).find(|s| *s != rows[0].shard));
     let shard_b = shard_b.expect("rows in two shards");

@@ -154,6 +154,30 @@ where
     }
 }
 
+/// The outbox rows of `shards` the relay may read now, once there are `expected` of them.
+///
+/// The relay reads only rows of transactions older than the oldest one still open, and that
+/// horizon (the snapshot's xmin) is cluster-wide: a transaction of a test running beside this
+/// one holds it back for a moment after this test's own commits. Waits for the rows rather than
+/// expecting them at once; returns what is readable at `timeout` so the caller's assertion says
+/// what was missing.
+pub async fn readable_rows(
+    store: &trialflow_outbox::store::Store,
+    conn: &mut sqlx::PgConnection,
+    shards: &[i32],
+    expected: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<trialflow_outbox::store::OutboxRow>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let rows = store.read_batch(conn, shards, None, expected.max(1) as u32 * 2).await?;
+        if rows.len() >= expected || Instant::now() >= deadline {
+            return Ok(rows);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A TCP proxy in front of PostgreSQL that a test can take down: existing connections are cut
 /// and new ones refused until it is up again. A database outage for one client, without stopping
 /// the server other tests share.

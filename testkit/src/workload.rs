@@ -126,7 +126,8 @@ impl Workload {
             });
         }
         while let Some(result) = tasks.join_next().await {
-            result.unwrap_or(Ok(()))?;
+            // A writer that panicked fails the caller rather than leaving rows silently missing.
+            result.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
         }
         Ok(())
     }
