@@ -171,14 +171,10 @@ pub async fn evaluate_marked(
 ) -> Result<Evaluation, EvaluateError> {
     let schema = outbox.schema();
     let mut tx = pool.begin().await?;
-    // The marks, locked in the order the consumers lock them (check marks, then study marks), so
-    // that a batch marking again holds its mark until it commits: taken after, never lost.
+    // The committed marks. A batch that commits its changes and marks after this read is taken
+    // at the next pass; the study's row (locked in `evaluate`) keeps two evaluators apart.
     let due = queries::take_due(&mut tx, schema).await?;
-    let sql = format!(
-        "DELETE FROM {schema}.dirty WHERE (study_id, partition) IN (
-             SELECT study_id, partition FROM {schema}.dirty ORDER BY study_id, partition FOR UPDATE)
-         RETURNING study_id"
-    );
+    let sql = format!("DELETE FROM {schema}.dirty RETURNING study_id");
     let mut marked: BTreeSet<String> =
         sqlx::query_scalar(AssertSqlSafe(sql)).fetch_all(&mut *tx).await?.into_iter().collect();
     let mut evaluation = Evaluation::default();

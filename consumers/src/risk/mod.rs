@@ -110,21 +110,15 @@ impl Risk {
     async fn lifecycle(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        message: &Message,
         envelope: &Envelope,
         what: Lifecycle<'_>,
     ) -> Result<(), HandlerError> {
         let fact = fact(envelope)?;
         if store::lifecycle(tx, &self.schema, fact, what).await? {
-            store::mark(tx, &self.schema, fact.study_id, &partition_of(message)).await?;
+            store::mark(tx, &self.schema, fact.study_id).await?;
         }
         Ok(())
     }
-}
-
-/// The partition a message came from, under which it marks its study.
-fn partition_of(message: &Message) -> String {
-    format!("{}/{}", message.topic, message.partition)
 }
 
 /// Who an event is about and when, or why it can never count (a permanent error: dead letter).
@@ -217,11 +211,8 @@ impl Handler for Risk {
         // Every subject heard of is checked again (its lifecycle facts follow in `handle`, in
         // this transaction, before the evaluator can take the mark).
         queries::mark_due(tx, &self.schema, sightings.keys()).await?;
-        if let Some(first) = batch.first() {
-            let partition = partition_of(first);
-            for study_id in &changed {
-                store::mark(tx, &self.schema, study_id, &partition).await?;
-            }
+        for study_id in &changed {
+            store::mark(tx, &self.schema, study_id).await?;
         }
         Ok(())
     }
@@ -249,7 +240,7 @@ impl Handler for Risk {
             let Some(occurrence) = e.scheduled_occurrence.as_deref() else { return Ok(()) };
             let fact = fact(&e.envelope)?;
             if store::epro_completed(tx, &self.schema, fact, occurrence).await? {
-                store::mark(tx, &self.schema, fact.study_id, &partition_of(message)).await?;
+                store::mark(tx, &self.schema, fact.study_id).await?;
             }
             return Ok(());
         }
@@ -257,7 +248,7 @@ impl Handler for Risk {
         // Checked again: an event `prepare` could not count is a dead letter.
         fact(envelope)?;
         match what {
-            What::Lifecycle(l) => self.lifecycle(tx, message, envelope, l).await,
+            What::Lifecycle(l) => self.lifecycle(tx, envelope, l).await,
             // Counted with the batch in `prepare`.
             What::AdverseEvent(_) | What::Reading(_) => Ok(()),
         }

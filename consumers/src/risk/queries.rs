@@ -162,9 +162,8 @@ fn vital_name(code: &str) -> &str {
     }
 }
 
-/// Marks subjects due for the edit checks, keys in order (one lock order between batches). A
-/// mark that exists already is locked all the same (a no-op update): the evaluator cannot take it
-/// and read the subject's data before this transaction commits, so no change goes unchecked.
+/// Marks subjects due for the edit checks: appended, never in conflict with another mark, so a
+/// batch never waits for the evaluator (see `0004_append_only_marks.sql`).
 pub(crate) async fn mark_due<'a>(
     conn: &mut PgConnection,
     schema: &SchemaName,
@@ -175,24 +174,19 @@ pub(crate) async fn mark_due<'a>(
         return Ok(());
     }
     let sql = format!(
-        "INSERT INTO {schema}.check_due (study_id, subject_id)
-         SELECT * FROM unnest($1::text[], $2::text[])
-         ON CONFLICT (study_id, subject_id) DO UPDATE SET study_id = excluded.study_id"
+        "INSERT INTO {schema}.check_due (study_id, subject_id) SELECT * FROM unnest($1::text[], $2::text[])"
     );
     sqlx::query(AssertSqlSafe(sql)).bind(studies).bind(subjects).execute(&mut *conn).await?;
     Ok(())
 }
 
-/// Takes every mark (locked in key order, as the consumers lock them): the due subjects by study.
+/// Takes the committed marks (a mark committed later is taken at the next pass, and the data
+/// it stands for committed with it): the due subjects by study, each once, sorted.
 pub(crate) async fn take_due(
     conn: &mut PgConnection,
     schema: &SchemaName,
 ) -> Result<BTreeMap<String, Vec<String>>, sqlx::Error> {
-    let sql = format!(
-        "DELETE FROM {schema}.check_due WHERE (study_id, subject_id) IN (
-             SELECT study_id, subject_id FROM {schema}.check_due ORDER BY study_id, subject_id FOR UPDATE)
-         RETURNING study_id, subject_id"
-    );
+    let sql = format!("DELETE FROM {schema}.check_due RETURNING study_id, subject_id");
     let rows: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(sql)).fetch_all(&mut *conn).await?;
     let mut due: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (study, subject) in rows {
@@ -200,6 +194,7 @@ pub(crate) async fn take_due(
     }
     for subjects in due.values_mut() {
         subjects.sort();
+        subjects.dedup();
     }
     Ok(due)
 }

@@ -172,20 +172,15 @@ pub(crate) async fn adverse_events(
     Ok(changed.into_iter().collect())
 }
 
-/// Marks the study for evaluation, under the message's partition (see the migration).
+/// Marks the study for evaluation: appended, like the edit checks' marks (see
+/// `0004_append_only_marks.sql`).
 pub(crate) async fn mark(
     conn: &mut PgConnection,
     schema: &SchemaName,
     study_id: &str,
-    partition: &str,
 ) -> Result<(), HandlerError> {
-    // An existing mark is locked all the same (a no-op update), so the evaluator takes it only
-    // after this transaction commits and sees its changes.
-    let sql = format!(
-        "INSERT INTO {schema}.dirty (study_id, partition) VALUES ($1, $2)
-         ON CONFLICT (study_id, partition) DO UPDATE SET study_id = excluded.study_id"
-    );
-    sqlx::query(AssertSqlSafe(sql)).bind(study_id).bind(partition).execute(&mut *conn).await?;
+    let sql = format!("INSERT INTO {schema}.dirty (study_id) VALUES ($1)");
+    sqlx::query(AssertSqlSafe(sql)).bind(study_id).execute(&mut *conn).await?;
     Ok(())
 }
 
