@@ -628,7 +628,7 @@ async fn try_batch<H: Handler>(
     for dependency in &resolved {
         shared.sql.wake(&mut tx, name, dependency).await?;
     }
-    // Last: the chain's lock is held from here to the commit only.
+    // Last: a chain's head is held from here to the commit only.
     trialflow_outbox::audit::append(&mut tx, &shared.spec.schema, &audit)
         .await
         .map_err(HandlerError::from)?;

@@ -752,7 +752,7 @@ async fn acknowledging_records_the_decision_and_its_event_once() -> anyhow::Resu
 
     // One audit record, of the decision taken (not of the refused ones): who, old → new, why.
     let mut conn = api.pool.acquire().await?;
-    let records = trialflow_outbox::audit::read(&mut conn, &api.schema, None, 0, 10).await?;
+    let records = trialflow_outbox::audit::read(&mut conn, &api.schema, None, None, 10).await?;
     let [record] = records.as_slice() else { panic!("{records:?}") };
     assert_eq!(
         (record.action.as_str(), record.actor_user.as_str(), record.actor_role.as_str()),
@@ -809,7 +809,7 @@ async fn resolving_works_from_open_and_acknowledged_once() -> anyhow::Result<()>
     assert_eq!(kinds, [json!("raised"), json!("acknowledged"), json!("resolved")]);
     assert_eq!(api.outbox().await?.len(), 3);
     let mut conn = api.pool.acquire().await?;
-    let records = trialflow_outbox::audit::read(&mut conn, &api.schema, None, 0, 10).await?;
+    let records = trialflow_outbox::audit::read(&mut conn, &api.schema, None, None, 10).await?;
     let resolved: Vec<(String, &str)> = records
         .iter()
         .filter(|r| r.action == "alert.resolved")

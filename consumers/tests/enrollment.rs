@@ -219,9 +219,9 @@ async fn a_study_with_two_sites_and_40_subjects_enrolls_fully() -> anyhow::Resul
     }
     assert_eq!(enrolled.len(), 40, "every subject enrolled on the blinded topic");
     assert!(enrolled.values().all(|n| *n == 1), "once each: {enrolled:?}");
-    // Batches of three partitions, in parallel, each appended to one chain per service.
+    // Batches of three partitions, in parallel, appended to the chains of each service.
     for (schema, action) in [(enr, "subject.randomized"), (enr, "subject.enrolled"), (kit, "kit.dispensed")] {
-        let records = audit::read(&mut *pool.acquire().await?, schema, Some(STUDY), 0, 1000).await?;
+        let records = audit::read(&mut *pool.acquire().await?, schema, Some(STUDY), None, 1000).await?;
         assert_eq!(records.iter().filter(|r| r.action == action).count(), 40, "{action}");
         let verdict = audit::verify(pool, schema).await?;
         assert!(verdict.is_intact(), "{schema}: {verdict:?}");
@@ -281,7 +281,7 @@ async fn a_site_without_stock_holds_subjects_and_enrolls_them_after_a_shipment()
     // The audit trails: who decided what, on whose behalf, caused by which event; the arms only
     // in unblinded changes.
     let mut conn = trial.pool.acquire().await?;
-    let records = audit::read(&mut conn, &trial.enrollment, Some(STUDY), 0, 100).await?;
+    let records = audit::read(&mut conn, &trial.enrollment, Some(STUDY), None, 100).await?;
     let of = |action: &str| records.iter().filter(|r| r.action == action).collect::<Vec<_>>();
     let (randomized, held, enrolled) =
         (of("subject.randomized"), of("enrollment.on_hold"), of("subject.enrolled"));
@@ -301,7 +301,7 @@ async fn a_site_without_stock_holds_subjects_and_enrolls_them_after_a_shipment()
             .all(|r| r.changes.contains(r#"{"new": "on_hold", "old": "randomized", "field": "status"}"#))
     );
     assert!(enrolled.iter().all(|r| r.changes.contains(r#""old": "on_hold""#)), "held, then enrolled");
-    let dispensed = audit::read(&mut conn, &trial.kits, Some(STUDY), 0, 100).await?;
+    let dispensed = audit::read(&mut conn, &trial.kits, Some(STUDY), None, 100).await?;
     assert_eq!(dispensed.iter().filter(|r| r.action == "kit.dispensed" && r.unblinded).count(), 4);
     assert!(audit::verify(&trial.pool, &trial.enrollment).await?.is_intact());
     assert!(audit::verify(&trial.pool, &trial.kits).await?.is_intact());

@@ -372,7 +372,7 @@ async fn a_thousand_submissions_each_end_in_exactly_one_outcome() -> anyhow::Res
     // One audit record per decision (none for an exact duplicate), caused by its submission's
     // event, in one unbroken chain written by six partitions' batches.
     let records =
-        trialflow_outbox::audit::read(&mut *pool.acquire().await?, schema, Some(STUDY), 0, 5000).await?;
+        trialflow_outbox::audit::read(&mut *pool.acquire().await?, schema, Some(STUDY), None, 5000).await?;
     let count = |action: &str| records.iter().filter(|r| r.action == action).count();
     assert_eq!((count("epro.accepted"), count("epro.rejected")), (expected_accepted, rejected.len()));
     assert!(

@@ -298,7 +298,7 @@ async fn an_unacknowledged_alert_escalates_after_its_time_and_stops_when_acknowl
     let escalations = fx.scalar("SELECT count(*) FROM {s}.alert_history WHERE kind = 'escalated'").await?;
     assert_eq!(escalations, level, "one history row and event per level");
     let mut conn = fx.pool.acquire().await?;
-    let records = trialflow_outbox::audit::read(&mut conn, &fx.schema, Some("ESC"), 0, 100).await?;
+    let records = trialflow_outbox::audit::read(&mut conn, &fx.schema, Some("ESC"), None, 100).await?;
     let actions: Vec<&str> = records.iter().map(|r| r.action.as_str()).collect();
     assert_eq!(actions[0], "alert.raised", "{actions:?}");
     assert_eq!(actions.iter().filter(|a| **a == "alert.escalated").count() as i64, level, "{actions:?}");

@@ -5,11 +5,14 @@
 //!
 //! **Writing.** A service builds [`AuditRecord`]s while it changes its rows and calls [`append`]
 //! once, as late as possible in its transaction (the consumer runtime does it for a whole batch,
-//! just before the commit). `append` locks the chain's head (`audit_head`, one row per schema),
-//! so the appends of one service are serialized from that moment until the transaction ends:
-//! the lock is held only for the end of a transaction, never while its rows are being worked out.
-//! Records get the next seqs (1, 2, 3, ... without gaps: a rolled-back transaction takes its
-//! seqs with it), the server's time (`clock_timestamp()`, UTC, read under the lock) and
+//! just before the commit). A schema's trail is [`CHAINS`] chains, each with its head
+//! (`audit_head`, one row per chain). `append` locks the lowest head no other transaction holds
+//! (waiting for one only when all are held) and continues that chain, so up to [`CHAINS`]
+//! transactions of a service append and commit side by side; the lock is held only for the end
+//! of a transaction, never while its rows are being worked out. A quiet service writes chain 0
+//! only. Records get the chain's next seqs (1, 2, 3, ... without gaps: a rolled-back transaction
+//! takes its seqs with it), the server's time (`clock_timestamp()`, UTC, read under the lock, so
+//! it grows with seq within a chain) and
 //!
 //! ```text
 //! hash = SHA-256(prev_hash ‖ "trialflow-audit-v1" ‖ seq ‖ recorded_at (µs) ‖ every field)
@@ -17,15 +20,18 @@
 //!
 //! every field length-prefixed (NULL distinct from empty), `changes` in PostgreSQL's own text of
 //! the stored jsonb (so what is hashed is exactly what is stored and read back), and `prev_hash`
-//! the hash of the record before (32 zero bytes before the first).
+//! the hash of the record before in its chain (32 zero bytes before the first). The chain number
+//! is not hashed: a record moved to another chain leaves a gap in its own and does not link in
+//! the other.
 //!
-//! **What the database refuses** (migration `0004_audit.sql`): UPDATE, DELETE and TRUNCATE of
-//! `audit_trail`; DELETE and TRUNCATE of `audit_head`, and an UPDATE of it outside an append; an
-//! INSERT whose records do not continue the chain (seq after the head's, `prev_hash` = the hash
-//! before). Only a superuser who disables the triggers (`session_replication_role = replica`,
-//! `ALTER TABLE ... DISABLE TRIGGER`) gets past them, and that is what [`verify`] is for.
+//! **What the database refuses** (migrations `0004_audit.sql`, `0005_audit_chains.sql`): UPDATE,
+//! DELETE and TRUNCATE of `audit_trail`; INSERT, DELETE and TRUNCATE of `audit_head`, and an
+//! UPDATE of it outside an append; an INSERT whose records do not continue one chain (seq after
+//! its head's, `prev_hash` = the hash before). Only a superuser who disables the triggers
+//! (`session_replication_role = replica`, `ALTER TABLE ... DISABLE TRIGGER`) gets past them, and
+//! that is what [`verify`] is for.
 //!
-//! **What [`verify`] finds**, naming the first broken record: an edited record (its content does
+//! **What [`verify`] finds**, chain by chain, naming the first broken record: an edited record (its content does
 //! not match its hash), a record inserted or replaced before another (the next one's `prev_hash`
 //! no longer links), deleted records (a gap in the seqs), a deleted tail (the trail ends before
 //! the head), records appended with the triggers bypassed (after the head), a head that does not
@@ -34,7 +40,7 @@
 //! **What it cannot find.** The hash is keyless and its recipe public: someone who can bypass the
 //! triggers and rewrites a record, recomputes every hash after it and moves the head along, or
 //! deletes the tail and moves the head back, leaves a consistent chain. Catching that needs a
-//! copy of the head kept outside the database (`trialflow audit verify` prints each head; compare
+//! copy of the heads kept outside the database (`trialflow audit verify` prints each head; compare
 //! it with an earlier print), or a key the database's administrators do not hold.
 //!
 //! **Blinding.** A change whose values reveal treatment arms (a randomization's arm, a kit's arm)
@@ -55,8 +61,11 @@ use crate::schema::SchemaName;
 pub const SYSTEM_ROLE: &str = "system";
 /// `actor_role` of a change an operator made with the command line.
 pub const OPERATOR_ROLE: &str = "operator";
-/// The hash before the first record.
+/// The hash before the first record of a chain.
 pub const GENESIS: [u8; 32] = [0; 32];
+/// The chains of a schema's trail (`0005_audit_chains.sql` creates their heads): how many
+/// transactions of one service can append side by side.
+pub const CHAINS: i16 = 8;
 /// Separates this recipe's hashes from any other's; a new recipe gets a new tag.
 const RECIPE: &[u8] = b"trialflow-audit-v1";
 
@@ -274,16 +283,17 @@ impl Hashed<'_> {
     }
 }
 
-/// Appends `records` to `schema`'s audit trail in the caller's transaction (one statement for
-/// all of them, in order), and returns their seqs. Call it last before the commit: from here to
-/// the end of the transaction, the service's other appends wait (see the module docs).
+/// Appends `records` to one chain of `schema`'s audit trail in the caller's transaction (one
+/// statement for all of them, in order), and returns the chain and their seqs. Call it last
+/// before the commit: from here to the end of the transaction, the chain's head is held (see the
+/// module docs).
 pub async fn append(
     conn: &mut PgConnection,
     schema: &SchemaName,
     records: &[AuditRecord],
-) -> Result<Vec<i64>> {
+) -> Result<(i16, Vec<i64>)> {
     if records.is_empty() {
-        return Ok(Vec::new());
+        return Ok((0, Vec::new()));
     }
     for record in records {
         record.check()?;
@@ -293,20 +303,32 @@ pub async fn append(
         .map(|r| serde_json::to_string(&r.changes))
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| OutboxError::AuditRecord(format!("changes do not serialize: {e}")))?;
-    // The head's lock serializes appends; the time is read under it, so it grows with seq.
-    let head = sqlx::query(AssertSqlSafe(format!(
-        "SELECT h.last_seq, h.last_hash, clock_timestamp() AS now,
-                ARRAY(SELECT c::jsonb::text FROM unnest($1::text[]) WITH ORDINALITY AS u(c, o) ORDER BY o)
-         FROM {schema}.audit_head h FOR UPDATE"
-    )))
-    .bind(&changes)
-    .fetch_optional(&mut *conn)
-    .await?
-    .ok_or_else(|| OutboxError::NotMigrated(schema.to_string()))?;
-    let last_seq: i64 = head.try_get(0)?;
-    let mut prev: Vec<u8> = head.try_get(1)?;
-    let recorded_at: DateTime<Utc> = head.try_get(2)?;
-    let stored_changes: Vec<String> = head.try_get(3)?;
+    // A head's lock serializes the appends of its chain; the time is read under it, so it grows
+    // with seq. The lowest head nobody holds (one this transaction holds already is free to it);
+    // when every head is held, this connection's own, waited for.
+    let select = |which: &str| {
+        format!(
+            "SELECT h.chain, h.last_seq, h.last_hash, clock_timestamp() AS now,
+                    ARRAY(SELECT c::jsonb::text FROM unnest($1::text[]) WITH ORDINALITY AS u(c, o) ORDER BY o)
+             FROM {schema}.audit_head h {which}"
+        )
+    };
+    let mut head = sqlx::query(AssertSqlSafe(select("ORDER BY h.chain LIMIT 1 FOR UPDATE SKIP LOCKED")))
+        .bind(&changes)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if head.is_none() {
+        let which = format!(
+            "WHERE h.chain = pg_backend_pid() % (SELECT count(*) FROM {schema}.audit_head) FOR UPDATE"
+        );
+        head = sqlx::query(AssertSqlSafe(select(&which))).bind(&changes).fetch_optional(&mut *conn).await?;
+    }
+    let head = head.ok_or_else(|| OutboxError::NotMigrated(schema.to_string()))?;
+    let chain: i16 = head.try_get(0)?;
+    let last_seq: i64 = head.try_get(1)?;
+    let mut prev: Vec<u8> = head.try_get(2)?;
+    let recorded_at: DateTime<Utc> = head.try_get(3)?;
+    let stored_changes: Vec<String> = head.try_get(4)?;
 
     let n = records.len();
     let seqs: Vec<i64> = (1..=n as i64).map(|i| last_seq + i).collect();
@@ -334,9 +356,9 @@ pub async fn append(
     }
     let column = |get: fn(&AuditRecord) -> Option<&str>| records.iter().map(get).collect::<Vec<_>>();
     sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {schema}.audit_trail (seq, recorded_at, actor_user, actor_role, on_behalf_of, action,
+        "INSERT INTO {schema}.audit_trail (chain, seq, recorded_at, actor_user, actor_role, on_behalf_of, action,
              entity_type, entity_id, study_id, site_id, changes, unblinded, reason, cause, prev_hash, hash)
-         SELECT seq, $2, au, ar, ob, ac, et, ei, st, si, ch::jsonb, ub, re, ca, ph, h
+         SELECT $17, seq, $2, au, ar, ob, ac, et, ei, st, si, ch::jsonb, ub, re, ca, ph, h
          FROM unnest($1::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
                      $9::text[], $10::text[], $11::text[], $12::boolean[], $13::text[], $14::text[],
                      $15::bytea[], $16::bytea[])
@@ -358,14 +380,16 @@ pub async fn append(
     .bind(column(|r| r.cause.as_deref()))
     .bind(&prev_hashes)
     .bind(&hashes)
+    .bind(chain)
     .execute(&mut *conn)
     .await?;
-    Ok(seqs)
+    Ok((chain, seqs))
 }
 
 /// A record as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredRecord {
+    pub chain: i16,
     pub seq: i64,
     pub recorded_at: DateTime<Utc>,
     pub actor_user: String,
@@ -387,33 +411,39 @@ pub struct StoredRecord {
 
 /// The columns of a [`StoredRecord`], in its order.
 const COLUMNS: &str =
-    "seq, recorded_at, actor_user, actor_role, on_behalf_of, action, entity_type, entity_id,
+    "chain, seq, recorded_at, actor_user, actor_role, on_behalf_of, action, entity_type, entity_id,
                        study_id, site_id, changes::text, unblinded, reason, cause, prev_hash, hash";
 
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for StoredRecord {
     fn from_row(row: &'r sqlx::postgres::PgRow) -> sqlx::Result<Self> {
         Ok(Self {
-            seq: row.try_get(0)?,
-            recorded_at: row.try_get(1)?,
-            actor_user: row.try_get(2)?,
-            actor_role: row.try_get(3)?,
-            on_behalf_of: row.try_get(4)?,
-            action: row.try_get(5)?,
-            entity_type: row.try_get(6)?,
-            entity_id: row.try_get(7)?,
-            study_id: row.try_get(8)?,
-            site_id: row.try_get(9)?,
-            changes: row.try_get(10)?,
-            unblinded: row.try_get(11)?,
-            reason: row.try_get(12)?,
-            cause: row.try_get(13)?,
-            prev_hash: row.try_get(14)?,
-            hash: row.try_get(15)?,
+            chain: row.try_get(0)?,
+            seq: row.try_get(1)?,
+            recorded_at: row.try_get(2)?,
+            actor_user: row.try_get(3)?,
+            actor_role: row.try_get(4)?,
+            on_behalf_of: row.try_get(5)?,
+            action: row.try_get(6)?,
+            entity_type: row.try_get(7)?,
+            entity_id: row.try_get(8)?,
+            study_id: row.try_get(9)?,
+            site_id: row.try_get(10)?,
+            changes: row.try_get(11)?,
+            unblinded: row.try_get(12)?,
+            reason: row.try_get(13)?,
+            cause: row.try_get(14)?,
+            prev_hash: row.try_get(15)?,
+            hash: row.try_get(16)?,
         })
     }
 }
 
 impl StoredRecord {
+    /// Where it stands in a list of records in time order (see [`read`]).
+    pub fn position(&self) -> Position {
+        Position { recorded_at: self.recorded_at, chain: self.chain, seq: self.seq }
+    }
+
     /// The hash its content and `prev_hash` give (what [`verify`] compares with `hash`).
     pub fn expected_hash(&self) -> [u8; 32] {
         self.hashed().hash(&self.prev_hash)
@@ -450,6 +480,7 @@ impl StoredRecord {
             .collect();
         let mut view = serde_json::json!({
             "source": source,
+            "chain": self.chain,
             "seq": self.seq,
             "recorded_at": self.recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true),
             "actor": {"user": self.actor_user, "role": self.actor_role, "on_behalf_of": self.on_behalf_of},
@@ -478,20 +509,37 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Up to `limit` records of `schema` after seq `after`, in seq order; only those of `study_id`
-/// when given.
+/// A record's place in the time order of a trail: its time, then its chain and seq (a record's
+/// time is read under its chain's head, before its commit; see [`read`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    pub recorded_at: DateTime<Utc>,
+    pub chain: i16,
+    pub seq: i64,
+}
+
+/// Up to `limit` records of `schema` after `after` (from the first when `None`), in time order
+/// across the chains (time, chain, seq); only those of `study_id` when given.
+///
+/// A record's time is read before its transaction commits, so a record can become visible after
+/// one with a later time (by the time a commit takes, milliseconds): a reader that follows a live
+/// trail page by page starts each read a few seconds back, or reads a settled one.
 pub async fn read(
     conn: &mut PgConnection,
     schema: &SchemaName,
     study_id: Option<&str>,
-    after: i64,
+    after: Option<&Position>,
     limit: i64,
 ) -> Result<Vec<StoredRecord>> {
     Ok(sqlx::query_as(AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM {schema}.audit_trail
-         WHERE seq > $1 AND ($2::text IS NULL OR study_id = $2) ORDER BY seq LIMIT $3"
+         WHERE ($1::timestamptz IS NULL OR (recorded_at, chain, seq) > ($1, $2, $3))
+           AND ($4::text IS NULL OR study_id = $4)
+         ORDER BY recorded_at, chain, seq LIMIT $5"
     )))
-    .bind(after)
+    .bind(after.map(|p| p.recorded_at))
+    .bind(after.map_or(0, |p| p.chain))
+    .bind(after.map_or(0, |p| p.seq))
     .bind(study_id)
     .bind(limit)
     .fetch_all(&mut *conn)
@@ -570,74 +618,114 @@ impl std::fmt::Display for Break {
     }
 }
 
+/// A chain's head: its last record's seq (0 before the first) and hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub chain: i16,
+    pub seq: i64,
+    pub hash: Vec<u8>,
+}
+
+impl Head {
+    /// The hash in hex, to keep outside the database and compare later.
+    pub fn hash_hex(&self) -> String {
+        hex(&self.hash)
+    }
+}
+
+/// The first break [`verify`] met, and in which chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broken {
+    pub chain: i16,
+    pub what: Break,
+}
+
+impl std::fmt::Display for Broken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "chain {}: {}", self.chain, self.what)
+    }
+}
+
 /// What [`verify`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
     /// Records read.
     pub records: u64,
-    /// The head: last seq and its hash.
-    pub head_seq: i64,
-    pub head_hash: Vec<u8>,
+    /// Every chain's head, by chain.
+    pub heads: Vec<Head>,
     /// The first break, if any.
-    pub broken: Option<Break>,
+    pub broken: Option<Broken>,
 }
 
 impl Verdict {
     pub fn is_intact(&self) -> bool {
         self.broken.is_none()
     }
-
-    /// The head's hash in hex, to keep outside the database and compare later.
-    pub fn head_hex(&self) -> String {
-        hex(&self.head_hash)
-    }
 }
 
-/// Walks `schema`'s trail in seq order, in one snapshot with its head, checking every record's
-/// hash and link, the seqs' continuity and the head; stops at the first break.
+/// Walks `schema`'s trail chain by chain in seq order, in one snapshot with the heads, checking
+/// every record's hash and link, the seqs' continuity and each head; stops at the first break.
+/// The records of a chain that has no head lie beyond a head at 0.
 pub async fn verify(pool: &PgPool, schema: &SchemaName) -> Result<Verdict> {
     let mut tx = pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await?;
-    let head = sqlx::query(AssertSqlSafe(format!("SELECT last_seq, last_hash FROM {schema}.audit_head")))
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => {
-                OutboxError::NotMigrated(schema.to_string())
-            }
-            _ => OutboxError::Database(e),
-        })?
-        .ok_or_else(|| OutboxError::NotMigrated(schema.to_string()))?;
-    let (head_seq, head_hash): (i64, Vec<u8>) = (head.try_get(0)?, head.try_get(1)?);
-    let mut verdict = Verdict { records: 0, head_seq, head_hash, broken: None };
-    let (mut expected_seq, mut prev) = (1_i64, GENESIS.to_vec());
-    {
-        let sql = format!("SELECT {COLUMNS} FROM {schema}.audit_trail ORDER BY seq");
-        let mut rows = sqlx::query_as::<_, StoredRecord>(AssertSqlSafe(sql)).fetch(&mut *tx);
-        while let Some(record) = rows.try_next().await? {
-            verdict.records += 1;
-            let broken = if record.seq > head_seq {
-                Some(Break::BeyondHead { seq: record.seq, head: head_seq })
-            } else if record.seq != expected_seq {
-                Some(Break::Deleted { from: expected_seq, to: record.seq - 1 })
-            } else if record.expected_hash().as_slice() != record.hash {
-                Some(Break::Edited { seq: record.seq })
-            } else if record.prev_hash != prev {
-                Some(Break::Unlinked { seq: record.seq })
-            } else if record.seq == head_seq && record.hash != verdict.head_hash {
-                Some(Break::HeadMismatch { seq: record.seq })
-            } else {
-                None
-            };
-            if broken.is_some() {
-                verdict.broken = broken;
-                break;
-            }
-            expected_seq = record.seq + 1;
-            prev = record.hash;
+    let heads: Vec<(i16, i64, Vec<u8>)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT chain, last_seq, last_hash FROM {schema}.audit_head ORDER BY chain"
+    )))
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(|e| match &e {
+        sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42P01" | "42703")) => {
+            OutboxError::NotMigrated(schema.to_string())
         }
+        _ => OutboxError::Database(e),
+    })?;
+    if heads.is_empty() {
+        return Err(OutboxError::NotMigrated(schema.to_string()));
     }
-    if verdict.broken.is_none() && expected_seq - 1 < head_seq {
-        verdict.broken = Some(Break::TailDeleted { last: expected_seq - 1, head: head_seq });
+    let heads: Vec<Head> = heads.into_iter().map(|(chain, seq, hash)| Head { chain, seq, hash }).collect();
+    let chains: Vec<i16> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT chain FROM {schema}.audit_head UNION SELECT DISTINCT chain FROM {schema}.audit_trail ORDER BY 1"
+    )))
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut verdict = Verdict { records: 0, heads, broken: None };
+    for chain in chains {
+        let head = verdict.heads.iter().find(|h| h.chain == chain);
+        let (head_seq, head_hash) = head.map_or((0, &GENESIS[..]), |h| (h.seq, h.hash.as_slice()));
+        let (mut expected_seq, mut prev) = (1_i64, GENESIS.to_vec());
+        let mut broken = None;
+        {
+            let sql = format!("SELECT {COLUMNS} FROM {schema}.audit_trail WHERE chain = $1 ORDER BY seq");
+            let mut rows = sqlx::query_as::<_, StoredRecord>(AssertSqlSafe(sql)).bind(chain).fetch(&mut *tx);
+            while let Some(record) = rows.try_next().await? {
+                verdict.records += 1;
+                broken = if record.seq > head_seq {
+                    Some(Break::BeyondHead { seq: record.seq, head: head_seq })
+                } else if record.seq != expected_seq {
+                    Some(Break::Deleted { from: expected_seq, to: record.seq - 1 })
+                } else if record.expected_hash().as_slice() != record.hash {
+                    Some(Break::Edited { seq: record.seq })
+                } else if record.prev_hash != prev {
+                    Some(Break::Unlinked { seq: record.seq })
+                } else if record.seq == head_seq && record.hash != head_hash {
+                    Some(Break::HeadMismatch { seq: record.seq })
+                } else {
+                    None
+                };
+                if broken.is_some() {
+                    break;
+                }
+                expected_seq = record.seq + 1;
+                prev = record.hash;
+            }
+        }
+        if broken.is_none() && expected_seq - 1 < head_seq {
+            broken = Some(Break::TailDeleted { last: expected_seq - 1, head: head_seq });
+        }
+        if let Some(what) = broken {
+            verdict.broken = Some(Broken { chain, what });
+            break;
+        }
     }
     tx.rollback().await?;
     Ok(verdict)
@@ -703,6 +791,7 @@ mod tests {
     #[test]
     fn the_blinded_view_leaves_unblinded_changes_out() {
         let record = StoredRecord {
+            chain: 0,
             seq: 3,
             recorded_at: Utc::now(),
             actor_user: "enrollment".into(),

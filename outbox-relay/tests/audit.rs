@@ -1,11 +1,11 @@
-//! The audit trail against a real PostgreSQL: appends form one chain (also from many concurrent
-//! writers, and only for transactions that commit), the database refuses UPDATE, DELETE and
-//! TRUNCATE, and `verify` names the record and the kind of break when a superuser tampers through
-//! SQL with the triggers bypassed.
+//! The audit trail against a real PostgreSQL: appends form unbroken chains (also from many
+//! concurrent writers, side by side in several chains, and only for transactions that commit),
+//! the database refuses UPDATE, DELETE and TRUNCATE, and `verify` names the chain, the record and
+//! the kind of break when a superuser tampers through SQL with the triggers bypassed.
 
 use sqlx::{AssertSqlSafe, PgPool};
 use trialflow_outbox::SchemaName;
-use trialflow_outbox::audit::{self, AuditRecord, Break, StoredRecord};
+use trialflow_outbox::audit::{self, AuditRecord, Break, Broken, StoredRecord};
 use trialflow_testkit::TestService;
 
 fn record(n: usize) -> AuditRecord {
@@ -36,31 +36,44 @@ async fn tamper(pool: &PgPool, sql: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The break `verify` finds, in chain 0 (where one writer at a time appends).
 async fn broken(svc: &TestService) -> anyhow::Result<Break> {
+    let found = broken_in(svc).await?;
+    anyhow::ensure!(found.chain == 0, "a break in chain {}: {found}", found.chain);
+    Ok(found.what)
+}
+
+async fn broken_in(svc: &TestService) -> anyhow::Result<Broken> {
     let verdict = audit::verify(&svc.pool, &svc.schema).await?;
     verdict.broken.clone().ok_or_else(|| anyhow::anyhow!("the tampered chain verified: {verdict:?}"))
 }
 
+/// Record `seq` of chain 0.
 async fn stored(svc: &TestService, seq: i64) -> anyhow::Result<StoredRecord> {
     let mut conn = svc.pool.acquire().await?;
-    let records = audit::read(&mut conn, &svc.schema, None, seq - 1, 1).await?;
-    records.into_iter().next().ok_or_else(|| anyhow::anyhow!("no record {seq}"))
+    let records = audit::read(&mut conn, &svc.schema, None, None, 10_000).await?;
+    records
+        .into_iter()
+        .find(|r| (r.chain, r.seq) == (0, seq))
+        .ok_or_else(|| anyhow::anyhow!("no record {seq}"))
 }
 
 #[tokio::test]
 async fn an_untouched_chain_verifies_and_batches_take_consecutive_seqs() -> anyhow::Result<()> {
     let svc = TestService::new(None, 1).await?;
     let empty = audit::verify(&svc.pool, &svc.schema).await?;
-    assert!(empty.is_intact() && empty.records == 0 && empty.head_seq == 0, "{empty:?}");
+    assert!(empty.is_intact() && empty.records == 0, "{empty:?}");
+    let chains: Vec<(i16, i64)> = empty.heads.iter().map(|h| (h.chain, h.seq)).collect();
+    assert_eq!(chains, (0..audit::CHAINS).map(|c| (c, 0)).collect::<Vec<_>>(), "every chain at its genesis");
     write(&svc.pool, &svc.schema, 3).await?;
     let mut tx = svc.pool.begin().await?;
     let seqs = audit::append(&mut tx, &svc.schema, &[record(10), record(11), record(12)]).await?;
     tx.commit().await?;
-    assert_eq!(seqs, [4, 5, 6]);
+    assert_eq!(seqs, (0, vec![4, 5, 6]), "one writer at a time: chain 0");
     let verdict = audit::verify(&svc.pool, &svc.schema).await?;
     assert!(verdict.is_intact(), "{verdict:?}");
-    assert_eq!((verdict.records, verdict.head_seq), (6, 6));
-    assert_eq!(verdict.head_hash, stored(&svc, 6).await?.hash);
+    assert_eq!((verdict.records, verdict.heads[0].seq), (6, 6));
+    assert_eq!(verdict.heads[0].hash, stored(&svc, 6).await?.hash);
 
     let r = stored(&svc, 5).await?;
     assert_eq!(
@@ -78,10 +91,10 @@ async fn an_untouched_chain_verifies_and_batches_take_consecutive_seqs() -> anyh
 async fn a_rolled_back_transaction_leaves_no_record_and_no_gap() -> anyhow::Result<()> {
     let svc = TestService::new(None, 1).await?;
     let mut tx = svc.pool.begin().await?;
-    assert_eq!(audit::append(&mut tx, &svc.schema, &[record(1)]).await?, [1]);
+    assert_eq!(audit::append(&mut tx, &svc.schema, &[record(1)]).await?, (0, vec![1]));
     tx.rollback().await?;
     let mut tx = svc.pool.begin().await?;
-    assert_eq!(audit::append(&mut tx, &svc.schema, &[record(2)]).await?, [1], "seq 1 again");
+    assert_eq!(audit::append(&mut tx, &svc.schema, &[record(2)]).await?, (0, vec![1]), "seq 1 again");
     tx.commit().await?;
     let verdict = audit::verify(&svc.pool, &svc.schema).await?;
     assert!(verdict.is_intact() && verdict.records == 1, "{verdict:?}");
@@ -94,12 +107,16 @@ async fn the_database_refuses_update_delete_truncate_and_records_off_the_chain()
     write(&svc.pool, &svc.schema, 2).await?;
     let s = &svc.schema;
     for sql in [
-        format!("UPDATE {s}.audit_trail SET reason = 'edited' WHERE seq = 1"),
+        format!("UPDATE {s}.audit_trail SET reason = 'edited' WHERE chain = 0 AND seq = 1"),
         format!("DELETE FROM {s}.audit_trail WHERE seq = 2"),
         format!("TRUNCATE {s}.audit_trail"),
         format!("UPDATE {s}.audit_head SET last_seq = 1"),
         format!("DELETE FROM {s}.audit_head"),
         format!("TRUNCATE {s}.audit_head"),
+        format!(
+            "INSERT INTO {s}.audit_head (chain, last_seq, last_hash) VALUES (99, 0, '\\x{}')",
+            hex(&[0; 32])
+        ),
     ] {
         let error = sqlx::query(AssertSqlSafe(sql.clone())).execute(&svc.pool).await.err();
         let message = error.map(|e| e.to_string()).unwrap_or_default();
@@ -112,9 +129,9 @@ async fn the_database_refuses_update_delete_truncate_and_records_off_the_chain()
     let last = stored(&svc, 2).await?;
     let insert = |seq: i64, prev: &[u8]| {
         format!(
-            "INSERT INTO {s}.audit_trail (seq, recorded_at, actor_user, actor_role, action, entity_type,
+            "INSERT INTO {s}.audit_trail (chain, seq, recorded_at, actor_user, actor_role, action, entity_type,
                  entity_id, changes, unblinded, prev_hash, hash)
-             VALUES ({seq}, now(), 'mallory', 'admin', 'x', 'y', 'z', '[]', false, '\\x{}', '\\x{}')",
+             VALUES (0, {seq}, now(), 'mallory', 'admin', 'x', 'y', 'z', '[]', false, '\\x{}', '\\x{}')",
             hex(prev),
             hex(&[7; 32])
         )
@@ -139,8 +156,11 @@ async fn the_database_refuses_update_delete_truncate_and_records_off_the_chain()
 async fn verify_names_an_edited_record() -> anyhow::Result<()> {
     let svc = TestService::new(None, 1).await?;
     write(&svc.pool, &svc.schema, 5).await?;
-    tamper(&svc.pool, &format!("UPDATE {}.audit_trail SET actor_user = 'bob' WHERE seq = 3", svc.schema))
-        .await?;
+    tamper(
+        &svc.pool,
+        &format!("UPDATE {}.audit_trail SET actor_user = 'bob' WHERE chain = 0 AND seq = 3", svc.schema),
+    )
+    .await?;
     let found = broken(&svc).await?;
     assert_eq!(found, Break::Edited { seq: 3 });
     assert_eq!((found.kind(), found.seq()), ("edited", 3));
@@ -153,10 +173,14 @@ async fn verify_names_a_record_replaced_with_a_recomputed_hash() -> anyhow::Resu
     let svc = TestService::new(None, 1).await?;
     write(&svc.pool, &svc.schema, 5).await?;
     let s = &svc.schema;
-    tamper(&svc.pool, &format!("UPDATE {s}.audit_trail SET changes = '[]' WHERE seq = 3")).await?;
-    let hash = stored(&svc, 3).await?.expected_hash();
-    tamper(&svc.pool, &format!("UPDATE {s}.audit_trail SET hash = '\\x{}' WHERE seq = 3", hex(&hash)))
+    tamper(&svc.pool, &format!("UPDATE {s}.audit_trail SET changes = '[]' WHERE chain = 0 AND seq = 3"))
         .await?;
+    let hash = stored(&svc, 3).await?.expected_hash();
+    tamper(
+        &svc.pool,
+        &format!("UPDATE {s}.audit_trail SET hash = '\\x{}' WHERE chain = 0 AND seq = 3", hex(&hash)),
+    )
+    .await?;
     assert_eq!(broken(&svc).await?, Break::Unlinked { seq: 4 });
     Ok(())
 }
@@ -166,7 +190,7 @@ async fn verify_names_deleted_records() -> anyhow::Result<()> {
     let svc = TestService::new(None, 1).await?;
     write(&svc.pool, &svc.schema, 5).await?;
     let s = &svc.schema;
-    tamper(&svc.pool, &format!("DELETE FROM {s}.audit_trail WHERE seq = 3")).await?;
+    tamper(&svc.pool, &format!("DELETE FROM {s}.audit_trail WHERE chain = 0 AND seq = 3")).await?;
     let found = broken(&svc).await?;
     assert_eq!(found, Break::Deleted { from: 3, to: 3 });
     assert!(found.to_string().contains("record 3 was deleted"), "{found}");
@@ -174,13 +198,13 @@ async fn verify_names_deleted_records() -> anyhow::Result<()> {
     let svc = TestService::new(None, 1).await?;
     write(&svc.pool, &svc.schema, 5).await?;
     let s = &svc.schema;
-    tamper(&svc.pool, &format!("DELETE FROM {s}.audit_trail WHERE seq >= 4")).await?;
+    tamper(&svc.pool, &format!("DELETE FROM {s}.audit_trail WHERE chain = 0 AND seq >= 4")).await?;
     assert_eq!(broken(&svc).await?, Break::TailDeleted { last: 3, head: 5 });
 
     let svc = TestService::new(None, 1).await?;
     write(&svc.pool, &svc.schema, 3).await?;
     let s = &svc.schema;
-    tamper(&svc.pool, &format!("DELETE FROM {s}.audit_trail WHERE seq = 1")).await?;
+    tamper(&svc.pool, &format!("DELETE FROM {s}.audit_trail WHERE chain = 0 AND seq = 1")).await?;
     assert_eq!(broken(&svc).await?, Break::Deleted { from: 1, to: 1 });
     Ok(())
 }
@@ -200,11 +224,11 @@ async fn verify_names_a_forged_record_inserted_with_the_triggers_bypassed() -> a
     tamper(
         &svc.pool,
         &format!(
-            "INSERT INTO {s}.audit_trail (seq, recorded_at, actor_user, actor_role, action, entity_type,
+            "INSERT INTO {s}.audit_trail (chain, seq, recorded_at, actor_user, actor_role, action, entity_type,
                  entity_id, study_id, site_id, changes, unblinded, reason, cause, prev_hash, hash)
-             SELECT 5, recorded_at, 'mallory', actor_role, action, entity_type, entity_id, study_id,
+             SELECT 0, 5, recorded_at, 'mallory', actor_role, action, entity_type, entity_id, study_id,
                     site_id, changes, unblinded, reason, cause, '\\x{}', '\\x{}'
-             FROM {s}.audit_trail WHERE seq = 4",
+             FROM {s}.audit_trail WHERE chain = 0 AND seq = 4",
             hex(&forged.prev_hash),
             hex(&hash)
         ),
@@ -218,7 +242,7 @@ async fn verify_names_a_forged_record_inserted_with_the_triggers_bypassed() -> a
 }
 
 #[tokio::test]
-async fn many_concurrent_writers_make_one_unbroken_chain() -> anyhow::Result<()> {
+async fn many_concurrent_writers_make_unbroken_chains() -> anyhow::Result<()> {
     let svc = TestService::new(None, 1).await?;
     let (writers, each) = (12, 15);
     let mut tasks = tokio::task::JoinSet::new();
@@ -242,7 +266,98 @@ async fn many_concurrent_writers_make_one_unbroken_chain() -> anyhow::Result<()>
     let expected = writers as u64 * (0..each).map(|i| (i % 3 + 1) as u64).sum::<u64>();
     let verdict = audit::verify(&svc.pool, &svc.schema).await?;
     assert!(verdict.is_intact(), "{verdict:?}");
-    assert_eq!((verdict.records, verdict.head_seq), (expected, expected as i64));
+    let heads: i64 = verdict.heads.iter().map(|h| h.seq).sum();
+    assert_eq!((verdict.records, heads), (expected, expected as i64));
+    Ok(())
+}
+
+/// Transactions that hold a chain's head do not make the next writer wait: it takes the next
+/// free chain; when all are held it waits for one (this connection's), then goes on. Every chain
+/// verifies, and the records list in time order across the chains.
+#[tokio::test]
+async fn writers_side_by_side_take_free_chains_and_wait_only_when_all_are_held() -> anyhow::Result<()> {
+    let svc = TestService::new(None, 1).await?;
+    let mut open = Vec::new();
+    for i in 0..audit::CHAINS {
+        let mut tx = svc.pool.begin().await?;
+        let taken = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            audit::append(&mut tx, &svc.schema, &[record(i as usize)]),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("writer {i} waited though chain {i} was free"))??;
+        assert_eq!(taken, (i, vec![1]), "the lowest free chain");
+        open.push(tx);
+    }
+    // Every head held: the next writer waits, as PostgreSQL shows, until one commits.
+    let mut conn = svc.pool.acquire().await?.detach();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut conn).await?;
+    let schema = svc.schema.clone();
+    let waiting = tokio::spawn(async move {
+        let mut tx = sqlx::Connection::begin(&mut conn).await?;
+        let taken = audit::append(&mut tx, &schema, &[record(100)]).await?;
+        tx.commit().await?;
+        anyhow::Ok(taken)
+    });
+    trialflow_testkit::wait_until(
+        "the ninth writer waits for a head",
+        std::time::Duration::from_secs(10),
+        || {
+            let pool = svc.pool.clone();
+            async move {
+                let wait: Option<String> =
+                    sqlx::query_scalar("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1")
+                        .bind(pid)
+                        .fetch_optional(&pool)
+                        .await?
+                        .flatten();
+                Ok(wait.as_deref() == Some("Lock"))
+            }
+        },
+    )
+    .await?;
+    let own = (pid % i32::from(audit::CHAINS)) as i16;
+    for tx in open {
+        tx.commit().await?;
+    }
+    assert_eq!(waiting.await??, (own, vec![2]), "the chain of its connection, after the record there");
+
+    let verdict = audit::verify(&svc.pool, &svc.schema).await?;
+    assert!(verdict.is_intact(), "{verdict:?}");
+    assert_eq!(verdict.records, audit::CHAINS as u64 + 1);
+    let mut conn = svc.pool.acquire().await?;
+    let listed = audit::read(&mut conn, &svc.schema, None, None, 100).await?;
+    let positions: Vec<_> = listed.iter().map(StoredRecord::position).collect();
+    assert!(positions.is_sorted(), "time order: {positions:?}");
+    // Page by page from a position: the same records.
+    let first = audit::read(&mut conn, &svc.schema, None, None, 4).await?;
+    let rest =
+        audit::read(&mut conn, &svc.schema, None, first.last().map(StoredRecord::position).as_ref(), 100)
+            .await?;
+    assert_eq!([first, rest].concat(), listed);
+    Ok(())
+}
+
+/// A break in a chain other than 0 is named with its chain; a record moved to another chain
+/// leaves a gap in its own.
+#[tokio::test]
+async fn verify_names_the_chain_of_a_break() -> anyhow::Result<()> {
+    let svc = TestService::new(None, 1).await?;
+    // Two writers at once: chains 0 and 1, three records each.
+    for i in 0..3 {
+        let mut a = svc.pool.begin().await?;
+        let mut b = svc.pool.begin().await?;
+        assert_eq!(audit::append(&mut a, &svc.schema, &[record(i)]).await?.0, 0);
+        assert_eq!(audit::append(&mut b, &svc.schema, &[record(10 + i)]).await?.0, 1);
+        a.commit().await?;
+        b.commit().await?;
+    }
+    assert!(audit::verify(&svc.pool, &svc.schema).await?.is_intact());
+    let s = &svc.schema;
+    tamper(&svc.pool, &format!("UPDATE {s}.audit_trail SET chain = 2 WHERE chain = 1 AND seq = 2")).await?;
+    let found = broken_in(&svc).await?;
+    assert_eq!(found, Broken { chain: 1, what: Break::Deleted { from: 2, to: 2 } });
+    assert_eq!(found.to_string(), "chain 1: record 2 was deleted");
     Ok(())
 }
 

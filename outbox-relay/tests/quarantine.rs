@@ -148,7 +148,7 @@ async fn oversized_record_is_quarantined_and_its_key_follows_after_retry() -> an
     let seqs = quarantine::retry(&svc.pool, &svc.schema, Selection::One(q[0].seq), "alice").await?;
     assert_eq!(seqs, [q[0].seq]);
     let retried =
-        trialflow_outbox::audit::read(&mut *svc.pool.acquire().await?, &svc.schema, None, 0, 10).await?;
+        trialflow_outbox::audit::read(&mut *svc.pool.acquire().await?, &svc.schema, None, None, 10).await?;
     assert_eq!(
         retried
             .iter()
@@ -225,7 +225,7 @@ async fn discarded_row_is_audited_and_its_key_flows_on() -> anyhow::Result<()> {
     assert!(audit.4.contains("MessageSizeTooLarge"), "{}", audit.4);
     // And in the audit trail, in the same transaction: who, why; the refused attempts left none.
     let mut conn = svc.pool.acquire().await?;
-    let trail = trialflow_outbox::audit::read(&mut conn, &svc.schema, None, 0, 10).await?;
+    let trail = trialflow_outbox::audit::read(&mut conn, &svc.schema, None, None, 10).await?;
     let [record] = trail.as_slice() else { panic!("{trail:?}") };
     assert_eq!(
         (record.action.as_str(), record.actor_user.as_str(), record.actor_role.as_str()),

@@ -854,7 +854,7 @@ async fn every_command_leaves_one_audit_record_in_its_transaction() -> anyhow::R
     assert_eq!(refused.status, StatusCode::CONFLICT);
 
     let mut conn = api.pool.acquire().await?;
-    let records = trialflow_outbox::audit::read(&mut conn, &api.schema, Some("AUD"), 0, 100).await?;
+    let records = trialflow_outbox::audit::read(&mut conn, &api.schema, Some("AUD"), None, 100).await?;
     let actions: Vec<(&str, &str, &str, &str)> = records
         .iter()
         .map(|r| (r.action.as_str(), r.actor_user.as_str(), r.actor_role.as_str(), r.entity_id.as_str()))

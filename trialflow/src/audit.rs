@@ -1,11 +1,13 @@
 //! `trialflow audit verify|export`: checks the hash chain of every service's audit trail, and
 //! exports a study's records (see `trialflow_outbox::audit`).
 //!
-//! `verify` walks the trails of the registry's services (or one), prints one line per service
-//! (records, head seq and hash: keep that line somewhere else, a later run must extend it) and
-//! fails naming the service, the seq and what is wrong when a chain is broken.
+//! `verify` walks the trails of the registry's services (or one), chain by chain, prints one
+//! line per service and one per chain head (seq and hash: keep those lines somewhere else, a
+//! later run must extend them) and fails naming the service, the chain, the seq and what is
+//! wrong when a chain is broken.
 //!
-//! `export` writes a study's records of every service as JSON lines (the full view, unblinded
+//! `export` writes a study's records of every service, each service's in time order across its
+//! chains, as JSON lines (the full view, unblinded
 //! changes marked, with the hashes; `--blinded` for the view blinded users get) or as CDISC ODM
 //! 1.3.2 `AuditRecords` (who: `UserRef`, where: `LocationRef`, when: `DateTimeStamp`, why:
 //! `ReasonForChange`, what and what caused it: `SourceID`). ODM carries changed values in
@@ -124,21 +126,32 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
     result
 }
 
-/// Verifies each trail, printing a line per service; fails when one is broken.
+/// Verifies each trail, printing a line per service and one per chain head (to keep outside the
+/// database and compare with a later print); fails when one is broken.
 async fn verify(pool: &PgPool, trails: &[(String, SchemaName)]) -> anyhow::Result<()> {
     let mut broken = Vec::new();
     for (service, schema) in trails {
         let verdict =
             audit::verify(pool, schema).await.with_context(|| format!("verifying `{service}` ({schema})"))?;
         match &verdict.broken {
-            None => println!(
-                "{service} ({schema}): {} record(s), chain intact; head seq {} hash {}",
-                verdict.records,
-                verdict.head_seq,
-                verdict.head_hex()
-            ),
+            None => {
+                println!(
+                    "{service} ({schema}): {} record(s) in {} chain(s), intact",
+                    verdict.records,
+                    verdict.heads.len()
+                );
+                for head in &verdict.heads {
+                    println!("  chain {} head seq {} hash {}", head.chain, head.seq, head.hash_hex());
+                }
+            }
             Some(b) => {
-                println!("{service} ({schema}): BROKEN at seq {} ({}): {b}", b.seq(), b.kind());
+                println!(
+                    "{service} ({schema}): BROKEN in chain {} at seq {} ({}): {}",
+                    b.chain,
+                    b.what.seq(),
+                    b.what.kind(),
+                    b.what
+                );
                 broken.push(service.clone());
             }
         }
@@ -165,9 +178,9 @@ pub async fn export(
     }
     for (service, schema) in trails {
         let mut conn = pool.acquire().await?;
-        let mut after = 0;
+        let mut after = None;
         loop {
-            let page = audit::read(&mut conn, schema, Some(study), after, PAGE).await?;
+            let page = audit::read(&mut conn, schema, Some(study), after.as_ref(), PAGE).await?;
             for record in &page {
                 match format {
                     Format::Jsonl => writeln!(out, "{}", record.view(service, blinded))?,
@@ -176,7 +189,7 @@ pub async fn export(
                 n += 1;
             }
             match page.last() {
-                Some(last) if page.len() as i64 == PAGE => after = last.seq,
+                Some(last) if page.len() as i64 == PAGE => after = Some(last.position()),
                 _ => break,
             }
         }
@@ -212,6 +225,7 @@ mod odm {
         let view = r.view(service, blinded);
         let what = serde_json::json!({
             "source": service,
+            "chain": r.chain,
             "seq": r.seq,
             "actor_role": r.actor_role,
             "on_behalf_of": r.on_behalf_of,
@@ -223,8 +237,9 @@ mod odm {
         let location = r.site_id.as_deref().unwrap_or(service);
         writeln!(
             out,
-            r#"      <AuditRecord ID="AR.{}.{}" EditPoint="DBAudit" UsedImputationMethod="No">"#,
+            r#"      <AuditRecord ID="AR.{}.{}.{}" EditPoint="DBAudit" UsedImputationMethod="No">"#,
             escape(service),
+            r.chain,
             r.seq
         )?;
         writeln!(out, r#"        <UserRef UserOID="USR.{}"/>"#, escape(&r.actor_user))?;

@@ -58,7 +58,11 @@ async fn verify_exits_non_zero_naming_the_broken_record_and_export_writes_json_l
 
     let (ok, out, err) = trialflow(&["audit", "verify", "--schema", &schema]).await?;
     assert!(ok, "{out}{err}");
-    assert!(out.contains(&format!("{schema} ({schema}): 4 record(s), chain intact; head seq 4")), "{out}");
+    assert!(out.contains(&format!("{schema} ({schema}): 4 record(s) in 8 chain(s), intact")), "{out}");
+    assert!(
+        out.contains("  chain 0 head seq 4 hash ") && out.contains("  chain 7 head seq 0 hash 0000"),
+        "{out}"
+    );
 
     let (ok, out, err) = trialflow(&["audit", "export", "--study", "S1", "--schema", &schema]).await?;
     assert!(ok, "{err}");
@@ -89,14 +93,16 @@ async fn verify_exits_non_zero_naming_the_broken_record_and_export_writes_json_l
 
     let mut tx = svc.pool.begin().await?;
     sqlx::query("SET LOCAL session_replication_role = replica").execute(&mut *tx).await?;
-    sqlx::query(AssertSqlSafe(format!("DELETE FROM {schema}.audit_trail WHERE seq = 2")))
+    sqlx::query(AssertSqlSafe(format!("DELETE FROM {schema}.audit_trail WHERE chain = 0 AND seq = 2")))
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
     let (ok, out, err) = trialflow(&["audit", "verify", "--schema", &schema]).await?;
     assert!(!ok, "a broken chain verified: {out}");
     assert!(
-        out.contains(&format!("{schema} ({schema}): BROKEN at seq 2 (deleted): record 2 was deleted")),
+        out.contains(&format!(
+            "{schema} ({schema}): BROKEN in chain 0 at seq 2 (deleted): record 2 was deleted"
+        )),
         "{out}"
     );
     assert!(err.contains("broken"), "{err}");
@@ -149,7 +155,7 @@ async fn a_dead_letter_replay_is_recorded_with_who_and_why() -> anyhow::Result<(
     assert!(out.contains(&format!("audited in `{schema}`")), "{out}");
 
     let mut conn = svc.pool.acquire().await?;
-    let records = audit::read(&mut conn, &svc.schema, None, 0, 10).await?;
+    let records = audit::read(&mut conn, &svc.schema, None, None, 10).await?;
     let [r] = records.as_slice() else { panic!("{records:?}") };
     assert_eq!(
         (r.action.as_str(), r.actor_user.as_str(), r.actor_role.as_str(), r.reason.as_deref()),

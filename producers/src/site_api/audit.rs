@@ -10,9 +10,11 @@
 //!
 //! Query: `study_id` (only that study's records), `limit` (1 to [`MAX_LIMIT`], default
 //! [`DEFAULT_LIMIT`]), `cursor` (the `next_cursor` of the page before). Records come by source
-//! (the order of the sources), then by seq: a keyset, so a page never shifts when records are
-//! appended. Anything else in the query is refused: 400 naming the parameter, 422 for a study id
-//! that is no id.
+//! (the order of the sources), then in time order across the source's chains (time, chain,
+//! seq): a keyset, so a page never shifts when records are appended. A record's time is read
+//! before its transaction commits, so on a live trail a record can appear after a page with later
+//! times was read (by milliseconds; see `trialflow_outbox::audit::read`). Anything else in the
+//! query is refused: 400 naming the parameter, 422 for a study id that is no id.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use trialflow_http::ApiError;
 use trialflow_http::auth::{Principal, Role};
 use trialflow_http::input::{self, check_id};
 use trialflow_outbox::SchemaName;
+use trialflow_outbox::audit::Position;
 
 use super::Api;
 
@@ -45,8 +48,8 @@ pub struct AuditSource {
 struct PageRequest {
     study_id: Option<String>,
     limit: i64,
-    /// After (source index, seq).
-    after: (usize, i64),
+    /// After this record of this source (from the source's first when none).
+    after: (usize, Option<Position>),
 }
 
 fn refused(code: &'static str, field: &str, message: impl Into<String>) -> ApiError {
@@ -55,7 +58,7 @@ fn refused(code: &'static str, field: &str, message: impl Into<String>) -> ApiEr
 
 impl PageRequest {
     fn parse(params: &[(String, String)], sources: usize) -> Result<Self, ApiError> {
-        let mut request = Self { study_id: None, limit: DEFAULT_LIMIT, after: (0, 0) };
+        let mut request = Self { study_id: None, limit: DEFAULT_LIMIT, after: (0, None) };
         let mut seen = HashSet::new();
         for (name, value) in params {
             let shown = input::printable(name);
@@ -97,17 +100,21 @@ impl PageRequest {
     }
 }
 
-/// `<source index>.<seq>`, as `next_cursor` gives it.
-fn cursor(value: &str, sources: usize) -> Result<(usize, i64), ApiError> {
-    let parsed = value.split_once('.').and_then(|(source, seq)| {
+/// `<source index>.<recorded_at in µs since 1970>.<chain>.<seq>`, as `next_cursor` gives it.
+fn cursor(value: &str, sources: usize) -> Result<(usize, Option<Position>), ApiError> {
+    let parsed = || -> Option<(usize, Option<Position>)> {
         let digits = |s: &str| !s.is_empty() && s.len() <= 18 && s.bytes().all(|b| b.is_ascii_digit());
-        if !(digits(source) && digits(seq)) {
+        let parts: Vec<&str> = value.split('.').collect();
+        let [source, micros, chain, seq] = parts.as_slice() else { return None };
+        if !parts.iter().all(|p| digits(p)) {
             return None;
         }
-        let (source, seq) = (source.parse::<usize>().ok()?, seq.parse::<i64>().ok()?);
-        (source < sources).then_some((source, seq))
-    });
-    parsed.ok_or_else(|| {
+        let source = source.parse::<usize>().ok().filter(|s| *s < sources)?;
+        let recorded_at = chrono::DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+        let (chain, seq) = (chain.parse::<i16>().ok()?, seq.parse::<i64>().ok()?);
+        Some((source, Some(Position { recorded_at, chain, seq })))
+    };
+    parsed().ok_or_else(|| {
         refused(
             "invalid_cursor",
             "cursor",
@@ -117,6 +124,11 @@ fn cursor(value: &str, sources: usize) -> Result<(usize, i64), ApiError> {
             ),
         )
     })
+}
+
+/// The cursor that continues after `position` of source `index`.
+fn cursor_after(index: usize, position: &Position) -> String {
+    format!("{index}.{}.{}.{}", position.recorded_at.timestamp_micros(), position.chain, position.seq)
 }
 
 pub(crate) async fn list_audit(
@@ -155,7 +167,7 @@ pub(crate) async fn list_audit(
                 &mut conn,
                 &source.schema,
                 request.study_id.as_deref(),
-                after,
+                after.as_ref(),
                 want,
             )
             .await?;
@@ -164,19 +176,21 @@ pub(crate) async fn list_audit(
                 if records.len() as i64 == request.limit {
                     // One more exists: the page ends at the record before it.
                     next_cursor =
-                        records.last().map(|(i, seq, _): &(usize, i64, Value)| format!("{i}.{seq}"));
+                        records.last().map(|(i, at, _): &(usize, Position, Value)| cursor_after(*i, at));
                     break 'sources;
                 }
+                // Read on from here, whether it is shown or left out.
+                after = Some(record.position());
                 if record.site_id.as_ref().is_some_and(|site| !principal.scope.sites.contains(site)) {
                     continue;
                 }
-                records.push((index, record.seq, record.view(&source.service, blinded)));
+                records.push((index, record.position(), record.view(&source.service, blinded)));
             }
             if !full {
                 break;
             }
         }
-        after = 0;
+        after = None;
     }
     let records: Vec<Value> = records.into_iter().map(|(_, _, view)| view).collect();
     Ok(Json(serde_json::json!({"records": records, "next_cursor": next_cursor})))
@@ -194,9 +208,19 @@ mod tests {
 
     #[test]
     fn queries_parse_and_hostile_values_are_refused_naming_the_parameter() {
-        let ok = parse(&[("study_id", "CDISCPILOT01"), ("limit", "20"), ("cursor", "2.41")]);
-        assert_eq!(ok, Ok(PageRequest { study_id: Some("CDISCPILOT01".into()), limit: 20, after: (2, 41) }));
-        assert_eq!(parse(&[]).map(|r| (r.limit, r.after)), Ok((DEFAULT_LIMIT, (0, 0))));
+        let at = Position {
+            recorded_at: chrono::DateTime::from_timestamp_micros(1_764_000_000_123_456).unwrap_or_default(),
+            chain: 3,
+            seq: 41,
+        };
+        let cursor = cursor_after(2, &at);
+        assert_eq!(cursor, "2.1764000000123456.3.41");
+        let ok = parse(&[("study_id", "CDISCPILOT01"), ("limit", "20"), ("cursor", &cursor)]);
+        assert_eq!(
+            ok,
+            Ok(PageRequest { study_id: Some("CDISCPILOT01".into()), limit: 20, after: (2, Some(at)) })
+        );
+        assert_eq!(parse(&[]).map(|r| (r.limit, r.after)), Ok((DEFAULT_LIMIT, (0, None))));
         let bad = StatusCode::BAD_REQUEST;
         for (query, code, field) in [
             (vec![("limit", "0")], "invalid_parameter", "limit"),
@@ -204,8 +228,12 @@ mod tests {
             (vec![("limit", "+5")], "invalid_parameter", "limit"),
             (vec![("limit", "1e3")], "invalid_parameter", "limit"),
             (vec![("limit", "99999999999999999999999")], "invalid_parameter", "limit"),
-            (vec![("cursor", "3.1")], "invalid_cursor", "cursor"),
-            (vec![("cursor", "1.-1")], "invalid_cursor", "cursor"),
+            (vec![("cursor", "3.1764000000123456.0.1")], "invalid_cursor", "cursor"),
+            (vec![("cursor", "1.1764000000123456.0.-1")], "invalid_cursor", "cursor"),
+            (vec![("cursor", "1.1764000000123456.40000.1")], "invalid_cursor", "cursor"),
+            (vec![("cursor", "1.999999999999999999.0.1")], "invalid_cursor", "cursor"),
+            (vec![("cursor", "1.2.41")], "invalid_cursor", "cursor"),
+            (vec![("cursor", "1.1764000000123456.0.1.")], "invalid_cursor", "cursor"),
             (vec![("cursor", "1")], "invalid_cursor", "cursor"),
             (vec![("cursor", "1.99999999999999999999")], "invalid_cursor", "cursor"),
             (vec![("cursor", "'; DROP TABLE x")], "invalid_cursor", "cursor"),
