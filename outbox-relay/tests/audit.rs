@@ -137,7 +137,7 @@ async fn the_database_refuses_update_delete_truncate_and_records_off_the_chain()
         )
     };
     for (sql, why) in
-        [(insert(4, &last.hash), "do not follow the head"), (insert(3, &[9; 32]), "does not link")]
+        [(insert(4, &last.hash), "do not follow its head"), (insert(3, &[9; 32]), "does not link")]
     {
         let error = sqlx::query(AssertSqlSafe(sql)).execute(&svc.pool).await.err();
         let message = error.map(|e| e.to_string()).unwrap_or_default();
