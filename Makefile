@@ -56,8 +56,9 @@ lint: build-deps ## cargo fmt --check and clippy with warnings as errors
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
-bench: up build-deps ## Benchmarks with their raw baselines (`make bench ONLY=relay|debezium|consumer|epro|monitoring|alerts|risk|load|scaling` for one group)
-	$(CARGO) run -q --release -p trialflow-bench -- $(if $(ONLY),--only $(ONLY),)
+bench: up build-deps ## Benchmarks with their raw baselines (`make bench ONLY=relay|debezium|consumer|epro|monitoring|alerts|risk|load|scaling|soak` for one group)
+	$(CARGO) build -q --release -p trialflow -p trialflow-bench
+	$${CARGO_TARGET_DIR:-target}/release/trialflow-bench $(if $(ONLY),--only $(ONLY),)
 
 openapi-validator: ## Install openapi-spec-validator (pinned, PyPI) into .tools/ for the OpenAPI test
 	@scripts/openapi-validator.sh >/dev/null

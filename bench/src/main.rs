@@ -28,13 +28,14 @@ mod load;
 mod monitoring;
 mod risk;
 mod scaling;
+mod soak;
 mod traced;
 
 #[derive(Debug, Parser)]
 #[command(about = "trialflow benchmarks")]
 struct Args {
     /// Run only this group (`relay`, `debezium`, `consumer`, `epro`, `monitoring`, `alerts`, `risk`,
-    /// `load` or `scaling`).
+    /// `load`, `scaling` or `soak`).
     #[arg(long)]
     only: Option<String>,
 
@@ -85,10 +86,15 @@ struct Args {
     /// Where the `scaling` group writes its SVG plot (an existing folder, e.g. docs/benchmarks).
     #[arg(long, value_parser = scaling::plot_dir)]
     plot_dir: Option<std::path::PathBuf>,
+
+    /// Minutes of steady mixed load of the `soak` group (resident memory of each component at 1
+    /// and 10 minutes and at the end; at least 10).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(10..=1440))]
+    soak_minutes: u64,
 }
 
 const GROUPS: &[&str] =
-    &["relay", "debezium", "consumer", "epro", "monitoring", "alerts", "risk", "load", "scaling"];
+    &["relay", "debezium", "consumer", "epro", "monitoring", "alerts", "risk", "load", "scaling", "soak"];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -134,6 +140,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.only.as_deref().is_none_or(|g| g == "scaling") {
         scaling::group(&args, &kafka, &pool, &metrics).await?;
+    }
+    if args.only.as_deref().is_none_or(|g| g == "soak") {
+        soak::group(&args.database_url, &args.bootstrap_servers, &pool, args.soak_minutes).await?;
     }
     Ok(())
 }
