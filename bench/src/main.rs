@@ -224,14 +224,26 @@ pub(crate) async fn produce_events<E: trialflow_schemas::Event>(
     make: impl Fn(u64) -> E,
 ) -> anyhow::Result<()> {
     let producer: FutureProducer = trialflow_outbox::publisher::producer_config(kafka, client).create()?;
-    let mut pending = Vec::new();
-    for i in 0..n {
+    let records = (0..n).map(|i| {
         let event = make(i);
-        let payload = trialflow_schemas::encode(&event)?;
         let key = event.envelope().subject_id.clone().unwrap_or_default();
         let id = event.envelope().event_id.to_string();
+        Ok((topic.to_string(), key, trialflow_schemas::encode(&event)?, id))
+    });
+    send_all(&producer, records).await
+}
+
+/// Sends each `(topic, key, payload, event id)` with its `event_id` header (as the relay sends
+/// them), at most 5,000 unacknowledged at once; waits for every acknowledgement.
+pub(crate) async fn send_all(
+    producer: &FutureProducer,
+    records: impl Iterator<Item = anyhow::Result<(String, String, Vec<u8>, String)>>,
+) -> anyhow::Result<()> {
+    let mut pending = Vec::new();
+    for record in records {
+        let (topic, key, payload, id) = record?;
         let headers = OwnedHeaders::new().insert(Header { key: "event_id", value: Some(id.as_str()) });
-        let record = FutureRecord::to(topic).key(&key).payload(&payload).headers(headers);
+        let record = FutureRecord::to(&topic).key(&key).payload(&payload).headers(headers);
         pending.push(producer.send_result(record).map_err(|(e, _)| e)?);
         if pending.len() >= 5000 {
             for d in pending.drain(..) {

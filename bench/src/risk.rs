@@ -94,22 +94,7 @@ fn encoded(i: u64, names: &TopicNames) -> anyhow::Result<(String, String, Vec<u8
 }
 
 async fn produce(producer: &FutureProducer, names: &TopicNames, n: u64) -> anyhow::Result<()> {
-    let mut pending = Vec::new();
-    for i in 0..n {
-        let (topic, key, payload, id) = encoded(i, names)?;
-        let headers = OwnedHeaders::new().insert(Header { key: "event_id", value: Some(id.as_str()) });
-        let record = FutureRecord::to(&topic).key(&key).payload(&payload).headers(headers);
-        pending.push(producer.send_result(record).map_err(|(e, _)| e)?);
-        if pending.len() >= 5000 {
-            for d in pending.drain(..) {
-                d.await?.map_err(|(e, _)| e)?;
-            }
-        }
-    }
-    for d in pending {
-        d.await?.map_err(|(e, _)| e)?;
-    }
-    Ok(())
+    crate::send_all(producer, (0..n).map(|i| encoded(i, names))).await
 }
 
 fn read_topics(names: &TopicNames) -> Vec<String> {
