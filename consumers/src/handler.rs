@@ -175,15 +175,17 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a;
 
     /// Runs once per batch transaction after the last [`Handler::handle`] (also when every
-    /// message was a duplicate or set aside): writes what the handlers gathered in the state.
-    /// Must not commit or roll back `tx`; an error rolls the batch back and retries it (see the
-    /// trait's doc). Default: nothing.
+    /// message was a duplicate or set aside): writes what the handlers gathered in the state, and
+    /// may emit events and audit records of the batch as a whole through `ctx` (they commit with
+    /// the batch; an audit record made here names its cause itself). Must not commit or roll back
+    /// `tx`; an error rolls the batch back and retries it (see the trait's doc). Default: nothing.
     fn finish<'a>(
         &'a self,
         tx: &'a mut Transaction<'static, Postgres>,
         batch: Self::Batch,
+        ctx: &'a mut Context,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a {
-        let _ = (tx, batch);
+        let _ = (tx, batch, ctx);
         async { Ok(()) }
     }
 }

@@ -67,7 +67,7 @@ async fn retry_due<H: Handler>(shared: &Shared<H>) -> Result<usize, HandlerError
         let handled = async {
             let mut state = shared.handler.prepare(&mut tx, std::slice::from_ref(&msg)).await?;
             shared.handler.handle(&mut tx, &msg, &mut ctx, &mut state).await?;
-            shared.handler.finish(&mut tx, state).await?;
+            shared.handler.finish(&mut tx, state, &mut ctx).await?;
             shared.outbox.enqueue_traced(&mut tx, &ctx.events).await?;
             Ok::<(), HandlerError>(())
         }

@@ -621,9 +621,13 @@ async fn try_batch<H: Handler>(
     }
     // Like `prepare`, not one message's doing: the batch is retried whole (and, if it keeps
     // failing, applied one message at a time by the poison fence).
-    if let Err(e) = shared.handler.finish(&mut tx, state).await {
+    let mut ctx = Context::new(shared.outbox.clone());
+    if let Err(e) = shared.handler.finish(&mut tx, state, &mut ctx).await {
         return Err(BatchError::Transient(HandlerError::Transient(format!("finishing the batch: {e}"))));
     }
+    resolved.extend(ctx.resolved);
+    audit.extend(ctx.audit);
+    events.extend(ctx.events);
     shared.outbox.enqueue_traced(&mut tx, &events).await.map_err(HandlerError::from)?;
     for dependency in &resolved {
         shared.sql.wake(&mut tx, name, dependency).await?;

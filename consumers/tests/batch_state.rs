@@ -62,9 +62,11 @@ async fn apply<H: Handler>(
         outcomes.push(ctx.enqueued().map(|e| e.event_type.clone()).collect());
         events.extend(ctx.enqueued().cloned());
     }
-    if let Err(e) = handler.finish(&mut tx, state).await {
+    let mut ctx = Context::new(outbox.clone());
+    if let Err(e) = handler.finish(&mut tx, state, &mut ctx).await {
         return Ok(Err(e));
     }
+    events.extend(ctx.enqueued().cloned());
     outbox.enqueue_all(&mut tx, &events).await?;
     tx.commit().await?;
     Ok(Ok(outcomes))
@@ -226,7 +228,7 @@ async fn a_batch_that_loses_a_race_fails_whole_and_decides_again_once() -> anyho
         let mut ctx = Context::new(outbox.clone());
         handler.handle(&mut tx, msg, &mut ctx, &mut state).await?;
     }
-    let failed = handler.finish(&mut tx, state).await;
+    let failed = handler.finish(&mut tx, state, &mut Context::new(outbox.clone())).await;
     assert!(matches!(failed, Err(HandlerError::Transient(_))), "{failed:?}");
     tx.rollback().await?;
     assert_eq!(

@@ -338,7 +338,7 @@ async fn the_same_enrollment_request_twice_randomizes_once() -> anyhow::Result<(
         .wait_count("subject enrolled", "SELECT count(*) FROM {enr}.subject WHERE status = 'enrolled'", 1)
         .await?;
     assert_eq!(used_slots(&trial).await?.len(), 1);
-    assert_eq!(trial.count("SELECT sum(slots_used)::bigint FROM {enr}.randomization_list").await?, 1);
+    assert_eq!(trial.count("SELECT count(subject_id) FROM {enr}.randomization_slot").await?, 1);
     assert_eq!(trial.count("SELECT count(*) FROM {kit}.allocation").await?, 1);
     trial.stop().await
 }
@@ -415,5 +415,59 @@ async fn kits_are_never_allocated_twice_under_concurrency() -> anyhow::Result<()
     let err = sqlx::query(AssertSqlSafe(sql)).execute(&trial.pool).await.err();
     let code = err.as_ref().and_then(|e| e.as_database_error()).and_then(|e| e.code()).map(|c| c.to_string());
     assert_eq!(code.as_deref(), Some("23505"), "unique violation: {err:?}");
+    trial.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn low_stock_is_signalled_once_per_arm_while_allocations_run_side_by_side() -> anyhow::Result<()> {
+    // 20 kits per arm at one site, threshold 5, then 60 assignments (20 per arm) over 4
+    // partitions and two instances: allocations lock kits, not the site, so the stock counts of
+    // concurrent batches must still see the crossing exactly once per arm.
+    const THRESHOLD: i32 = 5;
+    let mut trial = Trial::new(4).await?;
+    trial.start_kit_allocation();
+    trial.start_kit_allocation();
+    trial
+        .send(vec![
+            trial.event(&study(100, THRESHOLD), STUDY)?,
+            trial.event(&shipment("701", "SH", 20, 1), "701")?,
+        ])
+        .await?;
+    trial.wait_count("the shipment received", "SELECT count(*) FROM {kit}.kit", 60).await?;
+    let mut assignments = Vec::new();
+    for i in 0..60 {
+        let subject = format!("L-{i:03}");
+        let assigned = TreatmentAssigned {
+            envelope: envelope::<TreatmentAssigned>(Some("701"), Some(&subject)),
+            randomization_number: format!("R-{i:03}"),
+            randomization_list_id: "test".into(),
+            arm_code: ARMS[i % 3].into(),
+        };
+        assignments.push(trial.event(&assigned, &subject)?);
+    }
+    trial.send(assignments).await?;
+    trial.wait_count("every kit allocated", "SELECT count(*) FROM {kit}.allocation", 60).await?;
+    assert_eq!(trial.count("SELECT count(*) FROM {kit}.pending_allocation").await?, 0, "nobody waits");
+    assert_eq!(trial.count("SELECT count(DISTINCT kit_number) FROM {kit}.allocation").await?, 60);
+    let levels = trial
+        .count("SELECT count(*) FROM {kit}.stock_level WHERE site_id = '701' AND countable = 0 AND low")
+        .await?;
+    assert_eq!(levels, 3, "every arm's recorded stock is the final count, 0, and low");
+
+    // Everything the kit-allocation service wrote is on the topic once its outbox is empty.
+    trial.wait_count("the outbox published", "SELECT count(*) FROM {kit}.outbox", 0).await?;
+    let reader = TopicReader::new(&kafka(), &trial.topics.name(topics::KIT_INVENTORY), true)?;
+    let messages = reader.read_until_idle(std::time::Duration::from_secs(2), WAIT).await?;
+    let mut low: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+    for m in &messages {
+        if let AnyEvent::SiteStockLow(l) = decode_any(&m.payload)? {
+            low.entry(l.arm_code.clone()).or_default().push(l.countable);
+        }
+    }
+    assert_eq!(low.keys().map(String::as_str).collect::<BTreeSet<_>>(), ARMS.into_iter().collect());
+    for (arm, counts) in &low {
+        assert_eq!(counts.len(), 1, "{arm}: one signal per crossing, got {counts:?}");
+        assert!(counts[0] < THRESHOLD, "{arm}: signalled below the threshold, at {}", counts[0]);
+    }
     trial.stop().await
 }

@@ -15,22 +15,17 @@
 //! is put on hold or withdraws. Lists are generated from the study's seed when the study is
 //! configured ([`randomization::generate`]) and never leave this service's schema.
 //!
-//! Lock order: a batch (one partition's messages, one transaction) that holds any
-//! `EnrollmentRequested` first locks every randomization list of the studies those requests are
-//! about, ordered by (study, stratum) ([`Handler::prepare`]); taking a slot then locks nothing new.
-//! Without that, a batch taking stratum F then M and another taking M then F deadlock, and
-//! PostgreSQL breaks the tie only after `deadlock_timeout` (1 s) by rolling one back. The price:
-//! batches with requests for the same study are serialized even when their strata differ.
-//! Enrollment requests are few next to the other events and a batch holds the lists for
-//! milliseconds, so the lost parallelism does not matter; a deadlock per pair of batches did.
-//! The runtime's parking loop calls `prepare` too, on each slice of parked messages it retries.
+//! Concurrency: a randomization locks only the slot it takes, and passes over slots other
+//! randomizations are taking (`FOR UPDATE SKIP LOCKED`, [`store::take_slot`]): one writer per
+//! slot, a number never given twice, and batches of different partitions randomize in the same
+//! stratum side by side. `RandomizationListLow` is emitted by whoever takes the slot that leaves
+//! `warn_slots_left` slots after it in list order (and the last slot): each slot is taken once,
+//! so each warning is emitted once.
 
 pub mod gates;
 pub mod randomization;
 pub mod read;
 mod store;
-
-use std::collections::BTreeSet;
 
 use serde_json::Value;
 use sqlx::{Postgres, Transaction};
@@ -423,28 +418,6 @@ fn hold_audit(cause: &Envelope, subject_id: &str, status: &str, code: &str, reas
 
 impl Handler for Enrollment {
     type Batch = ();
-
-    /// Locks the randomization lists of every study with an `EnrollmentRequested` in the batch (see
-    /// the module documentation); a batch without one locks nothing. Undecodable messages are
-    /// skipped here and dead-lettered by `handle`.
-    async fn prepare(
-        &self,
-        tx: &mut Transaction<'static, Postgres>,
-        batch: &[Message],
-    ) -> Result<(), HandlerError> {
-        let studies: BTreeSet<String> = batch
-            .iter()
-            .filter_map(|message| match decode(message) {
-                Ok(AnyEvent::EnrollmentRequested(e)) => Some(e.envelope.study_id),
-                _ => None,
-            })
-            .collect();
-        if studies.is_empty() {
-            return Ok(());
-        }
-        let studies: Vec<&str> = studies.iter().map(String::as_str).collect();
-        store::lock_lists(tx, &self.schema, &studies).await
-    }
 
     async fn handle(
         &self,

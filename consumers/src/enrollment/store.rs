@@ -30,6 +30,7 @@ pub(crate) struct TakenSlot {
     pub(crate) list_id: String,
     pub(crate) randomization_number: String,
     pub(crate) arm_code: String,
+    /// Slots after this one in list order (slots are taken in that order, but for ones in flight).
     pub(crate) slots_left: u32,
     pub(crate) slots_total: u32,
 }
@@ -252,28 +253,14 @@ pub(crate) async fn set_eligibility(
     Ok(())
 }
 
-/// Locks every randomization list of `study_ids` until the transaction ends, in one order
-/// (study, stratum) for every caller: the batch-wide form of the lock [`take_slot`] takes, in
-/// the same mode (`NO KEY UPDATE`, what an `UPDATE` of non-key columns takes), so that it blocks
-/// exactly what `take_slot` blocks.
-pub(crate) async fn lock_lists(
-    conn: &mut PgConnection,
-    schema: &SchemaName,
-    study_ids: &[&str],
-) -> Result<(), HandlerError> {
-    let sql = format!(
-        "SELECT 1 FROM {schema}.randomization_list WHERE study_id = ANY($1)
-         ORDER BY study_id, stratum FOR NO KEY UPDATE"
-    );
-    sqlx::query(AssertSqlSafe(sql)).bind(study_ids).fetch_all(&mut *conn).await?;
-    Ok(())
-}
-
-/// Takes the next slot of the stratum's list for the subject, or `None` when the list is used up.
+/// Takes the free slot of the stratum's list with the lowest sequence for the subject, or `None`
+/// when the list is used up.
 ///
-/// The `UPDATE` of the list row is the list's lock: a concurrent randomization in the same
-/// stratum waits for this transaction and then sees the new count, so slots are taken one writer
-/// at a time, in order, never twice; a rolled-back transaction gives its slot back unused.
+/// The slot's row lock is the only lock: a slot being taken by a concurrent randomization is
+/// passed over (`SKIP LOCKED`), so randomizations in one stratum never wait for each other and a
+/// number is never given twice (the row is taken by one transaction; `subject_id IS NULL` is
+/// checked again on the locked row). A rolled-back transaction gives its slot back, and the next
+/// randomization takes it: slots are used densely, in list order up to the ones in flight.
 pub(crate) async fn take_slot(
     conn: &mut PgConnection,
     schema: &SchemaName,
@@ -282,36 +269,30 @@ pub(crate) async fn take_slot(
     subject_id: &str,
 ) -> Result<Option<TakenSlot>, HandlerError> {
     let sql = format!(
-        "UPDATE {schema}.randomization_list SET slots_used = slots_used + 1
-         WHERE study_id = $1 AND stratum = $2 AND slots_used < slots_total
-         RETURNING list_id, slots_used, slots_total"
+        "UPDATE {schema}.randomization_slot s SET subject_id = $3, used_at = now()
+         FROM {schema}.randomization_list l
+         WHERE (s.study_id, s.stratum, s.sequence) = (
+                   SELECT study_id, stratum, sequence FROM {schema}.randomization_slot
+                   WHERE study_id = $1 AND stratum = $2 AND subject_id IS NULL
+                   ORDER BY sequence LIMIT 1 FOR UPDATE SKIP LOCKED)
+           AND (l.study_id, l.stratum) = (s.study_id, s.stratum)
+         RETURNING l.list_id, s.sequence, l.slots_total, s.randomization_number, s.arm_code"
     );
-    let Some(list) =
-        sqlx::query(AssertSqlSafe(sql)).bind(study_id).bind(stratum).fetch_optional(&mut *conn).await?
-    else {
-        return Ok(None);
-    };
-    let (list_id, used, total): (String, i32, i32) = (list.try_get(0)?, list.try_get(1)?, list.try_get(2)?);
-    let sql = format!(
-        "UPDATE {schema}.randomization_slot SET subject_id = $4, used_at = now()
-         WHERE study_id = $1 AND stratum = $2 AND sequence = $3 AND subject_id IS NULL
-         RETURNING randomization_number, arm_code"
-    );
-    let slot = sqlx::query(AssertSqlSafe(sql))
+    let Some(row) = sqlx::query(AssertSqlSafe(sql))
         .bind(study_id)
         .bind(stratum)
-        .bind(used)
         .bind(subject_id)
         .fetch_optional(&mut *conn)
         .await?
-        .ok_or_else(|| {
-            HandlerError::permanent(format!("slot {used} of list {list_id} is missing or used"))
-        })?;
+    else {
+        return Ok(None);
+    };
+    let (sequence, total): (i32, i32) = (row.try_get(1)?, row.try_get(2)?);
     Ok(Some(TakenSlot {
-        list_id,
-        randomization_number: slot.try_get(0)?,
-        arm_code: slot.try_get(1)?,
-        slots_left: (total - used).max(0) as u32,
+        list_id: row.try_get(0)?,
+        randomization_number: row.try_get(3)?,
+        arm_code: row.try_get(4)?,
+        slots_left: (total - sequence).max(0) as u32,
         slots_total: total.max(0) as u32,
     }))
 }
@@ -323,8 +304,10 @@ pub(crate) async fn slots_left(
     study_id: &str,
 ) -> Result<Vec<(String, i64)>, HandlerError> {
     let sql = format!(
-        "SELECT stratum, (slots_total - slots_used)::bigint FROM {schema}.randomization_list
-         WHERE study_id = $1 ORDER BY ordinal"
+        "SELECT l.stratum, count(s.sequence) FROM {schema}.randomization_list l
+         LEFT JOIN {schema}.randomization_slot s
+                ON (s.study_id, s.stratum) = (l.study_id, l.stratum) AND s.subject_id IS NULL
+         WHERE l.study_id = $1 GROUP BY l.stratum, l.ordinal ORDER BY l.ordinal"
     );
     Ok(sqlx::query_as(AssertSqlSafe(sql)).bind(study_id).fetch_all(&mut *conn).await?)
 }

@@ -462,6 +462,7 @@ impl Handler for EproValidation {
         &self,
         tx: &mut Transaction<'static, Postgres>,
         batch: EproBatch,
+        _ctx: &mut Context,
     ) -> Result<(), HandlerError> {
         batch.decisions.write(tx, &self.schema).await
     }

@@ -16,23 +16,33 @@
 //! ([`KitAllocation::with_clock`]: a replay of a past study on a virtual clock judges its kits
 //! on the replayed timeline).
 //!
-//! Lock order: every change to a site's inventory (a shipment, an assignment) holds the site's
-//! row of `site_inventory` until its transaction ends. A batch (one partition's messages, one
-//! transaction) takes the rows of all the sites its `KitsReceived` and `TreatmentAssigned` name
-//! before applying any message, ordered by (study, site) ([`Handler::prepare`]); otherwise a
-//! batch taking site A then B and another taking B then A deadlock, and PostgreSQL breaks the tie
-//! only after `deadlock_timeout` (1 s) by rolling one back. A site's first row is created there
-//! too (a row being inserted is as exclusive as a locked one), for the sites of configured
-//! studies; only a study configured by another batch between `prepare` and the message leaves
-//! its sites' first rows to the messages, outside that order: at worst a retried batch, once, at
-//! study set-up. The runtime's parking loop calls `prepare` too, on each slice of parked
-//! messages it retries.
+//! Concurrency: allocations at one site run side by side. An assignment locks the kit it takes
+//! (`FOR UPDATE SKIP LOCKED`, [`store::next_kit`]): two subjects never get one kit, and one never
+//! waits for another's transaction; "lowest sequence" is then the lowest of the kits nobody is
+//! allocating at that instant. The site's row of `site_inventory` is locked only where a subject
+//! and a shipment could miss each other: by a shipment (it stores kits and serves the waiting
+//! subjects under it), and by an assignment that found no free kit before it decides the subject
+//! waits (under the lock it waits for kits other allocations hold, and sees every committed
+//! shipment). A batch takes the rows of the sites its shipments name, and of the sites where its
+//! assignments ask for more kits than the shelf has ([`store::short_sites`]), before applying any
+//! message, ordered by (study, site) ([`Handler::prepare`]); a site's first row is created there
+//! too for the sites of configured studies. A stock-out that estimate missed (the shelf emptied
+//! by concurrent allocations) takes its site's row in the middle of the batch, out of that order:
+//! two such batches at two sites in opposite orders can deadlock, and PostgreSQL rolls one back
+//! after `deadlock_timeout` (a batch retry, at an unforeseen stock-out only).
+//!
+//! Low stock (`SiteStockLow` once per crossing) is judged once per batch, in
+//! [`Handler::finish`]: it locks the `stock_level` rows of every (site, kit type, arm) the batch
+//! changed, in key order, then re-counts their stock. Every allocation of a key re-counts under
+//! that lock just before its commit, so counts are taken one after another over a stock that
+//! only shrinks between shipments, and the crossing is seen once. The rows are held from there to
+//! the commit only. The runtime's parking loop calls `prepare` (and `finish`, per message) too.
 
 pub mod read;
 pub mod rules;
 mod store;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::Value;
@@ -46,7 +56,7 @@ use trialflow_schemas::{
     StudyConfigured, SubjectWithdrawn, TreatmentAssigned,
 };
 
-use self::store::{Request, StudySettings};
+use self::store::{Held, Request, StockKey, StudySettings};
 use crate::config::ConsumerSpec;
 use crate::error::HandlerError;
 use crate::events::{decode, emit, site_of, study_dependency, subject_of};
@@ -141,6 +151,7 @@ impl KitAllocation {
         tx: &mut Transaction<'static, Postgres>,
         e: &TreatmentAssigned,
         ctx: &mut Context,
+        batch: &mut KitBatch,
     ) -> Result<(), HandlerError> {
         let (site_id, subject_id) = (site_of(&e.envelope)?, subject_of(&e.envelope)?);
         let study_id = &e.envelope.study_id;
@@ -149,7 +160,6 @@ impl KitAllocation {
             debug!(subject_id, randomization = %e.randomization_number, "Kit already allocated or awaited.");
             return Ok(());
         }
-        store::lock_site(tx, &self.schema, study_id, site_id).await?;
         let request = Request {
             study_id: study_id.clone(),
             site_id: site_id.to_string(),
@@ -160,27 +170,31 @@ impl KitAllocation {
             correlation_id: e.envelope.correlation_id,
         };
         let today = self.today(&e.envelope)?;
-        if self.try_allocate(tx, ctx, &study, &request, &e.envelope, today).await? {
-            // Allocated: done.
-        } else {
-            store::add_pending(tx, &self.schema, &request, instant(&e.envelope)?).await?;
-            let failed = KitAllocationFailed {
-                envelope: Envelope::caused_by(&e.envelope, KitAllocationFailed::NAME, NAME),
-                randomization_number: e.randomization_number.clone(),
-                reason_code: NO_DISPENSABLE_KIT.to_string(),
-                // Blinded topic: never name the arm.
-                reason: format!(
-                    "no dispensable {} kit of the subject's treatment at site {site_id}; \
-                     allocation is retried when a shipment is received",
-                    request.kit_type
-                ),
-            };
-            emit(ctx, &self.topics, &failed, subject_id)?;
-            metrics::counter!(FAILED_TOTAL).increment(1);
-            info!(subject_id, site_id, "No dispensable kit; subject waits for a shipment.");
+        batch.changed(&request.study_id, site_id, &request.kit_type, &request.arm_code, &e.envelope);
+        if self.try_allocate(tx, ctx, &study, &request, &e.envelope, today, Held::Skip).await? {
+            return Ok(());
         }
-        self.check_stock(tx, ctx, &study, &e.envelope, site_id, &[&request.kit_type], &[&request.arm_code])
-            .await
+        // No free kit: decide under the site's lock, after the kits others hold are settled.
+        store::lock_site(tx, &self.schema, study_id, site_id).await?;
+        if self.try_allocate(tx, ctx, &study, &request, &e.envelope, today, Held::Wait).await? {
+            return Ok(());
+        }
+        store::add_pending(tx, &self.schema, &request, instant(&e.envelope)?).await?;
+        let failed = KitAllocationFailed {
+            envelope: Envelope::caused_by(&e.envelope, KitAllocationFailed::NAME, NAME),
+            randomization_number: e.randomization_number.clone(),
+            reason_code: NO_DISPENSABLE_KIT.to_string(),
+            // Blinded topic: never name the arm.
+            reason: format!(
+                "no dispensable {} kit of the subject's treatment at site {site_id}; \
+                 allocation is retried when a shipment is received",
+                request.kit_type
+            ),
+        };
+        emit(ctx, &self.topics, &failed, subject_id)?;
+        metrics::counter!(FAILED_TOTAL).increment(1);
+        info!(subject_id, site_id, "No dispensable kit; subject waits for a shipment.");
+        Ok(())
     }
 
     async fn kits_received(
@@ -188,6 +202,7 @@ impl KitAllocation {
         tx: &mut Transaction<'static, Postgres>,
         e: &KitsReceived,
         ctx: &mut Context,
+        batch: &mut KitBatch,
     ) -> Result<(), HandlerError> {
         let site_id = site_of(&e.envelope)?.to_string();
         let study_id = &e.envelope.study_id;
@@ -197,16 +212,20 @@ impl KitAllocation {
         info!(%site_id, shipment_id = %e.shipment_id, kits = e.kits.len(), new, "Kits received.");
         let today = self.today(&e.envelope)?;
         for waiting in store::pending_at(tx, &self.schema, study_id, &site_id).await? {
-            if self.try_allocate(tx, ctx, &study, &waiting, &e.envelope, today).await? {
+            if self.try_allocate(tx, ctx, &study, &waiting, &e.envelope, today, Held::Wait).await? {
                 store::remove_pending(tx, &self.schema, study_id, &waiting.randomization_number).await?;
             }
         }
-        let kit_types: Vec<&str> = study.kit_types.iter().map(|k| k.kit_type.as_str()).collect();
-        let arms: Vec<&str> = study.arm_codes.iter().map(String::as_str).collect();
-        self.check_stock(tx, ctx, &study, &e.envelope, &site_id, &kit_types, &arms).await
+        for kit_type in &study.kit_types {
+            for arm in &study.arm_codes {
+                batch.changed(study_id, &site_id, &kit_type.kit_type, arm, &e.envelope);
+            }
+        }
+        Ok(())
     }
 
-    /// Allocates the kit the rules choose, if any, and emits `KitAllocated`. The site lock is held.
+    /// Allocates the kit [`store::next_kit`] locks, if any, and emits `KitAllocated`.
+    #[allow(clippy::too_many_arguments)]
     async fn try_allocate(
         &self,
         tx: &mut Transaction<'static, Postgres>,
@@ -215,24 +234,22 @@ impl KitAllocation {
         request: &Request,
         cause: &Envelope,
         today: NaiveDate,
+        held: Held,
     ) -> Result<bool, HandlerError> {
         let settings = study.kit_type(&request.kit_type)?;
-        let kits = store::available_kits(
-            tx,
-            &self.schema,
-            &request.study_id,
-            &request.site_id,
-            &request.kit_type,
-            &request.arm_code,
-        )
-        .await?;
-        let Some(kit) =
-            rules::choose(&kits, &request.arm_code, &request.kit_type, today, settings.do_not_dispense_days)
-        else {
+        let dnd = settings.do_not_dispense_days;
+        let Some(kit) = store::next_kit(tx, &self.schema, request, today, dnd, held).await? else {
             return Ok(false);
         };
-        store::allocate(tx, &self.schema, kit, request, today, cause.event_id).await?;
-        ctx.audit(dispensing_audit(kit, request, today));
+        if !rules::dispensable(&kit, today, dnd) {
+            // The SQL and the rule disagree: a bug, never a kit dispensed against the rule.
+            return Err(HandlerError::permanent(format!(
+                "kit {} was selected but is not dispensable on {today}",
+                kit.kit_number
+            )));
+        }
+        store::allocate(tx, &self.schema, &kit, request, today, cause.event_id).await?;
+        ctx.audit(dispensing_audit(&kit, request, today));
         let mut envelope = Envelope::caused_by(cause, KitAllocated::NAME, NAME);
         // A retry is caused by the shipment but belongs to the subject's enrollment flow.
         envelope.subject_id = Some(request.subject_id.clone());
@@ -250,48 +267,50 @@ impl KitAllocation {
         Ok(true)
     }
 
-    /// Re-counts stock of each (kit type, arm) at the site and signals resupply on the crossing.
-    #[allow(clippy::too_many_arguments)]
+    /// Re-counts the stock of every key the batch changed, under the keys' `stock_level` locks
+    /// (see the module documentation), and signals resupply where stock crossed into "low".
     async fn check_stock(
         &self,
         tx: &mut Transaction<'static, Postgres>,
         ctx: &mut Context,
-        study: &StudySettings,
-        cause: &Envelope,
-        site_id: &str,
-        kit_types: &[&str],
-        arms: &[&str],
+        changed: BTreeMap<StockKey, Envelope>,
     ) -> Result<(), HandlerError> {
-        let study_id = &cause.study_id;
-        let today = self.today(cause)?;
-        for kit_type in kit_types {
-            let settings = study.kit_type(kit_type)?;
-            for arm in arms {
-                let kits = store::available_kits(tx, &self.schema, study_id, site_id, kit_type, arm).await?;
-                let countable =
-                    rules::countable_stock(&kits, arm, kit_type, today, settings.do_not_count_days);
-                let low = rules::is_low(countable, settings.low_stock_threshold);
-                let key = (study_id.as_str(), site_id, *kit_type, *arm);
-                let was_low = store::record_stock(tx, &self.schema, key, countable, low).await?;
-                if !rules::signal_low_stock(was_low, countable, settings.low_stock_threshold) {
-                    continue;
-                }
-                let mut envelope = Envelope::caused_by(cause, SiteStockLow::NAME, NAME);
-                envelope.subject_id = None;
-                envelope.site_id = Some(site_id.to_string());
-                let signal = SiteStockLow {
-                    envelope,
-                    kit_type: kit_type.to_string(),
-                    arm_code: arm.to_string(),
-                    countable: i32::try_from(countable).unwrap_or(i32::MAX),
-                    threshold: i32::try_from(settings.low_stock_threshold).unwrap_or(i32::MAX),
-                };
-                emit(ctx, &self.topics, &signal, site_id)?;
-                metrics::counter!(STOCK_LOW_TOTAL).increment(1);
-                info!(site_id, kit_type, countable, "Site stock low.");
-            }
+        let keys: Vec<&StockKey> = changed.keys().collect();
+        let was_low = store::lock_stock(tx, &self.schema, &keys).await?;
+        let mut stock = vec![Vec::new(); keys.len()];
+        for (i, expiry, n) in store::available_by_expiry(tx, &self.schema, &keys).await? {
+            stock[i].push((expiry, n));
         }
-        Ok(())
+        let mut settings: BTreeMap<&str, StudySettings> = BTreeMap::new();
+        let mut levels = Vec::with_capacity(keys.len());
+        for ((key, cause), (kits, was_low)) in changed.iter().zip(stock.iter().zip(was_low)) {
+            let (study_id, site_id, kit_type, arm) = key;
+            if !settings.contains_key(study_id.as_str()) {
+                settings.insert(study_id, self.study(tx, study_id).await?);
+            }
+            let kit_settings = settings[study_id.as_str()].kit_type(kit_type)?;
+            let today = self.today(cause)?;
+            let countable = rules::countable_by_expiry(kits, today, kit_settings.do_not_count_days);
+            let threshold = kit_settings.low_stock_threshold;
+            levels.push((countable, rules::is_low(countable, threshold)));
+            if !rules::signal_low_stock(was_low, countable, threshold) {
+                continue;
+            }
+            let mut envelope = Envelope::caused_by(cause, SiteStockLow::NAME, NAME);
+            envelope.subject_id = None;
+            envelope.site_id = Some(site_id.clone());
+            let signal = SiteStockLow {
+                envelope,
+                kit_type: kit_type.clone(),
+                arm_code: arm.clone(),
+                countable: i32::try_from(countable).unwrap_or(i32::MAX),
+                threshold: i32::try_from(threshold).unwrap_or(i32::MAX),
+            };
+            emit(ctx, &self.topics, &signal, site_id)?;
+            metrics::counter!(STOCK_LOW_TOTAL).increment(1);
+            info!(site_id, kit_type, countable, "Site stock low.");
+        }
+        store::record_stock(tx, &self.schema, &keys, &levels).await
     }
 
     async fn subject_withdrawn(
@@ -320,31 +339,60 @@ fn dispensing_audit(kit: &rules::Kit, request: &Request, today: NaiveDate) -> Au
         .unblinded_change("arm_code", Value::Null, kit.arm_code.as_str())
 }
 
-impl Handler for KitAllocation {
-    type Batch = ();
+/// What a batch changed: the (study, site, kit type, arm) stocks to re-count in
+/// [`Handler::finish`], each with the latest message that changed it (the cause of a signal, and
+/// its day judges the buffers).
+#[derive(Debug, Default)]
+pub struct KitBatch {
+    changed: BTreeMap<StockKey, Envelope>,
+}
 
-    /// Locks the inventory of every site a shipment or an assignment of the batch is for (see the
-    /// module documentation). Undecodable messages and messages without a site are skipped here;
+impl KitBatch {
+    fn changed(&mut self, study_id: &str, site_id: &str, kit_type: &str, arm: &str, cause: &Envelope) {
+        let key = (study_id.to_string(), site_id.to_string(), kit_type.to_string(), arm.to_string());
+        self.changed.insert(key, cause.clone());
+    }
+}
+
+impl Handler for KitAllocation {
+    type Batch = KitBatch;
+
+    /// Locks, in one order, the inventory of every site a shipment of the batch is for, and of
+    /// every site where its assignments are likely to find no kit (see the module
+    /// documentation). Undecodable messages and messages without a site are skipped here;
     /// `handle` dead-letters them.
     async fn prepare(
         &self,
         tx: &mut Transaction<'static, Postgres>,
         batch: &[Message],
-    ) -> Result<(), HandlerError> {
-        let envelopes: Vec<Envelope> = batch
-            .iter()
-            .filter_map(|message| match decode(message) {
-                Ok(AnyEvent::KitsReceived(e)) => Some(e.envelope),
-                Ok(AnyEvent::TreatmentAssigned(e)) => Some(e.envelope),
-                _ => None,
-            })
-            .collect();
-        let sites: BTreeSet<(&str, &str)> =
-            envelopes.iter().filter_map(|e| Some((e.study_id.as_str(), e.site_id.as_deref()?))).collect();
-        if sites.is_empty() {
-            return Ok(());
+    ) -> Result<KitBatch, HandlerError> {
+        let mut shipments = Vec::new();
+        let mut assignments = Vec::new();
+        for message in batch {
+            match decode(message) {
+                Ok(AnyEvent::KitsReceived(e)) => shipments.push(e.envelope),
+                Ok(AnyEvent::TreatmentAssigned(e)) => assignments.push((e.envelope, e.arm_code)),
+                _ => {}
+            }
         }
-        store::lock_sites(tx, &self.schema, &sites).await
+        let mut demand: BTreeMap<(&str, &str, &str), i64> = BTreeMap::new();
+        for (envelope, arm) in &assignments {
+            if let Some(site) = envelope.site_id.as_deref() {
+                *demand.entry((envelope.study_id.as_str(), site, arm.as_str())).or_default() += 1;
+            }
+        }
+        let short = if demand.is_empty() {
+            Vec::new()
+        } else {
+            store::short_sites(tx, &self.schema, &demand).await?
+        };
+        let mut sites: BTreeSet<(&str, &str)> =
+            shipments.iter().filter_map(|e| Some((e.study_id.as_str(), e.site_id.as_deref()?))).collect();
+        sites.extend(short.iter().map(|(study, site)| (study.as_str(), site.as_str())));
+        if !sites.is_empty() {
+            store::lock_sites(tx, &self.schema, &sites).await?;
+        }
+        Ok(KitBatch::default())
     }
 
     async fn handle(
@@ -352,16 +400,29 @@ impl Handler for KitAllocation {
         tx: &mut Transaction<'static, Postgres>,
         message: &Message,
         ctx: &mut Context,
-        _batch: &mut (),
+        batch: &mut KitBatch,
     ) -> Result<(), HandlerError> {
         match decode(message)? {
             AnyEvent::StudyConfigured(e) => self.study_configured(tx, &e, ctx).await,
-            AnyEvent::TreatmentAssigned(e) => self.treatment_assigned(tx, &e, ctx).await,
-            AnyEvent::KitsReceived(e) => self.kits_received(tx, &e, ctx).await,
+            AnyEvent::TreatmentAssigned(e) => self.treatment_assigned(tx, &e, ctx, batch).await,
+            AnyEvent::KitsReceived(e) => self.kits_received(tx, &e, ctx, batch).await,
             AnyEvent::SubjectWithdrawn(e) => self.subject_withdrawn(tx, &e).await,
             // Other events on these topics (the lifecycle, our own SiteStockLow) are not ours.
             _ => Ok(()),
         }
+    }
+
+    /// Re-counts the stocks the batch changed and signals those that crossed into "low".
+    async fn finish(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        batch: KitBatch,
+        ctx: &mut Context,
+    ) -> Result<(), HandlerError> {
+        if batch.changed.is_empty() {
+            return Ok(());
+        }
+        self.check_stock(tx, ctx, batch.changed).await
     }
 }
 

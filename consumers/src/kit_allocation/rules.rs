@@ -46,11 +46,12 @@ pub fn judging_day(occurred_at: DateTime<Utc>, now: DateTime<Utc>) -> NaiveDate 
 
 /// Whether `kit` may be dispensed on `today` with a Do-Not-Dispense buffer of `dnd_days`.
 pub fn dispensable(kit: &Kit, today: NaiveDate, dnd_days: u32) -> bool {
-    kit.status == KitStatus::Available
-        && kit
-            .expiry
-            .checked_sub_days(chrono::Days::new(u64::from(dnd_days)))
-            .is_some_and(|last| today < last)
+    kit.status == KitStatus::Available && before_buffer(kit.expiry, today, dnd_days)
+}
+
+/// Whether `today` is before the buffer of `buffer_days` that ends on `expiry`.
+fn before_buffer(expiry: NaiveDate, today: NaiveDate, buffer_days: u32) -> bool {
+    expiry.checked_sub_days(chrono::Days::new(u64::from(buffer_days))).is_some_and(|last| today < last)
 }
 
 /// Whether `kit` still counts as stock on `today` with a Do-Not-Count buffer of `dnc_days`.
@@ -82,6 +83,15 @@ pub fn countable_stock(
     kits.iter()
         .filter(|k| k.arm_code == arm_code && k.kit_type == kit_type && countable(k, today, dnc_days))
         .count()
+}
+
+/// Countable kits of one arm and kit type, from how many available kits expire on each day
+/// (what the store counts, [`countable_stock`] over grouped kits).
+pub fn countable_by_expiry(kits: &[(NaiveDate, i64)], today: NaiveDate, dnc_days: u32) -> usize {
+    kits.iter()
+        .filter(|(expiry, _)| before_buffer(*expiry, today, dnc_days))
+        .map(|(_, n)| usize::try_from(*n).unwrap_or(0))
+        .sum()
 }
 
 /// Whether countable stock is under the resupply threshold.
@@ -218,5 +228,8 @@ mod tests {
             1,
             "A is inside do-not-count"
         );
+        let grouped = [(day(2027, 1, 10), 4), (day(2028, 1, 1), 3)];
+        assert_eq!(countable_by_expiry(&grouped, day(2027, 1, 1), 15), 3, "the same rule over grouped kits");
+        assert_eq!(countable_by_expiry(&grouped, day(2026, 12, 25), 15), 7, "both before their buffer");
     }
 }

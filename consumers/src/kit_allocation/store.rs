@@ -1,6 +1,6 @@
 //! The kit-allocation consumer's SQL. Every function runs inside the handler's transaction.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{AssertSqlSafe, PgConnection, Row};
@@ -182,6 +182,47 @@ pub(crate) async fn lock_sites(
     Ok(())
 }
 
+/// Of the (study, site, arm) demands of a batch's assignments, the sites where fewer dispensable
+/// kits of the study's enrollment kit type and that arm are on the shelf than the batch asks for
+/// today: where an assignment may find no kit and take the site's lock ([`Handler::prepare`]
+/// takes those in order beforehand). An estimate: kits other transactions are allocating count
+/// as on the shelf, so a stock-out can still surprise a batch (then it locks the site late).
+///
+/// [`Handler::prepare`]: crate::handler::Handler::prepare
+pub(crate) async fn short_sites(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    demand: &BTreeMap<(&str, &str, &str), i64>,
+) -> Result<Vec<(String, String)>, HandlerError> {
+    let mut columns: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<i64>) = Default::default();
+    for ((study, site, arm), n) in demand {
+        columns.0.push(study);
+        columns.1.push(site);
+        columns.2.push(arm);
+        columns.3.push(*n);
+    }
+    let sql = format!(
+        "SELECT DISTINCT w.study_id, w.site_id
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS w(study_id, site_id, arm_code, demand)
+         JOIN {schema}.study s USING (study_id)
+         JOIN {schema}.kit_type t ON (t.study_id, t.kit_type) = (s.study_id, s.enrollment_kit_type)
+         WHERE (SELECT count(*) FROM (
+                    SELECT 1 FROM {schema}.kit k
+                    WHERE (k.study_id, k.site_id, k.kit_type, k.arm_code)
+                          = (w.study_id, w.site_id, s.enrollment_kit_type, w.arm_code)
+                      AND k.status = 'available'
+                      AND k.expiry_date - t.do_not_dispense_days > current_date
+                    LIMIT w.demand) shelf) < w.demand"
+    );
+    Ok(sqlx::query_as(AssertSqlSafe(sql))
+        .bind(columns.0)
+        .bind(columns.1)
+        .bind(columns.2)
+        .bind(columns.3)
+        .fetch_all(&mut *conn)
+        .await?)
+}
+
 /// Stores a shipment's kits; a kit number already known is kept as it was. Returns how many
 /// kits were new.
 pub(crate) async fn receive_kits(
@@ -224,39 +265,184 @@ pub(crate) async fn receive_kits(
     Ok(done.rows_affected())
 }
 
-/// Available kits of one kit type and arm at a site.
-pub(crate) async fn available_kits(
+/// How [`next_kit`] treats a kit another transaction holds (is allocating right now).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Held {
+    /// Passed over: the next free one is taken. Allocators at one site never wait for each other.
+    Skip,
+    /// Waited for: once the other transaction ends, the kit is taken if it is still available,
+    /// or the next one is. Only with the site's row locked (a stock-out or a shipment), so that
+    /// no subject starts waiting for a shipment while a kit is merely held by an allocation that
+    /// could still roll back.
+    Wait,
+}
+
+/// Locks and returns the kit of the request's arm and kit type to allocate on `today`: the
+/// dispensable one (Do-Not-Dispense, [`super::rules::dispensable`], written here in SQL) with
+/// the lowest sequence number, the closest expiry breaking ties ([`super::rules::choose`]);
+/// kits held by a concurrent allocation are skipped or waited for as `held` says. The kit is
+/// locked until the transaction ends, so no other transaction can allocate it.
+pub(crate) async fn next_kit(
     conn: &mut PgConnection,
     schema: &SchemaName,
-    study_id: &str,
-    site_id: &str,
-    kit_type: &str,
-    arm_code: &str,
-) -> Result<Vec<Kit>, HandlerError> {
+    request: &Request,
+    today: NaiveDate,
+    dnd_days: u32,
+    held: Held,
+) -> Result<Option<Kit>, HandlerError> {
+    let lock = match held {
+        Held::Skip => "FOR UPDATE SKIP LOCKED",
+        Held::Wait => "FOR UPDATE",
+    };
+    // `expiry_date - n` is the date n days earlier: dispensable while today < expiry - DND.
     let sql = format!(
         "SELECT kit_number, sequence_number, expiry_date FROM {schema}.kit
          WHERE study_id = $1 AND site_id = $2 AND kit_type = $3 AND arm_code = $4 AND status = 'available'
-         ORDER BY sequence_number"
+           AND expiry_date - $6::integer > $5::date
+         ORDER BY sequence_number, expiry_date LIMIT 1 {lock}"
     );
-    let rows = sqlx::query(AssertSqlSafe(sql))
-        .bind(study_id)
-        .bind(site_id)
-        .bind(kit_type)
-        .bind(arm_code)
-        .fetch_all(&mut *conn)
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(&request.study_id)
+        .bind(&request.site_id)
+        .bind(&request.kit_type)
+        .bind(&request.arm_code)
+        .bind(today)
+        .bind(i32::try_from(dnd_days).unwrap_or(i32::MAX))
+        .fetch_optional(&mut *conn)
         .await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(Kit {
-                kit_number: r.try_get(0)?,
-                sequence_number: r.try_get(1)?,
-                kit_type: kit_type.to_string(),
-                arm_code: arm_code.to_string(),
-                expiry: r.try_get(2)?,
-                status: KitStatus::Available,
+    row.map(|r| {
+        Ok(Kit {
+            kit_number: r.try_get(0)?,
+            sequence_number: r.try_get(1)?,
+            kit_type: request.kit_type.clone(),
+            arm_code: request.arm_code.clone(),
+            expiry: r.try_get(2)?,
+            status: KitStatus::Available,
+        })
+    })
+    .transpose()
+}
+
+/// A site's stock of one kit type and arm: the `stock_level` key.
+pub(crate) type StockKey = (String, String, String, String);
+
+/// Locks the `stock_level` rows of `keys` (study, site, kit type, arm), creating missing ones
+/// first, in key order, and returns whether each was low. Held to the commit: one transaction at
+/// a time re-counts a key's stock, after every allocation before it has committed.
+///
+/// Two statements, each in key order, as [`lock_sites`] does: a row one transaction inserts and
+/// another needs makes the second wait in its insert, before it locks anything.
+pub(crate) async fn lock_stock(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    keys: &[&StockKey],
+) -> Result<Vec<bool>, HandlerError> {
+    let columns = stock_columns(keys);
+    let sql = format!(
+        "INSERT INTO {schema}.stock_level (study_id, site_id, kit_type, arm_code, countable, low)
+         SELECT w.*, 0, false FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+              AS w(study_id, site_id, kit_type, arm_code)
+         ORDER BY 1, 2, 3, 4
+         ON CONFLICT DO NOTHING"
+    );
+    bind_stock(sqlx::query(AssertSqlSafe(sql)), &columns).execute(&mut *conn).await?;
+    let sql = format!(
+        "SELECT study_id, site_id, kit_type, arm_code, low FROM {schema}.stock_level
+         WHERE (study_id, site_id, kit_type, arm_code)
+               IN (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]))
+         ORDER BY 1, 2, 3, 4 FOR UPDATE"
+    );
+    let rows: Vec<(String, String, String, String, bool)> =
+        bind_stock(sqlx::query_as(AssertSqlSafe(sql)), &columns).fetch_all(&mut *conn).await?;
+    let low: std::collections::HashMap<StockKey, bool> =
+        rows.into_iter().map(|(a, b, c, d, low)| ((a, b, c, d), low)).collect();
+    keys.iter()
+        .map(|key| {
+            low.get(*key).copied().ok_or_else(|| {
+                HandlerError::transient(format!("stock_level row of {key:?} vanished under its lock"))
             })
         })
         .collect()
+}
+
+/// The available kits of `keys` as (key index, expiry date, how many): what countable stock is
+/// counted from ([`super::rules::countable`]), one row per distinct expiry.
+pub(crate) async fn available_by_expiry(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    keys: &[&StockKey],
+) -> Result<Vec<(usize, NaiveDate, i64)>, HandlerError> {
+    let columns = stock_columns(keys);
+    let sql = format!(
+        "SELECT w.i, k.expiry_date, count(*)
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY
+              AS w(study_id, site_id, kit_type, arm_code, i)
+         JOIN {schema}.kit k USING (study_id, site_id, kit_type, arm_code)
+         WHERE k.status = 'available'
+         GROUP BY w.i, k.expiry_date"
+    );
+    let rows: Vec<(i64, NaiveDate, i64)> =
+        bind_stock(sqlx::query_as(AssertSqlSafe(sql)), &columns).fetch_all(&mut *conn).await?;
+    Ok(rows.into_iter().map(|(i, expiry, n)| ((i - 1) as usize, expiry, n)).collect())
+}
+
+/// Records the countable stock and whether it is low, for each key (rows locked by [`lock_stock`]).
+pub(crate) async fn record_stock(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    keys: &[&StockKey],
+    levels: &[(usize, bool)],
+) -> Result<(), HandlerError> {
+    let columns = stock_columns(keys);
+    let sql = format!(
+        "UPDATE {schema}.stock_level s SET countable = w.countable, low = w.low
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], $6::boolean[])
+              AS w(study_id, site_id, kit_type, arm_code, countable, low)
+         WHERE (s.study_id, s.site_id, s.kit_type, s.arm_code)
+               = (w.study_id, w.site_id, w.kit_type, w.arm_code)"
+    );
+    let countable: Vec<i32> = levels.iter().map(|(n, _)| i32::try_from(*n).unwrap_or(i32::MAX)).collect();
+    let low: Vec<bool> = levels.iter().map(|(_, low)| *low).collect();
+    bind_stock(sqlx::query(AssertSqlSafe(sql)), &columns)
+        .bind(countable)
+        .bind(low)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+type StockColumns<'a> = [Vec<&'a str>; 4];
+
+fn stock_columns<'a>(keys: &[&'a StockKey]) -> StockColumns<'a> {
+    let mut columns: StockColumns<'a> = Default::default();
+    for (study, site, kit_type, arm) in keys {
+        columns[0].push(study);
+        columns[1].push(site);
+        columns[2].push(kit_type);
+        columns[3].push(arm);
+    }
+    columns
+}
+
+fn bind_stock<'q, Q: Bindable<'q>>(query: Q, columns: &StockColumns<'q>) -> Q {
+    columns.iter().fold(query, |q, column| q.bind_text(column.clone()))
+}
+
+/// `bind` of sqlx's query kinds, for [`bind_stock`].
+trait Bindable<'q> {
+    fn bind_text(self, values: Vec<&'q str>) -> Self;
+}
+
+impl<'q> Bindable<'q> for sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    fn bind_text(self, values: Vec<&'q str>) -> Self {
+        self.bind(values)
+    }
+}
+
+impl<'q, O> Bindable<'q> for sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    fn bind_text(self, values: Vec<&'q str>) -> Self {
+        self.bind(values)
+    }
 }
 
 /// Marks `kit` allocated to the request's subject. The primary key of `allocation` makes a second
@@ -394,34 +580,4 @@ pub(crate) async fn withdraw(
     let sql = format!("DELETE FROM {schema}.pending_allocation WHERE study_id = $1 AND subject_id = $2");
     let done = sqlx::query(AssertSqlSafe(sql)).bind(study_id).bind(subject_id).execute(&mut *conn).await?;
     Ok(done.rows_affected() > 0)
-}
-
-/// Records the stock of (kit type, arm) at a site; returns whether it was low before.
-pub(crate) async fn record_stock(
-    conn: &mut PgConnection,
-    schema: &SchemaName,
-    key: (&str, &str, &str, &str),
-    countable: usize,
-    low: bool,
-) -> Result<bool, HandlerError> {
-    let (study_id, site_id, kit_type, arm_code) = key;
-    // The old value comes from a CTE over the row as it was before this statement.
-    let sql = format!(
-        "WITH old AS (SELECT low FROM {schema}.stock_level
-                      WHERE study_id = $1 AND site_id = $2 AND kit_type = $3 AND arm_code = $4)
-         INSERT INTO {schema}.stock_level (study_id, site_id, kit_type, arm_code, countable, low)
-         VALUES ($1, $2, $3, $4, $5, $6)
-         ON CONFLICT (study_id, site_id, kit_type, arm_code)
-             DO UPDATE SET countable = excluded.countable, low = excluded.low
-         RETURNING coalesce((SELECT low FROM old), false)"
-    );
-    Ok(sqlx::query_scalar(AssertSqlSafe(sql))
-        .bind(study_id)
-        .bind(site_id)
-        .bind(kit_type)
-        .bind(arm_code)
-        .bind(i32::try_from(countable).unwrap_or(i32::MAX))
-        .bind(low)
-        .fetch_one(&mut *conn)
-        .await?)
 }

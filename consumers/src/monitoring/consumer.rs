@@ -736,6 +736,7 @@ impl Handler for Monitoring {
         &self,
         tx: &mut Transaction<'static, Postgres>,
         batch: MonitoringBatch,
+        _ctx: &mut Context,
     ) -> Result<(), HandlerError> {
         if batch.observations.is_empty() {
             return Ok(());
