@@ -1,10 +1,17 @@
 //! Group `load`: the load generator (`trialflow load`) against the whole pipeline, started in this
-//! process on fresh schemas and topics: 2,000 subjects enrolled through the site API at 500
-//! requests/s, then 500 inputs/s (vital signs and PHQ-9 submissions) for 20 s. End to end: from a
-//! subject's enrollment request to its SubjectEnrolled on the lifecycle topic (site API → relay →
-//! enrollment → relay → kit allocation → relay → enrollment → relay → topic: four broker hops).
-//! Baseline in the same run: one bare producer → bare consumer hop on the same broker at the same
-//! rate.
+//! process on fresh schemas and topics, in two runs (two studies):
+//!
+//! * **burst**: 2,000 subjects screened and consented at 500 requests/s, then their enrollment
+//!   requests at 400/s, faster than the saga's goal of 200 enrollments/s, then 500 inputs/s
+//!   (vital signs and PHQ-9 submissions) for 20 s. Enrollments/s = subjects over the time from
+//!   the first request to the last SubjectEnrolled.
+//! * **sustained**: 3,000 subjects, their enrollment requests at 100/s for 30 s: the latency of
+//!   the saga when it keeps up.
+//!
+//! End to end: from a subject's enrollment request to its SubjectEnrolled on the lifecycle topic
+//! (site API → relay → enrollment → relay → kit allocation → relay → enrollment → relay → topic:
+//! four broker hops). Baseline in the same run: one bare producer → bare consumer hop on the same
+//! broker at 500 messages/s.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,7 +26,7 @@ use trialflow_outbox::KafkaConfig;
 use trialflow_outbox::kafka::{ReadMessage, TopicReader};
 use trialflow_pipeline::{Pipeline, PipelineConfig};
 use trialflow_schemas::topics;
-use trialflow_simulation::load::{LoadConfig, run_load};
+use trialflow_simulation::load::{LoadConfig, LoadReport, run_load};
 use uuid::Uuid;
 
 use crate::{bench, progress};
@@ -27,6 +34,11 @@ use crate::{bench, progress};
 const PARTITIONS: i32 = 6;
 const SUBJECTS: u32 = 2_000;
 const RATE: u32 = 500;
+/// Enrollment requests/s of the burst: above the goal of 200 enrollments/s.
+const BURST_RATE: u32 = 400;
+/// Enrollment requests/s and seconds of the sustained run.
+const SUSTAINED_RATE: u32 = 100;
+const SUSTAINED_SECS: u32 = 30;
 const STEADY_SECS: u64 = 20;
 const BASELINE_SECS: u64 = 10;
 /// Longest wait for the last SubjectEnrolled after the load ended.
@@ -40,9 +52,9 @@ fn arrivals_of(arrivals: &Arrivals, event_type: &str) -> HashMap<String, Instant
     arrivals.iter().filter(|((t, _), _)| t == event_type).map(|((_, key), at)| (key.clone(), *at)).collect()
 }
 
-/// Reads `topic` from its beginning in the background, noting when the first message of each
-/// event type and key arrived, until `expected` keys of `until` (an event type) are in or
-/// `timeout` passes.
+/// Reads what is published to `topic` from now on in the background, noting when the first
+/// message of each event type and key arrived, until `expected` keys of `until` (an event type)
+/// are in or `timeout` passes.
 async fn watch(
     kafka: &KafkaConfig,
     topic: &str,
@@ -50,7 +62,7 @@ async fn watch(
     expected: usize,
     timeout: Duration,
 ) -> anyhow::Result<(Arrivals, tokio::task::JoinHandle<()>)> {
-    let reader = TopicReader::new(kafka, topic, true)?;
+    let reader = TopicReader::new(kafka, topic, false)?;
     let arrivals: Arrivals = Arc::default();
     let noted = arrivals.clone();
     let (mut seen, mut done_count) = (0, 0);
@@ -95,29 +107,90 @@ pub(crate) async fn group(database_url: &str, kafka: &KafkaConfig, pool: &PgPool
     let schemas = config.schemas.sources();
     let shutdown = CancellationToken::new();
     let pipeline = Pipeline::start(config, &shutdown).await.context("starting the pipeline")?;
-
-    let lifecycle = names.name(topics::SUBJECT_LIFECYCLE);
-    let expected = SUBJECTS as usize;
-    let (lifecycle, reader) = watch(kafka, &lifecycle, "SubjectEnrolled", expected, SETTLE * 2).await?;
-    // The middle of the saga, for the breakdown: the kit-allocation consumer's answers.
-    let allocations = names.name(topics::KIT_ALLOCATIONS);
-    let (allocations, allocation_reader) =
-        watch(kafka, &allocations, "KitAllocated", expected, SETTLE * 2).await?;
     let epoch = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp(), 0).unwrap_or_default();
     let mut load = LoadConfig::local(&format!("BENCH-{run}"), epoch);
-    load.subjects = SUBJECTS;
-    load.rate = RATE;
-    load.duration = Duration::from_secs(STEADY_SECS);
     load.site_api = format!("http://{}", pipeline.site_api_addr());
     load.epro_gateway = format!("http://{}", pipeline.epro_gateway_addr());
     load.kafka = kafka.clone();
     load.topics = names;
-    progress(&format!(
-        "load: {SUBJECTS} subjects at {RATE} requests/s, then {RATE} inputs/s for {STEADY_SECS} s"
-    ));
-    let report = run_load(load, &shutdown).await?;
-    eprintln!("{report}");
+    load.rate = RATE;
 
+    let burst = LoadConfig {
+        subjects: SUBJECTS,
+        enrollment_rate: Some(BURST_RATE),
+        duration: Duration::from_secs(STEADY_SECS),
+        ..load.clone()
+    };
+    let sustained = LoadConfig {
+        study: format!("BENCH-{run}-S"),
+        subjects: SUSTAINED_RATE * SUSTAINED_SECS,
+        enrollment_rate: Some(SUSTAINED_RATE),
+        duration: Duration::ZERO,
+        ..load
+    };
+    let runs = async {
+        progress(&format!(
+            "load, burst: {SUBJECTS} subjects screened and consented at {RATE} requests/s, their \
+             enrollment requests at {BURST_RATE}/s, then {RATE} inputs/s for {STEADY_SECS} s"
+        ));
+        let burst = saga_run(kafka, burst, &shutdown).await?;
+        progress(&format!(
+            "load, sustained: {} subjects, enrollment requests at {SUSTAINED_RATE}/s",
+            SUSTAINED_RATE * SUSTAINED_SECS
+        ));
+        let sustained = saga_run(kafka, sustained, &shutdown).await?;
+        anyhow::Ok((burst, sustained))
+    }
+    .await;
+    shutdown.cancel();
+    pipeline.wait().await?;
+    for schema in &schemas {
+        sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(pool).await?;
+    }
+    let (burst, sustained) = runs?;
+
+    bench("load_enrollment_requests_per_s", burst.requests_per_s, "requests/s");
+    bench("load_enrollments_per_s", burst.enrolled_per_s, "subjects/s");
+    bench("load_inputs_per_s", burst.report.steady.rate(), "inputs/s");
+    bench("load_enrollment_e2e_p50", burst.e2e.0, "ms");
+    bench("load_enrollment_e2e_p99", burst.e2e.1, "ms");
+    if let Some(q) = burst.report.gateway_ack {
+        bench("load_gateway_ack_p99", q.p99.as_secs_f64() * 1e3, "ms");
+    }
+    bench("load_sustained_enrollment_requests_per_s", sustained.requests_per_s, "requests/s");
+    bench("load_sustained_enrollment_e2e_p50", sustained.e2e.0, "ms");
+    bench("load_sustained_enrollment_e2e_p99", sustained.e2e.1, "ms");
+    bench("load_raw_produce_to_consume_p50", raw_p50, "ms");
+    bench("load_raw_produce_to_consume_p99", raw_p99, "ms");
+    Ok(())
+}
+
+/// What one study's enrollment through the saga measured.
+struct SagaRun {
+    report: LoadReport,
+    /// Enrollment requests/s achieved, first to last.
+    requests_per_s: f64,
+    /// Subjects over the time from the first request to the last SubjectEnrolled.
+    enrolled_per_s: f64,
+    /// Request → SubjectEnrolled p50 and p99, ms.
+    e2e: (f64, f64),
+}
+
+/// Runs the load generator with `load` and follows its subjects to SubjectEnrolled.
+async fn saga_run(
+    kafka: &KafkaConfig,
+    load: LoadConfig,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<SagaRun> {
+    let expected = load.subjects as usize;
+    let lifecycle = load.topics.name(topics::SUBJECT_LIFECYCLE);
+    let (lifecycle, reader) = watch(kafka, &lifecycle, "SubjectEnrolled", expected, SETTLE * 2).await?;
+    // The middle of the saga, for the breakdown: the kit-allocation consumer's answers.
+    let allocations = load.topics.name(topics::KIT_ALLOCATIONS);
+    let (allocations, allocation_reader) =
+        watch(kafka, &allocations, "KitAllocated", expected, SETTLE * 2).await?;
+    let report = run_load(load, shutdown).await?;
+    eprintln!("{report}");
     let deadline = Instant::now() + SETTLE;
     while arrivals_of(&lifecycle, "SubjectEnrolled").len() < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -127,11 +200,6 @@ pub(crate) async fn group(database_url: &str, kafka: &KafkaConfig, pool: &PgPool
     let allocated = arrivals_of(&allocations, "KitAllocated");
     reader.abort();
     allocation_reader.abort();
-    shutdown.cancel();
-    pipeline.wait().await?;
-    for schema in &schemas {
-        sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(pool).await?;
-    }
     report.check()?;
     if enrolled.len() < expected {
         bail!("{} of {expected} subjects enrolled within {SETTLE:?} of the end of the load", enrolled.len());
@@ -147,31 +215,27 @@ pub(crate) async fn group(database_url: &str, kafka: &KafkaConfig, pool: &PgPool
             })
             .collect()
     };
-    let first_request = report.enrollment_requested.iter().map(|(_, at)| *at).min();
-    let last_enrolled = enrolled.values().max().copied();
-    let (Some(first_request), Some(last_enrolled)) = (first_request, last_enrolled) else {
+    let requests = report.enrollment_requested.iter().map(|(_, at)| *at);
+    let (Some(first_request), Some(last_request)) = (requests.clone().min(), requests.max()) else {
         bail!("no enrollment was requested");
     };
-    let (e2e_p50, e2e_p99) = quantiles(since_request(&enrolled));
+    let Some(last_enrolled) = enrolled.values().max().copied() else {
+        bail!("no subject enrolled");
+    };
     for (stage, arrivals) in [("randomized", &randomized), ("kit allocated", &allocated)] {
         let (p50, p99) = quantiles(since_request(arrivals));
         progress(&format!("enrollment request → {stage}: p50 {p50:.0} ms, p99 {p99:.0} ms"));
     }
-    bench("load_enrollment_requests_per_s", report.enrollment.rate(), "requests/s");
-    bench(
-        "load_enrollments_per_s",
-        expected as f64 / last_enrolled.duration_since(first_request).as_secs_f64(),
-        "subjects/s",
-    );
-    bench("load_inputs_per_s", report.steady.rate(), "inputs/s");
-    bench("load_enrollment_e2e_p50", e2e_p50, "ms");
-    bench("load_enrollment_e2e_p99", e2e_p99, "ms");
-    if let Some(q) = report.gateway_ack {
-        bench("load_gateway_ack_p99", q.p99.as_secs_f64() * 1e3, "ms");
-    }
-    bench("load_raw_produce_to_consume_p50", raw_p50, "ms");
-    bench("load_raw_produce_to_consume_p99", raw_p99, "ms");
-    Ok(())
+    let e2e = quantiles(since_request(&enrolled));
+    let requests_per_s =
+        (expected.saturating_sub(1)) as f64 / last_request.duration_since(first_request).as_secs_f64();
+    let enrolled_per_s = expected as f64 / last_enrolled.duration_since(first_request).as_secs_f64();
+    progress(&format!(
+        "{expected} enrollment requests at {requests_per_s:.0}/s: {enrolled_per_s:.0} enrolled/s, \
+         request → enrolled p50 {:.0} ms, p99 {:.0} ms",
+        e2e.0, e2e.1
+    ));
+    Ok(SagaRun { report, requests_per_s, enrolled_per_s, e2e })
 }
 
 /// p50 and p99 (ms) of a bare producer → bare consumer hop, `RATE` messages/s for

@@ -120,11 +120,13 @@ async fn a_load_enrolls_every_subject_and_a_rerun_of_its_study_creates_nothing()
     );
     assert_eq!(count(&pool, &alerts).await?, 0, "every generated value is normal");
 
-    // The same study again: every site API command is answered from the first run, and the
-    // steady inputs are the same events again.
-    let second = run_load(load, &shutdown).await?;
+    // The same study again, its enrollment requests in a pass of their own after every screening
+    // and consent: every site API command is answered from the first run, and the steady inputs
+    // are the same events again.
+    let second = run_load(LoadConfig { enrollment_rate: Some(RATE), ..load }, &shutdown).await?;
     eprintln!("{second}");
     second.check()?;
+    assert_eq!(second.enrollment_requested.len(), SUBJECTS as usize, "every subject's request sent");
     let commands: u64 = [Input::Study, Input::Site, Input::Shipment, Input::Screening, Input::Consent]
         .into_iter()
         .chain([Input::EnrollmentRequest])

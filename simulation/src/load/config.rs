@@ -22,6 +22,12 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 500)]
     pub rate: u32,
 
+    /// Enrollment requests per second, sent after every subject is screened and consented (at
+    /// `--rate`), to load the enrollment saga on its own (0: each subject's request follows its
+    /// consent, all at `--rate`).
+    #[arg(long, default_value_t = 0)]
+    pub enrollment_rate: u32,
+
     /// Seconds of the steady mix of vital signs and submissions after enrollment (0: none).
     #[arg(long, default_value_t = 30)]
     pub duration: u64,
@@ -109,6 +115,9 @@ pub struct LoadConfig {
     pub sites: u32,
     /// Inputs per second.
     pub rate: u32,
+    /// Enrollment requests per second in a phase of their own after screening and consent;
+    /// `None`: each follows its subject's consent at `rate`.
+    pub enrollment_rate: Option<u32>,
     /// Length of the steady phase.
     pub duration: Duration,
     /// Most requests in flight at once.
@@ -132,6 +141,7 @@ impl LoadConfig {
             subjects: 1000,
             sites: 10,
             rate: 500,
+            enrollment_rate: None,
             duration: Duration::from_secs(30),
             concurrency: 128,
             site_api: "http://127.0.0.1:8081".into(),
@@ -180,6 +190,7 @@ impl LoadArgs {
             subjects: self.subjects,
             sites: self.sites,
             rate: self.rate,
+            enrollment_rate: (self.enrollment_rate > 0).then_some(self.enrollment_rate),
             duration: Duration::from_secs(self.duration),
             concurrency: self.concurrency,
             site_api: self.site_api,
@@ -235,6 +246,36 @@ mod tests {
     struct Command {
         #[command(flatten)]
         load: LoadArgs,
+    }
+
+    #[test]
+    fn hostile_flags_are_refused_with_a_reason() {
+        use clap::Parser;
+        let refused = |extra: &[&str]| {
+            let args = [&["load"], extra].concat();
+            Command::try_parse_from(args).map(|_| ()).expect_err("refused").to_string()
+        };
+        let cases: &[(&[&str], &str)] = &[
+            (&["--enrollment-rate", "fast"], "invalid digit"),
+            (&["--enrollment-rate", "-5"], "unexpected argument '-5'"),
+            (&["--enrollment-rate", "99999999999"], "99999999999 is not in 0..=4294967295"),
+            (&["--enrollment-rate", "1\0"], "invalid digit"),
+            (&["--enrollment-rate", "1", "--enrollment-rate", "2"], "cannot be used multiple times"),
+            (&["--rate", ""], "cannot parse integer from empty string"),
+        ];
+        for (extra, expected) in cases {
+            let message = refused(extra);
+            assert!(message.contains(expected), "{extra:?}: {message}");
+        }
+        let zero = Command::try_parse_from(["load", "--rate", "0"]).map(|c| c.load.into_config().0);
+        let error = zero.map(|config| config.check()).expect("parsed").expect_err("a rate of 0");
+        assert!(error.to_string().contains("--rate must be at least 1"), "{error}");
+        let (config, _) =
+            Command::try_parse_from(["load", "--enrollment-rate", "0"]).expect("parsed").load.into_config();
+        assert_eq!(config.enrollment_rate, None, "0: requests follow their consents");
+        let (config, _) =
+            Command::try_parse_from(["load", "--enrollment-rate", "400"]).expect("parsed").load.into_config();
+        assert_eq!(config.enrollment_rate, Some(400));
     }
 
     #[test]

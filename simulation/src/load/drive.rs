@@ -89,6 +89,8 @@ struct Stats {
     gateway_latency: Vec<Duration>,
     vital_latency: Vec<Duration>,
     enrollment_requested: Vec<(String, std::time::Instant)>,
+    /// Subjects screened and consented, when their enrollment requests are a pass of their own.
+    consented: std::collections::BTreeSet<u64>,
     last_offsets: BTreeMap<Input, BTreeMap<i32, i64>>,
 }
 
@@ -102,6 +104,15 @@ impl Stats {
         let last = self.last_offsets.entry(input).or_default().entry(partition).or_insert(offset);
         *last = (*last).max(offset);
     }
+}
+
+/// Which of a subject's enrollment steps a pass sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Steps {
+    /// Screening, consent and the enrollment request.
+    All,
+    ScreeningAndConsent,
+    EnrollmentRequest,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,7 +302,23 @@ impl Load {
         self.enter(Phase::Enrollment);
         let started = Instant::now();
         let accepted_before = self.enrollment_accepted();
-        let timetable = Arc::new(Timetable::new(self.config.rate));
+        match self.config.enrollment_rate {
+            None => self.clone().each_subject(self.config.rate, Steps::All, shutdown).await,
+            Some(rate) => {
+                self.clone().each_subject(self.config.rate, Steps::ScreeningAndConsent, shutdown).await;
+                self.clone().each_subject(rate, Steps::EnrollmentRequest, shutdown).await;
+            }
+        }
+        PhaseReport {
+            accepted: self.enrollment_accepted() - accepted_before,
+            elapsed: started.elapsed(),
+            target_rate: self.config.rate,
+        }
+    }
+
+    /// Sends `steps` of every subject, `rate` requests per second.
+    async fn each_subject(self: Arc<Self>, rate: u32, steps: Steps, shutdown: &CancellationToken) {
+        let timetable = Arc::new(Timetable::new(rate));
         let permits = Arc::new(Semaphore::new(self.config.concurrency.min(Semaphore::MAX_PERMITS)));
         let mut tasks = JoinSet::new();
         for subject in 0..self.plan.subjects {
@@ -302,7 +329,7 @@ impl Load {
             let Ok(permit) = permit else { break };
             let (load, timetable, shutdown) = (self.clone(), timetable.clone(), shutdown.clone());
             tasks.spawn(async move {
-                load.enroll_subject(subject, &timetable, &shutdown).await;
+                load.enroll_subject(subject, steps, &timetable, &shutdown).await;
                 drop(permit);
             });
             while let Some(done) = tasks.try_join_next() {
@@ -311,11 +338,6 @@ impl Load {
         }
         while let Some(done) = tasks.join_next().await {
             self.reap(done);
-        }
-        PhaseReport {
-            accepted: self.enrollment_accepted() - accepted_before,
-            elapsed: started.elapsed(),
-            target_rate: self.config.rate,
         }
     }
 
@@ -333,9 +355,16 @@ impl Load {
         }
     }
 
-    /// Screening, consent and the enrollment request of one subject, one slot each, in order: a
-    /// step refused leaves the later ones unsent.
-    async fn enroll_subject(&self, subject: u64, timetable: &Timetable, shutdown: &CancellationToken) {
+    /// Screening, consent and the enrollment request of one subject (those of `steps`), one slot
+    /// each, in order: a step refused leaves the later ones unsent. A subject whose screening or
+    /// consent was refused gets no enrollment request in a phase of its own either.
+    async fn enroll_subject(
+        &self,
+        subject: u64,
+        steps: Steps,
+        timetable: &Timetable,
+        shutdown: &CancellationToken,
+    ) {
         let (plan, token) = (&self.plan, &self.config.tokens.site);
         let subject_id = plan.subject_id(subject);
         let subjects_url = format!("{}/{}/subjects", self.site_api, plan.study);
@@ -347,21 +376,29 @@ impl Load {
             }
         };
 
-        if !next_slot().await {
-            return;
-        }
-        let screening = plan.screening(subject);
-        let key = plan.key("screening", &subject_id);
-        if self.post(Input::Screening, &subjects_url, token, Some(&key), &screening).await.is_err() {
-            return;
-        }
+        if steps != Steps::EnrollmentRequest {
+            if !next_slot().await {
+                return;
+            }
+            let screening = plan.screening(subject);
+            let key = plan.key("screening", &subject_id);
+            if self.post(Input::Screening, &subjects_url, token, Some(&key), &screening).await.is_err() {
+                return;
+            }
 
-        if !next_slot().await {
-            return;
-        }
-        let consent = plan.consent();
-        let (url, key) = (format!("{subject_url}/consent"), plan.key("consent", &subject_id));
-        if self.post(Input::Consent, &url, token, Some(&key), &consent).await.is_err() {
+            if !next_slot().await {
+                return;
+            }
+            let consent = plan.consent();
+            let (url, key) = (format!("{subject_url}/consent"), plan.key("consent", &subject_id));
+            if self.post(Input::Consent, &url, token, Some(&key), &consent).await.is_err() {
+                return;
+            }
+            if steps == Steps::ScreeningAndConsent {
+                self.stats().consented.insert(subject);
+                return;
+            }
+        } else if !self.stats().consented.contains(&subject) {
             return;
         }
 

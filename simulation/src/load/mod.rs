@@ -7,7 +7,9 @@
 //!    `BOX`, ages 18 to 85 and one inclusion criterion), `--sites` sites, and kits enough for every
 //!    subject of a site to get any arm, so no subject waits for a kit.
 //! 2. **Enrollment**: screening, consent and an enrollment request for each of `--subjects`
-//!    subjects, `--rate` requests per second overall.
+//!    subjects, `--rate` requests per second overall; with `--enrollment-rate`, every subject is
+//!    screened and consented first, then the enrollment requests follow at that rate (the saga
+//!    loaded on its own).
 //! 3. **Steady state**: `--rate` inputs per second for `--duration` seconds, round-robin over the
 //!    subjects: four vital signs for each PHQ-9 submission. Every value is normal, so no alert fires.
 //!
