@@ -422,6 +422,50 @@ async fn readings_without_a_visit_or_too_few_of_one_visit_never_make_a_visit_mea
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_reach_far_enough_into_a_series_read_one_batch_at_a_time() -> anyhow::Result<()> {
+    // The consumer reads of a series only what its rules reach (the visit of a visit mean, a
+    // persistence rule's span plus a gap): each reading here is its own batch, so the rest comes
+    // from the database.
+    let fx = Fixture::start(None).await?;
+    let t0 = Utc::now() - chrono::Duration::days(60);
+    let obs = |code, value, unit, hours: i64, visit: Option<&str>| Obs {
+        subject: "REACH-1".into(),
+        code,
+        value,
+        unit,
+        at: t0 + chrono::Duration::hours(hours),
+        visit: visit.map(str::to_string),
+    };
+    let mut stream = Vec::new();
+    // Fever above 40.0 °C every 6 hours for three days: grade 4 once the chain spans more than
+    // 24 h (at 30 h, over the six readings from 0 h), and every later reading joins it, also
+    // those whose chain starts before their reach.
+    for hour in (0..=72).step_by(6) {
+        stream.push(obs(TEMP, 40.5, "Cel", hour, None));
+    }
+    // Systolic 200 at WEEK 8 on three days two weeks apart: a visit mean of three readings.
+    for day in [0, 14, 28] {
+        stream.push(obs(SBP, 200.0, "mm[Hg]", 24 * 30 + 24 * day, Some("WEEK 8")));
+    }
+    for (n, o) in stream.iter().enumerate() {
+        fx.reading("REACH", o).await?;
+        wait_until("the reading stored", WAIT, || async {
+            Ok(fx.scalar("SELECT count(*) FROM {s}.observation").await? == n as i64 + 1)
+        })
+        .await?;
+    }
+    let evidence = |rule: &str| {
+        format!(
+            "SELECT count(*) FROM {{s}}.alert_evidence e JOIN {{s}}.alert a USING (alert_id) WHERE a.rule_id = '{rule}'"
+        )
+    };
+    assert_eq!(fx.scalar("SELECT count(*) FROM {s}.alert WHERE rule_id = 'CTCAE-FEVER-G4'").await?, 1);
+    assert_eq!(fx.scalar(&evidence("CTCAE-FEVER-G4")).await?, 13, "the whole chain, from 0 h");
+    assert_eq!(fx.scalar(&evidence("PROTOCOL-HTN-SEVERE")).await?, 3, "the visit's three readings");
+    fx.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reading_far_from_the_subjects_own_history_raises_one_explained_baseline_alert()
 -> anyhow::Result<()> {
     // The documented example rule set (study EXAMPLE-BASELINE): systolic window 5, at least 3

@@ -32,7 +32,7 @@ use trialflow_schemas::{
 use super::NAME;
 use super::baseline::{self, Baseline, Deviation};
 use super::episodes::{self, EpisodeKey, Episodes, Outcome, Signal};
-use super::rules::{Reading, Rule, RuleBook, RuleInput, judge};
+use super::rules::{Aggregation, Reading, Rule, RuleBook, RuleInput, judge};
 use crate::config::{ConsumerConfig, ConsumerSpec};
 use crate::error::{ConsumerError, HandlerError};
 use crate::events::{decode, site_of, subject_of};
@@ -142,14 +142,7 @@ impl Monitoring {
     ) -> Result<(), HandlerError> {
         let subject_id = subject_of(&e.envelope)?.to_string();
         let study_id = &e.envelope.study_id;
-        let current = Reading {
-            event_id: e.envelope.event_id,
-            code: e.loinc_code.clone(),
-            value: e.value,
-            unit: e.unit.clone(),
-            effective_at: effective(&e.envelope, e.effective.earliest)?,
-            visit: e.visit.clone(),
-        };
+        let current = reading_of(e, effective(&e.envelope, e.effective.earliest)?);
         let series_key = (study_id.clone(), subject_id.clone(), current.code.clone());
         if !self.judged_codes(study_id).contains(current.code.as_str()) {
             // Kept all the same (a rule set may judge it tomorrow), but no series to read.
@@ -157,8 +150,10 @@ impl Monitoring {
             return Ok(());
         }
         if !batch.series.contains_key(&series_key) {
-            let read = self.series(tx, study_id, &subject_id, &current.code).await?;
-            batch.series.insert(series_key.clone(), read);
+            let mut wanted = BTreeMap::new();
+            wanted.insert(series_key.clone(), vec![current.clone()]);
+            let mut read = self.all_series(tx, &wanted).await?;
+            batch.series.insert(series_key.clone(), read.remove(&series_key).unwrap_or_default());
         }
         batch.observe(series_key.clone(), &current);
         let series = batch.series.remove(&series_key).unwrap_or_default();
@@ -225,38 +220,6 @@ impl Monitoring {
             }
         }
         Ok(())
-    }
-
-    async fn series(
-        &self,
-        tx: &mut Transaction<'static, Postgres>,
-        study_id: &str,
-        subject_id: &str,
-        code: &str,
-    ) -> Result<Vec<Reading>, HandlerError> {
-        let sql = format!(
-            "SELECT event_id, value, unit, effective_at, visit FROM {}.observation
-             WHERE study_id = $1 AND subject_id = $2 AND code = $3 ORDER BY effective_at",
-            self.schema
-        );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(study_id)
-            .bind(subject_id)
-            .bind(code)
-            .fetch_all(&mut **tx)
-            .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(Reading {
-                    event_id: r.try_get(0)?,
-                    code: code.to_string(),
-                    value: r.try_get(1)?,
-                    unit: r.try_get(2)?,
-                    effective_at: r.try_get(3)?,
-                    visit: r.try_get(4)?,
-                })
-            })
-            .collect()
     }
 
     async fn adverse_event(
@@ -610,35 +573,90 @@ impl Monitoring {
         codes
     }
 
-    /// The series of `keys`, with one query.
+    /// How far from a reading of `code` the rules of `study_id` look ([`Reach`]).
+    fn reach(&self, study_id: &str, code: &str) -> Reach {
+        let mut reach = Reach::default();
+        for rule in self.rules.rules(study_id) {
+            match &rule.input {
+                RuleInput::VitalBaseline(baseline) if baseline.code == code => reach.whole = true,
+                RuleInput::Vital { any, aggregation } if any.iter().any(|c| c.code == code) => {
+                    match aggregation {
+                        Aggregation::Single => {}
+                        Aggregation::VisitMean { .. } => reach.visit = true,
+                        Aggregation::Persistence { minutes, max_gap_minutes } => {
+                            let span = chrono::Duration::minutes(
+                                i64::from(*minutes) + i64::from(*max_gap_minutes) + 1,
+                            );
+                            reach.around = Some(reach.around.map_or(span, |a| a.max(span)));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        reach
+    }
+
+    /// The stored readings the rules need to judge `readings` (by series, with one query): a
+    /// series' whole history only where a subject-baseline rule judges its code; else the
+    /// readings of the same visits (visit means) and those within a persistence rule's reach of
+    /// each reading, both only where such a rule judges the code ([`Reach`]), and the readings
+    /// themselves if stored (a redelivery counts once). Bounded, so that memory and work per
+    /// reading do not grow with a subject's history.
     async fn all_series(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        keys: &BTreeSet<SeriesKey>,
+        readings: &BTreeMap<SeriesKey, Vec<Reading>>,
     ) -> Result<HashMap<SeriesKey, Vec<Reading>>, HandlerError> {
         let mut all: HashMap<SeriesKey, Vec<Reading>> =
-            keys.iter().map(|k| (k.clone(), Vec::new())).collect();
-        if keys.is_empty() {
+            readings.keys().map(|k| (k.clone(), Vec::new())).collect();
+        if readings.is_empty() {
             return Ok(all);
         }
         let sql = format!(
-            "SELECT o.study_id, o.subject_id, o.code, o.event_id, o.value, o.unit, o.effective_at, o.visit
-             FROM unnest($1::text[], $2::text[], $3::text[]) AS k(study_id, subject_id, code)
-             JOIN {}.observation o USING (study_id, subject_id, code)
+            "WITH k AS (
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::boolean[], $5::timestamptz[],
+                                      $6::timestamptz[]) WITH ORDINALITY
+                     AS k(study_id, subject_id, code, whole, after, until, i)),
+             m AS (SELECT * FROM unnest($7::bigint[], $8::uuid[], $9::text[]) AS m(i, event_id, visit))
+             SELECT o.study_id, o.subject_id, o.code, o.event_id, o.value, o.unit, o.effective_at, o.visit
+             FROM k JOIN {}.observation o USING (study_id, subject_id, code)
+             WHERE k.whole OR o.effective_at BETWEEN k.after AND k.until
+                OR EXISTS (SELECT 1 FROM m WHERE m.i = k.i
+                                             AND (m.event_id = o.event_id OR m.visit = btrim(o.visit)))
              ORDER BY o.study_id, o.subject_id, o.code, o.effective_at",
             self.schema
         );
-        let mut columns: [Vec<&str>; 3] = Default::default();
-        for (study, subject, code) in keys {
-            columns[0].push(study);
-            columns[1].push(subject);
-            columns[2].push(code);
+        let mut keys: [Vec<&str>; 3] = Default::default();
+        let (mut whole, mut after, mut until) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut of, mut event_ids, mut visits) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, ((study, subject, code), batch)) in readings.iter().enumerate() {
+            let reach = self.reach(study, code);
+            keys[0].push(study);
+            keys[1].push(subject);
+            keys[2].push(code);
+            whole.push(reach.whole);
+            let first = batch.iter().map(|r| r.effective_at).min();
+            let last = batch.iter().map(|r| r.effective_at).max();
+            after.push(reach.around.zip(first).map(|(span, t)| t - span));
+            until.push(reach.around.zip(last).map(|(span, t)| t + span));
+            for reading in batch {
+                of.push(i as i64 + 1);
+                event_ids.push(reading.event_id);
+                visits.push(reading.visit().filter(|_| reach.visit));
+            }
         }
-        let [studies, subjects, codes] = columns;
+        let [studies, subjects, codes] = keys;
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(studies)
             .bind(subjects)
             .bind(codes)
+            .bind(whole)
+            .bind(after)
+            .bind(until)
+            .bind(of)
+            .bind(event_ids)
+            .bind(visits)
             .fetch_all(&mut **tx)
             .await?;
         for r in rows {
@@ -654,6 +672,30 @@ impl Monitoring {
             all.entry(key).or_default().push(reading);
         }
         Ok(all)
+    }
+}
+
+/// How much of a series the rules judging its code need around a reading.
+#[derive(Debug, Default, Clone, Copy)]
+struct Reach {
+    /// The whole history (a subject-baseline rule: the last readings of other visits, however old).
+    whole: bool,
+    /// The readings of the reading's visit (a visit mean).
+    visit: bool,
+    /// The readings this close in time (a persistence rule: its span plus one gap and a minute, so
+    /// that a chain reaching beyond it is known to span more than the rule asks).
+    around: Option<chrono::Duration>,
+}
+
+/// A vital sign as the rules judge it, taking effect at `effective_at`.
+fn reading_of(e: &VitalSignRecorded, effective_at: DateTime<Utc>) -> Reading {
+    Reading {
+        event_id: e.envelope.event_id,
+        code: e.loinc_code.clone(),
+        value: e.value,
+        unit: e.unit.clone(),
+        effective_at,
+        visit: e.visit.clone(),
     }
 }
 
@@ -684,7 +726,7 @@ impl Handler for Monitoring {
         batch: &[Message],
     ) -> Result<MonitoringBatch, HandlerError> {
         let mut state = MonitoringBatch::default();
-        let mut series = BTreeSet::new();
+        let mut series: BTreeMap<SeriesKey, Vec<Reading>> = BTreeMap::new();
         let mut subjects: BTreeMap<EpisodeKey, (DateTime<Utc>, DateTime<Utc>)> = BTreeMap::new();
         for message in batch {
             let Ok(event) = decode(message) else { continue };
@@ -697,7 +739,8 @@ impl Handler for Monitoring {
                 if let AnyEvent::VitalSignRecorded(e) = &event
                     && self.judged_codes(&envelope.study_id).contains(e.loinc_code.as_str())
                 {
-                    series.insert((envelope.study_id.clone(), subject_id.clone(), e.loinc_code.clone()));
+                    let key = (envelope.study_id.clone(), subject_id.clone(), e.loinc_code.clone());
+                    series.entry(key).or_default().push(reading_of(e, at));
                 }
             }
             state.events.insert((message.partition, message.offset), event);
