@@ -620,12 +620,21 @@ impl Monitoring {
                      AS k(study_id, subject_id, code, whole, after, until, i)),
              m AS (SELECT * FROM unnest($7::bigint[], $8::uuid[], $9::text[]) AS m(i, event_id, visit))
              SELECT o.study_id, o.subject_id, o.code, o.event_id, o.value, o.unit, o.effective_at, o.visit
-             FROM k JOIN {}.observation o USING (study_id, subject_id, code)
-             WHERE k.whole OR o.effective_at BETWEEN k.after AND k.until
-                OR EXISTS (SELECT 1 FROM m WHERE m.i = k.i
-                                             AND (m.event_id = o.event_id OR m.visit = btrim(o.visit)))
-             ORDER BY o.study_id, o.subject_id, o.code, o.effective_at",
-            self.schema
+             FROM k JOIN {schema}.observation o USING (study_id, subject_id, code) WHERE k.whole
+             UNION
+             SELECT o.study_id, o.subject_id, o.code, o.event_id, o.value, o.unit, o.effective_at, o.visit
+             FROM k JOIN {schema}.observation o USING (study_id, subject_id, code)
+             WHERE NOT k.whole AND o.effective_at BETWEEN k.after AND k.until
+             UNION
+             SELECT o.study_id, o.subject_id, o.code, o.event_id, o.value, o.unit, o.effective_at, o.visit
+             FROM m JOIN k USING (i) JOIN {schema}.observation o USING (study_id, subject_id, code)
+             WHERE m.visit IS NOT NULL AND btrim(o.visit) = m.visit
+             UNION
+             SELECT o.study_id, o.subject_id, o.code, o.event_id, o.value, o.unit, o.effective_at, o.visit
+             FROM m JOIN k USING (i) JOIN {schema}.observation o
+                  ON (o.event_id, o.study_id, o.subject_id, o.code) = (m.event_id, k.study_id, k.subject_id, k.code)
+             ORDER BY 1, 2, 3, 7",
+            schema = self.schema
         );
         let mut keys: [Vec<&str>; 3] = Default::default();
         let (mut whole, mut after, mut until) = (Vec::new(), Vec::new(), Vec::new());
