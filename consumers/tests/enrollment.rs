@@ -57,6 +57,22 @@ fn study(slots_per_stratum: i32, low_stock_threshold: i32) -> StudyConfigured {
 }
 
 /// `per_arm` kits of every arm, sequence numbers from `first_sequence`, expiring in two years.
+/// `n` treatment assignments at site 701, subjects `<prefix>-000`…, arms in turn.
+fn assignments_at_701(trial: &Trial, prefix: &str, n: usize) -> anyhow::Result<Vec<OutboxEvent>> {
+    (0..n)
+        .map(|i| {
+            let subject = format!("{prefix}-{i:03}");
+            let assigned = TreatmentAssigned {
+                envelope: envelope::<TreatmentAssigned>(Some("701"), Some(&subject)),
+                randomization_number: format!("R-{i:03}"),
+                randomization_list_id: "test".into(),
+                arm_code: ARMS[i % 3].into(),
+            };
+            trial.event(&assigned, &subject)
+        })
+        .collect()
+}
+
 fn shipment(site: &str, shipment_id: &str, per_arm: i64, first_sequence: i64) -> KitsReceived {
     KitsReceived {
         envelope: envelope::<KitsReceived>(Some(site), None),
@@ -382,18 +398,7 @@ async fn kits_are_never_allocated_twice_under_concurrency() -> anyhow::Result<()
     trial
         .send(vec![trial.event(&study(100, 0), STUDY)?, trial.event(&shipment("701", "SH", 20, 1), "701")?])
         .await?;
-    let mut assignments = Vec::new();
-    for i in 0..80 {
-        let subject = format!("A-{i:03}");
-        let assigned = TreatmentAssigned {
-            envelope: envelope::<TreatmentAssigned>(Some("701"), Some(&subject)),
-            randomization_number: format!("R-{i:03}"),
-            randomization_list_id: "test".into(),
-            arm_code: ARMS[i % 3].into(),
-        };
-        assignments.push(trial.event(&assigned, &subject)?);
-    }
-    trial.send(assignments).await?;
+    trial.send(assignments_at_701(&trial, "A", 80)?).await?;
     let taken =
         "SELECT (SELECT count(*) FROM {kit}.allocation) + (SELECT count(*) FROM {kit}.pending_allocation)";
     trial.wait_count("every assignment allocated or waiting", taken, 80).await?;
@@ -434,18 +439,7 @@ async fn low_stock_is_signalled_once_per_arm_while_allocations_run_side_by_side(
         ])
         .await?;
     trial.wait_count("the shipment received", "SELECT count(*) FROM {kit}.kit", 60).await?;
-    let mut assignments = Vec::new();
-    for i in 0..60 {
-        let subject = format!("L-{i:03}");
-        let assigned = TreatmentAssigned {
-            envelope: envelope::<TreatmentAssigned>(Some("701"), Some(&subject)),
-            randomization_number: format!("R-{i:03}"),
-            randomization_list_id: "test".into(),
-            arm_code: ARMS[i % 3].into(),
-        };
-        assignments.push(trial.event(&assigned, &subject)?);
-    }
-    trial.send(assignments).await?;
+    trial.send(assignments_at_701(&trial, "L", 60)?).await?;
     trial.wait_count("every kit allocated", "SELECT count(*) FROM {kit}.allocation", 60).await?;
     assert_eq!(trial.count("SELECT count(*) FROM {kit}.pending_allocation").await?, 0, "nobody waits");
     assert_eq!(trial.count("SELECT count(DISTINCT kit_number) FROM {kit}.allocation").await?, 60);
