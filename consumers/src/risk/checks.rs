@@ -15,11 +15,12 @@
 //!
 //! Dates are compared by UTC calendar day; partial dates (a year, a month) are not judged by the
 //! date checks. Checks judge the data known when they run: a subject's readings arrive in the
-//! order its source sent them (the clinical topic is keyed by subject), and cross-event checks
-//! run again on every change of the subject, so a check waiting for its partner (the consent, the
-//! other half of a blood pressure) fires when the partner arrives.
+//! order its source sent them (the clinical topic is keyed by subject). A new data point is
+//! judged with what the checks compare it with ([`Reach`]), and a consent or a withdrawal has all
+//! of the subject's data judged again, so a check waiting for its partner (the consent, the other
+//! half of a blood pressure, the next day's weight) fires when the partner arrives.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Deserialize;
@@ -174,6 +175,51 @@ pub struct SubjectData {
     pub withdrawal_reason: Option<String>,
     pub readings: Vec<Reading>,
     pub adverse_events: Vec<AeReport>,
+}
+
+/// What the checks compare a new reading with, beyond the reading itself and its subject's
+/// dates: a check run on a subject's new data points plus these finds what a run on the whole
+/// history finds of them (the evaluator's incremental pass, see [`super::queries`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reach {
+    /// Codes compared at one time point (`diastolic_not_below_systolic`): a new reading of one of
+    /// them needs the readings of all of them at its effective instant.
+    pub time_point: BTreeSet<String>,
+    /// Series compared day to day (`weight_change`), by code and unit: a new reading of one needs
+    /// the readings of the series from the data day before the earliest new one to the data day
+    /// after the latest new one (a contiguous stretch of days, so that consecutive days in what is
+    /// read are consecutive in the whole series).
+    pub days: BTreeSet<(String, String)>,
+}
+
+impl Reach {
+    pub fn of(checks: &[EditCheck]) -> Self {
+        let mut reach = Self::default();
+        for check in checks {
+            match &check.kind {
+                CheckKind::DiastolicNotBelowSystolic { systolic, diastolic } => {
+                    reach.time_point.insert(systolic.clone());
+                    reach.time_point.insert(diastolic.clone());
+                }
+                CheckKind::WeightChange { code, unit, .. } => {
+                    reach.days.insert((code.clone(), unit.clone()));
+                }
+                _ => {}
+            }
+        }
+        reach
+    }
+
+    /// Whether `reading` is compared with readings of its time point.
+    pub fn at_time_point(&self, reading: &Reading) -> bool {
+        reading.effective.earliest.is_some() && self.time_point.contains(&reading.code)
+    }
+
+    /// The day `reading` has in a day-to-day series, when it is in one.
+    pub fn day_in_series(&self, reading: &Reading) -> Option<NaiveDate> {
+        let key = (reading.code.clone(), reading.unit.clone());
+        reading.effective.day().filter(|_| self.days.contains(&key))
+    }
 }
 
 /// A check that failed on a data point.

@@ -75,6 +75,8 @@ pub struct Evaluation {
     pub flags: Vec<FlagChange>,
     pub queries: Vec<OpenedQuery>,
     pub qtls: Vec<QtlChange>,
+    /// How many readings and adverse-event reports the edit checks read.
+    pub inputs_read: usize,
 }
 
 /// A quality tolerance limit that became breached, or no longer is.
@@ -180,11 +182,12 @@ pub async fn evaluate_marked(
     let mut evaluation = Evaluation::default();
     for (study_id, subjects) in &due {
         let checks = config.edit_checks(study_id);
-        let opened = queries::open_queries(&mut tx, outbox, topics, study_id, subjects, checks).await?;
-        if !opened.is_empty() {
+        let checked = queries::open_queries(&mut tx, outbox, topics, study_id, subjects, checks).await?;
+        if !checked.opened.is_empty() {
             marked.insert(study_id.clone());
         }
-        evaluation.queries.extend(opened);
+        evaluation.queries.extend(checked.opened);
+        evaluation.inputs_read += checked.inputs_read;
     }
     for study_id in &marked {
         evaluation.flags.extend(evaluate(&mut tx, schema, study_id, config).await?);

@@ -11,7 +11,9 @@
 //!   each report as an input of the edit checks and of the data-entry lag;
 //! * `VitalSignRecorded` → each reading, as such an input;
 //! * every event of the subject → the last date it was seen, which ends the exposure of a subject
-//!   still on study, and the subject due for the edit checks ([`queries`]);
+//!   still on study;
+//! * each reading and adverse-event report → due for the edit checks, with what they compare it
+//!   with; a consent or a withdrawal → all of the subject's data due again ([`queries`]);
 //! * `QueryAnswered`, `QueryClosed` (`risk.queries.v1`) → a query's status;
 //! * `QuestionnaireResponseAccepted` with a `scheduled_occurrence` → the occurrence completed
 //!   (ePRO compliance, [`epro`]; not a sighting: a diary does not extend the exposure).
@@ -30,7 +32,7 @@ pub mod queries;
 pub mod read;
 mod store;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
@@ -187,10 +189,22 @@ impl Handler for Risk {
         let mut adverse_events: BTreeMap<(String, String, String), bool> = BTreeMap::new();
         let events: Vec<AnyEvent> = batch.iter().filter_map(|m| decode(m).ok()).collect();
         let mut inputs = queries::Inputs::default();
+        let mut due: BTreeSet<queries::Mark> = BTreeSet::new();
         for event in &events {
             let Some((envelope, what)) = what(event) else { continue };
             let Ok(fact) = fact(envelope) else { continue };
             let key = (fact.study_id.to_string(), fact.subject_id.to_string());
+            // The edit checks judge a new data point; a consent or a withdrawal changes the dates
+            // they compare all of the subject's data with.
+            match what {
+                What::AdverseEvent(_) | What::Reading(_) => {
+                    due.insert((key.0.clone(), key.1.clone(), Some(envelope.event_id)));
+                }
+                What::Lifecycle(Lifecycle::Consented { .. } | Lifecycle::Withdrawn { .. }) => {
+                    due.insert((key.0.clone(), key.1.clone(), None));
+                }
+                What::Lifecycle(_) => {}
+            }
             let day = fact.at.date_naive();
             let seen = sightings.entry(key).or_insert((None, day));
             seen.0 = seen.0.take().or_else(|| fact.site_id.map(str::to_string));
@@ -208,9 +222,9 @@ impl Handler for Risk {
         let mut changed = store::sightings(tx, &self.schema, &sightings).await?;
         changed.extend(store::adverse_events(tx, &self.schema, &adverse_events).await?);
         queries::store_inputs(tx, &self.schema, &inputs).await?;
-        // Every subject heard of is checked again (its lifecycle facts follow in `handle`, in
-        // this transaction, before the evaluator can take the mark).
-        queries::mark_due(tx, &self.schema, sightings.keys()).await?;
+        // The lifecycle facts follow in `handle`, in this transaction, before the evaluator can
+        // take the marks.
+        queries::mark_due(tx, &self.schema, &due).await?;
         for study_id in &changed {
             store::mark(tx, &self.schema, study_id).await?;
         }

@@ -12,10 +12,11 @@
 //!   open → answered → closed. An answer to a query closed meanwhile, or a closing of a query no
 //!   one answered, is kept in `query_history` as not applied.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::Value;
+use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, Row, Transaction};
 use trialflow_outbox::audit::{self, AuditRecord};
 use trialflow_outbox::{Outbox, OutboxEvent, SchemaName};
@@ -26,11 +27,11 @@ use trialflow_schemas::{
 };
 use uuid::Uuid;
 
-use super::checks::{self, AeReport, EditCheck, Finding, Reading, SourceDate, SubjectData};
+use super::checks::{self, AeReport, EditCheck, Finding, Reach, Reading, SourceDate, SubjectData};
 use crate::error::HandlerError;
 
 /// A partial date as the checks see it.
-pub(crate) fn source_date(date: &PartialDateTime) -> SourceDate {
+pub fn source_date(date: &PartialDateTime) -> SourceDate {
     use DateTimePrecision as P;
     SourceDate {
         earliest: date.earliest.and_then(|t| t.to_datetime()),
@@ -162,39 +163,57 @@ fn vital_name(code: &str) -> &str {
     }
 }
 
-/// Marks subjects due for the edit checks: appended, never in conflict with another mark, so a
-/// batch never waits for the evaluator (see `0004_append_only_marks.sql`).
-pub(crate) async fn mark_due<'a>(
+/// A subject due for the edit checks, for the data point `event_id` (a reading or an adverse-event
+/// report stored with the mark), or as a whole (`None`: a consent or a withdrawal changed the dates
+/// the checks compare its data with).
+pub(crate) type Mark = (String, String, Option<Uuid>);
+
+/// Appends the marks: never in conflict with another mark, so a batch never waits for the
+/// evaluator (see `0004_append_only_marks.sql`).
+pub(crate) async fn mark_due(
     conn: &mut PgConnection,
     schema: &SchemaName,
-    subjects: impl Iterator<Item = &'a (String, String)>,
+    marks: &BTreeSet<Mark>,
 ) -> Result<(), HandlerError> {
-    let (studies, subjects): (Vec<&str>, Vec<&str>) = subjects.map(|(a, b)| (a.as_str(), b.as_str())).unzip();
-    if studies.is_empty() {
+    if marks.is_empty() {
         return Ok(());
     }
+    let studies: Vec<&str> = marks.iter().map(|m| m.0.as_str()).collect();
+    let subjects: Vec<&str> = marks.iter().map(|m| m.1.as_str()).collect();
+    let events: Vec<Option<Uuid>> = marks.iter().map(|m| m.2).collect();
     let sql = format!(
-        "INSERT INTO {schema}.check_due (study_id, subject_id) SELECT * FROM unnest($1::text[], $2::text[])"
+        "INSERT INTO {schema}.check_due (study_id, subject_id, event_id)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[])"
     );
-    sqlx::query(AssertSqlSafe(sql)).bind(studies).bind(subjects).execute(&mut *conn).await?;
+    sqlx::query(AssertSqlSafe(sql)).bind(studies).bind(subjects).bind(events).execute(&mut *conn).await?;
     Ok(())
 }
 
+/// What is due of one subject: its new data points, or all of its data.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Due {
+    pub whole: bool,
+    pub events: BTreeSet<Uuid>,
+}
+
 /// Takes the committed marks (a mark committed later is taken at the next pass, and the data
-/// it stands for committed with it): the due subjects by study, each once, sorted.
+/// it stands for committed with it): by study, what is due of each subject.
 pub(crate) async fn take_due(
     conn: &mut PgConnection,
     schema: &SchemaName,
-) -> Result<BTreeMap<String, Vec<String>>, sqlx::Error> {
-    let sql = format!("DELETE FROM {schema}.check_due RETURNING study_id, subject_id");
-    let rows: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(sql)).fetch_all(&mut *conn).await?;
-    let mut due: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (study, subject) in rows {
-        due.entry(study).or_default().push(subject);
-    }
-    for subjects in due.values_mut() {
-        subjects.sort();
-        subjects.dedup();
+) -> Result<BTreeMap<String, BTreeMap<String, Due>>, sqlx::Error> {
+    let sql = format!("DELETE FROM {schema}.check_due RETURNING study_id, subject_id, event_id");
+    let rows: Vec<(String, String, Option<Uuid>)> =
+        sqlx::query_as(AssertSqlSafe(sql)).fetch_all(&mut *conn).await?;
+    let mut due: BTreeMap<String, BTreeMap<String, Due>> = BTreeMap::new();
+    for (study, subject, event) in rows {
+        let d = due.entry(study).or_default().entry(subject).or_default();
+        match event {
+            Some(id) => {
+                d.events.insert(id);
+            }
+            None => d.whole = true,
+        }
     }
     Ok(due)
 }
@@ -229,22 +248,25 @@ impl OpenedQuery {
     }
 }
 
-/// Runs `checks` on the due subjects of `study_id` and opens a query per new finding (rows, audit
-/// records and events in `tx`).
+/// Runs `checks` on what is due of the subjects of `study_id` and opens a query per new finding
+/// (rows, audit records and events in `tx`). A subject due for its new data points is judged on
+/// them and on what the checks compare them with ([`Reach`]), not on its whole history: a
+/// finding among older data was found when that data was new, or when a consent or a withdrawal
+/// had the whole subject checked again.
 pub(crate) async fn open_queries(
     tx: &mut Transaction<'static, Postgres>,
     outbox: &Outbox,
     topics: &TopicNames,
     study_id: &str,
-    due: &[String],
+    due: &BTreeMap<String, Due>,
     checks: &[EditCheck],
-) -> Result<Vec<OpenedQuery>, super::evaluate::EvaluateError> {
+) -> Result<Checked, super::evaluate::EvaluateError> {
     let schema = outbox.schema();
     let conn: &mut PgConnection = tx;
     if due.is_empty() || checks.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Checked::default());
     }
-    let subjects = load(conn, schema, study_id, due).await?;
+    let (subjects, inputs_read) = load(conn, schema, study_id, due, &Reach::of(checks)).await?;
     let mut opened = Vec::new();
     for (subject_id, (site_id, data)) in &subjects {
         for finding in checks::run(checks, data) {
@@ -258,7 +280,7 @@ pub(crate) async fn open_queries(
         }
     }
     if opened.is_empty() {
-        return Ok(opened);
+        return Ok(Checked { opened, inputs_read });
     }
     let sql = format!(
         "INSERT INTO {schema}.query (query_id, study_id, site_id, subject_id, check_id, check_kind, item,
@@ -301,22 +323,200 @@ pub(crate) async fn open_queries(
         );
     }
     audit::append(tx, schema, &records).await?;
-    Ok(opened)
+    Ok(Checked { opened, inputs_read })
 }
 
-/// The data of `subjects` (sorted) of `study_id`: site and what the checks judge.
+/// What one run of a study's edit checks did.
+#[derive(Debug, Default)]
+pub(crate) struct Checked {
+    /// The queries it opened.
+    pub opened: Vec<OpenedQuery>,
+    /// How many readings and adverse-event reports it read.
+    pub inputs_read: usize,
+}
+
+/// Read by every statement of [`load`] (the reading as `r`), in the order [`reading_of`] takes.
+const READING: &str = "r.subject_id, r.site_id, r.event_id, r.code, r.name, r.value, r.unit, r.position,
+    r.visit, r.effective_at, r.effective_on, r.recorded_at";
+
+fn reading_of(r: &PgRow) -> Result<(String, Option<String>, Reading), sqlx::Error> {
+    let on: Option<NaiveDate> = r.try_get(10)?;
+    let reading = Reading {
+        event_id: r.try_get(2)?,
+        code: r.try_get(3)?,
+        name: r.try_get(4)?,
+        value: r.try_get(5)?,
+        unit: r.try_get(6)?,
+        position: r.try_get(7)?,
+        visit: r.try_get(8)?,
+        effective: SourceDate { earliest: r.try_get(9)?, to_the_day: on.is_some() },
+        recorded_at: r.try_get(11)?,
+    };
+    Ok((r.try_get(0)?, r.try_get(1)?, reading))
+}
+
+/// As [`READING`] for an adverse-event report (as `a`), in the order [`report_of`] takes.
+const REPORT: &str =
+    "a.subject_id, a.site_id, a.event_id, a.ae_id, a.term, a.onset_at, a.onset_on, a.recorded_at";
+
+fn report_of(r: &PgRow) -> Result<(String, Option<String>, AeReport), sqlx::Error> {
+    let on: Option<NaiveDate> = r.try_get(6)?;
+    let report = AeReport {
+        event_id: r.try_get(2)?,
+        ae_id: r.try_get(3)?,
+        term: r.try_get(4)?,
+        onset: SourceDate { earliest: r.try_get(5)?, to_the_day: on.is_some() },
+        recorded_at: r.try_get(7)?,
+    };
+    Ok((r.try_get(0)?, r.try_get(1)?, report))
+}
+
+/// The data the checks judge of the due subjects of `study_id` (site and data, each data point
+/// once, in event id order), and how many rows it read:
+/// * a subject due as a whole: every reading and report;
+/// * else its new readings and reports, the readings of the time points of new readings whose
+///   code `reach` compares at a time point, and then (over both) the stretch of days around the
+///   new readings of each day-to-day series.
 async fn load(
     conn: &mut PgConnection,
     schema: &SchemaName,
     study_id: &str,
-    subjects: &[String],
-) -> Result<BTreeMap<String, (Option<String>, SubjectData)>, sqlx::Error> {
-    let mut out: BTreeMap<String, (Option<String>, SubjectData)> = BTreeMap::new();
+    due: &BTreeMap<String, Due>,
+    reach: &Reach,
+) -> Result<(BTreeMap<String, (Option<String>, SubjectData)>, usize), sqlx::Error> {
+    #[derive(Default)]
+    struct Read {
+        site: Option<String>,
+        readings: BTreeMap<Uuid, Reading>,
+        reports: BTreeMap<Uuid, AeReport>,
+    }
+    fn keep_readings(rows: &[PgRow], read: &mut BTreeMap<String, Read>) -> Result<usize, sqlx::Error> {
+        for row in rows {
+            let (subject, site, reading) = reading_of(row)?;
+            let entry = read.entry(subject).or_default();
+            entry.site = entry.site.take().or(site);
+            entry.readings.insert(reading.event_id, reading);
+        }
+        Ok(rows.len())
+    }
+    let mut read: BTreeMap<String, Read> = BTreeMap::new();
+    let whole: Vec<&str> = due.iter().filter(|(_, d)| d.whole).map(|(s, _)| s.as_str()).collect();
+    let (subjects, events): (Vec<&str>, Vec<Uuid>) = due
+        .iter()
+        .filter(|(_, d)| !d.whole)
+        .flat_map(|(s, d)| d.events.iter().map(move |e| (s.as_str(), *e)))
+        .unzip();
+    let sql = format!(
+        "SELECT {READING} FROM {schema}.reading r WHERE r.study_id = $1 AND r.subject_id = ANY($2)
+         UNION ALL
+         SELECT {READING} FROM {schema}.reading r
+         JOIN unnest($3::text[], $4::uuid[]) AS k(subject_id, event_id)
+           ON r.subject_id = k.subject_id AND r.event_id = k.event_id
+         WHERE r.study_id = $1"
+    );
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(study_id)
+        .bind(&whole)
+        .bind(&subjects)
+        .bind(&events)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut rows_read = keep_readings(&rows, &mut read)?;
+    let sql = format!(
+        "SELECT {REPORT} FROM {schema}.ae_report a WHERE a.study_id = $1 AND a.subject_id = ANY($2)
+         UNION ALL
+         SELECT {REPORT} FROM {schema}.ae_report a
+         JOIN unnest($3::text[], $4::uuid[]) AS k(subject_id, event_id)
+           ON a.subject_id = k.subject_id AND a.event_id = k.event_id
+         WHERE a.study_id = $1"
+    );
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(study_id)
+        .bind(&whole)
+        .bind(&subjects)
+        .bind(&events)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows_read += rows.len();
+    for row in &rows {
+        let (subject, site, report) = report_of(row)?;
+        let entry = read.entry(subject).or_default();
+        entry.site = entry.site.take().or(site);
+        entry.reports.insert(report.event_id, report);
+    }
+
+    // What the new readings are compared with (subjects due as a whole have it all).
+    let partial = |read: &BTreeMap<String, Read>| -> Vec<(String, Reading)> {
+        read.iter()
+            .filter(|(s, _)| due.get(*s).is_some_and(|d| !d.whole))
+            .flat_map(|(s, r)| r.readings.values().map(move |r| (s.clone(), r.clone())))
+            .collect()
+    };
+    let time_points: BTreeSet<(String, DateTime<Utc>)> = partial(&read)
+        .into_iter()
+        .filter(|(_, r)| reach.at_time_point(r))
+        .filter_map(|(s, r)| r.effective.earliest.map(|at| (s, at)))
+        .collect();
+    if !time_points.is_empty() {
+        let sql = format!(
+            "SELECT {READING} FROM {schema}.reading r
+             JOIN unnest($2::text[], $3::timestamptz[]) AS k(subject_id, at)
+               ON r.subject_id = k.subject_id AND r.effective_at = k.at
+             WHERE r.study_id = $1 AND r.code = ANY($4)"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(study_id)
+            .bind(time_points.iter().map(|k| k.0.as_str()).collect::<Vec<_>>())
+            .bind(time_points.iter().map(|k| k.1).collect::<Vec<_>>())
+            .bind(reach.time_point.iter().collect::<Vec<_>>())
+            .fetch_all(&mut *conn)
+            .await?;
+        rows_read += keep_readings(&rows, &mut read)?;
+    }
+    let mut stretches: BTreeMap<(String, String, String), (NaiveDate, NaiveDate)> = BTreeMap::new();
+    for (subject, r) in partial(&read) {
+        if let Some(day) = reach.day_in_series(&r) {
+            let stretch = stretches.entry((subject, r.code, r.unit)).or_insert((day, day));
+            *stretch = (stretch.0.min(day), stretch.1.max(day));
+        }
+    }
+    if !stretches.is_empty() {
+        // From the data day before the first new day to the data day after the last one.
+        let sql = format!(
+            "SELECT {READING}
+             FROM unnest($2::text[], $3::text[], $4::text[], $5::date[], $6::date[])
+                  AS k(subject_id, code, unit, first_day, last_day)
+             CROSS JOIN LATERAL (
+                 SELECT coalesce((SELECT max(p.effective_on) FROM {schema}.reading p
+                                  WHERE p.study_id = $1 AND p.subject_id = k.subject_id AND p.code = k.code
+                                    AND p.unit = k.unit AND p.effective_on < k.first_day), k.first_day) AS lo,
+                        coalesce((SELECT min(p.effective_on) FROM {schema}.reading p
+                                  WHERE p.study_id = $1 AND p.subject_id = k.subject_id AND p.code = k.code
+                                    AND p.unit = k.unit AND p.effective_on > k.last_day), k.last_day) AS hi
+             ) b
+             JOIN {schema}.reading r
+               ON r.study_id = $1 AND r.subject_id = k.subject_id AND r.code = k.code AND r.unit = k.unit
+              AND r.effective_on BETWEEN b.lo AND b.hi"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(study_id)
+            .bind(stretches.keys().map(|k| k.0.as_str()).collect::<Vec<_>>())
+            .bind(stretches.keys().map(|k| k.1.as_str()).collect::<Vec<_>>())
+            .bind(stretches.keys().map(|k| k.2.as_str()).collect::<Vec<_>>())
+            .bind(stretches.values().map(|d| d.0).collect::<Vec<_>>())
+            .bind(stretches.values().map(|d| d.1).collect::<Vec<_>>())
+            .fetch_all(&mut *conn)
+            .await?;
+        rows_read += keep_readings(&rows, &mut read)?;
+    }
+
     let sql = format!(
         "SELECT subject_id, site_id, consented_on, withdrawn_on, withdrawal_reason FROM {schema}.subject
          WHERE study_id = $1 AND subject_id = ANY($2)"
     );
-    for r in sqlx::query(AssertSqlSafe(sql)).bind(study_id).bind(subjects).fetch_all(&mut *conn).await? {
+    let all: Vec<&str> = due.keys().map(String::as_str).collect();
+    let mut out: BTreeMap<String, (Option<String>, SubjectData)> = BTreeMap::new();
+    for r in sqlx::query(AssertSqlSafe(sql)).bind(study_id).bind(&all).fetch_all(&mut *conn).await? {
         let data = SubjectData {
             consented_on: r.try_get(2)?,
             withdrawn_on: r.try_get(3)?,
@@ -325,50 +525,13 @@ async fn load(
         };
         out.insert(r.try_get(0)?, (r.try_get(1)?, data));
     }
-    let sql = format!(
-        "SELECT subject_id, event_id, code, name, value, unit, position, visit, effective_at, effective_on,
-                recorded_at, site_id
-         FROM {schema}.reading WHERE study_id = $1 AND subject_id = ANY($2) ORDER BY subject_id, event_id"
-    );
-    for r in sqlx::query(AssertSqlSafe(sql)).bind(study_id).bind(subjects).fetch_all(&mut *conn).await? {
-        let subject: String = r.try_get(0)?;
-        let on: Option<NaiveDate> = r.try_get(9)?;
+    for (subject, r) in read {
         let entry = out.entry(subject).or_insert_with(|| (None, SubjectData::default()));
-        if entry.0.is_none() {
-            entry.0 = r.try_get(11)?;
-        }
-        entry.1.readings.push(Reading {
-            event_id: r.try_get(1)?,
-            code: r.try_get(2)?,
-            name: r.try_get(3)?,
-            value: r.try_get(4)?,
-            unit: r.try_get(5)?,
-            position: r.try_get(6)?,
-            visit: r.try_get(7)?,
-            effective: SourceDate { earliest: r.try_get(8)?, to_the_day: on.is_some() },
-            recorded_at: r.try_get(10)?,
-        });
+        entry.0 = entry.0.take().or(r.site);
+        entry.1.readings = r.readings.into_values().collect();
+        entry.1.adverse_events = r.reports.into_values().collect();
     }
-    let sql = format!(
-        "SELECT subject_id, event_id, ae_id, term, onset_at, onset_on, recorded_at, site_id
-         FROM {schema}.ae_report WHERE study_id = $1 AND subject_id = ANY($2) ORDER BY subject_id, event_id"
-    );
-    for r in sqlx::query(AssertSqlSafe(sql)).bind(study_id).bind(subjects).fetch_all(&mut *conn).await? {
-        let subject: String = r.try_get(0)?;
-        let on: Option<NaiveDate> = r.try_get(5)?;
-        let entry = out.entry(subject).or_insert_with(|| (None, SubjectData::default()));
-        if entry.0.is_none() {
-            entry.0 = r.try_get(7)?;
-        }
-        entry.1.adverse_events.push(AeReport {
-            event_id: r.try_get(1)?,
-            ae_id: r.try_get(2)?,
-            term: r.try_get(3)?,
-            onset: SourceDate { earliest: r.try_get(4)?, to_the_day: on.is_some() },
-            recorded_at: r.try_get(6)?,
-        });
-    }
-    Ok(out)
+    Ok((out, rows_read))
 }
 
 /// What a query event asks.

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub(crate) mod browser;
+pub(crate) mod drive;
 
 use std::time::Duration;
 
