@@ -343,6 +343,22 @@ async fn new_data_is_judged_with_what_the_checks_compare_it_with_and_finds_what_
     assert!((3..=4).contains(&evaluation.inputs_read), "{} of {weight_days} weights", evaluation.inputs_read);
     let found: Vec<&str> = evaluation.queries.iter().map(|q| q.finding.check_id.as_str()).collect();
     assert_eq!(found, ["WEIGHT_CHANGE"], "a jump from the last weight");
+
+    // An input that changes nothing but the input counts (a day already seen, no finding): the
+    // KRIs that count inputs are evaluated again.
+    let noon = day(44) + Duration::hours(12);
+    let effective = noon.format("%Y-%m-%dT%H:%M").to_string();
+    fx.send(&[&reading("701-004", TEMP, 37.0, "Cel", &effective, noon)]).await?;
+    fx.pass().await?;
+    let sql = format!(
+        "SELECT numerator::bigint, denominator::bigint,
+                (SELECT count(*) FROM {s}.query), (SELECT count(*) FROM {s}.reading) + (SELECT count(*) FROM {s}.ae_report)
+         FROM {s}.site_kri WHERE kri = 'QUERY_RATE' AND site_id = '701'",
+        s = fx.schema
+    );
+    let (queries, inputs, opened, stored): (i64, i64, i64, i64) =
+        sqlx::query_as(AssertSqlSafe(sql)).fetch_one(&fx.pool).await?;
+    assert_eq!((queries, inputs), (opened, stored), "QUERY_RATE counts every query and every input");
     fx.drop().await
 }
 

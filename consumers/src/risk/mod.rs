@@ -221,7 +221,7 @@ impl Handler for Risk {
         }
         let mut changed = store::sightings(tx, &self.schema, &sightings).await?;
         changed.extend(store::adverse_events(tx, &self.schema, &adverse_events).await?);
-        queries::store_inputs(tx, &self.schema, &inputs).await?;
+        changed.extend(queries::store_inputs(tx, &self.schema, &inputs).await?);
         // The lifecycle facts follow in `handle`, in this transaction, before the evaluator can
         // take the marks.
         queries::mark_due(tx, &self.schema, &due).await?;

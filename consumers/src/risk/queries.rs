@@ -50,13 +50,28 @@ pub(crate) struct Inputs<'a> {
     pub adverse_events: Vec<&'a AdverseEventReported>,
 }
 
-/// Stores the batch's readings and adverse-event reports. Inputs whose times are out of range or
-/// lack a subject are left out (`handle` dead-letters them).
+/// Counts the inputs a statement stored (`new`: study, subject, clinical day, recording time) in
+/// `input_count`, keys in order; returns a study per row counted.
+fn count_new(schema: &SchemaName) -> String {
+    format!(
+        "INSERT INTO {schema}.input_count AS t (study_id, subject_id, dated, lag, n)
+         SELECT study_id, subject_id, on_day IS NOT NULL,
+                coalesce((recorded_at AT TIME ZONE 'UTC')::date - on_day, 0), count(*)
+         FROM new GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+         ON CONFLICT (study_id, subject_id, dated, lag) DO UPDATE SET n = t.n + excluded.n
+         RETURNING study_id"
+    )
+}
+
+/// Stores the batch's readings and adverse-event reports and counts the new ones (a duplicate
+/// changes nothing); the studies with new inputs (their input KRIs changed). Inputs whose times
+/// are out of range or lack a subject are left out (`handle` dead-letters them).
 pub(crate) async fn store_inputs(
     conn: &mut PgConnection,
     schema: &SchemaName,
     inputs: &Inputs<'_>,
-) -> Result<(), HandlerError> {
+) -> Result<BTreeSet<String>, HandlerError> {
+    let mut changed = BTreeSet::new();
     if !inputs.readings.is_empty() {
         let mut rows: Vec<(&VitalSignRecorded, DateTime<Utc>, DateTime<Utc>, SourceDate)> = Vec::new();
         for r in &inputs.readings {
@@ -74,17 +89,21 @@ pub(crate) async fn store_inputs(
             (r.envelope.study_id.clone(), r.envelope.subject_id.clone(), r.envelope.event_id)
         });
         let sql = format!(
-            "INSERT INTO {schema}.reading (study_id, subject_id, event_id, site_id, code, name, value, unit,
-                 position, visit, effective_at, effective_on, occurred_at, recorded_at)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[],
-                 $7::float8[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::date[],
-                 $13::timestamptz[], $14::timestamptz[])
-             ON CONFLICT DO NOTHING"
+            "WITH new AS (
+                 INSERT INTO {schema}.reading (study_id, subject_id, event_id, site_id, code, name, value, unit,
+                     position, visit, effective_at, effective_on, occurred_at, recorded_at)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+                     $7::float8[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::date[],
+                     $13::timestamptz[], $14::timestamptz[])
+                 ON CONFLICT DO NOTHING
+                 RETURNING study_id, subject_id, effective_on AS on_day, recorded_at
+             ) {}",
+            count_new(schema)
         );
         let col = |f: fn(&VitalSignRecorded) -> Option<String>| -> Vec<Option<String>> {
             rows.iter().map(|(r, ..)| f(r)).collect()
         };
-        sqlx::query(AssertSqlSafe(sql))
+        let studies: Vec<String> = sqlx::query_scalar(AssertSqlSafe(sql))
             .bind(col(|r| Some(r.envelope.study_id.clone())))
             .bind(col(|r| r.envelope.subject_id.clone()))
             .bind(rows.iter().map(|(r, ..)| r.envelope.event_id).collect::<Vec<Uuid>>())
@@ -99,8 +118,9 @@ pub(crate) async fn store_inputs(
             .bind(rows.iter().map(|(.., d)| day_of(d)).collect::<Vec<_>>())
             .bind(rows.iter().map(|(_, o, ..)| *o).collect::<Vec<_>>())
             .bind(rows.iter().map(|(_, _, r, _)| *r).collect::<Vec<_>>())
-            .execute(&mut *conn)
+            .fetch_all(&mut *conn)
             .await?;
+        changed.extend(studies);
     }
     if !inputs.adverse_events.is_empty() {
         let mut rows: Vec<(&AdverseEventReported, DateTime<Utc>, DateTime<Utc>, SourceDate)> = Vec::new();
@@ -119,16 +139,20 @@ pub(crate) async fn store_inputs(
             (a.envelope.study_id.clone(), a.envelope.subject_id.clone(), a.envelope.event_id)
         });
         let sql = format!(
-            "INSERT INTO {schema}.ae_report (study_id, subject_id, event_id, site_id, ae_id, term, onset_at,
-                 onset_on, occurred_at, recorded_at)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[],
-                 $7::timestamptz[], $8::date[], $9::timestamptz[], $10::timestamptz[])
-             ON CONFLICT DO NOTHING"
+            "WITH new AS (
+                 INSERT INTO {schema}.ae_report (study_id, subject_id, event_id, site_id, ae_id, term, onset_at,
+                     onset_on, occurred_at, recorded_at)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+                     $7::timestamptz[], $8::date[], $9::timestamptz[], $10::timestamptz[])
+                 ON CONFLICT DO NOTHING
+                 RETURNING study_id, subject_id, onset_on AS on_day, recorded_at
+             ) {}",
+            count_new(schema)
         );
         let col = |f: fn(&AdverseEventReported) -> Option<String>| -> Vec<Option<String>> {
             rows.iter().map(|(a, ..)| f(a)).collect()
         };
-        sqlx::query(AssertSqlSafe(sql))
+        let studies: Vec<String> = sqlx::query_scalar(AssertSqlSafe(sql))
             .bind(col(|a| Some(a.envelope.study_id.clone())))
             .bind(col(|a| a.envelope.subject_id.clone()))
             .bind(rows.iter().map(|(a, ..)| a.envelope.event_id).collect::<Vec<Uuid>>())
@@ -139,10 +163,11 @@ pub(crate) async fn store_inputs(
             .bind(rows.iter().map(|(.., d)| day_of(d)).collect::<Vec<_>>())
             .bind(rows.iter().map(|(_, o, ..)| *o).collect::<Vec<_>>())
             .bind(rows.iter().map(|(_, _, r, _)| *r).collect::<Vec<_>>())
-            .execute(&mut *conn)
+            .fetch_all(&mut *conn)
             .await?;
+        changed.extend(studies);
     }
-    Ok(())
+    Ok(changed)
 }
 
 fn day_of(date: &SourceDate) -> Option<NaiveDate> {

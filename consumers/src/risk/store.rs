@@ -214,7 +214,8 @@ pub struct SiteCounts {
 
 /// Every site's counts in `study_id`, by site id. A subject's exposure is the days from its
 /// enrollment date to its withdrawal date, or else to the last date it was seen, both included.
-/// An input lags when its UTC recording day is more than `lag_days` after its clinical day.
+/// An input lags when its UTC recording day is more than `lag_days` after its clinical day (the
+/// inputs are counted by subject and lag as they are stored, `input_count`).
 pub(crate) async fn site_counts(
     conn: &mut PgConnection,
     schema: &SchemaName,
@@ -233,15 +234,12 @@ pub(crate) async fn site_counts(
              FROM {schema}.adverse_event a JOIN s USING (subject_id)
              WHERE a.study_id = $1 AND s.enrolled_on IS NOT NULL
              GROUP BY s.site_id
-         ), inp AS (
-             SELECT subject_id, effective_on AS on_day, recorded_at FROM {schema}.reading WHERE study_id = $1
-             UNION ALL
-             SELECT subject_id, onset_on, recorded_at FROM {schema}.ae_report WHERE study_id = $1
          ), inputs AS (
-             SELECT s.site_id, count(*) AS points,
-                    count(*) FILTER (WHERE i.on_day IS NOT NULL) AS dated,
-                    count(*) FILTER (WHERE (i.recorded_at AT TIME ZONE 'UTC')::date - i.on_day > $2) AS lagging
-             FROM inp i JOIN s USING (subject_id)
+             SELECT s.site_id, sum(c.n)::bigint AS points,
+                    coalesce(sum(c.n) FILTER (WHERE c.dated), 0)::bigint AS dated,
+                    coalesce(sum(c.n) FILTER (WHERE c.dated AND c.lag > $2), 0)::bigint AS lagging
+             FROM {schema}.input_count c JOIN s USING (subject_id)
+             WHERE c.study_id = $1
              GROUP BY s.site_id
          ), q AS (
              SELECT s.site_id, count(*) AS queries,
