@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
@@ -23,7 +23,7 @@ use crate::error::{ConsumerError, HandlerError};
 use crate::failure::{reason_of, retry_delay, send_to_dlq, sleep_or_shutdown};
 use crate::handler::{Context, Handler, Message};
 use crate::metrics as m;
-use crate::rebalance::{Key, PartitionQueue, RebalanceContext, WorkerHandle};
+use crate::rebalance::{Assigned, Key, PartitionQueue, RebalanceContext, WorkerHandle};
 use crate::shared::Shared;
 use crate::store::Sql;
 
@@ -61,7 +61,9 @@ pub async fn run<H: Handler>(
     let health = health_name(&spec.name);
     trialflow_outbox::health::not_ready(&health, "joining the consumer group");
     trialflow_outbox::health::watch_database(&health, pool.clone());
-    let consumer = Arc::new(create_consumer(&spec, &config, workers.clone(), assigned_tx)?);
+    let queues = Arc::default();
+    let consumer =
+        Arc::new(create_consumer(&spec, &config, workers.clone(), Arc::downgrade(&queues), assigned_tx)?);
     let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
     let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
@@ -105,18 +107,13 @@ pub async fn run<H: Handler>(
                     break;
                 }
             }
-            Some((key, queue)) = assigned.recv() => {
-                let cancel = CancellationToken::new();
-                let (done_tx, done_rx) = std::sync::mpsc::channel();
-                workers
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(key.clone(), WorkerHandle { cancel: cancel.clone(), done: done_rx });
-                let lock = partition_locks.entry(key).or_default().clone();
+            // Registered in `workers` by the rebalance callback already.
+            Some(partition) = assigned.recv() => {
+                let lock = partition_locks.entry(partition.key.clone()).or_default().clone();
                 let shared = shared.clone();
                 joins.spawn(async move {
                     let _running = lock.lock_owned().await;
-                    partition_worker(shared, queue, cancel, done_tx).await;
+                    partition_worker(shared, partition).await;
                 });
             }
             received = stream.next() => match received {
@@ -149,6 +146,9 @@ pub async fn run<H: Handler>(
         debug!(%error, "Final offset commit had nothing to do.");
     }
     consumer.unsubscribe();
+    // The partitions not spawned yet, then the queues: each holds the consumer.
+    drop(assigned);
+    drop(queues);
     trialflow_outbox::health::forget(&health);
     info!(consumer = %shared.spec.name, "Consumer stopped.");
     outcome
@@ -158,7 +158,8 @@ fn create_consumer(
     spec: &ConsumerSpec,
     config: &ConsumerConfig,
     workers: Arc<Mutex<HashMap<Key, WorkerHandle>>>,
-    assigned: mpsc::UnboundedSender<(Key, PartitionQueue)>,
+    queues: Weak<Mutex<HashMap<Key, Arc<PartitionQueue>>>>,
+    assigned: mpsc::UnboundedSender<Assigned>,
 ) -> Result<StreamConsumer<RebalanceContext>, ConsumerError> {
     let client = config.kafka.consumer(&format!("trialflow-{}", spec.name), |client| {
         client
@@ -175,6 +176,7 @@ fn create_consumer(
     let context = RebalanceContext {
         workers,
         consumer: std::sync::OnceLock::new(),
+        queues,
         assigned,
         revoke_wait: config.revoke_wait(),
         health: health_name(&spec.name),
@@ -204,12 +206,9 @@ fn owned(m: &rdkafka::message::BorrowedMessage<'_>) -> Message {
 }
 
 /// Applies one partition's messages in order until cancelled (revocation or shutdown).
-async fn partition_worker<H: Handler>(
-    shared: Arc<Shared<H>>,
-    queue: PartitionQueue,
-    cancel: CancellationToken,
-    done: std::sync::mpsc::Sender<()>,
-) {
+async fn partition_worker<H: Handler>(shared: Arc<Shared<H>>, partition: Assigned) {
+    let Assigned { queue, cancel, started, done, .. } = partition;
+    started.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut rx = queue.stream();
     let labels = [("consumer", shared.spec.name.clone())];
     loop {
@@ -236,10 +235,9 @@ async fn partition_worker<H: Handler>(
         let last = &batch[batch.len() - 1];
         store_offset(&shared, &last.topic, last.partition, last.offset + 1);
     }
-    // The queue goes before the worker says it is done, so that nothing of this partition is
-    // still queued here when the revocation completes.
+    // The stream goes before the worker says it is done, so that nothing of this partition is
+    // still taken here when the revocation completes (the queue stays, see `RebalanceContext`).
     drop(rx);
-    drop(queue);
     let _ = done.send(());
 }
 

@@ -825,7 +825,8 @@ async fn a_parked_message_that_keeps_failing_ages_out_alone() -> anyhow::Result<
 }
 
 /// A batch outlives the revoke wait while its partition is revoked and assigned again to the same
-/// member: the new worker starts only after the old one ended, never two at once, nothing idle.
+/// member: the new worker starts only after the old one ended, never two at once, nothing idle,
+/// also long after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_batch_across_a_rebalance_never_runs_beside_its_successor() -> anyhow::Result<()> {
     let fx = Fixture::new(1).await?;
@@ -852,12 +853,17 @@ async fn a_slow_batch_across_a_rebalance_never_runs_beside_its_successor() -> an
         .set("heartbeat.interval.ms", "500")
         .create()?;
     other.subscribe(&[&other_topic])?;
-    let polling = tokio::task::spawn_blocking(move || {
-        let until = Instant::now() + Duration::from_secs(8);
-        while Instant::now() < until {
-            let _ = other.poll(Duration::from_millis(100));
+    // It stays in the group until the end (leaving would rebalance once more).
+    let leave = Arc::new(AtomicBool::new(false));
+    let polling = tokio::task::spawn_blocking({
+        let leave = leave.clone();
+        move || {
+            let until = Instant::now() + WAIT;
+            while !leave.load(Ordering::SeqCst) && Instant::now() < until {
+                let _ = other.poll(Duration::from_millis(100));
+            }
+            other
         }
-        other
     });
     let after: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
     for id in &after {
@@ -870,6 +876,14 @@ async fn a_slow_batch_across_a_rebalance_never_runs_beside_its_successor() -> an
     })
     .await?;
     assert_eq!(fx.recorder.overlaps.load(Ordering::SeqCst), 0, "two workers applied one partition at once");
+    // The old worker ended after its successor took the partition's queue: the successor is still
+    // woken by what arrives later (an old queue handle dropped late once silenced the new one
+    // until the next rebalance: a partition stuck with nothing logged).
+    let late = Uuid::now_v7();
+    fx.produce("subject-1", late, b"ok:long after the rebalance").await?;
+    wait_until("a message long after the rebalance applied", WAIT, || async { fx.applied_once(late).await })
+        .await?;
+    leave.store(true, Ordering::SeqCst);
     drop(polling.await?);
     stop.cancel();
     handle.await??;
