@@ -6,7 +6,7 @@
 -- or a mark made before this migration) has all of the subject's data checked again.
 ALTER TABLE check_due ADD COLUMN event_id uuid;
 
--- The readings of one time point (diastolic vs systolic at one instant).
-CREATE INDEX reading_time_point ON reading (study_id, subject_id, effective_at);
--- A series by day (the weight change between consecutive days of data).
-CREATE INDEX reading_series_day ON reading (study_id, subject_id, code, unit, effective_on);
+-- A subject's readings of a code by effective time: the readings of one time point (diastolic vs
+-- systolic at one instant), and a series by day (the weight change between consecutive days of
+-- data; effective_on is effective_at's UTC day).
+CREATE INDEX reading_code_time ON reading (study_id, subject_id, code, effective_at);

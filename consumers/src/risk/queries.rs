@@ -487,7 +487,7 @@ async fn load(
             "SELECT {READING} FROM {schema}.reading r
              JOIN unnest($2::text[], $3::timestamptz[]) AS k(subject_id, at)
                ON r.subject_id = k.subject_id AND r.effective_at = k.at
-             WHERE r.study_id = $1 AND r.code = ANY($4)"
+             WHERE r.study_id = $1 AND r.code = ANY($4::text[])"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(study_id)
@@ -506,22 +506,29 @@ async fn load(
         }
     }
     if !stretches.is_empty() {
-        // From the data day before the first new day to the data day after the last one.
+        // From the data day before the first new day to the data day after the last one, by the
+        // effective time (`effective_on` is its UTC day) so that one index serves both reads.
         let sql = format!(
             "SELECT {READING}
              FROM unnest($2::text[], $3::text[], $4::text[], $5::date[], $6::date[])
                   AS k(subject_id, code, unit, first_day, last_day)
              CROSS JOIN LATERAL (
-                 SELECT coalesce((SELECT max(p.effective_on) FROM {schema}.reading p
+                 SELECT coalesce((SELECT p.effective_on FROM {schema}.reading p
                                   WHERE p.study_id = $1 AND p.subject_id = k.subject_id AND p.code = k.code
-                                    AND p.unit = k.unit AND p.effective_on < k.first_day), k.first_day) AS lo,
-                        coalesce((SELECT min(p.effective_on) FROM {schema}.reading p
+                                    AND p.effective_at < k.first_day::timestamp AT TIME ZONE 'UTC'
+                                    AND p.unit = k.unit AND p.effective_on IS NOT NULL
+                                  ORDER BY p.effective_at DESC LIMIT 1), k.first_day) AS lo,
+                        coalesce((SELECT p.effective_on FROM {schema}.reading p
                                   WHERE p.study_id = $1 AND p.subject_id = k.subject_id AND p.code = k.code
-                                    AND p.unit = k.unit AND p.effective_on > k.last_day), k.last_day) AS hi
+                                    AND p.effective_at >= (k.last_day + 1)::timestamp AT TIME ZONE 'UTC'
+                                    AND p.unit = k.unit AND p.effective_on IS NOT NULL
+                                  ORDER BY p.effective_at LIMIT 1), k.last_day) AS hi
              ) b
              JOIN {schema}.reading r
-               ON r.study_id = $1 AND r.subject_id = k.subject_id AND r.code = k.code AND r.unit = k.unit
-              AND r.effective_on BETWEEN b.lo AND b.hi"
+               ON r.study_id = $1 AND r.subject_id = k.subject_id AND r.code = k.code
+              AND r.effective_at >= b.lo::timestamp AT TIME ZONE 'UTC'
+              AND r.effective_at < (b.hi + 1)::timestamp AT TIME ZONE 'UTC'
+             WHERE r.unit = k.unit AND r.effective_on IS NOT NULL"
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(study_id)
