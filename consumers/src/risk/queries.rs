@@ -431,37 +431,30 @@ async fn load(
         .filter(|(_, d)| !d.whole)
         .flat_map(|(s, d)| d.events.iter().map(move |e| (s.as_str(), *e)))
         .unzip();
-    let sql = format!(
-        "SELECT {READING} FROM {schema}.reading r WHERE r.study_id = $1 AND r.subject_id = ANY($2)
-         UNION ALL
-         SELECT {READING} FROM {schema}.reading r
-         JOIN unnest($3::text[], $4::uuid[]) AS k(subject_id, event_id)
-           ON r.subject_id = k.subject_id AND r.event_id = k.event_id
-         WHERE r.study_id = $1"
-    );
-    let rows = sqlx::query(AssertSqlSafe(sql))
-        .bind(study_id)
-        .bind(&whole)
-        .bind(&subjects)
-        .bind(&events)
-        .fetch_all(&mut *conn)
-        .await?;
-    let mut rows_read = keep_readings(&rows, &mut read)?;
-    let sql = format!(
-        "SELECT {REPORT} FROM {schema}.ae_report a WHERE a.study_id = $1 AND a.subject_id = ANY($2)
-         UNION ALL
-         SELECT {REPORT} FROM {schema}.ae_report a
-         JOIN unnest($3::text[], $4::uuid[]) AS k(subject_id, event_id)
-           ON a.subject_id = k.subject_id AND a.event_id = k.event_id
-         WHERE a.study_id = $1"
-    );
-    let rows = sqlx::query(AssertSqlSafe(sql))
-        .bind(study_id)
-        .bind(&whole)
-        .bind(&subjects)
-        .bind(&events)
-        .fetch_all(&mut *conn)
-        .await?;
+    // Every row of the subjects due as a whole, and the new rows of the others.
+    let due_rows = |table: &str, alias: &str, columns: &str| {
+        format!(
+            "SELECT {columns} FROM {schema}.{table} {alias} WHERE {alias}.study_id = $1 AND {alias}.subject_id = ANY($2)
+             UNION ALL
+             SELECT {columns} FROM {schema}.{table} {alias}
+             JOIN unnest($3::text[], $4::uuid[]) AS k(subject_id, event_id)
+               ON {alias}.subject_id = k.subject_id AND {alias}.event_id = k.event_id
+             WHERE {alias}.study_id = $1"
+        )
+    };
+    let mut rows_read = 0;
+    let mut fetch = async |sql: String| {
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(study_id)
+            .bind(&whole)
+            .bind(&subjects)
+            .bind(&events)
+            .fetch_all(&mut *conn)
+            .await
+    };
+    let rows = fetch(due_rows("reading", "r", READING)).await?;
+    rows_read += keep_readings(&rows, &mut read)?;
+    let rows = fetch(due_rows("ae_report", "a", REPORT)).await?;
     rows_read += rows.len();
     for row in &rows {
         let (subject, site, report) = report_of(row)?;
