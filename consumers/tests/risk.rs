@@ -425,8 +425,9 @@ async fn the_kri_table_equals_an_independent_computation_whatever_the_order_and_
     let study = risk::read::study_kris(&pool, &schema, STUDY).await?;
     assert_eq!(study.len(), 8, "{study:?}");
 
-    // Every flag change is a KriFlagChanged on its site's key, in order: the last one of each site
-    // and KRI says the flag the table ends with, and every site flagged now had one.
+    // Every flag change is a KriFlagChanged on its site's key, in order, each from the flag the one
+    // before ended with: the last one of each site and KRI says the flag the table ends with, and
+    // every site flagged now had one.
     let flags = TopicReader::new(&kafka(), &names.name(topics::KRI_FLAGS), true)?
         .read_until_idle(Duration::from_secs(2), WAIT)
         .await?;
@@ -444,7 +445,18 @@ async fn the_kri_table_equals_an_independent_computation_whatever_the_order_and_
         };
         assert_eq!(m.key, format!("{STUDY}/{}", e.envelope.site_id.clone().unwrap_or_default()));
         let flag = e.flag.and_then(|f| i16::try_from(f).ok());
-        last.insert((e.envelope.site_id.unwrap_or_default(), e.kri_id), flag);
+        let previous = e.previous_flag.and_then(|f| i16::try_from(f).ok());
+        let key = (e.envelope.site_id.unwrap_or_default(), e.kri_id);
+        // A chain of changes: each starts from the flag the one before ended with, and changes it.
+        let before = last.get(&key).copied().flatten();
+        assert_eq!(
+            previous.unwrap_or(0),
+            before.unwrap_or(0),
+            "{key:?}: {flags:?}",
+            flags = (previous, flag)
+        );
+        assert_ne!(previous.unwrap_or(0), flag.unwrap_or(0), "{key:?} changed nothing");
+        last.insert(key, flag);
     }
     for (key, (_, _, _, flag)) in &want {
         match last.get(key) {
@@ -480,6 +492,12 @@ async fn the_kri_table_equals_an_independent_computation_whatever_the_order_and_
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+
+    // Scoring the same counts again changes no flag (each site's flag before is read back).
+    let mut conn = pool.acquire().await?;
+    let again = risk::evaluate::evaluate(&mut conn, &schema, STUDY, &qtl_config()?).await?;
+    assert!(again.is_empty(), "an evaluation of unchanged counts changed flags: {again:?}");
+    drop(conn);
 
     let mut letters = 0;
     for topic in [topics::SUBJECT_LIFECYCLE, topics::ADVERSE_EVENTS, topics::CLINICAL_OBSERVATIONS] {

@@ -13,7 +13,7 @@
 //! (or no longer is) is a `QtlStatusChanged` on `risk.kri-flags.v1`, keyed by study, which the
 //! monitoring service turns into a study-level alert that needs an evaluation.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use sqlx::{AssertSqlSafe, PgConnection, PgPool};
@@ -321,6 +321,7 @@ pub async fn evaluate(
     Ok(changes)
 }
 
+/// Stores one KRI of a study, every scored site with it, in one statement; the flags that changed.
 async fn save(
     conn: &mut PgConnection,
     schema: &SchemaName,
@@ -328,47 +329,48 @@ async fn save(
     kri: &'static Kri,
     analysis: &Analysis,
 ) -> Result<Vec<FlagChange>, sqlx::Error> {
+    // Every sub-statement sees the rows as they were before it: `before` holds the old flags.
+    // flag_changed_at moves only with the flag. Sites in order (the study's row is held anyway).
     let sql = format!(
-        "INSERT INTO {schema}.study_kri (study_id, kri, overall, factor) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (study_id, kri) DO UPDATE SET overall = excluded.overall, factor = excluded.factor"
-    );
-    sqlx::query(AssertSqlSafe(sql))
-        .bind(study_id)
-        .bind(kri.id)
-        .bind(analysis.overall)
-        .bind(analysis.factor)
-        .execute(&mut *conn)
-        .await?;
-    // The flag before, then the new row; flag_changed_at moves only with the flag.
-    let sql = format!(
-        "WITH before AS (
-             SELECT flag FROM {schema}.site_kri WHERE study_id = $1 AND site_id = $2 AND kri = $3
+        "WITH study AS (
+             INSERT INTO {schema}.study_kri (study_id, kri, overall, factor) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (study_id, kri) DO UPDATE SET overall = excluded.overall, factor = excluded.factor
+         ), site AS (
+             SELECT * FROM unnest($5::text[], $6::float8[], $7::float8[], $8::float8[], $9::float8[], $10::int2[])
+                 AS s (site_id, numerator, denominator, metric, score, flag)
+         ), before AS (
+             SELECT site_id, flag FROM {schema}.site_kri WHERE study_id = $1 AND kri = $2
          ), saved AS (
              INSERT INTO {schema}.site_kri AS t
                  (study_id, site_id, kri, numerator, denominator, metric, score, flag, flag_changed_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())
+             SELECT $1, site_id, $2, numerator, denominator, metric, score, flag, now() FROM site
+             ORDER BY site_id
              ON CONFLICT (study_id, site_id, kri) DO UPDATE SET
                  numerator = excluded.numerator, denominator = excluded.denominator,
                  metric = excluded.metric, score = excluded.score, flag = excluded.flag,
                  flag_changed_at = CASE WHEN t.flag IS NOT DISTINCT FROM excluded.flag
                                         THEN t.flag_changed_at ELSE excluded.flag_changed_at END
          )
-         SELECT EXISTS (SELECT 1 FROM before), (SELECT flag FROM before)"
+         SELECT site.site_id, before.flag FROM site LEFT JOIN before USING (site_id)"
     );
+    let sites = &analysis.sites;
+    let rows: Vec<(String, Option<i16>)> = sqlx::query_as(AssertSqlSafe(sql))
+        .bind(study_id)
+        .bind(kri.id)
+        .bind(analysis.overall)
+        .bind(analysis.factor)
+        .bind(sites.iter().map(|s| s.site.as_str()).collect::<Vec<_>>())
+        .bind(sites.iter().map(|s| s.numerator).collect::<Vec<_>>())
+        .bind(sites.iter().map(|s| s.denominator).collect::<Vec<_>>())
+        .bind(sites.iter().map(|s| s.metric).collect::<Vec<_>>())
+        .bind(sites.iter().map(|s| s.score).collect::<Vec<_>>())
+        .bind(sites.iter().map(|s| s.flag.map(i16::from)).collect::<Vec<_>>())
+        .fetch_all(&mut *conn)
+        .await?;
+    let before: BTreeMap<String, Option<i16>> = rows.into_iter().collect();
     let mut changes = Vec::new();
-    for site in &analysis.sites {
-        let (_existed, before): (bool, Option<i16>) = sqlx::query_as(AssertSqlSafe(sql.clone()))
-            .bind(study_id)
-            .bind(&site.site)
-            .bind(kri.id)
-            .bind(site.numerator)
-            .bind(site.denominator)
-            .bind(site.metric)
-            .bind(site.score)
-            .bind(site.flag.map(i16::from))
-            .fetch_one(&mut *conn)
-            .await?;
-        let from = before.and_then(|f| i8::try_from(f).ok());
+    for site in sites {
+        let from = before.get(&site.site).copied().flatten().and_then(|f| i8::try_from(f).ok());
         // An unscored site counts as 0: becoming scored at 0 (or unscored from 0) is no change.
         if from.unwrap_or(0) != site.flag.unwrap_or(0) {
             changes.push(FlagChange {

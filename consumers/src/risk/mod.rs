@@ -189,21 +189,16 @@ impl Handler for Risk {
         let mut adverse_events: BTreeMap<(String, String, String), bool> = BTreeMap::new();
         let events: Vec<AnyEvent> = batch.iter().filter_map(|m| decode(m).ok()).collect();
         let mut inputs = queries::Inputs::default();
-        let mut due: BTreeSet<queries::Mark> = BTreeSet::new();
+        // Subjects whose data are all due for the edit checks again (each new input is marked as
+        // it is stored).
+        let mut whole: BTreeSet<(String, String)> = BTreeSet::new();
         for event in &events {
             let Some((envelope, what)) = what(event) else { continue };
             let Ok(fact) = fact(envelope) else { continue };
             let key = (fact.study_id.to_string(), fact.subject_id.to_string());
-            // The edit checks judge a new data point; a consent or a withdrawal changes the dates
-            // they compare all of the subject's data with.
-            match what {
-                What::AdverseEvent(_) | What::Reading(_) => {
-                    due.insert((key.0.clone(), key.1.clone(), Some(envelope.event_id)));
-                }
-                What::Lifecycle(Lifecycle::Consented { .. } | Lifecycle::Withdrawn { .. }) => {
-                    due.insert((key.0.clone(), key.1.clone(), None));
-                }
-                What::Lifecycle(_) => {}
+            // A consent or a withdrawal changes the dates the checks compare the data with.
+            if let What::Lifecycle(Lifecycle::Consented { .. } | Lifecycle::Withdrawn { .. }) = what {
+                whole.insert(key.clone());
             }
             let day = fact.at.date_naive();
             let seen = sightings.entry(key).or_insert((None, day));
@@ -224,7 +219,7 @@ impl Handler for Risk {
         changed.extend(queries::store_inputs(tx, &self.schema, &inputs).await?);
         // The lifecycle facts follow in `handle`, in this transaction, before the evaluator can
         // take the marks.
-        queries::mark_due(tx, &self.schema, &due).await?;
+        queries::mark_subjects(tx, &self.schema, &whole).await?;
         for study_id in &changed {
             store::mark(tx, &self.schema, study_id).await?;
         }

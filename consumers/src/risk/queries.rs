@@ -1,7 +1,8 @@
 //! Data queries: the inputs the edit checks judge, the checks' runs, and each query's life.
 //!
-//! * The consumer stores every vital-sign reading and adverse-event report ([`store_inputs`]) and
-//!   marks its subject due for checking ([`mark_due`]), with the batch.
+//! * The consumer stores every vital-sign reading and adverse-event report and, in the same
+//!   statement, marks each new one due for checking ([`store_inputs`]); a consent or a withdrawal
+//!   marks its whole subject due ([`mark_subjects`]).
 //! * The evaluator takes the due subjects of a study, runs the study's edit checks on each
 //!   subject's data ([`super::checks::run`]) and opens a query per finding: a `query` row, an audit
 //!   record and a `QueryOpened` on `risk.queries.v1`, in its transaction ([`open_queries`]).
@@ -50,11 +51,17 @@ pub(crate) struct Inputs<'a> {
     pub adverse_events: Vec<&'a AdverseEventReported>,
 }
 
-/// Counts the inputs a statement stored (`new`: study, subject, clinical day, recording time) in
-/// `input_count`, keys in order; returns a study per row counted.
-fn count_new(schema: &SchemaName) -> String {
+/// What follows a statement that stored inputs (`new`: study, subject, event, clinical day,
+/// recording time): a mark per new input, due for the edit checks (appended, never in conflict
+/// with another mark, so a batch never waits for the evaluator, see `0004_append_only_marks.sql`),
+/// and the inputs counted in `input_count`, keys in order; returns a study per row counted.
+fn mark_and_count_new(schema: &SchemaName) -> String {
     format!(
-        "INSERT INTO {schema}.input_count AS t (study_id, subject_id, dated, lag, n)
+        "marked AS (
+             INSERT INTO {schema}.check_due (study_id, subject_id, event_id)
+             SELECT study_id, subject_id, event_id FROM new
+         )
+         INSERT INTO {schema}.input_count AS t (study_id, subject_id, dated, lag, n)
          SELECT study_id, subject_id, on_day IS NOT NULL,
                 coalesce((recorded_at AT TIME ZONE 'UTC')::date - on_day, 0), count(*)
          FROM new GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
@@ -63,8 +70,8 @@ fn count_new(schema: &SchemaName) -> String {
     )
 }
 
-/// Stores the batch's readings and adverse-event reports and counts the new ones (a duplicate
-/// changes nothing); the studies with new inputs (their input KRIs changed). Inputs whose times
+/// Stores the batch's readings and adverse-event reports, marks and counts the new ones (a
+/// duplicate changes nothing); the studies with new inputs (their input KRIs changed). Inputs whose times
 /// are out of range or lack a subject are left out (`handle` dead-letters them).
 pub(crate) async fn store_inputs(
     conn: &mut PgConnection,
@@ -96,9 +103,9 @@ pub(crate) async fn store_inputs(
                      $7::float8[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::date[],
                      $13::timestamptz[], $14::timestamptz[])
                  ON CONFLICT DO NOTHING
-                 RETURNING study_id, subject_id, effective_on AS on_day, recorded_at
-             ) {}",
-            count_new(schema)
+                 RETURNING study_id, subject_id, event_id, effective_on AS on_day, recorded_at
+             ), {}",
+            mark_and_count_new(schema)
         );
         let col = |f: fn(&VitalSignRecorded) -> Option<String>| -> Vec<Option<String>> {
             rows.iter().map(|(r, ..)| f(r)).collect()
@@ -145,9 +152,9 @@ pub(crate) async fn store_inputs(
                  SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[],
                      $7::timestamptz[], $8::date[], $9::timestamptz[], $10::timestamptz[])
                  ON CONFLICT DO NOTHING
-                 RETURNING study_id, subject_id, onset_on AS on_day, recorded_at
-             ) {}",
-            count_new(schema)
+                 RETURNING study_id, subject_id, event_id, onset_on AS on_day, recorded_at
+             ), {}",
+            mark_and_count_new(schema)
         );
         let col = |f: fn(&AdverseEventReported) -> Option<String>| -> Vec<Option<String>> {
             rows.iter().map(|(a, ..)| f(a)).collect()
@@ -188,29 +195,22 @@ fn vital_name(code: &str) -> &str {
     }
 }
 
-/// A subject due for the edit checks, for the data point `event_id` (a reading or an adverse-event
-/// report stored with the mark), or as a whole (`None`: a consent or a withdrawal changed the dates
-/// the checks compare its data with).
-pub(crate) type Mark = (String, String, Option<Uuid>);
-
-/// Appends the marks: never in conflict with another mark, so a batch never waits for the
-/// evaluator (see `0004_append_only_marks.sql`).
-pub(crate) async fn mark_due(
+/// Marks whole subjects (study, subject) due for the edit checks: a consent or a withdrawal changed
+/// the dates the checks compare all of their data with. Appended like the marks of new inputs.
+pub(crate) async fn mark_subjects(
     conn: &mut PgConnection,
     schema: &SchemaName,
-    marks: &BTreeSet<Mark>,
+    subjects: &BTreeSet<(String, String)>,
 ) -> Result<(), HandlerError> {
-    if marks.is_empty() {
+    if subjects.is_empty() {
         return Ok(());
     }
-    let studies: Vec<&str> = marks.iter().map(|m| m.0.as_str()).collect();
-    let subjects: Vec<&str> = marks.iter().map(|m| m.1.as_str()).collect();
-    let events: Vec<Option<Uuid>> = marks.iter().map(|m| m.2).collect();
+    let studies: Vec<&str> = subjects.iter().map(|m| m.0.as_str()).collect();
+    let ids: Vec<&str> = subjects.iter().map(|m| m.1.as_str()).collect();
     let sql = format!(
-        "INSERT INTO {schema}.check_due (study_id, subject_id, event_id)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[])"
+        "INSERT INTO {schema}.check_due (study_id, subject_id) SELECT * FROM unnest($1::text[], $2::text[])"
     );
-    sqlx::query(AssertSqlSafe(sql)).bind(studies).bind(subjects).bind(events).execute(&mut *conn).await?;
+    sqlx::query(AssertSqlSafe(sql)).bind(studies).bind(ids).execute(&mut *conn).await?;
     Ok(())
 }
 
