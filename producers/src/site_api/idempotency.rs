@@ -28,9 +28,11 @@ pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 /// Longest accepted key; UUIDs and ULIDs fit with room to spare.
 pub const MAX_KEY_LEN: usize = 255;
 
-/// How long a retry waits for a concurrent request holding the same key before answering 503.
-/// The first request's transaction holds the key only for the time of one command.
-const LOCK_TIMEOUT: &str = "5s";
+/// How long a statement of the API waits for a lock: a retry for a concurrent request holding the
+/// same key, a command for a subject another one holds. Then it answers 503 (retry later). A
+/// startup parameter of the API's connections (no statement per request); the first request's
+/// transaction holds the key only for the time of one command.
+pub(crate) const LOCK_TIMEOUT: &str = "5s";
 
 /// The `Idempotency-Key` of a command: 1 to 255 visible ASCII characters.
 pub(crate) fn key(headers: &HeaderMap) -> Result<String, ApiError> {
@@ -119,9 +121,6 @@ async fn start<'a>(
 ) -> Result<Started<'a>, ApiError> {
     let s = &api.schema;
     let mut tx = api.pool.begin().await?;
-    sqlx::query(AssertSqlSafe(format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")))
-        .execute(&mut *tx)
-        .await?;
     // The primary key is the lock: while another transaction holds an uncommitted row with the
     // same (principal, key) — a concurrent retry of the same command — this INSERT waits for it.
     // If that transaction commits, ON CONFLICT DO NOTHING inserts nothing and the SELECT below

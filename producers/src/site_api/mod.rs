@@ -249,7 +249,10 @@ impl SiteApi {
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(trialflow_outbox::DatabaseConfig::connect_options_for(&config.database_url)?)
+            .connect_with(
+                trialflow_outbox::DatabaseConfig::connect_options_for(&config.database_url)?
+                    .options([("lock_timeout", idempotency::LOCK_TIMEOUT)]),
+            )
             .await?;
         let outbox = Outbox::open(&pool, config.schema.clone()).await?;
         describe_metrics();
