@@ -19,6 +19,9 @@ use trialflow_outbox::metrics::COMMIT_TO_ACK_SECONDS;
 use trialflow_outbox::{KafkaConfig, Outbox, OutboxEvent, RelayConfig, SchemaName};
 use uuid::Uuid;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod alerts;
 mod consumer;
 mod debezium;

@@ -4,6 +4,9 @@ use clap::{CommandFactory, FromArgMatches};
 use trialflow::cli::{Cli, Command};
 use trialflow_pipeline::shutdown;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
