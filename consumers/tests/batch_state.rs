@@ -294,6 +294,44 @@ async fn readings_of_one_subject_in_one_batch_open_one_episode_then_add_to_it() 
     Ok(())
 }
 
+/// A reading delivered again (its inbox row expired) counts once in its series, in a batch beside
+/// a new reading: two systolic readings of a visit are stored, then one of them comes again. Were
+/// it counted twice, the visit would have a mean of three readings at or above 180 mm[Hg].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_reading_counts_once_in_its_series() -> anyhow::Result<()> {
+    init_logs();
+    let pool = PgPool::connect(&database_url()).await?;
+    let (schema, handler, outbox) = monitoring_schema(&pool).await?;
+    let topic = TopicNames::new("").name(topics::CLINICAL_OBSERVATIONS);
+    let low = reading("8480-6", 175.0, "mm[Hg]", 10, "DAY 1");
+    let high = reading("8480-6", 190.0, "mm[Hg]", 11, "DAY 1");
+    let stored = [message(&topic, 0, &low, None), message(&topic, 1, &high, None)];
+    apply(&handler, &pool, &outbox, &stored).await?.map_err(anyhow::Error::msg)?;
+    let before = episodes(&pool, &schema).await?;
+    assert_eq!(before, ["CTCAE-HTN-G3:2"], "each reading at or above 160, no visit mean of two");
+
+    let heart_rate = reading("8867-4", 130.0, "/min", 12, "DAY 1");
+    let again = [message(&topic, 2, &high, None), message(&topic, 3, &heart_rate, None)];
+    let outcomes = apply(&handler, &pool, &outbox, &again).await?.map_err(anyhow::Error::msg)?;
+    assert_eq!(outcomes[0], Vec::<String>::new(), "the reading delivered again changes nothing");
+    assert_eq!(outcomes[1], [AlertRaised::NAME], "the new reading beside it is judged");
+    assert_eq!(episodes(&pool, &schema).await?, ["CTCAE-HTN-G3:2", "PROTOCOL-HR-HIGH:1"]);
+    assert_eq!(scalar(&pool, &schema, "SELECT count(*) FROM {s}.observation").await?, 3);
+
+    // A third reading of the visit does make a mean of three (≥ 180): the rule was in reach.
+    let third = reading("8480-6", 185.0, "mm[Hg]", 13, "DAY 1");
+    let outcomes = apply(&handler, &pool, &outbox, &[message(&topic, 4, &third, None)])
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    assert!(outcomes[0].iter().any(|e| e == AlertRaised::NAME), "{outcomes:?}");
+    assert_eq!(
+        episodes(&pool, &schema).await?,
+        ["CTCAE-HTN-G3:3", "PROTOCOL-HR-HIGH:1", "PROTOCOL-HTN-SEVERE:3"]
+    );
+    sqlx::query(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&pool).await?;
+    Ok(())
+}
+
 /// Through the runtime and the broker: one partition's backlog of submissions (so one batch, or
 /// few) with undecodable bytes in the middle and a redelivered event; the first attempt to write
 /// the batch's decisions fails (a serialization failure injected once).

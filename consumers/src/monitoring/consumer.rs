@@ -600,9 +600,11 @@ impl Monitoring {
     /// The stored readings the rules need to judge `readings` (by series, with one query): a
     /// series' whole history only where a subject-baseline rule judges its code; else the
     /// readings of the same visits (visit means) and those within a persistence rule's reach of
-    /// each reading, both only where such a rule judges the code ([`Reach`]), and the readings
-    /// themselves if stored (a redelivery counts once). Bounded, so that memory and work per
-    /// reading do not grow with a subject's history.
+    /// each reading, both only where such a rule judges the code ([`Reach`]). A redelivered
+    /// reading needs no read of its own: every rule that looks beyond a reading reaches it, and a
+    /// reading is added to its series (and stored) only if not there already
+    /// ([`MonitoringBatch::observe`]; the insert ignores a reading stored before). Bounded, so
+    /// that memory and work per reading do not grow with a subject's history.
     async fn all_series(
         &self,
         tx: &mut Transaction<'static, Postgres>,
@@ -618,7 +620,7 @@ impl Monitoring {
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::boolean[], $5::timestamptz[],
                                       $6::timestamptz[]) WITH ORDINALITY
                      AS k(study_id, subject_id, code, whole, after, until, i)),
-             m AS (SELECT * FROM unnest($7::bigint[], $8::uuid[], $9::text[]) AS m(i, event_id, visit))
+             m AS (SELECT * FROM unnest($7::bigint[], $8::text[]) AS m(i, visit))
              SELECT o.study_id, o.subject_id, o.code, o.event_id, o.value, o.unit, o.effective_at, o.visit
              FROM k JOIN {schema}.observation o USING (study_id, subject_id, code) WHERE k.whole
              UNION
@@ -629,19 +631,12 @@ impl Monitoring {
              SELECT o.study_id, o.subject_id, o.code, o.event_id, o.value, o.unit, o.effective_at, o.visit
              FROM m JOIN k USING (i) JOIN {schema}.observation o USING (study_id, subject_id, code)
              WHERE m.visit IS NOT NULL AND btrim(o.visit) = m.visit
-             UNION
-             SELECT o.study_id, o.subject_id, o.code, o.event_id, o.value, o.unit, o.effective_at, o.visit
-             FROM {schema}.observation o
-             WHERE o.event_id = ANY($8::uuid[])
-               AND EXISTS (SELECT 1 FROM m JOIN k USING (i)
-                           WHERE (m.event_id, k.study_id, k.subject_id, k.code)
-                                 = (o.event_id, o.study_id, o.subject_id, o.code))
              ORDER BY 1, 2, 3, 7",
             schema = self.schema
         );
         let mut keys: [Vec<&str>; 3] = Default::default();
         let (mut whole, mut after, mut until) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut of, mut event_ids, mut visits) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut of, mut visits) = (Vec::new(), Vec::new());
         for (i, ((study, subject, code), batch)) in readings.iter().enumerate() {
             let reach = self.reach(study, code);
             keys[0].push(study);
@@ -654,16 +649,12 @@ impl Monitoring {
             until.push(reach.around.zip(last).map(|(span, t)| t + span));
             for reading in batch {
                 of.push(i as i64 + 1);
-                event_ids.push(reading.event_id);
                 visits.push(reading.visit().filter(|_| reach.visit));
             }
         }
         let [studies, subjects, codes] = keys;
         // Planned for each batch (not prepared): a prepared statement falls back after five runs
-        // to a generic plan, which guesses 10 rows per unnest. The readings themselves are looked
-        // up by their primary key (`= ANY`): as a join of the arrays with the series, a plan
-        // underestimating that join compared every batch reading with every stored reading of
-        // its series in a nested loop (984,000 comparisons, 0.2–0.7 s a batch, measured).
+        // to a generic plan, which guesses 10 rows per unnest.
         let rows = sqlx::query(AssertSqlSafe(sql))
             .persistent(false)
             .bind(studies)
@@ -673,7 +664,6 @@ impl Monitoring {
             .bind(after)
             .bind(until)
             .bind(of)
-            .bind(event_ids)
             .bind(visits)
             .fetch_all(&mut **tx)
             .await?;
