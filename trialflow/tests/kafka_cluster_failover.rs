@@ -142,86 +142,101 @@ async fn scenario(how: Disruption) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let pipeline = Pipeline::start(config, &shutdown).await?;
-    let epoch = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp(), 0).unwrap_or_default();
-    let mut load = LoadConfig::local(STUDY, epoch);
-    load.subjects = SUBJECTS;
-    load.sites = 2;
-    load.rate = 30;
-    load.duration = Duration::from_secs(match how {
-        Disruption::KillOne => 6,
-        Disruption::Rolling => 20,
-    });
-    load.site_api = format!("http://{}", pipeline.site_api_addr());
-    load.epro_gateway = format!("http://{}", pipeline.epro_gateway_addr());
-    load.kafka = kafka.clone();
-    load.topics = names.clone();
-    load.progress = false;
-    let (report, disrupted) =
-        tokio::join!(run_load(load, &shutdown), disrupt(&mut cluster, how, &kafka, &prefix));
-    disrupted?;
-    let report = report?;
-    report.check()?;
+    // Checked in a block that returns its failure (no panics): the pipeline is stopped while the
+    // cluster is still up, so a failure is reported instead of hanging in a consumer's close
+    // against brokers already gone.
+    let checked = async {
+        let epoch = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp(), 0).unwrap_or_default();
+        let mut load = LoadConfig::local(STUDY, epoch);
+        load.subjects = SUBJECTS;
+        load.sites = 2;
+        load.rate = 30;
+        load.duration = Duration::from_secs(match how {
+            Disruption::KillOne => 6,
+            Disruption::Rolling => 20,
+        });
+        load.site_api = format!("http://{}", pipeline.site_api_addr());
+        load.epro_gateway = format!("http://{}", pipeline.epro_gateway_addr());
+        load.kafka = kafka.clone();
+        load.topics = names.clone();
+        load.progress = false;
+        let (report, disrupted) =
+            tokio::join!(run_load(load, &shutdown), disrupt(&mut cluster, how, &kafka, &prefix));
+        disrupted?;
+        let report = report?;
+        report.check()?;
 
-    let pool = PgPool::connect(&database_url()).await?;
-    wait_settled(&pool, &groups, &sources, &kafka, SETTLE, |_| {}).await?;
+        let pool = PgPool::connect(&database_url()).await?;
+        wait_settled(&pool, &groups, &sources, &kafka, SETTLE, |_| {}).await?;
 
-    // What to look at when a count below is off: dead letters and parked messages by topic.
-    let mut why = format!("load: {report}\n");
-    for topic in [EPRO_SUBMISSIONS, CLINICAL_OBSERVATIONS, SUBJECT_LIFECYCLE] {
-        let dlq = format!("{}{}", names.name(topic), trialflow_schemas::topics::DLQ_SUFFIX);
-        let letters = TopicReader::new(&kafka, &dlq, true)?
-            .read_until_idle(Duration::from_secs(1), Duration::from_secs(10))
-            .await
-            .map(|m| m.len())
-            .unwrap_or_default();
-        why.push_str(&format!("{dlq}: {letters} dead letters\n"));
-    }
-    for schema in [&s[enrollment::NAME], &s[epro::NAME], &s[monitoring::NAME]] {
-        let parked = trialflow_consumers::store::parked_by_consumer(&pool, schema).await?;
-        why.push_str(&format!("{schema}: parked {parked:?}\n"));
-    }
-
-    let n = i64::from(SUBJECTS);
-    let enrolled = format!(
-        "SELECT count(*) FROM {}.subject WHERE study_id = '{STUDY}' AND status = 'enrolled'",
-        s[enrollment::NAME]
-    );
-    assert_eq!(count(&pool, enrolled).await?, n, "every subject enrolled once\n{why}");
-    let observed =
-        format!("SELECT count(*) FROM {}.observation WHERE study_id = '{STUDY}'", s[monitoring::NAME]);
-    let vital_signs = report.accepted(Input::VitalSign) as i64;
-    assert!(vital_signs > 0, "the load sent vital signs");
-    assert_eq!(count(&pool, observed).await?, vital_signs, "every vital sign observed once\n{why}");
-    let judged = format!("SELECT count(*) FROM {}.submission WHERE study_id = '{STUDY}'", s[epro::NAME]);
-    assert_eq!(
-        count(&pool, judged).await?,
-        report.accepted(Input::Phq9Submission) as i64,
-        "every submission judged once\n{why}"
-    );
-
-    // Per subject, first deliveries of its lifecycle in the domain's order.
-    let lifecycle = names.name(SUBJECT_LIFECYCLE);
-    let messages = TopicReader::new(&kafka, &lifecycle, true)?
-        .read_until_idle(Duration::from_secs(3), Duration::from_secs(60))
-        .await?;
-    let mut seen = std::collections::HashSet::new();
-    let mut last: HashMap<String, u8> = HashMap::new();
-    let mut out_of_order = Vec::new();
-    for m in &messages {
-        if !seen.insert(m.header("event_id").unwrap_or_default().to_string()) {
-            continue;
+        // What to look at when a count below is off: dead letters and parked messages by topic.
+        let mut why = format!("load: {report}\n");
+        for topic in [EPRO_SUBMISSIONS, CLINICAL_OBSERVATIONS, SUBJECT_LIFECYCLE] {
+            let dlq = format!("{}{}", names.name(topic), trialflow_schemas::topics::DLQ_SUFFIX);
+            let letters = TopicReader::new(&kafka, &dlq, true)?
+                .read_until_idle(Duration::from_secs(1), Duration::from_secs(10))
+                .await
+                .map(|m| m.len())
+                .unwrap_or_default();
+            why.push_str(&format!("{dlq}: {letters} dead letters\n"));
         }
-        let Some(rank) = rank(m.header("event_type").unwrap_or_default()) else { continue };
-        let before = last.insert(m.key.clone(), rank).unwrap_or(0);
-        if rank < before {
-            out_of_order.push(format!("{}: {:?} after rank {before}", m.key, m.header("event_type")));
+        for schema in [&s[enrollment::NAME], &s[epro::NAME], &s[monitoring::NAME]] {
+            let parked = trialflow_consumers::store::parked_by_consumer(&pool, schema).await?;
+            why.push_str(&format!("{schema}: parked {parked:?}\n"));
         }
+
+        let n = i64::from(SUBJECTS);
+        let enrolled = format!(
+            "SELECT count(*) FROM {}.subject WHERE study_id = '{STUDY}' AND status = 'enrolled'",
+            s[enrollment::NAME]
+        );
+        let found = count(&pool, enrolled).await?;
+        anyhow::ensure!(found == n, "every subject enrolled once: {found} of {n}\n{why}");
+        let observed =
+            format!("SELECT count(*) FROM {}.observation WHERE study_id = '{STUDY}'", s[monitoring::NAME]);
+        let vital_signs = report.accepted(Input::VitalSign) as i64;
+        anyhow::ensure!(vital_signs > 0, "the load sent vital signs");
+        let found = count(&pool, observed).await?;
+        anyhow::ensure!(
+            found == vital_signs,
+            "every vital sign observed once: {found} of {vital_signs}\n{why}"
+        );
+        let judged = format!("SELECT count(*) FROM {}.submission WHERE study_id = '{STUDY}'", s[epro::NAME]);
+        let (found, sent) = (count(&pool, judged).await?, report.accepted(Input::Phq9Submission) as i64);
+        anyhow::ensure!(found == sent, "every submission judged once: {found} of {sent}\n{why}");
+
+        // Per subject, first deliveries of its lifecycle in the domain's order.
+        let lifecycle = names.name(SUBJECT_LIFECYCLE);
+        let messages = TopicReader::new(&kafka, &lifecycle, true)?
+            .read_until_idle(Duration::from_secs(3), Duration::from_secs(60))
+            .await?;
+        let mut seen = std::collections::HashSet::new();
+        let mut last: HashMap<String, u8> = HashMap::new();
+        let mut out_of_order = Vec::new();
+        for m in &messages {
+            if !seen.insert(m.header("event_id").unwrap_or_default().to_string()) {
+                continue;
+            }
+            let Some(rank) = rank(m.header("event_type").unwrap_or_default()) else { continue };
+            let before = last.insert(m.key.clone(), rank).unwrap_or(0);
+            if rank < before {
+                out_of_order.push(format!("{}: {:?} after rank {before}", m.key, m.header("event_type")));
+            }
+        }
+        anyhow::ensure!(
+            last.len() as u32 == SUBJECTS,
+            "every subject's lifecycle on the topic: {}",
+            last.len()
+        );
+        anyhow::ensure!(out_of_order.is_empty(), "first deliveries out of order: {out_of_order:?}");
+        Ok(())
     }
-    assert_eq!(last.len() as u32, SUBJECTS, "every subject's lifecycle on the topic");
-    assert!(out_of_order.is_empty(), "first deliveries out of order: {out_of_order:?}");
+    .await;
 
     shutdown.cancel();
-    pipeline.wait().await
+    let stopped = pipeline.wait().await;
+    checked?;
+    stopped
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
