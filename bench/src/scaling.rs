@@ -29,7 +29,7 @@ use trialflow_outbox::shard::shard_lock_namespace;
 use trialflow_outbox::{KafkaConfig, Outbox, SchemaName};
 use uuid::Uuid;
 
-use crate::{Args, bench, consumer, event, progress, relay_baseline, relay_config, wait_empty};
+use crate::{Args, bench, consumer, event, progress, relay_baseline, relay_config, wait_drained};
 
 const INSTANCES: &[usize] = &[1, 2, 4];
 const SHARDS: &[u32] = &[16, 64];
@@ -46,7 +46,8 @@ pub(crate) async fn group(
     let mut curve: Vec<(u32, usize, f64)> = Vec::new();
     for &shards in SHARDS {
         for &instances in INSTANCES {
-            let rate = drain_with(args, kafka, pool, run, &topic, &payload, shards, instances).await?;
+            let rate =
+                drain_with(args, kafka, pool, metrics, run, &topic, &payload, shards, instances).await?;
             bench(&format!("scaling_relay_{instances}x_{shards}_shards_throughput"), rate, "events/s");
             bench(
                 &format!("scaling_relay_{instances}x_{shards}_shards_vs_raw_produce"),
@@ -117,6 +118,7 @@ async fn drain_with(
     args: &Args,
     kafka: &KafkaConfig,
     pool: &PgPool,
+    metrics: &PrometheusHandle,
     run: &str,
     topic: &str,
     payload: &[u8],
@@ -146,7 +148,7 @@ async fn drain_with(
     }
     tx.commit().await?;
     let started = Instant::now();
-    wait_empty(pool, &schema, Duration::from_secs(600)).await?;
+    wait_drained(pool, metrics, &schema, args.events, Duration::from_secs(600)).await?;
     let rate = args.events as f64 / started.elapsed().as_secs_f64();
     stop.cancel();
     for relay in relays {

@@ -61,11 +61,12 @@ pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<()>
     }
     let config = Arc::new(config);
     let connect_options = config.database.connect_options()?.application_name(APPLICATION_NAME);
-    // The lease sessions alone: PostgreSQL ends one that stays silent, which frees its shards.
-    let lease_options = match lease_timeout {
+    // The lease sessions, which also read the rows (planned by the index, see `read_session`).
+    // PostgreSQL ends one that stays silent, which frees its shards.
+    let lease_options = crate::store::read_session(match lease_timeout {
         Some(timeout) => connect_options.clone().options([("idle_session_timeout", timeout.as_millis())]),
         None => connect_options.clone(),
-    };
+    });
     // Lazy: a database that is down at start is retried like one that goes down later.
     let pool = PgPoolOptions::new()
         .max_connections(2 * config.sources.len() as u32 + 2)

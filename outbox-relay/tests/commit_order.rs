@@ -123,3 +123,53 @@ async fn transaction_ids_order_numerically() -> anyhow::Result<()> {
     assert_eq!(tx_ids, ["10", "100"]);
     Ok(())
 }
+
+/// The read walks the `(tx_id, seq)` index and stops after its limit, whatever the outbox's
+/// statistics say. Without them (a new outbox, or one last analyzed near-empty) PostgreSQL
+/// would fetch the whole backlog and sort it on every read: a backlog would drain in quadratic
+/// time. The relay reads on a session with `store::read_session`'s settings.
+#[tokio::test]
+async fn the_read_walks_the_index_without_statistics() -> anyhow::Result<()> {
+    use std::str::FromStr;
+    let svc = TestService::new(None, 1).await?;
+    let s = &svc.schema;
+    // A backlog in 20 transactions that autovacuum will not analyze during the test.
+    sqlx::query(sqlx::AssertSqlSafe(format!("ALTER TABLE {s}.outbox SET (autovacuum_enabled = false)")))
+        .execute(&svc.pool)
+        .await?;
+    for t in 0..20 {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {s}.outbox (shard, topic, key, event_id, event_type, content_type, payload)
+             SELECT i % 16, 't', 'key-' || (i % 1000), gen_random_uuid(), 'E', 'x', convert_to(repeat('x', 300), 'UTF8')
+             FROM generate_series({from}, {to}) i",
+            from = t * 1000,
+            to = t * 1000 + 999
+        )))
+        .execute(&svc.pool)
+        .await?;
+    }
+    let store = Store::new(s);
+    let shards: Vec<i32> = (0..16).collect();
+    let options = sqlx::postgres::PgConnectOptions::from_str(&trialflow_testkit::database_url())?;
+
+    // Precondition: a session without the settings sorts the whole backlog (else this test
+    // would show nothing).
+    let mut plain = sqlx::PgConnection::connect_with(&options).await?;
+    let plan = store.explain_read(&mut plain, &shards, 1000, false).await?;
+    assert!(plan.contains("Sort"), "expected the plain session to sort, got:\n{plan}");
+
+    let mut relay_session =
+        sqlx::PgConnection::connect_with(&trialflow_outbox::store::read_session(options)).await?;
+    for quarantined in [false, true] {
+        let plan = store.explain_read(&mut relay_session, &shards, 1000, quarantined).await?;
+        assert!(
+            plan.contains("Index Scan using outbox_commit_order") && !plan.contains("Sort"),
+            "the read (quarantine checked: {quarantined}) must walk the index, got:\n{plan}"
+        );
+    }
+    // And it reads in order, from the first transaction on.
+    let rows = store.read_batch(&mut relay_session, &shards, None, 1000).await?;
+    assert_eq!(rows.len(), 1000);
+    assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq), "rows of one transaction in seq order");
+    Ok(())
+}
