@@ -152,15 +152,8 @@ pub(crate) async fn consume_with(
             tokio::spawn(trialflow_consumers::runtime::run(spec, config, handler, stop.clone()))
         })
         .collect();
-    let counter = format!("trialflow_consumer_messages_total{{consumer=\"{name}\",outcome=\"applied\"}} ");
-    let count = || {
-        handle
-            .render()
-            .lines()
-            .find_map(|l| l.strip_prefix(counter.as_str()))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as i64
-    };
+    let counter = format!("trialflow_consumer_messages_total{{consumer=\"{name}\",outcome=\"applied\"}}");
+    let count = || crate::counter_value(handle, &counter) as i64;
     let deadline = Instant::now() + Duration::from_secs(900);
     let (mut started, mut first) = (None, 0i64);
     loop {

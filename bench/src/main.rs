@@ -154,16 +154,8 @@ async fn main() -> anyhow::Result<()> {
 /// runtime's `applied` counter in `handle`; timed from its first application (joining the group is
 /// not throughput). Call it right after starting the consumer.
 pub(crate) async fn applied_rate(handle: &PrometheusHandle, consumer: &str, n: u64) -> anyhow::Result<f64> {
-    let counter =
-        format!("trialflow_consumer_messages_total{{consumer=\"{consumer}\",outcome=\"applied\"}} ");
-    let applied = || {
-        handle
-            .render()
-            .lines()
-            .find_map(|l| l.strip_prefix(counter.as_str()))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as u64
-    };
+    let counter = format!("trialflow_consumer_messages_total{{consumer=\"{consumer}\",outcome=\"applied\"}}");
+    let applied = || counter_value(handle, &counter);
     let before = applied();
     let deadline = Instant::now() + Duration::from_secs(600);
     let (mut started, mut first) = (None, 0);
@@ -181,6 +173,17 @@ pub(crate) async fn applied_rate(handle: &PrometheusHandle, consumer: &str, n: u
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok((n - first) as f64 / started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(f64::NAN))
+}
+
+/// The value of the counter `series` (name and labels, as rendered) in `handle`; 0 before its
+/// first increment.
+pub(crate) fn counter_value(handle: &PrometheusHandle, series: &str) -> u64 {
+    handle
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
 }
 
 pub(crate) fn bench(name: &str, value: f64, unit: &str) {
@@ -483,15 +486,8 @@ pub(crate) async fn wait_drained(
     rows: u64,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let counter = format!("{PUBLISHED_TOTAL}{{source=\"{schema}\"}} ");
-    let published = || {
-        metrics
-            .render()
-            .lines()
-            .find_map(|l| l.strip_prefix(counter.as_str()))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as u64
-    };
+    let counter = format!("{PUBLISHED_TOTAL}{{source=\"{schema}\"}}");
+    let published = || counter_value(metrics, &counter);
     let deadline = Instant::now() + timeout;
     while published() < rows {
         if Instant::now() > deadline {
